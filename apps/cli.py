@@ -1,0 +1,82 @@
+"""The ``rfi`` command line: one sub-command per job, dispatched to the package that owns it.
+
+Each entry of :data:`COMMANDS` names the module whose ``register_<command>(parser)`` adds
+the sub-command's arguments and sets ``parser.set_defaults(func=run)``; only the chosen
+command's module is imported. User errors (:class:`~encoders.errors.RFIError`) print one
+line and exit with code 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from encoders.errors import RFIError
+
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("quickstart", "apps.quickstart", "the main job: robust + standard encoders, decoders, evaluation report"),
+    ("train-encoder", "encoders.train", "train a standard or adversarially robust (PGD) encoder"),
+    ("eval-encoder", "encoders.evaluate", "clean and PGD accuracy of an encoder checkpoint"),
+    ("train-decoder", "inversion.train", "train a decoder that inverts one layer of an encoder"),
+    ("invert", "inversion.invert", "reconstruct images from their features (decoder or optimisation)"),
+    ("evaluate", "inversion.evaluate", "PSNR / SSIM / LPIPS of decoders at several scales"),
+    ("train-denoiser", "apps.denoise", "train a denoising decoder on robust features"),
+    ("denoise", "apps.denoise", "denoise images with a trained denoiser"),
+    ("anomaly", "apps.anomaly", "anomaly detection: fit on normal images, score test images"),
+    ("train-decoders", "apps.style", "train a decoder pyramid (several layers) for style transfer"),
+    ("stylize", "apps.style", "style transfer (WCT / AdaIN) through a decoder pyramid"),
+    ("augment", "apps.augment", "write style-augmented views of images (SSL augmentation)"),
+    ("shift-consistency", "encoders.shift", "shift consistency / equivariance of encoders and autoencoders"),
+)
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common.add_argument("--quiet", action="store_true", help="log warnings only")
+    return common
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The full parser; only the module of the command named in ``argv`` is imported."""
+    common = _common()
+    parser = argparse.ArgumentParser(prog="rfi", parents=[common],
+                                     description="RFI: robust feature inversion toolkit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        if name == chosen:
+            register = getattr(importlib.import_module(module), "register_" + name.replace("-", "_"))
+            register(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rfi`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="rfi: %(message)s", stream=sys.stderr, force=True)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        code = args.func(args)
+        return int(code or 0)
+    except RFIError as e:
+        if debug:
+            raise
+        print(f"rfi: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rfi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""YAML job configs as typed dataclasses, with ``key=value`` overrides from the command line.
+
+A config file is a nested mapping whose keys must match the fields of a (nested)
+dataclass; a misspelt key is an error that names it and lists the valid keys.
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Job:
+    ...     epochs: int = 1
+    ...     lr: float = 0.1
+    >>> load_config(Job, None, ["lr=0.01", "epochs=3"])
+    Job(epochs=3, lr=0.01)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from encoders.errors import RFIError
+
+T = TypeVar("T")
+
+
+def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:  # classes defined in a local scope (doctests): annotations are real types
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{where}{key}"
+        if key not in fields:
+            raise RFIError(f"unknown config key '{name}' in {source} "
+                           f"(valid keys{' under ' + where[:-1] if where else ''}: {', '.join(fields)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise RFIError(f"config key '{name}' in {source} must be a mapping, got {value!r}")
+            value = _build(hint, value, f"{name}.", source)
+        else:
+            value = _coerce(value, hint, name, source)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise RFIError(f"bad config in {source}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        return None
+    if origin is typing.Union:  # Optional[X] and X | None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name, source)
+            except RFIError:
+                pass
+        raise RFIError(f"config key '{name}' in {source}: {value!r} is not a valid {hint}")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, name, source) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is Any or origin is typing.Literal:
+        if origin is typing.Literal and value not in args:
+            raise RFIError(f"config key '{name}' in {source}: {value!r} is not one of {list(args)}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise RFIError(f"config key '{name}' in {source} must be true or false, got {value!r}")
+    if hint in (int, float, str):
+        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if hint is str and isinstance(value, (int, float)):
+            return str(value)
+        if isinstance(value, hint) and not isinstance(value, bool):
+            return value
+        raise RFIError(f"config key '{name}' in {source} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RFIError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error naming the file when it is bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise RFIError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RFIError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RFIError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build the dataclass ``cls`` from a YAML file and ``key=value`` overrides.
+
+    Args:
+        cls: the job's config dataclass (fields may be nested dataclasses).
+        path: YAML file, or ``None`` for the defaults.
+        overrides: strings ``a.b=value``; values are parsed as YAML (``3``, ``0.1``, ``true``, ``[1, 2]``).
+
+    Raises:
+        RFIError: missing file, bad YAML, unknown key, or a value of the wrong type.
+    """
+    data = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        if "=" not in item:
+            raise RFIError(f"override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+    source = str(path) if path is not None else "overrides"
+    return _build(cls, data, "", source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a plain dict (safe to store in a ``weights_only`` checkpoint)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,98 @@
+"""Reading and writing image files as tensors in [0, 1].
+
+Grayscale, grayscale+alpha, RGBA, palette and 16-bit images are converted to 8-bit-range
+RGB floats, and each conversion is logged. A truncated or non-image file raises
+:class:`~encoders.errors.RFIError` naming the file. Writes are atomic (temp file + rename).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from encoders.errors import RFIError
+from encoders.serialization import atomic_write
+
+log = logging.getLogger("rfi")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as an RGB float tensor.
+
+    Args:
+        path: any format PIL reads.
+
+    Returns:
+        Tensor of shape (3, H, W), values in [0, 1].
+
+    Raises:
+        RFIError: missing, truncated or non-image file.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+                arr = np.clip(arr / peak, 0, 1)
+                log.info("%s: converted %s (16-bit/int) grayscale to RGB", path, mode)
+                return torch.from_numpy(arr).float().unsqueeze(0).expand(3, -1, -1).contiguous()
+            if mode != "RGB":
+                note = {"L": "grayscale", "LA": "grayscale+alpha (alpha dropped)", "P": "palette",
+                        "PA": "palette+alpha (alpha dropped)", "RGBA": "RGBA (alpha dropped)",
+                        "1": "1-bit", "CMYK": "CMYK"}.get(mode, mode)
+                log.info("%s: converted %s to RGB", path, note)
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise RFIError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise RFIError(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """(3, H, W) or (1, H, W) float tensor in [0, 1] -> (H, W, 3) uint8 array."""
+    if image.dim() != 3:
+        raise ValueError(f"expected (C, H, W), got {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def write_image(image: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
+    """Atomically write a (3, H, W) tensor in [0, 1] (or an (H, W[, 3]) uint8 array) as an image file."""
+    arr = to_uint8(image) if isinstance(image, Tensor) else image
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt))
+
+
+def list_images(paths: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand files and folders into a sorted list of image files.
+
+    Raises:
+        RFIError: a path does not exist, or a folder holds no image files.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir())
+                           if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise RFIError(f"no image files in folder {p} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise RFIError(f"no such file or folder: {p}")
+    return out

@@ -1,0 +1,71 @@
+"""Foreign checkpoints: the MadryLab ``robustness`` library's layout and plain torchvision state dicts.
+
+``checkpoint_filter_fn`` adapts a foreign checkpoint's keys to an :class:`~encoders.models.Encoder`
+(timm-style); ``export_robustness`` writes ours back in the ``robustness`` layout.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from encoders.errors import RFIError
+from encoders.models import Encoder
+from encoders.serialization import save_checkpoint
+
+_ROBUSTNESS_MODEL = "module.model."
+_ROBUSTNESS_ATTACKER = "module.attacker."
+_ROBUSTNESS_NORMALIZER = "module.normalizer."
+
+
+def checkpoint_filter_fn(ckpt: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Tensor]:
+    """Map a ``robustness`` checkpoint or a torchvision state dict onto our encoder keys.
+
+    ``robustness`` files are ``{'model': {'module.model.X': ..., 'module.attacker.model.X': ...,
+    'module.normalizer.new_mean': ...}, 'epoch': ...}``; the attacker's copy of the weights is
+    dropped. torchvision files are plain ``{'conv1.weight': ...}`` dicts (also under
+    ``'state_dict'``). Returns keys ``model.*`` and ``normalizer.*``.
+    """
+    state = ckpt.get("model", ckpt.get("state_dict", ckpt))
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise RFIError(f"{source} holds no state dict")
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise RFIError(f"{source} holds no tensors")
+    if any(k.startswith(_ROBUSTNESS_MODEL) for k in tensors):
+        out = {}
+        for k, v in tensors.items():
+            if k.startswith(_ROBUSTNESS_MODEL):
+                out["model." + k[len(_ROBUSTNESS_MODEL):]] = v
+            elif k.startswith(_ROBUSTNESS_NORMALIZER):
+                out["normalizer." + k[len(_ROBUSTNESS_NORMALIZER):]] = v
+            elif not k.startswith(_ROBUSTNESS_ATTACKER):
+                out[k] = v  # left as is: reported as unexpected when loaded
+        return out
+    tensors = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+    return {k if k.startswith(("model.", "normalizer.")) else "model." + k: v for k, v in tensors.items()}
+
+
+def infer_num_classes(state: Mapping[str, Tensor], arch: str) -> int | None:
+    """The classifier's output size read from an adapted state dict, if present."""
+    key = "model.fc.weight" if arch.startswith("resnet") else "model.classifier.6.weight"
+    return int(state[key].shape[0]) if key in state else None
+
+
+def robustness_state_dict(encoder: Encoder) -> dict[str, Tensor]:
+    """Our weights in the ``robustness`` AttackerModel layout (model, attacker copy, normalizer)."""
+    out: dict[str, Tensor] = {}
+    for k, v in encoder.normalizer.state_dict().items():
+        out[_ROBUSTNESS_NORMALIZER + k] = v
+        out[_ROBUSTNESS_ATTACKER + "normalize." + k] = v
+    for k, v in encoder.model.state_dict().items():
+        out[_ROBUSTNESS_MODEL + k] = v
+        out[_ROBUSTNESS_ATTACKER + "model." + k] = v
+    return out
+
+
+def export_robustness(encoder: Encoder, path: str | os.PathLike, epoch: int = 0) -> Path:
+    """Write ``{'model': ..., 'epoch': ...}`` as the ``robustness`` library saves it (atomically)."""
+    return save_checkpoint({"model": robustness_state_dict(encoder), "epoch": epoch}, path)
