@@ -1,0 +1,254 @@
+"""``RobustAutoencoder``: a frozen encoder plus decoders for one or more of its layers.
+
+This is the one object the apps use: ``encode`` (images -> features), ``decode``
+(features -> images) and ``reconstruct`` (both, with overlapping tiles for large images).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, load_encoder, load_state_dict_checked
+from encoders.errors import RFIError
+from encoders.models import Encoder
+from encoders.serialization import load_checkpoint, save_checkpoint
+from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
+
+AUTOENCODER_FORMAT = "rfi-autoencoder"
+
+
+def check_images(x: Tensor, name: str = "images") -> Tensor:
+    """Refuse anything but a finite (B, 3, H, W) float batch in [0, 1].
+
+    Raises:
+        RFIError: wrong shape or dtype, NaN/Inf, or values outside [0, 1].
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise RFIError(f"{name} must be a (B, 3, H, W) tensor, got {shape}")
+    if not x.is_floating_point():
+        raise RFIError(f"{name} must be floating point in [0, 1], got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise RFIError(f"{name} contain NaN or Inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise RFIError(f"{name} must have values in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+    return x
+
+
+def _window(size: int, ramp_start: int, ramp_end: int, device: torch.device) -> Tensor:
+    """1-D blending weights: linear ramps over the first/last ``ramp_*`` pixels, 1 elsewhere."""
+    w = torch.ones(size, device=device)
+    for ramp, sl in ((ramp_start, slice(0, ramp_start)), (ramp_end, slice(size - ramp_end, size))):
+        if ramp > 0:
+            r = (torch.arange(ramp, device=device, dtype=torch.float32) + 0.5) / ramp
+            w[sl] = torch.minimum(w[sl], r if sl.start == 0 else r.flip(0))
+    return w
+
+
+def tile_positions(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of ``tile``-px tiles covering ``length`` px, neighbours sharing >= ``overlap`` px."""
+    if tile >= length:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return sorted({round(i * (length - tile) / (n - 1)) for i in range(n)}) if n > 1 else [0]
+
+
+class RobustAutoencoder(nn.Module):
+    """A frozen encoder and decoders for one or more of its layers (a decoder pyramid).
+
+    Args:
+        encoder: the (robust) encoder; frozen and put in eval mode.
+        decoders: one decoder, or a mapping ``{layer: decoder}`` (e.g. for style transfer).
+        max_pixels: ``reconstruct`` switches to tiles above this many pixels per image.
+
+    Shape:
+        - ``encode``: (B, 3, H, W) in [0, 1] -> ``{layer: (B, C, H/s, W/s)}``.
+        - ``decode``: features -> (B, 3, H, W) in [0, 1].
+        - ``reconstruct``: (B, 3, H, W) -> (B, 3, H, W), any H, W.
+
+    Example:
+        >>> from encoders import create_encoder
+        >>> from inversion.decoders import Decoder
+        >>> enc = create_encoder("resnet18", width=0.25, small_input=True, num_classes=8)
+        >>> ae = RobustAutoencoder(enc, Decoder(64, stride=4, layer="layer3"))
+        >>> tuple(ae.reconstruct(torch.rand(1, 3, 45, 70)).shape)
+        (1, 3, 45, 70)
+    """
+
+    def __init__(self, encoder: Encoder, decoders: Decoder | Mapping[str, Decoder],
+                 max_pixels: int = 1024 * 1024):
+        super().__init__()
+        if isinstance(decoders, Decoder):
+            decoders = {decoders.layer: decoders}
+        if not decoders:
+            raise RFIError("RobustAutoencoder needs at least one decoder")
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.decoders = nn.ModuleDict({k: d.eval() for k, d in decoders.items()})
+        self.layer = next(iter(self.decoders))
+        self.max_pixels = max_pixels
+        info = encoder.feature_info()
+        for layer, dec in self.decoders.items():
+            if layer not in info:
+                raise RFIError(f"decoder is for layer '{layer}', which {encoder.arch} does not have "
+                               f"(valid: {', '.join(info)})")
+            for name in dec.input_layers:
+                channels = info.get(name, (None,))[0]
+                expect = dec.in_channels if name == layer else dec.skips[name][0]
+                if channels != expect:
+                    raise RFIError(f"decoder for '{layer}' expects {expect} channels at '{name}', but the "
+                                   f"{encoder.arch} encoder gives {channels}: encoder and decoder do not fit")
+        self.strides = {k: info[k][1] for k in self.decoders}
+
+    def train(self, mode: bool = True) -> "RobustAutoencoder":  # the encoder always stays in eval mode
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @property
+    def layers(self) -> list[str]:
+        """Layers with a decoder, shallow to deep."""
+        return [k for k in self.encoder.layer_names if k in self.decoders]
+
+    def _decoder(self, layer: str | None) -> Decoder:
+        layer = layer or self.layer
+        if layer not in self.decoders:
+            raise RFIError(f"no decoder for layer '{layer}' (have: {', '.join(self.decoders)})")
+        return self.decoders[layer]
+
+    def encode(self, x: Tensor, layer: str | None = None) -> "OrderedDict[str, Tensor]":
+        """Features that the decoder of ``layer`` (default: the first) needs: its layer, then skips."""
+        check_images(x)
+        dec = self._decoder(layer)
+        feats = self.encoder(x, layers=dec.input_layers)
+        return OrderedDict((k, feats[k]) for k in dec.input_layers)
+
+    def features(self, x: Tensor, layers: Sequence[str]) -> "OrderedDict[str, Tensor]":
+        """Encoder features at any ``layers`` (no decoder needed)."""
+        check_images(x)
+        return self.encoder(x, layers=layers)
+
+    def decode(self, features: Tensor | Mapping[str, Tensor], layer: str | None = None,
+               size: tuple[int, int] | None = None) -> Tensor:
+        """Images from features of ``layer`` (a tensor, or the mapping :meth:`encode` returns).
+
+        Args:
+            features: (B, C, h, w) features, or ``{layer: ..., **skips}``.
+            layer: which decoder (default: the first).
+            size: resize the output to (H, W) when the decoder's output differs.
+        """
+        layer = layer or self.layer
+        feats = features if isinstance(features, Tensor) else features
+        if isinstance(feats, Tensor) and not torch.isfinite(feats).all():
+            raise RFIError("features contain NaN or Inf values")
+        out = self._decoder(layer)(feats)
+        if size is not None and tuple(out.shape[-2:]) != tuple(size):
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+        return out
+
+    def _reconstruct_whole(self, x: Tensor, layer: str) -> Tensor:
+        s = self.strides[layer]
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % s, (-w) % s
+        if ph or pw:  # pad to a multiple of the stride, reflecting the border, then crop back
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        out = self.decode(self.encode(x, layer), layer, size=tuple(x.shape[-2:]))
+        return out[..., :h, :w]
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, layer: str | None = None, tile: int | None = None,
+                    overlap: int | None = None) -> Tensor:
+        """Encode and decode, same size out as in; large images go through overlapping tiles.
+
+        Args:
+            x: images (B, 3, H, W) in [0, 1].
+            layer: which decoder (default: the first).
+            tile: tile side in pixels (default: whole image up to ``max_pixels``, else 512).
+            overlap: pixels shared by neighbouring tiles (default: tile // 4); the tiles are
+                blended with linear ramps over the overlap, so no seams show.
+        """
+        check_images(x)
+        layer = layer or self.layer
+        h, w = x.shape[-2:]
+        if tile is None:
+            if h * w <= self.max_pixels:
+                return self._reconstruct_whole(x, layer)
+            tile = 512
+        s = self.strides[layer]
+        tile = max(s, tile - tile % s)
+        overlap = tile // 4 if overlap is None else overlap
+        if tile >= h and tile >= w:
+            return self._reconstruct_whole(x, layer)
+        overlap = min(overlap, tile - s)
+        out = torch.zeros_like(x)
+        weight = torch.zeros(1, 1, h, w, device=x.device)
+        tops, lefts = tile_positions(h, tile, overlap), tile_positions(w, tile, overlap)
+        for top in tops:
+            for left in lefts:
+                rec = self._reconstruct_whole(x[..., top:top + tile, left:left + tile], layer)
+                ph, pw = rec.shape[-2:]
+                # Ramps only on edges shared with a neighbour: tile borders (poor context) get
+                # little weight, and the weights sum to > 0 everywhere.
+                wy = _window(ph, overlap if top > 0 else 0, overlap if top + ph < h else 0, x.device)
+                wx = _window(pw, overlap if left > 0 else 0, overlap if left + pw < w else 0, x.device)
+                win = (wy[:, None] * wx[None, :])[None, None]
+                out[..., top:top + ph, left:left + pw] += rec * win
+                weight[..., top:top + ph, left:left + pw] += win
+        return out / weight.clamp_min(1e-8)
+
+    # ----------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike, **extra: Any) -> Path:
+        """Write one self-contained file (encoder + decoders), atomically."""
+        return save_checkpoint({
+            "format": AUTOENCODER_FORMAT, "version": 1,
+            "encoder": encoder_checkpoint(self.encoder),
+            "decoders": {k: decoder_checkpoint(d, self.encoder.config()) for k, d in self.decoders.items()},
+            **extra}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "RobustAutoencoder":
+        """Load a file written by :meth:`save`."""
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != AUTOENCODER_FORMAT:
+            raise RFIError(f"{path} is not an RFI autoencoder file (format={ckpt.get('format')!r}); "
+                           f"pass an encoder and a decoder checkpoint instead")
+        enc_ckpt = ckpt["encoder"]
+        encoder = Encoder(**enc_ckpt["encoder"])
+        load_state_dict_checked(encoder, enc_ckpt["state_dict"], f"{path} (encoder)")
+        decoders = {k: decoder_from_checkpoint(d, f"{path} (decoder {k})") for k, d in ckpt["decoders"].items()}
+        return cls(encoder, decoders).to(device)
+
+    @classmethod
+    def from_checkpoints(cls, encoder: str | os.PathLike | Encoder,
+                         decoders: str | os.PathLike | Sequence[str | os.PathLike],
+                         device: str | torch.device = "cpu") -> "RobustAutoencoder":
+        """Build from an encoder checkpoint (or encoder) and one or more decoder checkpoints.
+
+        Raises:
+            RFIError: unreadable files, or a decoder that does not fit the encoder.
+        """
+        if not isinstance(encoder, Encoder):
+            encoder = load_encoder(encoder)
+        paths = [decoders] if isinstance(decoders, (str, os.PathLike)) else list(decoders)
+        decs: dict[str, Decoder] = {}
+        for p in paths:
+            ckpt = load_checkpoint(p)
+            if ckpt.get("format") == ENCODER_FORMAT:
+                raise RFIError(f"{p} is an encoder checkpoint; a decoder checkpoint was expected")
+            if ckpt.get("format") != DECODER_FORMAT:
+                raise RFIError(f"{p} is not an RFI decoder checkpoint")
+            trained_for = ckpt.get("encoder") or {}
+            if trained_for and trained_for.get("arch") != encoder.arch:
+                raise RFIError(f"{p} was trained for a {trained_for.get('arch')} encoder, not {encoder.arch}")
+            dec = decoder_from_checkpoint(ckpt, str(p))
+            decs[dec.layer] = dec
+        return cls(encoder, decs).to(device)
+
