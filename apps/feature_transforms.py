@@ -80,21 +80,28 @@ def wct(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float 
 
 
 def blend_styles(content: Tensor, styles: list[Tensor], weights: list[float], method: str = "adain",
-                 alpha: float = 1.0) -> Tensor:
+                 alpha: float | Tensor = 1.0) -> Tensor:
     """Restyle ``content`` towards several styles: the weighted mix of each single-style result.
 
     Args:
         content: (B, C, H, W) features.
         styles: feature maps of each style (B or 1, C, H', W').
-        weights: non-negative, one per style (normalised to sum 1).
+        weights: non-negative, one per style, not all zero (normalised to sum 1).
         method: ``adain`` or ``wct``.
-        alpha: content-style blend in [0, 1].
+        alpha: content-style blend in [0, 1] (float or (B,) tensor).
+
+    Raises:
+        ValueError: unknown method, or weights that do not match the styles.
     """
     if method not in ("adain", "wct"):
         raise ValueError(f"method must be 'adain' or 'wct', got {method!r}")
+    if len(weights) != len(styles) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"need one non-negative weight per style, not all zero: {len(styles)} styles, "
+                         f"weights {list(weights)}")
     fn = adain if method == "adain" else wct
     total = float(sum(weights))
     out = torch.zeros_like(content)
     for feat, weight in zip(styles, weights):
         out = out + (weight / total) * fn(content, feat.expand(content.shape[0], -1, -1, -1), 1.0)
-    return alpha * out + (1 - alpha) * content
+    a = _alpha(alpha, content)
+    return a * out + (1 - a) * content

@@ -66,8 +66,8 @@ def load_encoder(path: str | os.PathLike, name: str | None = None,
         path: the checkpoint file.
         name: the architecture; required for foreign checkpoints, checked for RFI ones.
         layers: feature taps the encoder returns.
-        **kwargs: constructor arguments for foreign checkpoints (``num_classes`` is
-            inferred from the classifier weights when not given).
+        **kwargs: constructor arguments for foreign checkpoints (``num_classes``, ``width``,
+            ``small_input`` and ``batch_norm`` are inferred from the weights when not given).
 
     Raises:
         RFIError: unreadable file, or weights that do not fit the architecture.
@@ -80,13 +80,15 @@ def load_encoder(path: str | os.PathLike, name: str | None = None,
         encoder = Encoder(**cfg, layers=layers)
         load_state_dict_checked(encoder, ckpt["state_dict"], str(path))
     else:
-        from encoders.interop import checkpoint_filter_fn, infer_num_classes
+        from encoders.interop import checkpoint_filter_fn, infer_encoder_kwargs, infer_num_classes
 
         if name is None:
             raise RFIError(f"{path} is not an RFI encoder checkpoint: name its architecture "
                            f"(e.g. --arch resnet50) to import it")
         state = checkpoint_filter_fn(ckpt, str(path))
         kwargs.setdefault("num_classes", infer_num_classes(state, name) or 1000)
+        for key, value in infer_encoder_kwargs(state, name).items():  # width, small_input, batch_norm
+            kwargs.setdefault(key, value)
         encoder = Encoder(name, layers=layers, **kwargs)
         for key, value in encoder.normalizer.state_dict().items():  # torchvision files carry none
             state.setdefault(f"normalizer.{key}", value)

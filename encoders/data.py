@@ -111,9 +111,16 @@ class ImageFiles(Dataset):
         root: the folder.
         split: ``train`` (random resized crops + flips) or ``val`` (resize + centre crop).
         size: output side in pixels.
+        resize: resize each image's short side to this first (default: ``size`` for ``val``).
+        crop: ``resized`` (train: random-resized crops, scale 0.35-1) or ``random`` (train:
+            plain random crops at the image's (resized) scale, e.g. for textures whose
+            scale matters, as in anomaly detection).
+        repeat: the train split lists every image this many times (more random crops per
+            epoch from a small folder).
     """
 
-    def __init__(self, root: str | os.PathLike, split: Split = "train", size: int = 32):
+    def __init__(self, root: str | os.PathLike, split: Split = "train", size: int = 32,
+                 resize: int | None = None, crop: str = "resized", repeat: int = 1):
         root = Path(root)
         if not root.is_dir():
             raise RFIError(f"image folder not found: {root}")
@@ -134,10 +141,20 @@ class ImageFiles(Dataset):
             items = [it for j, it in enumerate(items) if (j % 5 == 4) == (split == "val")]
             if not items:
                 raise RFIError(f"{root}: too few images to hold out a validation split")
-        self.items, self.classes = items, classes
-        self.transform = (v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
-                                      v2.RandomHorizontalFlip()]) if split == "train"
-                          else v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)]))
+        if repeat < 1:
+            raise RFIError(f"repeat must be >= 1, got {repeat}")
+        self.items, self.classes = items * (repeat if split == "train" else 1), classes
+        if crop not in ("resized", "random"):
+            raise RFIError(f"unknown crop mode '{crop}' (valid: resized, random)")
+        pre = [v2.Resize(resize, antialias=True)] if resize else []
+        if split == "val":
+            self.transform = v2.Compose([*(pre or [v2.Resize(size, antialias=True)]), v2.CenterCrop(size)])
+        elif crop == "random":
+            self.transform = v2.Compose([*pre, v2.RandomCrop(size, pad_if_needed=True, padding_mode="reflect"),
+                                         v2.RandomHorizontalFlip()])
+        else:
+            self.transform = v2.Compose([*pre, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+                                         v2.RandomHorizontalFlip()])
 
     @property
     def num_classes(self) -> int:
@@ -173,6 +190,7 @@ class DataConfig:
     ``source``: ``embedded`` (default, no download), ``folder`` (``root`` = image folder)
     or ``cifar10`` (``root`` = its folder). ``size``: crop side. ``train_crops`` /
     ``val_crops``: number of embedded crops. ``seed``: embedded crop positions.
+    ``resize`` / ``crop`` / ``repeat`` (``folder`` only): see :class:`ImageFiles`.
     """
 
     source: str = "embedded"
@@ -182,6 +200,9 @@ class DataConfig:
     val_crops: int = 1000
     seed: int = 0
     download: bool = False
+    resize: int | None = None
+    crop: str = "resized"
+    repeat: int = 1
 
 
 def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = None) -> Dataset:
@@ -192,7 +213,7 @@ def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = No
     if cfg.source in ("folder", "cifar10") and not cfg.root:
         raise RFIError(f"data.source={cfg.source} needs data.root (the folder)")
     if cfg.source == "folder":
-        return ImageFiles(cfg.root, split, size)
+        return ImageFiles(cfg.root, split, size, resize=cfg.resize, crop=cfg.crop, repeat=cfg.repeat)
     if cfg.source == "cifar10":
         return cifar10(cfg.root, split, cfg.download)
     raise RFIError(f"unknown data.source '{cfg.source}' (valid: embedded, folder, cifar10)")

@@ -1,7 +1,16 @@
 """Foreign checkpoints: the MadryLab ``robustness`` library's layout and plain torchvision state dicts.
 
 ``checkpoint_filter_fn`` adapts a foreign checkpoint's keys to an :class:`~encoders.models.Encoder`
-(timm-style); ``export_robustness`` writes ours back in the ``robustness`` layout.
+(timm-style), ``infer_num_classes`` / ``infer_encoder_kwargs`` read the constructor arguments
+off the weights, and ``export_robustness`` writes ours back in the ``robustness`` layout.
+None of this imports the ``robustness`` library (see :mod:`encoders.robustness_compat`).
+
+Example:
+    >>> from encoders import create_encoder
+    >>> enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    >>> state = checkpoint_filter_fn({"model": robustness_state_dict(enc), "epoch": 1})
+    >>> infer_num_classes(state, "resnet18"), infer_encoder_kwargs(state, "resnet18")
+    (8, {'width': 0.125, 'small_input': True})
 """
 from __future__ import annotations
 
@@ -18,6 +27,8 @@ from encoders.serialization import save_checkpoint
 _ROBUSTNESS_MODEL = "module.model."
 _ROBUSTNESS_ATTACKER = "module.attacker."
 _ROBUSTNESS_NORMALIZER = "module.normalizer."
+# The library's AlexNet names torchvision's last classifier layer ``last_layer``.
+_ALEXNET_LAST = ("model.last_layer.", "model.classifier.6.")
 
 
 def checkpoint_filter_fn(ckpt: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Tensor]:
@@ -43,7 +54,8 @@ def checkpoint_filter_fn(ckpt: Mapping[str, Any], source: str = "checkpoint") ->
                 out["normalizer." + k[len(_ROBUSTNESS_NORMALIZER):]] = v
             elif not k.startswith(_ROBUSTNESS_ATTACKER):
                 out[k] = v  # left as is: reported as unexpected when loaded
-        return out
+        return {_ALEXNET_LAST[1] + k[len(_ALEXNET_LAST[0]):] if k.startswith(_ALEXNET_LAST[0]) else k: v
+                for k, v in out.items()}
     tensors = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
     return {k if k.startswith(("model.", "normalizer.")) else "model." + k: v for k, v in tensors.items()}
 
@@ -54,6 +66,31 @@ def infer_num_classes(state: Mapping[str, Tensor], arch: str) -> int | None:
     return int(state[key].shape[0]) if key in state else None
 
 
+def infer_encoder_kwargs(state: Mapping[str, Tensor], arch: str) -> dict[str, Any]:
+    """``width``, ``small_input`` (and ``batch_norm`` for VGG) read off the first layers' weights.
+
+    Full-size files (``robustness`` and torchvision checkpoints) give ``width=1.0,
+    small_input=False``; files exported from small RFI encoders give their own settings.
+    Returns an empty dict when the weights do not say.
+    """
+    first = "model.conv1.weight" if arch.startswith("resnet") else "model.features.0.weight"
+    if first not in state or state[first].dim() != 4:
+        return {}
+    channels, kernel = state[first].shape[0], state[first].shape[-1]
+    kwargs: dict[str, Any] = {"width": channels / 64}
+    if arch.startswith("resnet"):
+        kwargs["small_input"] = kernel == 3
+    elif arch == "alexnet":
+        kwargs["small_input"] = kernel == 3
+    else:
+        kwargs["batch_norm"] = "model.features.1.running_mean" in state
+        convs = [k for k in state if k.startswith("model.features.") and k.endswith(".weight") and state[k].dim() == 4]
+        hidden = state.get("model.classifier.0.weight", state.get("model.classifier.1.weight"))
+        if convs and hidden is not None:  # small-input VGGs pool to 1x1 before the classifier
+            kwargs["small_input"] = hidden.shape[1] == state[convs[-1]].shape[0]
+    return kwargs
+
+
 def robustness_state_dict(encoder: Encoder) -> dict[str, Tensor]:
     """Our weights in the ``robustness`` AttackerModel layout (model, attacker copy, normalizer)."""
     out: dict[str, Tensor] = {}
@@ -61,6 +98,8 @@ def robustness_state_dict(encoder: Encoder) -> dict[str, Tensor]:
         out[_ROBUSTNESS_NORMALIZER + k] = v
         out[_ROBUSTNESS_ATTACKER + "normalize." + k] = v
     for k, v in encoder.model.state_dict().items():
+        if encoder.arch == "alexnet" and k.startswith("classifier.6."):
+            k = "last_layer." + k[len("classifier.6."):]
         out[_ROBUSTNESS_MODEL + k] = v
         out[_ROBUSTNESS_ATTACKER + "model." + k] = v
     return out

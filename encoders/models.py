@@ -137,6 +137,10 @@ class Encoder(nn.Module):
         small_input: 3x3 stride-1 stem without the stem max-pool (for 32-64 px images).
         batch_norm: VGG only: use the ``vgg*_bn`` variant.
         layers: the layers :meth:`forward` returns (default: all of :attr:`layer_names`).
+        downsample: ``stride`` (the architecture as is), ``blurpool`` (anti-aliased) or
+            ``lps`` (learnable polyphase sampling, exactly shift-invariant in eval mode; its
+            forward returns :class:`~encoders.downsample.PhasedFeatures`). See
+            :mod:`encoders.downsample`.
 
     Shape:
         - Input: (B, 3, H, W), values in [0, 1].
@@ -150,7 +154,7 @@ class Encoder(nn.Module):
 
     def __init__(self, arch: str, num_classes: int = 1000, width: float = 1.0,
                  small_input: bool = False, batch_norm: bool = False,
-                 layers: Sequence[str] | None = None):
+                 layers: Sequence[str] | None = None, downsample: str = "stride"):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise RFIError(f"unknown architecture '{arch}' (valid: {', '.join(ARCHITECTURES)})")
@@ -162,6 +166,11 @@ class Encoder(nn.Module):
             model, taps = _build_vgg(arch, num_classes, width, small_input, batch_norm)
         else:
             model, taps = _build_alexnet(num_classes, width, small_input)
+        if downsample != "stride":
+            from encoders.downsample import convert_downsampling
+
+            convert_downsampling(model, arch, downsample, small_input)
+        self.downsample = downsample
         self.arch, self.num_classes, self.width = arch, num_classes, width
         self.small_input, self.batch_norm = small_input, batch_norm
         self.normalizer = InputNormalize()
@@ -187,15 +196,23 @@ class Encoder(nn.Module):
 
     def config(self) -> dict:
         """The constructor arguments (without ``layers``), as stored in checkpoints."""
-        return {"arch": self.arch, "num_classes": self.num_classes, "width": self.width,
-                "small_input": self.small_input, "batch_norm": self.batch_norm}
+        cfg = {"arch": self.arch, "num_classes": self.num_classes, "width": self.width,
+               "small_input": self.small_input, "batch_norm": self.batch_norm}
+        if self.downsample != "stride":  # only then, so default configs stay as they were
+            cfg["downsample"] = self.downsample
+        return cfg
 
     def _extractor(self, layers: tuple[str, ...]) -> nn.Module:
         if layers not in self._extractors:
             # The extractor shares parameters and buffers with ``self.model``; it is kept out
             # of the module tree so the state dict holds each tensor once.
+            kwargs = {}
+            if self.downsample != "stride":  # LPD/BlurPool run as opaque leaves (LPD records its phase)
+                from encoders.downsample import leaf_modules
+
+                kwargs["tracer_kwargs"] = {"leaf_modules": leaf_modules(self.downsample)}
             self._extractors[layers] = create_feature_extractor(
-                self.model, return_nodes={self.taps[name]: name for name in layers})
+                self.model, return_nodes={self.taps[name]: name for name in layers}, **kwargs)
         extractor = self._extractors[layers]
         extractor.train(self.training)
         return extractor
@@ -206,7 +223,12 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, layers: Sequence[str] | None = None) -> "OrderedDict[str, Tensor]":
         names = tuple(self.check_layers(layers)) if layers is not None else tuple(self.layers)
-        return OrderedDict(self._extractor(names)(self.normalizer(x)))
+        feats = OrderedDict(self._extractor(names)(self.normalizer(x)))
+        if self.downsample == "lps":  # the phases travel with the features (for LPS decoders)
+            from encoders.downsample import PhasedFeatures, encoder_phases
+
+            return PhasedFeatures(feats, encoder_phases(self.model, self.taps[names[-1]]))
+        return feats
 
     def logits(self, x: Tensor) -> Tensor:
         """Class scores for images in [0, 1]. Shape: (B, 3, H, W) -> (B, num_classes)."""
@@ -239,7 +261,7 @@ def create_encoder(name: str | None = None, checkpoint: str | None = None,
         checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, or a
             plain torchvision state dict (loaded with ``weights_only=True``).
         layers: feature taps returned by the encoder's forward (default: all).
-        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``.
+        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``, ``downsample``.
 
     Example:
         >>> enc = create_encoder("vgg16", width=0.125, small_input=True, num_classes=8, layers=["relu3_1"])

@@ -60,12 +60,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):  # it names a Python class or function
             raise RFIError(
                 f"refused to load {path}: it holds Python objects that would run code on load "
                 f"(only tensors and plain containers are accepted)") from None
-        raise RFIError(f"{path} is not a valid checkpoint ({msg or 'unpickling failed'})") from None
+        # Any other weights_only failure: not pickle data a checkpoint can hold (e.g. a text file).
+        detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")),
+                      "unpickling failed")
+        raise RFIError(f"{path} is not a valid checkpoint ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RFIError(f"{path} is not a valid checkpoint (truncated or corrupt: {first})") from None

@@ -20,6 +20,7 @@ from encoders.errors import RFIError
 from encoders.models import Encoder
 from encoders.serialization import load_checkpoint, save_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
+from inversion.upsample import check_phase_source
 
 AUTOENCODER_FORMAT = "rfi-autoencoder"
 
@@ -105,6 +106,8 @@ class RobustAutoencoder(nn.Module):
                 if channels != expect:
                     raise RFIError(f"decoder for '{layer}' expects {expect} channels at '{name}', but the "
                                    f"{encoder.arch} encoder gives {channels}: encoder and decoder do not fit")
+            if getattr(dec, "upsample", "nearest") == "lps":
+                check_phase_source(encoder, layer, dec.phase_from)
         self.strides = {k: info[k][1] for k in self.decoders}
 
     def train(self, mode: bool = True) -> "RobustAutoencoder":  # the encoder always stays in eval mode
@@ -124,11 +127,18 @@ class RobustAutoencoder(nn.Module):
         return self.decoders[layer]
 
     def encode(self, x: Tensor, layer: str | None = None) -> "OrderedDict[str, Tensor]":
-        """Features that the decoder of ``layer`` (default: the first) needs: its layer, then skips."""
+        """Features that the decoder of ``layer`` (default: the first) needs: its layer, then skips.
+
+        For an LPS encoder the result also carries the chosen phases (``.phases``, see
+        :mod:`inversion.upsample`), which :meth:`decode` uses.
+        """
         check_images(x)
         dec = self._decoder(layer)
         feats = self.encoder(x, layers=dec.input_layers)
-        return OrderedDict((k, feats[k]) for k in dec.input_layers)
+        out = OrderedDict((k, feats[k]) for k in dec.input_layers)
+        if getattr(feats, "phases", None) is not None:
+            out = type(feats)(out, feats.phases)
+        return out
 
     def features(self, x: Tensor, layers: Sequence[str]) -> "OrderedDict[str, Tensor]":
         """Encoder features at any ``layers`` (no decoder needed)."""
@@ -136,19 +146,22 @@ class RobustAutoencoder(nn.Module):
         return self.encoder(x, layers=layers)
 
     def decode(self, features: Tensor | Mapping[str, Tensor], layer: str | None = None,
-               size: tuple[int, int] | None = None) -> Tensor:
+               size: tuple[int, int] | None = None, phases: Mapping[str, Tensor] | None = None) -> Tensor:
         """Images from features of ``layer`` (a tensor, or the mapping :meth:`encode` returns).
 
         Args:
             features: (B, C, h, w) features, or ``{layer: ..., **skips}``.
             layer: which decoder (default: the first).
             size: resize the output to (H, W) when the decoder's output differs.
+            phases: LPS decoders only: the encoder's phases (default: ``features.phases``, set
+                by :meth:`encode`); pass them when decoding features you computed yourself.
         """
         layer = layer or self.layer
         feats = features if isinstance(features, Tensor) else features
         if isinstance(feats, Tensor) and not torch.isfinite(feats).all():
             raise RFIError("features contain NaN or Inf values")
-        out = self._decoder(layer)(feats)
+        dec = self._decoder(layer)
+        out = dec(feats, phases=phases) if getattr(dec, "upsample", "nearest") == "lps" else dec(feats)
         if size is not None and tuple(out.shape[-2:]) != tuple(size):
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
         return out
@@ -156,8 +169,10 @@ class RobustAutoencoder(nn.Module):
     def _reconstruct_whole(self, x: Tensor, layer: str) -> Tensor:
         s = self.strides[layer]
         h, w = x.shape[-2:]
-        ph, pw = (-h) % s, (-w) % s
-        if ph or pw:  # pad to a multiple of the stride, reflecting the border, then crop back
+        # Pad to a multiple of the stride, and to at least 2x2 features (the decoder's reflect
+        # padding needs 2 px), reflecting the border, then crop back.
+        ph, pw = max((-h) % s, 2 * s - h), max((-w) % s, 2 * s - w)
+        if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         out = self.decode(self.encode(x, layer), layer, size=tuple(x.shape[-2:]))

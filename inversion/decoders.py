@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from encoders.checkpoints import load_state_dict_checked
 from encoders.errors import RFIError
 from encoders.serialization import load_checkpoint, save_checkpoint
+from inversion.upsample import LPU, stage_phases
 
 DECODER_FORMAT = "rfi-decoder"
 
@@ -66,6 +67,11 @@ class Decoder(nn.Module):
         skips: ``{layer: (channels, stride)}`` of shallower layers concatenated at their resolution.
         padding_mode: ``reflect`` (default), ``zeros``, ``replicate`` or ``circular``.
         norm: use BatchNorm.
+        upsample: ``nearest`` (default) or ``lps``: learnable polyphase up-sampling
+            (:class:`inversion.upsample.LPU`), the partner of an LPS encoder; needs
+            ``phase_from`` and circular padding (see :func:`inversion.upsample.polyphase_options`).
+        phase_from: ``upsample="lps"`` only: for each up-sampling stage (coarse to fine),
+            the name of the encoder LPD layer whose phase it restores.
 
     Shape:
         - Input: (B, in_channels, h, w), or a mapping ``{layer: tensor, **skips}``.
@@ -79,15 +85,24 @@ class Decoder(nn.Module):
 
     def __init__(self, in_channels: int, stride: int, layer: str = "", channels: int = 128,
                  min_channels: int = 32, blocks: int = 1, skips: Mapping[str, tuple[int, int]] | None = None,
-                 padding_mode: str = "reflect", norm: bool = True):
+                 padding_mode: str = "reflect", norm: bool = True, upsample: str = "nearest",
+                 phase_from: Sequence[str] | None = None):
         super().__init__()
         if stride < 1:
             raise RFIError(f"decoder stride must be >= 1, got {stride}")
+        n = max(0, round(math.log2(stride)))
+        self.upsample, self.phase_from = upsample, list(phase_from or [])
+        if upsample == "lps":
+            if len(self.phase_from) != n or padding_mode != "circular":
+                raise RFIError(f"an upsample=lps decoder of stride {stride} needs phase_from naming {n} encoder LPD "
+                               f"layers (got {len(self.phase_from)}) and padding_mode='circular' (got "
+                               f"'{padding_mode}'): build it with inversion.upsample.polyphase_options(encoder, layer)")
+        elif upsample != "nearest" or self.phase_from:
+            raise RFIError(f"unknown decoder upsample '{upsample}' (valid: nearest, lps; phase_from only with lps)")
         self.in_channels, self.stride, self.layer = in_channels, stride, layer
         self.channels, self.min_channels, self.blocks = channels, min_channels, blocks
         self.skips = {k: (int(c), int(s)) for k, (c, s) in (skips or {}).items()}
         self.padding_mode, self.norm = padding_mode, norm
-        n = max(0, round(math.log2(stride)))
         self.head = nn.Sequential(_conv_block(in_channels, channels, padding_mode, norm),
                                   *[ResidualBlock(channels, padding_mode, norm) for _ in range(blocks)])
         self.up = nn.ModuleList()
@@ -95,7 +110,7 @@ class Decoder(nn.Module):
         self.skip_at: dict[int, str] = {}
         c, s = channels, 2 ** n
         for i in range(n):
-            self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
+            self.up.append(LPU(2) if upsample == "lps" else nn.Upsample(scale_factor=2, mode="nearest"))
             s //= 2
             extra = 0
             for name, (sc, ss) in self.skips.items():
@@ -122,12 +137,17 @@ class Decoder(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, as stored in checkpoints."""
-        return {"in_channels": self.in_channels, "stride": self.stride, "layer": self.layer,
-                "channels": self.channels, "min_channels": self.min_channels, "blocks": self.blocks,
-                "skips": {k: list(v) for k, v in self.skips.items()},
-                "padding_mode": self.padding_mode, "norm": self.norm}
+        cfg = {"in_channels": self.in_channels, "stride": self.stride, "layer": self.layer,
+               "channels": self.channels, "min_channels": self.min_channels, "blocks": self.blocks,
+               "skips": {k: list(v) for k, v in self.skips.items()},
+               "padding_mode": self.padding_mode, "norm": self.norm}
+        if self.upsample != "nearest":  # only then, so default configs stay as they were
+            cfg.update(upsample=self.upsample, phase_from=list(self.phase_from))
+        return cfg
 
-    def forward(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
+    def forward(self, features: Tensor | Mapping[str, Tensor],
+                phases: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Decode ``features``; ``phases`` (LPS decoders): default ``features.phases`` (see :mod:`inversion.upsample`)."""
         if isinstance(features, Tensor):
             if self.skips:
                 raise RFIError(f"this decoder also needs skip features {list(self.skips)}: pass a mapping")
@@ -136,9 +156,11 @@ class Decoder(nn.Module):
             x, feats = features[self.layer], features
         if x.shape[1] != self.in_channels:
             raise RFIError(f"decoder for '{self.layer}' expects {self.in_channels} channels, got {x.shape[1]}")
+        if self.upsample == "lps":
+            weights = stage_phases(features, phases, self.phase_from, self.layer)
         x = self.head(x)
         for i, (up, stage) in enumerate(zip(self.up, self.stages)):
-            x = up(x)
+            x = up(x, weights[i]) if self.upsample == "lps" else up(x)
             if i in self.skip_at:
                 x = torch.cat([x, feats[self.skip_at[i]]], dim=1)
             x = stage(x)

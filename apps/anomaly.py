@@ -1,0 +1,696 @@
+"""Anomaly detection by robust feature inversion: ``rfi anomaly fit`` / ``score`` / ``make-benchmark``.
+
+**Fit** trains a decoder for a (robust) encoder on normal images only (through
+:func:`inversion.train.train_decoder`); anomalies are what it cannot reconstruct. The
+anomaly map of an image combines, with configurable weights,
+
+- the reconstruction error in pixel space (``l1``, ``l2`` or ``ssim``), and
+- the error in the encoder's feature space, ``phi_l(x)`` vs ``phi_l(reconstruction)`` at
+  one or more layers ``l`` (squared error or cosine distance per location),
+
+each smoothed (``kornia.filters.gaussian_blur2d``), upsampled to the image size and
+standardised by its mean and standard deviation on held-out normal images (so the
+components add up on one scale). The image score is the mean of the top ``topk`` fraction
+of the map (or its max or mean). Fit writes one self-contained model file
+(:meth:`inversion.RobustAutoencoder.save`) holding the encoder, the decoder, these
+settings and the normal-image statistics, plus a threshold: the highest score of a
+held-out normal image.
+
+**Score** writes ``scores.csv`` (one row per image), ``maps/<name>.png`` (heat-map overlays)
+and ``metrics.json`` (image AUROC, pixel AUROC where masks exist, F1 at the best
+threshold, per defect type), and prints a table.
+
+Example:
+    >>> det = AnomalyDetector.load("runs/anomaly/brick.pt")      # doctest: +SKIP
+    >>> maps = det.maps(torch.rand(2, 3, 64, 64))                 # doctest: +SKIP
+    >>> det.image_scores(maps).shape                              # doctest: +SKIP
+    torch.Size([2])
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from apps.anomaly_data import (AnomalyData, BenchmarkConfig, TestImage, embedded_benchmark, load_anomaly_data,
+                               make_benchmark, read_mask)
+from encoders.config import config_to_dict, load_config
+from encoders.errors import RFIError
+from encoders.evaluate import write_json
+from encoders.imageio import read_image, write_image
+from encoders.runtime import progress, resolve_device
+from encoders.serialization import atomic_write, load_checkpoint
+from inversion.autoencoder import RobustAutoencoder
+from inversion.train import TrainDecoderConfig, train_decoder
+
+log = logging.getLogger("rfi")
+logging.getLogger("numexpr.utils").setLevel(logging.WARNING)  # scikit-learn -> pandas -> numexpr logs its threads
+
+MODEL_FORMAT = "rfi-anomaly"
+PIXEL_METRICS = ("l1", "l2", "ssim")
+FEATURE_METRICS = ("l2", "cosine")
+IMAGE_SCORES = ("topk", "max", "mean")
+DEFAULT_CONFIG = "configs/apps/anomaly.yaml"
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class ScoreConfig:
+    """How anomaly maps and image scores are computed (the ``score:`` section; stored in the model).
+
+    ``pixel_weight`` / ``feature_weight``: weights of the pixel and feature components
+    (the feature weight is shared equally by ``feature_layers``). ``pixel_metric``:
+    ``l1``, ``l2`` or ``ssim``; ``feature_metric``: ``l2`` or ``cosine``. ``sigma``: Gaussian
+    smoothing of the maps in pixels (0: none). ``image_score``: ``topk`` (mean of the top
+    ``topk`` fraction of the map), ``max`` or ``mean``. ``overlay_cmap``: a matplotlib
+    colormap for the heat maps.
+    """
+
+    pixel_weight: float = 1.0
+    pixel_metric: str = "l2"
+    feature_weight: float = 1.0
+    feature_layers: list[str] = field(default_factory=lambda: ["layer1", "layer2"])
+    feature_metric: str = "l2"
+    sigma: float = 2.0
+    image_score: str = "topk"
+    topk: float = 0.01
+    overlay_cmap: str = "jet"
+
+    def check(self) -> None:
+        problems = []
+        if self.pixel_metric not in PIXEL_METRICS:
+            problems.append(f"unknown score.pixel_metric '{self.pixel_metric}' (valid: {', '.join(PIXEL_METRICS)})")
+        if self.feature_metric not in FEATURE_METRICS:
+            problems.append(f"unknown score.feature_metric '{self.feature_metric}' "
+                            f"(valid: {', '.join(FEATURE_METRICS)})")
+        if self.image_score not in IMAGE_SCORES:
+            problems.append(f"unknown score.image_score '{self.image_score}' (valid: {', '.join(IMAGE_SCORES)})")
+        if self.pixel_weight < 0 or self.feature_weight < 0 or self.pixel_weight + self.feature_weight <= 0:
+            problems.append("score.pixel_weight and score.feature_weight must be >= 0, not both 0")
+        if self.feature_weight > 0 and not self.feature_layers:
+            problems.append("score.feature_layers is empty but score.feature_weight > 0")
+        if not 0 < self.topk <= 1:
+            problems.append(f"score.topk must be in (0, 1], got {self.topk}")
+        if self.sigma < 0:
+            problems.append(f"score.sigma must be >= 0, got {self.sigma}")
+        import matplotlib
+
+        if self.overlay_cmap not in matplotlib.colormaps:
+            problems.append(f"unknown score.overlay_cmap '{self.overlay_cmap}' (any matplotlib colormap, e.g. jet)")
+        if problems:
+            raise RFIError("; ".join(problems))
+
+
+# The decoder run of an anomaly fit (as in configs/apps/anomaly.yaml): a small decoder for
+# layer2 trained on random crops of the normal images, for a fixed number of steps.
+DECODER_DEFAULTS = ("encoder.layer=layer2", "decoder.channels=64", "decoder.min_channels=32", "data.size=32",
+                    "data.repeat=8", "loss.pixel=1.0", "loss.pixel_type=l1", "loss.feature=1.0",
+                    "optim.lr=0.002", "steps=400", "batch_size=32", "sample_every=200")
+
+
+def default_decoder_config() -> TrainDecoderConfig:
+    """:class:`~inversion.train.TrainDecoderConfig` with the anomaly defaults (:data:`DECODER_DEFAULTS`)."""
+    return load_config(TrainDecoderConfig, None, DECODER_DEFAULTS)
+
+
+@dataclass
+class AnomalyConfig:
+    """``rfi anomaly fit`` (YAML: ``configs/apps/anomaly.yaml``).
+
+    ``encoder``: encoder checkpoint (default: the robust one). ``category``: the category of
+    an MVTec root with several. ``image_size``: working resolution, short side in pixels
+    (``null``: as stored). ``holdout``: every n-th normal image is held out of decoder
+    training to measure the score statistics. ``decoder``: the decoder training run
+    (:class:`inversion.train.TrainDecoderConfig`; ``decoder.data.size`` is the crop side,
+    ``fit`` sets the data folder, encoder and output folder). ``score``: :class:`ScoreConfig`.
+    ``benchmark``: the embedded benchmark (``--data embedded``). ``batch_size`` / ``device``:
+    for computing maps.
+    """
+
+    encoder: str = "runs/encoders/resnet18_robust/checkpoint.pt"
+    category: str | None = None
+    image_size: int | None = None
+    holdout: int = 5
+    decoder: TrainDecoderConfig = field(default_factory=default_decoder_config)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    batch_size: int = 16
+    device: str = "auto"
+
+
+# ----------------------------------------------------------------------------- the detector
+def smooth(maps: Tensor, sigma: float) -> Tensor:
+    """Gaussian smoothing of (B, 1, H, W) maps (kornia, reflected borders); ``sigma`` in pixels, 0 = none."""
+    if sigma <= 0:
+        return maps
+    import kornia
+
+    k = 2 * int(np.ceil(3 * sigma)) + 1
+    k = min(k, 2 * (min(maps.shape[-2:]) // 2) - 1)  # reflect padding needs the kernel inside the image
+    return kornia.filters.gaussian_blur2d(maps, (k, k), (sigma, sigma), border_type="reflect") if k >= 3 else maps
+
+
+def image_scores(maps: Tensor, how: str = "topk", topk: float = 0.01) -> Tensor:
+    """One score per image from (B, 1, H, W) anomaly maps: top-k mean, max or mean. Returns (B,)."""
+    flat = maps.flatten(1)
+    if how == "max":
+        return flat.max(1).values
+    if how == "mean":
+        return flat.mean(1)
+    k = max(1, int(round(topk * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+class AnomalyDetector:
+    """A :class:`~inversion.RobustAutoencoder` trained on normal images, plus how to score with it.
+
+    Args:
+        autoencoder: encoder + decoder (trained on normal images).
+        score: :class:`ScoreConfig`.
+        image_size: working resolution (short side) images are resized to; ``None``: as given.
+        stats: ``{component: [mean, std]}`` of each map component on normal images
+            (from :meth:`calibrate`).
+        threshold: image scores above it are flagged anomalous.
+        info: anything else stored in the model file (category, benchmark settings, fit config).
+
+    Shape:
+        - :meth:`maps`: (B, 3, H, W) in [0, 1] -> (B, 1, H, W) standardised anomaly maps
+          (0 = typical of normal images, in units of their standard deviation).
+        - :meth:`image_scores`: (B, 1, H, W) -> (B,).
+    """
+
+    def __init__(self, autoencoder: RobustAutoencoder, score: ScoreConfig, image_size: int | None = None,
+                 stats: dict[str, list[float]] | None = None, threshold: float | None = None,
+                 info: dict[str, Any] | None = None):
+        score.check()
+        if score.feature_weight > 0:
+            autoencoder.encoder.check_layers(score.feature_layers)
+        self.ae, self.score, self.image_size = autoencoder, score, image_size
+        self.stats, self.threshold, self.info = stats, threshold, dict(info or {})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.ae.parameters()).device
+
+    def components(self) -> dict[str, float]:
+        """Map components and their weights: ``pixel`` and ``feature:<layer>``."""
+        s = self.score
+        out = {"pixel": s.pixel_weight} if s.pixel_weight > 0 else {}
+        if s.feature_weight > 0:
+            layers = self.ae.encoder.check_layers(s.feature_layers)
+            out.update({f"feature:{layer}": s.feature_weight / len(layers) for layer in layers})
+        return out
+
+    def prepare(self, image: Tensor) -> Tensor:
+        """Resize a (3, H, W) image to the working resolution (short side ``image_size``)."""
+        if self.image_size and min(image.shape[-2:]) != self.image_size:
+            image = TF.resize(image, self.image_size, antialias=True).clamp(0, 1)
+        return image
+
+    @torch.no_grad()
+    def component_maps(self, x: Tensor) -> dict[str, Tensor]:
+        """Raw (un-standardised) error maps of each component, smoothed, at the size of ``x``.
+
+        Args:
+            x: images (B, 3, H, W) in [0, 1].
+
+        Returns:
+            ``{component: (B, 1, H, W)}`` (see :meth:`components`).
+        """
+        x = x.to(self.device)
+        s = self.score
+        rec = self.ae.reconstruct(x)
+        out: dict[str, Tensor] = {}
+        if s.pixel_weight > 0:
+            if s.pixel_metric == "ssim":
+                import kornia
+
+                err = (1 - kornia.metrics.ssim(x, rec, 11, padding="same")).mean(1, keepdim=True) / 2
+            elif s.pixel_metric == "l1":
+                err = (x - rec).abs().mean(1, keepdim=True)
+            else:
+                err = (x - rec).pow(2).mean(1, keepdim=True)
+            out["pixel"] = err
+        if s.feature_weight > 0:
+            feats = self.ae.features(torch.cat([x, rec]), s.feature_layers)
+            for layer, f in feats.items():
+                a, b = f.chunk(2)
+                if s.feature_metric == "cosine":
+                    err = 1 - F.cosine_similarity(a, b, dim=1, eps=1e-6).unsqueeze(1)
+                else:
+                    err = (a - b).pow(2).mean(1, keepdim=True)
+                out[f"feature:{layer}"] = F.interpolate(err, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {k: smooth(v, s.sigma) for k, v in out.items()}
+
+    def maps(self, x: Tensor) -> Tensor:
+        """Anomaly maps: the weighted mean of the standardised components. (B, 3, H, W) -> (B, 1, H, W)."""
+        if self.stats is None:
+            raise RFIError("this anomaly detector has no normal-image statistics: call calibrate() first")
+        weights = self.components()
+        comps = self.component_maps(x)
+        total = sum(weights.values())
+        return sum(w * (comps[k] - self.stats[k][0]) / self.stats[k][1] for k, w in weights.items()) / total
+
+    def image_scores(self, maps: Tensor) -> Tensor:
+        """Image scores from :meth:`maps` (``score.image_score``). Returns (B,)."""
+        return image_scores(maps, self.score.image_score, self.score.topk)
+
+    def batches(self, images: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+        """Group prepared images of equal size into batches."""
+        batch: list[Tensor] = []
+        for img in images:
+            img = self.prepare(img)
+            if batch and (len(batch) == batch_size or batch[0].shape != img.shape):
+                yield torch.stack(batch)
+                batch = []
+            batch.append(img)
+        if batch:
+            yield torch.stack(batch)
+
+    def calibrate(self, images: Sequence[Tensor], batch_size: int = 16) -> dict[str, Any]:
+        """Measure the statistics of each component and of the image scores on normal images.
+
+        Sets :attr:`stats` and :attr:`threshold` (the highest normal image score).
+
+        Args:
+            images: (3, H, W) normal images in [0, 1], not used to train the decoder.
+            batch_size: images per forward pass.
+
+        Returns:
+            ``{"stats": ..., "normal_scores": {mean, std, max}, "threshold": ...}``.
+        """
+        if not images:
+            raise RFIError("no held-out normal images to measure the score statistics on")
+        acc: dict[str, list[float]] = {k: [0.0, 0.0, 0.0] for k in self.components()}
+        for x in self.batches(images, batch_size):
+            for k, m in self.component_maps(x).items():
+                m = m.double()
+                acc[k][0] += m.numel()
+                acc[k][1] += m.sum().item()
+                acc[k][2] += m.pow(2).sum().item()
+        stats = {}
+        for k, (n, s1, s2) in acc.items():
+            mean = s1 / n
+            std = max(s2 / n - mean * mean, 0.0) ** 0.5
+            stats[k] = [mean, max(std, 1e-8 + 1e-6 * abs(mean))]
+        self.stats = stats
+        scores = torch.cat([self.image_scores(self.maps(x)) for x in self.batches(images, batch_size)])
+        self.threshold = float(scores.max())
+        return {"stats": stats, "threshold": self.threshold,
+                "normal_scores": {"mean": float(scores.mean()), "std": float(scores.std()) if len(scores) > 1 else 0.0,
+                                  "max": float(scores.max()), "images": len(scores)}}
+
+    def overlay(self, image: Tensor, amap: Tensor, alpha: float = 0.5) -> Tensor:
+        """Heat-map overlay: ``amap`` coloured (0 .. 2 x threshold) and blended onto ``image``.
+
+        Args:
+            image: (3, H, W) in [0, 1].
+            amap: (H', W') or (1, H', W') anomaly map; upsampled to (H, W).
+            alpha: weight of the colours.
+
+        Returns:
+            (3, H, W) in [0, 1].
+        """
+        import matplotlib
+
+        amap = amap.reshape(1, 1, *amap.shape[-2:]).float().cpu()
+        if amap.shape[-2:] != image.shape[-2:]:
+            amap = F.interpolate(amap, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        vmax = 2 * self.threshold if self.threshold and self.threshold > 0 else max(float(amap.max()), 1e-8)
+        level = (amap[0, 0] / vmax).clamp(0, 1).numpy()
+        colors = torch.from_numpy(matplotlib.colormaps[self.score.overlay_cmap](level)[..., :3]).permute(2, 0, 1)
+        return ((1 - alpha) * image.cpu() + alpha * colors.float()).clamp(0, 1)
+
+    # ------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model file: the autoencoder with the score settings and statistics (atomic)."""
+        return self.ae.save(path, anomaly={
+            "format": MODEL_FORMAT, "version": 1, "score": asdict(self.score), "image_size": self.image_size,
+            "stats": self.stats, "threshold": self.threshold, **self.info})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "AnomalyDetector":
+        """Load a model file written by ``rfi anomaly fit`` / :meth:`save`."""
+        ckpt = load_checkpoint(path)
+        meta = ckpt.get("anomaly")
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            raise RFIError(f"{path} is not an anomaly model (write one with: rfi anomaly fit --data ... --out {path})")
+        ae = RobustAutoencoder.load(path, device=device)
+        meta = dict(meta)
+        score = ScoreConfig(**meta.pop("score"))
+        keys = ("format", "version", "image_size", "stats", "threshold")
+        fixed = {k: meta.pop(k) for k in keys}
+        return cls(ae, score, fixed["image_size"], fixed["stats"], fixed["threshold"], info=meta)
+
+
+# ----------------------------------------------------------------------------- metrics
+def image_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, Any]:
+    """Image AUROC and the F1 score at its best threshold (scikit-learn).
+
+    Args:
+        labels: 0 (normal) / 1 (anomalous) per image.
+        scores: higher = more anomalous.
+
+    Returns:
+        ``{"auroc", "f1", "threshold"}``; when only one class is present the values are
+        ``None`` and ``"note"`` says why (AUROC is undefined), never NaN.
+
+    Example:
+        >>> image_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])["auroc"]
+        1.0
+    """
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=np.float64)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n0 == 0 or n1 == 0:
+        what = "no images" if len(y) == 0 else (f"all {len(y)} are normal" if n1 == 0 else f"all {len(y)} are anomalous")
+        return {"auroc": None, "f1": None, "threshold": None,
+                "note": f"AUROC undefined: the labelled test set has a single class ({what}); "
+                        f"it needs both normal and anomalous images"}
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
+    return {"auroc": float(roc_auc_score(y, s)), "f1": float(f1[best]), "threshold": float(thresholds[best])}
+
+
+def pixel_metrics(masks: Sequence[Tensor], maps: Sequence[Tensor]) -> dict[str, Any]:
+    """Pixel AUROC and pixel F1 at the best threshold over all pixels of all images.
+
+    Args:
+        masks: boolean (h, w) ground truth per image (all False for normal images).
+        maps: (h, w) anomaly maps of the same sizes.
+
+    Returns:
+        As :func:`image_metrics`, per pixel.
+    """
+    if not masks:
+        return image_metrics([], [])
+    y = torch.cat([m.flatten() for m in masks]).numpy().astype(int)
+    s = torch.cat([m.flatten() for m in maps]).float().numpy()
+    out = image_metrics(y, s)
+    if out["auroc"] is None:
+        out["note"] = out["note"].replace("labelled test set", "ground truth").replace("images", "pixels")
+    return out
+
+
+# ----------------------------------------------------------------------------- fit
+def resolve_data(path: str, category: str | None, benchmark: BenchmarkConfig, need: str,
+                 labels: str | None = None) -> AnomalyData:
+    """:func:`~apps.anomaly_data.load_anomaly_data`, with ``embedded`` meaning the generated benchmark."""
+    if str(path) == "embedded":
+        path = str(embedded_benchmark(benchmark))
+    return load_anomaly_data(path, category, labels, need)
+
+
+def _readable(paths: Sequence[Path]) -> list[Path]:
+    """The images that can be read; unreadable ones are skipped and named."""
+    out = []
+    for p in progress(paths, desc="checking images", unit="img"):
+        try:
+            read_image(p)
+            out.append(p)
+        except RFIError as e:
+            log.warning("skipping %s", e)
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:  # no symlinks on this file system
+        shutil.copy2(src, dst)
+
+
+def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = False) -> Path:
+    """Train an anomaly model on the normal images of ``data`` and write it to ``out``.
+
+    Every ``cfg.holdout``-th normal image is held out of decoder training; the score
+    statistics and the threshold are measured on those. Decoder training runs in
+    ``<out without suffix>_fit/`` (metrics log, sample grids, its checkpoint), so a killed
+    fit continues with ``resume=True``.
+
+    Returns:
+        ``out``: the model file (load with :meth:`AnomalyDetector.load`).
+
+    Raises:
+        RFIError: bad config, no (readable) normal images, a missing encoder checkpoint.
+    """
+    cfg.score.check()
+    if cfg.holdout < 2:
+        raise RFIError(f"holdout must be >= 2 (every n-th normal image is held out), got {cfg.holdout}")
+    if not Path(cfg.encoder).is_file():
+        raise RFIError(f"encoder checkpoint not found: {cfg.encoder} (train it with: rfi train-encoder --config "
+                       f"configs/encoder/resnet18_robust.yaml, or set encoder=PATH)")
+    found = resolve_data(data, cfg.category, cfg.benchmark, "train")
+    normal = _readable(found.train)
+    if len(normal) < 2:
+        raise RFIError(f"{found.root}: need at least 2 readable normal training images, found {len(normal)}")
+    is_held = [i % cfg.holdout == cfg.holdout - 1 for i in range(len(normal))]
+    if not any(is_held):
+        is_held[-1] = True
+    held = [p for p, h in zip(normal, is_held) if h]
+    train = [p for p, h in zip(normal, is_held) if not h]
+    out = Path(out)
+    work = out.with_name(out.stem + "_fit")
+    images = work / "normal"  # train/ and val/ (held out): links to the normal images, for ImageFiles
+    if images.exists():
+        shutil.rmtree(images)
+    for split, paths in (("train", train), ("val", held)):
+        for i, p in enumerate(paths):
+            _link(p, images / split / f"{i:05d}_{p.name}")
+
+    dcfg = cfg.decoder
+    dcfg.data.source, dcfg.data.root = "folder", str(images)
+    dcfg.data.resize, dcfg.data.crop = cfg.image_size, "random"
+    dcfg.encoder.checkpoint = cfg.encoder
+    dcfg.out = str(work / "decoder")
+    log.info("fitting on %d normal images of %s (%d held out for the score statistics)", len(train),
+             found.category or found.root, len(held))
+    decoder_path = train_decoder(dcfg, resume=resume)
+
+    device = resolve_device(cfg.device)
+    ae = RobustAutoencoder.from_checkpoints(cfg.encoder, decoder_path, device=device)
+    info = {"category": found.category, "layout": found.layout, "data": str(data),
+            "benchmark": asdict(cfg.benchmark) if str(data) == "embedded" else None,
+            "fit": config_to_dict(cfg), "train_images": len(train)}
+    det = AnomalyDetector(ae, cfg.score, cfg.image_size, info=info)
+    cal = det.calibrate([det.prepare(read_image(p)) for p in held], cfg.batch_size)
+    det.info["normal_scores"] = cal["normal_scores"]
+    det.save(out)
+    log.info("wrote %s (threshold %.3g = highest score of %d held-out normal images)", out, det.threshold, len(held))
+    return out
+
+
+# ----------------------------------------------------------------------------- score
+def _mask(item: TestImage, size: tuple[int, int]) -> Tensor:
+    if item.mask is None:
+        return torch.zeros(size, dtype=torch.bool)
+    m = read_mask(item.mask)
+    if m.shape != size:
+        m = F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+    return m
+
+
+def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch_size: int = 16,
+          write_maps: bool = True) -> dict[str, Any]:
+    """Score every test image of ``data``; write ``scores.csv``, ``maps/`` and ``metrics.json`` to ``out``.
+
+    Unreadable images are skipped and named (in the log and in ``metrics["skipped"]``).
+    Pixel metrics are computed at the working resolution (masks resized, nearest).
+
+    Returns:
+        The metrics dict (also in ``<out>/metrics.json``).
+    """
+    out = Path(out)
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    masks: list[Tensor] = []
+    pix_maps: list[Tensor] = []
+
+    def flush(batch: list[tuple[TestImage, Tensor, Tensor]]) -> None:
+        maps = det.maps(torch.stack([x for _, _, x in batch])).cpu()
+        scores = det.image_scores(maps)
+        for (item, img, _), amap, s in zip(batch, maps, scores):
+            rel = f"maps/{item.name}.png"
+            if write_maps:
+                write_image(det.overlay(img, amap), out / rel)
+            rows.append({"name": item.name, "defect": item.defect, "label": "" if item.label is None else item.label,
+                         "score": f"{float(s):.6g}", "anomalous": int(det.threshold is not None and float(s) > det.threshold),
+                         "map": rel if write_maps else ""})
+            if data.has_masks and item.label is not None:
+                try:
+                    masks.append(_mask(item, tuple(amap.shape[-2:])))
+                    pix_maps.append(amap[0])
+                except RFIError as e:
+                    log.warning("pixel metrics without %s: %s", item.name, e)
+
+    batch: list[tuple[TestImage, Tensor, Tensor]] = []  # (item, image as read, image at working size)
+    for item in progress(data.test, desc="scoring", unit="img"):
+        try:
+            img = read_image(item.path)
+        except RFIError as e:
+            log.warning("skipping %s", e)
+            skipped.append(item.name)
+            continue
+        x = det.prepare(img)
+        if batch and (len(batch) == batch_size or batch[0][2].shape != x.shape):
+            flush(batch)
+            batch = []
+        batch.append((item, img, x))
+    if batch:
+        flush(batch)
+    if not rows:
+        raise RFIError(f"no readable test images in {data.root} ({len(skipped)} skipped)")
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "scores.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+    labelled = [r for r in rows if r["label"] != ""]
+    labels = [int(r["label"]) for r in labelled]
+    scores = [float(r["score"]) for r in labelled]
+    notes: list[str] = []
+    metrics: dict[str, Any] = {
+        "category": data.category, "data": str(data.root), "images": len(rows), "skipped": skipped,
+        "normal": labels.count(0), "anomalous": labels.count(1), "unlabelled": len(rows) - len(labelled),
+        "model_threshold": det.threshold}
+    if labelled:
+        im = image_metrics(labels, scores)
+        metrics.update(image_auroc=im["auroc"], image_f1=im["f1"], image_f1_threshold=im["threshold"])
+        if "note" in im:
+            notes.append("image " + im["note"])
+        defects = sorted({r["defect"] for r in labelled if r["label"] == 1})
+        if labels.count(0) and len(defects) > 1:
+            metrics["per_defect"] = {
+                d: image_metrics(*zip(*[(int(r["label"]), float(r["score"])) for r in labelled
+                                        if r["label"] == 0 or r["defect"] == d]))["auroc"] for d in defects}
+    else:
+        metrics.update(image_auroc=None, image_f1=None)
+        notes.append("no labels: image metrics not computed (give a labels CSV or test/good + test/<defect> folders)")
+    if data.has_masks and masks:
+        pm = pixel_metrics(masks, pix_maps)
+        metrics.update(pixel_auroc=pm["auroc"], pixel_f1=pm["f1"])
+        if "note" in pm:
+            notes.append("pixel " + pm["note"])
+    else:
+        metrics.update(pixel_auroc=None, pixel_f1=None)
+        if labelled:
+            notes.append("no ground-truth masks: pixel metrics not computed")
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable image(s) skipped: {', '.join(skipped[:5])}")
+    metrics["notes"] = notes
+    write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """The metrics of :func:`score` as a text table (AUROC / F1 in %; ``n/a`` where undefined)."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    head = f"{'category':<12} {'images':>6} {'normal':>6} {'anomalous':>9} {'image AUROC':>11} " \
+           f"{'pixel AUROC':>11} {'image F1':>8} {'pixel F1':>8}"
+    lines = [head, "-" * len(head),
+             f"{str(m.get('category') or '-'):<12} {m['images']:>6} {m['normal']:>6} {m['anomalous']:>9} "
+             f"{pct(m['image_auroc']):>11} {pct(m['pixel_auroc']):>11} {pct(m['image_f1']):>8} {pct(m['pixel_f1']):>8}"]
+    for d, v in (m.get("per_defect") or {}).items():
+        lines.append(f"  {d:<20} image AUROC {pct(v):>6}")
+    lines += [f"note: {n}" for n in m.get("notes", [])]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def register_anomaly(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="anomaly_command", metavar="SUBCOMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    # also accepted after the sub-command; SUPPRESS keeps the values given before it
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("fit", parents=[common], help="train on normal images only; write one model file")
+    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with normal/ (+ test/), "
+                                                 "a folder of normal images, or 'embedded'")
+    p.add_argument("--out", required=True, help="the model file to write (e.g. runs/anomaly/brick.pt)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--category", help="category of an MVTec root with several (e.g. brick for --data embedded)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted decoder training")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. encoder=runs/encoders/resnet18_standard/checkpoint.pt "
+                        "decoder.epochs=2 score.sigma=4")
+    p.set_defaults(func=run_fit)
+
+    p = sub.add_parser("score", parents=[common], help="score test images: CSV, heat-map PNGs, metrics")
+    p.add_argument("--model", required=True, help="a model file written by 'rfi anomaly fit'")
+    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with test/ (+ labels.csv), "
+                                                 "a folder of test images, or 'embedded'")
+    p.add_argument("--out", required=True, help="output folder: scores.csv, maps/, metrics.json")
+    p.add_argument("--category", help="category of an MVTec root (default: the model's)")
+    p.add_argument("--labels", help="CSV 'name,label' (0 normal, 1 anomalous) for a plain test folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--no-maps", action="store_true", help="do not write heat-map PNGs")
+    p.set_defaults(func=run_score)
+
+    p = sub.add_parser("make-benchmark", parents=[common],
+                       help="write the embedded benchmark (textures with synthetic defects) in MVTec AD layout")
+    p.add_argument("--out", required=True, help="destination folder, e.g. data/embedded_mvtec")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config whose benchmark: section is used")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. benchmark.size=96 benchmark.seed=1")
+    p.set_defaults(func=run_make_benchmark)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _config(path: str, overrides: Sequence[str]) -> AnomalyConfig:
+    return load_config(AnomalyConfig, path if Path(path).is_file() or path != DEFAULT_CONFIG else None, overrides)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    cfg = _config(args.config, args.overrides)
+    if args.category:
+        cfg.category = args.category
+    print(fit(cfg, args.data, args.out, resume=args.resume))
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    det = AnomalyDetector.load(args.model, device=resolve_device(args.device))
+    category = args.category or det.info.get("category")
+    bench = BenchmarkConfig(**det.info["benchmark"]) if det.info.get("benchmark") else BenchmarkConfig()
+    if args.data != "embedded" and args.category is None and category is not None:
+        # a model fitted on one category scores that category of an MVTec root, or any folder given
+        from apps.anomaly_data import mvtec_categories
+
+        if category not in mvtec_categories(args.data):
+            category = None
+    data = resolve_data(args.data, category, bench, "test", args.labels)
+    if data.category and det.info.get("category") and data.category != det.info["category"]:
+        log.warning("the model was fitted on '%s' but scores '%s'", det.info["category"], data.category)
+    metrics = score(det, data, args.out, args.batch_size, write_maps=not args.no_maps)
+    print(format_metrics(metrics))
+    print(f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'metrics.json'}"
+          + ("" if args.no_maps else f" and {metrics['images']} heat maps in {Path(args.out) / 'maps'}"))
+    return 0
+
+
+def run_make_benchmark(args: argparse.Namespace) -> int:
+    cfg = _config(args.config, args.overrides)
+    print(make_benchmark(args.out, cfg.benchmark))
+    return 0

@@ -1,0 +1,468 @@
+"""Style augmentation for self-supervised learning (SASSL): ``StyleAugment`` and ``rfi augment``.
+
+:class:`StyleAugment` is a batch transform: each image of a (B, 3, H, W) batch in [0, 1] is,
+with probability ``p``, restyled through a :class:`~inversion.autoencoder.RobustAutoencoder`.
+Its robust features take the channel statistics of a style (AdaIN, blended in feature space
+by ``alpha``), the decoder turns them back into pixels, and the result is blended with the
+original in pixel space by ``beta``. Styles are other images of the same batch (never the
+image itself) or the images of a style folder, encoded once and cached as feature statistics.
+The other images pass through untouched.
+
+It is a ``torchvision.transforms.v2.Transform`` (so it sits in ``v2.Compose`` and passes
+labels, masks and boxes through) and a plain ``nn.Module`` on batches (so it sits before or
+after kornia's ``AugmentationSequential``, or inside it). :class:`MultiView` turns any batch
+transform into N independent views per image, as contrastive learning needs.
+
+Example:
+    >>> from encoders import create_encoder
+    >>> from inversion.decoders import Decoder
+    >>> enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    >>> ae = RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16))
+    >>> aug = StyleAugment(ae, p=1.0, alpha=(0.5, 1.0), beta=(0.5, 1.0), generator=0)
+    >>> views = MultiView(aug, views=2)(torch.rand(4, 3, 32, 32))
+    >>> len(views), tuple(views[0].shape)
+    (2, (4, 3, 32, 32))
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import is_pure_tensor
+
+from apps.feature_transforms import adain
+from encoders.errors import RFIError
+from encoders.imageio import list_images, read_image, write_image
+from encoders.runtime import progress, save_grid
+from encoders.serialization import load_checkpoint
+from inversion.autoencoder import AUTOENCODER_FORMAT, RobustAutoencoder, check_images
+
+log = logging.getLogger("rfi")
+
+DEFAULT_ENCODER = Path("runs/encoders/resnet18_robust/checkpoint.pt")
+DEFAULT_DECODER = Path("runs/decoders/resnet18_robust_layer3/decoder.pt")
+TRAIN_FIRST = ("rfi train-encoder --config configs/encoder/resnet18_robust.yaml && "
+               "rfi train-decoder --config configs/decoder/resnet18_robust_layer3.yaml")
+
+StyleModel = RobustAutoencoder | str | os.PathLike | Sequence[str | os.PathLike] | None
+
+
+# ----------------------------------------------------------------------------- arguments
+def unit_range(value: float | Sequence[float], name: str) -> tuple[float, float]:
+    """``0.3`` -> ``(0.3, 0.3)``; ``(lo, hi)`` is checked: 0 <= lo <= hi <= 1.
+
+    Raises:
+        RFIError: not one or two numbers, outside [0, 1], or lo > hi.
+    """
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise RFIError(f"{name} must be one number or a range (lo, hi) in [0, 1], got {value!r}")
+    lo, hi = float(values[0]), float(values[1])
+    if not 0 <= lo <= hi <= 1:
+        raise RFIError(f"{name} range must satisfy 0 <= lo <= hi <= 1, got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
+def load_style_model(model: StyleModel = None, device: str | torch.device = "cpu") -> RobustAutoencoder:
+    """The autoencoder a :class:`StyleAugment` restyles with.
+
+    Args:
+        model: a :class:`RobustAutoencoder`; a model file written by ``RobustAutoencoder.save``;
+            an ``(encoder checkpoint, decoder checkpoint[s])`` pair; or ``None`` for the
+            default robust autoencoder (:data:`DEFAULT_ENCODER` + :data:`DEFAULT_DECODER`).
+
+    Raises:
+        RFIError: the files are missing or do not fit (naming what to train first).
+    """
+    if isinstance(model, RobustAutoencoder):
+        return model.to(device)
+    if model is None:
+        missing = [str(p) for p in (DEFAULT_ENCODER, DEFAULT_DECODER) if not p.is_file()]
+        if missing:
+            raise RFIError(f"the default style model needs {' and '.join(missing)}: train it first "
+                           f"({TRAIN_FIRST}) or pass a model file / (encoder, decoder) pair")
+        model = (DEFAULT_ENCODER, DEFAULT_DECODER)
+    if isinstance(model, (str, os.PathLike)):
+        fmt = load_checkpoint(model).get("format")
+        if fmt != AUTOENCODER_FORMAT:
+            raise RFIError(f"{model} is not an RFI autoencoder file (format={fmt!r}): pass a model written by "
+                           f"RobustAutoencoder.save, or an (encoder, decoder) checkpoint pair")
+        return RobustAutoencoder.load(model, device)
+    parts = list(model)
+    if len(parts) < 2:
+        raise RFIError(f"a style model pair needs an encoder and a decoder checkpoint, got {model!r}")
+    return RobustAutoencoder.from_checkpoints(parts[0], parts[1:], device)
+
+
+def _stats(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Channel mean and (unbiased) std, as :func:`adain` measures them. (B, C, h, w) -> 2 x (B, C)."""
+    var, mean = torch.var_mean(features, dim=(2, 3))
+    return mean, var.sqrt()
+
+
+def _stats_map(mean: Tensor, std: Tensor) -> Tensor:
+    """A (B, C, 1, 2) feature map whose channel mean and unbiased std are exactly ``mean`` and ``std``.
+
+    :func:`adain` reads only those two statistics from a style, so this two-pixel map stands in
+    for the style's full feature map: values ``mean -/+ std / sqrt(2)``.
+    """
+    d = std / math.sqrt(2)
+    return torch.stack([mean - d, mean + d], dim=-1).unsqueeze(-2)
+
+
+# ----------------------------------------------------------------------------- the transform
+class StyleAugment(v2.Transform):
+    """Restyle each image of a batch with probability ``p`` (SASSL style augmentation).
+
+    For a chosen image ``x`` with style ``s``: ``f = adain(E(x), E(s), a)``, ``y = D(f)``,
+    ``out = b * y + (1 - b) * x`` with ``a ~ U(alpha)`` and ``b ~ U(beta)`` drawn per image.
+    ``E``/``D`` are the encoder layer and decoder of the autoencoder (skip features, if the
+    decoder takes any, stay the content's). Images not chosen are returned untouched and never
+    reach the autoencoder (with ``styles='batch'`` the chosen images lend each other their
+    styles; only when a single image is chosen is one other image encoded for its style).
+
+    Args:
+        model: the autoencoder (see :func:`load_style_model`): a ``RobustAutoencoder``, a model
+            file, an ``(encoder, decoder)`` checkpoint pair, or ``None`` for the default.
+        p: probability that an image is restyled, in [0, 1].
+        alpha: feature-space blend range ``(lo, hi)`` in [0, 1]: 0 keeps the content's
+            statistics (a plain reconstruction), 1 takes the style's. A number means ``(v, v)``.
+        beta: pixel-space blend range ``(lo, hi)`` in [0, 1]: 0 returns the original, 1 the
+            stylised image.
+        styles: ``'batch'`` (another image of the same batch, never the image itself) or an
+            image folder (loaded once, resized to ``style_size``, encoded once; the channel
+            statistics are cached).
+        generator: a ``torch.Generator`` or an int seed for every random draw; ``None`` uses
+            torch's global generator.
+        layer: which decoder of the autoencoder (default: its first).
+        style_size: short side, in pixels, that folder styles are resized to before encoding.
+
+    Shape:
+        - Input: (B, 3, H, W) in [0, 1], any H, W, float dtype and device (the autoencoder
+          follows the batch's device; it computes in its own dtype, the output has the input's).
+        - Output: (B, 3, H, W) in [0, 1].
+
+    Raises:
+        RFIError: ``p`` or a range outside [0, 1] or lo > hi; an empty or unreadable style
+            folder; a batch of one with ``styles='batch'``; images outside [0, 1].
+
+    Example:
+        >>> from encoders import create_encoder
+        >>> from inversion.decoders import Decoder
+        >>> enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+        >>> aug = StyleAugment(RobustAutoencoder(enc, Decoder(32, 4, "layer3", channels=16)), p=0.5,
+        ...                    generator=torch.Generator().manual_seed(0))
+        >>> pipeline = v2.Compose([v2.RandomHorizontalFlip(), aug])
+        >>> tuple(pipeline(torch.rand(8, 3, 32, 32)).shape)
+        (8, 3, 32, 32)
+    """
+
+    _transformed_types = (tv_tensors.Image, is_pure_tensor)
+
+    def __init__(self, model: StyleModel = None, p: float = 0.5, alpha: float | Sequence[float] = (0.5, 1.0),
+                 beta: float | Sequence[float] = (0.5, 1.0), styles: str | os.PathLike = "batch",
+                 generator: torch.Generator | int | None = None, layer: str | None = None,
+                 style_size: int = 64):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise RFIError(f"p (probability of restyling an image) must be in [0, 1], got {p!r}")
+        self.p = float(p)
+        self.alpha = unit_range(alpha, "alpha")
+        self.beta = unit_range(beta, "beta")
+        if style_size < 1:
+            raise RFIError(f"style_size must be a positive number of pixels, got {style_size}")
+        self.generator = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
+        self.style_size = style_size
+        self.styles = "batch" if str(styles) == "batch" else str(styles)
+        style_files = [] if self.styles == "batch" else self._list_styles(Path(styles))
+        # NHWC convolutions run about 1.6x faster than NCHW on CPU (oneDNN); results are the same.
+        autoencoder = load_style_model(model).to(memory_format=torch.channels_last)
+        self.layer = layer or autoencoder.layer
+        autoencoder._decoder(self.layer)  # an unknown layer fails here, not at the first batch
+        self.autoencoder = autoencoder
+        self.stride = autoencoder.strides[self.layer]
+        mean, std = self._encode_styles(style_files) if style_files else (torch.empty(0), torch.empty(0))
+        self.register_buffer("style_mean", mean, persistent=False)
+        self.register_buffer("style_std", std, persistent=False)
+
+    @property
+    def num_styles(self) -> int:
+        """Number of cached folder styles (0 for ``styles='batch'``)."""
+        return len(self.style_mean)
+
+    @staticmethod
+    def _list_styles(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            raise RFIError(f"style folder not found: {folder}")
+        return list_images([folder])
+
+    @torch.no_grad()
+    def _encode_styles(self, files: list[Path]) -> tuple[Tensor, Tensor]:
+        means, stds = [], []
+        for path in files:
+            try:
+                img = read_image(path)
+            except RFIError as e:
+                log.warning("skipping style %s", e)
+                continue
+            scale = self.style_size / min(img.shape[1:])
+            size = [max(self.stride, round(s * scale)) for s in img.shape[1:]]
+            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True,
+                                align_corners=False).clamp(0, 1)
+            feats = self._encode(img.to(self._model_device()))[self.layer]
+            mean, std = _stats(feats)
+            means.append(mean[0].cpu())
+            stds.append(std[0].cpu())
+        if not means:
+            raise RFIError(f"style folder {self.styles} holds no readable image")
+        log.info("cached feature statistics of %d style image(s) from %s", len(means), self.styles)
+        return torch.stack(means), torch.stack(stds)
+
+    def _model_device(self) -> torch.device:
+        return next(self.autoencoder.parameters()).device
+
+    def _encode(self, x: Tensor) -> "dict[str, Tensor]":
+        """Encoder features of images padded (reflect) to a multiple of the decoder's stride."""
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        return self.autoencoder.encode(x.contiguous(memory_format=torch.channels_last), self.layer)
+
+    # v2.Transform protocol: make_params draws once per call, transform applies to each image input.
+    def check_inputs(self, flat_inputs: list[Any]) -> None:
+        images = [x for x in flat_inputs if isinstance(x, tv_tensors.Image) or is_pure_tensor(x)]
+        if images and self.styles == "batch" and images[0].dim() == 4 and images[0].shape[0] < 2:
+            raise RFIError("styles='batch' needs batches of at least 2 images (an image is never its own "
+                           "style); got a batch of 1: use a style folder or a larger batch")
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Per-image random draws: ``chosen`` (B,) bool, ``alpha``, ``beta`` (B,), ``style`` (B,) indices.
+
+        With ``styles='batch'`` an image's style is another *chosen* image when at least two are
+        chosen (any other image otherwise): by symmetry still uniform over the other images of the
+        batch, and only the chosen images need encoding. Four uniforms are drawn per image whatever
+        ``p`` is, so the generator advances the same way on every call.
+        """
+        x = flat_inputs[0]
+        b = x.shape[0] if x.dim() == 4 else 0
+        g = self.generator
+        u = torch.rand(4, b, generator=g, device=g.device if g is not None else "cpu").cpu()
+        chosen = u[0] < self.p
+        if self.styles == "batch":
+            idx = torch.arange(b)
+            pool = idx[chosen] if chosen.sum() >= 2 else idx
+            in_pool = torch.isin(idx, pool)
+            n = (len(pool) - in_pool.long()).clamp_min(1)
+            k = (u[3] * n).long().clamp_max(n - 1)
+            # the k-th element of the pool without the image itself: skip its own position
+            k = k + (in_pool & (k >= torch.searchsorted(pool, idx))).long()
+            style = pool[k.clamp_max(len(pool) - 1)]
+        else:
+            style = (u[3] * self.num_styles).long().clamp_max(self.num_styles - 1)
+        (lo_a, hi_a), (lo_b, hi_b) = self.alpha, self.beta
+        return {"chosen": chosen, "alpha": lo_a + (hi_a - lo_a) * u[1], "beta": lo_b + (hi_b - lo_b) * u[2],
+                "style": style}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Image):
+            return tv_tensors.wrap(self.stylize(inpt.as_subclass(Tensor), params), like=inpt)
+        return self.stylize(inpt, params)
+
+    @torch.no_grad()
+    def stylize(self, x: Tensor, params: dict[str, Any]) -> Tensor:
+        """Apply the draws of :meth:`make_params` to the batch ``x`` (B, 3, H, W) in [0, 1]."""
+        check_images(x)
+        if x.shape[0] != len(params["chosen"]):
+            raise RFIError(f"StyleAugment params were drawn for {len(params['chosen'])} images, got {x.shape[0]}")
+        chosen = params["chosen"].nonzero().flatten().to(x.device)
+        if chosen.numel() == 0:
+            return x
+        if self._model_device() != x.device:
+            self.to(x.device)
+        dtype = next(self.autoencoder.parameters()).dtype
+        style = params["style"].to(x.device)[chosen]
+        alpha = params["alpha"].to(x.device)[chosen]
+        beta = params["beta"].to(x.device, x.dtype)[chosen].view(-1, 1, 1, 1)
+        if self.styles == "batch":
+            # Encode each needed image once: the chosen ones and the ones lending their style.
+            needed, where = torch.unique(torch.cat([chosen, style]), return_inverse=True)
+            feats = self._encode(x[needed].to(dtype))
+            rows = where[:len(chosen)]
+            mean, std = _stats(feats[self.layer][where[len(chosen):]])
+        else:
+            feats = self._encode(x[chosen].to(dtype))
+            rows = None
+            mean, std = self.style_mean[style], self.style_std[style]
+        content = {k: v if rows is None else v[rows] for k, v in feats.items()}
+        content[self.layer] = adain(content[self.layer], _stats_map(mean, std), alpha)
+        # Shift-invariant (LPS) autoencoders pass the encoder's chosen phases to the decoder.
+        phases = getattr(feats, "phases", None)
+        extra = {} if phases is None else {"phases": {k: v if rows is None else v[rows] for k, v in phases.items()}}
+        h, w = x.shape[-2:]
+        styled = self.autoencoder.decode(content, self.layer, **extra)[..., :h, :w].to(x.dtype)
+        out = x.clone()
+        out[chosen] = (beta * styled + (1 - beta) * x[chosen]).clamp(0, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"p={self.p}, alpha={self.alpha}, beta={self.beta}, styles={self.styles!r}, "
+                f"layer={self.layer!r}" + (f", num_styles={self.num_styles}" if self.num_styles else ""))
+
+
+class MultiView(nn.Module):
+    """N independently augmented views of each batch, for contrastive learning (lightly-style).
+
+    Args:
+        transforms: one batch transform used for every view, or one per view.
+        views: number of views when a single transform is given (default 2).
+
+    Shape:
+        - Input: (B, 3, H, W).
+        - Output: a list of ``views`` tensors (B, 3, H', W').
+
+    Example:
+        >>> two = MultiView(v2.RandomHorizontalFlip(), views=2)
+        >>> [tuple(v.shape) for v in two(torch.rand(3, 3, 8, 8))]
+        [(3, 3, 8, 8), (3, 3, 8, 8)]
+    """
+
+    def __init__(self, transforms: Callable[[Tensor], Tensor] | Sequence[Callable[[Tensor], Tensor]],
+                 views: int | None = None):
+        super().__init__()
+        if callable(transforms):
+            transforms = [transforms] * (2 if views is None else views)
+        elif views is not None and views != len(transforms):
+            raise RFIError(f"MultiView got {len(transforms)} transforms but views={views}")
+        if len(transforms) < 1:
+            raise RFIError("MultiView needs at least one view")
+        self.transforms = list(transforms)
+        for i, t in enumerate(self.transforms):  # register modules so .to(device) reaches them
+            if isinstance(t, nn.Module):
+                self.add_module(f"view{i}", t)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [t(x) for t in self.transforms]
+
+
+# ----------------------------------------------------------------------------- rfi augment
+@dataclass
+class AugmentConfig:
+    """``rfi augment`` settings (YAML: ``configs/apps/augment.yaml``; command-line flags win).
+
+    ``model``: an autoencoder file; else ``encoder`` + ``decoder`` checkpoints; else the default
+    robust autoencoder. ``styles``: ``batch`` or a style folder. ``size``: images are resized
+    (short side) and centre-cropped to ``size`` x ``size``. ``batch_size``: images restyled
+    together (with ``styles: batch`` they lend each other their styles).
+    """
+
+    model: str | None = None
+    encoder: str | None = None
+    decoder: str | None = None
+    styles: str = "batch"
+    p: float = 0.5
+    alpha: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    beta: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    style_size: int = 64
+    views: int = 4
+    size: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    sheet_rows: int = 16
+
+
+def _float_pair(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected lo,hi (e.g. 0.5,1), got {text!r}") from None
+
+
+def register_augment(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``rfi augment``."""
+    parser.add_argument("images", metavar="IMAGE_DIR", nargs="+", help="image folder(s) or files")
+    parser.add_argument("--out", required=True, help="output folder for <stem>_view<k>.png and contact_sheet.png")
+    parser.add_argument("--config", help="YAML of defaults (configs/apps/augment.yaml)")
+    parser.add_argument("--views", type=int, help="augmented views per image (default 4)")
+    parser.add_argument("--model", help="autoencoder file (RobustAutoencoder.save)")
+    parser.add_argument("--encoder", help="encoder checkpoint (with --decoder), instead of --model")
+    parser.add_argument("--decoder", help="decoder checkpoint (with --encoder)")
+    parser.add_argument("--styles", help="style image folder (default: styles from the other images)")
+    parser.add_argument("--p", type=float, help="probability that a view is restyled (default 0.5)")
+    parser.add_argument("--alpha", type=_float_pair, help="feature-space blend range lo,hi (default 0.5,1)")
+    parser.add_argument("--beta", type=_float_pair, help="pixel-space blend range lo,hi (default 0.5,1)")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--size", type=int, help="resize + centre-crop images to SIZE x SIZE (default 128)")
+    parser.add_argument("--batch-size", type=int, dest="batch_size", help="images restyled together (default 16)")
+    parser.add_argument("--device", help="cpu (default), cuda, auto")
+    parser.set_defaults(func=run)
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    """The config file (if any), then the flags given on the command line."""
+    from encoders.config import load_config
+
+    cfg = load_config(AugmentConfig, args.config)
+    for key in ("views", "model", "encoder", "decoder", "styles", "p", "alpha", "beta", "seed", "size",
+                "batch_size", "device"):
+        if getattr(args, key, None) is not None:
+            setattr(cfg, key, getattr(args, key))
+    unit_range(cfg.alpha, "alpha"), unit_range(cfg.beta, "beta")  # fail before any model is loaded
+    if not 0 <= cfg.p <= 1:
+        raise RFIError(f"p (probability of restyling an image) must be in [0, 1], got {cfg.p}")
+    if cfg.views < 1 or cfg.size < 1 or cfg.batch_size < 1:
+        raise RFIError(f"views, size and batch-size must be >= 1, got {cfg.views}, {cfg.size}, {cfg.batch_size}")
+    if bool(cfg.encoder) != bool(cfg.decoder):
+        raise RFIError("--encoder and --decoder go together (or pass --model)")
+    return cfg
+
+
+def _load_folder(paths: Sequence[str], size: int) -> tuple[list[Path], Tensor]:
+    files = list_images(paths)
+    resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    images = torch.stack([resize(read_image(f)).clamp(0, 1) for f in progress(files, desc="read", unit="img")])
+    return files, images
+
+
+def run(args: argparse.Namespace) -> int:
+    """``rfi augment``: N style-augmented views per image, plus a contact sheet."""
+    from encoders.runtime import resolve_device
+
+    cfg = augment_config(args)
+    device = resolve_device(cfg.device)
+    files, images = _load_folder(args.images, cfg.size)  # every input is read before anything is written
+    if cfg.styles == "batch" and len(files) < 2:
+        raise RFIError(f"styles from the batch need at least 2 images, {' '.join(args.images)} holds "
+                       f"{len(files)}: pass --styles DIR")
+    model = cfg.model or ((cfg.encoder, cfg.decoder) if cfg.encoder else None)
+    aug = StyleAugment(load_style_model(model, device), p=cfg.p, alpha=cfg.alpha, beta=cfg.beta,
+                       styles=cfg.styles, generator=cfg.seed, style_size=cfg.style_size)
+    stems = [f.stem if [g.stem for g in files].count(f.stem) == 1 else f"{f.stem}_{f.suffix[1:]}" for f in files]
+    # Batches are split evenly, so none is a batch of one (which styles='batch' refuses).
+    n_batches = math.ceil(len(files) / cfg.batch_size)
+    views = torch.empty(cfg.views, *images.shape)
+    for batch in progress(torch.arange(len(files)).tensor_split(n_batches), desc="augment", unit="batch"):
+        x = images[batch].to(device)
+        for k in range(cfg.views):
+            views[k, batch] = aug(x).cpu()
+    out = Path(args.out)
+    for i, stem in enumerate(progress(stems, desc="write", unit="img")):
+        for k in range(cfg.views):
+            write_image(views[k, i], out / f"{stem}_view{k + 1}.png")
+    rows = min(len(files), cfg.sheet_rows)
+    sheet = save_grid([images, *views], out / "contact_sheet.png", max_rows=rows)
+    log.info("wrote %d views of %d images to %s; contact sheet %s", cfg.views * len(files), len(files), out, sheet)
+    return 0

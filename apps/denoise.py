@@ -1,0 +1,357 @@
+"""Image denoising on robust features: ``rfi train-denoiser`` and ``rfi denoise``.
+
+A denoiser is a :class:`~inversion.autoencoder.RobustAutoencoder` whose decoder was trained
+to map the robust features of a *noisy* image (Gaussian noise, see :func:`add_noise`) to the
+*clean* image. Training reuses :func:`inversion.train.train_decoder` with
+:class:`GaussianNoise` as its ``input_transform`` (the losses target the clean image), and
+the decoder usually takes skip connections from shallow encoder layers (``layer1``,
+``layer2``) so fine detail survives. The result is one self-contained model file
+(encoder + decoder + the noise levels it was trained for) that ``rfi denoise --model``
+reads.
+
+Noise levels ``sigma`` are in 0-255 units (as in the denoising literature) for images in
+[0, 1]: ``sigma=25`` adds noise of standard deviation 25/255. One value trains for that
+level; a range ``[lo, hi]`` draws a level per image (a *blind* denoiser).
+
+Example:
+    >>> x = torch.rand(2, 3, 16, 16)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = add_noise(x, 25, g)
+    >>> bool(y.min() >= 0 and y.max() <= 1), tuple(y.shape)
+    (True, (2, 3, 16, 16))
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from torch import Tensor
+
+from encoders.config import config_to_dict, load_config
+from encoders.errors import RFIError
+from encoders.imageio import list_images, read_image, write_image
+from encoders.runtime import progress, resolve_device
+from encoders.serialization import atomic_write, load_checkpoint
+from inversion.autoencoder import RobustAutoencoder
+from inversion.metrics import psnr
+from inversion.train import TrainDecoderConfig, train_decoder
+
+log = logging.getLogger("rfi")
+
+DENOISER_APP = "denoise"
+
+
+# ----------------------------------------------------------------------------- noise model
+def sigma_range(sigma: float | Sequence[float]) -> tuple[float, float]:
+    """``25`` -> ``(25, 25)``; ``[5, 50]`` -> ``(5, 50)``; checks 0 <= lo <= hi (0-255 units).
+
+    Raises:
+        RFIError: not one or two numbers, negative, or lo > hi.
+    """
+    values = [sigma] if isinstance(sigma, (int, float)) else list(sigma)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise RFIError(f"noise sigma must be one number or a range [lo, hi] (0-255 units), got {sigma!r}")
+    lo, hi = float(values[0]), float(values[1])
+    if lo < 0 or hi < lo:
+        raise RFIError(f"noise sigma range must satisfy 0 <= lo <= hi, got [{lo:g}, {hi:g}]")
+    return lo, hi
+
+
+def add_noise(images: Tensor, sigma: float | Sequence[float], generator: torch.Generator | None = None) -> Tensor:
+    """Add white Gaussian noise and clip to [0, 1].
+
+    Args:
+        images: (B, 3, H, W) or (3, H, W) in [0, 1].
+        sigma: noise standard deviation in 0-255 units, or a range ``[lo, hi]``: each image
+            then gets its own level drawn uniformly from it (blind denoising).
+        generator: torch generator (the same seed gives the same noise); ``None`` uses
+            torch's global RNG. A CPU generator also works for images on another device.
+
+    Returns:
+        Noisy images, same shape and device, values in [0, 1] (clipped like a real sensor
+        would, so the result is a valid image; the noise is not exactly Gaussian where the
+        clean value is near 0 or 1).
+
+    Example:
+        >>> x = torch.full((1, 3, 8, 8), 0.5)
+        >>> a = add_noise(x, [5, 50], torch.Generator().manual_seed(1))
+        >>> torch.equal(a, add_noise(x, [5, 50], torch.Generator().manual_seed(1)))
+        True
+    """
+    lo, hi = sigma_range(sigma)
+    batched = images.dim() == 4
+    x = images if batched else images.unsqueeze(0)
+    gen_device = generator.device if generator is not None else x.device
+    levels = lo + (hi - lo) * torch.rand(x.shape[0], generator=generator, device=gen_device)
+    noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
+    noisy = (x + noise.to(x.device) * (levels.to(x.device, x.dtype) / 255).view(-1, 1, 1, 1)).clamp(0, 1)
+    return noisy if batched else noisy[0]
+
+
+class GaussianNoise:
+    """The ``input_transform`` of denoiser training: ``(clean batch, generator) -> noisy batch``.
+
+    Args:
+        sigma: one level or a range ``[lo, hi]`` (0-255 units), see :func:`add_noise`.
+
+    Example:
+        >>> t = GaussianNoise([0, 50])
+        >>> tuple(t(torch.rand(4, 3, 8, 8), torch.Generator().manual_seed(0)).shape)
+        (4, 3, 8, 8)
+    """
+
+    def __init__(self, sigma: float | Sequence[float]):
+        self.sigma = sigma_range(sigma)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return add_noise(images, self.sigma, generator)
+
+    def __repr__(self) -> str:
+        return f"GaussianNoise(sigma={list(self.sigma)})"
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class NoiseSection:
+    """The noise the denoiser learns to remove: ``sigma`` = one level or ``[lo, hi]`` (0-255 units)."""
+
+    sigma: list[float] = field(default_factory=lambda: [0.0, 55.0])
+
+
+@dataclass
+class TrainDenoiserConfig:
+    """A run of ``rfi train-denoiser`` (YAML: ``configs/apps/denoise.yaml``).
+
+    ``noise``: the training noise. ``train``: a full ``rfi train-decoder`` config (encoder
+    checkpoint and layer, decoder shape and ``skips``, data, losses, steps, ``out``).
+    ``model``: the model file to write (default ``<train.out>/denoiser.pt``).
+    """
+
+    noise: NoiseSection = field(default_factory=NoiseSection)
+    train: TrainDecoderConfig = field(default_factory=TrainDecoderConfig)
+    model: str | None = None
+
+
+def load_denoiser_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainDenoiserConfig:
+    """Read a train-denoiser YAML (+ ``key=value`` overrides such as ``train.steps=200``).
+
+    Raises:
+        RFIError: unknown keys (also inside ``train``), wrong types, a bad ``noise.sigma``.
+    """
+    cfg = load_config(TrainDenoiserConfig, path, overrides)
+    sigma_range(cfg.noise.sigma)
+    return cfg
+
+
+def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
+    """Train a denoising decoder and write one self-contained model file.
+
+    Clean training crops are corrupted by :class:`GaussianNoise` before encoding (through
+    ``input_transform`` of :func:`inversion.train.train_decoder`, which does all the
+    training: checkpoints, ``--resume``, samples, metrics in ``train.out``); the losses
+    compare with the clean crops.
+
+    Args:
+        cfg: the run's config.
+        resume: continue a killed run in ``cfg.train.out`` (same config required).
+
+    Returns:
+        The model file (``cfg.model``, default ``<train.out>/denoiser.pt``), loadable with
+        :func:`load_denoiser` / ``RobustAutoencoder.load``; it records the noise range
+        (``sigma``) it was trained for.
+
+    Raises:
+        RFIError: bad config, missing encoder checkpoint, a finished run in the way.
+    """
+    sigma = sigma_range(cfg.noise.sigma)
+    if not cfg.train.out:
+        cfg.train.out = "runs/denoise"
+    out = Path(cfg.train.out)
+    model_path = Path(cfg.model) if cfg.model else out / "denoiser.pt"
+    # The decoder trainer checks its own config on --resume; the noise is ours to check.
+    noise_file = out / "noise.yaml"
+    noise = {"sigma": list(sigma)}
+    if resume and noise_file.is_file():
+        old = yaml.safe_load(noise_file.read_text())
+        if old != noise:
+            raise RFIError(f"cannot resume {out}: it was trained with noise {old}, not {noise} "
+                           f"(use the same noise.sigma or another --out)")
+    elif (out / "decoder.pt").exists() and not resume:
+        raise RFIError(f"{out / 'decoder.pt'} exists: pass --resume to continue that run, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(noise_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(noise)))
+    kind = f"sigma {sigma[0]:g}" if sigma[0] == sigma[1] else f"blind, sigma {sigma[0]:g}-{sigma[1]:g}"
+    log.info("training a denoiser (%s) on %s of %s, skips %s", kind, cfg.train.encoder.layer,
+             cfg.train.encoder.checkpoint, list(cfg.train.decoder.skips) or "none")
+    decoder_path = train_decoder(cfg.train, resume=resume, input_transform=GaussianNoise(sigma))
+    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, decoder_path)
+    model.save(model_path, app=DENOISER_APP, sigma=list(sigma), layer=model.layer,
+               config={"noise": noise, "train": config_to_dict(cfg.train)})
+    log.info("denoiser written to %s", model_path)
+    return model_path
+
+
+def register_train_denoiser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/apps/denoise.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. noise.sigma=25 'noise.sigma=[5,50]' train.steps=2000 "
+                             "train.encoder.checkpoint=PATH 'train.decoder.skips=[layer1]'")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    parser.add_argument("--out", help="training folder (default: train.out of the config, else runs/denoise)")
+    parser.add_argument("--model", help="model file to write (default: <out>/denoiser.pt)")
+    parser.set_defaults(func=run_train_denoiser)
+
+
+def run_train_denoiser(args: argparse.Namespace) -> int:
+    cfg = load_denoiser_config(args.config, args.overrides)
+    if args.out:
+        cfg.train.out = args.out
+    if args.model:
+        cfg.model = args.model
+    print(train_denoiser(cfg, resume=args.resume))
+    return 0
+
+
+# ----------------------------------------------------------------------------- using a denoiser
+def load_denoiser(path: str | os.PathLike,
+                  device: str | torch.device = "cpu") -> tuple[RobustAutoencoder, dict[str, Any]]:
+    """Load a model file written by ``rfi train-denoiser``.
+
+    Returns:
+        ``(autoencoder, info)``: the :class:`~inversion.autoencoder.RobustAutoencoder`, and
+        what the file records about its training (``sigma``: the trained noise range in
+        0-255 units; empty for a plain autoencoder file, which still loads).
+
+    Raises:
+        RFIError: missing, unreadable or non-autoencoder file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RFIError(f"denoiser model not found: {path} (train one with rfi train-denoiser)")
+    model = RobustAutoencoder.load(path, device=device)
+    meta = load_checkpoint(path)  # small: reads the noise levels stored next to the weights
+    info = {k: meta[k] for k in ("app", "sigma", "layer", "config") if k in meta}
+    if info.get("app") != DENOISER_APP:
+        log.warning("%s is an autoencoder file, but not one written by rfi train-denoiser", path)
+    return model.eval(), info
+
+
+def output_paths(inputs: Sequence[Path], out: Path) -> list[Path]:
+    """``<out>/<input stem>.png`` for each input; refuses collisions and overwriting an input.
+
+    Raises:
+        RFIError: two inputs would share an output name, or an output is one of the inputs.
+    """
+    outs = [out / f"{p.stem}.png" for p in inputs]
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(inputs, outs):
+        if dst in seen:
+            raise RFIError(f"{seen[dst]} and {src} would both be written to {dst}: rename one or denoise them "
+                           f"into separate --out folders")
+        seen[dst] = src
+    resolved_inputs = {p.resolve() for p in inputs}
+    clash = [d for d in outs if d.resolve() in resolved_inputs]
+    if clash:
+        raise RFIError(f"refusing to overwrite input image {clash[0]}: choose an --out folder other than "
+                       f"the input folder")
+    return outs
+
+
+def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                  sigma: float | None = None, tile: int | None = None, seed: int = 0,
+                  save_noisy: bool = False) -> tuple[list[Path], dict[Path, str]]:
+    """Denoise image files into ``out`` as PNGs with the same names.
+
+    Args:
+        model: a denoiser (:func:`load_denoiser`).
+        inputs: image files and folders (a folder's image files, not recursive).
+        out: output folder (created); must not make any output overwrite an input.
+        sigma: add synthetic Gaussian noise of this level (0-255 units) before denoising,
+            to demonstrate the model on clean pictures; ``None`` denoises the files as they are.
+        tile: tile side in pixels for large images (default: whole image up to the model's
+            ``max_pixels``, then 512-px tiles).
+        seed: seed of the synthetic noise (image ``i`` uses ``seed + i``).
+        save_noisy: with ``sigma``, also write the noisy input as ``<out>/noisy/<name>.png``.
+
+    Returns:
+        ``(written, failed)``: output paths, and ``{input: reason}`` for files that could not
+        be read or processed (the others are still written).
+
+    Raises:
+        RFIError: no inputs, or output names that collide or would overwrite an input.
+    """
+    files = list_images(inputs)
+    if not files:
+        raise RFIError("no input images given")
+    out = Path(out)
+    targets = output_paths(files, out)
+    if sigma is not None:
+        sigma_range(sigma)
+        noisy_dir = out / "noisy"
+        if save_noisy and any(p.parent.resolve() == noisy_dir.resolve() for p in files):
+            raise RFIError(f"--save-noisy would overwrite inputs in {noisy_dir}")
+    device = next(model.parameters()).device
+    written: list[Path] = []
+    failed: dict[Path, str] = {}
+    for i, (src, dst) in enumerate(progress(list(zip(files, targets)), desc="denoise", unit="img")):
+        try:
+            clean = read_image(src).unsqueeze(0).to(device)
+            x = clean
+            if sigma is not None:
+                x = add_noise(clean, sigma, torch.Generator(device=device).manual_seed(seed + i))
+                if save_noisy:
+                    write_image(x[0], out / "noisy" / dst.name)
+            y = model.reconstruct(x, tile=tile)
+            write_image(y[0], dst)
+        except RFIError as e:
+            log.error("skipped: %s", e)
+            failed[src] = str(e)
+            continue
+        written.append(dst)
+        if sigma is not None:
+            log.info("%s: noisy %.2f dB -> denoised %.2f dB (sigma %g)", src.name,
+                     float(psnr(clean, x)), float(psnr(clean, y)), sigma)
+    return written, failed
+
+
+def register_denoise(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    parser.add_argument("--model", required=True, help="denoiser file written by rfi train-denoiser")
+    parser.add_argument("--out", required=True, help="output folder (PNG files, same names as the inputs)")
+    parser.add_argument("--sigma", type=float, default=None,
+                        help="DEMO: first add Gaussian noise of this level (0-255 units) to the inputs, "
+                             "then denoise; without it the inputs are denoised as they are")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --sigma noise (default 0)")
+    parser.add_argument("--save-noisy", action="store_true", help="with --sigma: also write <out>/noisy/<name>.png")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile side in px for large images (default: whole image up to 1 Mpx, else 512)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.set_defaults(func=run_denoise)
+
+
+def run_denoise(args: argparse.Namespace) -> int:
+    if args.tile is not None and args.tile < 1:
+        raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
+    if args.sigma is not None and args.sigma < 0:
+        raise RFIError(f"--sigma must be >= 0 (0-255 units), got {args.sigma:g}")
+    model, info = load_denoiser(args.model, resolve_device(args.device))
+    if args.sigma is not None and "sigma" in info:
+        lo, hi = info["sigma"]
+        if not lo <= args.sigma <= hi:
+            log.warning("--sigma %g is outside the noise range this model was trained for [%g, %g]",
+                        args.sigma, lo, hi)
+    written, failed = denoise_files(model, args.inputs, args.out, args.sigma, args.tile, args.seed,
+                                    args.save_noisy)
+    log.info("wrote %d denoised image(s) to %s", len(written), args.out)
+    if failed:
+        names = ", ".join(str(p) for p in failed)
+        raise RFIError(f"{len(failed)} of {len(failed) + len(written)} image(s) could not be denoised: {names}")
+    return 0

@@ -1,0 +1,504 @@
+"""Style transfer through a decoder pyramid: ``rfi train-decoders`` and ``rfi stylize``.
+
+A *decoder pyramid* is a :class:`~inversion.autoencoder.RobustAutoencoder` with decoders for
+several layers of one (robust) encoder, saved as one model file. :func:`stylize` runs the
+universal style transfer of Li et al. (2017, "Universal Style Transfer via Feature
+Transforms") coarse-to-fine through it: starting at the deepest layer, the current image is
+encoded, its features are given the style's statistics (WCT: mean and covariance; AdaIN:
+channel means and standard deviations, see :mod:`apps.feature_transforms`), blended with the
+unmodified features by ``alpha``, and decoded; the decoded image is re-encoded at the next
+shallower layer, and so on. ``preserve_color`` keeps the content's colours (only the
+luminance is transferred); several styles mix with weights in feature space.
+
+``rfi train-decoders`` trains the pyramid by calling :func:`inversion.train.train_decoder`
+once per layer (same encoder, same data, same losses), then writes
+``RobustAutoencoder(encoder, {layer: decoder}).save(path)``.
+
+Example:
+    >>> from encoders import create_encoder
+    >>> from inversion.autoencoder import RobustAutoencoder
+    >>> from inversion.decoders import Decoder
+    >>> enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    >>> info = enc.feature_info()
+    >>> ae = RobustAutoencoder(enc, {k: Decoder(info[k][0], info[k][1], k, channels=16)
+    ...                              for k in ("layer1", "layer2", "layer3")})
+    >>> out = stylize(ae, torch.rand(1, 3, 37, 50), [torch.rand(3, 40, 40)], method="adain", alpha=0.8)
+    >>> tuple(out.shape), bool(out.min() >= 0 and out.max() <= 1)
+    ((1, 3, 37, 50), True)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import kornia.color
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apps.feature_transforms import blend_styles
+from encoders.checkpoints import load_encoder
+from encoders.config import config_to_dict, load_config
+from encoders.errors import RFIError
+from encoders.imageio import list_images, read_image, write_image
+from encoders.runtime import progress, resolve_device
+from encoders.serialization import load_checkpoint
+from inversion.autoencoder import RobustAutoencoder
+from inversion.train import TRAIN_ENCODER_HINT, TrainDecoderConfig, train_decoder
+
+log = logging.getLogger("rfi")
+
+METHODS = ("wct", "adain")
+DEFAULT_MODEL = "runs/style/pyramid.pt"
+DEFAULT_CONFIG = "configs/apps/style.yaml"
+
+
+# ----------------------------------------------------------------------------- image helpers
+def resize_longer(image: Tensor, size: int | None) -> Tensor:
+    """Resize so the longer side is ``size`` px (antialiased bilinear); ``None`` keeps the image.
+
+    Shape: (3, H, W) or (B, 3, H, W) -> same, with max(H', W') = size; values stay in [0, 1].
+    """
+    if size is None:
+        return image
+    if size < 1:
+        raise RFIError(f"size must be a positive number of pixels, got {size}")
+    h, w = image.shape[-2:]
+    scale = size / max(h, w)
+    if scale == 1:
+        return image
+    batched = image.dim() == 4
+    x = image if batched else image[None]
+    x = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+                      antialias=True, align_corners=False).clamp(0, 1)
+    return x if batched else x[0]
+
+
+def _pad(x: Tensor, stride: int) -> Tensor:
+    """Pad (reflect, or replicate where the image is too small to reflect) on the bottom/right to a
+    multiple of ``stride``, at least 2 * stride, so the deepest features are at least 2x2
+    (AdaIN's standard deviation needs two values)."""
+    h, w = x.shape[-2:]
+    ph = max(2, math.ceil(h / stride)) * stride - h
+    pw = max(2, math.ceil(w / stride)) * stride - w
+    if not (ph or pw):
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def preserve_colors(stylized: Tensor, content: Tensor) -> Tensor:
+    """Keep the content's colours: the luminance (Y of YCbCr) of ``stylized`` with the chroma
+    (Cb, Cr) of ``content`` (the "luminance-only transfer" of Gatys et al., 2016).
+
+    Shape: (B, 3, H, W) twice (same size) -> (B, 3, H, W), values in [0, 1].
+
+    Example:
+        >>> c, s = 0.4 + 0.2 * torch.rand(1, 3, 8, 8), 0.3 + 0.4 * torch.rand(1, 3, 8, 8)
+        >>> ycbcr = kornia.color.rgb_to_ycbcr(preserve_colors(s, c))
+        >>> torch.allclose(ycbcr[:, 0], kornia.color.rgb_to_ycbcr(s)[:, 0], atol=1e-4)
+        True
+        >>> torch.allclose(ycbcr[:, 1:], kornia.color.rgb_to_ycbcr(c)[:, 1:], atol=1e-4)
+        True
+    """
+    luma = kornia.color.rgb_to_ycbcr(stylized)[:, :1]
+    chroma = kornia.color.rgb_to_ycbcr(content)[:, 1:]
+    return kornia.color.ycbcr_to_rgb(torch.cat([luma, chroma], dim=1)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- tiled decoding
+def _margin(decoder: nn.Module) -> int:
+    """Receptive-field radius of a decoder, in input feature pixels (an upper bound).
+
+    Every conv adds (k // 2) * dilation pixels at its own resolution, which is the input
+    resolution or finer, so summing over all convs bounds the radius; +1 covers interpolating
+    up-samplers.
+    """
+    radius = sum((m.kernel_size[0] // 2) * m.dilation[0] for m in decoder.modules() if isinstance(m, nn.Conv2d))
+    return radius + 1
+
+
+def decode_tiled(ae: RobustAutoencoder, features: Mapping[str, Tensor], layer: str, tile: int = 512) -> Tensor:
+    """Decode features in overlapping tiles, so memory stays bounded for large images.
+
+    Each tile of ``tile`` output pixels is decoded with a margin of the decoder's receptive
+    field around it and cropped back, so the result equals a whole-image decode (the decoder
+    is convolutional and its BatchNorm is in eval mode).
+
+    Args:
+        ae: the autoencoder.
+        features: ``{layer: (B, C, h, w), **skips}`` as :meth:`RobustAutoencoder.encode` returns.
+        layer: which decoder.
+        tile: tile side in output pixels.
+
+    Returns:
+        (B, 3, h * up, w * up) images in [0, 1], ``up`` the decoder's up-sampling factor.
+    """
+    decoder = ae.decoders[layer]
+    main = features[layer]
+    h, w = main.shape[-2:]
+    up = decoder.upsampling
+    step = max(1, tile // up)
+    if step >= h and step >= w:
+        return ae.decode(features, layer)
+    m = _margin(decoder)
+    out = main.new_empty(main.shape[0], 3, h * up, w * up)
+    for top in range(0, h, step):
+        for left in range(0, w, step):
+            t0, l0 = max(0, top - m), max(0, left - m)
+            t1, l1 = min(h, top + step + m), min(w, left + step + m)
+            crop = {}
+            for name, f in features.items():  # skip features are finer: scale the window
+                r = f.shape[-1] // w
+                crop[name] = f[..., t0 * r:t1 * r, l0 * r:l1 * r]
+            dec = ae.decode(crop, layer)
+            bottom, right = min(h, top + step), min(w, left + step)
+            out[..., top * up:bottom * up, left * up:right * up] = \
+                dec[..., (top - t0) * up:(bottom - t0) * up, (left - l0) * up:(right - l0) * up]
+    return out
+
+
+# ----------------------------------------------------------------------------- style transfer
+def _as_batch(image: Tensor, name: str) -> Tensor:
+    if not isinstance(image, Tensor):
+        raise RFIError(f"{name} must be a tensor, got {type(image).__name__}")
+    return image[None] if image.dim() == 3 else image
+
+
+def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """``None`` -> equal weights; otherwise ``count`` non-negative numbers, not all zero, normalised to sum 1.
+
+    Raises:
+        RFIError: wrong count, a negative weight, or all zero.
+    """
+    if weights is None:
+        return [1.0 / count] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise RFIError(f"got {len(weights)} style weights for {count} styles: give one weight per style")
+    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise RFIError(f"style weights must be non-negative and not all zero, got {weights}")
+    return [w / sum(weights) for w in weights]
+
+
+@torch.no_grad()
+def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Tensor],
+            weights: Sequence[float] | None = None, method: str = "wct", alpha: float = 1.0,
+            preserve_color: bool = False, layers: Sequence[str] | None = None, tile: int = 512) -> Tensor:
+    """Restyle ``content`` coarse-to-fine through a decoder pyramid.
+
+    For each layer, deepest first: encode the current image, transform its features towards
+    the style's (:func:`apps.feature_transforms.blend_styles`), decode; the result is the
+    input of the next shallower layer. Images are reflect-padded to a multiple of each
+    layer's stride and cropped back, so any size works; outputs larger than the
+    autoencoder's ``max_pixels`` are decoded in tiles (:func:`decode_tiled`).
+
+    Args:
+        ae: a decoder pyramid (a ``RobustAutoencoder`` with decoders for several layers).
+        content: (B, 3, H, W) or (3, H, W) images in [0, 1].
+        styles: one style image or a list of them, each (3, h, w), (1, 3, h, w) (shared by the
+            batch) or (B, 3, h, w) (one per content image); any sizes, values in [0, 1].
+        weights: one non-negative weight per style (normalised to sum 1); default equal.
+        method: ``wct`` (mean and covariance) or ``adain`` (channel mean and std).
+        alpha: content-style trade-off in [0, 1] at every layer: 0 keeps the features
+            (plain chained reconstruction), 1 fully restyles.
+        preserve_color: transfer only the luminance, keeping the content's colours
+            (:func:`preserve_colors`).
+        layers: pyramid layers to use (default: all that have a decoder).
+        tile: output tile side in pixels for large images.
+
+    Returns:
+        Stylised images, same shape as ``content``, values in [0, 1].
+
+    Raises:
+        RFIError: bad method, alpha, weights or layers, or images that are not in [0, 1].
+    """
+    if method not in METHODS:
+        raise RFIError(f"unknown style method '{method}' (valid: {', '.join(METHODS)})")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise RFIError(f"alpha must be in [0, 1], got {alpha}")
+    single = isinstance(content, Tensor) and content.dim() == 3
+    x = _as_batch(content, "content")
+    styles = [styles] if isinstance(styles, Tensor) else list(styles)
+    if not styles:
+        raise RFIError("stylize needs at least one style image")
+    styles = [_as_batch(s, f"style {i}").to(x.device) for i, s in enumerate(styles)]
+    for i, s in enumerate(styles):
+        if s.shape[0] not in (1, x.shape[0]):
+            raise RFIError(f"style {i} has batch size {s.shape[0]}: use 1 (shared) or {x.shape[0]} (one per content)")
+    weights = check_weights(weights, len(styles))
+    if layers is None:
+        layers = ae.layers
+    else:
+        layers = ae.encoder.check_layers(list(layers))
+        missing = [k for k in layers if k not in ae.decoders]
+        if missing:
+            raise RFIError(f"no decoder for layer(s) {', '.join(missing)} in this pyramid "
+                           f"(have: {', '.join(ae.layers)})")
+    style_feats = [ae.features(s, layers) for s in styles]
+    h, w = x.shape[-2:]
+    out = x
+    max_side = max(1, int(math.sqrt(ae.max_pixels)))
+    for layer in reversed(layers):  # deepest first
+        padded = _pad(out, ae.strides[layer])
+        feats = ae.encode(padded, layer)
+        feats[layer] = blend_styles(feats[layer], [f[layer] for f in style_feats], weights, method, float(alpha))
+        if padded.shape[-2] * padded.shape[-1] > ae.max_pixels:
+            dec = decode_tiled(ae, feats, layer, min(tile, max_side))
+        else:
+            dec = ae.decode(feats, layer)
+        if dec.shape[-2:] != padded.shape[-2:]:  # a decoder whose up-sampling differs from the stride
+            dec = F.interpolate(dec, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        out = dec[..., :h, :w].clamp(0, 1)
+    if preserve_color:
+        out = preserve_colors(out, x)
+    return out[0] if single else out
+
+
+# ----------------------------------------------------------------------------- training a pyramid
+def _default_train() -> TrainDecoderConfig:
+    cfg = TrainDecoderConfig()
+    cfg.steps, cfg.batch_size, cfg.sample_every = 200, 32, 0
+    return cfg
+
+
+@dataclass
+class TrainDecodersConfig:
+    """A run of ``rfi train-decoders`` (YAML: ``configs/apps/style.yaml``).
+
+    ``layers``: the encoder layers that get a decoder. ``train``: the ``rfi train-decoder``
+    config every layer shares (encoder checkpoint, decoder shape, data, losses, steps);
+    its ``encoder.layer`` and ``out`` are set per layer. ``per_layer``: overrides for single
+    layers, ``{layer: {dotted.key: value}}`` (e.g. ``{layer1: {decoder.channels: 32}}``).
+    ``out``: the pyramid model file. ``runs``: folder of the per-layer training runs
+    (``<runs>/<layer>/decoder.pt``; default ``<out without suffix>_decoders``).
+    """
+
+    layers: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3", "layer4"])
+    train: TrainDecoderConfig = field(default_factory=_default_train)
+    per_layer: dict[str, Any] = field(default_factory=dict)
+    out: str = DEFAULT_MODEL
+    runs: str | None = None
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def layer_config(cfg: TrainDecodersConfig, layer: str) -> TrainDecoderConfig:
+    """The ``rfi train-decoder`` config of one layer: ``cfg.train`` + ``cfg.per_layer[layer]``.
+
+    Raises:
+        RFIError: an unknown or mistyped key in ``per_layer`` (named with its layer).
+    """
+    base = [f"{k}={json.dumps(v)}" for k, v in _flatten(config_to_dict(cfg.train))]  # JSON is YAML
+    extra = cfg.per_layer.get(layer) or {}
+    if not isinstance(extra, Mapping):
+        raise RFIError(f"per_layer.{layer} must be a mapping of train-decoder keys, got {extra!r}")
+    own = [f"{k}={json.dumps(v)}" for k, v in _flatten(extra)]
+    fixed = [f"encoder.layer={json.dumps(layer)}", f"out={json.dumps(str(_runs_dir(cfg) / layer))}"]
+    try:
+        return load_config(TrainDecoderConfig, None, base + own + fixed)
+    except RFIError as e:
+        raise RFIError(f"per_layer.{layer}: {e}") from None
+
+
+def _runs_dir(cfg: TrainDecodersConfig) -> Path:
+    out = Path(cfg.out)
+    return Path(cfg.runs) if cfg.runs else out.with_name(out.stem + "_decoders")
+
+
+def check_pyramid_config(cfg: TrainDecodersConfig) -> list[str]:
+    """Validate the layers against the encoder (loaded once); returns them shallow to deep.
+
+    Raises:
+        RFIError: no layers, duplicates, unknown layers (lists the valid ones), ``per_layer``
+            entries for layers not in ``layers``, or a missing encoder checkpoint.
+    """
+    if not cfg.layers:
+        raise RFIError("layers: give at least one encoder layer for the pyramid")
+    dup = sorted({k for k in cfg.layers if cfg.layers.count(k) > 1})
+    if dup:
+        raise RFIError(f"layers: {', '.join(dup)} listed twice")
+    stray = sorted(set(cfg.per_layer) - set(cfg.layers))
+    if stray:
+        raise RFIError(f"per_layer has entries for {', '.join(stray)}, which are not in layers {cfg.layers}")
+    path = Path(cfg.train.encoder.checkpoint)
+    if not path.is_file():
+        raise RFIError(f"encoder checkpoint not found: {path} (train.encoder.checkpoint); train one with "
+                       f"`{TRAIN_ENCODER_HINT}` or set train.encoder.checkpoint=PATH")
+    encoder = load_encoder(path)
+    bad = [k for k in cfg.layers if k not in encoder.layer_names]
+    if bad:
+        raise RFIError(f"layers: {encoder.arch} in {cfg.train.encoder.checkpoint} has no layer "
+                       f"{', '.join(bad)} (valid: {', '.join(encoder.layer_names)})")
+    return [k for k in encoder.layer_names if k in cfg.layers]
+
+
+def train_pyramid(cfg: TrainDecodersConfig, resume: bool = False) -> Path:
+    """Train one decoder per layer with :func:`inversion.train.train_decoder`; write the pyramid.
+
+    Args:
+        cfg: the run's config.
+        resume: continue the per-layer runs in ``runs`` (finished layers are kept as they are).
+
+    Returns:
+        ``cfg.out``: one model file, loadable with ``RobustAutoencoder.load`` and used by
+        ``rfi stylize --model``.
+
+    Raises:
+        RFIError: bad config, missing encoder, or an existing model/run without ``resume``.
+    """
+    layers = check_pyramid_config(cfg)
+    out = Path(cfg.out)
+    if out.exists() and not resume:
+        raise RFIError(f"{out} exists: pass --resume to reuse its finished runs, or choose another --out")
+    configs = {layer: layer_config(cfg, layer) for layer in layers}  # every layer checked before training
+    paths = {}
+    for i, (layer, layer_cfg) in enumerate(configs.items()):
+        log.info("pyramid decoder %d/%d: %s (%s steps) -> %s", i + 1, len(configs), layer,
+                 layer_cfg.steps or f"{layer_cfg.epochs} epochs of", layer_cfg.out)
+        paths[layer] = train_decoder(layer_cfg, resume=resume)
+    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, list(paths.values()))
+    psnrs = {layer: load_checkpoint(p).get("val_psnr") for layer, p in paths.items()}
+    model.save(out, app="style", layers=layers, val_psnr=psnrs, config=config_to_dict(cfg))
+    log.info("decoder pyramid (%s) written to %s; validation PSNR %s", ", ".join(layers), out,
+             ", ".join(f"{k} {v:.2f} dB" for k, v in psnrs.items() if v is not None))
+    return out
+
+
+def register_train_decoders(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.steps=100 'layers=[layer1,layer2,layer3]' "
+                             "train.encoder.checkpoint=PATH per_layer.layer1.steps=50")
+    parser.add_argument("--resume", action="store_true", help="continue (or reuse) the per-layer runs")
+    parser.add_argument("--out", help="pyramid model file (default: out of the config)")
+    parser.set_defaults(func=run_train_decoders)
+
+
+def run_train_decoders(args: argparse.Namespace) -> int:
+    cfg = load_config(TrainDecodersConfig, args.config, args.overrides)
+    if args.out:
+        cfg.out = args.out
+    print(train_pyramid(cfg, resume=args.resume))
+    return 0
+
+
+# ----------------------------------------------------------------------------- rfi stylize
+def load_pyramid(path: str | os.PathLike, device: str | torch.device = "cpu") -> RobustAutoencoder:
+    """Load a decoder pyramid written by ``rfi train-decoders`` (any autoencoder file works).
+
+    Raises:
+        RFIError: the file is missing (says how to train one) or not an autoencoder file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RFIError(f"style model not found: {path} (train one with `rfi train-decoders --config "
+                       f"{DEFAULT_CONFIG}` or pass --model PATH)")
+    return RobustAutoencoder.load(path, device=device).eval()
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``"0.7,0.3"`` -> ``[0.7, 0.3]``; ``None`` stays ``None``.
+
+    Raises:
+        RFIError: not comma-separated numbers.
+    """
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise RFIError(f"--weights must be comma-separated numbers such as 0.7,0.3, got {text!r}") from None
+
+
+def output_names(contents: Sequence[Path], styles: Sequence[Path], separate: bool, out: Path) -> list[list[Path]]:
+    """Output paths ``[content][style]``: ``<out>/<content>.png``, or ``<out>/<content>_<style>.png``
+    for each style when ``separate``.
+
+    Raises:
+        RFIError: two outputs would share a name, or an output would overwrite an input.
+    """
+    if separate:
+        names = [[out / f"{c.stem}_{s.stem}.png" for s in styles] for c in contents]
+    else:
+        names = [[out / f"{c.stem}.png"] for c in contents]
+    flat = [p for row in names for p in row]
+    dup = sorted({str(p) for p in flat if flat.count(p) > 1})
+    if dup:
+        raise RFIError(f"several inputs would be written to {dup[0]}: give contents (and styles) distinct "
+                       f"file names, or use separate --out folders")
+    inputs = {p.resolve() for p in [*contents, *styles]}
+    clash = [p for p in flat if p.resolve() in inputs]
+    if clash:
+        raise RFIError(f"refusing to overwrite input image {clash[0]}: choose another --out folder")
+    return names
+
+
+def register_stylize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("contents", nargs="+", metavar="CONTENT", help="content images and/or folders of images")
+    parser.add_argument("--style", action="append", required=True, metavar="STYLE",
+                        help="style image; repeat for several (blended with --weights, else one output each)")
+    parser.add_argument("--weights", help="comma-separated weights of the styles, e.g. 0.7,0.3: blend "
+                                          "them into one output per content")
+    parser.add_argument("--out", required=True, help="output folder (PNG files)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"decoder pyramid (default {DEFAULT_MODEL})")
+    parser.add_argument("--method", choices=METHODS, default="wct", help="feature transform (default wct)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="content-style trade-off in [0, 1] (default 1)")
+    parser.add_argument("--preserve-color", action="store_true", help="keep the content's colours")
+    parser.add_argument("--size", type=int, help="resize contents so the longer side is SIZE px (default: as is)")
+    parser.add_argument("--style-size", type=int,
+                        help="longer side of the styles in px (default: the content's longer side)")
+    parser.add_argument("--layers", help="comma-separated pyramid layers to use (default: all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.set_defaults(func=run_stylize)
+
+
+def run_stylize(args: argparse.Namespace) -> int:
+    for name in ("size", "style_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise RFIError(f"--{name.replace('_', '-')} must be a positive number of pixels, got {value}")
+    if not 0 <= args.alpha <= 1:
+        raise RFIError(f"--alpha must be in [0, 1], got {args.alpha}")
+    style_paths = [Path(s) for s in args.style]
+    for p in style_paths:
+        if not p.is_file():
+            raise RFIError(f"style image not found: {p}")
+    weights = parse_weights(args.weights)
+    if weights is not None:
+        check_weights(weights, len(style_paths))
+    contents = list_images(args.contents)
+    separate = weights is None and len(style_paths) > 1
+    out = Path(args.out)
+    targets = output_names(contents, style_paths, separate, out)
+    styles = [read_image(p) for p in style_paths]
+    for p in contents:  # every input is readable before anything is written
+        read_image(p)
+    device = resolve_device(args.device)
+    ae = load_pyramid(args.model, device)
+    layers = args.layers.split(",") if args.layers else None
+    groups = [[i] for i in range(len(styles))] if separate else [list(range(len(styles)))]
+    written = 0
+    for path, names in zip(progress(contents, desc="stylize", unit="img"), targets):
+        content = resize_longer(read_image(path), args.size).to(device)
+        side = args.style_size or max(content.shape[-2:])
+        for group, target in zip(groups, names):
+            result = stylize(ae, content, [resize_longer(styles[i], side) for i in group],
+                             weights=[weights[i] for i in group] if weights else None, method=args.method,
+                             alpha=args.alpha, preserve_color=args.preserve_color, layers=layers)
+            write_image(result.cpu(), target)
+            written += 1
+    log.info("wrote %d stylised image(s) to %s", written, out)
+    return 0

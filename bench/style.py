@@ -1,0 +1,209 @@
+"""Style-transfer benchmark: speed, content loss and style loss, robust vs standard pyramid, WCT vs AdaIN.
+
+For each decoder pyramid (one on the robust encoder, one on the standard encoder, trained
+with the same config), each method (WCT, AdaIN) and each size (longer side 256 and 512 px),
+it stylises a few content photos (scikit-image's shipped photos) with a style photo each and
+reports:
+
+- ``ms``: milliseconds per image on this machine's CPU (median over ``--repeats`` timed
+  runs per image, after one warm-up; then the median over images);
+- ``content``: relative feature error ``||f(out) - f(content)||^2 / ||f(content)||^2`` at
+  ``--content-layer``;
+- ``style``: relative Gram-matrix error ``||G(out) - G(style)||^2 / ||G(style)||^2``,
+  averaged over ``--style-layers`` (``G = F F^T / (H W)``).
+
+Losses are measured in the feature space of *both* encoders (``_R``: robust judge, ``_S``:
+standard judge), so neither pyramid is graded only by its own encoder. Two reference rows
+per size frame the numbers: ``content image`` (the unstylised content: content loss 0, its
+style loss says how far the content is from the style) and ``reconstruction`` (alpha=0: the
+pyramid's chained plain reconstruction, the content-loss floor of that pyramid).
+
+Pyramids missing at ``--robust`` / ``--standard`` are first trained with
+``rfi train-decoders --config configs/apps/style.yaml`` on the default encoders (a few
+minutes each on 2 CPU cores; the bench says so); encoders must exist (``rfi train-encoder``).
+Writes ``bench/results/style.json`` and the grid ``docs/img/style_grid.png``
+(content | style | standard | robust, WCT at 256 px).
+
+Usage:
+    python bench/style.py                       # default: 3 images, sizes 256 512, 3 repeats
+    python bench/style.py --repeats 5 --images 6 --sizes 256 512 1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.transforms.v2.functional import center_crop
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from apps.style import TrainDecodersConfig, load_pyramid, resize_longer, stylize, train_pyramid  # noqa: E402
+from encoders.config import load_config  # noqa: E402
+from encoders.data import embedded_image  # noqa: E402
+from encoders.runtime import save_grid  # noqa: E402
+from encoders.serialization import atomic_write, load_checkpoint  # noqa: E402
+from inversion.autoencoder import RobustAutoencoder  # noqa: E402
+
+PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "hubble_deep_field"), ("coffee", "retina"),
+         ("rocket", "immunohistochemistry"), ("stereo_motorcycle", "hubble_deep_field"), ("chelsea", "retina"))
+ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
+            "standard": "runs/encoders/resnet18_standard/checkpoint.pt"}
+BUDGET_FREE = ("out", "runs")  # config keys that may differ between the two pyramids
+
+
+def ensure_pyramid(kind: str, path: Path, config: str, overrides: list[str]) -> bool:
+    """Train the pyramid at ``path`` on the default ``kind`` encoder if missing; True if trained."""
+    if path.is_file():
+        return False
+    print(f"[bench] no {kind} pyramid at {path}: training one with {config} on {ENCODERS[kind]} "
+          f"(a few minutes on 2 CPU cores)", flush=True)
+    cfg = load_config(TrainDecodersConfig, ROOT / config,
+                      [f"train.encoder.checkpoint={ENCODERS[kind]}", f"out={path}", *overrides])
+    train_pyramid(cfg, resume=True)
+    return True
+
+
+def budget(path: Path) -> dict[str, Any]:
+    """The training config stored in a pyramid file, without what may differ (encoder, paths)."""
+    cfg = dict(load_checkpoint(path).get("config") or {})
+    for key in BUDGET_FREE:
+        cfg.pop(key, None)
+    train = dict(cfg.get("train") or {})
+    train.pop("out", None)
+    train["encoder"] = {k: v for k, v in (train.get("encoder") or {}).items() if k != "checkpoint"}
+    cfg["train"] = train
+    return cfg
+
+
+def gram(f: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = f.shape
+    f = f.flatten(2)
+    return f @ f.transpose(1, 2) / (h * w)
+
+
+@torch.no_grad()
+def losses(judge: RobustAutoencoder, out: torch.Tensor, content: torch.Tensor, style: torch.Tensor,
+           content_layer: str, style_layers: list[str]) -> tuple[float, float]:
+    """(relative content loss, relative style loss) of ``out`` in ``judge``'s feature space."""
+    layers = sorted({content_layer, *style_layers}, key=judge.encoder.layer_names.index)
+    fo, fc, fs = (judge.features(x, layers) for x in (out, content, style))
+    c_loss = (fo[content_layer] - fc[content_layer]).pow(2).sum() / fc[content_layer].pow(2).sum()
+    s_loss = [(gram(fo[k]) - gram(fs[k])).pow(2).sum() / gram(fs[k]).pow(2).sum() for k in style_layers]
+    return float(c_loss), float(torch.stack(s_loss).mean())
+
+
+def time_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (feature extractors are built on first use)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--robust", default="runs/style/pyramid.pt", help="robust pyramid (trained if missing)")
+    p.add_argument("--standard", default="runs/style/pyramid_standard.pt", help="standard pyramid (trained if missing)")
+    p.add_argument("--config", default="configs/apps/style.yaml", help="config for pyramids that must be trained")
+    p.add_argument("--train-overrides", nargs="*", default=[], metavar="key=value",
+                   help="overrides for pyramids that must be trained, e.g. train.steps=400")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="longer side in px")
+    p.add_argument("--methods", nargs="+", default=["wct", "adain"], choices=["wct", "adain"])
+    p.add_argument("--images", type=int, default=3, help=f"content/style pairs (at most {len(PAIRS)})")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per image (median)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--content-layer", default="layer3")
+    p.add_argument("--style-layers", nargs="+", default=["layer1", "layer2", "layer3", "layer4"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="bench/results/style.json")
+    p.add_argument("--grid", default="docs/img/style_grid.png", help="grid PNG ('' to skip)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = PAIRS[:max(1, min(args.images, len(PAIRS)))]
+
+    paths = {"robust": Path(args.robust), "standard": Path(args.standard)}
+    trained = {k: ensure_pyramid(k, paths[k], args.config, args.train_overrides) for k in paths}
+    same_budget = budget(paths["robust"]) == budget(paths["standard"])
+    if not same_budget:
+        print("[bench] WARNING: the two pyramids were trained with different configs (not the same budget)")
+    models = {k: load_pyramid(v) for k, v in paths.items()}
+    for k, m in models.items():
+        print(f"[bench] {k}: {paths[k]} (layers {', '.join(m.layers)})")
+
+    rows: list[dict[str, Any]] = []
+    grid_cols: dict[str, list[torch.Tensor]] = {"content": [], "style": [], "standard": [], "robust": []}
+    for size in args.sizes:
+        images = [(resize_longer(embedded_image(c), size)[None], resize_longer(embedded_image(s), size)[None])
+                  for c, s in pairs]
+
+        def judged(outs: list[torch.Tensor]) -> dict[str, float]:
+            rec: dict[str, float] = {}
+            for jname, judge in models.items():
+                vals = [losses(judge, o, c, s, args.content_layer, args.style_layers)
+                        for o, (c, s) in zip(outs, images)]
+                tag = jname[0].upper()
+                rec[f"content_{tag}"] = statistics.mean(v[0] for v in vals)
+                rec[f"style_{tag}"] = statistics.mean(v[1] for v in vals)
+            return rec
+
+        rows.append({"size": size, "pyramid": "-", "method": "content image", "ms": None,
+                     **judged([c for c, _ in images])})
+        for name, ae in models.items():
+            outs = [stylize(ae, c, s, alpha=0.0) for c, s in images]
+            rows.append({"size": size, "pyramid": name, "method": "reconstruction", "ms": None, **judged(outs)})
+            for method in args.methods:
+                ms, outs = [], []
+                for c, s in images:
+                    ms.append(time_ms(lambda: stylize(ae, c, s, method=method, alpha=args.alpha), args.repeats))
+                    outs.append(stylize(ae, c, s, method=method, alpha=args.alpha))
+                rows.append({"size": size, "pyramid": name, "method": method, "ms": statistics.median(ms),
+                             **judged(outs)})
+                print(f"[bench] {size}px {name} {method}: {statistics.median(ms):.0f} ms/image", flush=True)
+                if size == min(args.sizes) and method == args.methods[0]:
+                    grid_cols[name] = outs
+        if size == min(args.sizes):
+            grid_cols["content"] = [c for c, _ in images]
+            grid_cols["style"] = [s for _, s in images]
+
+    cols = ("size", "pyramid", "method", "ms", "content_R", "style_R", "content_S", "style_S")
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        cells = ["-" if r[c] is None else f"{r[c]:.0f}" if c == "ms" else f"{r[c]:.3f}" if isinstance(r[c], float)
+                 else str(r[c]) for c in cols]
+        print("| " + " | ".join(cells) + " |")
+
+    result = {"rows": rows, "pairs": [list(p) for p in pairs], "sizes": args.sizes, "methods": args.methods,
+              "repeats": args.repeats, "alpha": args.alpha, "content_layer": args.content_layer,
+              "style_layers": args.style_layers, "threads": torch.get_num_threads(),
+              "models": {k: str(v) for k, v in paths.items()}, "trained_by_bench": trained,
+              "same_budget": same_budget, "device": "cpu", "torch": torch.__version__}
+    out = Path(args.out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    print(f"\nwrote {out}")
+    if args.grid and grid_cols["robust"]:
+        write_grid(grid_cols, Path(args.grid))
+        print(f"wrote {args.grid}")
+    return 0
+
+
+def write_grid(cols: dict[str, list[torch.Tensor]], path: Path) -> None:
+    """Rows of content | style | standard | robust: the centre square of each image, 256 x 256."""
+    def square(t: torch.Tensor) -> torch.Tensor:
+        side = min(t.shape[-2:])
+        return resize_longer(center_crop(t, [side, side]), 256)
+
+    save_grid([torch.cat([square(t) for t in cols[k]]) for k in ("content", "style", "standard", "robust")], path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

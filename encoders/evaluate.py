@@ -1,0 +1,169 @@
+"""Clean and PGD accuracy of an encoder: ``rfi eval-encoder``.
+
+Example:
+    >>> from encoders import create_encoder
+    >>> from encoders.data import EmbeddedCrops
+    >>> enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    >>> r = evaluate_encoder(enc, EmbeddedCrops("val", 16, num=16), eps=0.5, steps=2, norm="l2")
+    >>> sorted(r)[:3], r["images"]
+    (['clean_acc', 'clean_loss', 'eps'], 16)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from encoders.attacks import NORMS, default_step_size, pgd
+from encoders.data import DataConfig, build_dataset
+from encoders.errors import RFIError
+from encoders.models import Encoder
+from encoders.runtime import progress, resolve_device
+from encoders.serialization import atomic_write
+
+
+def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int, norm: str = "l2",
+                     step_size: float | None = None, batch_size: int = 256, max_images: int | None = None,
+                     random_start: bool = True, seed: int = 0,
+                     device: torch.device | str | None = None) -> dict[str, Any]:
+    """Clean accuracy and accuracy under an untargeted PGD attack (see :func:`encoders.attacks.pgd`).
+
+    The encoder is evaluated in ``eval()`` mode (its previous mode is restored).
+
+    Args:
+        encoder: the model (its ``logits`` are attacked).
+        dataset: items ``(image (3, H, W) in [0, 1], label)``.
+        eps: attack radius (0: no attack, PGD accuracy = clean accuracy).
+        steps: PGD steps.
+        norm: ``"l2"`` or ``"linf"``.
+        step_size: default ``2.5 * eps / steps``.
+        batch_size: images per batch.
+        max_images: evaluate on this many images, evenly spread over the dataset (default: all).
+        random_start: start each attack at a random point of the ε-ball.
+        seed: seed of the random starts (the result is reproducible).
+        device: default: the encoder's.
+
+    Returns:
+        ``clean_acc``, ``pgd_acc`` (fractions in [0, 1]), ``clean_loss``, ``pgd_loss``
+        (mean cross-entropy), ``eps``, ``norm``, ``steps``, ``step_size`` (resolved),
+        ``random_start`` and ``images``.
+    """
+    if norm not in NORMS:
+        raise RFIError(f"unknown attack norm '{norm}' (valid: {', '.join(NORMS)})")
+    if len(dataset) == 0:
+        raise RFIError("the evaluation dataset is empty")
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    n = len(dataset) if max_images is None else max(1, min(max_images, len(dataset)))
+    if n < len(dataset):  # evenly spaced, so class-sorted datasets keep every class
+        dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, n).round().long().tolist())
+    step_size = default_step_size(eps, steps) if step_size is None else step_size
+    attack = eps > 0 and (steps > 0 or random_start)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = encoder.training
+    encoder.eval()
+    totals = {"clean_correct": 0, "pgd_correct": 0, "clean_loss": 0.0, "pgd_loss": 0.0}
+    bar = progress(DataLoader(dataset, batch_size=batch_size), desc=f"PGD-{steps} {norm} eps={eps:g}")
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            clean = encoder.logits(x)
+        if attack:
+            x_adv = pgd(encoder.logits, x, y, eps, steps, step_size, norm, random_start, generator)
+            with torch.no_grad():
+                adv = encoder.logits(x_adv)
+        else:
+            adv = clean
+        totals["clean_correct"] += (clean.argmax(1) == y).sum().item()
+        totals["pgd_correct"] += (adv.argmax(1) == y).sum().item()
+        totals["clean_loss"] += F.cross_entropy(clean, y, reduction="sum").item()
+        totals["pgd_loss"] += F.cross_entropy(adv, y, reduction="sum").item()
+    encoder.train(was_training)
+    return {"clean_acc": totals["clean_correct"] / n, "pgd_acc": totals["pgd_correct"] / n,
+            "clean_loss": totals["clean_loss"] / n, "pgd_loss": totals["pgd_loss"] / n,
+            "eps": float(eps), "norm": norm, "steps": int(steps), "step_size": float(step_size),
+            "random_start": bool(random_start), "images": n}
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Results of :func:`evaluate_encoder` as a text table (accuracies in %)."""
+    head = f"{'norm':<5} {'eps':>7} {'steps':>5} {'step':>7} {'images':>6} {'clean acc':>9} {'PGD acc':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['norm']:<5} {r['eps']:>7.4g} {r['steps']:>5d} {r['step_size']:>7.4g} {r['images']:>6d} "
+                     f"{100 * r['clean_acc']:>8.1f}% {100 * r['pgd_acc']:>7.1f}%")
+    return "\n".join(lines)
+
+
+def _data_config(spec: str | None, size: int | None, train_data: dict | None, small_input: bool) -> DataConfig:
+    if spec is None and train_data is not None:  # the data the encoder was trained on
+        cfg = DataConfig(**train_data)
+    elif spec in (None, "embedded"):
+        cfg = DataConfig(size=32 if small_input else 128)
+    elif spec.startswith("cifar10:"):
+        cfg = DataConfig(source="cifar10", root=spec[len("cifar10:"):], size=32)
+    else:
+        cfg = DataConfig(source="folder", root=spec, size=32 if small_input else 224)
+    if size:
+        cfg.size = size
+    return cfg
+
+
+def register_eval_encoder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="RFI encoder checkpoint, robustness-library checkpoint or torchvision state dict")
+    parser.add_argument("--arch", help="architecture of a foreign checkpoint (alexnet, vgg16, vgg19, resnet18, resnet50)")
+    parser.add_argument("--eps", type=float, nargs="+",
+                        help="attack radii (default: the training eps, else 0.5)")
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    parser.add_argument("--norm", choices=NORMS, help="attack norm (default: the training norm, else l2)")
+    parser.add_argument("--step-size", type=float, help="PGD step size (default 2.5*eps/steps)")
+    parser.add_argument("--data", metavar="SOURCE",
+                        help="validation data: 'embedded', an image folder, or 'cifar10:ROOT' "
+                             "(default: the data the encoder was trained on, else embedded)")
+    parser.add_argument("--size", type=int, help="image size (default: the training size, else 32 or 128)")
+    parser.add_argument("--max-images", type=int, default=1000, help="evaluate on at most this many images")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", metavar="OUT", help="results file (default: <checkpoint>.eval.json)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from encoders.checkpoints import load_encoder
+    from encoders.serialization import load_checkpoint
+
+    ckpt_path = Path(args.checkpoint)
+    encoder = load_encoder(ckpt_path, name=args.arch)
+    train_cfg = load_checkpoint(ckpt_path).get("train", {}).get("config", {})
+    adv = train_cfg.get("adv", {})
+    norm = args.norm or adv.get("norm", "l2")
+    eps_list = args.eps or [adv.get("eps", 0.5)]
+    data_cfg = _data_config(args.data, args.size, train_cfg.get("data"), encoder.small_input)
+    dataset = build_dataset(data_cfg, "val")
+    classes = getattr(dataset, "num_classes", None)
+    if classes is not None and classes > encoder.num_classes:
+        raise RFIError(f"{ckpt_path} has {encoder.num_classes} outputs but the data has {classes} classes")
+    device = resolve_device(args.device)
+    encoder.to(device)
+    rows = [evaluate_encoder(encoder, dataset, eps, args.steps, norm, args.step_size, args.batch_size,
+                             args.max_images, seed=args.seed, device=device) for eps in eps_list]
+    print(f"{ckpt_path}: {encoder.arch} (width {encoder.width:g}, {encoder.num_classes} classes) on "
+          f"{data_cfg.source} val, {data_cfg.size}px")
+    print(format_table(rows))
+    out = Path(args.json) if args.json else ckpt_path.with_name(ckpt_path.stem + ".eval.json")
+    write_json({"checkpoint": str(ckpt_path), "arch": encoder.arch, "data": vars(data_cfg), "results": rows}, out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,144 @@
+"""``rfi invert``: reconstruct image files from their encoder features.
+
+``--method decoder`` (default) runs :meth:`RobustAutoencoder.reconstruct` (any size;
+overlapping tiles with ``--tile``); ``--method optimize`` runs the optimisation baseline
+(:func:`inversion.optimize.invert_by_optimization`). One PNG per input, same stem, in
+``--out``. A file that cannot be read (truncated, not an image) or holds NaN/Inf is
+reported by name and skipped; the others are still processed and the command exits with
+code 1 at the end. Outputs never overwrite inputs, and each is written atomically.
+
+Example:
+    rfi invert photos/ --encoder runs/encoders/resnet18_robust/checkpoint.pt \\
+        --decoder runs/decoders/resnet18_robust_layer3/decoder.pt --out inverted/
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from encoders.checkpoints import load_encoder
+from encoders.errors import RFIError
+from encoders.imageio import list_images, read_image, write_image
+from encoders.runtime import progress, resolve_device
+from inversion.autoencoder import RobustAutoencoder, check_images
+
+log = logging.getLogger("rfi")
+
+
+def output_paths(inputs: Sequence[Path], out: str | os.PathLike, suffix: str = ".png") -> list[Path]:
+    """``out/<stem>.png`` for each input, refusing any that would overwrite an input or each other.
+
+    Raises:
+        RFIError: two inputs share a stem, or an output would replace an input file.
+    """
+    out = Path(out)
+    paths = [out / f"{p.stem}{suffix}" for p in inputs]
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(inputs, paths):
+        key = dst.resolve()
+        if key in seen:
+            raise RFIError(f"{seen[key]} and {src} would both be written to {dst}: rename one of them")
+        seen[key] = src
+    sources = {p.resolve() for p in inputs}
+    clash = [dst for dst in paths if dst.resolve() in sources]
+    if clash:
+        raise RFIError(f"refusing to overwrite input {clash[0]}: choose an --out folder other than the inputs'")
+    return paths
+
+
+def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                 invert: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> tuple[list[Path], list[str]]:
+    """Invert image files one by one, writing ``out/<stem>.png``.
+
+    Args:
+        inputs: image files and folders (a folder's image files are taken, sorted).
+        out: output folder.
+        invert: maps a batch (1, 3, H, W) in [0, 1] to its reconstruction (same shape).
+        device: where the images are sent.
+
+    Returns:
+        ``(written paths, failures)``; a failure is a one-line ``"<path>: <reason>"``.
+
+    Raises:
+        RFIError: before anything is written, when an output would overwrite an input.
+    """
+    files: list[Path] = []
+    failures: list[str] = []
+    for item in inputs:
+        try:
+            files.extend(list_images([item]))
+        except RFIError as e:
+            failures.append(str(e))
+            log.error("%s", e)
+    targets = output_paths(files, out)
+    written: list[Path] = []
+    for src, dst in progress(list(zip(files, targets)), desc="invert", unit="image"):
+        try:
+            x = check_images(read_image(src)[None].to(device), f"{src}")
+            rec = invert(x)
+        except RFIError as e:
+            failures.append(f"{src}: {e}" if str(src) not in str(e) else str(e))
+            log.error("skipped %s", failures[-1])
+            continue
+        written.append(write_image(rec[0].cpu(), dst))
+    return written, failures
+
+
+def register_invert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
+    parser.add_argument("--encoder", required=True, help="encoder checkpoint")
+    parser.add_argument("--decoder", help="decoder checkpoint (required for --method decoder; "
+                                          "with --method optimize it names the layer)")
+    parser.add_argument("--out", required=True, help="output folder (one PNG per input, same names)")
+    parser.add_argument("--method", choices=["decoder", "optimize"], default="decoder",
+                        help="decoder (fast, default) or optimize (gradient descent on pixels)")
+    parser.add_argument("--tile", type=int, help="decoder: tile side in px for large images "
+                                                  "(default: whole image up to 1 Mpx, else 512)")
+    parser.add_argument("--layer", help="optimize: encoder layer to match (default: the decoder's)")
+    parser.add_argument("--steps", type=int, default=200, help="optimize: Adam steps (default 200)")
+    parser.add_argument("--lr", type=float, default=0.1, help="optimize: step size (default 0.1)")
+    parser.add_argument("--tv-weight", type=float, default=0.05, help="optimize: total-variation weight")
+    parser.add_argument("--seed", type=int, default=0, help="optimize: seed of the initial noise")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.set_defaults(func=run)
+
+
+def _inverter(args: argparse.Namespace, device: torch.device) -> Callable[[Tensor], Tensor]:
+    if args.method == "decoder":
+        if not args.decoder:
+            raise RFIError("--method decoder needs --decoder D (a decoder checkpoint)")
+        if args.tile is not None and args.tile < 1:
+            raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
+        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device)
+        return lambda x: ae.reconstruct(x, tile=args.tile)
+    from inversion.optimize import invert_by_optimization
+
+    if args.decoder:
+        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device)
+        encoder, layer = ae.encoder, args.layer or ae.layer
+    elif args.layer:
+        encoder, layer = load_encoder(args.encoder).to(device), args.layer
+    else:
+        raise RFIError("--method optimize needs --layer NAME (or a --decoder, whose layer is used)")
+    encoder.check_layers([layer])
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    return lambda x: invert_by_optimization(encoder, x, layer, steps=args.steps, lr=args.lr,
+                                            tv_weight=args.tv_weight, generator=generator, progress=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    invert = _inverter(args, device)
+    written, failures = invert_files(args.inputs, args.out, invert, device)
+    print(f"wrote {len(written)} image(s) to {args.out}")
+    if failures:
+        print(f"rfi: {len(failures)} input(s) failed:", *failures, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,612 @@
+"""Decoder training: ``rfi train-decoder``, on one process or many (DDP through ``torchrun``).
+
+One config (:class:`TrainDecoderConfig`, YAML in ``configs/decoder/``) describes a run: a
+frozen encoder checkpoint and the layer to invert, the decoder's shape, the data and the
+loss weights (pixel, feature, LPIPS, adversarial; 0 switches a term off). A run writes to
+``<out>/``:
+
+- ``decoder.pt``: written atomically at the end of every epoch (and every
+  ``checkpoint_every`` steps); a decoder checkpoint that
+  ``inversion.RobustAutoencoder.from_checkpoints(encoder, decoder)`` loads, which also
+  holds the training state (optimisers, discriminator, step, RNG), so ``--resume``
+  continues exactly where a killed run stopped (same seed and config give bit-identical
+  weights to an uninterrupted run on CPU).
+- ``metrics.jsonl``: loss terms, learning rate and images/s every ``log_every`` steps, and
+  the validation PSNR on held-out crops after every epoch.
+- ``samples/step_XXXXXX.png``: fixed validation images | reconstructions (with an input
+  transform: clean | corrupted input | reconstruction) every ``sample_every`` steps.
+- ``config.yaml``: the resolved config.
+
+Under ``torchrun --nproc_per_node N`` each process trains on its shard of every batch
+(``DistributedSampler``) with ``DistributedDataParallel`` over NCCL (GPU) or gloo (CPU);
+``batch_size`` is the global batch. Only rank 0 writes files.
+
+Example:
+    >>> from encoders.config import load_config
+    >>> cfg = load_config(TrainDecoderConfig, "configs/decoder/resnet18_robust_layer3.yaml",
+    ...                   ["epochs=1", "out=/tmp/rfi-doc-decoder"])    # doctest: +SKIP
+    >>> path = train_decoder(cfg)                                       # doctest: +SKIP
+    >>> ae = RobustAutoencoder.from_checkpoints(cfg.encoder.checkpoint, path)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from encoders.checkpoints import load_encoder, load_state_dict_checked
+from encoders.config import config_to_dict, load_config
+from encoders.data import DataConfig, build_dataset
+from encoders.errors import RFIError
+from encoders.models import Encoder
+from encoders.runtime import MetricsLog, progress, resolve_device, rng_state, save_grid, seed_everything, set_rng_state
+from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
+from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint
+from inversion.discriminator import build_discriminator
+from inversion.losses import DecoderLoss, term_weights
+from inversion.metrics import psnr
+from inversion.upsample import polyphase_options
+
+log = logging.getLogger("rfi")
+
+InputTransform = Callable[[Tensor, torch.Generator], Tensor]
+"""``transform(clean_images, generator) -> corrupted_images``: applied before encoding (e.g. noise)."""
+
+CHECKPOINT_NAME = "decoder.pt"
+TRAIN_ENCODER_HINT = "rfi train-encoder --config configs/encoder/resnet18_robust.yaml"
+# Keys that may differ between a run and its ``--resume`` (they do not change the result).
+RESUME_FREE_KEYS = ("out", "device", "num_workers", "log_every", "sample_every", "checkpoint_every")
+SAMPLE_ROWS = 8
+
+
+@dataclass
+class EncoderSection:
+    """The frozen encoder: an RFI encoder checkpoint and the layer the decoder inverts."""
+
+    checkpoint: str = "runs/encoders/resnet18_robust/checkpoint.pt"
+    layer: str = "layer3"
+
+
+@dataclass
+class DecoderSection:
+    """The decoder's shape (see :class:`inversion.decoders.Decoder`).
+
+    ``skips``: shallower encoder layers concatenated at their resolution (U-Net style).
+    """
+
+    channels: int = 64
+    min_channels: int = 32
+    blocks: int = 1
+    skips: list[str] = field(default_factory=list)
+    padding_mode: Literal["reflect", "zeros", "replicate", "circular"] = "reflect"
+    norm: bool = True
+
+
+@dataclass
+class LossSection:
+    """Loss weights (0 switches a term off) and their options.
+
+    ``feature``: relative squared error of the encoder's features at the inverted layer.
+    ``lpips``: needs the backbone weights locally (``lpips_weights`` = a torchvision
+    state-dict file, default: the torch hub cache; nothing downloads). ``adversarial``:
+    a ``deepsim`` (image + features) or ``patch`` discriminator of width
+    ``disc_channels``, trained alternately with the ``gan_loss`` objective.
+    """
+
+    pixel: float = 1.0
+    pixel_type: Literal["l1", "l2"] = "l1"
+    feature: float = 0.1
+    lpips: float = 0.0
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    lpips_weights: str | None = None
+    adversarial: float = 0.0
+    discriminator: Literal["deepsim", "patch"] = "deepsim"
+    gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
+    disc_channels: int = 32
+
+
+@dataclass
+class OptimSection:
+    """Adam for the decoder (``lr``, cosine decay to 0 after ``warmup_steps`` linear warm-up,
+    or ``constant``) and for the discriminator (``disc_lr``, ``disc_betas``, constant)."""
+
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    disc_lr: float = 2e-4
+    disc_betas: tuple[float, float] = (0.5, 0.999)
+
+
+@dataclass
+class TrainDecoderConfig:
+    """A run of ``rfi train-decoder`` (YAML: ``configs/decoder/*.yaml``).
+
+    ``epochs`` over ``data.train_crops`` crops, or exactly ``steps`` steps when > 0.
+    ``batch_size`` is global (split over DDP processes). ``out`` defaults to
+    ``runs/decoders/<config name>`` on the command line (in Python: :func:`default_out`).
+    ``sample_every`` /
+    ``log_every`` / ``checkpoint_every``: in steps (0: off; checkpoints are also written
+    after every epoch).
+    """
+
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    decoder: DecoderSection = field(default_factory=DecoderSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    epochs: int = 4
+    steps: int = 0
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    sample_every: int = 200
+    log_every: int = 20
+    checkpoint_every: int = 0
+    num_workers: int = 0
+
+
+def check_config(cfg: TrainDecoderConfig) -> None:
+    """Reject values no run could use, naming the key."""
+    problems = []
+    if cfg.epochs < 1 and cfg.steps < 1:
+        problems.append(f"epochs or steps must be >= 1, got epochs={cfg.epochs}, steps={cfg.steps}")
+    for key in ("batch_size",):
+        if getattr(cfg, key) < 1:
+            problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("sample_every", "log_every", "checkpoint_every", "num_workers", "steps"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("pixel", "feature", "lpips", "adversarial"):
+        if not getattr(cfg.loss, key) >= 0:
+            problems.append(f"loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")
+    if not any(getattr(cfg.loss, k) > 0 for k in ("pixel", "feature", "lpips")):
+        problems.append("at least one of loss.pixel, loss.feature, loss.lpips must be > 0")
+    if cfg.optim.lr <= 0 or cfg.optim.disc_lr <= 0:
+        problems.append("optim.lr and optim.disc_lr must be > 0")
+    if cfg.decoder.channels < 1 or cfg.decoder.min_channels < 1 or cfg.decoder.blocks < 0:
+        problems.append("decoder.channels and decoder.min_channels must be >= 1, decoder.blocks >= 0")
+    if problems:
+        raise RFIError("; ".join(problems))
+
+
+def default_out(cfg: TrainDecoderConfig) -> Path:
+    """``runs/decoders/<encoder run>_<layer>``, e.g. ``runs/decoders/resnet18_robust_layer3`` for
+    ``runs/encoders/resnet18_robust/checkpoint.pt`` (the default configs' names)."""
+    return Path("runs/decoders") / f"{Path(cfg.encoder.checkpoint).parent.name or 'encoder'}_{cfg.encoder.layer}"
+
+
+# ----------------------------------------------------------------------------- building blocks
+def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, ...] = ()) -> Encoder:
+    """The encoder of ``section.checkpoint`` in eval mode with frozen weights, checked for its layers.
+
+    Raises:
+        RFIError: the file is missing (says how to train one), unreadable, or the encoder
+            lacks ``section.layer`` or a skip layer (lists the valid ones), or a skip layer
+            is not shallower than the inverted layer.
+    """
+    path = Path(section.checkpoint)
+    if not path.is_file():
+        raise RFIError(f"encoder checkpoint not found: {path} (encoder.checkpoint); train one with "
+                       f"`{TRAIN_ENCODER_HINT}` or set encoder.checkpoint=PATH")
+    encoder = load_encoder(path)
+    names = encoder.layer_names
+    for key, layer in (("encoder.layer", section.layer), *(("decoder.skips", s) for s in skips)):
+        if layer not in names:
+            raise RFIError(f"{key}: {encoder.arch} in {path} has no layer '{layer}' (valid: {', '.join(names)})")
+    deep = [s for s in skips if names.index(s) >= names.index(section.layer)]
+    if deep:
+        raise RFIError(f"decoder.skips {deep} must be shallower than encoder.layer '{section.layer}' "
+                       f"(order: {', '.join(names)})")
+    return encoder.eval().requires_grad_(False)
+
+
+def build_decoder(encoder: Encoder, layer: str, section: DecoderSection) -> Decoder:
+    """A decoder for ``layer`` of ``encoder`` (channels and stride measured on the encoder)."""
+    info = encoder.feature_info()
+    channels, stride = info[layer]
+    return Decoder(channels, stride, layer, channels=section.channels, min_channels=section.min_channels,
+                   blocks=section.blocks, skips={s: info[s] for s in section.skips}, norm=section.norm,
+                   **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
+
+
+@dataclass
+class _Dist:
+    """This process's place in a (possibly one-process) DDP job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+
+def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
+    """Join the process group ``torchrun`` describes (env ``WORLD_SIZE`` > 1), or run alone."""
+    if dist.is_available() and dist.is_initialized():
+        ctx = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = resolve_device(device_name).type == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        ctx = _Dist(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
+    else:
+        ctx = _Dist()
+    device = resolve_device(device_name)
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", ctx.local_rank)
+    return ctx, device
+
+
+def _lr_factor(step: int, total: int, cfg: OptimSection) -> float:
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return flat
+
+
+def _images(batch: Any) -> Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class _DecoderTrainer:
+    """One training run (state + loop); :func:`train_decoder` is the public entry point."""
+
+    def __init__(self, cfg: TrainDecoderConfig, input_transform: InputTransform | None,
+                 ctx: _Dist, device: torch.device):
+        self.cfg, self.ctx, self.device, self.transform = cfg, ctx, device, input_transform
+        self.out = Path(cfg.out) if cfg.out else default_out(cfg)
+        self.ckpt_path = self.out / CHECKPOINT_NAME
+        self.layer = cfg.encoder.layer
+        self.encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips).to(device)
+        self.train_set = build_dataset(cfg.data, "train")
+        self.val_set = build_dataset(cfg.data, "val")
+        if cfg.batch_size % ctx.world:
+            raise RFIError(f"batch_size={cfg.batch_size} must be divisible by the {ctx.world} processes")
+        self.local_batch = cfg.batch_size // ctx.world
+        self.steps_per_epoch = (len(self.train_set) // ctx.world) // self.local_batch
+        if self.steps_per_epoch < 1:
+            raise RFIError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} training images")
+        self.total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * self.steps_per_epoch
+
+        seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.decoder = build_decoder(self.encoder, self.layer, cfg.decoder).to(device)
+        o = cfg.optim
+        self.opt = torch.optim.Adam(self.decoder.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                    weight_decay=o.weight_decay)
+        self.disc: nn.Module | None = None
+        self.disc_opt: torch.optim.Optimizer | None = None
+        lpips_model = None
+        if cfg.loss.lpips > 0:
+            from inversion.perceptual import load_lpips
+
+            lpips_model = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights, device)
+            try:  # AlexNet's stride-4 stem and pools need crops of about 32 px or more
+                lpips_model(*torch.zeros(2, 1, 3, cfg.data.size, cfg.data.size, device=device))
+            except RuntimeError:
+                raise RFIError(f"loss.lpips: the {cfg.loss.lpips_net} LPIPS network cannot compare "
+                               f"{cfg.data.size}-px crops (data.size); use larger crops or loss.lpips=0") from None
+        if cfg.loss.adversarial > 0:
+            self.disc = build_discriminator(cfg.loss.discriminator, self.decoder.in_channels,
+                                            cfg.loss.disc_channels).to(device)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.disc_betas))
+        w = cfg.loss
+        self.loss = DecoderLoss(self.encoder, self.layer, pixel=w.pixel, feature=w.feature, lpips=w.lpips,
+                                adversarial=w.adversarial, pixel_type=w.pixel_type, lpips_model=lpips_model,
+                                discriminator=self.disc, gan_loss=w.gan_loss)
+        self.ddp_decoder: nn.Module = self.decoder
+        self.ddp_disc: nn.Module | None = self.disc
+        if ctx.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp_decoder = DistributedDataParallel(self.decoder, device_ids=ids)
+            if self.disc is not None:
+                self.ddp_disc = DistributedDataParallel(self.disc, device_ids=ids)
+        self.step = 0
+        self.val_psnr: float | None = None
+        # Sums of the loss terms since the last metrics line (kept in checkpoints so a resumed
+        # run logs the same averages as an uninterrupted one).
+        self.window: dict[str, Tensor] = {}
+        self.window_steps = 0
+        self.samples = torch.stack([_images(self.val_set[i]) for i in range(min(SAMPLE_ROWS, len(self.val_set)))])
+
+    # ------------------------------------------------------------------ helpers
+    def info(self, msg: str, *args: Any) -> None:
+        if self.ctx.main:
+            log.info(msg, *args)
+
+    def _generator(self, step: int, rank: int) -> torch.Generator:
+        # A pure function of (seed, step, rank): a resumed run draws the same corruption.
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 4099 + rank)
+
+    def _corrupt(self, x: Tensor, g: torch.Generator) -> Tensor:
+        return x if self.transform is None else self.transform(x, g)
+
+    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        """This rank's batches of ``epoch`` (order a pure function of seed and epoch), from ``skip_batches`` on."""
+        sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world, rank=self.ctx.rank,
+                                     shuffle=True, seed=self.cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip_batches * self.local_batch:]
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)  # worker seeds (random transforms)
+        return DataLoader(self.train_set, batch_size=self.local_batch, sampler=indices, drop_last=True,
+                          num_workers=self.cfg.num_workers, generator=g, pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ state
+    def shared_window(self) -> dict[str, float]:
+        """The loss-term sums of the current log window, averaged over processes (collective)."""
+        names = sorted(self.window)
+        if not names:
+            return {}
+        return dict(zip(names, self.ctx.mean(torch.stack([self.window[k] for k in names]).float()).tolist()))
+
+    def checkpoint(self, complete: bool, window: dict[str, float] | None = None) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "encoder_path": str(self.cfg.encoder.checkpoint), "train_size": self.cfg.data.size,
+            "layer": self.layer, "input_transform": self.transform is not None,
+            "val_psnr": self.val_psnr, "config": config_to_dict(self.cfg),
+            "train": {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                      "total_steps": self.total_steps, "complete": complete, "world_size": self.ctx.world,
+                      "optimizer": self.opt.state_dict(), "rng": rng_state(),
+                      "log_window": {"steps": self.window_steps, "sums": window or {}}}}
+        if self.disc is not None:
+            extra["discriminator"] = {"config": self.disc.config(), "state_dict": self.disc.state_dict()}
+            extra["train"]["disc_optimizer"] = self.disc_opt.state_dict()
+        return decoder_checkpoint(self.decoder, self.encoder.config(), **extra)
+
+    def save(self, complete: bool = False) -> None:
+        window = self.shared_window()
+        if self.ctx.main:
+            save_checkpoint(self.checkpoint(complete, window), self.ckpt_path)
+        self.ctx.barrier()
+
+    def restore(self) -> dict[str, Any]:
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt.get("format") != DECODER_FORMAT or "train" not in ckpt:
+            raise RFIError(f"{self.ckpt_path} is not a training checkpoint of rfi train-decoder: cannot resume")
+        old, new = _flatten(ckpt.get("config", {})), _flatten(config_to_dict(self.cfg))
+        free = (*RESUME_FREE_KEYS, "epochs", "steps")  # a run may also be extended
+        changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in free and old.get(k) != new.get(k)]
+        if changed:
+            raise RFIError(f"cannot resume {self.ckpt_path}: the config differs in {', '.join(changed)} "
+                           f"(use the run's {self.out / 'config.yaml'} or another --out)")
+        train = ckpt["train"]
+        if train["world_size"] != self.ctx.world:
+            self.info("resuming a %d-process run on %d processes: the data order changes from here on",
+                      train["world_size"], self.ctx.world)
+        load_state_dict_checked(self.decoder, ckpt["state_dict"], str(self.ckpt_path))
+        self.opt.load_state_dict(train["optimizer"])
+        if self.disc is not None:
+            load_state_dict_checked(self.disc, ckpt["discriminator"]["state_dict"], f"{self.ckpt_path} (discriminator)")
+            self.disc_opt.load_state_dict(train["disc_optimizer"])
+        set_rng_state(train["rng"])
+        self.step, self.val_psnr = train["step"], ckpt.get("val_psnr")
+        self.window_steps = train["log_window"]["steps"]
+        self.window = {k: torch.tensor(v, device=self.device) for k, v in train["log_window"]["sums"].items()}
+        return ckpt
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, x: Tensor) -> dict[str, Tensor]:
+        """One optimisation step of the decoder (and of the discriminator); returns the loss terms."""
+        x = x.to(self.device, non_blocking=True)
+        inputs = self._corrupt(x, self._generator(self.step, self.ctx.rank))
+        with torch.no_grad():
+            feats = self.encoder(inputs, layers=self.decoder.input_layers)
+            target = feats[self.layer] if inputs is x else self.encoder(x, layers=[self.layer])[self.layer]
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.optim.lr * _lr_factor(self.step, self.total_steps, self.cfg.optim)
+        rec = self.ddp_decoder(feats)
+        total, terms = self.loss(rec, x, condition=feats[self.layer], target_features=target)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        if self.disc is not None:
+            d_loss = self.loss.discriminator_step_loss(x, rec, feats[self.layer], self.ddp_disc)
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+            terms["disc"] = d_loss.detach()
+        self.step += 1
+        return terms
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean PSNR (dB) of the reconstructions of all validation crops (rank 0 only)."""
+        self.decoder.eval()
+        values = []
+        loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size)
+        for i, batch in enumerate(loader):
+            x = _images(batch).to(self.device)
+            inputs = self._corrupt(x, torch.Generator().manual_seed(self.cfg.seed * 7919 + i))
+            values.append(psnr(self.decoder(self.encoder(inputs, layers=self.decoder.input_layers)).clamp(0, 1), x))
+        self.decoder.train()
+        return float(torch.cat(values).mean())
+
+    @torch.no_grad()
+    def write_samples(self) -> Path:
+        """The sample grid of this step: input | reconstruction (clean | corrupted | reconstruction)."""
+        self.decoder.eval()
+        x = self.samples.to(self.device)
+        inputs = self._corrupt(x, torch.Generator().manual_seed(self.cfg.seed * 7919))
+        rec = self.decoder(self.encoder(inputs, layers=self.decoder.input_layers))
+        self.decoder.train()
+        columns = [x, rec] if self.transform is None else [x, inputs.clamp(0, 1), rec]
+        return save_grid(columns, self.out / "samples" / f"step_{self.step:06d}.png")
+
+    # ------------------------------------------------------------------ loop
+    def run(self, resume: bool) -> Path:
+        cfg, ctx = self.cfg, self.ctx
+        resumed = False
+        if self.ckpt_path.exists():
+            if not resume:
+                raise RFIError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+            ckpt = self.restore()
+            resumed = True
+            if ckpt["train"]["complete"] and self.step >= self.total_steps:
+                self.info("%s is already complete (%d steps)", self.ckpt_path, self.step)
+                return self.ckpt_path
+            self.info("resuming %s at step %d of %d", self.ckpt_path, self.step, self.total_steps)
+        elif resume:
+            self.info("nothing to resume in %s: starting a new run", self.out)
+        ctx.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
+        if ctx.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(resolved))
+        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None,
+                             enabled=ctx.main)
+        params = sum(p.numel() for p in self.decoder.parameters())
+        self.info("training a decoder for %s of %s (%.2fM parameters; loss %s) on %d %s crops of %d px, "
+                  "%d steps of %d images%s -> %s", self.layer, cfg.encoder.checkpoint, params / 1e6,
+                  term_weights(self.loss.weights), len(self.train_set), cfg.data.source, cfg.data.size,
+                  self.total_steps, cfg.batch_size, f" on {ctx.world} processes" if ctx.world > 1 else "",
+                  self.out)
+
+        bar = progress(total=self.total_steps, initial=self.step, desc="train-decoder") if ctx.main else None
+        timed_steps, window_start = 0, time.perf_counter()
+        while self.step < self.total_steps:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            for batch in self._loader(epoch, offset):
+                terms = self.train_step(_images(batch))
+                for k, v in terms.items():
+                    self.window[k] = self.window.get(k, 0) + v
+                self.window_steps += 1
+                timed_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                    seconds = time.perf_counter() - window_start
+                    record = {k: v / self.window_steps for k, v in self.shared_window().items()}
+                    ips = timed_steps * cfg.batch_size / max(seconds, 1e-9)
+                    metrics.write(step=self.step, epoch=epoch + 1, lr=self.opt.param_groups[0]["lr"],
+                                  images_per_s=ips, **record)
+                    if bar is not None:
+                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in record.items()}, "img/s": f"{ips:.0f}"},
+                                        refresh=False)
+                    self.window, self.window_steps = {}, 0
+                    timed_steps, window_start = 0, time.perf_counter()
+                if ctx.main and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.write_samples()
+                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    self.save()
+                if self.step >= self.total_steps:
+                    break
+            if ctx.main:
+                self.val_psnr = self.validate()
+                metrics.write(step=self.step, epoch=epoch + 1, val_psnr=self.val_psnr)
+                self.info("epoch %d (step %d/%d): validation PSNR %.2f dB", epoch + 1, self.step,
+                          self.total_steps, self.val_psnr)
+            if self.step < self.total_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if ctx.world > 1:  # batch-norm statistics: every rank ends with rank 0's (DDP's convention)
+            for buf in self.decoder.buffers():
+                dist.broadcast(buf, 0)
+        if ctx.main and (not cfg.sample_every or self.step % cfg.sample_every):
+            self.write_samples()
+        self.save(complete=True)
+        self.info("decoder written to %s (validation PSNR %.2f dB)", self.ckpt_path, self.val_psnr or float("nan"))
+        return self.ckpt_path
+
+
+def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
+                  input_transform: InputTransform | None = None) -> Path:
+    """Train a decoder for ``cfg.encoder.layer`` of the frozen encoder ``cfg.encoder.checkpoint``.
+
+    Runs on one process, or on each process of a ``torchrun`` job (DDP; the process group
+    is created from torchrun's environment, or an existing one is used).
+
+    Args:
+        cfg: the run's config.
+        resume: continue from ``<out>/decoder.pt`` (same config, except ``epochs``/``steps``
+            which may grow); without it an existing checkpoint there is an error, never
+            overwritten. A complete run is returned as is.
+        input_transform: ``f(clean, generator) -> corrupted`` applied to each batch before
+            it is encoded (e.g. Gaussian noise for a denoiser); ``generator`` is a seeded CPU
+            ``torch.Generator`` (a pure function of seed, step and rank), so runs and resumes
+            reproduce. The losses always compare with the clean images.
+
+    Returns:
+        ``<out>/decoder.pt``: loadable with ``RobustAutoencoder.from_checkpoints(encoder, path)``.
+
+    Raises:
+        RFIError: bad config values, a missing encoder checkpoint or layer, LPIPS weights
+            not present locally, or a checkpoint in the way.
+
+    Example:
+        >>> path = train_decoder(load_config(TrainDecoderConfig, None, ["steps=10", "out=/tmp/d"]))  # doctest: +SKIP
+    """
+    check_config(cfg)
+    ctx, device = _setup_distributed(cfg.device)
+    try:
+        return _DecoderTrainer(cfg, input_transform, ctx, device).run(resume)
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- command line
+def register_train_decoder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True,
+                        help="YAML config, e.g. configs/decoder/resnet18_robust_layer3.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. epochs=2 loss.feature=0.5 encoder.layer=layer2")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    parser.add_argument("--out", help="output folder (default: runs/decoders/<config name>)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(TrainDecoderConfig, args.config, args.overrides)
+    if args.out:
+        cfg.out = args.out
+    elif not cfg.out:
+        cfg.out = str(Path("runs/decoders") / Path(args.config).stem)
+    path = train_decoder(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+    return 0

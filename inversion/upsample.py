@@ -1,0 +1,129 @@
+"""Learnable polyphase up-sampling (LPU): the decoder-side partner of :class:`encoders.downsample.LPD`.
+
+An LPS encoder keeps, at every down-sampling, one polyphase component of its input (phase
+``(i, j)``: the pixels ``x[..., i::2, j::2]``). The matching LPU of a decoder puts its input
+back at that phase: the value of coarse pixel ``m`` goes to fine pixel ``2m + (i, j)``
+(zero insertion at the chosen phase, as in the LPS paper) and is held over the next pixel
+too (a fixed 2x2 hold filter: nearest-neighbour up-sampling anchored at the phase, the
+same interpolation as the default decoder's). Both steps commute with circular shifts, so
+with circular padding in every decoder convolution::
+
+    decode(encode(shift(x))) == shift(decode(encode(x)))     (exactly, up to float rounding)
+
+How the phases travel: an LPS encoder's forward returns
+:class:`~encoders.downsample.PhasedFeatures`, whose ``phases`` attribute maps each LPD's
+name to its (B, 4) selection weights (one-hot in eval mode). A decoder built with
+``upsample="lps"`` stores, for each of its up-sampling stages (coarse to fine), the name of
+the matching LPD (``phase_from``) and reads the weights from the features it is given, or
+from an explicit ``phases=`` argument. Nothing is cached between calls, so features of one
+batch can never be decoded with the phases of another.
+
+Example:
+    >>> from encoders import create_encoder
+    >>> from inversion.decoders import Decoder
+    >>> enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8, downsample="lps").eval()
+    >>> dec = Decoder(32, 4, "layer3", channels=16, **polyphase_options(enc, "layer3")).eval()
+    >>> x = torch.rand(1, 3, 32, 32)
+    >>> shift = lambda t: t.roll((3, 5), (2, 3))
+    >>> bool((dec(enc(shift(x), layers=["layer3"])) - shift(dec(enc(x, layers=["layer3"])))).abs().max() < 1e-5)
+    True
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from encoders.downsample import lpd_modules, phase_path, select_phase
+from encoders.errors import RFIError
+
+log = logging.getLogger("rfi")
+
+UPSAMPLING = ("nearest", "lps")
+
+
+class LPU(nn.Module):
+    """Up-sample by ``stride``, placing each input pixel at the phase its matching LPD chose.
+
+    Args:
+        stride: the up-sampling factor (the matching LPD's stride).
+
+    Shape:
+        - Input: features (B, C, h, w) and phase weights (B, stride**2), one-hot (or a
+          soft mixture, e.g. Gumbel-softmax weights of an encoder in training mode).
+        - Output: (B, C, h * stride, w * stride).
+
+    Example:
+        >>> from encoders.downsample import polyphase, select_phase
+        >>> x, w = torch.rand(1, 2, 4, 4), torch.tensor([[0., 0., 1., 0.]])  # phase (1, 0)
+        >>> y = select_phase(polyphase(x, 2), w)
+        >>> torch.equal(LPU()(y, w)[..., 1::2, 0::2], y)
+        True
+    """
+
+    def __init__(self, stride: int = 2):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        s = self.stride
+        if weights.shape != (x.shape[0], s * s):
+            raise RFIError(f"LPU expects phase weights of shape ({x.shape[0]}, {s * s}), "
+                           f"got {tuple(weights.shape)}")
+        held = F.interpolate(x, scale_factor=s, mode="nearest")
+        # One rolled copy per phase, mixed by the weights: per-sample shifts without a loop
+        # over the batch (and exact for one-hot weights).
+        placed = torch.stack([held.roll((i, j), dims=(2, 3)) for i in range(s) for j in range(s)], dim=1)
+        return select_phase(placed, weights)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
+def polyphase_options(encoder: nn.Module, layer: str, padding_mode: str = "circular") -> dict[str, Any]:
+    """Decoder keyword arguments for inverting ``layer`` of ``encoder``: LPU for LPS encoders.
+
+    For an encoder built with ``downsample="lps"`` this returns ``upsample="lps"``,
+    ``phase_from`` (its LPD layers before ``layer``, deepest first: one per decoder
+    up-sampling stage) and ``padding_mode="circular"`` (logged if ``padding_mode`` asked for
+    another one: exact equivariance needs circular padding); for any other encoder
+    ``{"padding_mode": padding_mode}``, i.e. the default decoder.
+
+    Raises:
+        RFIError: ``layer`` is not a layer of the encoder.
+    """
+    if getattr(encoder, "downsample", "stride") != "lps":
+        return {"padding_mode": padding_mode}
+    node = encoder.taps.get(layer) if hasattr(encoder, "taps") else None
+    if node is None:
+        raise RFIError(f"unknown layer '{layer}' for {encoder.arch} (valid: {', '.join(encoder.taps)})")
+    if padding_mode != "circular":
+        log.info("decoder for an LPS encoder: padding_mode '%s' -> 'circular' (needed for exact shift "
+                 "equivariance)", padding_mode)
+    return {"upsample": "lps", "phase_from": phase_path(encoder.model, node)[::-1], "padding_mode": "circular"}
+
+
+def check_phase_source(encoder: nn.Module, layer: str, phase_from: Sequence[str]) -> None:
+    """Refuse an LPS decoder whose ``phase_from`` is not the LPD path of ``layer`` in ``encoder``."""
+    if getattr(encoder, "downsample", "stride") != "lps":
+        raise RFIError(f"the decoder for '{layer}' uses polyphase up-sampling (upsample=lps) and needs an "
+                       f"encoder built with downsample='lps', not '{getattr(encoder, 'downsample', 'stride')}'")
+    expected = phase_path(encoder.model, encoder.taps[layer])[::-1]
+    if list(phase_from) != expected or any(name not in lpd_modules(encoder.model) for name in phase_from):
+        raise RFIError(f"the decoder for '{layer}' takes phases from {list(phase_from)}, but this encoder's "
+                       f"LPD layers before '{layer}' are {expected}: encoder and decoder do not fit")
+
+
+def stage_phases(features: Tensor | Mapping[str, Tensor], phases: Mapping[str, Tensor] | None,
+                 phase_from: Sequence[str], layer: str) -> list[Tensor]:
+    """The weights for each LPU stage, from ``phases`` or the features' ``phases`` attribute."""
+    phases = phases if phases is not None else getattr(features, "phases", None)
+    missing = [name for name in phase_from if not phases or name not in phases]
+    if missing:
+        raise RFIError(f"the decoder for '{layer}' uses polyphase up-sampling and needs the phases the LPS "
+                       f"encoder chose ({', '.join(missing)} missing): decode the features the encoder returned "
+                       f"(RobustAutoencoder.encode / Encoder.forward), or pass phases=features.phases")
+    return [phases[name] for name in phase_from]

@@ -1,0 +1,255 @@
+"""StyleAugment and ``rfi augment`` on a tiny random autoencoder (no training needed)."""
+from __future__ import annotations
+
+import os
+
+import kornia.augmentation as K
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+import apps
+import apps.augment as augment_module
+from apps.augment import MultiView, StyleAugment
+from apps.cli import main as rfi
+from encoders.errors import RFIError
+from encoders.models import Encoder
+from inversion.autoencoder import RobustAutoencoder
+from inversion.decoders import Decoder
+
+os.environ.setdefault("RFI_NO_PROGRESS", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP spin-waits cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ae() -> RobustAutoencoder:
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+    return RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+
+
+@pytest.fixture(scope="module")
+def ae_file(ae, tmp_path_factory):
+    return ae.save(tmp_path_factory.mktemp("model") / "ae.pt")
+
+
+@pytest.fixture()
+def batch() -> torch.Tensor:
+    return torch.rand(6, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+
+
+def _write_png(path, seed, size=(20, 28)):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture()
+def style_dir(tmp_path):
+    for i in range(3):
+        _write_png(tmp_path / "styles" / f"s{i}.png", 10 + i, size=(16 + 8 * i, 24))
+    (tmp_path / "styles" / "broken.png").write_bytes(b"not an image")  # skipped with a warning
+    return tmp_path / "styles"
+
+
+def test_exported_from_apps():
+    assert apps.StyleAugment is StyleAugment
+
+
+def test_p0_is_identity(ae, batch):
+    out = StyleAugment(ae, p=0.0, generator=0)(batch)
+    assert torch.equal(out, batch)
+
+
+def test_p1_changes_every_image(ae, batch):
+    out = StyleAugment(ae, p=1.0, generator=0)(batch)
+    assert out.shape == batch.shape and out.min() >= 0 and out.max() <= 1
+    assert ((out - batch).abs().flatten(1).amax(1) > 1e-3).all()
+
+
+def test_partial_p_leaves_unchosen_images_untouched(ae, batch):
+    aug = StyleAugment(ae, p=0.5, generator=3)
+    params = aug.make_params([batch])
+    while not 0 < params["chosen"].sum() < len(batch):  # some images chosen, not all
+        params = aug.make_params([batch])
+    out = aug.stylize(batch, params)
+    chosen = params["chosen"]
+    assert torch.equal(out[~chosen], batch[~chosen])
+    assert ((out[chosen] - batch[chosen]).abs().flatten(1).amax(1) > 1e-3).all()
+
+
+def test_beta_zero_returns_input_exactly(ae, batch):
+    out = StyleAugment(ae, p=1.0, beta=(0.0, 0.0), generator=0)(batch)
+    assert torch.equal(out, batch)
+
+
+def test_seeded_generator_is_deterministic(ae, batch):
+    a = StyleAugment(ae, p=0.5, generator=torch.Generator().manual_seed(7))(batch)
+    b = StyleAugment(ae, p=0.5, generator=torch.Generator().manual_seed(7))(batch)
+    c = StyleAugment(ae, p=0.5, generator=torch.Generator().manual_seed(8))(batch)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_batch_style_is_never_the_image_itself_draws(ae):
+    aug = StyleAugment(ae, p=0.5, generator=0)
+    seen = torch.zeros(5, 5)
+    for _ in range(400):
+        params = aug.make_params([torch.zeros(5, 3, 8, 8)])
+        style, chosen = params["style"], params["chosen"]
+        assert (style != torch.arange(5)).all()
+        seen[torch.arange(5)[chosen], style[chosen]] += 1
+    off_diagonal = ~torch.eye(5, dtype=torch.bool)
+    assert (seen[off_diagonal] > 0).all() and (seen.diagonal() == 0).all()  # every other image serves
+
+
+def test_batch_style_is_never_the_image_itself_hook(ae, batch, monkeypatch):
+    """Spy on adain: the style statistics given for each image are another image's."""
+    calls, adain = [], augment_module.adain
+
+    def spy(content, style, alpha=1.0, eps=1e-5):
+        calls.append((content.mean(dim=(2, 3)), style.mean(dim=(2, 3))))
+        return adain(content, style, alpha, eps)
+
+    monkeypatch.setattr(augment_module, "adain", spy)
+    aug = StyleAugment(ae, p=1.0, generator=0)
+    for _ in range(3):
+        aug(batch)
+    own = ae.encode(batch)["layer3"].mean(dim=(2, 3))  # p=1: row i of the content is image i
+    for content_mean, style_mean in calls:
+        assert torch.allclose(content_mean, own, atol=1e-5)
+        source = torch.cdist(style_mean, own).argmin(dim=1)
+        assert torch.allclose(style_mean, own[source], atol=1e-4)  # the style is one of the images...
+        assert (source != torch.arange(len(batch))).all()          # ...never the image itself
+
+
+def test_style_folder(ae, style_dir):
+    aug = StyleAugment(ae, p=1.0, styles=style_dir, generator=0, style_size=24)
+    assert aug.num_styles == 3  # the unreadable file is skipped
+    x = torch.rand(1, 3, 20, 20)  # a batch of one is fine with folder styles
+    out = aug(x)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    assert aug.style_mean.shape == (3, 32)
+
+
+def test_composes_with_torchvision_v2(ae, batch):
+    pipeline = v2.Compose([v2.RandomResizedCrop(16, antialias=True), v2.RandomHorizontalFlip(),
+                           StyleAugment(ae, p=1.0, generator=0)])
+    labels = torch.arange(len(batch))
+    images, out_labels = pipeline(tv_tensors.Image(batch), labels)
+    assert isinstance(images, tv_tensors.Image) and images.shape == (6, 3, 16, 16)
+    assert torch.equal(out_labels, labels)
+
+
+def test_composes_with_kornia(ae, batch):
+    aug = StyleAugment(ae, p=1.0, generator=0)
+    inside = K.AugmentationSequential(K.RandomHorizontalFlip(), aug, K.ColorJitter(0.2, 0.2, 0.2, 0.05, p=1.0))
+    around = nn.Sequential(K.AugmentationSequential(K.RandomResizedCrop((16, 16))), aug,
+                           K.AugmentationSequential(K.RandomGrayscale(p=0.5)))
+    for pipeline, size in ((inside, (20, 24)), (around, (16, 16))):
+        out = pipeline(batch)
+        assert out.shape == (6, 3, *size) and out.min() >= 0 and out.max() <= 1
+
+
+def test_multiview(ae, batch):
+    views = MultiView(StyleAugment(ae, p=1.0, generator=0), views=3)(batch)
+    assert len(views) == 3 and all(v.shape == batch.shape for v in views)
+    assert not torch.equal(views[0], views[1])
+    two = MultiView([v2.RandomHorizontalFlip(p=1.0), StyleAugment(ae, p=0.0)])(batch)
+    assert torch.equal(two[0], batch.flip(-1)) and torch.equal(two[1], batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_keeps_dtype(ae, batch, dtype):
+    out = StyleAugment(ae, p=1.0, generator=0)(batch.to(dtype))
+    assert out.dtype == dtype and out.device == batch.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_follows_the_batch_to_cuda(ae, batch):
+    out = StyleAugment(ae, p=1.0, generator=0)(batch.cuda())
+    assert out.is_cuda
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"p": 1.5}, "p .*in \\[0, 1\\]"),
+    ({"p": -0.1}, "p .*in \\[0, 1\\]"),
+    ({"alpha": (0.8, 0.2)}, "alpha range"),
+    ({"beta": (0.0, 1.2)}, "beta range"),
+    ({"alpha": (-0.1, 0.5)}, "alpha range"),
+])
+def test_bad_arguments(ae, kwargs, match):
+    with pytest.raises(RFIError, match=match) as err:
+        StyleAugment(ae, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_style_folders(ae, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RFIError, match="no image files"):
+        StyleAugment(ae, styles=tmp_path / "empty")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"junk")
+    with pytest.raises(RFIError, match="no readable image"):
+        StyleAugment(ae, styles=tmp_path / "junk")
+    with pytest.raises(RFIError, match="not found"):
+        StyleAugment(ae, styles=tmp_path / "missing")
+
+
+def test_bad_batches(ae, batch):
+    aug = StyleAugment(ae, p=1.0)
+    with pytest.raises(RFIError, match="batch of 1"):
+        aug(batch[:1])
+    with pytest.raises(RFIError, match="\\[0, 1\\]"):
+        aug(batch * 2)
+    with pytest.raises(RFIError, match="\\[0, 1\\]"):
+        StyleAugment(ae, p=0.0)(batch - 0.5)  # checked even when nothing is restyled
+
+
+def test_missing_default_model_says_what_to_train(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RFIError, match="rfi train-encoder"):
+        StyleAugment()
+
+
+def test_cli_writes_views_and_contact_sheet(ae_file, tmp_path):
+    for i, size in enumerate([(20, 30), (40, 24), (24, 24)]):
+        _write_png(tmp_path / "in" / f"img{i}.png", i, size)
+    out = tmp_path / "out"
+    code = rfi(["augment", str(tmp_path / "in"), "--out", str(out), "--views", "2", "--model", str(ae_file),
+                "--size", "16", "--p", "1", "--alpha", "0.5,1", "--beta", "1,1", "--seed", "3"])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"img{i}_view{k}.png" for i in range(3) for k in (1, 2)] + ["contact_sheet.png"])
+    view = np.asarray(Image.open(out / "img0_view1.png"))
+    assert view.shape == (16, 16, 3)
+    assert not np.array_equal(view, np.asarray(Image.open(out / "img0_view2.png")))
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.size == (3 * 18 + 2, 3 * 18 + 2)  # 3 columns (original + 2 views) x 3 rows, 2-px padding
+
+
+def test_cli_errors_write_nothing(ae_file, tmp_path, capsys):
+    _write_png(tmp_path / "one" / "a.png", 0)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert rfi(["augment", str(tmp_path / "one"), "--out", str(out), "--model", str(ae_file)]) == 2
+    assert "at least 2 images" in capsys.readouterr().err
+    assert rfi(["augment", str(tmp_path / "one"), "--out", str(out), "--model", str(ae_file),
+                "--styles", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rfi: error:") and err.count("\n") == 1
+    assert rfi(["augment", str(tmp_path / "one"), "--out", str(out), "--model", str(ae_file),
+                "--alpha", "0.9,0.1"]) == 2
+    assert not out.exists()

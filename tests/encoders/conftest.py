@@ -1,0 +1,45 @@
+"""Shared fixtures for the encoder tests: tiny configs and one tiny trained encoder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RFI_NO_PROGRESS", "1")
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "encoder"
+ROBUST = CONFIGS / "resnet18_robust.yaml"
+STANDARD = CONFIGS / "resnet18_standard.yaml"
+
+# A few seconds of CPU: ResNet-18 at width 0.125 on 16-px crops.
+TINY = ["data.size=16", "data.train_crops=256", "data.val_crops=64", "model.width=0.125", "epochs=1",
+        "batch_size=64", "eval.max_images=64", "eval.steps=2", "log_every=2"]
+
+
+def tiny_config(tmp_path: Path, *overrides: str, config: Path = STANDARD):
+    """The default config shrunk to a few seconds, writing under ``tmp_path``."""
+    from encoders.config import load_config
+    from encoders.train import TrainEncoderConfig
+
+    return load_config(TrainEncoderConfig, config, [*TINY, f"out={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A tiny standard ResNet-18 trained for 2 epochs on 16-px embedded crops (a few seconds)."""
+    from encoders.train import train_encoder
+
+    out = tmp_path_factory.mktemp("trained")
+    return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``rfi`` (apps.cli.main) points logging at the captured stderr; undo it after each test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level

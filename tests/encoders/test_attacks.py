@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoders import RFIError, create_encoder
+from encoders.attacks import default_step_size, pgd
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(8, 3, 16, 16, generator=g), torch.randint(0, 8, (8,), generator=g)
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 8 / 255)])
+def test_pgd_stays_in_the_ball_and_in_image_range(model, batch, norm, eps):
+    x, y = batch
+    x_adv = pgd(model.logits, x, y, eps=eps, steps=5, norm=norm)
+    delta = (x_adv - x).flatten(1)
+    size = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(dim=1)
+    assert (size <= eps + 1e-5).all() and (size > 0.5 * eps).all()  # uses most of the budget
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and not x_adv.requires_grad
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 4 / 255)])
+def test_pgd_increases_the_loss_and_leaves_parameter_grads_alone(model, batch, norm, eps):
+    x, y = batch
+    x_adv = pgd(model.logits, x, y, eps=eps, steps=5, norm=norm, random_start=False)
+    with torch.no_grad():
+        clean = F.cross_entropy(model.logits(x), y, reduction="none")
+        adv = F.cross_entropy(model.logits(x_adv), y, reduction="none")
+    assert (adv > clean).all()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_is_reproducible_with_a_generator(model, batch):
+    x, y = batch
+    runs = [pgd(model.logits, x, y, 0.5, 2, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_more_steps_find_stronger_examples(model, batch):
+    x, y = batch
+    losses = []
+    for steps in (1, 10):
+        x_adv = pgd(model.logits, x, y, eps=0.25, steps=steps, random_start=False)
+        with torch.no_grad():
+            losses.append(F.cross_entropy(model.logits(x_adv), y).item())
+    assert losses[1] > losses[0]
+
+
+def test_zero_eps_and_bad_arguments(model, batch):
+    x, y = batch
+    assert torch.equal(pgd(model.logits, x, y, eps=0, steps=3), x)
+    assert default_step_size(0.5, 10) == pytest.approx(0.125)
+    with pytest.raises(RFIError, match="unknown attack norm 'l1'.*l2, linf"):
+        pgd(model.logits, x, y, 0.5, 3, norm="l1")
+    with pytest.raises(RFIError, match="non-negative"):
+        pgd(model.logits, x, y, -1.0, 3)

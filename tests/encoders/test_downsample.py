@@ -1,0 +1,157 @@
+"""Blur pooling and learnable polyphase down-sampling (LPS) in the encoders."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from encoders import RFIError, create_encoder
+from encoders.downsample import LPD, SamePhase, annealed_temperature, lpd_modules, polyphase, set_temperature
+from encoders.models import Encoder
+from encoders.shift import circular_shift, feature_equivariance_error
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def tiny(arch: str = "resnet18", downsample: str = "lps", **kw) -> Encoder:
+    torch.manual_seed(0)
+    kw.setdefault("small_input", True)
+    return create_encoder(arch, width=0.125, num_classes=8, downsample=downsample, **kw).eval()
+
+
+def shifted_copies(x: torch.Tensor, every: bool) -> torch.Tensor:
+    """Circular shifts of one image (N, 3, H, W): every offset, or the first one and 63 random ones."""
+    h, w = x.shape[-2:]
+    offsets = [(dy, dx) for dy in range(h) for dx in range(w)]
+    if not every:
+        offsets = [offsets[0]] + [offsets[i] for i in torch.randperm(h * w - 1)[:63] + 1]
+    return torch.stack([x.roll(o, (1, 2)) for o in offsets])
+
+
+@pytest.mark.parametrize("arch,kw,size,every", [("resnet18", {}, 16, True), ("resnet18", {"small_input": False}, 32,
+                                                False), ("resnet50", {}, 16, False), ("vgg16", {}, 32, False)])
+def test_lps_predictions_identical_under_circular_shifts(arch, kw, size, every):
+    enc = tiny(arch, **kw)
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        for img in x:
+            logits = enc.logits(shifted_copies(img, every))
+            assert (logits.argmax(1) == logits[0].argmax()).all()  # 100% consistency
+            assert (logits - logits[0]).abs().max() < 1e-4  # the logits themselves are invariant
+
+
+def test_stride_logits_change_under_a_one_pixel_shift_lps_do_not():
+    x = torch.rand(4, 3, 16, 16)
+    change = {}
+    with torch.no_grad():
+        for mode in ("stride", "lps"):
+            enc = tiny(downsample=mode)
+            change[mode] = (enc.logits(x.roll(1, 3)) - enc.logits(x)).abs().max()
+    assert change["stride"] > 1e-3  # the failure LPS fixes
+    assert change["lps"] < 1e-5
+
+
+def test_lps_features_are_circular_shifts_of_each_other():
+    x = torch.rand(2, 3, 32, 32)
+    for mode, exact in (("lps", True), ("stride", False)):
+        enc = tiny(downsample=mode)
+        with torch.no_grad():
+            fa = enc(x, layers=["layer3"])["layer3"]
+            fb = enc(circular_shift(x, torch.tensor([[3, 7], [-5, 1]])), layers=["layer3"])["layer3"]
+        err = feature_equivariance_error(fa, fb)
+        assert (err < 1e-5).all() if exact else (err > 1e-3).all()
+
+
+def test_shortcut_takes_the_residual_branch_phase():
+    enc = tiny()
+    block = enc.model.layer2[0]
+    assert isinstance(block.downsample[0], SamePhase) and block.downsample[0].source is block.conv1[1]
+    with torch.no_grad():
+        enc(torch.rand(2, 3, 16, 16), layers=["layer2"])
+    assert block.conv1[1].weights.sum(1).eq(1).all()  # one-hot in eval mode
+
+
+def test_gumbel_softmax_path_gets_gradients_in_training_mode():
+    enc = tiny().train()
+    set_temperature(enc, 0.5)
+    enc.logits(torch.rand(4, 3, 16, 16)).logsumexp(1).sum().backward()
+    for name, lpd in lpd_modules(enc.model).items():
+        assert lpd.tau == 0.5
+        assert not lpd.weights.eq(1).any(), name  # a soft Gumbel-softmax mixture, not a hard choice
+        grads = [p.grad for p in lpd.score.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), name
+    assert annealed_temperature(0) == 1.0 and abs(annealed_temperature(1) - 0.1) < 1e-12
+    copy.deepcopy(enc)  # the recorded (autograd) selection does not travel with copies
+
+
+def test_attack_gradient_flows_through_the_eval_argmax_path():
+    enc = tiny()
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    enc.logits(x).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None for lpd in lpd_modules(enc.model).values() for p in lpd.score.parameters())
+
+
+def test_polyphase_component_order():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    comps = polyphase(x, 2)
+    for i in range(2):
+        for j in range(2):
+            assert torch.equal(comps[:, 2 * i + j], x[..., i::2, j::2])
+
+
+def test_blurpool_keeps_shapes_and_uses_kornia():
+    from kornia.filters import BlurPool2D
+
+    x = torch.rand(1, 3, 32, 32)
+    ref, blur = tiny(downsample="stride"), tiny(downsample="blurpool")
+    assert any(isinstance(m, BlurPool2D) for m in blur.modules())
+    with torch.no_grad():
+        assert {k: v.shape for k, v in ref(x).items()} == {k: v.shape for k, v in blur(x).items()}
+
+
+def test_default_encoder_unchanged_and_lps_checkpoint_round_trip(tmp_path):
+    from encoders.checkpoints import load_encoder, save_encoder
+
+    ref = tiny(downsample="stride")
+    assert "downsample" not in ref.config()
+    assert list(Encoder(**ref.config()).state_dict()) == list(ref.state_dict())
+    enc = tiny()
+    assert enc.config()["downsample"] == "lps"
+    save_encoder(enc, tmp_path / "lps.pt")
+    back = load_encoder(tmp_path / "lps.pt")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back.logits(x), enc.logits(x))
+
+
+def test_odd_size_is_refused_naming_size_and_layer():
+    with pytest.raises(RFIError, match=r"layer2\.0\.conv1\.1.*15x16"):
+        tiny().logits(torch.rand(1, 3, 15, 16))
+
+
+def test_layers_that_cannot_take_lps_are_named():
+    with pytest.raises(RFIError, match="classifier"):
+        create_encoder("vgg16", width=0.125, num_classes=8, downsample="lps")
+    with pytest.raises(RFIError, match="features.0"):
+        create_encoder("alexnet", width=0.125, num_classes=8, downsample="blurpool")
+    with pytest.raises(RFIError, match="unknown downsample 'bogus'"):
+        create_encoder("resnet18", width=0.125, num_classes=8, downsample="bogus")
+
+
+def test_lpd_alone_is_shift_equivariant():
+    lpd = LPD(4).eval()
+    x = torch.rand(2, 4, 8, 8)
+    with torch.no_grad():
+        y = lpd(x)
+        for shift in [(1, 0), (0, 1), (1, 1), (3, 6)]:
+            err = feature_equivariance_error(y, lpd(x.roll(shift, (2, 3))))
+            assert (err == 0).all()

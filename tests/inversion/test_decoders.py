@@ -1,0 +1,128 @@
+"""The fully convolutional ``Decoder`` and the ``RobustAutoencoder`` core (multiscale, tiling, fit checks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from encoders import create_encoder
+from encoders.data import embedded_image, region
+from encoders.errors import RFIError
+from encoders.serialization import load_checkpoint, save_checkpoint
+from inversion import Decoder, RobustAutoencoder, check_images, load_decoder, save_decoder
+from inversion.decoders import decoder_from_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval()
+
+
+@pytest.mark.parametrize("stride,h,w", [(4, 4, 4), (4, 8, 8), (4, 16, 16), (4, 5, 7), (2, 6, 3), (1, 9, 9)])
+def test_decoder_output_is_stride_times_features(stride, h, w):
+    dec = Decoder(32, stride=stride, layer="layer3", channels=16, min_channels=8).eval()
+    out = dec(torch.randn(2, 32, h, w))
+    assert out.shape == (2, 3, h * stride, w * stride)
+    assert out.min() >= 0 and out.max() <= 1
+    assert dec.upsampling == stride
+
+
+def test_decoder_skips_and_their_checks():
+    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8, skips={"layer1": (8, 1), "layer2": (16, 2)})
+    assert dec.input_layers == ["layer3", "layer1", "layer2"]
+    feats = {"layer3": torch.randn(1, 32, 4, 6), "layer2": torch.randn(1, 16, 8, 12), "layer1": torch.randn(1, 8, 16, 24)}
+    assert dec(feats).shape == (1, 3, 16, 24)
+    with pytest.raises(RFIError, match="skip features"):
+        dec(feats["layer3"])
+    with pytest.raises(RFIError, match="no matching resolution"):
+        Decoder(32, stride=4, layer="layer3", skips={"layer4": (64, 8)})
+    with pytest.raises(RFIError, match="expects 32 channels"):
+        Decoder(32, stride=4, layer="layer3")(torch.randn(1, 31, 4, 4))
+
+
+def test_decoder_checkpoint_round_trip(tmp_path, encoder):
+    torch.manual_seed(1)
+    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8, skips={"layer1": (8, 1)},
+                  padding_mode="replicate").eval()
+    path = save_decoder(dec, tmp_path / "d.pt", encoder.config(), note="x")
+    loaded, ckpt = load_decoder(path)
+    assert ckpt["note"] == "x" and ckpt["encoder"]["arch"] == "resnet18"
+    assert loaded.config() == dec.config()
+    feats = {"layer3": torch.randn(2, 32, 4, 4), "layer1": torch.randn(2, 8, 16, 16)}
+    assert torch.equal(loaded(feats), dec(feats))
+    with pytest.raises(RFIError, match="not an RFI decoder"):
+        decoder_from_checkpoint({"format": "rfi-encoder"}, "x.pt")
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 32), (64, 64), (45, 70), (17, 3)])
+def test_reconstruct_any_size(encoder, size):
+    ae = RobustAutoencoder(encoder, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    x = torch.rand(2, 3, *size)
+    out = ae.reconstruct(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    feats = ae.encode(torch.rand(1, 3, 32, 32))
+    assert list(feats) == ["layer3"] and feats["layer3"].shape == (1, 32, 8, 8)
+    assert ae.decode(feats).shape == (1, 3, 32, 32)
+
+
+def _max_jump_ratio(tiled: torch.Tensor, whole: torch.Tensor) -> float:
+    """Worst ratio, over rows and columns, of the mean step between neighbouring pixels in the tiled
+    output to the same step in the whole-image output: ~1 without seams, >> 1 at a visible seam."""
+    ratios = []
+    for dim in (2, 3):
+        n = tiled.shape[dim] - 1
+        other = tuple(d for d in range(4) if d != dim)
+        step_t = (tiled.narrow(dim, 1, n) - tiled.narrow(dim, 0, n)).abs().mean(other)
+        step_w = (whole.narrow(dim, 1, n) - whole.narrow(dim, 0, n)).abs().mean(other)
+        ratios.append(float((step_t / step_w.clamp_min(1e-4)).max()))
+    return max(ratios)
+
+
+def test_tiles_blend_without_seams(tiny_encoder_path, tiny_decoder_path):
+    ae = RobustAutoencoder.from_checkpoints(tiny_encoder_path, tiny_decoder_path)
+    x = region(embedded_image("chelsea"), "val")[None, :, :96, :96].contiguous()
+    whole = ae.reconstruct(x)
+    error = (whole - x).abs().mean()
+    blended = ae.reconstruct(x, tile=48)  # default overlap: tile // 4
+    hard = ae.reconstruct(x, tile=48, overlap=0)  # abutting tiles: what a seam looks like
+    assert blended.shape == x.shape
+    assert (blended - whole).abs().mean() < 0.1 * error  # tiling changes far less than the decoder's own error
+    assert _max_jump_ratio(blended, whole) < 1.6
+    assert _max_jump_ratio(hard, whole) > 3  # the measure does see seams
+    # Images above max_pixels are tiled automatically and still match the whole-image result closely.
+    ae.max_pixels = 64 * 64
+    assert (ae.reconstruct(x) - whole).abs().mean() < 0.1 * error
+
+
+def test_encoder_decoder_fit_is_checked(encoder, tmp_path, tiny_encoder_path, tiny_decoder_path):
+    with pytest.raises(RFIError, match="do not fit"):
+        RobustAutoencoder(encoder, Decoder(99, stride=4, layer="layer3"))
+    with pytest.raises(RFIError, match="valid: layer1, layer2, layer3, layer4"):
+        RobustAutoencoder(encoder, Decoder(32, stride=4, layer="relu3_1"))
+    with pytest.raises(RFIError, match="is an encoder checkpoint"):
+        RobustAutoencoder.from_checkpoints(tiny_encoder_path, tiny_encoder_path)
+    ckpt = load_checkpoint(tiny_decoder_path)
+    ckpt["encoder"]["arch"] = "vgg16"
+    save_checkpoint(ckpt, tmp_path / "vgg_decoder.pt")
+    with pytest.raises(RFIError, match="trained for a vgg16 encoder"):
+        RobustAutoencoder.from_checkpoints(tiny_encoder_path, tmp_path / "vgg_decoder.pt")
+    wide = create_encoder("resnet18", width=0.25, small_input=True, num_classes=8)
+    with pytest.raises(RFIError, match="do not fit"):
+        RobustAutoencoder.from_checkpoints(wide, tiny_decoder_path)
+
+
+def test_bad_images_are_refused_and_files_round_trip(encoder, tmp_path):
+    ae = RobustAutoencoder(encoder, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    bad = torch.rand(1, 3, 16, 16)
+    bad[0, 0, 0, 0] = float("nan")
+    for x, match in ((bad, "NaN"), (torch.rand(1, 3, 16, 16) * 2, r"\[0, 1\]"), (torch.rand(3, 16, 16), "B, 3, H, W")):
+        with pytest.raises(RFIError, match=match):
+            ae.reconstruct(x)
+    with pytest.raises(RFIError, match="NaN"):
+        check_images(bad)
+    ae.save(tmp_path / "ae.pt")
+    again = RobustAutoencoder.load(tmp_path / "ae.pt")
+    x = torch.rand(1, 3, 24, 24)
+    assert torch.equal(again.reconstruct(x), ae.reconstruct(x))
