@@ -190,7 +190,9 @@ class StyleAugment(v2.Transform):
         # NHWC convolutions run about 1.6x faster than NCHW on CPU (oneDNN); results are the same.
         autoencoder = load_style_model(model).to(memory_format=torch.channels_last)
         self.layer = layer or autoencoder.layer
-        autoencoder._decoder(self.layer)  # an unknown layer fails here, not at the first batch
+        if self.layer not in autoencoder.layers:
+            raise RFIError(f"the style model has no decoder for layer '{self.layer}' "
+                           f"(have: {', '.join(autoencoder.layers)})")
         self.autoencoder = autoencoder
         self.stride = autoencoder.strides[self.layer]
         mean, std = self._encode_styles(style_files) if style_files else (torch.empty(0), torch.empty(0))

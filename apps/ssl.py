@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from apps.augment import StyleAugment
@@ -246,8 +247,10 @@ def linear_probe(model: SimCLR, cfg: SSLConfig) -> float:
     x_train, y_train = embed_dataset(model, train, device)
     x_val, y_val = embed_dataset(model, val, device)
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=cfg.probe.C, max_iter=2000))
-    clf.fit(x_train.double().numpy(), y_train.numpy())
-    return float(clf.score(x_val.double().numpy(), y_val.numpy()))
+    # A problem this small gains nothing from BLAS threads; their spin-waits cost up to 100x on a busy machine.
+    with threadpool_limits(1):
+        clf.fit(x_train.double().numpy(), y_train.numpy())
+        return float(clf.score(x_val.double().numpy(), y_val.numpy()))
 
 
 def run_ssl(cfg: SSLConfig) -> dict[str, float]:

@@ -64,6 +64,27 @@ def measure(model: Path, data, out: Path, base: ScoreConfig) -> dict[str, dict]:
     return results
 
 
+def example_figure(models: dict[str, Path], benchmark, path: str) -> Path:
+    """A grid: one row per (texture, defect type): input | heat-map overlay | ground-truth mask."""
+    import torch.nn.functional as F
+
+    from apps.anomaly_data import DEFECTS, read_mask
+    from encoders.runtime import save_grid
+
+    cols: list[list[torch.Tensor]] = [[], [], []]
+    for cat, model in models.items():
+        det = AnomalyDetector.load(model)
+        data = resolve_data("embedded", cat, benchmark, "test")
+        for defect in DEFECTS:
+            item = next(t for t in data.test if t.defect == defect)
+            img = read_image(item.path)
+            over = det.overlay(img, det.maps(det.prepare(img)[None])[0])
+            mask = read_mask(item.mask).float()[None].expand(3, -1, -1)
+            for col, t in zip(cols, (img, over, mask)):
+                col.append(F.interpolate(t[None], scale_factor=2, mode="nearest")[0])
+    return save_grid([torch.stack(c) for c in cols], path, max_rows=len(cols[0]))
+
+
 def median(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -82,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="decoder seeds per model (medians are reported)")
     parser.add_argument("--work", help="folder for models and scores (default: a temporary folder)")
     parser.add_argument("--out", default="bench/results/anomaly.json")
+    parser.add_argument("--figure", help="also write example heat maps of the robust models (PNG)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, for both encoders")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -155,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
               "runs": runs, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                         "threads": torch.get_num_threads(), "cpu": platform.processor()},
               "command": " ".join(["python", "bench/anomaly.py", *(argv if argv is not None else sys.argv[1:])])}
+    if args.figure:
+        first = {cat: work / "seed0" / "robust" / f"{cat}.pt" for cat in categories}
+        print(f"wrote {example_figure(first, base.benchmark, args.figure)}")
     print(f"wrote {write_json(json.loads(json.dumps(result, default=str)), args.out)}")
     return 0
 

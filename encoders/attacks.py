@@ -6,7 +6,11 @@ ascent steps on the cross-entropy (normalised gradient for L2, gradient sign for
 each followed by a projection onto the ε-ball and onto the valid image range [0, 1].
 It is hand-written (about 40 lines) rather than taken from that library because its
 attacker no longer imports on current torchvision and calls ``.cuda()`` unconditionally;
-``tests/encoders/test_interop.py`` cross-checks the two on the same model and ε.
+``tests/encoders/test_interop.py`` cross-checks the two on the same model and ε. One
+deliberate difference: the library clamps its input to [0, 1] inside the model, and
+``torch.clamp`` has a zero gradient at the bounds, so its attack never moves a pixel that
+sits at 0 or 1; here such pixels keep their gradient (the projection keeps them in range).
+On images away from the bounds the two produce the same iterates.
 """
 from __future__ import annotations
 

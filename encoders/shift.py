@@ -111,8 +111,8 @@ def shift_consistency(encoder: Encoder, dataset: Dataset, layer: str | None = No
         fa, fb = encoder(xa, layers=[layer])[layer], encoder(xb, layers=[layer])[layer]
         sums["feature"] += feature_equivariance_error(fa, fb).sum().item()
         if reconstruct is not None:
-            r = reconstruct(x).clamp(0, 1)
-            mse = (r - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # PSNR, peak 1 (encoders sit below inversion.metrics)
+            # PSNR with peak 1, written out: encoders sit below inversion (and its metrics) in the layering
+            mse = (reconstruct(x).clamp(0, 1) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
             sums["psnr"] += (-10 * torch.log10(mse)).sum().item()
             ra, rb = reconstruct(xa), reconstruct(xb)
             err = (rb - circular_shift(ra, b - a)).abs().flatten(1).amax(1)

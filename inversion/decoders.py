@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.checkpoints import load_state_dict_checked
+from encoders.downsample import circular_convs
 from encoders.errors import RFIError
 from encoders.serialization import load_checkpoint, save_checkpoint
 from inversion.upsample import LPU, stage_phases
@@ -124,6 +125,8 @@ class Decoder(nn.Module):
         if set(self.skip_at.values()) != set(self.skips):
             bad = sorted(set(self.skips) - set(self.skip_at.values()))
             raise RFIError(f"skip layers {bad} have no matching resolution in a stride-{stride} decoder")
+        if upsample == "lps":  # same weights and keys, faster circular padding
+            circular_convs(self)
 
     @property
     def upsampling(self) -> int:
@@ -147,7 +150,7 @@ class Decoder(nn.Module):
 
     def forward(self, features: Tensor | Mapping[str, Tensor],
                 phases: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Decode ``features``; ``phases`` (LPS decoders): default ``features.phases`` (see :mod:`inversion.upsample`)."""
+        """Decode ``features``; ``phases``: LPS decoders only, default ``features.phases`` (see LPU)."""
         if isinstance(features, Tensor):
             if self.skips:
                 raise RFIError(f"this decoder also needs skip features {list(self.skips)}: pass a mapping")

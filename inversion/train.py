@@ -44,7 +44,7 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from encoders.checkpoints import load_encoder, load_state_dict_checked
 from encoders.config import config_to_dict, load_config
@@ -165,10 +165,9 @@ def check_config(cfg: TrainDecoderConfig) -> None:
     problems = []
     if cfg.epochs < 1 and cfg.steps < 1:
         problems.append(f"epochs or steps must be >= 1, got epochs={cfg.epochs}, steps={cfg.steps}")
-    for key in ("batch_size",):
-        if getattr(cfg, key) < 1:
-            problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("sample_every", "log_every", "checkpoint_every", "num_workers", "steps"):
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {cfg.batch_size}")
+    for key in ("sample_every", "log_every", "checkpoint_every", "num_workers"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("pixel", "feature", "lpips", "adversarial"):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.downsample import lpd_modules, phase_path, select_phase
+from encoders.downsample import hard_choice, lpd_modules, phase_path, select_phase
 from encoders.errors import RFIError
 
 log = logging.getLogger("rfi")
@@ -74,8 +74,14 @@ class LPU(nn.Module):
             raise RFIError(f"LPU expects phase weights of shape ({x.shape[0]}, {s * s}), "
                            f"got {tuple(weights.shape)}")
         held = F.interpolate(x, scale_factor=s, mode="nearest")
-        # One rolled copy per phase, mixed by the weights: per-sample shifts without a loop
-        # over the batch (and exact for one-hot weights).
+        index = hard_choice(weights)
+        if index is not None:  # one phase per image: roll each group of images sharing a phase
+            out = torch.empty_like(held)
+            for p in index.unique().tolist():
+                group = (index == p).nonzero().squeeze(1)
+                out[group] = held[group].roll((p // s, p % s), dims=(2, 3))
+            return out
+        # Soft weights (an encoder in training mode): the mixture of the rolled copies.
         placed = torch.stack([held.roll((i, j), dims=(2, 3)) for i in range(s) for j in range(s)], dim=1)
         return select_phase(placed, weights)
 

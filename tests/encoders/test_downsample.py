@@ -155,3 +155,19 @@ def test_lpd_alone_is_shift_equivariant():
         for shift in [(1, 0), (0, 1), (1, 1), (3, 6)]:
             err = feature_equivariance_error(y, lpd(x.roll(shift, (2, 3))))
             assert (err == 0).all()
+
+
+def test_adversarial_training_of_an_lps_encoder(tmp_path):
+    from conftest import ROBUST, tiny_config
+
+    from encoders.train import train_encoder
+
+    from encoders.serialization import load_checkpoint
+
+    path = train_encoder(tiny_config(tmp_path, "model.downsample=lps", "epochs=1", config=ROBUST))
+    assert 0 <= load_checkpoint(path)["eval"]["pgd_acc"] <= 1  # PGD through the eval-mode argmax path
+    enc = create_encoder(checkpoint=str(path)).eval()
+    assert enc.downsample == "lps"
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(enc.logits(x).argmax(1), enc.logits(x.roll((5, 11), (2, 3))).argmax(1))

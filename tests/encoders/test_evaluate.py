@@ -15,7 +15,7 @@ def test_evaluate_encoder_reports_clean_and_pgd_accuracy(trained_checkpoint):
     assert r["images"] == 64 and r["steps"] == 10 and r["step_size"] == pytest.approx(0.125)
     assert r["clean_acc"] > 0.3  # trained: well above chance (1/8)
     assert r["pgd_acc"] < r["clean_acc"] and r["pgd_loss"] > r["clean_loss"]
-    assert evaluate_encoder(enc, val, eps=0.5, steps=10, norm="l2", max_images=64) == r  # seeded
+    assert evaluate_encoder(enc, val, eps=0.5, steps=10, norm="l2", batch_size=32, max_images=64) == r  # seeded
     none = evaluate_encoder(enc, val, eps=0.0, steps=10, norm="linf", max_images=64)
     assert none["pgd_acc"] == none["clean_acc"] == r["clean_acc"]
     assert not enc.training

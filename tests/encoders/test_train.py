@@ -68,7 +68,8 @@ def _state(path):
 
 
 def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_path, monkeypatch):
-    overrides = ("epochs=2", "adv.enabled=true", "adv.steps=1", "model.arch=vgg16", "model.width=0.0625")
+    # AlexNet: its dropout draws random numbers too, so the restored RNG state matters.
+    overrides = ("epochs=2", "adv.enabled=true", "adv.steps=1", "model.arch=alexnet")
     full = train_encoder(tiny_config(tmp_path / "full", *overrides))
 
     import encoders.serialization as ser

@@ -1,6 +1,7 @@
 """Fixtures for decoder tests: a tiny random encoder checkpoint and tiny training configs."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli_logging():
+    """``apps.cli.main`` points the root logger at the stderr of the moment (pytest's capture, closed
+    after the test); put the previous handlers back so later tests do not log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

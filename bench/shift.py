@@ -1,0 +1,226 @@
+"""Benchmark: stride vs blur pooling vs learnable polyphase sampling (LPS), standard and robust training.
+
+For each down-sampling (``stride``, ``blurpool``, ``lps``) and each training (standard, and
+adversarial with L2 PGD), with the same budget: train a ResNet-18 encoder on the embedded
+"which photo" task (``rfi train-encoder``'s :func:`encoders.train.train_encoder`), train a
+decoder for its ``layer3`` (:func:`inversion.train.train_decoder`; LPU up-sampling for the
+LPS encoder), then measure on held-out validation crops:
+
+- clean accuracy and PGD accuracy (L2, ``--eps``, ``--pgd-steps`` steps);
+- classification shift consistency (two random circular shifts per image) and the
+  ``layer3`` feature equivariance error (:func:`encoders.shift.shift_consistency`);
+- the decoder's reconstruction PSNR, its equivariance error (largest pixel difference
+  between ``D(E(T_b x))`` and ``T_{b-a} D(E(T_a x))``) and the share of exactly
+  equivariant reconstructions (<= 1e-5);
+- the median time of an encoder training step (own timing loop: ``--timing-steps`` steps
+  on one batch, the PGD example generation included for robust training) and of a decoder
+  training step (median over the logging windows of the decoder run).
+
+Usage:
+    python bench/shift.py                       # default: small, about 10 minutes on 2 idle CPU cores
+    python bench/shift.py --train-crops 12000 --epochs 4 --decoder-steps 1500 --width 0.25 --seeds 3
+
+Prints a table and writes ``bench/results/shift.json`` (``--out``). With ``--seeds N`` every
+figure is the median over N seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from encoders.checkpoints import load_encoder  # noqa: E402
+from encoders.config import load_config  # noqa: E402
+from encoders.data import DataConfig, EmbeddedCrops  # noqa: E402
+from encoders.downsample import annealed_temperature, set_temperature  # noqa: E402
+from encoders.evaluate import evaluate_encoder  # noqa: E402
+from encoders.models import Encoder  # noqa: E402
+from encoders.serialization import atomic_write  # noqa: E402
+from encoders.shift import shift_consistency  # noqa: E402
+from encoders.train import TrainEncoderConfig, adversarial_batch, train_encoder  # noqa: E402
+from inversion.autoencoder import RobustAutoencoder  # noqa: E402
+from inversion.train import TrainDecoderConfig, train_decoder  # noqa: E402
+
+METHODS = ("stride", "blurpool", "lps")
+TRAININGS = ("standard", "robust")
+LAYER = "layer3"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of stride,blurpool,lps")
+    p.add_argument("--trainings", default=",".join(TRAININGS), help="comma-separated subset of standard,robust")
+    p.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"))
+    p.add_argument("--width", type=float, default=0.125, help="encoder width multiplier (default 0.125)")
+    p.add_argument("--size", type=int, default=32, help="crop size in px (default 32)")
+    p.add_argument("--train-crops", type=int, default=3000, help="training crops (default 3000)")
+    p.add_argument("--val-crops", type=int, default=500, help="validation crops (default 500)")
+    p.add_argument("--epochs", type=int, default=3, help="encoder epochs (default 3)")
+    p.add_argument("--batch-size", type=int, default=128, help="encoder batch size (default 128)")
+    p.add_argument("--eps", type=float, default=0.5, help="L2 radius for robust training and PGD eval")
+    p.add_argument("--adv-steps", type=int, default=3, help="PGD steps in robust training (default 3)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps at evaluation (default 10)")
+    p.add_argument("--decoder-steps", type=int, default=200, help="decoder training steps (default 200)")
+    p.add_argument("--decoder-channels", type=int, default=32, help="decoder width (default 32)")
+    p.add_argument("--decoder-batch", type=int, default=32, help="decoder batch size (default 32)")
+    p.add_argument("--eval-images", type=int, default=500, help="validation images for every metric")
+    p.add_argument("--timing-steps", type=int, default=8, help="timed encoder training steps (median)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1, report medians")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models on shared cores)")
+    p.add_argument("--work", help="folder for the runs' checkpoints (default: a temporary folder)")
+    p.add_argument("--out", default="bench/results/shift.json")
+    return p.parse_args(argv)
+
+
+def encoder_config(args: argparse.Namespace, method: str, training: str, seed: int, out: Path) -> TrainEncoderConfig:
+    return load_config(TrainEncoderConfig, None, [
+        f"model.arch={args.arch}", f"model.width={args.width}", "model.small_input=true",
+        f"model.downsample={method}", f"data.size={args.size}", f"data.train_crops={args.train_crops}",
+        f"data.val_crops={args.val_crops}", f"epochs={args.epochs}", f"batch_size={args.batch_size}",
+        f"adv.enabled={training == 'robust'}", f"adv.eps={args.eps}", f"adv.steps={args.adv_steps}",
+        "eval.enabled=false", f"seed={seed}", "device=cpu", f"out={out}"])
+
+
+def decoder_config(args: argparse.Namespace, encoder_path: Path, seed: int, out: Path) -> TrainDecoderConfig:
+    return load_config(TrainDecoderConfig, None, [
+        f"encoder.checkpoint={encoder_path}", f"encoder.layer={LAYER}", f"decoder.channels={args.decoder_channels}",
+        f"decoder.min_channels={max(8, args.decoder_channels // 2)}", f"data.size={args.size}",
+        f"data.train_crops={args.train_crops}", f"data.val_crops={min(args.val_crops, 128)}",
+        f"steps={args.decoder_steps}", f"batch_size={args.decoder_batch}", "sample_every=0",
+        f"log_every={max(1, args.decoder_steps // 10)}", f"seed={seed}", "device=cpu", f"out={out}"])
+
+
+def encoder_step_ms(cfg: TrainEncoderConfig, steps: int) -> float:
+    """Median wall time (ms) of one encoder training step: PGD examples (robust), forward, backward, update."""
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    encoder = Encoder(m.arch, num_classes=8, width=m.width, small_input=m.small_input, downsample=m.downsample)
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x, y = torch.rand(cfg.batch_size, 3, cfg.data.size, cfg.data.size), torch.randint(8, (cfg.batch_size,))
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        start = time.perf_counter()
+        encoder.train()
+        if m.downsample == "lps":
+            set_temperature(encoder, annealed_temperature(0.5))
+        x_train = adversarial_batch(encoder, x, y, cfg.adv)
+        loss = F.cross_entropy(encoder.logits(x_train), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[2:])
+
+
+def decoder_step_ms(run_dir: Path, batch_size: int) -> float:
+    """Median ms per decoder step over the logging windows of a decoder run."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    ips = [r["images_per_s"] for r in rows if "images_per_s" in r]
+    return 1000 * statistics.median(batch_size / v for v in ips) if ips else float("nan")
+
+
+def measure(args: argparse.Namespace, method: str, training: str, seed: int, work: Path) -> dict[str, Any]:
+    run = work / f"{method}_{training}_seed{seed}"
+    cfg = encoder_config(args, method, training, seed, run / "encoder")
+    t0 = time.perf_counter()
+    enc_path = train_encoder(cfg)
+    t1 = time.perf_counter()
+    dec_cfg = decoder_config(args, enc_path, seed, run / "decoder")
+    dec_path = train_decoder(dec_cfg)
+    t2 = time.perf_counter()
+    encoder = load_encoder(enc_path)
+    val = EmbeddedCrops("val", args.size, args.val_crops, DataConfig().seed)
+    attack = evaluate_encoder(encoder, val, eps=args.eps, steps=args.pgd_steps, norm="l2",
+                              max_images=args.eval_images, batch_size=250, seed=seed)
+    ae = RobustAutoencoder.from_checkpoints(encoder, dec_path)
+    shift = shift_consistency(encoder, val, LAYER, ae.reconstruct, max_images=args.eval_images, batch_size=100,
+                              seed=seed)
+    return {"clean_acc": attack["clean_acc"], "pgd_acc": attack["pgd_acc"], "consistency": shift["consistency"],
+            "feature_equiv_error": shift["feature_equiv_error"], "psnr": shift["psnr"],
+            "recon_equiv_error": shift["recon_equiv_error"], "recon_exact": shift["recon_exact"],
+            "encoder_step_ms": encoder_step_ms(cfg, args.timing_steps),
+            "decoder_step_ms": decoder_step_ms(run / "decoder", args.decoder_batch),
+            "encoder_train_s": t1 - t0, "decoder_train_s": t2 - t1}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'method':<9} {'training':<9} {'clean':>6} {'PGD':>6} {'consist.':>8} {'feat err':>9} "
+            f"{'PSNR dB':>7} {'rec err':>8} {'exact':>6} {'enc ms/step':>11} {'dec ms/step':>11}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<9} {r['training']:<9} {100 * r['clean_acc']:>5.1f}% {100 * r['pgd_acc']:>5.1f}% "
+                     f"{100 * r['consistency']:>7.1f}% {r['feature_equiv_error']:>9.2e} {r['psnr']:>7.2f} "
+                     f"{r['recon_equiv_error']:>8.1e} {100 * r['recon_exact']:>5.1f}% {r['encoder_step_ms']:>11.1f} "
+                     f"{r['decoder_step_ms']:>11.1f}")
+    return "\n".join(lines)
+
+
+def goal(rows: list[dict[str, Any]]) -> list[str]:
+    """LPS vs stride, per training: 100% consistency, accuracy within 1 point, PSNR within 0.5 dB."""
+    out = []
+    for training in TRAININGS:
+        by = {r["method"]: r for r in rows if r["training"] == training}
+        if "lps" not in by or "stride" not in by:
+            continue
+        lps, ref = by["lps"], by["stride"]
+        d_acc, d_pgd, d_psnr = (100 * (lps["clean_acc"] - ref["clean_acc"]), 100 * (lps["pgd_acc"] - ref["pgd_acc"]),
+                                lps["psnr"] - ref["psnr"])
+        ok = lps["consistency"] == 1.0 and d_acc >= -1.0 and d_psnr >= -0.5
+        out.append(f"{training}: LPS consistency {100 * lps['consistency']:.1f}%, clean acc {d_acc:+.1f} pt, "
+                   f"PGD acc {d_pgd:+.1f} pt, PSNR {d_psnr:+.2f} dB vs stride -> goal {'met' if ok else 'NOT met'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("RFI_NO_PROGRESS", "1")
+    logging.basicConfig(level=logging.WARNING)
+    methods, trainings = args.methods.split(","), args.trainings.split(",")
+    bad = [m for m in methods if m not in METHODS] + [t for t in trainings if t not in TRAININGS]
+    if bad:
+        raise SystemExit(f"unknown method/training {bad} (valid: {METHODS}, {TRAININGS})")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rfi-bench-shift-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        rows = []
+        for training in trainings:
+            for method in methods:
+                runs = []
+                for seed in range(args.seeds):
+                    t = time.perf_counter()
+                    runs.append(measure(args, method, training, seed, work))
+                    print(f"  {method:<9} {training:<9} seed {seed}: clean {100 * runs[-1]['clean_acc']:.1f}%, "
+                          f"consistency {100 * runs[-1]['consistency']:.1f}%, PSNR {runs[-1]['psnr']:.2f} dB "
+                          f"({time.perf_counter() - t:.0f} s)", flush=True)
+                row = {"method": method, "training": training, "seeds": args.seeds}
+                row.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
+                rows.append(row)
+    print(table(rows))
+    checks = goal(rows)
+    print("\n".join(checks))
+    total = time.perf_counter() - start
+    print(f"total {total:.0f} s ({args.threads} thread(s))")
+    result = {"config": vars(args), "layer": LAYER, "rows": rows, "goal": checks, "total_s": total,
+              "torch": torch.__version__, "threads": args.threads}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
