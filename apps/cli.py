@@ -32,22 +32,23 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(suppress: bool = False) -> argparse.ArgumentParser:
+    # Sub-commands take the same flags; SUPPRESS keeps a flag given before the command.
+    default = argparse.SUPPRESS if suppress else False
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    common.add_argument("--quiet", action="store_true", help="log warnings only")
+    common.add_argument("--debug", action="store_true", default=default, help="show tracebacks for errors")
+    common.add_argument("--quiet", action="store_true", default=default, help="log warnings only")
     return common
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The full parser; only the module of the command named in ``argv`` is imported."""
-    common = _common()
-    parser = argparse.ArgumentParser(prog="rfi", parents=[common],
+    parser = argparse.ArgumentParser(prog="rfi", parents=[_common()],
                                      description="RFI: robust feature inversion toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, module, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[_common(suppress=True)])
         if name == chosen:
             register = getattr(importlib.import_module(module), "register_" + name.replace("-", "_"))
             register(p)

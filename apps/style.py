@@ -241,7 +241,9 @@ def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Te
         if missing:
             raise RFIError(f"no decoder for layer(s) {', '.join(missing)} in this pyramid "
                            f"(have: {', '.join(ae.layers)})")
-    style_feats = [ae.features(s, layers) for s in styles]
+    deepest = max(ae.strides[k] for k in layers)  # tiny styles are padded so every map has >= 2x2 values
+    style_feats = [ae.features(s if min(s.shape[-2:]) >= 2 * deepest else _pad(s, deepest), layers)
+                   for s in styles]
     h, w = x.shape[-2:]
     out = x
     max_side = max(1, int(math.sqrt(ae.max_pixels)))
@@ -280,7 +282,7 @@ class TrainDecodersConfig:
     (``<runs>/<layer>/decoder.pt``; default ``<out without suffix>_decoders``).
     """
 
-    layers: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3", "layer4"])
+    layers: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])
     train: TrainDecoderConfig = field(default_factory=_default_train)
     per_layer: dict[str, Any] = field(default_factory=dict)
     out: str = DEFAULT_MODEL
@@ -321,18 +323,18 @@ def _runs_dir(cfg: TrainDecodersConfig) -> Path:
 def check_pyramid_config(cfg: TrainDecodersConfig) -> list[str]:
     """Validate the layers against the encoder (loaded once); returns them shallow to deep.
 
+    ``per_layer`` may hold entries for layers not in ``layers`` (they are ready for when the
+    layer is added), but each must name a layer of the encoder.
+
     Raises:
-        RFIError: no layers, duplicates, unknown layers (lists the valid ones), ``per_layer``
-            entries for layers not in ``layers``, or a missing encoder checkpoint.
+        RFIError: no layers, duplicates, unknown layers in ``layers`` or ``per_layer`` (lists
+            the valid ones), or a missing encoder checkpoint.
     """
     if not cfg.layers:
         raise RFIError("layers: give at least one encoder layer for the pyramid")
     dup = sorted({k for k in cfg.layers if cfg.layers.count(k) > 1})
     if dup:
         raise RFIError(f"layers: {', '.join(dup)} listed twice")
-    stray = sorted(set(cfg.per_layer) - set(cfg.layers))
-    if stray:
-        raise RFIError(f"per_layer has entries for {', '.join(stray)}, which are not in layers {cfg.layers}")
     path = Path(cfg.train.encoder.checkpoint)
     if not path.is_file():
         raise RFIError(f"encoder checkpoint not found: {path} (train.encoder.checkpoint); train one with "
@@ -342,6 +344,10 @@ def check_pyramid_config(cfg: TrainDecodersConfig) -> list[str]:
     if bad:
         raise RFIError(f"layers: {encoder.arch} in {cfg.train.encoder.checkpoint} has no layer "
                        f"{', '.join(bad)} (valid: {', '.join(encoder.layer_names)})")
+    stray = sorted(set(cfg.per_layer) - set(encoder.layer_names))
+    if stray:
+        raise RFIError(f"per_layer: {encoder.arch} has no layer {', '.join(stray)} "
+                       f"(valid: {', '.join(encoder.layer_names)})")
     return [k for k in encoder.layer_names if k in cfg.layers]
 
 

@@ -51,8 +51,8 @@ from encoders.runtime import save_grid  # noqa: E402
 from encoders.serialization import atomic_write, load_checkpoint  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 
-PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "hubble_deep_field"), ("coffee", "retina"),
-         ("rocket", "immunohistochemistry"), ("stereo_motorcycle", "hubble_deep_field"), ("chelsea", "retina"))
+PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "retina"), ("coffee", "stereo_motorcycle"),
+         ("rocket", "immunohistochemistry"), ("stereo_motorcycle", "retina"), ("chelsea", "hubble_deep_field"))
 ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
             "standard": "runs/encoders/resnet18_standard/checkpoint.pt"}
 BUDGET_FREE = ("out", "runs")  # config keys that may differ between the two pyramids

@@ -545,7 +545,7 @@ class _DecoderTrainer:
         if ctx.world > 1:  # batch-norm statistics: every rank ends with rank 0's (DDP's convention)
             for buf in self.decoder.buffers():
                 dist.broadcast(buf, 0)
-        if ctx.main and (not cfg.sample_every or self.step % cfg.sample_every):
+        if ctx.main and cfg.sample_every and self.step % cfg.sample_every:  # the final state, too
             self.write_samples()
         self.save(complete=True)
         self.info("decoder written to %s (validation PSNR %.2f dB)", self.ckpt_path, self.val_psnr or float("nan"))

@@ -17,12 +17,23 @@ TINY = ["data.size=16", "data.train_crops=256", "data.val_crops=64", "model.widt
         "batch_size=64", "eval.max_images=64", "eval.steps=2", "log_every=2"]
 
 
-def tiny_config(tmp_path: Path, *overrides: str, config: Path = STANDARD):
-    """The default config shrunk to a few seconds, writing under ``tmp_path``."""
+def _tiny_config(out: Path, *overrides: str, config: Path = STANDARD):
     from encoders.config import load_config
     from encoders.train import TrainEncoderConfig
 
-    return load_config(TrainEncoderConfig, config, [*TINY, f"out={tmp_path}", *overrides])
+    return load_config(TrainEncoderConfig, config, [*TINY, f"out={out}", *overrides])
+
+
+@pytest.fixture
+def tiny_config():
+    """``tiny_config(out, *overrides)``: the standard default config shrunk to a few seconds, writing to ``out``."""
+    return _tiny_config
+
+
+@pytest.fixture
+def train_argv():
+    """``train_argv(out, *overrides)``: ``rfi train-encoder`` arguments for a tiny run of the robust default."""
+    return lambda out, *overrides: ["train-encoder", "--config", str(ROBUST), "--out", str(out), *TINY, *overrides]
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +42,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     from encoders.train import train_encoder
 
     out = tmp_path_factory.mktemp("trained")
-    return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256"))
+    return train_encoder(_tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256"))
 
 
 @pytest.fixture(autouse=True)

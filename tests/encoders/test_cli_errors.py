@@ -2,12 +2,12 @@
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from apps.cli import main
-from conftest import ROBUST, TINY
 from encoders import RFIError, create_encoder
 
 
@@ -23,12 +23,14 @@ def _fails(capsys, argv, *fragments):
     return lines[0]
 
 
-def _train(tmp_path, *overrides):
-    return ["train-encoder", "--config", str(ROBUST), "--out", str(tmp_path / "run"), *TINY, *overrides]
+@pytest.fixture
+def train(tmp_path, train_argv):
+    """``train(*overrides)``: arguments of a tiny ``rfi train-encoder`` run writing to ``tmp_path/run``."""
+    return lambda *overrides: train_argv(tmp_path / "run", *overrides)
 
 
-def test_unknown_architecture_lists_the_valid_ones(tmp_path, capsys):
-    _fails(capsys, _train(tmp_path, "model.arch=resnet99"),
+def test_unknown_architecture_lists_the_valid_ones(tmp_path, capsys, train):
+    _fails(capsys, train("model.arch=resnet99"),
            "unknown architecture 'resnet99'", "alexnet, vgg16, vgg19, resnet18, resnet50")
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "w.pt")
     _fails(capsys, ["eval-encoder", "--checkpoint", str(tmp_path / "w.pt"), "--arch", "vit"], "unknown architecture 'vit'")
@@ -39,12 +41,12 @@ def test_unknown_layer_lists_the_valid_ones():
         create_encoder("resnet18", width=0.125, layers=["layer9"])
 
 
-def test_misspelt_config_key_is_named(tmp_path, capsys):
-    _fails(capsys, _train(tmp_path, "adv.epss=1.0"), "unknown config key 'adv.epss'", "eps")
+def test_misspelt_config_key_is_named(tmp_path, capsys, train):
+    _fails(capsys, train("adv.epss=1.0"), "unknown config key 'adv.epss'", "eps")
     bad = tmp_path / "bad.yaml"
-    bad.write_text(ROBUST.read_text().replace("batch_size:", "batchsize:"))
+    bad.write_text(Path(train()[2]).read_text().replace("batch_size:", "batchsize:"))
     _fails(capsys, ["train-encoder", "--config", str(bad)], "unknown config key 'batchsize'", str(bad))
-    _fails(capsys, _train(tmp_path, "adv.norm=l1"), "adv.norm 'l1'", "l2, linf")
+    _fails(capsys, train("adv.norm=l1"), "adv.norm 'l1'", "l2, linf")
     assert not (tmp_path / "run").exists()
 
 
@@ -77,7 +79,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
-def test_file_that_would_run_code_is_refused_and_never_executed(tmp_path, capsys, container):
+def test_file_that_would_run_code_is_refused_and_never_executed(tmp_path, capsys, container, train):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     obj = {"state_dict": {"w": torch.zeros(1)}, "payload": _Payload(marker)}
@@ -88,29 +90,29 @@ def test_file_that_would_run_code_is_refused_and_never_executed(tmp_path, capsys
     _fails(capsys, ["eval-encoder", "--checkpoint", str(path), "--arch", "resnet18"], str(path))
     (tmp_path / "run").mkdir()
     shutil.copy(path, tmp_path / "run" / "checkpoint.pt")
-    _fails(capsys, _train(tmp_path) + ["--resume"], "refused to load")  # also when resuming a run
+    _fails(capsys, train() + ["--resume"], "refused to load")  # also when resuming a run
     assert not marker.exists()
 
 
-def test_resume_of_a_foreign_file_is_refused(trained_checkpoint, tmp_path, capsys):
+def test_resume_of_a_foreign_file_is_refused(tmp_path, capsys, train):
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"state_dict": {}}, run / "checkpoint.pt")
-    _fails(capsys, _train(tmp_path) + ["--resume"], "not a training checkpoint")
+    _fails(capsys, train() + ["--resume"], "not a training checkpoint")
 
 
-def test_empty_or_unreadable_image_folder(tmp_path, capsys):
+def test_empty_or_unreadable_image_folder(tmp_path, capsys, train):
     empty = tmp_path / "empty"
     empty.mkdir()
     folder = ("data.source=folder", "data.size=16")
-    _fails(capsys, _train(tmp_path, *folder, f"data.root={empty}"), "no image files in", str(empty))
-    _fails(capsys, _train(tmp_path, *folder, f"data.root={tmp_path / 'nowhere'}"), "image folder not found")
+    _fails(capsys, train(*folder, f"data.root={empty}"), "no image files in", str(empty))
+    _fails(capsys, train(*folder, f"data.root={tmp_path / 'nowhere'}"), "image folder not found")
     broken = tmp_path / "broken"
     for cls in ("a", "b"):
         (broken / cls).mkdir(parents=True)
         for i in range(5):
             (broken / cls / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    _fails(capsys, _train(tmp_path, *folder, f"data.root={broken}"), "is not a readable image")
-    _fails(capsys, _train(tmp_path, "data.source=cifar10", f"data.root={tmp_path}"),
+    _fails(capsys, train(*folder, f"data.root={broken}"), "is not a readable image")
+    _fails(capsys, train("data.source=cifar10", f"data.root={tmp_path}"),
            "CIFAR-10 not found", "cifar-10-python.tar.gz")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
