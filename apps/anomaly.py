@@ -117,7 +117,7 @@ class ScoreConfig:
 # layer2 trained on random crops of the normal images, for a fixed number of steps.
 DECODER_DEFAULTS = ("encoder.layer=layer2", "decoder.channels=64", "decoder.min_channels=32", "data.size=32",
                     "data.repeat=8", "loss.pixel=1.0", "loss.pixel_type=l1", "loss.feature=1.0",
-                    "optim.lr=0.002", "steps=400", "batch_size=32", "sample_every=200")
+                    "optim.lr=0.002", "steps=200", "batch_size=32", "sample_every=100")
 
 
 def default_decoder_config() -> TrainDecoderConfig:

@@ -44,7 +44,6 @@ from PIL import Image, UnidentifiedImageError
 from encoders.data import EMBEDDED_TEXTURES, embedded_image, region
 from encoders.errors import RFIError
 from encoders.imageio import IMAGE_EXTENSIONS, write_image
-from encoders.serialization import atomic_write
 
 log = logging.getLogger("rfi")
 

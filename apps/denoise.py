@@ -186,16 +186,18 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
                            f"(use the same noise.sigma or another --out)")
     elif (out / "decoder.pt").exists() and not resume:
         raise RFIError(f"{out / 'decoder.pt'} exists: pass --resume to continue that run, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(noise_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(noise)))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 writes files
+    if main_process:
+        atomic_write(noise_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(noise)))
     kind = f"sigma {sigma[0]:g}" if sigma[0] == sigma[1] else f"blind, sigma {sigma[0]:g}-{sigma[1]:g}"
     log.info("training a denoiser (%s) on %s of %s, skips %s", kind, cfg.train.encoder.layer,
              cfg.train.encoder.checkpoint, list(cfg.train.decoder.skips) or "none")
     decoder_path = train_decoder(cfg.train, resume=resume, input_transform=GaussianNoise(sigma))
-    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, decoder_path)
-    model.save(model_path, app=DENOISER_APP, sigma=list(sigma), layer=model.layer,
-               config={"noise": noise, "train": config_to_dict(cfg.train)})
-    log.info("denoiser written to %s", model_path)
+    if main_process:
+        model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, decoder_path)
+        model.save(model_path, app=DENOISER_APP, sigma=list(sigma), layer=model.layer,
+                   config={"noise": noise, "train": config_to_dict(cfg.train)})
+        log.info("denoiser written to %s", model_path)
     return model_path
 
 
@@ -216,7 +218,9 @@ def run_train_denoiser(args: argparse.Namespace) -> int:
         cfg.train.out = args.out
     if args.model:
         cfg.model = args.model
-    print(train_denoiser(cfg, resume=args.resume))
+    path = train_denoiser(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
     return 0
 
 

@@ -60,6 +60,8 @@ class StyleConfig:
     """StyleAugment in the views (see :class:`apps.augment.StyleAugment`); off unless ``enabled``.
 
     ``model``: autoencoder file; else ``encoder`` + ``decoder``; else the default robust one.
+    ``alpha``/``beta`` are milder than StyleAugment's defaults: (0.2, 0.6) gave a better probe
+    than (0.5, 1) in ``bench/augment.py``.
     """
 
     enabled: bool = False
@@ -67,8 +69,8 @@ class StyleConfig:
     encoder: str | None = None
     decoder: str | None = None
     p: float = 0.5
-    alpha: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    beta: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    alpha: list[float] = field(default_factory=lambda: [0.2, 0.6])
+    beta: list[float] = field(default_factory=lambda: [0.2, 0.6])
     styles: str = "batch"
 
 

@@ -162,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"{'mean':<10} {pct(mean(robust_img)):>10} {pct(mean(standard_img)):>12} "
                  f"{pct(mean([table[c]['robust']['combined']['pixel_auroc'] for c in categories])):>10} "
                  f"{pct(mean([table[c]['standard']['combined']['pixel_auroc'] for c in categories])):>12}")
+    defects = sorted({d for r in runs for d in (r["metrics"]["combined"].get("per_defect") or {})})
+    per_defect = {cat: {enc: {d: median([r["metrics"]["combined"]["per_defect"].get(d) for r in runs
+                                         if r["category"] == cat and r["encoder"] == enc])
+                              for d in defects} for enc in encoders} for cat in categories}
+    lines += ["", "image AUROC per defect type (normal vs that defect), robust / standard:",
+              f"{'category':<10} " + " ".join(f"{d:>18}" for d in defects)]
+    for cat in categories:
+        lines.append(f"{cat:<10} " + " ".join(
+            f"{pct(per_defect[cat]['robust'][d]) + ' / ' + pct(per_defect[cat]['standard'][d]):>18}" for d in defects))
     goal_met = all(v is not None and v >= GOAL for v in robust_img)
     robust_wins = all(r is not None and s is not None and r >= s for r, s in zip(robust_img, standard_img))
     lines.append(f"goal image AUROC >= {100 * GOAL:.0f}% on every category (robust): {'met' if goal_met else 'NOT met'}; "
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
 
     result = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "categories": categories,
-              "encoders": encoders, "benchmark": vars(base.benchmark), "table": table, "fit_seconds": fit_s,
+              "encoders": encoders, "benchmark": vars(base.benchmark), "table": table, "per_defect": per_defect, "fit_seconds": fit_s,
               "goal": {"image_auroc": GOAL, "met": goal_met, "robust_ge_standard": robust_wins},
               "runs": runs, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                         "threads": torch.get_num_threads(), "cpu": platform.processor()},

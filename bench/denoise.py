@@ -22,13 +22,14 @@ Models are trained in ``--workdir`` (finished runs are reused, killed ones resum
 
 Usage:
     python bench/denoise.py                          # a few minutes on 2 CPU cores
-    python bench/denoise.py --steps 6000             # bigger training budget
+    python bench/denoise.py --steps 1500             # bigger training budget
     python bench/denoise.py --fixed                  # one model per sigma (3x the budget)
     python bench/denoise.py --set train.decoder.skips=[layer1]   # any train-denoiser override
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -137,8 +138,11 @@ def get_model(args: argparse.Namespace, kind: str, sigma: float | None) -> tuple
         return Path(given), {}
     encoder = args.robust_encoder if kind == "robust" else args.standard_encoder
     noise = f"noise.sigma={sigma:g}" if sigma is not None else f"noise.sigma=[{args.train_sigma[0]:g},{args.train_sigma[1]:g}]"
-    tag = f"sigma{sigma:g}" if sigma is not None else "blind"
-    out = Path(args.workdir) / f"{kind}_{tag}"
+    # One folder per (encoder, noise, budget, overrides): a finished run is reused, never extended.
+    tag = f"{kind}_{f'sigma{sigma:g}' if sigma is not None else 'blind'}_{args.steps}steps"
+    if args.set:
+        tag += "_" + hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:8]
+    out = Path(args.workdir) / tag
     overrides = [noise, f"train.steps={args.steps}", f"train.encoder.checkpoint={encoder}",
                  f"train.out={out}", f"train.device={args.device}", "train.sample_every=0", *args.set]
     cfg = load_denoiser_config(args.config, overrides)
@@ -152,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sigmas", type=float, nargs="+", default=[15, 25, 50])
     p.add_argument("--config", default=str(ROOT / "configs/apps/denoise.yaml"))
-    p.add_argument("--steps", type=int, default=1500, help="training steps per denoiser (default budget)")
+    p.add_argument("--steps", type=int, default=400,
+                   help="training steps per denoiser (default 400: ~2 min per model on one free core)")
     p.add_argument("--train-sigma", type=float, nargs=2, default=[0, 55], metavar=("LO", "HI"),
                    help="noise range of the blind denoisers")
     p.add_argument("--fixed", action="store_true", help="one denoiser per sigma instead of one blind model")

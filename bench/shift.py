@@ -12,9 +12,11 @@ LPS encoder), then measure on held-out validation crops:
 - the decoder's reconstruction PSNR, its equivariance error (largest pixel difference
   between ``D(E(T_b x))`` and ``T_{b-a} D(E(T_a x))``) and the share of exactly
   equivariant reconstructions (<= 1e-5);
-- the median time of an encoder training step (own timing loop: ``--timing-steps`` steps
-  on one batch, the PGD example generation included for robust training) and of a decoder
-  training step (median over the logging windows of the decoder run).
+- the median time of an encoder training step (PGD example generation included for robust
+  training) and of a decoder training step (encoder forward, decoder, the run's pixel +
+  feature loss, backward, update). Timing runs after all training, *interleaved*: every
+  round times one step of each configuration in turn, so load from other processes on a
+  shared machine hits all of them alike.
 
 Usage:
     python bench/shift.py                       # default: small, about 10 minutes on 2 idle CPU cores
@@ -51,7 +53,8 @@ from encoders.serialization import atomic_write  # noqa: E402
 from encoders.shift import shift_consistency  # noqa: E402
 from encoders.train import TrainEncoderConfig, adversarial_batch, train_encoder  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
-from inversion.train import TrainDecoderConfig, train_decoder  # noqa: E402
+from inversion.losses import DecoderLoss  # noqa: E402
+from inversion.train import TrainDecoderConfig, build_decoder, load_frozen_encoder, train_decoder  # noqa: E402
 
 METHODS = ("stride", "blurpool", "lps")
 TRAININGS = ("standard", "robust")
@@ -76,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-channels", type=int, default=32, help="decoder width (default 32)")
     p.add_argument("--decoder-batch", type=int, default=32, help="decoder batch size (default 32)")
     p.add_argument("--eval-images", type=int, default=500, help="validation images for every metric")
-    p.add_argument("--timing-steps", type=int, default=8, help="timed encoder training steps (median)")
+    p.add_argument("--timing-steps", type=int, default=8,
+                   help="timed training steps of each configuration, interleaved (median; default 8)")
     p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1, report medians")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models on shared cores)")
     p.add_argument("--work", help="folder for the runs' checkpoints (default: a temporary folder)")
@@ -102,16 +106,15 @@ def decoder_config(args: argparse.Namespace, encoder_path: Path, seed: int, out:
         f"log_every={max(1, args.decoder_steps // 10)}", f"seed={seed}", "device=cpu", f"out={out}"])
 
 
-def encoder_step_ms(cfg: TrainEncoderConfig, steps: int) -> float:
-    """Median wall time (ms) of one encoder training step: PGD examples (robust), forward, backward, update."""
+def encoder_step(cfg: TrainEncoderConfig):
+    """A function running one encoder training step as ``train_encoder`` does (fresh model, fixed batch)."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
     encoder = Encoder(m.arch, num_classes=8, width=m.width, small_input=m.small_input, downsample=m.downsample)
     opt = torch.optim.SGD(encoder.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x, y = torch.rand(cfg.batch_size, 3, cfg.data.size, cfg.data.size), torch.randint(8, (cfg.batch_size,))
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        start = time.perf_counter()
+
+    def step() -> None:
         encoder.train()
         if m.downsample == "lps":
             set_temperature(encoder, annealed_temperature(0.5))
@@ -120,15 +123,41 @@ def encoder_step_ms(cfg: TrainEncoderConfig, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[2:])
+
+    return step
 
 
-def decoder_step_ms(run_dir: Path, batch_size: int) -> float:
-    """Median ms per decoder step over the logging windows of a decoder run."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    ips = [r["images_per_s"] for r in rows if "images_per_s" in r]
-    return 1000 * statistics.median(batch_size / v for v in ips) if ips else float("nan")
+def decoder_step(cfg: TrainDecoderConfig):
+    """A function running one decoder training step as ``train_decoder`` does (pixel + feature loss)."""
+    torch.manual_seed(cfg.seed)
+    encoder = load_frozen_encoder(cfg.encoder)
+    decoder = build_decoder(encoder, LAYER, cfg.decoder)
+    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.optim.lr)
+    loss = DecoderLoss(encoder, LAYER, pixel=cfg.loss.pixel, feature=cfg.loss.feature, pixel_type=cfg.loss.pixel_type)
+    x = EmbeddedCrops("train", cfg.data.size, cfg.batch_size, seed=1)
+    x = torch.stack([x[i][0] for i in range(len(x))])
+
+    def step() -> None:
+        with torch.no_grad():
+            feats = encoder(x, layers=decoder.input_layers)
+        total, _ = loss(decoder(feats), x, condition=feats[LAYER], target_features=feats[LAYER])
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    return step
+
+
+def interleaved_ms(steps: dict[str, Any], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each step function, timed round-robin (one call of each per round)."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + rounds):
+        for key, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[key].append(1000 * (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def measure(args: argparse.Namespace, method: str, training: str, seed: int, work: Path) -> dict[str, Any]:
@@ -150,9 +179,7 @@ def measure(args: argparse.Namespace, method: str, training: str, seed: int, wor
     return {"clean_acc": attack["clean_acc"], "pgd_acc": attack["pgd_acc"], "consistency": shift["consistency"],
             "feature_equiv_error": shift["feature_equiv_error"], "psnr": shift["psnr"],
             "recon_equiv_error": shift["recon_equiv_error"], "recon_exact": shift["recon_exact"],
-            "encoder_step_ms": encoder_step_ms(cfg, args.timing_steps),
-            "decoder_step_ms": decoder_step_ms(run / "decoder", args.decoder_batch),
-            "encoder_train_s": t1 - t0, "decoder_train_s": t2 - t1}
+            "encoder_train_s": t1 - t0, "decoder_train_s": t2 - t1}, (cfg, dec_cfg)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -195,19 +222,27 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rfi-bench-shift-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        rows = []
+        rows, configs = [], {}
         for training in trainings:
             for method in methods:
                 runs = []
                 for seed in range(args.seeds):
                     t = time.perf_counter()
-                    runs.append(measure(args, method, training, seed, work))
-                    print(f"  {method:<9} {training:<9} seed {seed}: clean {100 * runs[-1]['clean_acc']:.1f}%, "
-                          f"consistency {100 * runs[-1]['consistency']:.1f}%, PSNR {runs[-1]['psnr']:.2f} dB "
+                    result, cfgs = measure(args, method, training, seed, work)
+                    runs.append(result)
+                    configs.setdefault((method, training), cfgs)
+                    print(f"  {method:<9} {training:<9} seed {seed}: clean {100 * result['clean_acc']:.1f}%, "
+                          f"consistency {100 * result['consistency']:.1f}%, PSNR {result['psnr']:.2f} dB "
                           f"({time.perf_counter() - t:.0f} s)", flush=True)
                 row = {"method": method, "training": training, "seeds": args.seeds}
                 row.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
                 rows.append(row)
+        print(f"  timing {args.timing_steps} interleaved rounds ...", flush=True)
+        enc_ms = interleaved_ms({k: encoder_step(c[0]) for k, c in configs.items()}, args.timing_steps)
+        dec_ms = interleaved_ms({k: decoder_step(c[1]) for k, c in configs.items()}, args.timing_steps)
+        for row in rows:
+            key = (row["method"], row["training"])
+            row.update(encoder_step_ms=enc_ms[key], decoder_step_ms=dec_ms[key])
     print(table(rows))
     checks = goal(rows)
     print("\n".join(checks))

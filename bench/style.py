@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]  # the cores are shared: record how busy they were
     pairs = PAIRS[:max(1, min(args.images, len(PAIRS)))]
 
     paths = {"robust": Path(args.robust), "standard": Path(args.standard)}
@@ -186,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
               "repeats": args.repeats, "alpha": args.alpha, "content_layer": args.content_layer,
               "style_layers": args.style_layers, "threads": torch.get_num_threads(),
               "models": {k: str(v) for k, v in paths.items()}, "trained_by_bench": trained,
-              "same_budget": same_budget, "device": "cpu", "torch": torch.__version__}
+              "same_budget": same_budget, "device": "cpu", "torch": torch.__version__,
+              "load_average": [load_start, os.getloadavg()[0]], "cpu_count": os.cpu_count()}
+    print(f"\n{torch.get_num_threads()} torch thread(s); load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     out = Path(args.out)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print(f"\nwrote {out}")

@@ -98,10 +98,10 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Results of :func:`evaluate_encoder` as a text table (accuracies in %)."""
-    head = f"{'norm':<5} {'eps':>7} {'steps':>5} {'step':>7} {'images':>6} {'clean acc':>9} {'PGD acc':>8}"
+    head = f"{'norm':<5} {'eps':>8} {'steps':>5} {'step size':>9} {'images':>6} {'clean acc':>9} {'PGD acc':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['norm']:<5} {r['eps']:>7.4g} {r['steps']:>5d} {r['step_size']:>7.4g} {r['images']:>6d} "
+        lines.append(f"{r['norm']:<5} {r['eps']:>8.4g} {r['steps']:>5d} {r['step_size']:>9.3g} {r['images']:>6d} "
                      f"{100 * r['clean_acc']:>8.1f}% {100 * r['pgd_acc']:>7.1f}%")
     return "\n".join(lines)
 

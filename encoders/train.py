@@ -207,12 +207,20 @@ def _loader(dataset: Dataset, cfg: TrainEncoderConfig, epoch: int, device: torch
                       num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _resume_state(path: Path, cfg: TrainEncoderConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != ENCODER_FORMAT or "train" not in ckpt:
         raise RFIError(f"{path} is not a training checkpoint of rfi train-encoder: cannot resume from it")
-    old, new = ckpt["train"]["config"], config_to_dict(cfg)
-    changed = [k for k in sorted(set(old) | set(new)) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+    old, new = _flat(ckpt["train"]["config"]), _flat(config_to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new))
+               if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
     if changed:
         raise RFIError(f"cannot resume {path}: the config differs in {', '.join(changed)} "
                        f"(use the run's {path.parent / 'config.yaml'} or another --out)")

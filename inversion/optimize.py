@@ -47,7 +47,7 @@ def _initial_logits(shape: tuple[int, ...], encoder: Encoder, init: Init, genera
 
 
 def invert_by_optimization(encoder: Encoder, target: Tensor | Mapping[str, Tensor], layer: str,
-                           steps: int = 200, lr: float = 0.1, tv_weight: float = 0.05,
+                           steps: int = 300, lr: float = 0.2, tv_weight: float = 0.05,
                            init: Init = "noise", generator: torch.Generator | None = None,
                            size: tuple[int, int] | None = None, progress: bool = False) -> Tensor:
     """Find images whose ``layer`` features match the target's.

@@ -37,13 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.downsample import hard_choice, lpd_modules, phase_path, select_phase
+from encoders.downsample import hard_choice, phase_path, select_phase
 from encoders.errors import RFIError
 
 log = logging.getLogger("rfi")
-
-UPSAMPLING = ("nearest", "lps")
-
 
 class LPU(nn.Module):
     """Up-sample by ``stride``, placing each input pixel at the phase its matching LPD chose.
@@ -118,7 +115,7 @@ def check_phase_source(encoder: nn.Module, layer: str, phase_from: Sequence[str]
         raise RFIError(f"the decoder for '{layer}' uses polyphase up-sampling (upsample=lps) and needs an "
                        f"encoder built with downsample='lps', not '{getattr(encoder, 'downsample', 'stride')}'")
     expected = phase_path(encoder.model, encoder.taps[layer])[::-1]
-    if list(phase_from) != expected or any(name not in lpd_modules(encoder.model) for name in phase_from):
+    if list(phase_from) != expected:
         raise RFIError(f"the decoder for '{layer}' takes phases from {list(phase_from)}, but this encoder's "
                        f"LPD layers before '{layer}' are {expected}: encoder and decoder do not fit")
 

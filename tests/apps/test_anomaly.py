@@ -22,6 +22,11 @@ from encoders.errors import RFIError
 TINY_BENCH = BenchmarkConfig(size=32, train=3, test_good=2, test_defect=2)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    """Every test here runs torch on one thread (tiny models; the CPU may be shared)."""
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -312,3 +317,21 @@ def test_exception_cli_bad_inputs(tiny_model, tiny_encoder, dummy_mvtec, anomaly
     assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--out", str(tmp_path / "m.pt"),
                  "--config", str(anomaly_config), "score.pixel_metric=l3"]) == 2
     assert "score.pixel_metric 'l3'" in capsys.readouterr().err
+
+
+def test_decoder_training_crops_keep_the_image_scale(dummy_mvtec):
+    """fit trains on plain random crops (ImageFiles crop='random'), not rescaled ones, repeated per epoch."""
+    from encoders.data import ImageFiles
+    from encoders.imageio import read_image
+
+    folder = dummy_mvtec / "widget/train/good"
+    ds = ImageFiles(folder, "train", 16, crop="random", repeat=3)
+    assert len(ds) == 3 * 8  # 10 files, every 5th held out for validation
+    torch.manual_seed(0)
+    crop, _ = ds[0]
+    src = read_image(ds.items[0][0])
+    windows = src.unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4)  # (33, 33, 3, 16, 16)
+    found = [(windows == c).flatten(2).all(-1).any() for c in (crop, crop.flip(-1))]
+    assert any(found)
+    with pytest.raises(RFIError, match="unknown crop mode 'zoom'"):
+        ImageFiles(folder, "train", 16, crop="zoom")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import kornia.color
 import pytest
 import torch
@@ -12,6 +14,8 @@ from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 
 LAYERS = ("layer1", "layer2", "layer3")
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "apps" / "style.yaml"
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: 1 thread (see conftest)
 
 
 def tiny_pyramid(layers=LAYERS, seed=0, skips=False) -> RobustAutoencoder:
@@ -26,16 +30,6 @@ def tiny_pyramid(layers=LAYERS, seed=0, skips=False) -> RobustAutoencoder:
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
     return RobustAutoencoder(enc, decs).eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: threads only add overhead, and on shared (oversubscribed) cores OpenMP's
-    # spin-waiting made these tests 40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +215,7 @@ def test_cli_train_decoders_writes_a_pyramid_that_stylize_uses(files, tmp_path, 
     enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
     save_encoder(enc, tmp_path / "enc.pt")
     model = tmp_path / "pyr.pt"
-    args = ["train-decoders", "--config", "configs/apps/style.yaml", "--out", str(model), "--quiet",
+    args = ["train-decoders", "--config", str(CONFIG), "--out", str(model), "--quiet",
             f"train.encoder.checkpoint={tmp_path / 'enc.pt'}", "layers=[layer1, layer2]", "per_layer={}",
             "train.steps=2", "train.batch_size=4", "train.data.train_crops=8", "train.data.val_crops=4",
             "train.data.size=16", "train.decoder.channels=8", "train.decoder.min_channels=8", "train.log_every=0"]

@@ -17,7 +17,8 @@ TINY = ["data.size=16", "data.train_crops=256", "data.val_crops=64", "model.widt
         "batch_size=64", "eval.max_images=64", "eval.steps=2", "log_every=2"]
 
 
-def _tiny_config(out: Path, *overrides: str, config: Path = STANDARD):
+def tiny_config(out: Path, *overrides: str, config: Path = STANDARD):
+    """The default config shrunk to a few seconds, writing to ``out`` (also importable: ``from conftest import``)."""
     from encoders.config import load_config
     from encoders.train import TrainEncoderConfig
 
@@ -25,9 +26,9 @@ def _tiny_config(out: Path, *overrides: str, config: Path = STANDARD):
 
 
 @pytest.fixture
-def tiny_config():
-    """``tiny_config(out, *overrides)``: the standard default config shrunk to a few seconds, writing to ``out``."""
-    return _tiny_config
+def tiny_cfg():
+    """:func:`tiny_config` as a fixture: ``tiny_cfg(out, *overrides, config=...)``."""
+    return tiny_config
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     from encoders.train import train_encoder
 
     out = tmp_path_factory.mktemp("trained")
-    return train_encoder(_tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256"))
+    return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256"))
 
 
 @pytest.fixture(autouse=True)

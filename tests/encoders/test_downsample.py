@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ from encoders import RFIError, create_encoder
 from encoders.downsample import LPD, SamePhase, annealed_temperature, lpd_modules, polyphase, set_temperature
 from encoders.models import Encoder
 from encoders.shift import circular_shift, feature_equivariance_error
-
 
 
 @pytest.fixture(autouse=True)
@@ -157,14 +157,12 @@ def test_lpd_alone_is_shift_equivariant():
             assert (err == 0).all()
 
 
-def test_adversarial_training_of_an_lps_encoder(tmp_path):
-    from conftest import ROBUST, tiny_config
-
+def test_adversarial_training_of_an_lps_encoder(tmp_path, tiny_cfg):
+    from encoders.serialization import load_checkpoint
     from encoders.train import train_encoder
 
-    from encoders.serialization import load_checkpoint
-
-    path = train_encoder(tiny_config(tmp_path, "model.downsample=lps", "epochs=1", config=ROBUST))
+    robust = Path(__file__).resolve().parents[2] / "configs" / "encoder" / "resnet18_robust.yaml"
+    path = train_encoder(tiny_cfg(tmp_path, "model.downsample=lps", "epochs=1", config=robust))
     assert 0 <= load_checkpoint(path)["eval"]["pgd_acc"] <= 1  # PGD through the eval-mode argmax path
     enc = create_encoder(checkpoint=str(path)).eval()
     assert enc.downsample == "lps"

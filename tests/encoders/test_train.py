@@ -40,8 +40,8 @@ def test_default_configs_are_the_documented_pair():
     assert a == b  # same model, data, budget and evaluation
 
 
-def test_training_writes_checkpoint_metrics_config_and_eval(tmp_path, tiny_config):
-    path = train_encoder(tiny_config(tmp_path, "adv.enabled=true", "adv.steps=1"))
+def test_training_writes_checkpoint_metrics_config_and_eval(tmp_path, tiny_cfg):
+    path = train_encoder(tiny_cfg(tmp_path, "adv.enabled=true", "adv.steps=1"))
     assert path == tmp_path / "checkpoint.pt"
     enc = create_encoder(checkpoint=path)
     assert (enc.arch, enc.num_classes, enc.width, enc.small_input) == ("resnet18", 8, 0.125, True)
@@ -70,10 +70,10 @@ def _state(path):
     return load_checkpoint(path)["state_dict"]
 
 
-def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_path, monkeypatch, tiny_config):
+def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_path, monkeypatch, tiny_cfg):
     # AlexNet: its dropout draws random numbers too, so the restored RNG state matters.
     overrides = ("epochs=2", "adv.enabled=true", "adv.steps=1", "model.arch=alexnet")
-    full = train_encoder(tiny_config(tmp_path / "full", *overrides))
+    full = train_encoder(tiny_cfg(tmp_path / "full", *overrides))
 
     import encoders.serialization as ser
 
@@ -87,7 +87,7 @@ def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(ser.torch, "save", dying_save)
-    cfg = tiny_config(tmp_path / "cut", *overrides)
+    cfg = tiny_cfg(tmp_path / "cut", *overrides)
     with pytest.raises(KeyboardInterrupt):
         train_encoder(cfg)
     monkeypatch.setattr(ser.torch, "save", real_save)
@@ -98,8 +98,8 @@ def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_
 
     with pytest.raises(RFIError, match="exists: pass --resume"):
         train_encoder(cfg)
-    with pytest.raises(RFIError, match="config differs in seed"):
-        train_encoder(tiny_config(tmp_path / "cut", *overrides, "seed=1"), resume=True)
+    with pytest.raises(RFIError, match="config differs in adv.eps, seed "):
+        train_encoder(tiny_cfg(tmp_path / "cut", *overrides, "seed=1", "adv.eps=0.25"), resume=True)
     resumed = train_encoder(cfg, resume=True)
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
