@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.augment import DEFAULT_DECODER, DEFAULT_ENCODER, StyleAugment, load_style_model  # noqa: E402
-from apps.ssl import SimCLR, SSLConfig, build_views, linear_probe, run_ssl  # noqa: E402
+from apps.simclr import SimCLR, SSLConfig, build_views, linear_probe, run_ssl  # noqa: E402
 from encoders.config import config_to_dict, load_config  # noqa: E402
 from encoders.data import EmbeddedCrops  # noqa: E402
 from encoders.errors import RFIError  # noqa: E402

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from apps.ssl import SSLConfig, SimCLR, nt_xent, run_ssl
+from apps.simclr import SSLConfig, SimCLR, nt_xent, run_ssl
 from encoders.config import load_config
 from encoders.errors import RFIError
 from encoders.models import Encoder

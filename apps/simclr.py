@@ -17,7 +17,7 @@ Example:
     >>> result = run_ssl(cfg)                                                # doctest: +SKIP
     >>> result["probe_acc"], result["step_ms"]                               # doctest: +SKIP
 
-Command line: ``python -m apps.ssl --config configs/apps/ssl.yaml style.enabled=true``.
+Command line: ``python -m apps.simclr --config configs/apps/ssl.yaml style.enabled=true``.
 """
 from __future__ import annotations
 
@@ -262,8 +262,8 @@ def run_ssl(cfg: SSLConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m apps.ssl --config configs/apps/ssl.yaml [key=value ...]``: prints the result as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m apps.ssl", description=__doc__.splitlines()[0])
+    """``python -m apps.simclr --config configs/apps/ssl.yaml [key=value ...]``: prints the result as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m apps.simclr", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML (configs/apps/ssl.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. style.enabled=true epochs=2")
     args = parser.parse_args(argv)
@@ -278,5 +278,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except RFIError as e:
-        print(f"apps.ssl: error: {e}", file=sys.stderr)
+        print(f"apps.simclr: error: {e}", file=sys.stderr)
         sys.exit(2)
