@@ -116,7 +116,8 @@ def speed(ae: RobustAutoencoder, images: torch.Tensor, steps_list: list[int], re
             g = torch.Generator().manual_seed(0)
             return invert_by_optimization(ae.encoder, images, ae.layer, steps=steps, lr=lr, tv_weight=tv, generator=g)
         t, out = timed(run, opt_repeats)
-        rows.append({"steps": steps, "ms_per_image": 1000 * t / n, "ms_per_step_per_image": 1000 * t / n / max(steps, 1),
+        rows.append({"steps": steps, "ms_per_image": 1000 * t / n,
+                     "ms_per_step_per_image": 1000 * t / n / max(steps, 1),
                      "psnr": psnr(out, images).mean().item(),
                      "ssim": ssim(out, images).mean().item(),
                      "slowdown_vs_decoder": (1000 * t / n) / dec["ms_per_image_batched"]})
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
           f"{size}px crops; Adam lr={lr:g}, TV weight={tv:g}, tuned on other crops)\n")
     print("| method | ms / image | PSNR (dB) | SSIM | time vs decoder |")
     print("|---|---|---|---|---|")
-    print(f"| decoder (batch {sp['images']}) | {d['ms_per_image_batched']:.2f} | {d['psnr']:.2f} | {d['ssim']:.3f} | 1x |")
+    print(f"| decoder (batch {sp['images']}) | {d['ms_per_image_batched']:.2f} | {d['psnr']:.2f} | "
+          f"{d['ssim']:.3f} | 1x |")
     print(f"| decoder (batch 1) | {d['ms_per_image_batch1']:.2f} | {d['psnr']:.2f} | {d['ssim']:.3f} | "
           f"{d['ms_per_image_batch1'] / d['ms_per_image_batched']:.1f}x |")
     for r in sp["optimization"]:

@@ -54,7 +54,8 @@ def output_paths(inputs: Sequence[Path], out: str | os.PathLike, suffix: str = "
 
 
 def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 invert: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> tuple[list[Path], list[str]]:
+                 invert: Callable[[Tensor], Tensor],
+                 device: torch.device | str = "cpu") -> tuple[list[Path], list[str]]:
     """Invert image files one by one, writing ``out/<stem>.png``.
 
     Args:

@@ -28,7 +28,8 @@ def test_quickstart_tiny_end_to_end_and_cache(tmp_path, one_thread, capsys, monk
     ev = report["evaluation"]
     assert list(ev["models"]) == ["standard", "robust"]
     assert [r["scale"] for r in ev["models"]["robust"]] == [1, 2, 4] and ev["models"]["robust"][0]["n"] == 4
-    assert report["runs"]["robust"]["adversarial"]["enabled"] and not report["runs"]["standard"]["adversarial"]["enabled"]
+    runs = report["runs"]
+    assert runs["robust"]["adversarial"]["enabled"] and not runs["standard"]["adversarial"]["enabled"]
     assert report["runs"]["robust"]["encoder"]["eval"]["pgd_acc"] is not None
     md = (out / "report.md").read_text()
     assert "| standard | 1x | 16 |" in md and "Robust minus standard PSNR" in md and "![1x grid](grid_1x.png)" in md
