@@ -13,17 +13,25 @@ import torch
 import torch.multiprocessing as mp
 
 
+def _free_ports(n: int) -> tuple[int, ...]:
+    """``n`` distinct free ports (the sockets stay open until all are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in socks)
+    finally:
+        for s in socks:
+            s.close()
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _worker(rank: int, world: int, port: int, cfg, more_steps: int, record: str) -> None:
+def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int, record: str) -> None:
     """One DDP process: torchrun's environment, then ``train_decoder`` and a resumed, extended run
-    (``more_steps`` steps more); records every file it writes and its weights after each run."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+    (``more_steps`` steps more); records every file it writes and its weights after each run.
+
+    The resumed run gets its own port, as a second ``torchrun`` launch would: on one port a fast rank
+    could reach rank 0's first store just before rank 0 tears it down."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), RFI_NO_PROGRESS="1")
     torch.set_num_threads(1)
     import encoders.imageio
@@ -59,6 +67,7 @@ def _worker(rank: int, world: int, port: int, cfg, more_steps: int, record: str)
     train.train_decoder(cfg)
     Path(record, f"writes{rank}.json").write_text(json.dumps(writes))
     cfg.steps += more_steps
+    os.environ["MASTER_PORT"] = str(ports[1])
     train.train_decoder(cfg, resume=True)
 
 
@@ -66,7 +75,7 @@ def test_two_gloo_processes_train_identical_weights(tiny_config, tmp_path):
     out, rec = tmp_path / "ddp", tmp_path / "rec"
     rec.mkdir()
     cfg = tiny_config("steps=12", "log_every=2", "sample_every=6", "checkpoint_every=5", out=out)
-    mp.spawn(_worker, args=(2, _free_port(), cfg, 4, str(rec)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_ports(2), cfg, 4, str(rec)), nprocs=2, join=True)
 
     w0, w1 = (torch.load(rec / f"weights{r}_12.pt", weights_only=True) for r in (0, 1))
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
