@@ -160,7 +160,7 @@ def _full(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="measurements per variant (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="measurements per variant (median reported)")
     p.add_argument("--crops", type=int, default=512, help="training crops per measured epoch")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")

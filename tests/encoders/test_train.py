@@ -34,7 +34,7 @@ def test_default_configs_are_the_documented_pair():
     standard = load_config(TrainEncoderConfig, CONFIGS / "resnet18_standard.yaml")
     assert (robust.model.arch, robust.model.width, robust.model.small_input) == ("resnet18", 0.25, True)
     assert (robust.adv.enabled, robust.adv.norm, robust.adv.eps, robust.adv.steps) == (True, "l2", 0.5, 3)
-    assert (robust.data.source, robust.data.size, robust.data.train_crops, robust.epochs) == ("embedded", 32, 12000, 4)
+    assert (robust.data.source, robust.data.size, robust.data.train_crops, robust.epochs) == ("embedded", 32, 12000, 6)
     a, b = config_to_dict(robust), config_to_dict(standard)
     assert a.pop("adv").pop("enabled") and not b.pop("adv").pop("enabled")
     assert a == b  # same model, data, budget and evaluation
