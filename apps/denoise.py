@@ -33,7 +33,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from encoders.config import config_to_dict, load_config
+from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.errors import RFIError
 from encoders.imageio import list_images, read_image, write_image
 from encoders.runtime import progress, resolve_device
@@ -202,12 +202,9 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
 
 
 def register_train_denoiser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/apps/denoise.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. noise.sigma=25 'noise.sigma=[5,50]' train.steps=2000 "
-                             "train.encoder.checkpoint=PATH 'train.decoder.skips=[layer1]'")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
-    parser.add_argument("--out", help="training folder (default: train.out of the config, else runs/denoise)")
+    add_job_arguments(parser, None, "noise.sigma=25 'noise.sigma=[5,50]' train.steps=2000 "
+                                    "train.encoder.checkpoint=PATH 'train.decoder.skips=[input,layer1]'",
+                      "training folder (default: train.out of the config, else runs/denoise)")
     parser.add_argument("--model", help="model file to write (default: <out>/denoiser.pt)")
     parser.set_defaults(func=run_train_denoiser)
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from apps.feature_transforms import blend_styles
 from encoders.checkpoints import load_encoder
-from encoders.config import config_to_dict, load_config
+from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.errors import RFIError
 from encoders.imageio import list_images, read_image, write_image
 from encoders.runtime import progress, resolve_device
@@ -384,12 +384,9 @@ def train_pyramid(cfg: TrainDecodersConfig, resume: bool = False) -> Path:
 
 
 def register_train_decoders(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.steps=100 'layers=[layer1,layer2,layer3]' "
-                             "train.encoder.checkpoint=PATH per_layer.layer1.steps=50")
-    parser.add_argument("--resume", action="store_true", help="continue (or reuse) the per-layer runs")
-    parser.add_argument("--out", help="pyramid model file (default: out of the config)")
+    add_job_arguments(parser, DEFAULT_CONFIG, "train.steps=100 'layers=[layer1,layer2,layer3]' "
+                                              "train.encoder.checkpoint=PATH per_layer.layer1.steps=50",
+                      "pyramid model file (default: out of the config)", "continue (or reuse) the per-layer runs")
     parser.set_defaults(func=run_train_decoders)
 
 

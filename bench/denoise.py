@@ -140,8 +140,9 @@ def get_model(args: argparse.Namespace, kind: str, sigma: float | None) -> tuple
     noise = f"noise.sigma={sigma:g}" if sigma is not None else f"noise.sigma=[{args.train_sigma[0]:g},{args.train_sigma[1]:g}]"
     # One folder per (encoder, noise, budget, overrides): a finished run is reused, never extended.
     tag = f"{kind}_{f'sigma{sigma:g}' if sigma is not None else 'blind'}_{args.steps}steps"
-    if args.set:
-        tag += "_" + hashlib.sha1(" ".join(args.set).encode()).hexdigest()[:8]
+    key = hashlib.sha1(Path(encoder).read_bytes())  # a retrained encoder gets a new folder
+    key.update(" ".join(args.set).encode())
+    tag += "_" + key.hexdigest()[:8]
     out = Path(args.workdir) / tag
     overrides = [noise, f"train.steps={args.steps}", f"train.encoder.checkpoint={encoder}",
                  f"train.out={out}", f"train.device={args.device}", "train.sample_every=0", *args.set]

@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import typing
@@ -141,3 +142,23 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as a plain dict (safe to store in a ``weights_only`` checkpoint)."""
     return dataclasses.asdict(cfg)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, config: str | None, overrides_example: str,
+                      out_help: str, resume_help: str = "continue the run in the output folder") -> None:
+    """The arguments every training command shares: ``--config``, ``key=value`` overrides, ``--resume``, ``--out``.
+
+    Args:
+        parser: the command's parser.
+        config: the default config file, or ``None`` to make ``--config`` required.
+        overrides_example: an example of overrides for the help text.
+        out_help: what ``--out`` names and its default.
+        resume_help: what ``--resume`` does.
+    """
+    if config is None:
+        parser.add_argument("--config", required=True, help="YAML config (the shipped ones are under configs/)")
+    else:
+        parser.add_argument("--config", default=config, help=f"YAML config (default: {config})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}")
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--out", help=out_help)

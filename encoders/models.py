@@ -127,6 +127,14 @@ def _build_alexnet(num_classes: int, width: float, small_input: bool):
     return model, taps
 
 
+INPUT_TAP = "input"
+"""A pseudo-layer every encoder accepts: the normalised image itself (3 channels, stride 1).
+
+It is not in :attr:`Encoder.layer_names` (so "all layers" stays the network's layers); a
+decoder takes it as an image-level skip link (e.g. the denoiser: ``decoder.skips: [input]``).
+"""
+
+
 class Encoder(nn.Module):
     """A torchvision classifier with input normalisation and named feature taps.
 
@@ -136,7 +144,8 @@ class Encoder(nn.Module):
         width: channel multiplier (0.25 gives a CPU-sized ResNet-18 with widths 16-128).
         small_input: 3x3 stride-1 stem without the stem max-pool (for 32-64 px images).
         batch_norm: VGG only: use the ``vgg*_bn`` variant.
-        layers: the layers :meth:`forward` returns (default: all of :attr:`layer_names`).
+        layers: the layers :meth:`forward` returns (default: all of :attr:`layer_names`), and
+            optionally :data:`INPUT_TAP` (the normalised input image).
         downsample: ``stride`` (the architecture as is), ``blurpool`` (anti-aliased) or
             ``lps`` (learnable polyphase sampling, exactly shift-invariant in eval mode; its
             forward returns :class:`~encoders.downsample.PhasedFeatures`). See
@@ -185,14 +194,14 @@ class Encoder(nn.Module):
         return list(self.taps)
 
     def check_layers(self, layers: Sequence[str]) -> list[str]:
-        """Validate layer names, returned in shallow-to-deep order."""
+        """Validate layer names, returned in shallow-to-deep order (:data:`INPUT_TAP` first)."""
         if isinstance(layers, str):
             layers = [layers]
-        bad = [name for name in layers if name not in self.taps]
+        bad = [name for name in layers if name not in self.taps and name != INPUT_TAP]
         if bad or not layers:
             raise RFIError(f"unknown layer {', '.join(map(repr, bad)) or '(none given)'} for {self.arch} "
-                           f"(valid: {', '.join(self.taps)})")
-        return [name for name in self.taps if name in layers]
+                           f"(valid: {', '.join(self.taps)}, {INPUT_TAP})")
+        return [INPUT_TAP] * (INPUT_TAP in layers) + [name for name in self.taps if name in layers]
 
     def config(self) -> dict:
         """The constructor arguments (without ``layers``), as stored in checkpoints."""
@@ -223,11 +232,15 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, layers: Sequence[str] | None = None) -> "OrderedDict[str, Tensor]":
         names = tuple(self.check_layers(layers)) if layers is not None else tuple(self.layers)
-        feats = OrderedDict(self._extractor(names)(self.normalizer(x)))
-        if self.downsample == "lps":  # the phases travel with the features (for LPS decoders)
+        x = self.normalizer(x)
+        deep = tuple(name for name in names if name != INPUT_TAP)
+        feats = OrderedDict([(INPUT_TAP, x)] * (INPUT_TAP in names))
+        if deep:
+            feats.update(self._extractor(deep)(x))
+        if self.downsample == "lps" and deep:  # the phases travel with the features (for LPS decoders)
             from encoders.downsample import PhasedFeatures, encoder_phases
 
-            return PhasedFeatures(feats, encoder_phases(self.model, self.taps[names[-1]]))
+            return PhasedFeatures(feats, encoder_phases(self.model, self.taps[deep[-1]]))
         return feats
 
     def logits(self, x: Tensor) -> Tensor:
@@ -241,7 +254,8 @@ class Encoder(nn.Module):
         was_training = self.training
         self.eval()
         p = next(self.parameters())
-        feats = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), layers=self.layer_names)
+        feats = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype),
+                     layers=[INPUT_TAP, *self.layer_names])
         self.train(was_training)
         return OrderedDict((k, (v.shape[1], size // v.shape[-1])) for k, v in feats.items())
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from encoders.attacks import NORMS, pgd
 from encoders.checkpoints import ENCODER_FORMAT, load_state_dict_checked, save_encoder
-from encoders.config import config_to_dict, load_config
+from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
 from encoders.models import Encoder
@@ -351,11 +351,8 @@ def _final_eval(encoder: Encoder, val_set: Dataset, cfg: TrainEncoderConfig, ckp
 
 
 def register_train_encoder(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/encoder/resnet18_robust.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. epochs=2 adv.eps=1.0 data.source=folder data.root=imgs")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
-    parser.add_argument("--out", help="output folder (default: runs/encoders/<config name>)")
+    add_job_arguments(parser, None, "epochs=2 adv.eps=1.0 data.source=folder data.root=imgs",
+                      "output folder (default: runs/encoders/<config name>)")
     parser.set_defaults(func=run)
 
 

@@ -97,9 +97,9 @@ class RobustAutoencoder(nn.Module):
         self.max_pixels = max_pixels
         info = encoder.feature_info()
         for layer, dec in self.decoders.items():
-            if layer not in info:
+            if layer not in encoder.layer_names:
                 raise RFIError(f"decoder is for layer '{layer}', which {encoder.arch} does not have "
-                               f"(valid: {', '.join(info)})")
+                               f"(valid: {', '.join(encoder.layer_names)})")
             for name in dec.input_layers:
                 channels = info.get(name, (None,))[0]
                 expect = dec.in_channels if name == layer else dec.skips[name][0]

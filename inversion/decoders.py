@@ -65,7 +65,8 @@ class Decoder(nn.Module):
         channels: width after the input conv.
         min_channels: the narrowest stage.
         blocks: residual blocks at the input resolution.
-        skips: ``{layer: (channels, stride)}`` of shallower layers concatenated at their resolution.
+        skips: ``{layer: (channels, stride)}`` of shallower layers concatenated at their resolution
+            (several may share one; ``input``, the image itself at stride 1, is one of them).
         padding_mode: ``reflect`` (default), ``zeros``, ``replicate`` or ``circular``.
         norm: use BatchNorm.
         upsample: ``nearest`` (default) or ``lps``: learnable polyphase up-sampling
@@ -108,22 +109,21 @@ class Decoder(nn.Module):
                                   *[ResidualBlock(channels, padding_mode, norm) for _ in range(blocks)])
         self.up = nn.ModuleList()
         self.stages = nn.ModuleList()
-        self.skip_at: dict[int, str] = {}
+        self.skip_at: dict[int, list[str]] = {}  # stage -> skips concatenated before its conv
         c, s = channels, 2 ** n
         for i in range(n):
             self.up.append(LPU(2) if upsample == "lps" else nn.Upsample(scale_factor=2, mode="nearest"))
             s //= 2
-            extra = 0
-            for name, (sc, ss) in self.skips.items():
-                if ss == s:
-                    self.skip_at[i] = name
-                    extra = sc
+            here = [name for name, (_, ss) in self.skips.items() if ss == s]
+            if here:
+                self.skip_at[i] = here
             cout = max(min_channels, c // 2)
-            self.stages.append(_conv_block(c + extra, cout, padding_mode, norm))
+            self.stages.append(_conv_block(c + sum(self.skips[k][0] for k in here), cout, padding_mode, norm))
             c = cout
         self.tail = nn.Conv2d(c, 3, 3, padding=1, padding_mode=padding_mode)
-        if set(self.skip_at.values()) != set(self.skips):
-            bad = sorted(set(self.skips) - set(self.skip_at.values()))
+        placed = {name for names in self.skip_at.values() for name in names}
+        if placed != set(self.skips):
+            bad = sorted(set(self.skips) - placed)
             raise RFIError(f"skip layers {bad} have no matching resolution in a stride-{stride} decoder")
         if upsample == "lps":  # same weights and keys, faster circular padding
             circular_convs(self)
@@ -165,7 +165,7 @@ class Decoder(nn.Module):
         for i, (up, stage) in enumerate(zip(self.up, self.stages)):
             x = up(x, weights[i]) if self.upsample == "lps" else up(x)
             if i in self.skip_at:
-                x = torch.cat([x, feats[self.skip_at[i]]], dim=1)
+                x = torch.cat([x, *(feats[k] for k in self.skip_at[i])], dim=1)
             x = stage(x)
         return torch.sigmoid(self.tail(x))
 

@@ -47,10 +47,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from encoders.checkpoints import load_encoder, load_state_dict_checked
-from encoders.config import config_to_dict, load_config
+from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
-from encoders.models import Encoder
+from encoders.models import INPUT_TAP, Encoder
 from encoders.runtime import MetricsLog, progress, resolve_device, rng_state, save_grid, seed_everything, set_rng_state
 from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint
@@ -203,10 +203,11 @@ def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, .
         raise RFIError(f"encoder checkpoint not found: {path} (encoder.checkpoint); train one with "
                        f"`{TRAIN_ENCODER_HINT}` or set encoder.checkpoint=PATH")
     encoder = load_encoder(path)
-    names = encoder.layer_names
-    for key, layer in (("encoder.layer", section.layer), *(("decoder.skips", s) for s in skips)):
-        if layer not in names:
-            raise RFIError(f"{key}: {encoder.arch} in {path} has no layer '{layer}' (valid: {', '.join(names)})")
+    names = [INPUT_TAP, *encoder.layer_names]  # skips may take the image itself
+    for key, layer, valid in (("encoder.layer", section.layer, names[1:]),
+                              *(("decoder.skips", s, names) for s in skips)):
+        if layer not in valid:
+            raise RFIError(f"{key}: {encoder.arch} in {path} has no layer '{layer}' (valid: {', '.join(valid)})")
     deep = [s for s in skips if names.index(s) >= names.index(section.layer)]
     if deep:
         raise RFIError(f"decoder.skips {deep} must be shallower than encoder.layer '{section.layer}' "
@@ -590,12 +591,8 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
 
 # ----------------------------------------------------------------------------- command line
 def register_train_decoder(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True,
-                        help="YAML config, e.g. configs/decoder/resnet18_robust_layer3.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. epochs=2 loss.feature=0.5 encoder.layer=layer2")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
-    parser.add_argument("--out", help="output folder (default: runs/decoders/<config name>)")
+    add_job_arguments(parser, None, "epochs=2 loss.feature=0.5 encoder.layer=layer2",
+                      "output folder (default: runs/decoders/<config name>)")
     parser.set_defaults(func=run)
 
 

@@ -22,7 +22,7 @@ SIGMA = 50
 
 def tiny_overrides(encoder_path, steps=40):
     return [f"train.encoder.checkpoint={encoder_path}", "train.encoder.layer=layer2",
-            "train.decoder.skips=[layer1]", "train.decoder.channels=16", "train.decoder.min_channels=16",
+            "train.decoder.skips=[input,layer1]", "train.decoder.channels=16", "train.decoder.min_channels=16",
             "train.decoder.blocks=0", "train.data.size=24", "train.data.train_crops=160",
             "train.data.val_crops=8", f"train.steps={steps}", "train.batch_size=16", "train.optim.lr=0.005",
             "train.loss.feature=0", "train.loss.pixel_type=l2", "train.sample_every=0", "train.log_every=0",
@@ -92,7 +92,7 @@ def test_exception_bad_sigma(bad):
 def test_train_denoiser_writes_a_model_that_improves_psnr(model_path, encoder_path):
     model, info = load_denoiser(model_path)
     assert info["app"] == "denoise" and info["sigma"] == [SIGMA, SIGMA] and info["layer"] == "layer2"
-    assert list(model.decoders["layer2"].skips) == ["layer1"]
+    assert list(model.decoders["layer2"].skips) == ["input", "layer1"]
     # A smooth held-out image (the training crops come from the other regions).
     clean = region(embedded_image("chelsea"), "val")[None, :, 100:164, 40:104]
     clean = F.avg_pool2d(clean, 3, 1, 1, count_include_pad=False)

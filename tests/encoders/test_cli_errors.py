@@ -37,7 +37,7 @@ def test_unknown_architecture_lists_the_valid_ones(tmp_path, capsys, train):
 
 
 def test_unknown_layer_lists_the_valid_ones():
-    with pytest.raises(RFIError, match=r"unknown layer 'layer9' for resnet18 \(valid: layer1, layer2, layer3, layer4\)"):
+    with pytest.raises(RFIError, match=r"unknown layer 'layer9' for resnet18 \(valid: layer1, layer2, layer3, layer4, input\)"):
         create_encoder("resnet18", width=0.125, layers=["layer9"])
 
 

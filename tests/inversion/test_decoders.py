@@ -42,6 +42,26 @@ def test_decoder_skips_and_their_checks():
         Decoder(32, stride=4, layer="layer3")(torch.randn(1, 31, 4, 4))
 
 
+def test_image_level_skip_shares_a_stage_and_carries_the_input(encoder):
+    """``input`` (the normalised image, stride 1) is a skip like any layer, next to ``layer1`` at stride 1."""
+    info = encoder.feature_info()
+    assert info["input"] == (3, 1) and "input" not in encoder.layer_names
+    torch.manual_seed(0)
+    dec = Decoder(*info["layer3"], "layer3", channels=16, min_channels=8,
+                  skips={"input": info["input"], "layer1": info["layer1"]}).eval()
+    ae = RobustAutoencoder(encoder, dec)
+    x = torch.rand(2, 3, 32, 32)
+    feats = ae.encode(x)
+    assert list(feats) == ["layer3", "input", "layer1"]
+    assert torch.allclose(feats["input"], encoder.normalizer(x))
+    y = ae.reconstruct(x)
+    assert y.shape == x.shape
+    # The output depends on the pixels through the skip, not only through the features.
+    changed = dict(feats, input=feats["input"] + 1.0)
+    assert not torch.allclose(ae.decode(changed), ae.decode(feats))
+    with pytest.raises(RFIError, match="unknown layer 'inputs'"):
+        encoder(x, layers=["inputs"])
+
 def test_decoder_checkpoint_round_trip(tmp_path, encoder):
     torch.manual_seed(1)
     dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8, skips={"layer1": (8, 1)},
