@@ -40,7 +40,7 @@ from apps.augment import StyleAugment
 from encoders.config import config_to_dict, load_config
 from encoders.data import EmbeddedCrops
 from encoders.errors import RFIError
-from encoders.models import Encoder, create_encoder
+from encoders.models import create_encoder
 from encoders.runtime import progress, resolve_device, seed_everything
 
 

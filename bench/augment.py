@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = row
     diffs = [s["probe_acc"] - p["probe_acc"] for s, p in zip(runs["standard+style"], runs["standard"])]
     gain_mean, gain_sd = mean_sd(diffs)
-    styled, plain = summary["standard+style"], summary["standard"]
     share = statistics.median(r["style_ms"] / r["step_ms"] for r in runs["standard+style"])
     overhead = statistics.median(s["step_ms"] / p["step_ms"] - 1 for s, p in zip(runs["standard+style"], runs["standard"]))
 

@@ -6,13 +6,14 @@ and its ground-truth mask, in the MVTec AD layout.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import single_threaded
 
 os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
@@ -70,19 +71,6 @@ def write_dummy_mvtec(root: Path, seed: int = 0) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one thread: tiny models are faster so, and much faster on a shared, busy CPU."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def anomaly_config() -> Path:
     """The shipped ``configs/apps/anomaly.yaml``."""
@@ -128,12 +116,5 @@ def tiny_model(dummy_mvtec, tiny_encoder, tmp_path_factory) -> Path:
     from encoders.config import load_config
 
     cfg = load_config(AnomalyConfig, CONFIG, [*TINY_FIT, f"encoder={tiny_encoder}"])
-    with one_thread():
+    with single_threaded():
         return fit(cfg, str(dummy_mvtec / "widget"), tmp_path_factory.mktemp("model") / "widget.pt")
-
-
-@pytest.fixture
-def single_thread():
-    """Torch on one thread for the duration of a test (see :func:`one_thread`)."""
-    with one_thread():
-        yield

@@ -19,12 +19,9 @@ from apps.cli import main
 from encoders.config import load_config
 from encoders.errors import RFIError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_BENCH = BenchmarkConfig(size=32, train=3, test_good=2, test_defect=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    """Every test here runs torch on one thread (tiny models; the CPU may be shared)."""
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -21,16 +21,9 @@ from encoders.models import Encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 os.environ.setdefault("RFI_NO_PROGRESS", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from encoders.imageio import read_image
 from encoders.models import Encoder
 from inversion.metrics import psnr
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 os.environ["RFI_NO_PROGRESS"] = "1"
 SIGMA = 50
 
@@ -27,15 +29,6 @@ def tiny_overrides(encoder_path, steps=40):
             "train.data.val_crops=8", f"train.steps={steps}", "train.batch_size=16", "train.optim.lr=0.005",
             "train.loss.feature=0", "train.loss.pixel_type=l2", "train.sample_every=0", "train.log_every=0",
             f"noise.sigma={SIGMA}"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and lose a lot on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ from encoders.config import load_config
 from encoders.errors import RFIError
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_quickstart_tiny_end_to_end_and_cache(tmp_path, one_thread, capsys, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no LPIPS backbone here
     out = tmp_path / "qs"

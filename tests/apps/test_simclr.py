@@ -13,19 +13,12 @@ from encoders.models import Encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 TINY = ["crops=32", "crop_size=20", "view_size=16", "width=0.125", "batch_size=16", "steps=2",
         "probe.train_crops=48", "probe.val_crops=32", "device=cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from inversion.decoders import Decoder
 
 LAYERS = ("layer1", "layer2", "layer3")
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "apps" / "style.yaml"
-pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: 1 thread (see conftest)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: 1 thread (tests/conftest.py)
 
 
 def tiny_pyramid(layers=LAYERS, seed=0, skips=False) -> RobustAutoencoder:

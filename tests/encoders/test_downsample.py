@@ -12,14 +12,8 @@ from encoders.downsample import LPD, SamePhase, annealed_temperature, lpd_module
 from encoders.models import Encoder
 from encoders.shift import circular_shift, feature_equivariance_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def tiny(arch: str = "resnet18", downsample: str = "lps", **kw) -> Encoder:
     torch.manual_seed(0)

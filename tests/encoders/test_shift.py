@@ -12,16 +12,9 @@ from encoders.checkpoints import save_encoder
 from encoders.data import EmbeddedCrops
 from encoders.shift import circular_shift, feature_equivariance_error, random_offsets, shift_consistency
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 os.environ.setdefault("RFI_NO_PROGRESS", "1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pair(downsample: str):

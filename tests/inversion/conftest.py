@@ -24,15 +24,6 @@ TINY = ["encoder.layer=layer3", "data.size=16", "data.train_crops=128", "data.va
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def cli_logging():
     """``apps.cli.main`` points the root logger at the stderr of the moment (pytest's capture, closed
     after the test); put the previous handlers back so later tests do not log into a closed stream."""

@@ -11,17 +11,10 @@ from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, load_decoder, save_decoder
 from inversion.upsample import LPU, polyphase_options
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHIFTS = torch.tensor([[1, 0], [0, 1], [3, 5], [-7, 2], [15, 9]])
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def autoencoder(downsample: str, layer: str = "layer3", skips=(), **kw) -> RobustAutoencoder:
     torch.manual_seed(0)
