@@ -128,7 +128,7 @@ def _build_alexnet(num_classes: int, width: float, small_input: bool):
 
 
 INPUT_TAP = "input"
-"""A pseudo-layer every encoder accepts: the normalised image itself (3 channels, stride 1).
+"""A pseudo-layer every encoder accepts: the input image itself, in [0, 1] (3 channels, stride 1).
 
 It is not in :attr:`Encoder.layer_names` (so "all layers" stays the network's layers); a
 decoder takes it as an image-level skip link (e.g. the denoiser: ``decoder.skips: [input]``).
@@ -145,7 +145,7 @@ class Encoder(nn.Module):
         small_input: 3x3 stride-1 stem without the stem max-pool (for 32-64 px images).
         batch_norm: VGG only: use the ``vgg*_bn`` variant.
         layers: the layers :meth:`forward` returns (default: all of :attr:`layer_names`), and
-            optionally :data:`INPUT_TAP` (the normalised input image).
+            optionally :data:`INPUT_TAP` (the input image itself).
         downsample: ``stride`` (the architecture as is), ``blurpool`` (anti-aliased) or
             ``lps`` (learnable polyphase sampling, exactly shift-invariant in eval mode; its
             forward returns :class:`~encoders.downsample.PhasedFeatures`). See
@@ -232,11 +232,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, layers: Sequence[str] | None = None) -> "OrderedDict[str, Tensor]":
         names = tuple(self.check_layers(layers)) if layers is not None else tuple(self.layers)
-        x = self.normalizer(x)
         deep = tuple(name for name in names if name != INPUT_TAP)
         feats = OrderedDict([(INPUT_TAP, x)] * (INPUT_TAP in names))
         if deep:
-            feats.update(self._extractor(deep)(x))
+            feats.update(self._extractor(deep)(self.normalizer(x)))
         if self.downsample == "lps" and deep:  # the phases travel with the features (for LPS decoders)
             from encoders.downsample import PhasedFeatures, encoder_phases
 

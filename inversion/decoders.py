@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from encoders.checkpoints import load_state_dict_checked
 from encoders.downsample import circular_convs
 from encoders.errors import RFIError
+from encoders.models import INPUT_TAP
 from encoders.serialization import load_checkpoint, save_checkpoint
 from inversion.upsample import LPU, stage_phases
 
@@ -74,6 +75,10 @@ class Decoder(nn.Module):
             ``phase_from`` and circular padding (see :func:`inversion.upsample.polyphase_options`).
         phase_from: ``upsample="lps"`` only: for each up-sampling stage (coarse to fine),
             the name of the encoder LPD layer whose phase it restores.
+        residual: output ``clamp(image + correction, 0, 1)`` instead of ``sigmoid(...)``,
+            where ``image`` is the ``input`` skip (needed, with stride 1); the last conv
+            starts at zero, so training starts from the identity. For restoration
+            (denoising), where the output is close to the input.
 
     Shape:
         - Input: (B, in_channels, h, w), or a mapping ``{layer: tensor, **skips}``.
@@ -88,7 +93,7 @@ class Decoder(nn.Module):
     def __init__(self, in_channels: int, stride: int, layer: str = "", channels: int = 128,
                  min_channels: int = 32, blocks: int = 1, skips: Mapping[str, tuple[int, int]] | None = None,
                  padding_mode: str = "reflect", norm: bool = True, upsample: str = "nearest",
-                 phase_from: Sequence[str] | None = None):
+                 phase_from: Sequence[str] | None = None, residual: bool = False):
         super().__init__()
         if stride < 1:
             raise RFIError(f"decoder stride must be >= 1, got {stride}")
@@ -104,7 +109,9 @@ class Decoder(nn.Module):
         self.in_channels, self.stride, self.layer = in_channels, stride, layer
         self.channels, self.min_channels, self.blocks = channels, min_channels, blocks
         self.skips = {k: (int(c), int(s)) for k, (c, s) in (skips or {}).items()}
-        self.padding_mode, self.norm = padding_mode, norm
+        self.padding_mode, self.norm, self.residual = padding_mode, norm, residual
+        if residual and self.skips.get(INPUT_TAP) != (3, 1):
+            raise RFIError(f"a residual decoder needs the '{INPUT_TAP}' skip (the image, 3 channels, stride 1)")
         self.head = nn.Sequential(_conv_block(in_channels, channels, padding_mode, norm),
                                   *[ResidualBlock(channels, padding_mode, norm) for _ in range(blocks)])
         self.up = nn.ModuleList()
@@ -125,6 +132,9 @@ class Decoder(nn.Module):
         if placed != set(self.skips):
             bad = sorted(set(self.skips) - placed)
             raise RFIError(f"skip layers {bad} have no matching resolution in a stride-{stride} decoder")
+        if residual:  # start as the identity: the correction is 0
+            nn.init.zeros_(self.tail.weight)
+            nn.init.zeros_(self.tail.bias)
         if upsample == "lps":  # same weights and keys, faster circular padding
             circular_convs(self)
 
@@ -146,6 +156,8 @@ class Decoder(nn.Module):
                "padding_mode": self.padding_mode, "norm": self.norm}
         if self.upsample != "nearest":  # only then, so default configs stay as they were
             cfg.update(upsample=self.upsample, phase_from=list(self.phase_from))
+        if self.residual:
+            cfg["residual"] = True
         return cfg
 
     def forward(self, features: Tensor | Mapping[str, Tensor],
@@ -167,6 +179,8 @@ class Decoder(nn.Module):
             if i in self.skip_at:
                 x = torch.cat([x, *(feats[k] for k in self.skip_at[i])], dim=1)
             x = stage(x)
+        if self.residual:
+            return (feats[INPUT_TAP] + self.tail(x)).clamp(0, 1)
         return torch.sigmoid(self.tail(x))
 
 

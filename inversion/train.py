@@ -83,7 +83,9 @@ class EncoderSection:
 class DecoderSection:
     """The decoder's shape (see :class:`inversion.decoders.Decoder`).
 
-    ``skips``: shallower encoder layers concatenated at their resolution (U-Net style).
+    ``skips``: shallower encoder layers concatenated at their resolution (U-Net style);
+    ``input`` is the image itself. ``residual``: the decoder outputs the ``input`` skip
+    plus a learnt correction (for restoration, e.g. denoising).
     """
 
     channels: int = 64
@@ -92,6 +94,7 @@ class DecoderSection:
     skips: list[str] = field(default_factory=list)
     padding_mode: Literal["reflect", "zeros", "replicate", "circular"] = "reflect"
     norm: bool = True
+    residual: bool = False
 
 
 @dataclass
@@ -221,6 +224,7 @@ def build_decoder(encoder: Encoder, layer: str, section: DecoderSection) -> Deco
     channels, stride = info[layer]
     return Decoder(channels, stride, layer, channels=section.channels, min_channels=section.min_channels,
                    blocks=section.blocks, skips={s: info[s] for s in section.skips}, norm=section.norm,
+                   residual=section.residual,
                    **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
 
 

@@ -43,7 +43,7 @@ def test_decoder_skips_and_their_checks():
 
 
 def test_image_level_skip_shares_a_stage_and_carries_the_input(encoder):
-    """``input`` (the normalised image, stride 1) is a skip like any layer, next to ``layer1`` at stride 1."""
+    """``input`` (the image itself, stride 1) is a skip like any layer, next to ``layer1`` at stride 1."""
     info = encoder.feature_info()
     assert info["input"] == (3, 1) and "input" not in encoder.layer_names
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def test_image_level_skip_shares_a_stage_and_carries_the_input(encoder):
     x = torch.rand(2, 3, 32, 32)
     feats = ae.encode(x)
     assert list(feats) == ["layer3", "input", "layer1"]
-    assert torch.allclose(feats["input"], encoder.normalizer(x))
+    assert torch.equal(feats["input"], x)
     y = ae.reconstruct(x)
     assert y.shape == x.shape
     # The output depends on the pixels through the skip, not only through the features.
@@ -61,6 +61,30 @@ def test_image_level_skip_shares_a_stage_and_carries_the_input(encoder):
     assert not torch.allclose(ae.decode(changed), ae.decode(feats))
     with pytest.raises(RFIError, match="unknown layer 'inputs'"):
         encoder(x, layers=["inputs"])
+
+
+def test_residual_decoder_starts_as_identity_and_learns_a_correction(encoder, tmp_path):
+    info = encoder.feature_info()
+    with pytest.raises(RFIError, match="needs the 'input' skip"):
+        Decoder(*info["layer3"], "layer3", residual=True, skips={"layer1": info["layer1"]})
+    torch.manual_seed(0)
+    dec = Decoder(*info["layer3"], "layer3", channels=16, min_channels=8, residual=True,
+                  skips={"input": info["input"], "layer1": info["layer1"]})
+    ae = RobustAutoencoder(encoder, dec)
+    x = torch.rand(2, 3, 24, 40)
+    assert torch.equal(ae.reconstruct(x), x)  # zero correction at initialisation
+    # One gradient step on a target moves it away from the identity (gradients reach the correction).
+    dec.train()
+    loss = (dec(encoder(x, layers=dec.input_layers)) - x.flip(-1)).pow(2).mean()
+    loss.backward()
+    assert dec.tail.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        dec.tail.weight -= 10 * dec.tail.weight.grad
+    dec.eval()
+    assert not torch.equal(ae.reconstruct(x), x)
+    loaded, _ = load_decoder(save_decoder(dec, tmp_path / "res.pt", encoder.config()))
+    assert loaded.config()["residual"] is True
+    assert torch.equal(RobustAutoencoder(encoder, loaded).reconstruct(x), ae.reconstruct(x))
 
 def test_decoder_checkpoint_round_trip(tmp_path, encoder):
     torch.manual_seed(1)
