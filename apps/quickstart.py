@@ -12,7 +12,7 @@ second call reuses finished runs and resumes killed ones; ``--force`` trains afr
 Budgets (``--budget``) are config overrides in ``configs/quickstart.yaml``.
 
 Example:
-    rfi quickstart --out runs/quickstart            # about 12.5 CPU-minutes (single-threaded)
+    rfi quickstart --out runs/quickstart            # about 8 minutes on 2 idle CPU cores
     rfi quickstart --out /tmp/qs --budget tiny      # a smoke test of a few seconds
 """
 from __future__ import annotations
@@ -240,7 +240,7 @@ def render_report(report: dict[str, Any]) -> str:
 
 def register_quickstart(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    parser.add_argument("--budget", help="a budget of the config: default (about 12.5 CPU-minutes), "
+    parser.add_argument("--budget", help="a budget of the config: default (about 8 min on 2 idle CPU cores), "
                                          "small, tiny (a smoke test)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="quickstart YAML (default: the shipped one)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

@@ -42,6 +42,7 @@ from encoders.errors import RFIError
 
 log = logging.getLogger("rfi")
 
+
 class LPU(nn.Module):
     """Up-sample by ``stride``, placing each input pixel at the phase its matching LPD chose.
 
