@@ -42,7 +42,8 @@ from torchvision.transforms.v2.functional import is_pure_tensor
 
 from apps.feature_transforms import adain
 from encoders.errors import RFIError
-from encoders.imageio import list_images, read_image, write_image
+from encoders.files import FileBatch, check_finite
+from encoders.imageio import list_images, read_image
 from encoders.runtime import progress, save_grid
 from encoders.serialization import load_checkpoint
 from inversion.autoencoder import AUTOENCODER_FORMAT, RobustAutoencoder, check_images
@@ -432,27 +433,38 @@ def augment_config(args: argparse.Namespace) -> AugmentConfig:
     return cfg
 
 
-def _load_folder(paths: Sequence[str], size: int) -> tuple[list[Path], Tensor]:
-    files = list_images(paths)
-    resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    images = torch.stack([resize(read_image(f)).clamp(0, 1) for f in progress(files, desc="read", unit="img")])
-    return files, images
-
-
 def run(args: argparse.Namespace) -> int:
-    """``rfi augment``: N style-augmented views per image, plus a contact sheet."""
+    """``rfi augment``: N style-augmented views per image, plus a contact sheet.
+
+    Inputs, outputs and exit codes follow :mod:`encoders.files` (no input is ever overwritten,
+    two inputs never write the same view, unreadable inputs are named and skipped).
+    """
     from encoders.runtime import resolve_device
 
     cfg = augment_config(args)
     device = resolve_device(cfg.device)
-    files, images = _load_folder(args.images, cfg.size)  # every input is read before anything is written
+    batch_files = FileBatch(args.images, args.out, desc="augment",
+                            names=lambda p: [f"{p.stem}_view{k + 1}.png" for k in range(cfg.views)])
+    sheet_path = batch_files.out / "contact_sheet.png"
+    if sheet_path.resolve() in {f.resolve() for f in batch_files.files}:
+        raise RFIError(f"refusing to overwrite input {sheet_path}: choose an --out folder other than the inputs'")
+    resize = v2.Compose([v2.Resize(cfg.size, antialias=True), v2.CenterCrop(cfg.size)])
+    files, loaded = [], []
+    for f in progress(batch_files.files, desc="read", unit="img"):  # every input is read before anything is written
+        try:
+            loaded.append(resize(check_finite(read_image(f), str(f))).clamp(0, 1))
+            files.append(f)
+        except RFIError as e:
+            batch_files.fail(f, e)
+    if not files:
+        return batch_files.finish()
     if cfg.styles == "batch" and len(files) < 2:
         raise RFIError(f"styles from the batch need at least 2 images, {' '.join(args.images)} holds "
-                       f"{len(files)}: pass --styles DIR")
+                       f"{len(files)} readable: pass --styles DIR")
+    images = torch.stack(loaded)
     model = cfg.model or ((cfg.encoder, cfg.decoder) if cfg.encoder else None)
     aug = StyleAugment(load_style_model(model, device), p=cfg.p, alpha=cfg.alpha, beta=cfg.beta,
                        styles=cfg.styles, generator=cfg.seed, style_size=cfg.style_size)
-    stems = [f.stem if [g.stem for g in files].count(f.stem) == 1 else f"{f.stem}_{f.suffix[1:]}" for f in files]
     # Batches are split evenly, so none is a batch of one (which styles='batch' refuses).
     n_batches = math.ceil(len(files) / cfg.batch_size)
     views = torch.empty(cfg.views, *images.shape)
@@ -460,11 +472,12 @@ def run(args: argparse.Namespace) -> int:
         x = images[batch].to(device)
         for k in range(cfg.views):
             views[k, batch] = aug(x).cpu()
-    out = Path(args.out)
-    for i, stem in enumerate(progress(stems, desc="write", unit="img")):
+    targets = dict(zip(batch_files.files, batch_files.targets))
+    for i, f in enumerate(progress(files, desc="write", unit="img")):
         for k in range(cfg.views):
-            write_image(views[k, i], out / f"{stem}_view{k + 1}.png")
+            batch_files.write(views[k, i], targets[f][k], str(f))
+    out = batch_files.out
     rows = min(len(files), cfg.sheet_rows)
-    sheet = save_grid([images, *views], out / "contact_sheet.png", max_rows=rows)
+    sheet = save_grid([images, *views], sheet_path, max_rows=rows)
     log.info("wrote %d views of %d images to %s; contact sheet %s", cfg.views * len(files), len(files), out, sheet)
-    return 0
+    return batch_files.finish()

@@ -35,10 +35,10 @@ from torch import Tensor
 
 from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.errors import RFIError
-from encoders.imageio import list_images, read_image, write_image
-from encoders.runtime import progress, resolve_device
+from encoders.files import FileBatch
+from encoders.runtime import resolve_device
 from encoders.serialization import atomic_write, load_checkpoint
-from inversion.autoencoder import RobustAutoencoder
+from inversion.autoencoder import RobustAutoencoder, load_encoder_file
 from inversion.metrics import psnr
 from inversion.train import TrainDecoderConfig, train_decoder
 
@@ -192,9 +192,13 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
     kind = f"sigma {sigma[0]:g}" if sigma[0] == sigma[1] else f"blind, sigma {sigma[0]:g}-{sigma[1]:g}"
     log.info("training a denoiser (%s) on %s of %s, skips %s", kind, cfg.train.encoder.layer,
              cfg.train.encoder.checkpoint, list(cfg.train.decoder.skips) or "none")
+    enc = cfg.train.encoder
+    if enc.arch is None and Path(enc.checkpoint).is_file():  # a foreign file needs train.encoder.arch=NAME
+        load_encoder_file(enc.checkpoint, None, "train.encoder.arch")
     decoder_path = train_decoder(cfg.train, resume=resume, input_transform=GaussianNoise(sigma))
     if main_process:
-        model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, decoder_path)
+        model = RobustAutoencoder.from_checkpoints(enc.checkpoint, decoder_path, arch=enc.arch,
+                                                   arch_key="train.encoder.arch")
         model.save(model_path, app=DENOISER_APP, sigma=list(sigma), layer=model.layer,
                    config={"noise": noise, "train": config_to_dict(cfg.train)})
         log.info("denoiser written to %s", model_path)
@@ -245,36 +249,15 @@ def load_denoiser(path: str | os.PathLike,
     return model.eval(), info
 
 
-def output_paths(inputs: Sequence[Path], out: Path) -> list[Path]:
-    """``<out>/<input stem>.png`` for each input; refuses collisions and overwriting an input.
-
-    Raises:
-        RFIError: two inputs would share an output name, or an output is one of the inputs.
-    """
-    outs = [out / f"{p.stem}.png" for p in inputs]
-    seen: dict[Path, Path] = {}
-    for src, dst in zip(inputs, outs):
-        if dst in seen:
-            raise RFIError(f"{seen[dst]} and {src} would both be written to {dst}: rename one or denoise them "
-                           f"into separate --out folders")
-        seen[dst] = src
-    resolved_inputs = {p.resolve() for p in inputs}
-    clash = [d for d in outs if d.resolve() in resolved_inputs]
-    if clash:
-        raise RFIError(f"refusing to overwrite input image {clash[0]}: choose an --out folder other than "
-                       f"the input folder")
-    return outs
-
-
 def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                   sigma: float | None = None, tile: int | None = None, seed: int = 0,
-                  save_noisy: bool = False) -> tuple[list[Path], dict[Path, str]]:
-    """Denoise image files into ``out`` as PNGs with the same names.
+                  save_noisy: bool = False) -> int:
+    """Denoise image files into ``out`` as PNGs with the same names (the policy of :mod:`encoders.files`).
 
     Args:
         model: a denoiser (:func:`load_denoiser`).
         inputs: image files and folders (a folder's image files, not recursive).
-        out: output folder (created); must not make any output overwrite an input.
+        out: output folder (created); no output may overwrite an input.
         sigma: add synthetic Gaussian noise of this level (0-255 units) before denoising,
             to demonstrate the model on clean pictures; ``None`` denoises the files as they are.
         tile: tile side in pixels for large images (default: whole image up to the model's
@@ -283,44 +266,33 @@ def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike],
         save_noisy: with ``sigma``, also write the noisy input as ``<out>/noisy/<name>.png``.
 
     Returns:
-        ``(written, failed)``: output paths, and ``{input: reason}`` for files that could not
-        be read or processed (the others are still written).
+        The exit code: 0, or :data:`encoders.files.EXIT_PARTIAL` when some inputs could not
+        be read or processed (each named; the others are written).
 
     Raises:
-        RFIError: no inputs, or output names that collide or would overwrite an input.
+        RFIError: no readable inputs, output names that collide or would overwrite an input,
+            an output folder that cannot be written.
     """
-    files = list_images(inputs)
-    if not files:
-        raise RFIError("no input images given")
-    out = Path(out)
-    targets = output_paths(files, out)
     if sigma is not None:
         sigma_range(sigma)
-        noisy_dir = out / "noisy"
-        if save_noisy and any(p.parent.resolve() == noisy_dir.resolve() for p in files):
-            raise RFIError(f"--save-noisy would overwrite inputs in {noisy_dir}")
+    noisy = sigma is not None and save_noisy
+    batch = FileBatch(inputs, out, names=lambda p: [f"{p.stem}.png"] + [f"noisy/{p.stem}.png"] * noisy,
+                      desc="denoise")
     device = next(model.parameters()).device
-    written: list[Path] = []
-    failed: dict[Path, str] = {}
-    for i, (src, dst) in enumerate(progress(list(zip(files, targets)), desc="denoise", unit="img")):
-        try:
-            clean = read_image(src).unsqueeze(0).to(device)
-            x = clean
-            if sigma is not None:
-                x = add_noise(clean, sigma, torch.Generator(device=device).manual_seed(seed + i))
-                if save_noisy:
-                    write_image(x[0], out / "noisy" / dst.name)
-            y = model.reconstruct(x, tile=tile)
-            write_image(y[0], dst)
-        except RFIError as e:
-            log.error("skipped: %s", e)
-            failed[src] = str(e)
-            continue
-        written.append(dst)
+    index = {src: i for i, src in enumerate(batch.files)}
+
+    def process(src: Path, image: Tensor) -> list[Tensor]:
+        clean = image.unsqueeze(0).to(device)
+        x = clean
+        if sigma is not None:
+            x = add_noise(clean, sigma, torch.Generator(device=device).manual_seed(seed + index[src]))
+        y = model.reconstruct(x, tile=tile)
         if sigma is not None:
             log.info("%s: noisy %.2f dB -> denoised %.2f dB (sigma %g)", src.name,
                      float(psnr(clean, x)), float(psnr(clean, y)), sigma)
-    return written, failed
+        return [y[0], x[0]] if noisy else [y[0]]
+
+    return batch.run(process)
 
 
 def register_denoise(parser: argparse.ArgumentParser) -> None:
@@ -349,10 +321,4 @@ def run_denoise(args: argparse.Namespace) -> int:
         if not lo <= args.sigma <= hi:
             log.warning("--sigma %g is outside the noise range this model was trained for [%g, %g]",
                         args.sigma, lo, hi)
-    written, failed = denoise_files(model, args.inputs, args.out, args.sigma, args.tile, args.seed,
-                                    args.save_noisy)
-    log.info("wrote %d denoised image(s) to %s", len(written), args.out)
-    if failed:
-        names = ", ".join(str(p) for p in failed)
-        raise RFIError(f"{len(failed)} of {len(failed) + len(written)} image(s) could not be denoised: {names}")
-    return 0
+    return denoise_files(model, args.inputs, args.out, args.sigma, args.tile, args.seed, args.save_noisy)

@@ -43,13 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apps.feature_transforms import blend_styles
-from encoders.checkpoints import load_encoder
 from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.errors import RFIError
-from encoders.imageio import list_images, read_image, write_image
-from encoders.runtime import progress, resolve_device
+from encoders.files import FileBatch
+from encoders.imageio import read_image
+from encoders.runtime import resolve_device
 from encoders.serialization import load_checkpoint
-from inversion.autoencoder import RobustAutoencoder
+from inversion.autoencoder import RobustAutoencoder, load_encoder_file
 from inversion.train import TRAIN_ENCODER_HINT, TrainDecoderConfig, train_decoder
 
 log = logging.getLogger("rfi")
@@ -339,7 +339,7 @@ def check_pyramid_config(cfg: TrainDecodersConfig) -> list[str]:
     if not path.is_file():
         raise RFIError(f"encoder checkpoint not found: {path} (train.encoder.checkpoint); train one with "
                        f"`{TRAIN_ENCODER_HINT}` or set train.encoder.checkpoint=PATH")
-    encoder = load_encoder(path)
+    encoder = load_encoder_file(path, cfg.train.encoder.arch, "train.encoder.arch")
     bad = [k for k in cfg.layers if k not in encoder.layer_names]
     if bad:
         raise RFIError(f"layers: {encoder.arch} in {cfg.train.encoder.checkpoint} has no layer "
@@ -375,7 +375,8 @@ def train_pyramid(cfg: TrainDecodersConfig, resume: bool = False) -> Path:
         log.info("pyramid decoder %d/%d: %s (%s steps) -> %s", i + 1, len(configs), layer,
                  layer_cfg.steps or f"{layer_cfg.epochs} epochs of", layer_cfg.out)
         paths[layer] = train_decoder(layer_cfg, resume=resume)
-    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, list(paths.values()))
+    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, list(paths.values()),
+                                               arch=cfg.train.encoder.arch, arch_key="train.encoder.arch")
     psnrs = {layer: load_checkpoint(p).get("val_psnr") for layer, p in paths.items()}
     model.save(out, app="style", layers=layers, val_psnr=psnrs, config=config_to_dict(cfg))
     log.info("decoder pyramid (%s) written to %s; validation PSNR %s", ", ".join(layers), out,
@@ -426,29 +427,6 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise RFIError(f"--weights must be comma-separated numbers such as 0.7,0.3, got {text!r}") from None
 
 
-def output_names(contents: Sequence[Path], styles: Sequence[Path], separate: bool, out: Path) -> list[list[Path]]:
-    """Output paths ``[content][style]``: ``<out>/<content>.png``, or ``<out>/<content>_<style>.png``
-    for each style when ``separate``.
-
-    Raises:
-        RFIError: two outputs would share a name, or an output would overwrite an input.
-    """
-    if separate:
-        names = [[out / f"{c.stem}_{s.stem}.png" for s in styles] for c in contents]
-    else:
-        names = [[out / f"{c.stem}.png"] for c in contents]
-    flat = [p for row in names for p in row]
-    dup = sorted({str(p) for p in flat if flat.count(p) > 1})
-    if dup:
-        raise RFIError(f"several inputs would be written to {dup[0]}: give contents (and styles) distinct "
-                       f"file names, or use separate --out folders")
-    inputs = {p.resolve() for p in [*contents, *styles]}
-    clash = [p for p in flat if p.resolve() in inputs]
-    if clash:
-        raise RFIError(f"refusing to overwrite input image {clash[0]}: choose another --out folder")
-    return names
-
-
 def register_stylize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("contents", nargs="+", metavar="CONTENT", help="content images and/or folders of images")
     parser.add_argument("--style", action="append", required=True, metavar="STYLE",
@@ -482,26 +460,21 @@ def run_stylize(args: argparse.Namespace) -> int:
     weights = parse_weights(args.weights)
     if weights is not None:
         check_weights(weights, len(style_paths))
-    contents = list_images(args.contents)
     separate = weights is None and len(style_paths) > 1
-    out = Path(args.out)
-    targets = output_names(contents, style_paths, separate, out)
+    batch = FileBatch(args.contents, args.out, protect=style_paths, desc="stylize",
+                      names=lambda c: [f"{c.stem}_{s.stem}.png" for s in style_paths] if separate else [f"{c.stem}.png"])
     styles = [read_image(p) for p in style_paths]
-    for p in contents:  # every input is readable before anything is written
-        read_image(p)
     device = resolve_device(args.device)
     ae = load_pyramid(args.model, device)
     layers = args.layers.split(",") if args.layers else None
     groups = [[i] for i in range(len(styles))] if separate else [list(range(len(styles)))]
-    written = 0
-    for path, names in zip(progress(contents, desc="stylize", unit="img"), targets):
-        content = resize_longer(read_image(path), args.size).to(device)
+
+    def process(path: Path, image: Tensor) -> list[Tensor]:
+        content = resize_longer(image, args.size).to(device)
         side = args.style_size or max(content.shape[-2:])
-        for group, target in zip(groups, names):
-            result = stylize(ae, content, [resize_longer(styles[i], side) for i in group],
-                             weights=[weights[i] for i in group] if weights else None, method=args.method,
-                             alpha=args.alpha, preserve_color=args.preserve_color, layers=layers)
-            write_image(result.cpu(), target)
-            written += 1
-    log.info("wrote %d stylised image(s) to %s", written, out)
-    return 0
+        return [stylize(ae, content, [resize_longer(styles[i], side) for i in group],
+                        weights=[weights[i] for i in group] if weights else None, method=args.method,
+                        alpha=args.alpha, preserve_color=args.preserve_color, layers=layers)
+                for group in groups]
+
+    return batch.run(process)

@@ -1,7 +1,9 @@
 """Reading and writing image files as tensors in [0, 1].
 
 Grayscale, grayscale+alpha, RGBA, palette and 16-bit images are converted to 8-bit-range
-RGB floats, and each conversion is logged. A truncated or non-image file raises
+RGB floats, and each conversion is logged. EXIF orientation is applied (a phone photo comes
+out as a viewer shows it). A truncated or non-image file, one of more than
+:func:`max_pixels` pixels (a decompression bomb) or one holding NaN/Inf raises
 :class:`~encoders.errors.RFIError` naming the file. Writes are atomic (temp file + rename).
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from encoders.errors import RFIError
@@ -21,6 +23,17 @@ from encoders.serialization import atomic_write
 
 log = logging.getLogger("rfi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check is replaced by read_image's, which names the file
+DEFAULT_MAX_PIXELS = 120_000_000  # 12000 x 10000; a 4000 x 3000 photo is 12 Mpx
+
+
+def max_pixels() -> int:
+    """The largest image (in pixels) :func:`read_image` decodes: ``RFI_MAX_PIXELS`` or 120 Mpx."""
+    value = os.environ.get("RFI_MAX_PIXELS", "")
+    try:
+        return int(value) if value else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise RFIError(f"RFI_MAX_PIXELS must be a whole number of pixels, got {value!r}") from None
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
@@ -36,13 +49,21 @@ def read_image(path: str | os.PathLike) -> Tensor:
         RFIError: missing, truncated or non-image file.
     """
     path = Path(path)
+    limit = max_pixels()
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise RFIError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} Mpx), above the limit of {limit / 1e6:.0f} Mpx "
+                               f"(a decompression bomb?); to read it anyway set RFI_MAX_PIXELS={w * h}")
             im.load()
+            im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(im, dtype=np.float64)
                 peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+                if not np.isfinite(arr).all():
+                    raise RFIError(f"{path} holds NaN or Inf pixel values")
                 arr = np.clip(arr / peak, 0, 1)
                 log.info("%s: converted %s (16-bit/int) grayscale to RGB", path, mode)
                 return torch.from_numpy(arr).float().unsqueeze(0).expand(3, -1, -1).contiguous()

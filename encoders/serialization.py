@@ -2,11 +2,18 @@
 
 Every checkpoint is read with ``torch.load(..., weights_only=True)``, so a file that would
 run code on load is refused, never executed. Every file is written to a temporary name in
-the same folder and renamed into place, so a run killed at any moment leaves the previous
-file intact.
+the same folder (``.<name>.<pid>.<random>.tmp``) and renamed into place, so a run killed at
+any moment leaves the previous file intact; a later write to the same name removes the
+temporary files of processes that no longer run.
+
+Integrity: :func:`save_checkpoint` records a SHA-256 of every tensor's bytes (with its key
+path, dtype and shape) under :data:`HASH_KEY`; :func:`load_checkpoint` recomputes it and
+refuses a file whose tensors changed (a flipped byte on disk is reported, never used).
+Files without the key (older RFI files, foreign checkpoints) load as before.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -17,6 +24,26 @@ from typing import Any, Callable
 import torch
 
 from encoders.errors import RFIError
+
+HASH_KEY = "content_sha256"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.<pid>.*.tmp`` files next to ``path`` left by processes that were killed."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _alive(int(parts[0])):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -31,7 +58,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -46,8 +74,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def content_hash(obj: Any) -> str:
+    """SHA-256 over every tensor in ``obj`` (nested dicts/lists), with key paths, dtypes and shapes.
+
+    Example:
+        >>> a = {"w": torch.ones(2)}
+        >>> content_hash(a) == content_hash({"w": torch.ones(2)}) != content_hash({"w": torch.zeros(2)})
+        True
+    """
+    digest = hashlib.sha256()
+
+    def walk(x: Any, key: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if k != HASH_KEY:
+                    walk(x[k], f"{key}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{key}/{i}")
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` atomically (temp file + rename)."""
+    """Write ``obj`` with ``torch.save`` atomically (temp file + rename), with its :func:`content_hash`."""
+    obj = {**obj, HASH_KEY: content_hash(obj)}
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -76,4 +132,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise RFIError(f"{path} is not a valid checkpoint (truncated or corrupt: {first})") from None
     if not isinstance(obj, dict):
         raise RFIError(f"{path} is not a checkpoint dictionary (found {type(obj).__name__})")
+    if HASH_KEY in obj:
+        if content_hash(obj) != obj[HASH_KEY]:
+            raise RFIError(f"{path} is corrupt: its tensors do not match the checksum written with them "
+                           f"(a changed or damaged file); use a backup or retrain")
+        obj = {k: v for k, v in obj.items() if k != HASH_KEY}
     return obj
