@@ -35,7 +35,7 @@ from torch import Tensor
 
 from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.errors import RFIError
-from encoders.files import FileBatch
+from encoders.files import FileBatch, check_output_folder
 from encoders.runtime import resolve_device
 from encoders.serialization import atomic_write, load_checkpoint
 from inversion.autoencoder import RobustAutoencoder, load_encoder_file
@@ -315,6 +315,7 @@ def run_denoise(args: argparse.Namespace) -> int:
         raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
     if args.sigma is not None and args.sigma < 0:
         raise RFIError(f"--sigma must be >= 0 (0-255 units), got {args.sigma:g}")
+    check_output_folder(args.out)  # before the model is loaded
     model, info = load_denoiser(args.model, resolve_device(args.device))
     if args.sigma is not None and "sigma" in info:
         lo, hi = info["sigma"]

@@ -179,12 +179,13 @@ class FileBatch:
         for src, dsts in progress(list(zip(self.files, self.targets)), desc=self.desc, unit="img"):
             try:
                 image = check_finite(read(src), str(src))
-                results = process(src, image)
+                results = [check_finite(r.detach().cpu(), f"the result for {src} (is the model file corrupt?)")
+                           for r in process(src, image)]
             except RFIError as e:
                 self.fail(src, e)
                 continue
             for result, dst in zip(results, dsts):
-                self.write(result.detach().cpu(), dst, str(src))
+                self.write(result, dst, str(src))
         return self.finish()
 
     def finish(self) -> int:

@@ -1,0 +1,213 @@
+"""The bad-input suite: each case a careless user (or an attacker) can cause, generated here.
+
+Every case asserts the one-line error (or the right result), the exit code, that no input
+changed and that no partial or temporary file remains. Categories: output targets, images,
+checkpoints, concurrent runs, API tensors. Tiny models, no training: the whole file runs in
+seconds.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apps.cli import main
+from encoders.errors import RFIError
+from encoders.files import EXIT_PARTIAL, FileBatch, check_output_folder
+from encoders.imageio import read_image
+from encoders.models import Encoder
+from encoders.rundir import RunLock
+from encoders.serialization import load_checkpoint, save_checkpoint
+from inversion.autoencoder import RobustAutoencoder
+from inversion.decoders import Decoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+os.environ.setdefault("RFI_NO_PROGRESS", "1")
+
+
+def _png(path: Path, seed: int = 0, size: tuple[int, int] = (24, 24)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("rfi: error:") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def ae_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+    ae = RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    return ae.save(tmp_path_factory.mktemp("model") / "ae.pt")
+
+
+@pytest.fixture(scope="module")
+def nan_ae_file(tmp_path_factory) -> Path:
+    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
+    with torch.no_grad():
+        dec.tail.weight.fill_(float("nan"))
+    return RobustAutoencoder(enc, dec).save(tmp_path_factory.mktemp("nan") / "ae.pt")
+
+
+# ----------------------------------------------------------------------------- output targets
+def test_augment_never_overwrites_an_input_view(ae_file, tmp_path, capsys):
+    src = tmp_path / "au_in"
+    _png(src / "a.png", 0), _png(src / "a_view1.png", 1)
+    before = _digest(src)
+    code = main(["augment", str(src), "--model", str(ae_file), "--out", str(src), "--size", "16", "--views", "1"])
+    assert code == 2 and "refusing to overwrite input" in _one_line_error(capsys)
+    assert _digest(src) == before
+
+
+def test_augment_refuses_two_inputs_with_one_output_name(ae_file, tmp_path, capsys):
+    _png(tmp_path / "d1" / "x.png", 0), _png(tmp_path / "d2" / "x.png", 1)
+    out = tmp_path / "o"
+    code = main(["augment", str(tmp_path / "d1"), str(tmp_path / "d2"), "--model", str(ae_file),
+                 "--out", str(out), "--size", "16", "--views", "1"])
+    assert code == 2 and "would both be written" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["augment", "denoise", "stylize"])
+def test_out_naming_a_file_is_one_line_and_writes_nothing(command, ae_file, tmp_path, capsys):
+    _png(tmp_path / "in" / "a.png", 0), _png(tmp_path / "in" / "b.png", 1)
+    target = tmp_path / "taken.txt"
+    target.write_text("user data")
+    extra = {"augment": ["--size", "16"], "denoise": [], "stylize": ["--style", str(tmp_path / "in" / "b.png")]}
+    model_flag = ["--model", str(ae_file)]
+    code = main([command, str(tmp_path / "in"), *model_flag, "--out", str(target), *extra[command]])
+    assert code == 2 and "is a file, not a folder" in _one_line_error(capsys)
+    assert target.read_text() == "user data"
+
+
+def test_read_only_target_is_one_line(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("encoders.files.tempfile.mkstemp", refuse)
+    with pytest.raises(RFIError, match="cannot write to --out .*Read-only file system"):
+        check_output_folder(tmp_path / "out")
+
+
+def test_full_disk_stops_the_batch_with_one_line_and_no_temporary_file(tmp_path, monkeypatch):
+    for i in range(3):
+        _png(tmp_path / "in" / f"{i}.png", i)
+    batch = FileBatch([tmp_path / "in"], tmp_path / "out")
+    calls = {"n": 0}
+    real_save = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(fp).write_bytes(b"partial")  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(RFIError, match=r"cannot write .*1\.png: disk full \(1 file\(s\) written before\)"):
+        batch.run(lambda src, x: [x])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png"]  # no .tmp left
+
+
+def test_nan_model_output_is_refused_and_nothing_black_is_written(nan_ae_file, tmp_path, capsys):
+    _png(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    code = main(["augment", str(tmp_path / "in"), "--model", str(nan_ae_file), "--out", str(out),
+                 "--size", "16", "--views", "1", "--p", "1", "--styles", str(tmp_path / "in")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "NaN" in err or "nan" in err.lower()
+    assert not list(out.glob("*_view1.png")) if out.exists() else True
+
+
+def test_partial_failure_exits_1_and_names_the_file(tmp_path, capsys):
+    _png(tmp_path / "in" / "good.png")
+    (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")
+    batch = FileBatch([tmp_path / "in"], tmp_path / "out")
+    assert batch.run(lambda src, x: [x]) == EXIT_PARTIAL
+    assert "bad.png" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.png"]
+
+
+# ----------------------------------------------------------------------------- images
+def test_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
+    path = _png(tmp_path / "bomb.png", size=(40, 50))
+    monkeypatch.setenv("RFI_MAX_PIXELS", "1000")
+    with pytest.raises(RFIError, match=r"bomb\.png is 50x40 .* RFI_MAX_PIXELS=2000"):
+        read_image(path)
+    monkeypatch.setenv("RFI_MAX_PIXELS", "2000")
+    assert read_image(path).shape == (3, 40, 50)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((10, 30, 3), np.uint8)
+    arr[:, :5] = 255  # a bright left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(arr).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    x = read_image(tmp_path / "phone.jpg")
+    assert x.shape == (3, 30, 10)  # as a viewer shows it
+    assert x[:, :5].mean() > 0.8 and x[:, -5:].mean() < 0.2  # the left edge is now the top
+
+
+def test_nan_pixels_are_named(tmp_path):
+    arr = np.full((8, 8), 0.5, np.float32)
+    arr[2, 3] = np.nan
+    Image.fromarray(arr, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(RFIError, match="nan.tif holds NaN"):
+        read_image(tmp_path / "nan.tif")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_a_flipped_byte_in_a_tensor_is_reported(tmp_path):
+    marker = torch.full((64,), 1.2345)
+    path = save_checkpoint({"state_dict": {"w": marker}, "epoch": 1}, tmp_path / "c.pt")
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(marker.numpy().tobytes()[:16])
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(RFIError, match="c.pt is corrupt"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_round_trip_without_the_hash_key(tmp_path):
+    path = save_checkpoint({"state_dict": {"w": torch.arange(3)}, "x": 1}, tmp_path / "c.pt")
+    assert set(load_checkpoint(path)) == {"state_dict", "x"}
+
+
+def test_stale_temporary_files_of_dead_runs_are_removed(tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = tmp_path / f".c.pt.{dead}.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint({"w": torch.zeros(1)}, tmp_path / "c.pt")
+    assert not stale.exists() and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+# ----------------------------------------------------------------------------- concurrent runs
+def test_a_run_folder_has_one_owner(tmp_path):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RFIError, match=r"in use by another run \(pid %d" % os.getpid()):
+            RunLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_stale_lock_is_replaced(tmp_path):
+    (tmp_path / ".lock").write_text(f"{2**22 + 12345} {os.uname().nodename}\n")
+    with RunLock(tmp_path) as lock:
+        assert lock.held and (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
