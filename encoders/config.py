@@ -1,7 +1,9 @@
 """YAML job configs as typed dataclasses, with ``key=value`` overrides from the command line.
 
 A config file is a nested mapping whose keys must match the fields of a (nested)
-dataclass; a misspelt key is an error that names it and lists the valid keys.
+dataclass; a misspelt key is an error that names it and lists the valid keys. Numbers
+must be finite; a field declared with :func:`bounded` is range-checked too, and the
+error names the key, the value and the allowed range.
 
 Example:
     >>> from dataclasses import dataclass
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -26,6 +29,44 @@ import yaml
 from encoders.errors import RFIError
 
 T = TypeVar("T")
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Any:
+    """A dataclass field whose value (or each item of a list) must lie in a range.
+
+    Args:
+        default: the field's default.
+        low, high: the bounds (``None``: unbounded); ``high`` is inclusive.
+        low_open: exclude ``low`` itself (e.g. a learning rate: ``bounded(0.1, 0, low_open=True)``).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Job:
+        ...     lr: float = bounded(0.1, 0, low_open=True)
+        >>> load_config(Job, None, ["lr=-1"])
+        Traceback (most recent call last):
+        encoders.errors.RFIError: config key 'lr' in overrides must be > 0, got -1.0
+    """
+    return dataclasses.field(default=default, metadata={"range": (low, high, low_open)})
+
+
+def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name: str, source: str) -> None:
+    low, high, low_open = spec
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is None or not isinstance(v, (int, float)):
+            continue
+        bad_low = low is not None and (v <= low if low_open else v < low)
+        bad_high = high is not None and v > high
+        if bad_low or bad_high:
+            if low is not None and high is not None:
+                want = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            elif low is not None:
+                want = f"{'>' if low_open else '>='} {low:g}"
+            else:
+                want = f"<= {high:g}"
+            raise RFIError(f"config key '{name}' in {source} must be {want}, got {value!r}")
 
 
 def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
@@ -47,6 +88,8 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
             value = _build(hint, value, f"{name}.", source)
         else:
             value = _coerce(value, hint, name, source)
+            if "range" in fields[key].metadata:
+                _check_range(value, fields[key].metadata["range"], name, source)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -84,6 +127,8 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
         raise RFIError(f"config key '{name}' in {source} must be true or false, got {value!r}")
     if hint in (int, float, str):
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise RFIError(f"config key '{name}' in {source} must be a finite number, got {value!r}")
             return float(value)
         if hint is str and isinstance(value, (int, float)):
             return str(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,6 +57,9 @@ def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int,
     """
     if norm not in NORMS:
         raise RFIError(f"unknown attack norm '{norm}' (valid: {', '.join(NORMS)})")
+    check_attack(eps, steps, step_size)
+    if batch_size < 1 or (max_images is not None and max_images < 1):
+        raise RFIError(f"batch size and max images must be >= 1, got {batch_size} and {max_images}")
     if len(dataset) == 0:
         raise RFIError("the evaluation dataset is empty")
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
@@ -88,6 +92,23 @@ def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int,
             "clean_loss": totals["clean_loss"] / n, "pgd_loss": totals["pgd_loss"] / n,
             "eps": float(eps), "norm": norm, "steps": int(steps), "step_size": float(step_size),
             "random_start": bool(random_start), "images": n}
+
+
+def check_attack(eps: float, steps: int, step_size: float | None = None) -> None:
+    """Refuse attack settings that would print a false robustness figure.
+
+    A negative radius or step size turns PGD into an *anti*-attack (PGD accuracy above clean
+    accuracy); ``steps < 1`` measures nothing.
+
+    Raises:
+        RFIError: ``eps`` not finite or < 0, ``steps`` < 1, ``step_size`` not finite or <= 0.
+    """
+    if not math.isfinite(eps) or eps < 0:
+        raise RFIError(f"eps (attack radius) must be a finite number >= 0, got {eps}")
+    if steps < 1:
+        raise RFIError(f"steps (PGD steps) must be >= 1, got {steps}")
+    if step_size is not None and (not math.isfinite(step_size) or step_size <= 0):
+        raise RFIError(f"step size must be a finite number > 0, got {step_size}")
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
@@ -145,7 +166,15 @@ def run(args: argparse.Namespace) -> int:
     from encoders.checkpoints import load_encoder
     from encoders.serialization import load_checkpoint
 
+    from encoders.files import check_output_folder
+
     ckpt_path = Path(args.checkpoint)
+    for eps in args.eps or []:
+        check_attack(eps, args.steps, args.step_size)
+    out = Path(args.json) if args.json else ckpt_path.with_name(ckpt_path.stem + ".eval.json")
+    if out.is_dir():
+        raise RFIError(f"--json {out} is a folder: name a file")
+    check_output_folder(out.parent, flag="--json folder")  # before the evaluation, not after it
     encoder = load_encoder(ckpt_path, name=args.arch)
     train_cfg = load_checkpoint(ckpt_path).get("train", {}).get("config", {})
     adv = train_cfg.get("adv", {})
@@ -163,7 +192,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{ckpt_path}: {encoder.arch} (width {encoder.width:g}, {encoder.num_classes} classes) on "
           f"{data_cfg.source} val, {data_cfg.size}px")
     print(format_table(rows))
-    out = Path(args.json) if args.json else ckpt_path.with_name(ckpt_path.stem + ".eval.json")
     write_json({"checkpoint": str(ckpt_path), "arch": encoder.arch, "data": vars(data_cfg), "results": rows}, out)
     print(f"wrote {out}")
     return 0

@@ -8,6 +8,7 @@ seconds.
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass, field
 import hashlib
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from apps.cli import main
+from encoders.config import bounded
 from encoders.errors import RFIError
 from encoders.files import EXIT_PARTIAL, FileBatch, check_output_folder
 from encoders.imageio import read_image
@@ -211,3 +213,53 @@ def test_a_stale_lock_is_replaced(tmp_path):
     (tmp_path / ".lock").write_text(f"{2**22 + 12345} {os.uname().nodename}\n")
     with RunLock(tmp_path) as lock:
         assert lock.held and (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+
+
+# ----------------------------------------------------------------------------- false figures
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory) -> Path:
+    from encoders.checkpoints import save_encoder
+
+    torch.manual_seed(0)
+    return save_encoder(Encoder("resnet18", num_classes=8, width=0.125, small_input=True),
+                        tmp_path_factory.mktemp("enc") / "enc.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eps", "0.5", "--step-size=-0.125"], "step size must be a finite number > 0, got -0.125"),
+    (["--eps", "-1"], "eps (attack radius) must be a finite number >= 0, got -1.0"),
+    (["--eps", "nan"], "eps (attack radius) must be a finite number >= 0, got nan"),
+    (["--eps", "0.5", "--steps", "0"], "steps (PGD steps) must be >= 1, got 0"),
+])
+def test_eval_encoder_refuses_attacks_that_print_false_figures(flags, message, encoder_file, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    code = main(["eval-encoder", "--checkpoint", str(encoder_file), "--max-images", "4", "--json", str(out), *flags])
+    assert code == 2 and message in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_eval_encoder_checks_its_output_before_evaluating(encoder_file, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code = main(["eval-encoder", "--checkpoint", str(encoder_file), "--max-images", "4",
+                 "--json", str(tmp_path / "f" / "e.json")])
+    assert code == 2 and "is a file, not a folder" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "must be > 0"), ("optim.lr=.nan", "must be a finite number"),
+])
+def test_numeric_config_values_are_range_checked(override, message):
+    from encoders.config import load_config
+
+    with pytest.raises(RFIError, match=rf"config key 'optim\.lr' in overrides {message}"):
+        load_config(_Job, None, [override])
+
+
+@dataclass
+class _Optim:
+    lr: float = bounded(0.1, 0, low_open=True)
+
+
+@dataclass
+class _Job:
+    optim: _Optim = field(default_factory=_Optim)
