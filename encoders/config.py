@@ -47,12 +47,28 @@ def bounded(default: Any, low: float | None = None, high: float | None = None,
         ...     lr: float = bounded(0.1, 0, low_open=True)
         >>> load_config(Job, None, ["lr=-1"])
         Traceback (most recent call last):
-        encoders.errors.RFIError: config key 'lr' in overrides must be > 0, got -1.0
+        encoders.errors.RFIError: config key 'lr' in the command-line overrides must be > 0, got -1.0
     """
     return dataclasses.field(default=default, metadata={"range": (low, high, low_open)})
 
 
-def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name: str, source: str) -> None:
+class _Source:
+    """Where config values came from: the YAML file, except the keys given as overrides."""
+
+    def __init__(self, path: str | os.PathLike | None, overridden: set[str]):
+        self.path, self.overridden = path, overridden
+
+    def of(self, name: str) -> str:
+        if name in self.overridden or self.path is None:
+            return "the command-line overrides"
+        return str(self.path)
+
+
+def _src(source: "_Source | str", name: str) -> str:
+    return source.of(name) if isinstance(source, _Source) else source
+
+
+def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name: str, source: "_Source | str") -> None:
     low, high, low_open = spec
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if v is None or not isinstance(v, (int, float)):
@@ -66,10 +82,10 @@ def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name
                 want = f"{'>' if low_open else '>='} {low:g}"
             else:
                 want = f"<= {high:g}"
-            raise RFIError(f"config key '{name}' in {source} must be {want}, got {value!r}")
+            raise RFIError(f"config key '{name}' in {_src(source, name)} must be {want}, got {value!r}")
 
 
-def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
+def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str") -> Any:
     try:
         hints = typing.get_type_hints(cls)
     except NameError:  # classes defined in a local scope (doctests): annotations are real types
@@ -79,12 +95,12 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
     for key, value in data.items():
         name = f"{where}{key}"
         if key not in fields:
-            raise RFIError(f"unknown config key '{name}' in {source} "
+            raise RFIError(f"unknown config key '{name}' in {_src(source, name)} "
                            f"(valid keys{' under ' + where[:-1] if where else ''}: {', '.join(fields)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise RFIError(f"config key '{name}' in {source} must be a mapping, got {value!r}")
+                raise RFIError(f"config key '{name}' in {_src(source, name)} must be a mapping, got {value!r}")
             value = _build(hint, value, f"{name}.", source)
         else:
             value = _coerce(value, hint, name, source)
@@ -94,10 +110,10 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise RFIError(f"bad config in {source}: {e}") from None
+        raise RFIError(f"bad config in {_src(source, where[:-1])}: {e}") from None
 
 
-def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+def _coerce(value: Any, hint: Any, name: str, source: "_Source | str") -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if value is None:
@@ -110,7 +126,7 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
                 return _coerce(value, arg, name, source)
             except RFIError:
                 pass
-        raise RFIError(f"config key '{name}' in {source}: {value!r} is not a valid {hint}")
+        raise RFIError(f"config key '{name}' in {_src(source, name)}: {value!r} is not a valid {hint}")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             value = [value]
@@ -119,22 +135,22 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict or hint is Any or origin is typing.Literal:
         if origin is typing.Literal and value not in args:
-            raise RFIError(f"config key '{name}' in {source}: {value!r} is not one of {list(args)}")
+            raise RFIError(f"config key '{name}' in {_src(source, name)}: {value!r} is not one of {list(args)}")
         return value
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise RFIError(f"config key '{name}' in {source} must be true or false, got {value!r}")
+        raise RFIError(f"config key '{name}' in {_src(source, name)} must be true or false, got {value!r}")
     if hint in (int, float, str):
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise RFIError(f"config key '{name}' in {source} must be a finite number, got {value!r}")
+                raise RFIError(f"config key '{name}' in {_src(source, name)} must be a finite number, got {value!r}")
             return float(value)
         if hint is str and isinstance(value, (int, float)):
             return str(value)
         if isinstance(value, hint) and not isinstance(value, bool):
             return value
-        raise RFIError(f"config key '{name}' in {source} must be {hint.__name__}, got {value!r}")
+        raise RFIError(f"config key '{name}' in {_src(source, name)} must be {hint.__name__}, got {value!r}")
     return value
 
 
@@ -180,8 +196,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
             raise RFIError(f"override '{item}' must look like key=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
-    source = str(path) if path is not None else "overrides"
-    return _build(cls, data, "", source)
+    overridden = {item.split("=", 1)[0].strip() for item in overrides}
+    return _build(cls, data, "", _Source(path, overridden))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -251,7 +251,7 @@ def test_eval_encoder_checks_its_output_before_evaluating(encoder_file, tmp_path
 def test_numeric_config_values_are_range_checked(override, message):
     from encoders.config import load_config
 
-    with pytest.raises(RFIError, match=rf"config key 'optim\.lr' in overrides {message}"):
+    with pytest.raises(RFIError, match=rf"config key 'optim\.lr' in the command-line overrides {message}"):
         load_config(_Job, None, [override])
 
 
@@ -263,3 +263,15 @@ class _Optim:
 @dataclass
 class _Job:
     optim: _Optim = field(default_factory=_Optim)
+
+
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
+    from encoders.config import load_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text("optim:\n  lr: 0.5\n")
+    with pytest.raises(RFIError, match=r"'optim\.lr' in the command-line overrides must be > 0"):
+        load_config(_Job, path, ["optim.lr=-2"])
+    path.write_text("optim:\n  lr: -0.5\n")
+    with pytest.raises(RFIError, match=rf"'optim\.lr' in {path} must be > 0"):
+        load_config(_Job, path)
