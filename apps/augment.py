@@ -247,6 +247,9 @@ class StyleAugment(v2.Transform):
     # v2.Transform protocol: make_params draws once per call, transform applies to each image input.
     def check_inputs(self, flat_inputs: list[Any]) -> None:
         images = [x for x in flat_inputs if isinstance(x, tv_tensors.Image) or is_pure_tensor(x)]
+        if images and (images[0].dim() != 4 or images[0].shape[0] == 0):
+            raise RFIError(f"StyleAugment takes a non-empty batch (B, 3, H, W) in [0, 1], got shape "
+                           f"{tuple(images[0].shape)}")
         if images and self.styles == "batch" and images[0].dim() == 4 and images[0].shape[0] < 2:
             raise RFIError("styles='batch' needs batches of at least 2 images (an image is never its own "
                            "style); got a batch of 1: use a style folder or a larger batch")

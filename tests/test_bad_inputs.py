@@ -275,3 +275,12 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
     path.write_text("optim:\n  lr: -0.5\n")
     with pytest.raises(RFIError, match=rf"'optim\.lr' in {path} must be > 0"):
         load_config(_Job, path)
+
+
+# ----------------------------------------------------------------------------- API tensors
+def test_style_augment_names_an_empty_batch(ae_file):
+    from apps.augment import StyleAugment
+
+    aug = StyleAugment(str(ae_file), p=1.0)
+    with pytest.raises(RFIError, match=r"non-empty batch .* got shape \(0, 3, 16, 16\)"):
+        aug(torch.rand(0, 3, 16, 16))
