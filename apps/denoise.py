@@ -172,6 +172,9 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
         RFIError: bad config, missing encoder checkpoint, a finished run in the way.
     """
     sigma = sigma_range(cfg.noise.sigma)
+    enc = cfg.train.encoder
+    if enc.arch is None and Path(enc.checkpoint).is_file():  # a foreign file needs train.encoder.arch=NAME
+        load_encoder_file(enc.checkpoint, None, "train.encoder.arch")
     if not cfg.train.out:
         cfg.train.out = "runs/denoise"
     out = Path(cfg.train.out)
@@ -192,9 +195,6 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
     kind = f"sigma {sigma[0]:g}" if sigma[0] == sigma[1] else f"blind, sigma {sigma[0]:g}-{sigma[1]:g}"
     log.info("training a denoiser (%s) on %s of %s, skips %s", kind, cfg.train.encoder.layer,
              cfg.train.encoder.checkpoint, list(cfg.train.decoder.skips) or "none")
-    enc = cfg.train.encoder
-    if enc.arch is None and Path(enc.checkpoint).is_file():  # a foreign file needs train.encoder.arch=NAME
-        load_encoder_file(enc.checkpoint, None, "train.encoder.arch")
     decoder_path = train_decoder(cfg.train, resume=resume, input_transform=GaussianNoise(sigma))
     if main_process:
         model = RobustAutoencoder.from_checkpoints(enc.checkpoint, decoder_path, arch=enc.arch,

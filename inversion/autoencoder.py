@@ -5,6 +5,7 @@ This is the one object the apps use: ``encode`` (images -> features), ``decode``
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, load_encoder, load_state_dict_checked
 from encoders.errors import RFIError
 from encoders.models import Encoder
+from encoders.runtime import autocast, check_precision, memory_format
 from encoders.serialization import load_checkpoint, save_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
 from inversion.upsample import check_phase_source
@@ -44,6 +46,33 @@ def check_images(x: Tensor, name: str = "images") -> Tensor:
     return x
 
 
+def load_encoder_file(path: str | os.PathLike, arch: str | None = None, arch_key: str = "--arch",
+                      **kwargs: Any) -> Encoder:
+    """An encoder from an RFI, ``robustness``-library or torchvision checkpoint file.
+
+    RFI checkpoints record their architecture; the other two formats need ``arch``.
+
+    Args:
+        path: the checkpoint file.
+        arch: the architecture (e.g. ``resnet50``); needed for foreign files, checked for RFI ones.
+        arch_key: how the user names the architecture in the command at hand (``--arch`` or
+            ``encoder.arch``), quoted in the error when ``arch`` is missing.
+        **kwargs: passed to :func:`encoders.checkpoints.load_encoder` (``layers``, ...).
+
+    Raises:
+        RFIError: a foreign file without ``arch`` (one line saying ``--arch resnet50`` or
+            ``encoder.arch=resnet50``), or weights that do not fit.
+    """
+    try:
+        return load_encoder(path, name=arch, **kwargs)
+    except RFIError as e:
+        if arch is None and "is not an RFI encoder checkpoint" in str(e):
+            example = f"{arch_key} resnet50" if arch_key.startswith("-") else f"{arch_key}=resnet50"
+            raise RFIError(f"{path} is not an RFI encoder checkpoint (a robustness-library or torchvision file?): "
+                           f"name its architecture with {arch_key} (e.g. {example})") from None
+        raise
+
+
 def _window(size: int, ramp_start: int, ramp_end: int, device: torch.device) -> Tensor:
     """1-D blending weights: linear ramps over the first/last ``ramp_*`` pixels, 1 elsewhere."""
     w = torch.ones(size, device=device)
@@ -60,6 +89,23 @@ def tile_positions(length: int, tile: int, overlap: int) -> list[int]:
         return [0]
     n = math.ceil((length - overlap) / (tile - overlap))
     return sorted({round(i * (length - tile) / (n - 1)) for i in range(n)}) if n > 1 else [0]
+
+
+def _in_precision(method):
+    """Run an image-to-image method under the autoencoder's ``precision`` (autocast) and
+    ``channels_last`` settings; the result comes back in the input's dtype."""
+
+    @functools.wraps(method)
+    def wrapped(self: "RobustAutoencoder", x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.precision == "fp32" and not self.channels_last:
+            return method(self, x, *args, **kwargs)
+        dtype = x.dtype
+        x = x.contiguous(memory_format=memory_format(self.channels_last))
+        with self.autocast():
+            out = method(self, x, *args, **kwargs)
+        return out.to(dtype).contiguous()
+
+    return wrapped
 
 
 class RobustAutoencoder(nn.Module):
@@ -95,6 +141,7 @@ class RobustAutoencoder(nn.Module):
         self.decoders = nn.ModuleDict({k: d.eval() for k, d in decoders.items()})
         self.layer = next(iter(self.decoders))
         self.max_pixels = max_pixels
+        self.precision, self.channels_last = "fp32", False  # see set_precision
         info = encoder.feature_info()
         for layer, dec in self.decoders.items():
             if layer not in encoder.layer_names:
@@ -109,6 +156,31 @@ class RobustAutoencoder(nn.Module):
             if getattr(dec, "upsample", "nearest") == "lps":
                 check_phase_source(encoder, layer, dec.phase_from)
         self.strides = {k: info[k][1] for k in self.decoders}
+
+    def set_precision(self, precision: str = "fp32", channels_last: bool = False) -> "RobustAutoencoder":
+        """Compute precision and memory format for :meth:`reconstruct` and :meth:`autocast`.
+
+        Args:
+            precision: ``fp32`` (default), ``bf16`` or ``fp16`` (``torch.autocast``; the
+                weights stay fp32, :meth:`reconstruct` returns the input's dtype).
+            channels_last: NHWC memory format for the modules and inputs (faster on GPU).
+
+        Example:
+            >>> from encoders import create_encoder
+            >>> from inversion.decoders import Decoder
+            >>> enc = create_encoder("resnet18", width=0.25, small_input=True, num_classes=8)
+            >>> ae = RobustAutoencoder(enc, Decoder(64, stride=4, layer="layer3")).set_precision("bf16")
+            >>> ae.reconstruct(torch.rand(1, 3, 32, 32)).dtype
+            torch.float32
+        """
+        check_precision(precision, next(self.parameters()).device)
+        self.precision, self.channels_last = precision, channels_last
+        return self.to(memory_format=memory_format(channels_last))
+
+    def autocast(self):
+        """The autocast context of :attr:`precision` on the modules' device, for commands that call
+        :meth:`encode` / :meth:`decode` themselves (``with ae.autocast(): ...``; fp32: a no-op)."""
+        return autocast(next(self.parameters()).device, self.precision)
 
     def train(self, mode: bool = True) -> "RobustAutoencoder":  # the encoder always stays in eval mode
         super().train(mode)
@@ -152,7 +224,8 @@ class RobustAutoencoder(nn.Module):
         Args:
             features: (B, C, h, w) features, or ``{layer: ..., **skips}``.
             layer: which decoder (default: the first).
-            size: resize the output to (H, W) when the decoder's output differs.
+            size: the output's (H, W): the decoder's stages reach it exactly (any stride,
+                e.g. AlexNet's); default: the features' size times the decoder's up-sampling.
             phases: LPS decoders only: the encoder's phases (default: ``features.phases``, set
                 by :meth:`encode`); pass them when decoding features you computed yourself.
         """
@@ -161,7 +234,10 @@ class RobustAutoencoder(nn.Module):
         if isinstance(feats, Tensor) and not torch.isfinite(feats).all():
             raise RFIError("features contain NaN or Inf values")
         dec = self._decoder(layer)
-        out = dec(feats, phases=phases) if getattr(dec, "upsample", "nearest") == "lps" else dec(feats)
+        if getattr(dec, "upsample", "nearest") == "lps":
+            out = dec(feats, phases=phases)
+        else:  # exact size, any stride (AlexNet's 17 included)
+            out = dec(feats, size=size)
         if size is not None and tuple(out.shape[-2:]) != tuple(size):
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
         return out
@@ -169,9 +245,17 @@ class RobustAutoencoder(nn.Module):
     def _reconstruct_whole(self, x: Tensor, layer: str) -> Tensor:
         s = self.strides[layer]
         h, w = x.shape[-2:]
-        # Pad to a multiple of the stride, and to at least 2x2 features (the decoder's reflect
-        # padding needs 2 px), reflecting the border, then crop back.
-        ph, pw = max((-h) % s, 2 * s - h), max((-w) % s, 2 * s - w)
+        # Pad to a multiple of a power-of-two stride, and to at least 2x2 features (the
+        # decoder's reflect padding needs 2 px), reflecting the border, then crop back. Other
+        # strides (AlexNet's 17: 3x3/2 pools) do not divide any size evenly: the decoder
+        # reaches the exact size itself, and only the minimum size is padded to.
+        m = self.encoder.size_multiple(layer) if hasattr(self.encoder, "size_multiple") else 1
+        if m > 1:  # an equivariant Swin takes only multiples of its total stride x window size
+            ph, pw = (-h) % m, (-w) % m
+        elif s & (s - 1) == 0:
+            ph, pw = max((-h) % s, 2 * s - h), max((-w) % s, 2 * s - w)
+        else:
+            ph, pw = max(0, 3 * s - h), max(0, 3 * s - w)
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
@@ -179,6 +263,7 @@ class RobustAutoencoder(nn.Module):
         return out[..., :h, :w]
 
     @torch.no_grad()
+    @_in_precision
     def reconstruct(self, x: Tensor, layer: str | None = None, tile: int | None = None,
                     overlap: int | None = None) -> Tensor:
         """Encode and decode, same size out as in; large images go through overlapping tiles.
@@ -244,22 +329,37 @@ class RobustAutoencoder(nn.Module):
     @classmethod
     def from_checkpoints(cls, encoder: str | os.PathLike | Encoder,
                          decoders: str | os.PathLike | Sequence[str | os.PathLike],
-                         device: str | torch.device = "cpu") -> "RobustAutoencoder":
+                         device: str | torch.device = "cpu", arch: str | None = None,
+                         arch_key: str = "--arch") -> "RobustAutoencoder":
         """Build from an encoder checkpoint (or encoder) and one or more decoder checkpoints.
+
+        The encoder file may be an RFI, ``robustness``-library or torchvision checkpoint: the
+        latter two are rebuilt as the architecture ``arch``, by default the one the decoder
+        checkpoints record (``rfi train-decoder`` stores its encoder's configuration).
 
         Raises:
             RFIError: unreadable files, or a decoder that does not fit the encoder.
         """
-        if not isinstance(encoder, Encoder):
-            encoder = load_encoder(encoder)
         paths = [decoders] if isinstance(decoders, (str, os.PathLike)) else list(decoders)
-        decs: dict[str, Decoder] = {}
+        ckpts = []
         for p in paths:
             ckpt = load_checkpoint(p)
             if ckpt.get("format") == ENCODER_FORMAT:
                 raise RFIError(f"{p} is an encoder checkpoint; a decoder checkpoint was expected")
             if ckpt.get("format") != DECODER_FORMAT:
                 raise RFIError(f"{p} is not an RFI decoder checkpoint")
+            ckpts.append((p, ckpt))
+        if not isinstance(encoder, Encoder):
+            recorded = next(((c.get("encoder") or {}).get("arch") for _, c in ckpts
+                             if (c.get("encoder") or {}).get("arch")), None)
+            try:
+                encoder = load_encoder_file(encoder, arch, arch_key)
+            except RFIError as e:  # a foreign file: the decoders say which architecture it is
+                if arch is not None or recorded is None or "is not an RFI encoder checkpoint" not in str(e):
+                    raise
+                encoder = load_encoder_file(encoder, recorded, arch_key)
+        decs: dict[str, Decoder] = {}
+        for p, ckpt in ckpts:
             trained_for = ckpt.get("encoder") or {}
             if trained_for and trained_for.get("arch") != encoder.arch:
                 raise RFIError(f"{p} was trained for a {trained_for.get('arch')} encoder, not {encoder.arch}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from encoders.checkpoints import load_state_dict_checked
@@ -27,6 +28,72 @@ from encoders.serialization import load_checkpoint, save_checkpoint
 from inversion.upsample import LPU, stage_phases
 
 DECODER_FORMAT = "rfi-decoder"
+
+
+DECODER_PRESETS = ("cpu", "paper")
+CPU_PRESET: dict[str, Any] = {"channels": 64, "min_channels": 32, "blocks": 1, "stage_blocks": 0,
+                              "spectral_norm": False}
+"""The ``cpu`` preset (the default of ``rfi train-decoder``): small and fast, trained in minutes on a CPU."""
+
+
+def decoder_preset(name: str, in_channels: int) -> dict[str, Any]:
+    """Decoder capacity by name: ``cpu`` (the default) or ``paper``.
+
+    ``paper`` follows the generator of the robust-inversion paper (Rojas-Gomez et al.,
+    "Inverting adversarially robust networks for image synthesis"; its AlexNet conv5
+    generator is DeePSiM-like: convolutions at the feature resolution, then up-sampling
+    stages of two 3x3 convolutions each, batch norm and spectral norm on every
+    convolution): ``channels`` = the layer's channels clipped to [256, 512], two residual
+    blocks at the feature resolution, one extra convolution per stage, spectral norm.
+
+    Args:
+        name: ``cpu`` or ``paper``.
+        in_channels: channels of the inverted layer (the ``paper`` width follows them).
+
+    Returns:
+        Keyword arguments of :class:`Decoder` (``channels, min_channels, blocks, stage_blocks, spectral_norm``).
+
+    Example:
+        >>> decoder_preset("paper", 2048)["channels"], decoder_preset("cpu", 2048)["channels"]
+        (512, 64)
+    """
+    if name == "cpu":
+        return dict(CPU_PRESET)
+    if name == "paper":
+        return {"channels": min(512, max(256, int(in_channels))), "min_channels": 32, "blocks": 2,
+                "stage_blocks": 1, "spectral_norm": True}
+    raise RFIError(f"unknown decoder preset '{name}' (decoder.preset; valid: {', '.join(DECODER_PRESETS)})")
+
+
+def _pow2(stride: int) -> int:
+    """The power of two nearest (in log scale) to ``stride``: AlexNet's 17 -> 16."""
+    return 2 ** max(0, round(math.log2(stride)))
+
+
+def stage_sizes(start: int, stages: int, anchors: Mapping[int, int]) -> list[int]:
+    """Side lengths after each up-sampling stage, hitting every ``anchors[stage]`` exactly.
+
+    Between two anchors (the start counts as stage -1) sizes grow geometrically; after the
+    last anchor they double, so with no anchors this is the plain x2 ladder.
+
+    Example:
+        >>> stage_sizes(13, 4, {3: 224}), stage_sizes(7, 3, {}), stage_sizes(4, 3, {2: 32})
+        ([26, 54, 110, 224], [14, 28, 56], [8, 16, 32])
+    """
+    out: list[int] = []
+    prev_i, prev = -1, start
+    for i in range(stages):
+        if i in anchors:
+            out.append(int(anchors[i]))
+            prev_i, prev = i, int(anchors[i])
+            continue
+        nxt = min((j for j in anchors if j > i), default=None)
+        if nxt is None:
+            out.append(out[-1] * 2 if out else start * 2)
+        else:
+            ratio = anchors[nxt] / prev
+            out.append(max(1, round(prev * ratio ** ((i - prev_i) / (nxt - prev_i)))))
+    return out
 
 
 def _conv_block(cin: int, cout: int, padding_mode: str, norm: bool) -> nn.Sequential:
@@ -54,20 +121,30 @@ class ResidualBlock(nn.Module):
 class Decoder(nn.Module):
     """Invert features of stride ``stride`` back to a 3-channel image in [0, 1].
 
-    Architecture: 3x3 conv to ``channels``, ``blocks`` residual blocks, then log2(stride)
-    stages of nearest x2 up-sampling + 3x3 conv (channels halve per stage, not below
-    ``min_channels``), and a final 3x3 conv + sigmoid. Up-sampling layers live in
-    ``self.up`` so they can be swapped (e.g. for polyphase up-sampling).
+    Architecture: 3x3 conv to ``channels``, ``blocks`` residual blocks, then n stages of
+    nearest up-sampling + 3x3 conv (+ ``stage_blocks`` more 3x3 convs; channels halve per
+    stage, not below ``min_channels``), and a final 3x3 conv + sigmoid, where n =
+    round(log2(stride)). Up-sampling layers live in ``self.up`` so they can be swapped
+    (e.g. for polyphase up-sampling).
+
+    Any stride, any size: each stage up-samples x2, unless ``forward`` is given the output
+    ``size`` (or skip features): then the stages reach exactly the skips' resolutions and
+    ``size``, growing geometrically in between. So AlexNet (strides 4, 8 and 17 at 224 px:
+    13x13 conv5 features, 4 stages) decodes to exactly 224x224, or 227x227, and a ResNet to
+    any odd size; for inputs whose size is the features' times 2^n the result is the same
+    as plain x2 stages.
 
     Args:
         in_channels: channels of the inverted layer.
-        stride: the layer's total down-sampling factor (1, 2, 4, ...; rounded to a power of two).
+        stride: the layer's total down-sampling factor (its number of up-sampling stages is
+            round(log2(stride)); e.g. AlexNet conv5's 17 -> 4 stages).
         layer: name of the encoder layer it inverts (stored in checkpoints).
         channels: width after the input conv.
         min_channels: the narrowest stage.
         blocks: residual blocks at the input resolution.
         skips: ``{layer: (channels, stride)}`` of shallower layers concatenated at their resolution
-            (several may share one; ``input``, the image itself at stride 1, is one of them).
+            (several may share one; ``input``, the image itself at stride 1, is one of them);
+            a skip joins the stage whose power-of-two stride is nearest its own.
         padding_mode: ``reflect`` (default), ``zeros``, ``replicate`` or ``circular``.
         norm: use BatchNorm.
         upsample: ``nearest`` (default) or ``lps``: learnable polyphase up-sampling
@@ -79,21 +156,31 @@ class Decoder(nn.Module):
             where ``image`` is the ``input`` skip (needed, with stride 1); the last conv
             starts at zero, so training starts from the identity. For restoration
             (denoising), where the output is close to the input.
+        stage_blocks: extra 3x3 conv blocks in each up-sampling stage (the ``paper`` preset: 1).
+        spectral_norm: spectral normalisation on every convolution (the paper's generator).
+        refine_blocks: full-resolution capacity for restoration: a 3x3 conv fusing the last
+            stage's output with the ``input`` skip (when present), then this many residual
+            blocks at the output resolution, before the tail (0: none, as before).
 
     Shape:
         - Input: (B, in_channels, h, w), or a mapping ``{layer: tensor, **skips}``.
-        - Output: (B, 3, h * 2^n, w * 2^n), values in [0, 1], n = round(log2(stride)).
+        - Output: (B, 3, H, W), values in [0, 1]: ``size`` when given, else set by the
+          skips, else (h * 2^n, w * 2^n), n = round(log2(stride)).
 
     Example:
         >>> dec = Decoder(64, stride=4, layer="layer3")
         >>> tuple(dec(torch.rand(2, 64, 8, 8)).shape), tuple(dec(torch.rand(1, 64, 20, 13)).shape)
         ((2, 3, 32, 32), (1, 3, 80, 52))
+        >>> alex = Decoder(256, stride=17, layer="conv5", channels=32)  # AlexNet: 13x13 at 224 px
+        >>> tuple(alex(torch.rand(1, 256, 13, 13), size=(224, 224)).shape)
+        (1, 3, 224, 224)
     """
 
     def __init__(self, in_channels: int, stride: int, layer: str = "", channels: int = 128,
                  min_channels: int = 32, blocks: int = 1, skips: Mapping[str, tuple[int, int]] | None = None,
                  padding_mode: str = "reflect", norm: bool = True, upsample: str = "nearest",
-                 phase_from: Sequence[str] | None = None, residual: bool = False):
+                 phase_from: Sequence[str] | None = None, residual: bool = False,
+                 stage_blocks: int = 0, spectral_norm: bool = False, refine_blocks: int = 0):
         super().__init__()
         if stride < 1:
             raise RFIError(f"decoder stride must be >= 1, got {stride}")
@@ -110,6 +197,7 @@ class Decoder(nn.Module):
         self.channels, self.min_channels, self.blocks = channels, min_channels, blocks
         self.skips = {k: (int(c), int(s)) for k, (c, s) in (skips or {}).items()}
         self.padding_mode, self.norm, self.residual = padding_mode, norm, residual
+        self.stage_blocks, self.spectral_norm = int(stage_blocks), bool(spectral_norm)
         if residual and self.skips.get(INPUT_TAP) != (3, 1):
             raise RFIError(f"a residual decoder needs the '{INPUT_TAP}' skip (the image, 3 channels, stride 1)")
         self.head = nn.Sequential(_conv_block(in_channels, channels, padding_mode, norm),
@@ -121,12 +209,19 @@ class Decoder(nn.Module):
         for i in range(n):
             self.up.append(LPU(2) if upsample == "lps" else nn.Upsample(scale_factor=2, mode="nearest"))
             s //= 2
-            here = [name for name, (_, ss) in self.skips.items() if ss == s]
+            here = [name for name, (_, ss) in self.skips.items() if _pow2(ss) == s]
             if here:
                 self.skip_at[i] = here
             cout = max(min_channels, c // 2)
-            self.stages.append(_conv_block(c + sum(self.skips[k][0] for k in here), cout, padding_mode, norm))
+            self.stages.append(nn.Sequential(
+                *_conv_block(c + sum(self.skips[k][0] for k in here), cout, padding_mode, norm),
+                *[_conv_block(cout, cout, padding_mode, norm) for _ in range(self.stage_blocks)]))
             c = cout
+        self.refine_blocks = int(refine_blocks)
+        if self.refine_blocks > 0:  # created only then, so older checkpoints keep their keys
+            self.refine = nn.Sequential(
+                _conv_block(c + (3 if INPUT_TAP in self.skips else 0), c, padding_mode, norm),
+                *[ResidualBlock(c, padding_mode, norm) for _ in range(self.refine_blocks)])
         self.tail = nn.Conv2d(c, 3, 3, padding=1, padding_mode=padding_mode)
         placed = {name for names in self.skip_at.values() for name in names}
         if placed != set(self.skips):
@@ -137,6 +232,10 @@ class Decoder(nn.Module):
             nn.init.zeros_(self.tail.bias)
         if upsample == "lps":  # same weights and keys, faster circular padding
             circular_convs(self)
+        if self.spectral_norm:
+            for module in list(self.modules()):
+                if isinstance(module, nn.Conv2d):
+                    nn.utils.parametrizations.spectral_norm(module)
 
     @property
     def upsampling(self) -> int:
@@ -158,11 +257,43 @@ class Decoder(nn.Module):
             cfg.update(upsample=self.upsample, phase_from=list(self.phase_from))
         if self.residual:
             cfg["residual"] = True
+        if self.stage_blocks:
+            cfg["stage_blocks"] = self.stage_blocks
+        if self.spectral_norm:
+            cfg["spectral_norm"] = True
+        if self.refine_blocks:
+            cfg["refine_blocks"] = self.refine_blocks
         return cfg
 
+    def stage_sizes(self, features: Tensor, feats: Mapping[str, Tensor],
+                    size: Sequence[int] | None) -> list[tuple[int, int]] | None:
+        """(H, W) after each up-sampling stage, or ``None`` for plain x2 stages.
+
+        Anchors: each skip's resolution at its stage and ``size`` at the last stage; the
+        other stages grow geometrically between them (see :func:`stage_sizes`).
+        """
+        n = len(self.up)
+        anchors: dict[int, tuple[int, int]] = {i: tuple(feats[names[0]].shape[-2:])
+                                               for i, names in self.skip_at.items()}
+        if size is not None and n:
+            size = (int(size[0]), int(size[1]))
+            if n - 1 in anchors and anchors[n - 1] != size:
+                raise RFIError(f"decoder for '{self.layer}': output size {size} differs from its stride-1 skip "
+                               f"{self.skip_at[n - 1]} of size {anchors[n - 1]}")
+            anchors[n - 1] = size
+        if not anchors:
+            return None
+        h, w = features.shape[-2:]
+        hs = stage_sizes(h, n, {i: a[0] for i, a in anchors.items()})
+        ws = stage_sizes(w, n, {i: a[1] for i, a in anchors.items()})
+        return list(zip(hs, ws))
+
     def forward(self, features: Tensor | Mapping[str, Tensor],
-                phases: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Decode ``features``; ``phases``: LPS decoders only, default ``features.phases`` (see LPU)."""
+                phases: Mapping[str, Tensor] | None = None, size: Sequence[int] | None = None) -> Tensor:
+        """Decode ``features`` to images of ``size`` (H, W) (default: see the class).
+
+        ``phases``: LPS decoders only, default ``features.phases`` (see LPU).
+        """
         if isinstance(features, Tensor):
             if self.skips:
                 raise RFIError(f"this decoder also needs skip features {list(self.skips)}: pass a mapping")
@@ -173,15 +304,33 @@ class Decoder(nn.Module):
             raise RFIError(f"decoder for '{self.layer}' expects {self.in_channels} channels, got {x.shape[1]}")
         if self.upsample == "lps":
             weights = stage_phases(features, phases, self.phase_from, self.layer)
+        sizes = None if self.upsample == "lps" else self.stage_sizes(x, feats, size)
         x = self.head(x)
         for i, (up, stage) in enumerate(zip(self.up, self.stages)):
-            x = up(x, weights[i]) if self.upsample == "lps" else up(x)
+            if self.upsample == "lps":
+                x = up(x, weights[i])
+            elif sizes is None or sizes[i] == (2 * x.shape[-2], 2 * x.shape[-1]):
+                x = up(x)  # the plain x2 stage (identical to the exact-size one)
+            else:
+                x = F.interpolate(x, size=sizes[i], mode="nearest")
             if i in self.skip_at:
                 x = torch.cat([x, *(feats[k] for k in self.skip_at[i])], dim=1)
             x = stage(x)
+        if self.refine_blocks > 0:  # full-resolution residual blocks, fed the image again when it is a skip
+            if INPUT_TAP in self.skips and feats[INPUT_TAP].shape[-2:] == x.shape[-2:]:
+                x = torch.cat([x, feats[INPUT_TAP]], dim=1)
+            elif INPUT_TAP in self.skips:
+                x = torch.cat([x, F.interpolate(feats[INPUT_TAP], size=x.shape[-2:], mode="bilinear",
+                                                align_corners=False)], dim=1)
+            x = self.refine(x)
         if self.residual:
-            return (feats[INPUT_TAP] + self.tail(x)).clamp(0, 1)
-        return torch.sigmoid(self.tail(x))
+            out = (feats[INPUT_TAP] + self.tail(x)).clamp(0, 1)
+        else:
+            out = torch.sigmoid(self.tail(x))
+        if size is not None and tuple(out.shape[-2:]) != (int(size[0]), int(size[1])):  # stride 1, LPS
+            out = F.interpolate(out, size=(int(size[0]), int(size[1])), mode="bilinear",
+                                align_corners=False).clamp(0, 1)
+        return out
 
 
 def decoder_checkpoint(decoder: Decoder, encoder_config: Mapping[str, Any] | None = None,

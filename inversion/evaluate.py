@@ -249,7 +249,10 @@ def _run_names(decoders: Sequence[str], names: str | None) -> list[str]:
 
 def register_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", action="append", required=True, metavar="E",
-                        help="encoder checkpoint (repeat, one per --decoder)")
+                        help="encoder checkpoint (repeat, one per --decoder): RFI, robustness-library or "
+                             "torchvision file")
+    parser.add_argument("--arch", help="architecture of robustness-library / torchvision encoder files "
+                                       "(e.g. resnet50; default: as each decoder records)")
     parser.add_argument("--decoder", action="append", required=True, metavar="D",
                         help="decoder checkpoint for the preceding --encoder (repeat)")
     parser.add_argument("--names", help="run names for the table and grid columns, e.g. standard,robust "
@@ -285,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     if len(set(sizes.values())) > 1:
         raise RFIError(f"the decoders were trained at different sizes {sorted(set(sizes.values()))}: "
                        f"pass --size PX to evaluate them at the same scales")
-    models = {n: RobustAutoencoder.from_checkpoints(e, d, device=device)
+    models = {n: RobustAutoencoder.from_checkpoints(e, d, device=device, arch=args.arch)
               for n, e, d in zip(names, args.encoder, args.decoder)}
     lpips_model, note = lpips_for(args.lpips_net, args.lpips_weights, device)
     if lpips_model is None:

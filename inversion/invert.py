@@ -7,9 +7,15 @@ overlapping tiles with ``--tile``); ``--method optimize`` runs the optimisation 
 reported by name and skipped; the others are still processed and the command exits with
 code 1 at the end. Outputs never overwrite inputs, and each is written atomically.
 
+The encoder may be an RFI checkpoint, a ``robustness``-library checkpoint or a torchvision
+state dict; for the last two the architecture comes from ``--arch`` or, by default, from
+the decoder checkpoint (which records the encoder it was trained for).
+
 Example:
     rfi invert photos/ --encoder runs/encoders/resnet18_robust/checkpoint.pt \\
         --decoder runs/decoders/resnet18_robust_layer3/decoder.pt --out inverted/
+    rfi invert photos/ --encoder imagenet_l2_3_0.pt --arch resnet50 \\
+        --decoder runs/decoders/resnet50_layer4/decoder.pt --out inverted/
 """
 from __future__ import annotations
 
@@ -23,11 +29,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from encoders.checkpoints import load_encoder
 from encoders.errors import RFIError
 from encoders.imageio import list_images, read_image, write_image
 from encoders.runtime import progress, resolve_device
-from inversion.autoencoder import RobustAutoencoder, check_images
+from inversion.autoencoder import RobustAutoencoder, check_images, load_encoder_file
 
 log = logging.getLogger("rfi")
 
@@ -94,7 +99,10 @@ def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
 
 def register_invert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
-    parser.add_argument("--encoder", required=True, help="encoder checkpoint")
+    parser.add_argument("--encoder", required=True, help="encoder checkpoint: RFI, robustness-library or "
+                                                         "torchvision file")
+    parser.add_argument("--arch", help="the encoder's architecture (e.g. resnet50) when --encoder is a "
+                                       "robustness-library or torchvision file (default: as the decoder records)")
     parser.add_argument("--decoder", help="decoder checkpoint (required for --method decoder; "
                                           "with --method optimize it names the layer)")
     parser.add_argument("--out", required=True, help="output folder (one PNG per input, same names)")
@@ -118,15 +126,15 @@ def _inverter(args: argparse.Namespace, device: torch.device) -> Callable[[Tenso
             raise RFIError("--method decoder needs --decoder D (a decoder checkpoint)")
         if args.tile is not None and args.tile < 1:
             raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
-        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device)
+        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch)
         return lambda x: ae.reconstruct(x, tile=args.tile)
     from inversion.optimize import invert_by_optimization
 
     if args.decoder:
-        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device)
+        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch)
         encoder, layer = ae.encoder, args.layer or ae.layer
     elif args.layer:
-        encoder, layer = load_encoder(args.encoder).to(device), args.layer
+        encoder, layer = load_encoder_file(args.encoder, args.arch).to(device), args.layer
     else:
         raise RFIError("--method optimize needs --layer NAME (or a --decoder, whose layer is used)")
     encoder.check_layers([layer])

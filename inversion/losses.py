@@ -18,26 +18,42 @@ from encoders.models import Encoder
 
 PIXEL_LOSSES = ("l1", "l2")
 GAN_LOSSES = ("hinge", "nonsaturating")
+REDUCTIONS = ("mean", "sum")
 
 
-def pixel_loss(output: Tensor, target: Tensor, kind: str = "l1") -> Tensor:
-    """Mean absolute (``l1``) or squared (``l2``) pixel error.
+def _reduce(values: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    raise RFIError(f"unknown loss reduction '{reduction}' (valid: {', '.join(REDUCTIONS)})")
+
+
+def pixel_loss(output: Tensor, target: Tensor, kind: str = "l1", reduction: str = "mean") -> Tensor:
+    """Mean (or, ``reduction="sum"``, summed) absolute (``l1``) or squared (``l2``) pixel error.
 
     Shape: output, target: (B, 3, H, W) in [0, 1] -> scalar.
 
     Example:
         >>> float(pixel_loss(torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5), "l2"))
         0.25
+        >>> float(pixel_loss(torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5), "l1", "sum"))
+        6.0
     """
+    if reduction not in REDUCTIONS:
+        raise RFIError(f"unknown loss reduction '{reduction}' (valid: {', '.join(REDUCTIONS)})")
     if kind == "l1":
-        return F.l1_loss(output, target)
+        return F.l1_loss(output, target, reduction=reduction)
     if kind == "l2":
-        return F.mse_loss(output, target)
+        return F.mse_loss(output, target, reduction=reduction)
     raise RFIError(f"unknown pixel loss '{kind}' (valid: {', '.join(PIXEL_LOSSES)})")
 
 
-def feature_loss(output_features: Tensor, target_features: Tensor) -> Tensor:
+def feature_loss(output_features: Tensor, target_features: Tensor, reduction: str = "mean") -> Tensor:
     """Relative squared feature error ``||f(x̂) - f(x)||² / ||f(x)||²`` over the batch.
+
+    With ``reduction="sum"``: the plain summed squared error ``||f(x̂) - f(x)||²`` (the
+    robust-inversion paper's recipe, whose weights assume summed losses).
 
     Dividing by the target's energy makes the weight mean the same thing for every layer
     and encoder (a robust and a standard encoder have very different feature scales), so
@@ -51,24 +67,30 @@ def feature_loss(output_features: Tensor, target_features: Tensor) -> Tensor:
         (0.0, 1.0)
     """
     target_features = target_features.detach()
-    return (output_features - target_features).pow(2).sum() / target_features.pow(2).sum().clamp_min(1e-12)
+    error = (output_features - target_features).pow(2).sum()
+    if reduction == "sum":
+        return error
+    if reduction != "mean":
+        raise RFIError(f"unknown loss reduction '{reduction}' (valid: {', '.join(REDUCTIONS)})")
+    return error / target_features.pow(2).sum().clamp_min(1e-12)
 
 
-def generator_loss(fake_logits: Tensor, kind: str = "hinge") -> Tensor:
+def generator_loss(fake_logits: Tensor, kind: str = "hinge", reduction: str = "mean") -> Tensor:
     """Adversarial loss of the decoder (generator) given the discriminator's logits on its output.
 
     ``hinge`` and ``nonsaturating`` both use ``-D(x̂)`` style objectives: hinge ``-mean(D)``
     (Lim & Ye 2017, as in SAGAN), non-saturating ``mean(softplus(-D))`` = ``-log sigmoid(D)``
-    (Goodfellow et al. 2014).
+    (Goodfellow et al. 2014). ``reduction="sum"`` sums over the logits instead.
     """
     if kind == "hinge":
-        return -fake_logits.mean()
+        return _reduce(-fake_logits, reduction)
     if kind == "nonsaturating":
-        return F.softplus(-fake_logits).mean()
+        return _reduce(F.softplus(-fake_logits), reduction)
     raise RFIError(f"unknown GAN loss '{kind}' (valid: {', '.join(GAN_LOSSES)})")
 
 
-def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "hinge") -> Tensor:
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "hinge",
+                       reduction: str = "mean") -> Tensor:
     """Discriminator loss: real images should score high, reconstructions low.
 
     hinge: ``mean(relu(1 - D(x))) + mean(relu(1 + D(x̂)))``; non-saturating (binary
@@ -80,9 +102,9 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "hi
         0.0
     """
     if kind == "hinge":
-        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+        return _reduce(F.relu(1 - real_logits), reduction) + _reduce(F.relu(1 + fake_logits), reduction)
     if kind == "nonsaturating":
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        return _reduce(F.softplus(-real_logits), reduction) + _reduce(F.softplus(fake_logits), reduction)
     raise RFIError(f"unknown GAN loss '{kind}' (valid: {', '.join(GAN_LOSSES)})")
 
 
@@ -97,6 +119,9 @@ class DecoderLoss:
         lpips_model: an ``lpips.LPIPS`` module (needed when ``lpips > 0``).
         discriminator: a module ``disc(images, features) -> logits`` (needed when ``adversarial > 0``).
         gan_loss: ``hinge`` or ``nonsaturating``.
+        reduction: ``mean`` (default: pixel and adversarial terms averaged, feature term
+            relative) or ``sum`` (all summed over the batch, feature term absolute: the
+            robust-inversion paper's recipe, pixel 2e-6 / feature 0.01 / adversarial 100).
 
     Shape:
         - output, target: (B, 3, H, W) in [0, 1]; condition: (B, C, h, w), the features
@@ -116,7 +141,7 @@ class DecoderLoss:
     def __init__(self, encoder: Encoder, layer: str, pixel: float = 1.0, feature: float = 0.0,
                  lpips: float = 0.0, adversarial: float = 0.0, pixel_type: str = "l1",
                  lpips_model: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 gan_loss: str = "hinge"):
+                 gan_loss: str = "hinge", reduction: str = "mean"):
         weights = {"pixel": pixel, "feature": feature, "lpips": lpips, "adversarial": adversarial}
         bad = [f"{k}={v}" for k, v in weights.items() if not v >= 0]
         if bad:
@@ -125,6 +150,9 @@ class DecoderLoss:
             raise RFIError(f"unknown pixel loss '{pixel_type}' (valid: {', '.join(PIXEL_LOSSES)})")
         if gan_loss not in GAN_LOSSES:
             raise RFIError(f"unknown GAN loss '{gan_loss}' (valid: {', '.join(GAN_LOSSES)})")
+        if reduction not in REDUCTIONS:
+            raise RFIError(f"unknown loss reduction '{reduction}' (valid: {', '.join(REDUCTIONS)})")
+        self.reduction = reduction
         if lpips > 0 and lpips_model is None:
             raise RFIError("loss.lpips > 0 needs an LPIPS model")
         if adversarial > 0 and discriminator is None:
@@ -154,22 +182,23 @@ class DecoderLoss:
         terms: dict[str, Tensor] = {}
         total = output.new_zeros(())
         if w["pixel"] > 0:
-            terms["pixel"] = pixel_loss(output, target, self.pixel_type)
+            terms["pixel"] = pixel_loss(output, target, self.pixel_type, self.reduction)
             total = total + w["pixel"] * terms["pixel"]
         if w["feature"] > 0:
             if target_features is None:
                 with torch.no_grad():
                     target_features = self.encoder(target, layers=[self.layer])[self.layer]
-            terms["feature"] = feature_loss(self.encoder(output, layers=[self.layer])[self.layer], target_features)
+            terms["feature"] = feature_loss(self.encoder(output, layers=[self.layer])[self.layer], target_features,
+                                            self.reduction)
             total = total + w["feature"] * terms["feature"]
         if w["lpips"] > 0:
-            terms["lpips"] = self.lpips_model(output, target, normalize=True).mean()
+            terms["lpips"] = _reduce(self.lpips_model(output, target, normalize=True), self.reduction)
             total = total + w["lpips"] * terms["lpips"]
         if w["adversarial"] > 0:
             disc = self.discriminator
             disc.requires_grad_(False)  # the generator step must not train the discriminator
             try:
-                terms["adversarial"] = generator_loss(disc(output, condition), self.gan_loss)
+                terms["adversarial"] = generator_loss(disc(output, condition), self.gan_loss, self.reduction)
             finally:
                 disc.requires_grad_(True)
             total = total + w["adversarial"] * terms["adversarial"]
@@ -188,7 +217,7 @@ class DecoderLoss:
         cond = None if condition is None else torch.cat([condition, condition]).detach()
         logits = disc(torch.cat([real, fake.detach()]), cond)
         real_logits, fake_logits = logits.chunk(2)
-        return discriminator_loss(real_logits, fake_logits, self.gan_loss)
+        return discriminator_loss(real_logits, fake_logits, self.gan_loss, self.reduction)
 
 
 def term_weights(weights: Mapping[str, float]) -> str:

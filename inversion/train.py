@@ -46,14 +46,17 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from encoders.checkpoints import load_encoder, load_state_dict_checked
+from encoders.checkpoints import load_state_dict_checked
 from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
 from encoders.models import INPUT_TAP, Encoder
-from encoders.runtime import MetricsLog, progress, resolve_device, rng_state, save_grid, seed_everything, set_rng_state
+from encoders.runtime import (DistContext, MetricsLog, autocast, check_precision, grad_scaler, memory_format,
+                              progress, resolve_device, rng_state, save_grid, seed_everything, set_rng_state,
+                              setup_distributed)
 from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
-from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint
+from inversion.autoencoder import load_encoder_file
+from inversion.decoders import CPU_PRESET, DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_preset
 from inversion.discriminator import build_discriminator
 from inversion.losses import DecoderLoss, term_weights
 from inversion.metrics import psnr
@@ -67,16 +70,22 @@ InputTransform = Callable[[Tensor, torch.Generator], Tensor]
 CHECKPOINT_NAME = "decoder.pt"
 TRAIN_ENCODER_HINT = "rfi train-encoder --config configs/encoder/resnet18_robust.yaml"
 # Keys that may differ between a run and its ``--resume`` (they do not change the result).
-RESUME_FREE_KEYS = ("out", "device", "num_workers", "log_every", "sample_every", "checkpoint_every")
+RESUME_FREE_KEYS = ("out", "device", "num_workers", "log_every", "sample_every", "checkpoint_every", "deterministic")
 SAMPLE_ROWS = 8
 
 
 @dataclass
 class EncoderSection:
-    """The frozen encoder: an RFI encoder checkpoint and the layer the decoder inverts."""
+    """The frozen encoder: a checkpoint and the layer the decoder inverts.
+
+    ``checkpoint``: an RFI encoder checkpoint, a ``robustness``-library checkpoint (e.g.
+    ``imagenet_l2_3_0.pt``) or a torchvision state dict; the last two need ``arch`` (e.g.
+    ``encoder.arch=resnet50``), which is checked against an RFI checkpoint's own.
+    """
 
     checkpoint: str = "runs/encoders/resnet18_robust/checkpoint.pt"
     layer: str = "layer3"
+    arch: str | None = None
 
 
 @dataclass
@@ -86,8 +95,14 @@ class DecoderSection:
     ``skips``: shallower encoder layers concatenated at their resolution (U-Net style);
     ``input`` is the image itself. ``residual``: the decoder outputs the ``input`` skip
     plus a learnt correction (for restoration, e.g. denoising).
+
+    ``preset``: ``cpu`` (these defaults) or ``paper`` (the robust-inversion paper's
+    generator capacity, see :func:`inversion.decoders.decoder_preset`): the preset sets
+    ``channels, min_channels, blocks, stage_blocks, spectral_norm``; a key given a value
+    other than its ``cpu`` default here overrides the preset's.
     """
 
+    preset: Literal["cpu", "paper"] = "cpu"
     channels: int = 64
     min_channels: int = 32
     blocks: int = 1
@@ -95,6 +110,9 @@ class DecoderSection:
     padding_mode: Literal["reflect", "zeros", "replicate", "circular"] = "reflect"
     norm: bool = True
     residual: bool = False
+    stage_blocks: int = 0
+    spectral_norm: bool = False
+    refine_blocks: int = 0  # full-resolution residual blocks before the output conv (denoising)
 
 
 @dataclass
@@ -105,7 +123,11 @@ class LossSection:
     ``lpips``: needs the backbone weights locally (``lpips_weights`` = a torchvision
     state-dict file, default: the torch hub cache; nothing downloads). ``adversarial``:
     a ``deepsim`` (image + features) or ``patch`` discriminator of width
-    ``disc_channels``, trained alternately with the ``gan_loss`` objective.
+    ``disc_channels``, trained alternately with the ``gan_loss`` objective
+    (``disc_spectral_norm``: spectral normalisation of its layers). ``reduction``: ``mean``
+    (default; the feature term is a relative error) or ``sum`` (every term summed over the
+    batch, the feature term a plain squared error: the robust-inversion paper's recipe,
+    ``configs/paper/``).
     """
 
     pixel: float = 1.0
@@ -118,6 +140,8 @@ class LossSection:
     discriminator: Literal["deepsim", "patch"] = "deepsim"
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
     disc_channels: int = 32
+    disc_spectral_norm: bool = False
+    reduction: Literal["mean", "sum"] = "mean"
 
 
 @dataclass
@@ -143,7 +167,10 @@ class TrainDecoderConfig:
     ``runs/decoders/<config name>`` on the command line (in Python: :func:`default_out`).
     ``sample_every`` /
     ``log_every`` / ``checkpoint_every``: in steps (0: off; checkpoints are also written
-    after every epoch).
+    after every epoch). ``precision`` (``fp32 | bf16 | fp16``: autocast around the encoder,
+    decoder, discriminator and losses; fp16 adds a grad scaler), ``channels_last`` (NHWC
+    memory format) and ``deterministic`` (deterministic kernels; costs speed on GPU only):
+    see ``docs/training_at_scale.md``.
     """
 
     encoder: EncoderSection = field(default_factory=EncoderSection)
@@ -161,6 +188,9 @@ class TrainDecoderConfig:
     log_every: int = 20
     checkpoint_every: int = 0
     num_workers: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    deterministic: bool = True
 
 
 def check_config(cfg: TrainDecoderConfig) -> None:
@@ -170,6 +200,10 @@ def check_config(cfg: TrainDecoderConfig) -> None:
         problems.append(f"epochs or steps must be >= 1, got epochs={cfg.epochs}, steps={cfg.steps}")
     if cfg.batch_size < 1:
         problems.append(f"batch_size must be >= 1, got {cfg.batch_size}")
+    try:
+        check_precision(cfg.precision)
+    except RFIError as e:
+        problems.append(str(e))
     for key in ("sample_every", "log_every", "checkpoint_every", "num_workers"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -180,6 +214,12 @@ def check_config(cfg: TrainDecoderConfig) -> None:
         problems.append("at least one of loss.pixel, loss.feature, loss.lpips must be > 0")
     if cfg.optim.lr <= 0 or cfg.optim.disc_lr <= 0:
         problems.append("optim.lr and optim.disc_lr must be > 0")
+    if cfg.decoder.preset not in ("cpu", "paper"):
+        problems.append(f"decoder.preset must be cpu or paper, got '{cfg.decoder.preset}'")
+    if cfg.decoder.refine_blocks < 0:
+        problems.append(f"decoder.refine_blocks must be >= 0, got {cfg.decoder.refine_blocks}")
+    if cfg.decoder.stage_blocks < 0:
+        problems.append(f"decoder.stage_blocks must be >= 0, got {cfg.decoder.stage_blocks}")
     if cfg.decoder.channels < 1 or cfg.decoder.min_channels < 1 or cfg.decoder.blocks < 0:
         problems.append("decoder.channels and decoder.min_channels must be >= 1, decoder.blocks >= 0")
     if problems:
@@ -205,7 +245,7 @@ def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, .
     if not path.is_file():
         raise RFIError(f"encoder checkpoint not found: {path} (encoder.checkpoint); train one with "
                        f"`{TRAIN_ENCODER_HINT}` or set encoder.checkpoint=PATH")
-    encoder = load_encoder(path)
+    encoder = load_encoder_file(path, section.arch, "encoder.arch")
     names = [INPUT_TAP, *encoder.layer_names]  # skips may take the image itself
     for key, layer, valid in (("encoder.layer", section.layer, names[1:]),
                               *(("decoder.skips", s, names) for s in skips)):
@@ -218,58 +258,30 @@ def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, .
     return encoder.eval().requires_grad_(False)
 
 
+def decoder_capacity(section: DecoderSection, in_channels: int) -> dict[str, Any]:
+    """``channels, min_channels, blocks, stage_blocks, spectral_norm`` of ``section``: its preset's,
+    except keys set to other values than their ``cpu`` defaults, which win."""
+    values = decoder_preset(section.preset, in_channels)
+    for key, default in CPU_PRESET.items():
+        if getattr(section, key) != default:
+            values[key] = getattr(section, key)
+    return values
+
+
 def build_decoder(encoder: Encoder, layer: str, section: DecoderSection) -> Decoder:
-    """A decoder for ``layer`` of ``encoder`` (channels and stride measured on the encoder)."""
+    """A decoder for ``layer`` of ``encoder`` (channels and stride measured on the encoder;
+    capacity from ``section.preset``, see :func:`decoder_capacity`)."""
     info = encoder.feature_info()
     channels, stride = info[layer]
-    return Decoder(channels, stride, layer, channels=section.channels, min_channels=section.min_channels,
-                   blocks=section.blocks, skips={s: info[s] for s in section.skips}, norm=section.norm,
-                   residual=section.residual,
+    return Decoder(channels, stride, layer, skips={s: info[s] for s in section.skips}, norm=section.norm,
+                   residual=section.residual, refine_blocks=section.refine_blocks,
+                   **decoder_capacity(section, channels),
                    **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
 
 
-@dataclass
-class _Dist:
-    """This process's place in a (possibly one-process) DDP job."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def mean(self, t: Tensor) -> Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
-
-def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
-    """Join the process group ``torchrun`` describes (env ``WORLD_SIZE`` > 1), or run alone."""
-    if dist.is_available() and dist.is_initialized():
-        ctx = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = resolve_device(device_name).type == "cuda"
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        ctx = _Dist(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
-    else:
-        ctx = _Dist()
-    device = resolve_device(device_name)
-    if device.type == "cuda" and ctx.world > 1:
-        device = torch.device("cuda", ctx.local_rank)
-    return ctx, device
+# The process-group helpers are shared with encoder training (encoders.runtime).
+_Dist = DistContext
+_setup_distributed = setup_distributed
 
 
 def _lr_factor(step: int, total: int, cfg: OptimSection) -> float:
@@ -316,8 +328,12 @@ class _DecoderTrainer:
             raise RFIError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} training images")
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * self.steps_per_epoch
 
-        seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        seed_everything(cfg.seed, cfg.deterministic)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         self.decoder = build_decoder(self.encoder, self.layer, cfg.decoder).to(device)
+        self.scaler = grad_scaler(device, cfg.precision)  # enabled for fp16 only
+        if cfg.channels_last:
+            self.encoder.to(memory_format=memory_format(True))
+            self.decoder.to(memory_format=memory_format(True))
         o = cfg.optim
         self.opt = torch.optim.Adam(self.decoder.parameters(), lr=o.lr, betas=tuple(o.betas),
                                     weight_decay=o.weight_decay)
@@ -335,12 +351,12 @@ class _DecoderTrainer:
                                f"{cfg.data.size}-px crops (data.size); use larger crops or loss.lpips=0") from None
         if cfg.loss.adversarial > 0:
             self.disc = build_discriminator(cfg.loss.discriminator, self.decoder.in_channels,
-                                            cfg.loss.disc_channels).to(device)
+                                            cfg.loss.disc_channels, cfg.loss.disc_spectral_norm).to(device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.disc_betas))
         w = cfg.loss
         self.loss = DecoderLoss(self.encoder, self.layer, pixel=w.pixel, feature=w.feature, lpips=w.lpips,
                                 adversarial=w.adversarial, pixel_type=w.pixel_type, lpips_model=lpips_model,
-                                discriminator=self.disc, gan_loss=w.gan_loss)
+                                discriminator=self.disc, gan_loss=w.gan_loss, reduction=w.reduction)
         self.ddp_decoder: nn.Module = self.decoder
         self.ddp_disc: nn.Module | None = self.disc
         if ctx.world > 1:
@@ -395,6 +411,8 @@ class _DecoderTrainer:
                       "total_steps": self.total_steps, "complete": complete, "world_size": self.ctx.world,
                       "optimizer": self.opt.state_dict(), "rng": rng_state(),
                       "log_window": {"steps": self.window_steps, "sums": window or {}}}}
+        if self.scaler.is_enabled():
+            extra["train"]["scaler"] = self.scaler.state_dict()
         if self.disc is not None:
             extra["discriminator"] = {"config": self.disc.config(), "state_dict": self.disc.state_dict()}
             extra["train"]["disc_optimizer"] = self.disc_opt.state_dict()
@@ -412,7 +430,9 @@ class _DecoderTrainer:
             raise RFIError(f"{self.ckpt_path} is not a training checkpoint of rfi train-decoder: cannot resume")
         old, new = _flatten(ckpt.get("config", {})), _flatten(config_to_dict(self.cfg))
         free = (*RESUME_FREE_KEYS, "epochs", "steps")  # a run may also be extended
-        changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in free and old.get(k) != new.get(k)]
+        defaults = _flatten(config_to_dict(TrainDecoderConfig()))  # keys added since the run started: their defaults
+        changed = [k for k in sorted(set(old) | set(new))
+                   if k.split(".")[0] not in free and old.get(k, defaults.get(k)) != new.get(k)]
         if changed:
             raise RFIError(f"cannot resume {self.ckpt_path}: the config differs in {', '.join(changed)} "
                            f"(use the run's {self.out / 'config.yaml'} or another --out)")
@@ -422,6 +442,8 @@ class _DecoderTrainer:
                       train["world_size"], self.ctx.world)
         load_state_dict_checked(self.decoder, ckpt["state_dict"], str(self.ckpt_path))
         self.opt.load_state_dict(train["optimizer"])
+        if self.scaler.is_enabled() and "scaler" in train:
+            self.scaler.load_state_dict(train["scaler"])
         if self.disc is not None:
             load_state_dict_checked(self.disc, ckpt["discriminator"]["state_dict"], f"{self.ckpt_path} (discriminator)")
             self.disc_opt.load_state_dict(train["disc_optimizer"])
@@ -435,23 +457,29 @@ class _DecoderTrainer:
     def train_step(self, x: Tensor) -> dict[str, Tensor]:
         """One optimisation step of the decoder (and of the discriminator); returns the loss terms."""
         x = x.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=memory_format(True))
         inputs = self._corrupt(x, self._generator(self.step, self.ctx.rank))
-        with torch.no_grad():
+        amp = autocast(self.device, self.cfg.precision)  # fp32: a no-op
+        with torch.no_grad(), amp:
             feats = self.encoder(inputs, layers=self.decoder.input_layers)
             target = feats[self.layer] if inputs is x else self.encoder(x, layers=[self.layer])[self.layer]
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.optim.lr * _lr_factor(self.step, self.total_steps, self.cfg.optim)
-        rec = self.ddp_decoder(feats)
-        total, terms = self.loss(rec, x, condition=feats[self.layer], target_features=target)
+        with autocast(self.device, self.cfg.precision):
+            rec = self.ddp_decoder(feats, size=tuple(x.shape[-2:]))  # exactly the input size, any stride
+            total, terms = self.loss(rec, x, condition=feats[self.layer], target_features=target)
         self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        self.opt.step()
+        self.scaler.scale(total.float()).backward()
+        self.scaler.step(self.opt)
         if self.disc is not None:
-            d_loss = self.loss.discriminator_step_loss(x, rec, feats[self.layer], self.ddp_disc)
+            with autocast(self.device, self.cfg.precision):
+                d_loss = self.loss.discriminator_step_loss(x, rec, feats[self.layer], self.ddp_disc)
             self.disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.disc_opt.step()
+            self.scaler.scale(d_loss.float()).backward()
+            self.scaler.step(self.disc_opt)
             terms["disc"] = d_loss.detach()
+        self.scaler.update()
         self.step += 1
         return terms
 
@@ -464,7 +492,8 @@ class _DecoderTrainer:
         for i, batch in enumerate(loader):
             x = _images(batch).to(self.device)
             inputs = self._corrupt(x, torch.Generator().manual_seed(self.cfg.seed * 7919 + i))
-            values.append(psnr(self.decoder(self.encoder(inputs, layers=self.decoder.input_layers)).clamp(0, 1), x))
+            rec = self.decoder(self.encoder(inputs, layers=self.decoder.input_layers), size=tuple(x.shape[-2:]))
+            values.append(psnr(rec.clamp(0, 1), x))
         self.decoder.train()
         return float(torch.cat(values).mean())
 
@@ -474,7 +503,7 @@ class _DecoderTrainer:
         self.decoder.eval()
         x = self.samples.to(self.device)
         inputs = self._corrupt(x, torch.Generator().manual_seed(self.cfg.seed * 7919))
-        rec = self.decoder(self.encoder(inputs, layers=self.decoder.input_layers))
+        rec = self.decoder(self.encoder(inputs, layers=self.decoder.input_layers), size=tuple(x.shape[-2:]))
         self.decoder.train()
         columns = [x, rec] if self.transform is None else [x, inputs.clamp(0, 1), rec]
         return save_grid(columns, self.out / "samples" / f"step_{self.step:06d}.png")

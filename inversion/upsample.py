@@ -87,10 +87,24 @@ class LPU(nn.Module):
         return f"stride={self.stride}"
 
 
+def _phased(encoder: nn.Module) -> bool:
+    """The encoder's forward returns phases: LPS, or a truly shift-equivariant Swin."""
+    return getattr(encoder, "downsample", "stride") == "lps" or bool(getattr(encoder, "equivariant", False))
+
+
+def _phase_path(encoder: nn.Module, layer: str) -> list[str]:
+    """The encoder's phase choices before ``layer``, shallow to deep (one per stride-2 step)."""
+    if hasattr(encoder, "phase_names"):
+        return list(encoder.phase_names(layer))
+    return phase_path(encoder.model, encoder.taps[layer])
+
+
 def polyphase_options(encoder: nn.Module, layer: str, padding_mode: str = "circular") -> dict[str, Any]:
     """Decoder keyword arguments for inverting ``layer`` of ``encoder``: LPU for LPS encoders.
 
-    For an encoder built with ``downsample="lps"`` this returns ``upsample="lps"``,
+    For an encoder built with ``downsample="lps"`` (or an ``equivariant=True`` Swin, whose
+    tokenizer's stride-``2**L`` phase counts as ``L`` stride-2 choices; see
+    :mod:`encoders.equivariant_vit`) this returns ``upsample="lps"``,
     ``phase_from`` (its LPD layers before ``layer``, deepest first: one per decoder
     up-sampling stage) and ``padding_mode="circular"`` (logged if ``padding_mode`` asked for
     another one: exact equivariance needs circular padding); for any other encoder
@@ -99,7 +113,7 @@ def polyphase_options(encoder: nn.Module, layer: str, padding_mode: str = "circu
     Raises:
         RFIError: ``layer`` is not a layer of the encoder.
     """
-    if getattr(encoder, "downsample", "stride") != "lps":
+    if not _phased(encoder):
         return {"padding_mode": padding_mode}
     node = encoder.taps.get(layer) if hasattr(encoder, "taps") else None
     if node is None:
@@ -107,15 +121,16 @@ def polyphase_options(encoder: nn.Module, layer: str, padding_mode: str = "circu
     if padding_mode != "circular":
         log.info("decoder for an LPS encoder: padding_mode '%s' -> 'circular' (needed for exact shift "
                  "equivariance)", padding_mode)
-    return {"upsample": "lps", "phase_from": phase_path(encoder.model, node)[::-1], "padding_mode": "circular"}
+    return {"upsample": "lps", "phase_from": _phase_path(encoder, layer)[::-1], "padding_mode": "circular"}
 
 
 def check_phase_source(encoder: nn.Module, layer: str, phase_from: Sequence[str]) -> None:
     """Refuse an LPS decoder whose ``phase_from`` is not the LPD path of ``layer`` in ``encoder``."""
-    if getattr(encoder, "downsample", "stride") != "lps":
+    if not _phased(encoder):
         raise RFIError(f"the decoder for '{layer}' uses polyphase up-sampling (upsample=lps) and needs an "
-                       f"encoder built with downsample='lps', not '{getattr(encoder, 'downsample', 'stride')}'")
-    expected = phase_path(encoder.model, encoder.taps[layer])[::-1]
+                       f"encoder built with downsample='lps' (or an equivariant=True Swin), not "
+                       f"'{getattr(encoder, 'downsample', 'stride')}'")
+    expected = _phase_path(encoder, layer)[::-1]
     if list(phase_from) != expected:
         raise RFIError(f"the decoder for '{layer}' takes phases from {list(phase_from)}, but this encoder's "
                        f"LPD layers before '{layer}' are {expected}: encoder and decoder do not fit")
