@@ -34,12 +34,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from encoders.errors import RFIError
-from encoders.imageio import read_image
 
 
 def _skimage(name: str) -> Path:
@@ -82,8 +83,9 @@ def unseen_path(name: str) -> Path:
 
 
 def unseen_image(name: str) -> Tensor:
-    """One unseen image as an RGB tensor (3, H, W) in [0, 1], at its native size."""
-    return read_image(unseen_path(name))
+    """One unseen image as an RGB tensor (3, H, W) in [0, 1], at its native size (grey -> 3 equal channels)."""
+    with Image.open(unseen_path(name)) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float().div(255)
 
 
 class UnseenCrops(Dataset):

@@ -29,10 +29,12 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from PIL import Image
 from torchvision.utils import make_grid
 
 from encoders.data import EmbeddedCrops, ImageFiles
 from encoders.errors import RFIError
+from encoders.files import check_output_folder
 from encoders.imageio import to_uint8
 from encoders.runtime import progress, resolve_device
 from encoders.serialization import atomic_write, load_checkpoint
@@ -44,21 +46,58 @@ log = logging.getLogger("rfi")
 GRID_ROWS = 6
 
 
+EMBEDDED, UNSEEN = "embedded", "unseen"
+
+
 def held_out_images(size: int, num: int = 100, seed: int = 0, folder: str | os.PathLike | None = None) -> Tensor:
-    """Held-out images of side ``size``: embedded validation crops, or a folder's validation split.
+    """Held-out images of side ``size``: embedded validation crops, unseen images, or a folder's validation split.
 
     Args:
         size: side in pixels.
         num: how many (a folder gives at most its validation images).
-        seed: crop positions of the embedded crops.
-        folder: an image folder (``train/`` + ``val/`` sub-folders, or every fifth file held out);
-            images are resized (short side) and centre-cropped to ``size``.
+        seed: crop positions of the embedded and unseen crops.
+        folder: ``None`` or ``"embedded"`` (validation regions of the embedded photos),
+            ``"unseen"`` (crops of images no job trains on, :mod:`encoders.unseen`), or an image
+            folder (``train/`` + ``val/`` sub-folders, or every fifth file held out; images are
+            resized (short side) and centre-cropped to ``size``). A folder's unreadable files
+            and images smaller than ``size`` (which would be up-scaled into the metric) are
+            named in the log and left out.
 
     Returns:
         Tensor (N, 3, size, size) in [0, 1].
+
+    Raises:
+        RFIError: no usable image (the message names what was left out and why).
     """
-    ds = EmbeddedCrops("val", size, num, seed) if folder is None else ImageFiles(folder, "val", size)
-    return torch.stack([ds[i][0] for i in range(min(num, len(ds)))])
+    if folder in (None, EMBEDDED):
+        ds = EmbeddedCrops("val", size, num, seed)
+        return torch.stack([ds[i][0] for i in range(min(num, len(ds)))])
+    if folder == UNSEEN:
+        from encoders.unseen import UnseenCrops
+
+        ds = UnseenCrops(size, num, seed)
+        return torch.stack([ds[i][0] for i in range(len(ds))])
+    if not Path(folder).is_dir():
+        raise RFIError(f"--data {folder}: no such folder (or {EMBEDDED} / {UNSEEN})")
+    ds = ImageFiles(folder, "val", size)
+    images, left_out = [], []
+    for i in range(len(ds)):
+        if len(images) == num:
+            break
+        path = ds.path(i)
+        try:
+            with Image.open(path) as im:
+                if min(im.size) < size:
+                    raise RFIError(f"{im.size[0]}x{im.size[1]} is smaller than the {size}-px evaluation size")
+            images.append(ds[i][0])
+        except (RFIError, OSError) as e:
+            left_out.append(f"{path.name}: {str(e).split(': ')[-1] if str(path) in str(e) else e}")
+    for note in left_out:
+        log.warning("left out of the %d-px evaluation: %s", size, note)
+    if not images:
+        raise RFIError(f"no usable {size}-px validation image in {folder}"
+                       + (f" ({len(left_out)} left out: {'; '.join(left_out[:3])})" if left_out else ""))
+    return torch.stack(images)
 
 
 def _lpips_note(model, status: str | None) -> str:
@@ -171,7 +210,7 @@ def comparison_grid(columns: Sequence[Tensor], names: Sequence[str], path: str |
         path: output PNG (written atomically).
         min_side: small images are enlarged (nearest neighbour, integer factor) to at least this.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont
 
     if len(columns) != len(names):
         raise RFIError(f"{len(columns)} grid columns but {len(names)} names")
@@ -260,8 +299,10 @@ def register_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", default="1,2,4", help="multiples of the training size (default 1,2,4)")
     parser.add_argument("--size", type=int, help="training size in px (default: from the decoder checkpoint)")
     parser.add_argument("--num", type=int, default=100, help="held-out images per scale (default 100)")
-    parser.add_argument("--data", metavar="FOLDER", help="evaluate on an image folder's validation split "
-                                                         "instead of the embedded validation crops")
+    parser.add_argument("--data", metavar="DATA", action="append",
+                        help=f"'{EMBEDDED}' (validation regions of the embedded photos, default), '{UNSEEN}' "
+                             "(images no job trains on, see encoders/unseen.py) or an image folder's validation "
+                             "split; repeat to report several side by side (e.g. --data embedded --data unseen)")
     parser.add_argument("--seed", type=int, default=0, help="embedded crop positions (default 0)")
     parser.add_argument("--out", default="runs/evaluate", help="folder for evaluate.json and grid PNGs")
     parser.add_argument("--lpips-weights", metavar="PATH", help="torchvision backbone file for LPIPS "
@@ -279,6 +320,10 @@ def run(args: argparse.Namespace) -> int:
     scales = parse_scales(args.scales)
     if args.num < 1 or args.batch_size < 1:
         raise RFIError("--num and --batch-size must be >= 1")
+    for data in args.data or []:
+        if data not in (EMBEDDED, UNSEEN) and not Path(data).is_dir():
+            raise RFIError(f"--data {data}: no such folder (give a folder, {EMBEDDED} or {UNSEEN})")
+    check_output_folder(args.out)
     device = resolve_device(args.device)
     names = _run_names(args.decoder, args.names)
     sizes = {d: args.size or decoder_train_size(d) for d in args.decoder}
@@ -293,11 +338,26 @@ def run(args: argparse.Namespace) -> int:
     lpips_model, note = lpips_for(args.lpips_net, args.lpips_weights, device)
     if lpips_model is None:
         print(f"note: {note}")
-    result = compare_autoencoders(models, scales, sizes[args.decoder[0]], args.num, args.seed, args.data,
-                                  lpips_model, note, args.batch_size, grid_dir=args.out)
+    by_data = {}
+    for data in args.data or [EMBEDDED]:
+        grids = Path(args.out) if data == (args.data or [EMBEDDED])[0] else Path(args.out) / _slug(data)
+        by_data[data] = compare_autoencoders(models, scales, sizes[args.decoder[0]], args.num, args.seed, data,
+                                             lpips_model, note, args.batch_size, grid_dir=grids)
+        if not any(by_data[data]["models"].values()):
+            raise RFIError(f"nothing measured on {data}: every scale was skipped ("
+                           + "; ".join(f"{k}: {v}" for k, v in by_data[data]["skipped"].items()) + ")")
+    result = dict(next(iter(by_data.values())))  # the first data set at the top level, as before
+    result["by_data"] = by_data
     result["runs"] = {n: {"encoder": str(e), "decoder": str(d)}
                       for n, e, d in zip(names, args.encoder, args.decoder)}
     path = write_json(result, Path(args.out) / "evaluate.json")
-    print(format_table(result))
-    print(f"wrote {path} and {len(result['grids'])} grid(s) in {args.out}")
+    for data, res in by_data.items():
+        print(f"\n{data}:" if len(by_data) > 1 else "", format_table(res), sep="\n" if len(by_data) > 1 else "")
+        for scale, why in res["skipped"].items():
+            print(f"  {scale} skipped: {why}")
+    print(f"wrote {path} and {sum(len(r['grids']) for r in by_data.values())} grid(s) in {args.out}")
     return 0
+
+
+def _slug(data: str) -> str:
+    return Path(data).name if data not in (EMBEDDED, UNSEEN) else data

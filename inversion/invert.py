@@ -3,9 +3,10 @@
 ``--method decoder`` (default) runs :meth:`RobustAutoencoder.reconstruct` (any size;
 overlapping tiles with ``--tile``); ``--method optimize`` runs the optimisation baseline
 (:func:`inversion.optimize.invert_by_optimization`). One PNG per input, same stem, in
-``--out``. A file that cannot be read (truncated, not an image) or holds NaN/Inf is
-reported by name and skipped; the others are still processed and the command exits with
-code 1 at the end. Outputs never overwrite inputs, and each is written atomically.
+``--out``. Inputs, outputs and exit codes follow :mod:`encoders.files`: a file that cannot
+be read (truncated, not an image) or holds NaN/Inf is reported by name and skipped, the
+others are still processed and the command exits with code 1 at the end; outputs never
+overwrite inputs, and each is written atomically.
 
 The encoder may be an RFI checkpoint, a ``robustness``-library checkpoint or a torchvision
 state dict; for the last two the architecture comes from ``--arch`` or, by default, from
@@ -22,46 +23,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from encoders.errors import RFIError
-from encoders.imageio import list_images, read_image, write_image
-from encoders.runtime import progress, resolve_device
+from encoders.files import FileBatch, check_output_folder
+from encoders.runtime import resolve_device
 from inversion.autoencoder import RobustAutoencoder, check_images, load_encoder_file
 
 log = logging.getLogger("rfi")
 
 
-def output_paths(inputs: Sequence[Path], out: str | os.PathLike, suffix: str = ".png") -> list[Path]:
-    """``out/<stem>.png`` for each input, refusing any that would overwrite an input or each other.
-
-    Raises:
-        RFIError: two inputs share a stem, or an output would replace an input file.
-    """
-    out = Path(out)
-    paths = [out / f"{p.stem}{suffix}" for p in inputs]
-    seen: dict[Path, Path] = {}
-    for src, dst in zip(inputs, paths):
-        key = dst.resolve()
-        if key in seen:
-            raise RFIError(f"{seen[key]} and {src} would both be written to {dst}: rename one of them")
-        seen[key] = src
-    sources = {p.resolve() for p in inputs}
-    clash = [dst for dst in paths if dst.resolve() in sources]
-    if clash:
-        raise RFIError(f"refusing to overwrite input {clash[0]}: choose an --out folder other than the inputs'")
-    return paths
-
-
 def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 invert: Callable[[Tensor], Tensor],
-                 device: torch.device | str = "cpu") -> tuple[list[Path], list[str]]:
-    """Invert image files one by one, writing ``out/<stem>.png``.
+                 invert: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> int:
+    """Invert image files one by one into ``out/<stem>.png`` (the policy of :mod:`encoders.files`).
 
     Args:
         inputs: image files and folders (a folder's image files are taken, sorted).
@@ -70,31 +47,15 @@ def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
         device: where the images are sent.
 
     Returns:
-        ``(written paths, failures)``; a failure is a one-line ``"<path>: <reason>"``.
+        The exit code: 0, or :data:`encoders.files.EXIT_PARTIAL` when some inputs failed
+        (each named on stderr; the others are written).
 
     Raises:
-        RFIError: before anything is written, when an output would overwrite an input.
+        RFIError: before anything is written, when the outputs cannot be written or would
+            overwrite an input; after, when no input could be inverted.
     """
-    files: list[Path] = []
-    failures: list[str] = []
-    for item in inputs:
-        try:
-            files.extend(list_images([item]))
-        except RFIError as e:
-            failures.append(str(e))
-            log.error("%s", e)
-    targets = output_paths(files, out)
-    written: list[Path] = []
-    for src, dst in progress(list(zip(files, targets)), desc="invert", unit="image"):
-        try:
-            x = check_images(read_image(src)[None].to(device), f"{src}")
-            rec = invert(x)
-        except RFIError as e:
-            failures.append(f"{src}: {e}" if str(src) not in str(e) else str(e))
-            log.error("skipped %s", failures[-1])
-            continue
-        written.append(write_image(rec[0].cpu(), dst))
-    return written, failures
+    batch = FileBatch(inputs, out, desc="invert")
+    return batch.run(lambda src, image: [invert(check_images(image[None].to(device), str(src)))[0]])
 
 
 def register_invert(parser: argparse.ArgumentParser) -> None:
@@ -144,11 +105,7 @@ def _inverter(args: argparse.Namespace, device: torch.device) -> Callable[[Tenso
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)  # before the models are loaded
     device = resolve_device(args.device)
     invert = _inverter(args, device)
-    written, failures = invert_files(args.inputs, args.out, invert, device)
-    print(f"wrote {len(written)} image(s) to {args.out}")
-    if failures:
-        print(f"rfi: {len(failures)} input(s) failed:", *failures, sep="\n  ", file=sys.stderr)
-        return 1
-    return 0
+    return invert_files(args.inputs, args.out, invert, device)

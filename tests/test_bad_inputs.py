@@ -284,3 +284,63 @@ def test_style_augment_names_an_empty_batch(ae_file):
     aug = StyleAugment(str(ae_file), p=1.0)
     with pytest.raises(RFIError, match=r"non-empty batch .* got shape \(0, 3, 16, 16\)"):
         aug(torch.rand(0, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------- evaluations that measure nothing
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    from encoders.checkpoints import save_encoder
+    from inversion.decoders import save_decoder
+
+    d = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
+    return save_encoder(enc, d / "enc.pt"), save_decoder(dec, d / "dec.pt", enc.config(), train_size=16)
+
+
+def _evaluate(pair, tmp_path, *data):
+    enc, dec = pair
+    return main(["evaluate", "--encoder", str(enc), "--decoder", str(dec), "--num", "4", "--scales", "1,2",
+                 "--out", str(tmp_path / "ev"), *[a for d in data for a in ("--data", str(d))]])
+
+
+def test_evaluate_names_a_truncated_file_and_measures_the_others(pair, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    for i in range(9):
+        _png(folder / f"{i}.png", i, size=(40, 40))
+    (folder / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")
+    assert _evaluate(pair, tmp_path, folder) == 0
+    captured = capsys.readouterr()
+    assert "| pair0 | 1x | 16 |" in captured.out and "| pair0 | 2x | 32 |" in captured.out
+    assert "left out of the 16-px evaluation: 9.png" in captured.err
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "only_bad", "too_small"])
+def test_evaluate_that_measures_nothing_exits_2(kind, pair, tmp_path, capsys):
+    target = tmp_path / "data"
+    if kind == "file":
+        target.write_text("x")
+    elif kind == "only_bad":
+        for i in range(5):
+            (target / f"{i}.png").parent.mkdir(exist_ok=True)
+            (target / f"{i}.png").write_bytes(b"junk")
+    elif kind == "too_small":
+        for i, size in enumerate([(1, 1), (96, 1), (1, 96)] * 2):
+            _png(target / f"{i}.png", i, size=size)
+    assert _evaluate(pair, tmp_path, target) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "error" in line] == lines[-1:]  # one error line, last; warnings above it
+    assert str(target) in lines[-1] and ("no such folder" in lines[-1] or "nothing measured" in lines[-1])
+    if kind in ("only_bad", "too_small"):
+        assert ("smaller than the 16-px" if kind == "too_small" else "cannot identify") in lines[-1]
+
+
+def test_evaluate_reports_unseen_images_next_to_held_out_regions(pair, tmp_path, capsys):
+    import json
+
+    assert _evaluate(pair, tmp_path, "embedded", "unseen") == 0
+    result = json.loads((tmp_path / "ev" / "evaluate.json").read_text())
+    assert set(result["by_data"]) == {"embedded", "unseen"}
+    assert result["by_data"]["unseen"]["data"] == "unseen"
+    assert [r["size"] for r in result["by_data"]["unseen"]["models"]["pair0"]] == [16, 32]

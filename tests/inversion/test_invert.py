@@ -7,7 +7,8 @@ from apps.cli import main
 from encoders.checkpoints import load_encoder
 from encoders.imageio import read_image
 from inversion import Decoder, RobustAutoencoder, save_decoder
-from inversion.invert import invert_files, output_paths
+from encoders.files import plan_outputs
+from inversion.invert import invert_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/inversion/conftest.py
 
@@ -126,4 +127,5 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_output_paths(tmp_path):
-    assert output_paths([tmp_path / "x" / "a.jpg"], tmp_path / "o") == [tmp_path / "o" / "a.png"]
+    assert plan_outputs([tmp_path / "x" / "a.jpg"], tmp_path / "o", lambda p: [p.stem + ".png"]) == \
+        [[tmp_path / "o" / "a.png"]]
