@@ -8,10 +8,12 @@ An RFI encoder checkpoint is a plain dict (loadable with ``weights_only=True``):
 """
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from encoders.errors import RFIError
@@ -58,6 +60,63 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor],
     module.load_state_dict(state_dict, strict=True)
 
 
+MAX_PARAMETERS = 2_000_000_000
+"""Largest model (in parameters, 8 GB in fp32) a checkpoint's stored config may ask for."""
+
+
+def build_from_config(cls: Callable[..., nn.Module], config: Any, source: str, **extra: Any) -> nn.Module:
+    """``cls(**config, **extra)`` for a config read from a file, checked before anything is allocated.
+
+    The config must be a mapping of ``cls``'s constructor arguments; the model is first built
+    on the ``meta`` device (no memory) and refused if it has more than :data:`MAX_PARAMETERS`
+    parameters, so a damaged or hostile file cannot make RFI allocate gigabytes.
+
+    Raises:
+        RFIError: not a mapping, unknown keys, values the constructor refuses, or too large.
+    """
+    name = getattr(cls, "__name__", "model")
+    if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+        raise RFIError(f"{source} holds no valid {name} settings (found {type(config).__name__})")
+    params = inspect.signature(cls).parameters
+    unknown = sorted(k for k in config if k not in params or k in extra)
+    if unknown:
+        raise RFIError(f"{source}: unknown {name} settings {_names(unknown)} (a file from a newer RFI, or damaged)")
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in cls(**config, **extra).parameters())
+    except RFIError as e:
+        raise RFIError(f"{source}: {e}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
+        raise RFIError(f"{source}: invalid {name} settings ({type(e).__name__}: {e})") from None
+    if size > MAX_PARAMETERS:
+        raise RFIError(f"{source}: its {name} settings ask for {size / 1e9:.1f} G parameters (more than "
+                       f"{MAX_PARAMETERS / 1e9:.0f} G): a damaged file?")
+    return cls(**config, **extra)
+
+
+def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | None = None,
+                            layers: Sequence[str] | None = None) -> Encoder:
+    """Rebuild the encoder of an RFI encoder checkpoint dict (see :func:`encoder_checkpoint`).
+
+    Args:
+        ckpt: the checkpoint dict.
+        source: the file it came from (for messages).
+        name: the expected architecture, if any.
+        layers: feature taps the encoder returns.
+
+    Raises:
+        RFIError: missing or invalid settings, another architecture than ``name``, weights that do not fit.
+    """
+    if not isinstance(ckpt.get("state_dict"), Mapping):
+        raise RFIError(f"{source} is an RFI encoder checkpoint without weights ('state_dict' missing)")
+    cfg = ckpt.get("encoder")
+    if isinstance(cfg, Mapping) and name is not None and name != cfg.get("arch"):
+        raise RFIError(f"{source} holds a {cfg.get('arch')} encoder, not {name}")
+    encoder = build_from_config(Encoder, cfg, source, layers=layers)
+    load_state_dict_checked(encoder, ckpt["state_dict"], source)
+    return encoder.eval()
+
+
 def load_encoder(path: str | os.PathLike, name: str | None = None,
                  layers: Sequence[str] | None = None, **kwargs: Any) -> Encoder:
     """Load an encoder from an RFI, ``robustness``-library or torchvision checkpoint.
@@ -74,11 +133,11 @@ def load_encoder(path: str | os.PathLike, name: str | None = None,
     """
     ckpt = load_checkpoint(path)
     if ckpt.get("format") == ENCODER_FORMAT:
-        cfg = dict(ckpt["encoder"])
-        if name is not None and name != cfg["arch"]:
-            raise RFIError(f"{path} holds a {cfg['arch']} encoder, not {name}")
-        encoder = Encoder(**cfg, layers=layers)
-        load_state_dict_checked(encoder, ckpt["state_dict"], str(path))
+        return encoder_from_checkpoint(ckpt, str(path), name, layers)
+    if ckpt.get("format") in ("rfi-decoder", "rfi-autoencoder"):
+        what = "a decoder" if ckpt["format"] == "rfi-decoder" else "an autoencoder (encoder + decoders)"
+        raise RFIError(f"{path} is {what} file, not an encoder checkpoint: pass it where a "
+                       f"{'decoder' if ckpt['format'] == 'rfi-decoder' else 'model'} is asked for")
     else:
         from encoders.interop import checkpoint_filter_fn, infer_encoder_kwargs, infer_num_classes
 

@@ -17,7 +17,6 @@ import hashlib
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,9 +126,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")),
                       "unpickling failed")
         raise RFIError(f"{path} is not a valid checkpoint ({detail})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RFIError(f"{path} is not a valid checkpoint (truncated or corrupt: {first})") from None
+    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, struct.error, ...)
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise RFIError(f"{path} is not a valid checkpoint (truncated, corrupt or not a checkpoint: {detail})") from None
     if not isinstance(obj, dict):
         raise RFIError(f"{path} is not a checkpoint dictionary (found {type(obj).__name__})")
     if HASH_KEY in obj:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, load_encoder, load_state_dict_checked
+from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint, load_encoder
 from encoders.errors import RFIError
 from encoders.models import Encoder
 from encoders.runtime import autocast, check_precision, memory_format
@@ -316,14 +316,22 @@ class RobustAutoencoder(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "RobustAutoencoder":
         """Load a file written by :meth:`save`."""
-        ckpt = load_checkpoint(path)
+        return cls.from_checkpoint(load_checkpoint(path), str(path), device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any], source: str = "checkpoint",
+                        device: str | torch.device = "cpu") -> "RobustAutoencoder":
+        """Rebuild from the dict :meth:`save` writes (for callers that already read the file)."""
         if ckpt.get("format") != AUTOENCODER_FORMAT:
-            raise RFIError(f"{path} is not an RFI autoencoder file (format={ckpt.get('format')!r}); "
-                           f"pass an encoder and a decoder checkpoint instead")
-        enc_ckpt = ckpt["encoder"]
-        encoder = Encoder(**enc_ckpt["encoder"])
-        load_state_dict_checked(encoder, enc_ckpt["state_dict"], f"{path} (encoder)")
-        decoders = {k: decoder_from_checkpoint(d, f"{path} (decoder {k})") for k, d in ckpt["decoders"].items()}
+            what = {"rfi-encoder": "an encoder checkpoint", "rfi-decoder": "a decoder checkpoint"}.get(
+                ckpt.get("format"), f"format={ckpt.get('format')!r}")
+            raise RFIError(f"{source} is not an RFI autoencoder file (encoder + decoders in one file): it is {what}")
+        if not isinstance(ckpt.get("encoder"), Mapping) or not isinstance(ckpt.get("decoders"), Mapping) \
+                or not ckpt["decoders"]:
+            raise RFIError(f"{source} is a damaged autoencoder file ('encoder' or 'decoders' missing)")
+        encoder = encoder_from_checkpoint(ckpt["encoder"], f"{source} (encoder)")
+        decoders = {k: decoder_from_checkpoint(d, f"{source} (decoder {k})") if isinstance(d, Mapping) else
+                    decoder_from_checkpoint({}, f"{source} (decoder {k})") for k, d in ckpt["decoders"].items()}
         return cls(encoder, decoders).to(device)
 
     @classmethod

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.checkpoints import load_state_dict_checked
+from encoders.checkpoints import build_from_config, load_state_dict_checked
 from encoders.downsample import circular_convs
 from encoders.errors import RFIError
 from encoders.models import INPUT_TAP
@@ -349,10 +349,17 @@ def save_decoder(decoder: Decoder, path: str | os.PathLike, encoder_config: Mapp
 def decoder_from_checkpoint(ckpt: Mapping[str, Any], source: str = "checkpoint") -> Decoder:
     """Rebuild a :class:`Decoder` from a checkpoint dict (see :func:`decoder_checkpoint`)."""
     if ckpt.get("format") != DECODER_FORMAT:
-        raise RFIError(f"{source} is not an RFI decoder checkpoint (format={ckpt.get('format')!r})")
+        hint = {"rfi-encoder": ": it is an encoder checkpoint (pass it as the encoder)",
+                "rfi-autoencoder": ": it is an autoencoder file (pass it as --model)"}.get(ckpt.get("format"), "")
+        raise RFIError(f"{source} is not an RFI decoder checkpoint (format={ckpt.get('format')!r}){hint}")
+    if not isinstance(ckpt.get("decoder"), Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise RFIError(f"{source} is a damaged decoder checkpoint ('decoder' settings or 'state_dict' missing)")
     cfg = dict(ckpt["decoder"])
-    cfg["skips"] = {k: tuple(v) for k, v in cfg.get("skips", {}).items()}
-    decoder = Decoder(**cfg)
+    skips = cfg.get("skips", {})
+    if not isinstance(skips, Mapping) or not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in skips.values()):
+        raise RFIError(f"{source}: invalid decoder skips {skips!r}")
+    cfg["skips"] = {k: tuple(v) for k, v in skips.items()}
+    decoder = build_from_config(Decoder, cfg, source)
     load_state_dict_checked(decoder, ckpt["state_dict"], source)
     return decoder.eval()
 

@@ -344,3 +344,51 @@ def test_evaluate_reports_unseen_images_next_to_held_out_regions(pair, tmp_path,
     assert set(result["by_data"]) == {"embedded", "unseen"}
     assert result["by_data"]["unseen"]["data"] == "unseen"
     assert [r["size"] for r in result["by_data"]["unseen"]["models"]["pair0"]] == [16, 32]
+
+
+# ----------------------------------------------------------------------------- malformed checkpoints
+_MALFORMED = {
+    "text": (lambda p: p.write_text("hello, not a checkpoint\n"), "not a valid checkpoint"),
+    "list": (lambda p: torch.save([1, 2], p), "not a checkpoint dictionary"),
+    "no_weights": (lambda p: torch.save({"format": "rfi-encoder", "encoder": {"arch": "resnet18"}}, p),
+                   "without weights"),
+    "unknown_key": (lambda p: torch.save({"format": "rfi-encoder", "encoder": {"arch": "resnet18", "bogus": 1},
+                                          "state_dict": {}}, p), "unknown Encoder settings bogus"),
+    "huge": (lambda p: torch.save({"format": "rfi-encoder", "encoder": {"arch": "resnet50", "width": 500.0},
+                                   "state_dict": {}}, p), "G parameters"),
+    "bad_value": (lambda p: torch.save({"format": "rfi-encoder", "encoder": {"arch": "nope"}, "state_dict": {}}, p),
+                  "unknown architecture 'nope'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_MALFORMED))
+def test_malformed_encoder_checkpoints_are_one_line(kind, tmp_path, capsys):
+    make, message = _MALFORMED[kind]
+    make(tmp_path / "enc.pt")
+    assert main(["eval-encoder", "--checkpoint", str(tmp_path / "enc.pt"), "--max-images", "2"]) == 2
+    assert message in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("decoder, message", [
+    ({"in_channels": 10**6, "stride": 4, "channels": 10**5}, "G parameters"),
+    ({"in_channels": 8, "stride": 4, "colour": 1}, "unknown Decoder settings colour"),
+    ({"in_channels": 8, "stride": 4, "skips": "layer1"}, "invalid decoder skips"),
+])
+def test_malformed_decoder_checkpoints_are_one_line(decoder, message, pair, tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    torch.save({"format": "rfi-decoder", "decoder": decoder, "state_dict": {}}, tmp_path / "dec.pt")
+    code = main(["invert", str(tmp_path / "a.png"), "--encoder", str(pair[0]), "--decoder", str(tmp_path / "dec.pt"),
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and message in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_files_passed_in_the_wrong_place_say_what_they_are(pair, ae_file, tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    enc, dec = pair
+    assert main(["invert", str(tmp_path / "a.png"), "--encoder", str(dec), "--decoder", str(dec),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "is a decoder file, not an encoder checkpoint" in _one_line_error(capsys)
+    assert main(["denoise", str(tmp_path / "a.png"), "--model", str(enc), "--out", str(tmp_path / "o")]) == 2
+    err = _one_line_error(capsys)
+    assert "it is an encoder checkpoint" in err and "--encoder" not in err
