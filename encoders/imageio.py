@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -79,6 +79,53 @@ def read_image(path: str | os.PathLike) -> Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise RFIError(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
+
+
+def check_images(x: Any, name: str = "images", dtype: torch.dtype | None = None) -> Tensor:
+    """Refuse anything but a finite, non-empty (B, 3, H, W) float batch in [0, 1].
+
+    Args:
+        x: the batch.
+        name: what it is, for messages.
+        dtype: convert a floating-point batch of another precision to this one (e.g. the
+            model's ``float32`` for a ``float64`` batch); integer batches are refused, never rescaled.
+
+    Returns:
+        ``x`` (converted to ``dtype`` when given).
+
+    Raises:
+        RFIError: not a tensor, wrong shape, empty, integer dtype, NaN/Inf, or values outside [0, 1].
+
+    Example:
+        >>> check_images(torch.rand(2, 3, 8, 8, dtype=torch.float64), dtype=torch.float32).dtype
+        torch.float32
+        >>> check_images(torch.rand(3, 8, 8))
+        Traceback (most recent call last):
+        encoders.errors.RFIError: images must be a (B, 3, H, W) batch, got (3, 8, 8): add a batch dimension (x[None])
+    """
+    if not isinstance(x, Tensor):
+        raise RFIError(f"{name} must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(x).__name__}"
+                       + (" (use torch.from_numpy(a).permute(2, 0, 1)[None] / 255 for an (H, W, 3) uint8 array)"
+                          if isinstance(x, np.ndarray) else ""))
+    if x.dim() != 4 or x.shape[1] != 3:
+        hint = ": add a batch dimension (x[None])" if x.dim() == 3 and x.shape[0] == 3 else (
+            ": give 3 channels (RGB; x.expand(-1, 3, -1, -1) for grey)" if x.dim() == 4 else "")
+        raise RFIError(f"{name} must be a (B, 3, H, W) batch, got {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise RFIError(f"{name} is empty: got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise RFIError(f"{name} must be floating point in [0, 1], got {x.dtype}"
+                       + (" (divide by 255)" if x.dtype == torch.uint8 else ""))
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    if not torch.isfinite(x).all():
+        raise RFIError(f"{name} contain NaN or Inf values")
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise RFIError(f"{name} must have values in [0, 1], got [{lo:.3g}, {hi:.3g}]"
+                       + (" (divide by 255)" if hi > 2 else ""))
+    return x
 
 
 def to_uint8(image: Tensor) -> np.ndarray:

@@ -19,8 +19,10 @@ from torchvision.models import vgg as tv_vgg
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from encoders.errors import RFIError
+from encoders.imageio import check_images
 
-ARCHITECTURES = ("alexnet", "vgg16", "vgg19", "resnet18", "resnet50")
+ARCHITECTURES = ("alexnet", "vgg16", "vgg19", "resnet18", "resnet50", "swin_t", "swin_v2_t")
+SWIN = ("swin_t", "swin_v2_t")  # transformers: built by encoders.swin
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -139,7 +141,7 @@ class Encoder(nn.Module):
     """A torchvision classifier with input normalisation and named feature taps.
 
     Args:
-        arch: one of ``alexnet, vgg16, vgg19, resnet18, resnet50``.
+        arch: one of ``alexnet, vgg16, vgg19, resnet18, resnet50, swin_t, swin_v2_t``.
         num_classes: size of the classification head.
         width: channel multiplier (0.25 gives a CPU-sized ResNet-18 with widths 16-128).
         small_input: 3x3 stride-1 stem without the stem max-pool (for 32-64 px images).
@@ -150,6 +152,13 @@ class Encoder(nn.Module):
             ``lps`` (learnable polyphase sampling, exactly shift-invariant in eval mode; its
             forward returns :class:`~encoders.downsample.PhasedFeatures`). See
             :mod:`encoders.downsample`.
+        equivariant: Swin only: the truly shift-equivariant form (adaptive tokenization,
+            window attention and patch merging; :mod:`encoders.equivariant_vit`); its forward
+            returns :class:`~encoders.downsample.PhasedFeatures`.
+        selection: equivariant Swin only: ``norm`` (largest-norm phase) or ``learned``.
+        embed_dim, depths, num_heads, window_size, patch_size, stochastic_depth: Swin only
+            (default: torchvision's ``swin_t`` / ``swin_v2_t``; ``width`` scales ``embed_dim``).
+            Stages are tapped as ``stage1`` ... ``stage<len(depths)>``, (B, C, H, W) maps.
 
     Shape:
         - Input: (B, 3, H, W), values in [0, 1].
@@ -163,13 +172,28 @@ class Encoder(nn.Module):
 
     def __init__(self, arch: str, num_classes: int = 1000, width: float = 1.0,
                  small_input: bool = False, batch_norm: bool = False,
-                 layers: Sequence[str] | None = None, downsample: str = "stride"):
+                 layers: Sequence[str] | None = None, downsample: str = "stride", equivariant: bool = False,
+                 selection: str = "norm", embed_dim: int | None = None, depths: Sequence[int] | None = None,
+                 num_heads: Sequence[int] | None = None, window_size: int | None = None,
+                 patch_size: int | None = None, stochastic_depth: float | None = None):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise RFIError(f"unknown architecture '{arch}' (valid: {', '.join(ARCHITECTURES)})")
         if width <= 0:
             raise RFIError(f"width must be positive, got {width}")
-        if arch.startswith("resnet"):
+        swin_opts = {"embed_dim": embed_dim, "depths": depths, "num_heads": num_heads, "window_size": window_size,
+                     "patch_size": patch_size, "stochastic_depth": stochastic_depth}
+        self.equivariant, self.selection, self.swin_options = bool(equivariant), selection, None
+        if arch not in SWIN and (equivariant or any(v is not None for v in swin_opts.values())):
+            given = "equivariant=True" if equivariant else ", ".join(k for k, v in swin_opts.items() if v is not None)
+            raise RFIError(f"{given}: only for swin_t / swin_v2_t, not {arch} (for CNNs use downsample='lps')")
+        if arch in SWIN:
+            from encoders.swin import build_swin
+
+            if downsample != "stride":
+                raise RFIError(f"downsample='{downsample}' is for CNNs, not {arch}: use equivariant=True")
+            model, taps, self.swin_options = build_swin(arch, num_classes, width, equivariant, selection, **swin_opts)
+        elif arch.startswith("resnet"):
             model, taps = _build_resnet(arch, num_classes, width, small_input)
         elif arch.startswith("vgg"):
             model, taps = _build_vgg(arch, num_classes, width, small_input, batch_norm)
@@ -209,7 +233,32 @@ class Encoder(nn.Module):
                "small_input": self.small_input, "batch_norm": self.batch_norm}
         if self.downsample != "stride":  # only then, so default configs stay as they were
             cfg["downsample"] = self.downsample
+        if self.swin_options is not None:
+            cfg.update(self.swin_options, equivariant=self.equivariant)
+            if self.equivariant:
+                cfg["selection"] = self.selection
         return cfg
+
+    def size_multiple(self, layer: str | None = None) -> int:
+        """Image height and width must be multiples of this (1: any size; equivariant Swin: total stride x window)."""
+        if not self.equivariant:
+            return 1
+        from encoders.swin import size_multiple
+
+        return size_multiple(self.swin_options)
+
+    def phase_names(self, layer: str) -> list[str] | None:
+        """Names of the phase choices before ``layer`` (shallow to deep) that the forward's
+        ``phases`` carry (LPS and equivariant Swin; one per stride-2 step), else ``None``."""
+        if self.equivariant:
+            from encoders.equivariant_vit import phase_names
+
+            return phase_names(self.model, self.taps[layer])
+        if self.downsample == "lps":
+            from encoders.downsample import phase_path
+
+            return phase_path(self.model, self.taps[layer])
+        return None
 
     def _extractor(self, layers: tuple[str, ...]) -> nn.Module:
         if layers not in self._extractors:
@@ -231,9 +280,21 @@ class Encoder(nn.Module):
         self._extractors.clear()
 
     def forward(self, x: Tensor, layers: Sequence[str] | None = None) -> "OrderedDict[str, Tensor]":
+        check_images(x, "encoder input")  # one line for NaN, 0-255 values, (3, H, W), grey or RGBA batches
         names = tuple(self.check_layers(layers)) if layers is not None else tuple(self.layers)
         deep = tuple(name for name in names if name != INPUT_TAP)
         feats = OrderedDict([(INPUT_TAP, x)] * (INPUT_TAP in names))
+        if deep and self.swin_options is not None:
+            from encoders.swin import swin_features
+
+            self._check_size(x)
+            feats.update(swin_features(self.model, self.normalizer(x), self.taps, deep))
+            if self.equivariant:
+                from encoders.downsample import PhasedFeatures
+                from encoders.equivariant_vit import swin_phases
+
+                return PhasedFeatures(feats, swin_phases(self.model, self.taps[deep[-1]]))
+            return feats
         if deep:
             feats.update(self._extractor(deep)(self.normalizer(x)))
         if self.downsample == "lps" and deep:  # the phases travel with the features (for LPS decoders)
@@ -244,12 +305,20 @@ class Encoder(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """Class scores for images in [0, 1]. Shape: (B, 3, H, W) -> (B, num_classes)."""
+        self._check_size(x)
         return self.model(self.normalizer(x))
+
+    def _check_size(self, x: Tensor) -> None:
+        if self.equivariant:
+            from encoders.swin import check_image_size
+
+            check_image_size(x.shape[-2], x.shape[-1], self.arch, self.swin_options)
 
     @torch.no_grad()
     def feature_info(self, size: int | None = None) -> "OrderedDict[str, tuple[int, int]]":
         """``{layer: (channels, stride)}`` measured with one probe forward pass at ``size`` px."""
         size = size or (64 if self.small_input else 224)
+        size = -(-size // self.size_multiple()) * self.size_multiple()
         was_training = self.training
         self.eval()
         p = next(self.parameters())
@@ -269,12 +338,14 @@ def create_encoder(name: str | None = None, checkpoint: str | None = None,
     """Build an encoder, optionally loading weights from a checkpoint file.
 
     Args:
-        name: architecture (``alexnet, vgg16, vgg19, resnet18, resnet50``); may be ``None``
+        name: architecture (``alexnet, vgg16, vgg19, resnet18, resnet50, swin_t, swin_v2_t``); may be ``None``
             when ``checkpoint`` is an RFI checkpoint, which records its architecture.
         checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, or a
             plain torchvision state dict (loaded with ``weights_only=True``).
         layers: feature taps returned by the encoder's forward (default: all).
-        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``, ``downsample``.
+        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``, ``downsample``;
+            Swin: ``equivariant``, ``selection``, ``embed_dim``, ``depths``, ``num_heads``,
+            ``window_size``, ``patch_size``, ``stochastic_depth`` (see :class:`Encoder`).
 
     Example:
         >>> enc = create_encoder("vgg16", width=0.125, small_input=True, num_classes=8, layers=["relu3_1"])

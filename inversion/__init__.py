@@ -6,7 +6,8 @@ are imported on first use (they pull in kornia).
 """
 from importlib import import_module
 
-from inversion.autoencoder import RobustAutoencoder, check_images
+from encoders.imageio import check_images
+from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, decoder_from_checkpoint, load_decoder, save_decoder
 
 _LAZY = {

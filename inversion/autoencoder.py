@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint, load_encoder
 from encoders.errors import RFIError
+from encoders.imageio import check_images
 from encoders.models import Encoder
 from encoders.runtime import autocast, check_precision, memory_format
 from encoders.serialization import load_checkpoint, save_checkpoint
@@ -25,25 +26,6 @@ from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, deco
 from inversion.upsample import check_phase_source
 
 AUTOENCODER_FORMAT = "rfi-autoencoder"
-
-
-def check_images(x: Tensor, name: str = "images") -> Tensor:
-    """Refuse anything but a finite (B, 3, H, W) float batch in [0, 1].
-
-    Raises:
-        RFIError: wrong shape or dtype, NaN/Inf, or values outside [0, 1].
-    """
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise RFIError(f"{name} must be a (B, 3, H, W) tensor, got {shape}")
-    if not x.is_floating_point():
-        raise RFIError(f"{name} must be floating point in [0, 1], got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise RFIError(f"{name} contain NaN or Inf values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise RFIError(f"{name} must have values in [0, 1], got [{lo:.3g}, {hi:.3g}]")
-    return x
 
 
 def load_encoder_file(path: str | os.PathLike, arch: str | None = None, arch_key: str = "--arch",
@@ -198,13 +180,17 @@ class RobustAutoencoder(nn.Module):
             raise RFIError(f"no decoder for layer '{layer}' (have: {', '.join(self.decoders)})")
         return self.decoders[layer]
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
     def encode(self, x: Tensor, layer: str | None = None) -> "OrderedDict[str, Tensor]":
         """Features that the decoder of ``layer`` (default: the first) needs: its layer, then skips.
 
         For an LPS encoder the result also carries the chosen phases (``.phases``, see
         :mod:`inversion.upsample`), which :meth:`decode` uses.
         """
-        check_images(x)
+        x = check_images(x, dtype=self._dtype)
         dec = self._decoder(layer)
         feats = self.encoder(x, layers=dec.input_layers)
         out = OrderedDict((k, feats[k]) for k in dec.input_layers)
@@ -214,8 +200,7 @@ class RobustAutoencoder(nn.Module):
 
     def features(self, x: Tensor, layers: Sequence[str]) -> "OrderedDict[str, Tensor]":
         """Encoder features at any ``layers`` (no decoder needed)."""
-        check_images(x)
-        return self.encoder(x, layers=layers)
+        return self.encoder(check_images(x, dtype=self._dtype), layers=layers)
 
     def decode(self, features: Tensor | Mapping[str, Tensor], layer: str | None = None,
                size: tuple[int, int] | None = None, phases: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -275,7 +260,7 @@ class RobustAutoencoder(nn.Module):
             overlap: pixels shared by neighbouring tiles (default: tile // 4); the tiles are
                 blended with linear ramps over the overlap, so no seams show.
         """
-        check_images(x)
+        x = check_images(x, dtype=self._dtype)
         layer = layer or self.layer
         h, w = x.shape[-2:]
         if tile is None:

@@ -31,7 +31,8 @@ from torch import Tensor
 from encoders.errors import RFIError
 from encoders.files import FileBatch, check_output_folder
 from encoders.runtime import resolve_device
-from inversion.autoencoder import RobustAutoencoder, check_images, load_encoder_file
+from encoders.imageio import check_images
+from inversion.autoencoder import RobustAutoencoder, load_encoder_file
 
 log = logging.getLogger("rfi")
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from encoders.errors import RFIError
 from encoders.models import Encoder
 from encoders.runtime import progress as progress_bar
-from inversion.autoencoder import check_images
+from encoders.imageio import check_images
 
 Init = Literal["noise", "mean"]
 NOISE = 0.1  # half-width of the uniform noise added to the mean colour by init="noise"

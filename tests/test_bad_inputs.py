@@ -8,6 +8,7 @@ seconds.
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass, field
 import hashlib
 import os
@@ -392,3 +393,27 @@ def test_files_passed_in_the_wrong_place_say_what_they_are(pair, ae_file, tmp_pa
     assert main(["denoise", str(tmp_path / "a.png"), "--model", str(enc), "--out", str(tmp_path / "o")]) == 2
     err = _one_line_error(capsys)
     assert "it is an encoder checkpoint" in err and "--encoder" not in err
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.full((1, 3, 8, 8), float("nan")), "contain NaN"),
+    (torch.rand(1, 3, 8, 8) * 255, "divide by 255"),
+    (torch.rand(1, 1, 8, 8), "give 3 channels"),
+    (torch.rand(1, 4, 8, 8), "got (1, 4, 8, 8)"),
+    (torch.rand(3, 8, 8), "add a batch dimension"),
+    (torch.zeros(0, 3, 8, 8), "is empty"),
+    (np.zeros((8, 8, 3), np.uint8), "torch.from_numpy"),
+    ((torch.rand(1, 3, 8, 8) * 255).byte(), "got torch.uint8 (divide by 255)"),
+])
+def test_encoder_inputs_are_checked(x, message):
+    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+    with pytest.raises(RFIError, match=re.escape(message)):
+        enc(x)
+
+
+def test_autoencoder_converts_float64_and_refuses_an_empty_batch(ae_file):
+    ae = RobustAutoencoder.load(ae_file)
+    out = ae.reconstruct(torch.rand(1, 3, 16, 16, dtype=torch.float64))
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16)
+    with pytest.raises(RFIError, match="is empty"):
+        ae.reconstruct(torch.zeros(0, 3, 16, 16))

@@ -22,7 +22,7 @@ def _records(out: Path, key: str) -> list[dict]:
 
 
 def _noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return x + 0.1 * torch.randn(x.shape, generator=g)
+    return (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)  # a valid image, as the encoder requires
 
 
 def test_training_lowers_the_loss_and_writes_a_usable_decoder(tiny_config, tiny_encoder_path, tmp_path):
