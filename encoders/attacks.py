@@ -11,6 +11,17 @@ deliberate difference: the library clamps its input to [0, 1] inside the model, 
 ``torch.clamp`` has a zero gradient at the bounds, so its attack never moves a pixel that
 sits at 0 or 1; here such pixels keep their gradient (the projection keeps them in range).
 On images away from the bounds the two produce the same iterates.
+
+Mixed precision (``precision="bf16"`` or ``"fp16"``, as in adversarial training with
+``precision`` set): only the model's forward pass runs under ``torch.autocast``. The
+iterate ``x_adv``, the random start, the cross-entropy (on logits cast to fp32), the input
+gradient, the step and both projections stay in fp32, so the ε-ball and the [0, 1] range
+are enforced exactly, whatever the model's compute precision; the gradient itself comes
+back through the model in bf16/fp16 and is only as accurate as that (a direction: the L2
+step normalises it and the L∞ step takes its sign, so its scale never matters). Under
+fp16 the loss is multiplied by :data:`FP16_LOSS_SCALE` before the backward pass, so small
+input gradients do not underflow to zero (the step is invariant to that factor), and a
+step whose gradient overflows (Inf/NaN) is recomputed in fp32.
 """
 from __future__ import annotations
 
@@ -21,8 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from encoders.errors import RFIError
+from encoders.runtime import autocast, check_precision
 
 NORMS = ("l2", "linf")
+FP16_LOSS_SCALE = 1024.0
+"""Factor on the attack's loss under fp16 autocast (keeps input gradients above fp16's underflow)."""
 
 
 def default_step_size(eps: float, steps: int) -> float:
@@ -55,7 +69,7 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
 
 def pgd(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, steps: int,
         step_size: float | None = None, norm: str = "l2", random_start: bool = True,
-        generator: torch.Generator | None = None) -> Tensor:
+        generator: torch.Generator | None = None, precision: str = "fp32") -> Tensor:
     """Untargeted PGD: images within ``eps`` of ``x`` that maximise the cross-entropy on ``y``.
 
     The caller chooses the model's mode: attack in ``eval()`` mode (as the ``robustness``
@@ -73,6 +87,9 @@ def pgd(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, 
         norm: ``"l2"`` or ``"linf"``.
         random_start: start from a random point of the ball (on its sphere for L2).
         generator: random generator for the start (default: torch's global one).
+        precision: ``fp32`` (default), ``bf16`` or ``fp16``: autocast around the model's
+            forward only; the update, projection and perturbation stay in fp32 (see the
+            module docstring).
 
     Returns:
         Adversarial images, detached, same shape as ``x``, values in [0, 1], within ``eps`` of ``x``.
@@ -92,19 +109,35 @@ def pgd(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, 
         raise RFIError(f"unknown attack norm '{norm}' (valid: {', '.join(NORMS)})")
     if eps < 0 or steps < 0:
         raise RFIError(f"attack eps and steps must be non-negative, got eps={eps}, steps={steps}")
+    check_precision(precision, key="attack precision")
+    dtype = x.dtype
     x = x.detach()
     if eps == 0:
         return x.clone()
+    if precision != "fp32":  # the iterates live in fp32 even if the images came in lower precision
+        x = x.float()
     step_size = default_step_size(eps, steps) if step_size is None else step_size
     x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model_fn(x_adv), y, reduction="sum")  # sum: per-sample gradients unscaled
-        grad, = torch.autograd.grad(loss, x_adv)
+        grad = _input_gradient(model_fn, x_adv, y, precision)
+        if precision == "fp16" and not torch.isfinite(grad).all():  # overflow: this step in fp32
+            grad = _input_gradient(model_fn, x_adv, y, "fp32")
         with torch.no_grad():
             if norm == "l2":
                 step = grad / _per_sample_norm(grad).clamp_min(1e-12)
             else:
                 step = grad.sign()
             x_adv = _project(x_adv + step_size * step, x, eps, norm)
-    return x_adv.detach()
+    return x_adv.detach().to(dtype)
+
+
+def _input_gradient(model_fn: Callable[[Tensor], Tensor], x_adv: Tensor, y: Tensor, precision: str) -> Tensor:
+    """d(summed cross-entropy)/d(x_adv), the forward under autocast, the loss in fp32."""
+    with autocast(x_adv.device, precision):
+        logits = model_fn(x_adv)
+    loss = F.cross_entropy(logits.float(), y, reduction="sum")  # sum: per-sample gradients unscaled
+    if precision == "fp16":
+        loss = loss * FP16_LOSS_SCALE
+    grad, = torch.autograd.grad(loss, x_adv)
+    return grad / FP16_LOSS_SCALE if precision == "fp16" else grad

@@ -52,7 +52,7 @@ from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
 from encoders.models import INPUT_TAP, Encoder
 from encoders.runtime import (DistContext, MetricsLog, autocast, check_precision, grad_scaler, memory_format,
-                              progress, resolve_device, rng_state, save_grid, seed_everything, set_rng_state,
+                              progress, rng_state, save_grid, seed_everything, set_rng_state,
                               setup_distributed)
 from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
 from inversion.autoencoder import load_encoder_file
@@ -328,7 +328,7 @@ class _DecoderTrainer:
             raise RFIError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} training images")
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * self.steps_per_epoch
 
-        seed_everything(cfg.seed, cfg.deterministic)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        seed_everything(cfg.seed, cfg.deterministic)  # same initial weights on every rank (DDP broadcasts rank 0's)
         self.decoder = build_decoder(self.encoder, self.layer, cfg.decoder).to(device)
         self.scaler = grad_scaler(device, cfg.precision)  # enabled for fp16 only
         if cfg.channels_last:
@@ -616,6 +616,7 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
     check_config(cfg)
     ctx, device = _setup_distributed(cfg.device)
     try:
+        check_precision(cfg.precision, device)  # e.g. bf16 on a GPU without it
         return _DecoderTrainer(cfg, input_transform, ctx, device).run(resume)
     finally:
         if ctx.owns_group:

@@ -127,3 +127,101 @@ def test_robust_training_beats_standard_under_attack(tmp_path):
     print({k: (round(r["clean_acc"], 3), round(r["pgd_acc"], 3)) for k, r in results.items()})
     assert results["standard"]["clean_acc"] > 0.5 and results["robust"]["clean_acc"] > 0.5  # both learnt the task
     assert results["robust"]["pgd_acc"] >= results["standard"]["pgd_acc"] + 0.20
+
+
+def test_epoch_order_is_the_former_loaders_order():
+    """One-process runs keep their batches (and so their weights) from before DDP: the order is that of
+    the former ``progress(DataLoader(shuffle=True, generator=...))`` loop."""
+    from torch.utils.data import DataLoader
+
+    from encoders.runtime import progress
+    from encoders.train import epoch_order
+
+    for seed, epoch in ((0, 0), (0, 3), (7, 1)):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        former = torch.cat(list(progress(DataLoader(torch.arange(300), batch_size=64, shuffle=True, generator=g),
+                                         total=5)))
+        assert torch.equal(former, epoch_order(300, seed, epoch))
+
+
+def test_killed_mid_epoch_resume_gives_bit_identical_weights(tmp_path, monkeypatch, tiny_cfg):
+    """``steps`` + ``checkpoint_every``: a run killed mid-epoch resumes from its last step checkpoint to the
+    weights and metrics log of the uninterrupted run (AlexNet: dropout; PGD random starts; flips)."""
+    import encoders.train as train
+
+    # 256 crops / 64 = 4 steps per epoch; checkpoints at steps 3 (mid-epoch 1), 4 (epoch), 6 (mid-epoch 2)
+    overrides = ("steps=7", "checkpoint_every=3", "adv.enabled=true", "adv.steps=1", "model.arch=alexnet",
+                 "log_every=1", "eval.enabled=false")
+    full = train_encoder(tiny_cfg(tmp_path / "full", *overrides))
+    assert load_checkpoint(full)["train"]["step"] == 7
+
+    step = train._EncoderTrainer.train_step
+
+    def dying_step(self, x, y):
+        n = step(self, x, y)
+        if self.step == 7:  # killed before step 7 was saved
+            raise KeyboardInterrupt
+        return n
+
+    monkeypatch.setattr(train._EncoderTrainer, "train_step", dying_step)
+    cfg = tiny_cfg(tmp_path / "cut", *overrides)
+    with pytest.raises(KeyboardInterrupt):
+        train_encoder(cfg)
+    monkeypatch.setattr(train._EncoderTrainer, "train_step", step)
+    ckpt_path = tmp_path / "cut" / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    assert (ckpt["train"]["step"], ckpt["train"]["epoch"]) == (6, 1)  # mid-epoch 2
+    # A checkpoint written before the new keys existed (precision, ...) resumes too: they take their defaults.
+    for key in ("precision", "channels_last", "deterministic", "sync_batch_norm"):
+        del ckpt["train"]["config"][key]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(RFIError, match="config differs in precision"):
+        train_encoder(tiny_cfg(tmp_path / "cut", *overrides, "precision=bf16"), resume=True)
+
+    resumed = train_encoder(cfg, resume=True)
+    a, b = _state(full), _state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def comparable(path):
+        drop = {"images_per_s", "epoch_seconds"}
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+
+    assert comparable(full.parent / "metrics.jsonl") == comparable(resumed.parent / "metrics.jsonl")
+
+
+def test_worker_items_are_seeded_by_their_position_in_the_epoch():
+    """With DataLoader workers, an item's random transform depends on its position only (not on the
+    number of workers, nor on where a resumed run restarts)."""
+    from torch.utils.data import Dataset
+
+    from encoders.train import _SeededItems, epoch_order
+
+    class Noisy(Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.rand(()) + 10 * i  # a random transform (global RNG)
+
+    order = epoch_order(10, 0, 2)
+    whole = _SeededItems(Noisy(), order, list(range(10)), seed=0, epoch=2)
+    tail = _SeededItems(Noisy(), order, list(range(4, 10)), seed=0, epoch=2)
+    assert torch.equal(torch.stack([whole[i] for i in range(4, 10)]), torch.stack([tail[i] for i in range(6)]))
+    other_epoch = _SeededItems(Noisy(), order, list(range(10)), seed=0, epoch=3)
+    assert not torch.equal(whole[0], other_epoch[0])
+    assert [int(whole[i]) // 10 for i in range(10)] == order.tolist()
+
+
+def test_folder_data_with_workers_does_not_depend_on_their_number(tmp_path, tiny_cfg):
+    """Random crops drawn in DataLoader workers are seeded by position: 1 or 2 workers, same weights."""
+    from encoders.imageio import write_image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        for i in range(5):
+            write_image(torch.rand(3, 40, 48, generator=g), tmp_path / "images" / c / f"{i}.png")
+    runs = [train_encoder(tiny_cfg(tmp_path / f"w{w}", "data.source=folder", f"data.root={tmp_path / 'images'}",
+                                   "batch_size=4", "steps=3", "eval.enabled=false", f"num_workers={w}"))
+            for w in (1, 2)]
+    a, b = (_state(p) for p in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
