@@ -28,7 +28,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train-decoders", "apps.style", "train a decoder pyramid (several layers) for style transfer"),
     ("stylize", "apps.style", "style transfer (WCT / AdaIN) through a decoder pyramid"),
     ("augment", "apps.augment", "write style-augmented views of images (SSL augmentation)"),
+    ("ssl", "apps.commands.ssl", "self-supervised pre-training: SimCLR or MoCo v2, with style augmentation"),
     ("shift-consistency", "encoders.shift", "shift consistency / equivariance of encoders and autoencoders"),
+    ("weights", "apps.commands.weights", "model zoo: list / fetch public robust and torchvision checkpoints"),
 )
 
 

@@ -1,0 +1,49 @@
+"""``rfi ssl``: self-supervised pre-training (SimCLR or MoCo v2) with optional style augmentation (SASSL).
+
+The library code is :mod:`apps.ssl`; this module parses the command line and runs it.
+
+Example:
+    rfi ssl --config configs/apps/ssl.yaml method=mocov2                     # -> runs/ssl/mocov2
+    rfi ssl --config configs/apps/ssl.yaml method=simclr style.enabled=true --out runs/ssl/simclr_style
+    rfi ssl --config configs/apps/ssl.yaml method=mocov2 --resume           # continue an interrupted run
+    rfi eval-encoder --checkpoint runs/ssl/mocov2/checkpoint.pt ...         # the backbone is an RFI encoder
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from encoders.config import add_job_arguments, load_config
+
+DEFAULT_CONFIG = "configs/apps/ssl.yaml"
+
+
+def register_ssl(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``rfi ssl``: ``--config``, ``key=value`` overrides, ``--out``, ``--resume``."""
+    add_job_arguments(parser, DEFAULT_CONFIG, "method=mocov2 style.enabled=true steps=200",
+                      "output folder (default: runs/ssl/<method>[_style])")
+    parser.set_defaults(func=run)
+
+
+def default_out(method: str, style: bool) -> Path:
+    """``runs/ssl/<method>`` or ``runs/ssl/<method>_style``."""
+    return Path("runs/ssl") / (method + ("_style" if style else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, checkpoint, probe; prints the checkpoint path and one line per probe task."""
+    from apps.ssl import SSLConfig, check_config, run_ssl
+
+    cfg = load_config(SSLConfig, args.config, args.overrides)
+    check_config(cfg)
+    if args.out:
+        cfg.out = args.out
+    elif not cfg.out:
+        cfg.out = str(default_out(cfg.method, cfg.style.enabled))
+    result = run_ssl(cfg, resume=args.resume)
+    print(Path(cfg.out) / "checkpoint.pt")
+    for task, acc in result["probe"].items():
+        print(f"linear probe {task}: {100 * acc:.1f}%")
+    print(f"step {result['step_ms']:.0f} ms (StyleAugment {result['style_ms']:.0f} ms"
+          f"{', in the background' if result['background'] else ''}), {result['images_per_s']:.0f} images/s")
+    return 0
