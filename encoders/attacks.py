@@ -25,6 +25,7 @@ step whose gradient overflows (Inf/NaN) is recomputed in fp32.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -67,6 +68,28 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
     return (x + noise).clamp(0, 1)
 
 
+def check_attack(eps: float, steps: int, step_size: float | None = None, min_steps: int = 1) -> None:
+    """Refuse attack settings that would print a false robustness figure.
+
+    A negative radius or step size turns PGD into an *anti*-attack (accuracy under attack
+    above clean accuracy); ``steps < min_steps`` measures nothing.
+
+    Raises:
+        RFIError: ``eps`` not finite or < 0, ``steps`` < ``min_steps``, ``step_size`` not finite or <= 0.
+
+    Example:
+        >>> check_attack(0.5, 10, -0.125)
+        Traceback (most recent call last):
+        encoders.errors.RFIError: step size must be a finite number > 0, got -0.125
+    """
+    if not math.isfinite(eps) or eps < 0:
+        raise RFIError(f"eps (attack radius) must be a finite number >= 0, got {eps}")
+    if steps < min_steps:
+        raise RFIError(f"steps (PGD steps) must be >= {min_steps}, got {steps}")
+    if step_size is not None and (not math.isfinite(step_size) or step_size <= 0):
+        raise RFIError(f"step size must be a finite number > 0, got {step_size}")
+
+
 def pgd(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, steps: int,
         step_size: float | None = None, norm: str = "l2", random_start: bool = True,
         generator: torch.Generator | None = None, precision: str = "fp32") -> Tensor:
@@ -107,8 +130,7 @@ def pgd(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, 
     """
     if norm not in NORMS:
         raise RFIError(f"unknown attack norm '{norm}' (valid: {', '.join(NORMS)})")
-    if eps < 0 or steps < 0:
-        raise RFIError(f"attack eps and steps must be non-negative, got eps={eps}, steps={steps}")
+    check_attack(eps, steps, step_size, min_steps=0)
     check_precision(precision, key="attack precision")
     dtype = x.dtype
     x = x.detach()

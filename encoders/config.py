@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -29,6 +30,21 @@ import yaml
 from encoders.errors import RFIError
 
 T = TypeVar("T")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader where only ``true``/``false`` are booleans (YAML 1.2), not ``yes``/``no``/``on``/``off``."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def bounded(default: Any, low: float | None = None, high: float | None = None,
@@ -142,6 +158,11 @@ def _coerce(value: Any, hint: Any, name: str, source: "_Source | str") -> Any:
             return value
         raise RFIError(f"config key '{name}' in {_src(source, name)} must be true or false, got {value!r}")
     if hint in (int, float, str):
+        if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise RFIError(f"config key '{name}' in {_src(source, name)} must be a finite number, got {value!r}")
@@ -170,7 +191,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise RFIError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RFIError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -195,7 +216,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
         if "=" not in item:
             raise RFIError(f"override '{item}' must look like key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+        _set_dotted(data, key.strip(), _load_yaml(raw) if raw else "")
     overridden = {item.split("=", 1)[0].strip() for item in overrides}
     return _build(cls, data, "", _Source(path, overridden))
 

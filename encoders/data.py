@@ -366,6 +366,9 @@ class DataConfig:
 def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = None) -> Dataset:
     """The dataset a :class:`DataConfig` names, for one split (``size`` overrides ``cfg.size``)."""
     size = size or cfg.size
+    if size < 1 or cfg.train_crops < 1 or cfg.val_crops < 1 or cfg.repeat < 1:
+        raise RFIError(f"data.size, data.train_crops, data.val_crops and data.repeat must be >= 1, got "
+                       f"{size}, {cfg.train_crops}, {cfg.val_crops}, {cfg.repeat}")
     if cfg.source == "embedded":
         return EmbeddedCrops(split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed)
     if cfg.source in ("folder", "cifar10") and not cfg.root:

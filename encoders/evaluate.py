@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from encoders.attacks import NORMS, default_step_size, pgd
+from encoders.attacks import NORMS, check_attack, default_step_size, pgd
 from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
 from encoders.models import Encoder
@@ -92,23 +91,6 @@ def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int,
             "clean_loss": totals["clean_loss"] / n, "pgd_loss": totals["pgd_loss"] / n,
             "eps": float(eps), "norm": norm, "steps": int(steps), "step_size": float(step_size),
             "random_start": bool(random_start), "images": n}
-
-
-def check_attack(eps: float, steps: int, step_size: float | None = None) -> None:
-    """Refuse attack settings that would print a false robustness figure.
-
-    A negative radius or step size turns PGD into an *anti*-attack (PGD accuracy above clean
-    accuracy); ``steps < 1`` measures nothing.
-
-    Raises:
-        RFIError: ``eps`` not finite or < 0, ``steps`` < 1, ``step_size`` not finite or <= 0.
-    """
-    if not math.isfinite(eps) or eps < 0:
-        raise RFIError(f"eps (attack radius) must be a finite number >= 0, got {eps}")
-    if steps < 1:
-        raise RFIError(f"steps (PGD steps) must be >= 1, got {steps}")
-    if step_size is not None and (not math.isfinite(step_size) or step_size <= 0):
-        raise RFIError(f"step size must be a finite number > 0, got {step_size}")
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

@@ -327,6 +327,28 @@ class Encoder(nn.Module):
         self.train(was_training)
         return OrderedDict((k, (v.shape[1], size // v.shape[-1])) for k, v in feats.items())
 
+    @torch.no_grad()
+    def check_input_size(self, size: int, key: str = "data.size") -> None:
+        """Refuse a square input side the network cannot take, naming ``key`` (one probe forward pass).
+
+        Raises:
+            RFIError: too small for the network's down-sampling (or not the multiple it needs).
+        """
+        if size < 1:
+            raise RFIError(f"{key} must be >= 1 pixel, got {size}")
+        multiple = self.size_multiple()
+        if size % multiple:
+            raise RFIError(f"{key}={size} is not a multiple of {multiple}, which this {self.arch} needs")
+        was_training = self.training
+        self.eval()
+        p = next(self.parameters())
+        try:
+            self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), layers=self.layer_names)
+        except RuntimeError as e:
+            raise RFIError(f"{key}={size} px is too small for this {self.arch} ({str(e).splitlines()[0]})") from None
+        finally:
+            self.train(was_training)
+
     def __getstate__(self):  # cached FX modules are rebuilt on demand, never pickled/deep-copied
         state = self.__dict__.copy()
         state["_extractors"] = {}

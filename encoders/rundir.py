@@ -23,6 +23,7 @@ import os
 import socket
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from encoders.errors import RFIError
 
@@ -51,7 +52,7 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike, enabled: bool = True):
         self.folder, self.enabled = Path(folder), enabled
         self.path = self.folder / LOCK_NAME
-        self.held = False
+        self.held = self.created = False
 
     def _owner(self) -> tuple[int, str]:
         try:
@@ -64,6 +65,7 @@ class RunLock:
         """Take the lock or raise :class:`RFIError` naming the run that holds it."""
         if not self.enabled or self.held:
             return self
+        self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -83,10 +85,12 @@ class RunLock:
         raise RFIError(f"could not lock {self.folder}: another run keeps taking {self.path}")
 
     def release(self) -> None:
-        """Remove the lock if this process holds it."""
+        """Remove the lock if this process holds it (and the folder, if the lock made it and it stayed empty)."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            if self.created and not any(self.folder.iterdir()):
+                self.folder.rmdir()
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -94,3 +98,26 @@ class RunLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+def lock_for_run(folder: str | os.PathLike, ctx: Any) -> RunLock:
+    """Lock a training run's folder: rank 0 takes the lock, and every rank raises if it cannot.
+
+    Args:
+        folder: the run folder.
+        ctx: the run's :class:`~encoders.runtime.DistContext` (``main``, ``all_gather``).
+
+    Returns:
+        The held lock (a context manager that releases it).
+    """
+    lock = RunLock(folder, enabled=ctx.main)
+    try:
+        lock.acquire()
+        error = None
+    except RFIError as e:
+        error = str(e)
+    errors = [e for e in ctx.all_gather(error) if e]
+    if errors:
+        lock.release()
+        raise RFIError(errors[0])
+    return lock

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -125,8 +126,7 @@ class MetricsLog:
         if resume_step is None:
             atomic_write(self.path, lambda tmp: open(tmp, "w").close())
         elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [json.dumps(r, default=float) for r in self.read() if r.get("step", 0) <= resume_step]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
 
     def write(self, **record: Any) -> None:
@@ -136,7 +136,20 @@ class MetricsLog:
             f.write(json.dumps(record, default=float) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """The records; a torn line (a write cut by a power loss or a full disk) is skipped with a warning."""
+        records = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                logging.getLogger("rfi").warning("%s line %d is torn or not a record: skipped", self.path, number)
+                continue
+            records.append(record)
+        return records
 
 
 def save_grid(columns: Sequence[Tensor], path: str | os.PathLike, max_rows: int = 8, pad: int = 2) -> Path:

@@ -47,13 +47,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from encoders.attacks import NORMS, pgd
+from encoders.attacks import NORMS, check_attack, pgd
 from encoders.checkpoints import ENCODER_FORMAT, load_state_dict_checked, save_encoder
 from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
 from encoders.models import Encoder
 from encoders.swin import encoder_options
+from encoders.rundir import lock_for_run
 from encoders.runtime import (PRECISIONS, DistContext, MetricsLog, autocast, check_precision, grad_scaler, progress,
                               rng_state, seed_everything, set_rng_state, setup_distributed)
 from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
@@ -196,8 +197,16 @@ def check_config(cfg: TrainEncoderConfig) -> None:
     for key, norm in (("adv.norm", cfg.adv.norm), ("eval.norm", cfg.eval.norm)):
         if norm is not None and norm not in NORMS:
             problems.append(f"unknown {key} '{norm}' (valid: {', '.join(NORMS)})")
-    if cfg.adv.eps < 0 or cfg.adv.steps < 0 or (cfg.eval.eps is not None and cfg.eval.eps < 0):
-        problems.append("adv.eps, adv.steps and eval.eps must be non-negative")
+    for key, (eps, steps, step_size, min_steps) in {
+            "adv": (cfg.adv.eps, cfg.adv.steps, cfg.adv.step_size, 1 if cfg.adv.enabled else 0),
+            "eval": (cfg.eval.eps if cfg.eval.eps is not None else cfg.adv.eps, cfg.eval.steps, None, 1)}.items():
+        try:
+            check_attack(eps, steps, step_size, min_steps)
+        except RFIError as e:
+            problems.append(f"{key}: {e}")
+    if not cfg.optim.lr > 0 or not 0 <= cfg.optim.momentum < 1 or not cfg.optim.weight_decay >= 0:
+        problems.append(f"optim.lr must be > 0, optim.momentum in [0, 1) and optim.weight_decay >= 0, got "
+                        f"{cfg.optim.lr}, {cfg.optim.momentum}, {cfg.optim.weight_decay}")
     if not 0 <= cfg.adv.mix < 1:
         problems.append(f"adv.mix (fraction of clean examples) must be in [0, 1), got {cfg.adv.mix}")
     if problems:
@@ -386,6 +395,7 @@ class _EncoderTrainer:
         encoder = Encoder(m.arch, num_classes=num_classes, width=m.width, small_input=m.small_input,
                           batch_norm=m.batch_norm, downsample=m.downsample,
                           **encoder_options(m.options, "model.options")).to(device)
+        encoder.check_input_size(cfg.data.size)
         if cfg.sync_batch_norm and ctx.world > 1:
             if device.type != "cuda":
                 raise RFIError("sync_batch_norm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); "
@@ -605,7 +615,9 @@ def train_encoder(cfg: TrainEncoderConfig, resume: bool = False) -> Path:
     ctx, device = setup_distributed(cfg.device)
     try:
         check_precision(cfg.precision, device)
-        return _EncoderTrainer(cfg, ctx, device).run(resume)
+        trainer = _EncoderTrainer(cfg, ctx, device)
+        with lock_for_run(trainer.out, ctx):  # one run per folder
+            return trainer.run(resume)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()

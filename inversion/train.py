@@ -51,6 +51,7 @@ from encoders.config import add_job_arguments, config_to_dict, load_config
 from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
 from encoders.models import INPUT_TAP, Encoder
+from encoders.rundir import lock_for_run
 from encoders.runtime import (DistContext, MetricsLog, autocast, check_precision, grad_scaler, memory_format,
                               progress, rng_state, save_grid, seed_everything, set_rng_state,
                               setup_distributed)
@@ -212,8 +213,15 @@ def check_config(cfg: TrainDecoderConfig) -> None:
             problems.append(f"loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")
     if not any(getattr(cfg.loss, k) > 0 for k in ("pixel", "feature", "lpips")):
         problems.append("at least one of loss.pixel, loss.feature, loss.lpips must be > 0")
-    if cfg.optim.lr <= 0 or cfg.optim.disc_lr <= 0:
-        problems.append("optim.lr and optim.disc_lr must be > 0")
+    if not cfg.optim.lr > 0 or not cfg.optim.disc_lr > 0:
+        problems.append(f"optim.lr and optim.disc_lr must be > 0, got {cfg.optim.lr} and {cfg.optim.disc_lr}")
+    for key in ("betas", "disc_betas"):
+        betas = getattr(cfg.optim, key)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            problems.append(f"optim.{key} must be two numbers in [0, 1), got {list(betas)}")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0:
+        problems.append(f"optim.warmup_steps and optim.weight_decay must be >= 0, got {cfg.optim.warmup_steps} "
+                        f"and {cfg.optim.weight_decay}")
     if cfg.decoder.preset not in ("cpu", "paper"):
         problems.append(f"decoder.preset must be cpu or paper, got '{cfg.decoder.preset}'")
     if cfg.decoder.refine_blocks < 0:
@@ -318,6 +326,7 @@ class _DecoderTrainer:
         self.ckpt_path = self.out / CHECKPOINT_NAME
         self.layer = cfg.encoder.layer
         self.encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips).to(device)
+        self.encoder.check_input_size(cfg.data.size)
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val")
         if cfg.batch_size % ctx.world:
@@ -617,7 +626,9 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
     ctx, device = _setup_distributed(cfg.device)
     try:
         check_precision(cfg.precision, device)  # e.g. bf16 on a GPU without it
-        return _DecoderTrainer(cfg, input_transform, ctx, device).run(resume)
+        trainer = _DecoderTrainer(cfg, input_transform, ctx, device)
+        with lock_for_run(trainer.out, ctx):  # one run per folder
+            return trainer.run(resume)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()

@@ -417,3 +417,54 @@ def test_autoencoder_converts_float64_and_refuses_an_empty_batch(ae_file):
     assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16)
     with pytest.raises(RFIError, match="is empty"):
         ae.reconstruct(torch.zeros(0, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------- configs of training runs
+def _tiny_encoder_run(tmp_path, *overrides):
+    return main(["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml", "--out", str(tmp_path / "r"),
+                 "data.train_crops=16", "data.val_crops=8", "data.size=16", "batch_size=8", "epochs=1",
+                 "eval.enabled=false", "model.width=0.125", "device=cpu", *overrides])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("adv.step_size=-1", "adv: step size must be a finite number > 0, got -1"),
+    ("adv.eps=-0.5", "adv: eps (attack radius) must be a finite number >= 0"),
+    ("adv.steps=0", "adv: steps (PGD steps) must be >= 1"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("optim.lr=.nan", "must be a finite number"),
+    ("data.size=0", "data.size"),
+    ("num_workers=-1", "num_workers must be >= 0"),
+    ("adv.enabled=yes", "must be true or false"),
+])
+def test_train_encoder_refuses_bad_numbers_before_training(override, message, tmp_path, capsys):
+    assert _tiny_encoder_run(tmp_path, override) == 2
+    assert message in _one_line_error(capsys)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.betas=[2,3]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps and optim.weight_decay must be >= 0"),
+    ("optim.lr=-1", "optim.lr and optim.disc_lr must be > 0"),
+])
+def test_train_decoder_refuses_bad_numbers(override, message, pair, tmp_path, capsys):
+    code = main(["train-decoder", "--config", "configs/decoder/resnet18_robust_layer3.yaml", "--out",
+                 str(tmp_path / "d"), f"encoder.checkpoint={pair[0]}", "steps=1", override])
+    assert code == 2 and message in _one_line_error(capsys)
+
+
+def test_two_runs_cannot_share_a_run_folder(tmp_path, capsys):
+    with RunLock(tmp_path / "r"):
+        assert _tiny_encoder_run(tmp_path) == 2
+    assert "in use by another run" in _one_line_error(capsys)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, capsys):
+    assert _tiny_encoder_run(tmp_path, "steps=2", "checkpoint_every=1", "adv.enabled=false") == 0
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')  # the power went off mid-line
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    assert _tiny_encoder_run(tmp_path, "steps=2", "checkpoint_every=1", "adv.enabled=false", "--resume") == 0
+    assert ckpt.read_bytes() == before  # a complete run resumes as a no-op

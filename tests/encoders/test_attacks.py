@@ -61,5 +61,7 @@ def test_zero_eps_and_bad_arguments(model, batch):
     assert default_step_size(0.5, 10) == pytest.approx(0.125)
     with pytest.raises(RFIError, match="unknown attack norm 'l1'.*l2, linf"):
         pgd(model.logits, x, y, 0.5, 3, norm="l1")
-    with pytest.raises(RFIError, match="non-negative"):
+    with pytest.raises(RFIError, match="eps .* must be a finite number >= 0"):
         pgd(model.logits, x, y, -1.0, 3)
+    with pytest.raises(RFIError, match="step size must be a finite number > 0, got -0.1"):
+        pgd(model.logits, x, y, 0.5, 3, step_size=-0.1)  # would be an anti-attack
