@@ -313,8 +313,8 @@ def register_denoise(parser: argparse.ArgumentParser) -> None:
 def run_denoise(args: argparse.Namespace) -> int:
     if args.tile is not None and args.tile < 1:
         raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
-    if args.sigma is not None and args.sigma < 0:
-        raise RFIError(f"--sigma must be >= 0 (0-255 units), got {args.sigma:g}")
+    if args.sigma is not None and not 0 <= args.sigma < float("inf"):
+        raise RFIError(f"--sigma must be a finite number >= 0 (0-255 units), got {args.sigma:g}")
     check_output_folder(args.out)  # before the model is loaded
     model, info = load_denoiser(args.model, resolve_device(args.device))
     if args.sigma is not None and "sigma" in info:

@@ -65,8 +65,13 @@ class RunLock:
         """Take the lock or raise :class:`RFIError` naming the run that holds it."""
         if not self.enabled or self.held:
             return self
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RFIError(f"--out {self.folder} is a file, not a folder: name a folder for the run")
         self.created = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RFIError(f"cannot create the run folder {self.folder}: {e.strerror or e}") from None
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -78,6 +83,8 @@ class RunLock:
                     continue
                 raise RFIError(f"{self.folder} is in use by another run (pid {pid} on {host}): wait for it to "
                                f"finish or choose another --out; if no such run exists, delete {self.path}") from None
+            except OSError as e:
+                raise RFIError(f"cannot write to the run folder {self.folder}: {e.strerror or e}") from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.held = True

@@ -468,3 +468,21 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, capsys):
     before = ckpt.read_bytes()
     assert _tiny_encoder_run(tmp_path, "steps=2", "checkpoint_every=1", "adv.enabled=false", "--resume") == 0
     assert ckpt.read_bytes() == before  # a complete run resumes as a no-op
+
+
+def test_sigma_nan_blames_the_flag_not_the_image(ae_file, tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    assert main(["denoise", str(tmp_path / "a.png"), "--model", str(ae_file), "--out", str(tmp_path / "o"),
+                 "--sigma", "nan"]) == 2
+    assert "--sigma must be a finite number >= 0" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("command", [["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml"],
+                                     ["train-decoder", "--config", "configs/decoder/resnet18_robust_layer3.yaml"]])
+def test_training_out_naming_a_file_is_one_line(command, pair, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("user data")
+    extra = [f"encoder.checkpoint={pair[0]}"] if command[0] == "train-decoder" else []
+    assert main([*command, "--out", str(target), "steps=1", *extra]) == 2
+    assert "is a file, not a folder" in _one_line_error(capsys)
+    assert target.read_text() == "user data"
