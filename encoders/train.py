@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from encoders.attacks import NORMS, check_attack, pgd
 from encoders.checkpoints import ENCODER_FORMAT, load_state_dict_checked, save_encoder
 from encoders.config import add_job_arguments, config_to_dict, load_config
-from encoders.data import DataConfig, build_dataset
+from encoders.data import DataConfig, build_dataset, resolve_num_workers
 from encoders.errors import RFIError
 from encoders.models import Encoder
 from encoders.swin import encoder_options
@@ -165,7 +165,7 @@ class TrainEncoderConfig:
     flip: bool = True
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None
     out: str | None = None
     log_every: int = 20
     steps: int = 0
@@ -432,7 +432,7 @@ class _EncoderTrainer:
         order = epoch_order(len(self.train_set), cfg.seed, epoch)
         positions = shard_positions(len(order), cfg.batch_size, ctx.world, ctx.rank, skip)
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # worker base seed
-        workers = cfg.num_workers or 0
+        workers = resolve_num_workers(cfg.num_workers, self.train_set)  # None: 0 in memory, CPUs for files
         if workers > 0:
             dataset, sampler = _SeededItems(self.train_set, order, positions, cfg.seed, epoch), None
         else:

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from encoders.checkpoints import load_state_dict_checked
 from encoders.config import add_job_arguments, config_to_dict, load_config
-from encoders.data import DataConfig, build_dataset
+from encoders.data import DataConfig, build_dataset, resolve_num_workers
 from encoders.errors import RFIError
 from encoders.models import INPUT_TAP, Encoder
 from encoders.rundir import lock_for_run
@@ -188,7 +188,7 @@ class TrainDecoderConfig:
     sample_every: int = 200
     log_every: int = 20
     checkpoint_every: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None
     precision: str = "fp32"
     channels_last: bool = False
     deterministic: bool = True
@@ -206,7 +206,7 @@ def check_config(cfg: TrainDecoderConfig) -> None:
     except RFIError as e:
         problems.append(str(e))
     for key in ("sample_every", "log_every", "checkpoint_every", "num_workers"):
-        if getattr(cfg, key) < 0:
+        if (getattr(cfg, key) or 0) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("pixel", "feature", "lpips", "adversarial"):
         if not getattr(cfg.loss, key) >= 0:
@@ -401,7 +401,7 @@ class _DecoderTrainer:
         indices = list(sampler)[skip_batches * self.local_batch:]
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)  # worker seeds (random transforms)
         return DataLoader(self.train_set, batch_size=self.local_batch, sampler=indices, drop_last=True,
-                          num_workers=self.cfg.num_workers, generator=g, pin_memory=self.device.type == "cuda")
+                          num_workers=resolve_num_workers(self.cfg.num_workers, self.train_set), generator=g, pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ state
     def shared_window(self) -> dict[str, float]:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import pytest
 import torch
+
+# Tests use tiny in-memory data: no DataLoader worker processes unless a test asks for them.
+os.environ.setdefault("RFI_NUM_WORKERS", "0")
 
 
 @contextlib.contextmanager
