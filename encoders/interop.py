@@ -62,7 +62,8 @@ def checkpoint_filter_fn(ckpt: Mapping[str, Any], source: str = "checkpoint") ->
 
 def infer_num_classes(state: Mapping[str, Tensor], arch: str) -> int | None:
     """The classifier's output size read from an adapted state dict, if present."""
-    key = "model.fc.weight" if arch.startswith("resnet") else "model.classifier.6.weight"
+    key = ("model.fc.weight" if arch.startswith("resnet") else "model.head.weight" if arch.startswith("swin")
+           else "model.classifier.6.weight")
     return int(state[key].shape[0]) if key in state else None
 
 
@@ -71,8 +72,13 @@ def infer_encoder_kwargs(state: Mapping[str, Tensor], arch: str) -> dict[str, An
 
     Full-size files (``robustness`` and torchvision checkpoints) give ``width=1.0,
     small_input=False``; files exported from small RFI encoders give their own settings.
-    Returns an empty dict when the weights do not say.
+    Returns an empty dict when the weights do not say. Swin / SwinV2 (plain) files give
+    ``embed_dim``, ``patch_size``, ``depths``, ``num_heads`` and ``window_size``.
     """
+    if arch.startswith("swin"):
+        from encoders.swin import infer_swin_options
+
+        return infer_swin_options(state)
     first = "model.conv1.weight" if arch.startswith("resnet") else "model.features.0.weight"
     if first not in state or state[first].dim() != 4:
         return {}

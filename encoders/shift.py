@@ -13,6 +13,10 @@ offsets, as in the LPS paper) and the model sees both copies:
   percentage of images reconstructed exactly equivariantly (largest difference <= 1e-5);
   plus the reconstruction PSNR of the unshifted images.
 
+The same figures hold for every encoder: CNNs (``downsample='lps'`` is exactly invariant)
+and Swin / SwinV2 transformers (``equivariant=True`` is, see :mod:`encoders.equivariant_vit`),
+with their stages tapped as (B, C, H, W) maps.
+
 Example:
     >>> from encoders import create_encoder
     >>> from encoders.data import EmbeddedCrops
@@ -186,11 +190,14 @@ def run(args: argparse.Namespace) -> int:
         reconstruct, layer = ae.reconstruct, layer or ae.layer
     result = shift_consistency(encoder, dataset, layer, reconstruct, args.max_images, args.batch_size,
                                args.seed, device)
-    print(f"{path}: {encoder.arch} (downsample={encoder.downsample}) on {data_cfg.source} val, "
+    kind = f"equivariant={getattr(encoder, 'equivariant', False)}" if encoder.arch.startswith("swin") \
+        else f"downsample={encoder.downsample}"
+    print(f"{path}: {encoder.arch} ({kind}) on {data_cfg.source} val, "
           f"{data_cfg.size}px, two random circular shifts per image (seed {args.seed})")
     print(format_table([result], [path.stem if path.stem != "checkpoint" else path.parent.name]))
     out = Path(args.json) if args.json else path.with_name(path.stem + ".shift.json")
     write_json({"encoder": str(path), "decoder": args.decoder, "downsample": encoder.downsample,
+                "equivariant": bool(getattr(encoder, "equivariant", False)),
                 "data": vars(data_cfg), **result}, out)
     print(f"wrote {out}")
     return 0
