@@ -1,6 +1,6 @@
 """``rfi ssl``: self-supervised pre-training (SimCLR or MoCo v2) with optional style augmentation (SASSL).
 
-The library code is :mod:`apps.ssl`; this module parses the command line and runs it.
+The library code is :mod:`apps.selfsup`; this module parses the command line and runs it.
 
 Example:
     rfi ssl --config configs/apps/ssl.yaml method=mocov2                     # -> runs/ssl/mocov2
@@ -32,7 +32,7 @@ def default_out(method: str, style: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Train, checkpoint, probe; prints the checkpoint path and one line per probe task."""
-    from apps.ssl import SSLConfig, check_config, run_ssl
+    from apps.selfsup import SSLConfig, check_config, run_ssl
 
     cfg = load_config(SSLConfig, args.config, args.overrides)
     check_config(cfg)

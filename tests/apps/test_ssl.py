@@ -1,0 +1,211 @@
+"""``rfi ssl`` (apps/selfsup.py): SimCLR and MoCo v2, style augmentation in the views, resume, probes, bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apps.cli import main
+from apps.selfsup import (
+    MoCo,
+    SSLConfig,
+    ViewConfig,
+    Views,
+    check_config,
+    colour_statistics,
+    grey_equalised,
+    linear_probe,
+    nt_xent,
+    probe_data,
+    run_ssl,
+    train_ssl,
+)
+from encoders.config import load_config
+from encoders.errors import RFIError
+from encoders.models import Encoder, create_encoder
+from inversion.autoencoder import RobustAutoencoder
+from inversion.decoders import Decoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+os.environ.setdefault("RFI_NO_PROGRESS", "1")
+
+CONFIG = "configs/apps/ssl.yaml"
+TINY = ["data.crops=32", "data.crop_size=20", "data.view_size=16", "model.width=0.125", "batch_size=16",
+        "steps=2", "probe.train_crops=48", "probe.val_crops=32", "moco.queue=32", "device=cpu", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def ae_file(tmp_path_factory):
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+    ae = RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    return ae.save(tmp_path_factory.mktemp("model") / "ae.pt")
+
+
+def tiny(*extra: str) -> SSLConfig:
+    return load_config(SSLConfig, CONFIG, [*TINY, *extra])
+
+
+def tiny_moco(queue: int = 6, dim: int = 2) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8), proj_dim=dim,
+                queue_size=queue, momentum=0.9)
+
+
+# ----------------------------------------------------------------------------- losses and MoCo mechanics
+def test_nt_xent_prefers_matching_views():
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    assert nt_xent(z, z + 0.01 * torch.randn_like(z)) < nt_xent(z, z.roll(1, dims=0))
+
+
+def test_moco_queue_pointer_and_wrap_around():
+    model = tiny_moco(queue=6)
+    keys = torch.arange(1, 13, dtype=torch.float32).view(6, 2)  # keys 1..6, two numbers each
+    model.enqueue(keys[:2])
+    assert int(model.queue_ptr) == 2 and torch.equal(model.queue[:2], keys[:2])
+    model.enqueue(keys[2:4])
+    model.enqueue(keys[4:6])
+    assert int(model.queue_ptr) == 0 and torch.equal(model.queue, keys)  # full, pointer wrapped to the start
+    model.enqueue(-keys[:2])
+    assert int(model.queue_ptr) == 2 and torch.equal(model.queue[:2], -keys[:2]) and torch.equal(model.queue[2:], keys[2:])
+    model.enqueue(10 * keys[:2])
+    model.enqueue(100 * keys[:3])  # 3 keys from slot 4: slots 4, 5, then 0 (wrap-around)
+    assert int(model.queue_ptr) == 1
+    assert torch.equal(model.queue[4:], 100 * keys[:2]) and torch.equal(model.queue[0], 100 * keys[2])
+    assert torch.equal(model.queue[2:4], 10 * keys[:2]) and torch.equal(model.queue[1], -keys[1])
+
+
+def test_moco_momentum_update_is_an_ema_of_the_query_encoder():
+    model = tiny_moco()
+    key_before = [p.clone() for p in model.key_parameters()]
+    with torch.no_grad():
+        for p in model.query_parameters():
+            p.add_(1.0)
+    model.momentum_update()
+    for k0, k, q in zip(key_before, model.key_parameters(), model.query_parameters()):
+        torch.testing.assert_close(k, 0.9 * k0 + 0.1 * q)
+        assert not k.requires_grad
+    # A training step changes the key encoder only through that update: no gradient reaches it.
+    opt = torch.optim.SGD(model.parameters_to_train(), lr=0.1)
+    key_before = [p.clone() for p in model.key_parameters()]
+    query_before = [p.clone() for p in model.query_parameters()]
+    x1, x2 = torch.rand(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model.loss(x1, x2, torch.Generator().manual_seed(0)).backward()
+    opt.step()
+    assert all(p.grad is None for p in model.key_parameters())
+    for k0, q0, k in zip(key_before, query_before, model.key_parameters()):
+        torch.testing.assert_close(k, 0.9 * k0 + 0.1 * q0)
+
+
+def test_moco_contrast_is_infonce_against_the_queue_before_this_step():
+    model = tiny_moco(queue=6, dim=4)
+    q = F.normalize(torch.randn(3, 4), dim=1)
+    k = F.normalize(torch.randn(3, 4), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue.t()], 1) / model.temperature
+    torch.testing.assert_close(model.contrast(q, k), F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)))
+    queue_before = model.queue.clone()
+    x1, x2 = torch.rand(2, 2, 3, 16, 16)
+    model.loss(x1, x2, torch.Generator().manual_seed(0))
+    assert int(model.queue_ptr) == 2 and torch.equal(model.queue[2:], queue_before[2:])
+    torch.testing.assert_close(model.queue[:2].norm(dim=1), torch.ones(2))  # unit keys went in
+
+
+# ----------------------------------------------------------------------------- views and probes
+def test_views_are_a_pure_function_of_the_generator():
+    views = Views(ViewConfig(), size=16)
+    x = torch.rand(6, 3, 24, 24)
+    a = views.colour(views.geometry(x, torch.Generator().manual_seed(3)), torch.Generator().manual_seed(4))
+    b = views.colour(views.geometry(x, torch.Generator().manual_seed(3)), torch.Generator().manual_seed(4))
+    c = views.colour(views.geometry(x, torch.Generator().manual_seed(5)), torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (6, 3, 16, 16) and 0 <= float(a.min()) and float(a.max()) <= 1
+
+
+def test_grey_tasks_defeat_colour_statistics():
+    x, _ = probe_data("texture", "train", 16, 16)
+    stats = colour_statistics(x)
+    torch.testing.assert_close(stats, stats[:1].expand_as(stats))  # every crop: the same colour statistics
+    assert torch.equal(grey_equalised(x), x)  # already equalised: a fixed point
+    cfg = tiny("probe.train_crops=64", "probe.val_crops=64")
+    acc = linear_probe(None, cfg)
+    assert acc["photo_grey"] <= 0.2 and acc["texture"] <= 0.2  # chance (1/8): colour statistics cannot solve them
+    assert acc["photo"] > 0.3  # the colour task is partly solved by colour statistics
+
+
+# ----------------------------------------------------------------------------- training runs
+@pytest.mark.parametrize("method,position", [("simclr", "after_crop"), ("mocov2", "before_crop"),
+                                             ("mocov2", "after_jitter")])
+def test_tiny_runs_with_style(ae_file, method, position):
+    result = run_ssl(tiny(f"method={method}", "style.enabled=true", f"style.model={ae_file}", "style.p=1",
+                          f"style.position={position}"))
+    assert result["steps"] == 2 and result["step_ms"] > 0 and result["style_ms"] > 0
+    assert set(result["probe"]) == {"photo", "photo_grey", "texture"}
+    assert all(0 <= a <= 1 for a in result["probe"].values())
+
+
+def test_background_stylisation_trains_the_same_weights(ae_file):
+    style = ["method=mocov2", "style.enabled=true", f"style.model={ae_file}", "style.p=1", "steps=3"]
+    sync, _ = train_ssl(tiny(*style, "style.background=false"))
+    bg, stats = train_ssl(tiny(*style, "style.background=true"))
+    assert stats["background"]
+    for (name, a), b in zip(sync.state_dict().items(), bg.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_is_bit_identical_and_the_backbone_is_an_encoder_checkpoint(tmp_path):
+    cfg = tiny("method=mocov2", "steps=4", f"out={tmp_path / 'straight'}")
+    straight, _ = train_ssl(cfg)
+    cut = tiny("method=mocov2", "steps=4", f"out={tmp_path / 'cut'}")
+    train_ssl(cut, stop_at=2)
+    with pytest.raises(RFIError, match="--resume"):
+        train_ssl(cut)
+    resumed, stats = train_ssl(cut, resume=True)
+    assert stats["steps"] == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    enc = create_encoder(checkpoint=str(tmp_path / "cut" / "checkpoint.pt"))
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, resumed.backbone.state_dict()[k]), k
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    straight_lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 4] and lines[-1]["summary"]
+    assert [r["loss"] for r in lines[:4]] == [r["loss"] for r in straight_lines[:4]]
+    with pytest.raises(RFIError, match="batch_size"):
+        train_ssl(tiny("method=mocov2", "steps=4", "batch_size=8", "moco.queue=32", f"out={tmp_path / 'cut'}"),
+                  resume=True)
+
+
+def test_rfi_ssl_command(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["ssl", "--config", CONFIG, *TINY, "method=simclr", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "checkpoint.pt") in printed and "linear probe texture" in printed
+    for name in ("checkpoint.pt", "metrics.jsonl", "config.yaml", "result.json"):
+        assert (out / name).is_file(), name
+    assert not (out / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("override,key", [
+    ("method=byol", "method"),
+    ("moco.queue=40", "moco.queue"),  # not a multiple of batch_size=16
+    ("style.p=1.5", "style.p"),
+    ("style.alpha=[0.2,1.3]", "style.alpha"),
+    ("style.beta=[0.5,0.1]", "style.beta"),
+    ("style.position=middle", "style.position"),
+    ("probe.tasks=[photo,cifar]", "probe.tasks"),
+])
+def test_bad_input_names_the_key(override, key, capsys):
+    code = main(["ssl", "--config", CONFIG, *TINY, "method=mocov2", override, "--out", "/nonexistent/never"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and key in err, err
+
+
+def test_empty_style_folder_names_the_key(tmp_path):
+    (tmp_path / "styles").mkdir()
+    with pytest.raises(RFIError, match="style.styles.*no image"):
+        check_config(tiny("style.enabled=true", f"style.styles={tmp_path / 'styles'}"))
