@@ -16,6 +16,11 @@ of the map (or its max or mean). Fit writes one self-contained model file
 settings and the normal-image statistics, plus a threshold: the highest score of a
 held-out normal image.
 
+``method: memory`` (:mod:`apps.anomaly_memory`) needs no decoder: a PatchCore-style
+memory bank of the encoder's patch features, the anomaly map being each patch's distance to
+its nearest neighbour in the bank; ``method: combined`` sums the standardised
+reconstruction and memory maps with the weights of the ``combined:`` section.
+
 **Score** writes ``scores.csv`` (one row per image), ``maps/<name>.png`` (heat-map overlays)
 and ``metrics.json`` (image AUROC, pixel AUROC where masks exist, F1 at the best
 threshold, per defect type), and prints a table.
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from apps.anomaly_memory import MemoryBank, MemoryConfig, default_memory_layers
 from apps.anomaly_data import (AnomalyData, BenchmarkConfig, TestImage, embedded_benchmark, load_anomaly_data,
                                make_benchmark, read_mask)
 from encoders.config import config_to_dict, load_config
@@ -51,8 +57,10 @@ from encoders.errors import RFIError
 from encoders.evaluate import write_json
 from encoders.imageio import read_image, write_image
 from encoders.runtime import progress, resolve_device
-from encoders.serialization import atomic_write, load_checkpoint
-from inversion.autoencoder import RobustAutoencoder
+from encoders.checkpoints import encoder_checkpoint, load_state_dict_checked
+from encoders.models import Encoder
+from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
+from inversion.autoencoder import RobustAutoencoder, load_encoder_file
 from inversion.train import TrainDecoderConfig, train_decoder
 
 log = logging.getLogger("rfi")
@@ -62,6 +70,7 @@ MODEL_FORMAT = "rfi-anomaly"
 PIXEL_METRICS = ("l1", "l2", "ssim")
 FEATURE_METRICS = ("l2", "cosine")
 IMAGE_SCORES = ("topk", "max", "mean")
+METHODS = ("reconstruction", "memory", "combined")
 DEFAULT_CONFIG = "configs/apps/anomaly.yaml"
 
 
@@ -117,7 +126,7 @@ class ScoreConfig:
 # layer2 trained on random crops of the normal images, for a fixed number of steps.
 DECODER_DEFAULTS = ("encoder.layer=layer2", "decoder.channels=64", "decoder.min_channels=32", "data.size=32",
                     "data.repeat=8", "loss.pixel=1.0", "loss.pixel_type=l1", "loss.feature=1.0",
-                    "optim.lr=0.002", "steps=200", "batch_size=32", "sample_every=100")
+                    "optim.lr=0.002", "steps=200", "batch_size=32", "sample_every=100", "num_workers=0")
 
 
 def default_decoder_config() -> TrainDecoderConfig:
@@ -126,20 +135,44 @@ def default_decoder_config() -> TrainDecoderConfig:
 
 
 @dataclass
+class CombinedConfig:
+    """``method: combined``: weights of the standardised reconstruction and memory maps in their sum."""
+
+    reconstruction: float = 1.0
+    memory: float = 1.0
+
+    def check(self) -> None:
+        if self.reconstruction < 0 or self.memory < 0 or self.reconstruction + self.memory <= 0:
+            raise RFIError(f"combined.reconstruction and combined.memory must be >= 0, not both 0, got "
+                           f"{self.reconstruction:g}, {self.memory:g}")
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` if it is one of :data:`METHODS`, else raise a one-line :class:`RFIError`."""
+    if method not in METHODS:
+        raise RFIError(f"unknown method '{method}' (method / --method; valid: {', '.join(METHODS)})")
+    return method
+
+
+@dataclass
 class AnomalyConfig:
     """``rfi anomaly fit`` (YAML: ``configs/apps/anomaly.yaml``).
 
-    ``encoder``: encoder checkpoint (default: the robust one). ``category``: the category of
+    ``encoder``: encoder checkpoint (default: the robust one; a ``robustness``-library or
+    torchvision file needs ``arch``, e.g. ``arch=resnet50``). ``category``: the category of
     an MVTec root with several. ``image_size``: working resolution, short side in pixels
     (``null``: as stored). ``holdout``: every n-th normal image is held out of decoder
     training to measure the score statistics. ``decoder``: the decoder training run
     (:class:`inversion.train.TrainDecoderConfig`; ``decoder.data.size`` is the crop side,
     ``fit`` sets the data folder, encoder and output folder). ``score``: :class:`ScoreConfig`.
     ``benchmark``: the embedded benchmark (``--data embedded``). ``batch_size`` / ``device``:
-    for computing maps.
+    for computing maps. ``method``: ``reconstruction`` (the decoder), ``memory`` (a
+    patch-feature memory bank, :class:`~apps.anomaly_memory.MemoryConfig` in ``memory``) or
+    ``combined`` (both, weighted by ``combined``).
     """
 
     encoder: str = "runs/encoders/resnet18_robust/checkpoint.pt"
+    arch: str | None = None
     category: str | None = None
     image_size: int | None = None
     holdout: int = 5
@@ -148,6 +181,9 @@ class AnomalyConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     batch_size: int = 16
     device: str = "auto"
+    method: str = "reconstruction"
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    combined: CombinedConfig = field(default_factory=CombinedConfig)
 
 
 # ----------------------------------------------------------------------------- the detector
@@ -173,17 +209,28 @@ def image_scores(maps: Tensor, how: str = "topk", topk: float = 0.01) -> Tensor:
     return flat.topk(k, dim=1).values.mean(1)
 
 
+def prepare_image(image: Tensor, image_size: int | None) -> Tensor:
+    """Resize a (3, H, W) image to the working resolution (short side ``image_size``; ``None``: as is)."""
+    if image_size and min(image.shape[-2:]) != image_size:
+        image = TF.resize(image, image_size, antialias=True).clamp(0, 1)
+    return image
+
+
 class AnomalyDetector:
-    """A :class:`~inversion.RobustAutoencoder` trained on normal images, plus how to score with it.
+    """A :class:`~inversion.RobustAutoencoder` trained on normal images and/or a memory bank, plus how to score.
 
     Args:
-        autoencoder: encoder + decoder (trained on normal images).
+        autoencoder: encoder + decoder (trained on normal images); ``None`` for ``method="memory"``.
         score: :class:`ScoreConfig`.
         image_size: working resolution (short side) images are resized to; ``None``: as given.
         stats: ``{component: [mean, std]}`` of each map component on normal images
             (from :meth:`calibrate`).
         threshold: image scores above it are flagged anomalous.
         info: anything else stored in the model file (category, benchmark settings, fit config).
+        memory: a :class:`~apps.anomaly_memory.MemoryBank` of normal patch features.
+        method: ``reconstruction``, ``memory`` or ``combined`` (default: what is given).
+        encoder: the encoder when there is no ``autoencoder``.
+        combined: :class:`CombinedConfig` (``method="combined"``).
 
     Shape:
         - :meth:`maps`: (B, 3, H, W) in [0, 1] -> (B, 1, H, W) standardised anomaly maps
@@ -193,31 +240,73 @@ class AnomalyDetector:
 
     def __init__(self, autoencoder: RobustAutoencoder, score: ScoreConfig, image_size: int | None = None,
                  stats: dict[str, list[float]] | None = None, threshold: float | None = None,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, memory: MemoryBank | None = None, method: str | None = None,
+                 encoder: Encoder | None = None, combined: CombinedConfig | None = None):
         score.check()
-        if score.feature_weight > 0:
-            autoencoder.encoder.check_layers(score.feature_layers)
+        method = check_method(method or ("reconstruction" if memory is None else
+                                         "memory" if autoencoder is None else "combined"))
+        if method != "memory" and autoencoder is None:
+            raise RFIError(f"method '{method}' needs an autoencoder (encoder + decoder)")
+        if method != "reconstruction" and memory is None:
+            raise RFIError(f"method '{method}' needs a memory bank")
+        self.encoder = autoencoder.encoder if autoencoder is not None else encoder
+        if self.encoder is None:
+            raise RFIError("an anomaly detector needs an encoder")
+        if score.feature_weight > 0 and method != "memory":
+            self.encoder.check_layers(score.feature_layers)
+        self.combined = combined or CombinedConfig()
+        self.combined.check()
         self.ae, self.score, self.image_size = autoencoder, score, image_size
+        self.memory, self.method = memory, method
         self.stats, self.threshold, self.info = stats, threshold, dict(info or {})
+        self._min_side: int | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.ae.parameters()).device
+        return next(self.encoder.parameters()).device
 
     def components(self) -> dict[str, float]:
-        """Map components and their weights: ``pixel`` and ``feature:<layer>``."""
+        """Map components and their weights: ``pixel``, ``feature:<layer>`` and ``memory``.
+
+        For ``combined``, the reconstruction components share ``combined.reconstruction``
+        in proportion to their own weights, and ``memory`` gets ``combined.memory``.
+        """
         s = self.score
-        out = {"pixel": s.pixel_weight} if s.pixel_weight > 0 else {}
-        if s.feature_weight > 0:
-            layers = self.ae.encoder.check_layers(s.feature_layers)
-            out.update({f"feature:{layer}": s.feature_weight / len(layers) for layer in layers})
+        out: dict[str, float] = {}
+        if self.method != "memory":
+            out = {"pixel": s.pixel_weight} if s.pixel_weight > 0 else {}
+            if s.feature_weight > 0:
+                layers = self.encoder.check_layers(s.feature_layers)
+                out.update({f"feature:{layer}": s.feature_weight / len(layers) for layer in layers})
+        if self.method == "combined":
+            total = sum(out.values())
+            out = {k: self.combined.reconstruction * w / total for k, w in out.items() if self.combined.reconstruction > 0}
+            if self.combined.memory > 0:
+                out["memory"] = self.combined.memory
+        elif self.method == "memory":
+            out["memory"] = 1.0
         return out
+
+    def min_side(self) -> int:
+        """The smallest image side (px) the layers in use allow: their largest stride."""
+        if self._min_side is None:
+            layers = set(self.memory.layers if self.memory is not None else [])
+            if self.method != "memory":
+                layers |= set(self.ae.decoders[self.ae.layer].input_layers) | set(self.score.feature_layers)
+            info = self.encoder.feature_info()
+            self._min_side = max([info[k][1] for k in layers if k in info] or [1])
+        return self._min_side
+
+    def check_size(self, x: Tensor, name: str = "image") -> None:
+        """Refuse images smaller than :meth:`min_side` with a one-line :class:`RFIError`."""
+        h, w = x.shape[-2:]
+        if min(h, w) < self.min_side():
+            raise RFIError(f"{name} is {h}x{w} px, smaller than the encoder allows ({self.min_side()} px per side "
+                           f"for its layers at the working resolution): use larger images or a larger image_size")
 
     def prepare(self, image: Tensor) -> Tensor:
         """Resize a (3, H, W) image to the working resolution (short side ``image_size``)."""
-        if self.image_size and min(image.shape[-2:]) != self.image_size:
-            image = TF.resize(image, self.image_size, antialias=True).clamp(0, 1)
-        return image
+        return prepare_image(image, self.image_size)
 
     @torch.no_grad()
     def component_maps(self, x: Tensor) -> dict[str, Tensor]:
@@ -229,10 +318,15 @@ class AnomalyDetector:
         Returns:
             ``{component: (B, 1, H, W)}`` (see :meth:`components`).
         """
+        self.check_size(x)
         x = x.to(self.device)
         s = self.score
-        rec = self.ae.reconstruct(x)
         out: dict[str, Tensor] = {}
+        if self.memory is not None and self.method != "reconstruction":
+            out["memory"] = self.memory.maps(self.encoder, x)  # already smoothed (memory.sigma)
+        if self.method == "memory":
+            return out
+        rec = self.ae.reconstruct(x)
         if s.pixel_weight > 0:
             if s.pixel_metric == "ssim":
                 import kornia
@@ -252,7 +346,7 @@ class AnomalyDetector:
                 else:
                     err = (a - b).pow(2).mean(1, keepdim=True)
                 out[f"feature:{layer}"] = F.interpolate(err, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return {k: smooth(v, s.sigma) for k, v in out.items()}
+        return {k: v if k == "memory" else smooth(v, s.sigma) for k, v in out.items()}
 
     def maps(self, x: Tensor) -> Tensor:
         """Anomaly maps: the weighted mean of the standardised components. (B, 3, H, W) -> (B, 1, H, W)."""
@@ -335,10 +429,16 @@ class AnomalyDetector:
 
     # ------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model file: the autoencoder with the score settings and statistics (atomic)."""
-        return self.ae.save(path, anomaly={
-            "format": MODEL_FORMAT, "version": 1, "score": asdict(self.score), "image_size": self.image_size,
-            "stats": self.stats, "threshold": self.threshold, **self.info})
+        """Write the model file (atomic): the autoencoder (or the encoder alone for ``method="memory"``),
+        the memory bank, the score settings and statistics."""
+        meta = {"format": MODEL_FORMAT, "version": 1, "score": asdict(self.score), "image_size": self.image_size,
+                "stats": self.stats, "threshold": self.threshold, **self.info,
+                "method": self.method, "combined": asdict(self.combined)}
+        extra = {"memory": self.memory.state()} if self.memory is not None else {}
+        if self.ae is not None:
+            return self.ae.save(path, anomaly=meta, **extra)
+        return save_checkpoint({"format": MODEL_FORMAT, "version": 1, "encoder": encoder_checkpoint(self.encoder),
+                                "anomaly": meta, **extra}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "AnomalyDetector":
@@ -347,12 +447,22 @@ class AnomalyDetector:
         meta = ckpt.get("anomaly")
         if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
             raise RFIError(f"{path} is not an anomaly model (write one with: rfi anomaly fit --data ... --out {path})")
-        ae = RobustAutoencoder.load(path, device=device)
+        ae, encoder = None, None
+        if "decoders" in ckpt:
+            ae = RobustAutoencoder.load(path, device=device)
+        else:
+            encoder = Encoder(**ckpt["encoder"]["encoder"])
+            load_state_dict_checked(encoder, ckpt["encoder"]["state_dict"], f"{path} (encoder)")
+            encoder = encoder.eval().requires_grad_(False).to(device)
+        memory = MemoryBank.from_state(ckpt["memory"]) if "memory" in ckpt else None
         meta = dict(meta)
         score = ScoreConfig(**meta.pop("score"))
         keys = ("format", "version", "image_size", "stats", "threshold")
         fixed = {k: meta.pop(k) for k in keys}
-        return cls(ae, score, fixed["image_size"], fixed["stats"], fixed["threshold"], info=meta)
+        method = meta.pop("method", "reconstruction")
+        combined = CombinedConfig(**meta.pop("combined", {}))
+        return cls(ae, score, fixed["image_size"], fixed["stats"], fixed["threshold"], info=meta, memory=memory,
+                   method=method, encoder=encoder, combined=combined)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -437,13 +547,28 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def split_normal(normal: Sequence[Path], holdout: int) -> tuple[list[Path], list[Path]]:
+    """``(train, held)``: every ``holdout``-th normal image is held out (at least the last one).
+
+    Example:
+        >>> split_normal([Path(str(i)) for i in range(6)], 5)[1]
+        [PosixPath('4')]
+    """
+    is_held = [i % holdout == holdout - 1 for i in range(len(normal))]
+    if not any(is_held):
+        is_held[-1] = True
+    return [p for p, h in zip(normal, is_held) if not h], [p for p, h in zip(normal, is_held) if h]
+
+
 def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = False) -> Path:
     """Train an anomaly model on the normal images of ``data`` and write it to ``out``.
 
-    Every ``cfg.holdout``-th normal image is held out of decoder training; the score
-    statistics and the threshold are measured on those. Decoder training runs in
-    ``<out without suffix>_fit/`` (metrics log, sample grids, its checkpoint), so a killed
-    fit continues with ``resume=True``.
+    Every ``cfg.holdout``-th normal image is held out of decoder training (and of the
+    memory bank); the score statistics and the threshold are measured on those. Decoder
+    training (``method`` ``reconstruction`` or ``combined``) runs in ``<out without
+    suffix>_fit/`` (metrics log, sample grids, its checkpoint), so a killed fit continues
+    with ``resume=True``; ``memory`` builds the bank from the other normal images. The model
+    file is written atomically: a fit killed mid-way leaves no half-written ``out``.
 
     Returns:
         ``out``: the model file (load with :meth:`AnomalyDetector.load`).
@@ -451,22 +576,32 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
     Raises:
         RFIError: bad config, no (readable) normal images, a missing encoder checkpoint.
     """
+    check_method(cfg.method)
     cfg.score.check()
+    cfg.memory.check()
+    cfg.combined.check()
     if cfg.holdout < 2:
         raise RFIError(f"holdout must be >= 2 (every n-th normal image is held out), got {cfg.holdout}")
     if not Path(cfg.encoder).is_file():
         raise RFIError(f"encoder checkpoint not found: {cfg.encoder} (train it with: rfi train-encoder --config "
                        f"configs/encoder/resnet18_robust.yaml, or set encoder=PATH)")
+    if cfg.arch is None:  # a robustness-library / torchvision file needs arch=NAME: say so before training
+        load_encoder_file(cfg.encoder, None, "arch")
     found = resolve_data(data, cfg.category, cfg.benchmark, "train")
     normal = _readable(found.train)
     if len(normal) < 2:
         raise RFIError(f"{found.root}: need at least 2 readable normal training images, found {len(normal)}")
-    is_held = [i % cfg.holdout == cfg.holdout - 1 for i in range(len(normal))]
-    if not any(is_held):
-        is_held[-1] = True
-    held = [p for p, h in zip(normal, is_held) if h]
-    train = [p for p, h in zip(normal, is_held) if not h]
+    train, held = split_normal(normal, cfg.holdout)
     out = Path(out)
+    info = {"category": found.category, "layout": found.layout, "data": str(data),
+            "benchmark": asdict(cfg.benchmark) if str(data) == "embedded" else None,
+            "fit": config_to_dict(cfg), "train_images": len(train)}
+    device = resolve_device(cfg.device)
+    if cfg.method == "memory":
+        encoder = load_encoder_file(cfg.encoder, cfg.arch, "arch").to(device).eval().requires_grad_(False)
+        log.info("building a memory bank from %d normal images of %s (%d held out for the score statistics)",
+                 len(train), found.category or found.root, len(held))
+        return _finish(cfg, None, encoder, train, held, info, out)
     work = out.with_name(out.stem + "_fit")
     images = work / "normal"  # train/ and val/ (held out): links to the normal images, for ImageFiles
     if images.exists():
@@ -479,18 +614,43 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
     dcfg.data.source, dcfg.data.root = "folder", str(images)
     dcfg.data.resize, dcfg.data.crop = cfg.image_size, "random"
     dcfg.encoder.checkpoint = cfg.encoder
+    dcfg.encoder.arch = cfg.arch or dcfg.encoder.arch
     dcfg.out = str(work / "decoder")
     log.info("fitting on %d normal images of %s (%d held out for the score statistics)", len(train),
              found.category or found.root, len(held))
     decoder_path = train_decoder(dcfg, resume=resume)
 
-    device = resolve_device(cfg.device)
-    ae = RobustAutoencoder.from_checkpoints(cfg.encoder, decoder_path, device=device)
-    info = {"category": found.category, "layout": found.layout, "data": str(data),
-            "benchmark": asdict(cfg.benchmark) if str(data) == "embedded" else None,
-            "fit": config_to_dict(cfg), "train_images": len(train)}
-    det = AnomalyDetector(ae, cfg.score, cfg.image_size, info=info)
-    cal = det.calibrate([det.prepare(read_image(p)) for p in held], cfg.batch_size)
+    ae = RobustAutoencoder.from_checkpoints(cfg.encoder, decoder_path, device=device, arch=cfg.arch, arch_key="arch")
+    return _finish(cfg, ae, ae.encoder, train, held, info, out)
+
+
+def _finish(cfg: AnomalyConfig, ae: RobustAutoencoder | None, encoder: Encoder, train: Sequence[Path],
+            held: Sequence[Path], info: dict[str, Any], out: Path) -> Path:
+    """Build the memory bank (if the method uses one), calibrate on the held-out images, save."""
+    def prepared(paths: Sequence[Path]) -> Iterator[Tensor]:
+        for p in paths:
+            x = prepare_image(read_image(p), cfg.image_size)
+            if min(x.shape[-2:]) < min_side:
+                raise RFIError(f"{p}: {x.shape[-2]}x{x.shape[-1]} px is smaller than the encoder allows "
+                               f"({min_side} px per side for {', '.join(layers)}): use larger images or image_size")
+            yield x
+
+    if cfg.method == "reconstruction":
+        layers = [*ae.decoders[ae.layer].input_layers, *(cfg.score.feature_layers if cfg.score.feature_weight else [])]
+    else:
+        layers = cfg.memory.layers if cfg.memory.layers else default_memory_layers(encoder)
+    strides = encoder.feature_info()
+    min_side = max(strides[k][1] for k in encoder.check_layers(layers))
+    memory = None
+    if cfg.method != "reconstruction":
+        memory = MemoryBank.fit(encoder, prepared(train), cfg.memory, cfg.batch_size, count=len(train))
+        info["memory_bank"] = {"patches": memory.patches, "kept": int(memory.bank.shape[0]), "dims": memory.dims,
+                               "layers": memory.layers, "mib": memory.bank.numel() * 4 / 2 ** 20}
+        log.info("memory bank: %d of %d patches (%d dims, %.1f MiB)", memory.bank.shape[0], memory.patches,
+                 memory.dims, info["memory_bank"]["mib"])
+    det = AnomalyDetector(ae, cfg.score, cfg.image_size, info=info, memory=memory, method=cfg.method,
+                          encoder=encoder, combined=cfg.combined)
+    cal = det.calibrate(list(prepared(held)), cfg.batch_size)
     det.info["normal_scores"] = cal["normal_scores"]
     det.save(out)
     log.info("wrote %s (threshold %.3g = highest score of %d held-out normal images)", out, det.threshold, len(held))
@@ -549,6 +709,7 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
             skipped.append(item.name)
             continue
         x = det.prepare(img)
+        det.check_size(x, str(item.path))
         if batch and (len(batch) == batch_size or batch[0][2].shape != x.shape):
             flush(batch)
             batch = []
@@ -631,6 +792,8 @@ def register_anomaly(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the model file to write (e.g. runs/anomaly/brick.pt)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     p.add_argument("--category", help="category of an MVTec root with several (e.g. brick for --data embedded)")
+    p.add_argument("--method", help="reconstruction (a decoder; the default), memory (a PatchCore-style memory bank "
+                                    "of patch features) or combined (both); the config key 'method'")
     p.add_argument("--resume", action="store_true", help="continue an interrupted decoder training")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. encoder=runs/encoders/resnet18_standard/checkpoint.pt "
@@ -666,6 +829,8 @@ def run_fit(args: argparse.Namespace) -> int:
     cfg = _config(args.config, args.overrides)
     if args.category:
         cfg.category = args.category
+    if args.method:
+        cfg.method = check_method(args.method)
     print(fit(cfg, args.data, args.out, resume=args.resume))
     return 0
 

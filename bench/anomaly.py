@@ -1,14 +1,24 @@
-"""Anomaly detection on the embedded benchmark: robust vs standard encoder, same budget.
+"""Anomaly detection on the embedded benchmark: reconstruction vs memory bank, robust vs standard encoder.
 
-For every texture (brick, grass, gravel) and every decoder seed, one anomaly model is
-fitted per encoder with the very same config (``configs/apps/anomaly.yaml``: decoder steps,
-crops, score settings), then scored on the held-out test images: image AUROC and pixel
-AUROC, medians over the seeds. The score components are also measured alone (pixel
-error only, feature error only), recalibrated on the same held-out normal images, to show
-what each contributes. Prints a table and writes ``bench/results/anomaly.json``.
+For every benchmark draw (``benchmark.seed``), texture (brick, grass, gravel) and seed, side by
+side in one run and with the same config (``configs/apps/anomaly.yaml``):
 
-    python bench/anomaly.py                       # 1 seed, ~1-2 min per model on 2 CPU cores
-    python bench/anomaly.py --seeds 3 decoder.steps=800
+- ``reconstruction``: ``rfi anomaly fit --method reconstruction`` on the robust encoder (the
+  decoder is trained: one model per seed, ``decoder.seed``);
+- ``memory (robust)`` / ``memory (standard)``: ``--method memory`` (PatchCore-style bank, the
+  coreset seeded by ``memory.seed``) on the robust and on the standard encoder;
+- ``combined``: the reconstruction model's decoder plus the robust memory bank, standardised
+  and summed (``combined:`` weights), calibrated on the same held-out normal images (what
+  ``--method combined`` fits, without training the decoder twice).
+
+Each model scores every test image once; image AUROC and pixel AUROC are computed over all
+test images and per defect type (normal images + that defect). Also: fit seconds, scoring ms
+per image, and the peak resident-memory growth (MiB, sampled every 10 ms) of fitting and of
+scoring. Medians over the seeds; the JSON (``--out``) is rewritten after every model, so a
+killed run keeps what it measured.
+
+    python bench/anomaly.py                                   # draws 0 and 1, 3 seeds
+    python bench/anomaly.py --draws 0 --seeds 1 --figure docs/img/anomaly_memory_vs_reconstruction.png
 
 Needs the two encoder checkpoints (``rfi train-encoder --config configs/encoder/resnet18_robust.yaml``
 and ``..._standard.yaml``), or ``--robust`` / ``--standard`` paths.
@@ -23,66 +33,79 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.anomaly import DEFAULT_CONFIG, AnomalyConfig, AnomalyDetector, ScoreConfig, fit, resolve_data, score  # noqa: E402
+from apps.anomaly import (DEFAULT_CONFIG, AnomalyConfig, AnomalyDetector, _mask, _readable, fit,  # noqa: E402
+                          image_metrics, pixel_metrics, resolve_data, split_normal)
 from encoders.config import load_config  # noqa: E402
 from encoders.errors import RFIError  # noqa: E402
 from encoders.evaluate import write_json  # noqa: E402
-from encoders.imageio import list_images, read_image  # noqa: E402
+from encoders.imageio import read_image  # noqa: E402
 
 ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
             "standard": "runs/encoders/resnet18_standard/checkpoint.pt"}
+METHODS = ("reconstruction", "memory (robust)", "memory (standard)", "combined")
 GOAL = 0.95
 
 
-def variants(base: ScoreConfig) -> dict[str, ScoreConfig]:
-    """The configured score and its two components alone."""
-    return {"combined": base, "pixel only": replace(base, feature_weight=0.0),
-            "feature only": replace(base, pixel_weight=0.0)}
+class PeakRSS:
+    """Peak growth of this process's resident memory (MiB) while the block runs (psutil, every 10 ms)."""
+
+    def __enter__(self) -> "PeakRSS":
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.mib = (self.peak - self.start) / 2 ** 20
 
 
-def measure(model: Path, data, out: Path, base: ScoreConfig) -> dict[str, dict]:
-    """Metrics of every score variant of one fitted model (recalibrated on its held-out normal images)."""
-    det = AnomalyDetector.load(model)
-    held = [read_image(p) for p in list_images([model.with_name(model.stem + "_fit") / "normal" / "val"])]
-    results = {}
-    for name, cfg in variants(base).items():
-        d = det if name == "combined" else AnomalyDetector(det.ae, cfg, det.image_size, info=det.info)
-        if name != "combined":
-            d.calibrate(held)
+def evaluate(det: AnomalyDetector, data) -> dict[str, Any]:
+    """Maps of every test image (batched), then image/pixel AUROC overall and per defect; ms per image."""
+    items = data.test
+    images = [det.prepare(read_image(t.path)) for t in items]
+    with PeakRSS() as mem:
         start = time.perf_counter()
-        m = score(d, data, out / name.replace(" ", "_"), write_maps=False)
-        m["ms_per_image"] = 1000 * (time.perf_counter() - start) / max(m["images"], 1)
-        results[name] = m
-    return results
+        maps = torch.cat([det.maps(x).cpu() for x in det.batches(images, 16)])
+        ms = 1000 * (time.perf_counter() - start) / len(items)
+    scores = det.image_scores(maps).tolist()
+    masks = [_mask(t, tuple(m.shape[-2:])) for t, m in zip(items, maps)]
+
+    def metrics(keep: list[int]) -> dict[str, float | None]:
+        return {"image_auroc": image_metrics([items[i].label for i in keep], [scores[i] for i in keep])["auroc"],
+                "pixel_auroc": pixel_metrics([masks[i] for i in keep], [maps[i, 0] for i in keep])["auroc"]}
+
+    good = [i for i, t in enumerate(items) if t.label == 0]
+    out = metrics(list(range(len(items))))
+    out["per_defect"] = {d: metrics(good + [i for i, t in enumerate(items) if t.defect == d])
+                         for d in sorted({t.defect for t in items if t.label == 1})}
+    out.update(score_ms_per_image=ms, score_peak_mib=mem.mib, maps=maps)
+    return out
 
 
-def example_figure(models: dict[str, Path], benchmark, path: str) -> Path:
-    """A grid: one row per (texture, defect type): input | heat-map overlay | ground-truth mask."""
-    import torch.nn.functional as F
-
-    from apps.anomaly_data import DEFECTS, read_mask
-    from encoders.runtime import save_grid
-
-    cols: list[list[torch.Tensor]] = [[], [], []]
-    for cat, model in models.items():
-        det = AnomalyDetector.load(model)
-        data = resolve_data("embedded", cat, benchmark, "test")
-        for defect in DEFECTS:
-            item = next(t for t in data.test if t.defect == defect)
-            img = read_image(item.path)
-            over = det.overlay(img, det.maps(det.prepare(img)[None])[0])
-            mask = read_mask(item.mask).float()[None].expand(3, -1, -1)
-            for col, t in zip(cols, (img, over, mask)):
-                col.append(F.interpolate(t[None], scale_factor=2, mode="nearest")[0])
-    return save_grid([torch.stack(c) for c in cols], path, max_rows=len(cols[0]))
+def held_out(cfg: AnomalyConfig, category: str) -> list[torch.Tensor]:
+    """The held-out normal images of a fit (the same split as ``fit``)."""
+    found = resolve_data("embedded", category, cfg.benchmark, "train")
+    return [read_image(p) for p in split_normal(_readable(found.train), cfg.holdout)[1]]
 
 
 def median(values: list[float | None]) -> float | None:
@@ -94,20 +117,121 @@ def pct(v: float | None) -> str:
     return "  n/a" if v is None else f"{100 * v:5.1f}"
 
 
+def example_figure(dets: dict[str, dict[str, AnomalyDetector]], cfg: AnomalyConfig, path: str,
+                   defect: str = "cut_paste") -> Path:
+    """Rows = textures; columns: input | ground truth | reconstruction map | memory (robust) map."""
+    import torch.nn.functional as F
+
+    from apps.anomaly_data import read_mask
+    from encoders.runtime import save_grid
+
+    cols: list[list[torch.Tensor]] = [[], [], [], []]
+    for cat, by_method in dets.items():
+        data = resolve_data("embedded", cat, cfg.benchmark, "test")
+        item = next(t for t in data.test if t.defect == defect)
+        img = read_image(item.path)
+        mask = read_mask(item.mask).float()[None].expand(3, -1, -1)
+        row = [img, mask]
+        for name in ("reconstruction", "memory (robust)"):
+            det = by_method[name]
+            row.append(det.overlay(img, det.maps(det.prepare(img)[None])[0]))
+        for col, t in zip(cols, row):
+            col.append(F.interpolate(t[None], scale_factor=2, mode="nearest")[0])
+    return save_grid([torch.stack(c) for c in cols], path, max_rows=len(cols[0]))
+
+
+def summarise(runs: list[dict], draws: list[int], categories: list[str]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for draw in draws:
+        for cat in categories:
+            for m in METHODS:
+                rs = [r for r in runs if r["draw"] == draw and r["category"] == cat and r["method"] == m]
+                if not rs:
+                    continue
+                row = {k: median([r[k] for r in rs]) for k in ("image_auroc", "pixel_auroc", "fit_s", "fit_peak_mib",
+                                                                "score_ms_per_image", "score_peak_mib")}
+                row["seeds"] = len(rs)
+                row["per_defect"] = {d: {k: median([r["per_defect"][d][k] for r in rs])
+                                         for k in ("image_auroc", "pixel_auroc")} for d in rs[0]["per_defect"]}
+                table.setdefault(f"draw {draw}", {}).setdefault(cat, {})[m] = row
+    return table
+
+
+def format_table(table: dict[str, Any], categories: list[str]) -> str:
+    lines = []
+    for draw, cats in table.items():
+        head = f"{'':<9}" + "".join(f" | {m:>22}" for m in METHODS)
+        lines += [f"{draw}: image AUROC / pixel AUROC (%), median over seeds", head, "-" * len(head)]
+        means: dict[str, list[float]] = {m: [] for m in METHODS}
+        for cat in categories:
+            if cat not in cats:
+                continue
+            cells = []
+            for m in METHODS:
+                r = cats[cat].get(m)
+                cells.append(f"{pct(r['image_auroc'])} / {pct(r['pixel_auroc'])}" if r else "-")
+                if r and r["image_auroc"] is not None:
+                    means[m].append(r["image_auroc"])
+            lines.append(f"{cat:<9}" + "".join(f" | {c:>22}" for c in cells))
+            defects = next(iter(cats[cat].values()))["per_defect"]
+            for d in defects:
+                cells = [f"{pct(cats[cat][m]['per_defect'][d]['image_auroc'])} / "
+                         f"{pct(cats[cat][m]['per_defect'][d]['pixel_auroc'])}" if m in cats[cat] else "-" for m in METHODS]
+                lines.append(f"  {d:<7}" + "".join(f" | {c:>22}" for c in cells))
+        lines.append(f"{'mean img':<9}" + "".join(
+            f" | {pct(statistics.fmean(v)) if v else '  n/a':>22}" for v in means.values()))
+        cells = []
+        for m in METHODS:
+            rows = [cats[c][m] for c in categories if c in cats and m in cats[c]]
+            cells.append(f"{median([r['fit_s'] for r in rows]) or 0:.0f} s, {median([r['fit_peak_mib'] for r in rows]) or 0:.0f} MiB"
+                         if rows else "-")
+        lines.append(f"{'fit':<9}" + "".join(f" | {c:>22}" for c in cells))
+        cells = []
+        for m in METHODS:
+            rows = [cats[c][m] for c in categories if c in cats and m in cats[c]]
+            cells.append(f"{median([r['score_ms_per_image'] for r in rows]) or 0:.1f} ms, "
+                         f"{median([r['score_peak_mib'] for r in rows]) or 0:.0f} MiB" if rows else "-")
+        lines.append(f"{'score':<9}" + "".join(f" | {c:>22}" for c in cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--robust", default=ENCODERS["robust"], help="robust encoder checkpoint")
     parser.add_argument("--standard", default=ENCODERS["standard"], help="standard encoder checkpoint")
     parser.add_argument("--categories", nargs="+", help="textures (default: the config's benchmark.textures)")
-    parser.add_argument("--seeds", type=int, default=1, help="decoder seeds per model (medians are reported)")
-    parser.add_argument("--work", help="folder for models and scores (default: a temporary folder)")
+    parser.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="benchmark.seed values (default 0 1)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per model (decoder.seed, memory.seed)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are first-seed .. first-seed + seeds - 1 (to spread seeds over processes; "
+                             "merge the JSONs with --merge)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only merge the runs of these result files into --out and print the table")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--work", help="folder for models (default: a temporary folder)")
     parser.add_argument("--out", default="bench/results/anomaly.json")
-    parser.add_argument("--figure", help="also write example heat maps of the robust models (PNG)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, for both encoders")
+    parser.add_argument("--figure", help="also write maps of reconstruction vs memory on cut-and-paste defects (PNG)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, for every method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("RFI_NO_PROGRESS", "1")
+    command = " ".join(["python", "bench/anomaly.py", *(argv if argv is not None else sys.argv[1:])])
+    load_before = os.getloadavg()
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        runs = [r for part in parts for r in part["runs"]]
+        draws = sorted({r["draw"] for r in runs})
+        categories = [c for c in parts[0]["categories"] if any(r["category"] == c for r in runs)]
+        table = summarise(runs, draws, categories)
+        merged = {**parts[0], "command": command, "merged_from": [p["command"] for p in parts], "draws": draws,
+                  "partial": any(p["partial"] for p in parts), "table": table, "runs": runs,
+                  "seeds": sorted({r["seed"] for r in runs})}
+        write_json(merged, args.out)
+        print(format_table(table, categories))
+        print(f"wrote {args.out}")
+        return 0
     try:
         base = load_config(AnomalyConfig, args.config, args.overrides)
         encoders = {"robust": args.robust, "standard": args.standard}
@@ -117,79 +241,95 @@ def main(argv: list[str] | None = None) -> int:
                                f"--config configs/encoder/resnet18_{name}.yaml, or pass --{name} PATH)")
         categories = args.categories or list(base.benchmark.textures)
         work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-"))
-        runs = []
-        for cat in categories:
-            data = resolve_data("embedded", cat, base.benchmark, "test")
-            for seed in range(args.seeds):
-                for enc, path in encoders.items():
-                    cfg = load_config(AnomalyConfig, args.config, [*args.overrides, f"decoder.seed={seed}",
-                                                                   f"encoder={path}", f"category={cat}"])
-                    model = work / f"seed{seed}" / enc / f"{cat}.pt"
-                    start = time.perf_counter()
-                    fit(cfg, "embedded", model, resume=True)
-                    fit_s = time.perf_counter() - start
-                    res = measure(model, data, work / f"seed{seed}" / enc / cat, cfg.score)
-                    runs.append({"category": cat, "seed": seed, "encoder": enc, "fit_s": fit_s, "metrics": res})
-                    c = res["combined"]
-                    print(f"{cat:<7} seed {seed} {enc:<8} image AUROC {pct(c['image_auroc'])}  pixel AUROC "
-                          f"{pct(c['pixel_auroc'])}  (fit {fit_s:.0f} s)", flush=True)
+        runs: list[dict[str, Any]] = []
+        figure_dets: dict[str, dict[str, AnomalyDetector]] = {}
+
+        def record(draw: int, cat: str, seed: int, method: str, det: AnomalyDetector, fit_s: float,
+                   fit_mib: float, data) -> None:
+            res = evaluate(det, data)
+            res.pop("maps")
+            runs.append({"draw": draw, "category": cat, "seed": seed, "method": method, "fit_s": fit_s,
+                         "fit_peak_mib": fit_mib, **res, "bank": det.info.get("memory_bank")})
+            print(f"draw {draw} {cat:<7} seed {seed} {method:<18} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
+                  f"{pct(res['pixel_auroc'])}  (fit {fit_s:.0f} s, {fit_mib:.0f} MiB; score "
+                  f"{res['score_ms_per_image']:.1f} ms/img; load {os.getloadavg()[0]:.1f})", flush=True)
+            if draw == args.draws[0] and seed == args.first_seed:
+                figure_dets.setdefault(cat, {})[method] = det
+            write(partial=True)
+
+        def write(partial: bool) -> dict[str, Any]:
+            table = summarise(runs, args.draws, categories)
+            result = {"command": command, "config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+                      "draws": args.draws, "categories": categories, "encoders": encoders,
+                      "benchmark": vars(base.benchmark), "partial": partial, "table": table, "runs": runs,
+                      "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                  "threads": torch.get_num_threads(), "cpu": platform.processor(),
+                                  "cpu_count": os.cpu_count(), "load_avg_before": load_before,
+                                  "load_avg_now": os.getloadavg()}}
+            write_json(json.loads(json.dumps(result, default=str)), args.out)
+            return result
+
+        for draw in args.draws:
+            for cat in categories:
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
+                    common = [*args.overrides, f"benchmark.seed={draw}", f"category={cat}", f"decoder.seed={seed}",
+                              f"memory.seed={seed}"]
+                    cfg = load_config(AnomalyConfig, args.config, [*common, f"encoder={encoders['robust']}"])
+                    data = resolve_data("embedded", cat, cfg.benchmark, "test")
+                    folder = work / f"draw{draw}" / f"seed{seed}"
+                    models: dict[str, AnomalyDetector] = {}
+                    fit_info: dict[str, tuple[float, float]] = {}
+                    jobs = [("reconstruction", "robust", "reconstruction"), ("memory (robust)", "robust", "memory"),
+                            ("memory (standard)", "standard", "memory")]
+                    for name, enc, method in jobs:
+                        if name not in args.methods and not (name != "memory (standard)" and "combined" in args.methods):
+                            continue
+                        c = load_config(AnomalyConfig, args.config, [*common, f"encoder={encoders[enc]}",
+                                                                     f"method={method}"])
+                        with PeakRSS() as mem:
+                            start = time.perf_counter()
+                            path = fit(c, "embedded", folder / f"{cat}_{method}_{enc}.pt", resume=True)
+                            fit_s = time.perf_counter() - start
+                        models[name] = AnomalyDetector.load(path)
+                        fit_info[name] = (fit_s, mem.mib)
+                        if name in args.methods:
+                            record(draw, cat, seed, name, models[name], fit_s, mem.mib, data)
+                    if "combined" in args.methods:
+                        rec, memr = models["reconstruction"], models["memory (robust)"]
+                        with PeakRSS() as mem:
+                            start = time.perf_counter()
+                            det = AnomalyDetector(rec.ae, cfg.score, cfg.image_size, info=dict(memr.info),
+                                                  memory=memr.memory, method="combined", combined=cfg.combined)
+                            det.calibrate(held_out(cfg, cat), cfg.batch_size)
+                            cal_s = time.perf_counter() - start
+                        fit_s = fit_info["reconstruction"][0] + fit_info["memory (robust)"][0] + cal_s
+                        fit_mib = max(fit_info["reconstruction"][1], fit_info["memory (robust)"][1], mem.mib)
+                        record(draw, cat, seed, "combined", det, fit_s, fit_mib, data)
     except RFIError as e:
         print(f"bench/anomaly.py: error: {e}", file=sys.stderr)
         return 2
 
-    def med(cat: str, enc: str, variant: str, key: str) -> float | None:
-        return median([r["metrics"][variant][key] for r in runs if r["category"] == cat and r["encoder"] == enc])
-
-    table = {cat: {enc: {v: {k: med(cat, enc, v, k) for k in ("image_auroc", "pixel_auroc", "ms_per_image")}
-                         for v in variants(base.score)} for enc in encoders} for cat in categories}
-    fit_s = {enc: median([r["fit_s"] for r in runs if r["encoder"] == enc]) for enc in encoders}
-    head = (f"{'category':<10} {'robust img':>10} {'standard img':>12} {'robust pix':>10} {'standard pix':>12}   "
-            f"{'robust img (pixel / feature only)':>33} {'standard img (pixel / feature only)':>35}")
-    lines = [f"Embedded anomaly benchmark: AUROC in %, median over {args.seeds} decoder seed(s); "
-             f"same config for both encoders ({base.decoder.steps} decoder steps, layer {base.decoder.encoder.layer}, "
-             f"score = {base.score.pixel_metric} pixel x{base.score.pixel_weight:g} + {base.score.feature_metric} "
-             f"feature {'/'.join(base.score.feature_layers)} x{base.score.feature_weight:g})", head, "-" * len(head)]
-    for cat in categories:
-        t = table[cat]
-        lines.append(
-            f"{cat:<10} {pct(t['robust']['combined']['image_auroc']):>10} {pct(t['standard']['combined']['image_auroc']):>12} "
-            f"{pct(t['robust']['combined']['pixel_auroc']):>10} {pct(t['standard']['combined']['pixel_auroc']):>12}   "
-            f"{pct(t['robust']['pixel only']['image_auroc']) + ' / ' + pct(t['robust']['feature only']['image_auroc']):>33} "
-            f"{pct(t['standard']['pixel only']['image_auroc']) + ' / ' + pct(t['standard']['feature only']['image_auroc']):>35}")
-    robust_img = [table[c]["robust"]["combined"]["image_auroc"] for c in categories]
-    standard_img = [table[c]["standard"]["combined"]["image_auroc"] for c in categories]
-    mean = lambda xs: sum(xs) / len(xs) if xs and None not in xs else None  # noqa: E731
-    lines.append(f"{'mean':<10} {pct(mean(robust_img)):>10} {pct(mean(standard_img)):>12} "
-                 f"{pct(mean([table[c]['robust']['combined']['pixel_auroc'] for c in categories])):>10} "
-                 f"{pct(mean([table[c]['standard']['combined']['pixel_auroc'] for c in categories])):>12}")
-    defects = sorted({d for r in runs for d in (r["metrics"]["combined"].get("per_defect") or {})})
-    per_defect = {cat: {enc: {d: median([r["metrics"]["combined"]["per_defect"].get(d) for r in runs
-                                         if r["category"] == cat and r["encoder"] == enc])
-                              for d in defects} for enc in encoders} for cat in categories}
-    lines += ["", "image AUROC per defect type (normal vs that defect), robust / standard:",
-              f"{'category':<10} " + " ".join(f"{d:>18}" for d in defects)]
-    for cat in categories:
-        lines.append(f"{cat:<10} " + " ".join(
-            f"{pct(per_defect[cat]['robust'][d]) + ' / ' + pct(per_defect[cat]['standard'][d]):>18}" for d in defects))
-    goal_met = all(v is not None and v >= GOAL for v in robust_img)
-    robust_wins = all(r is not None and s is not None and r >= s for r, s in zip(robust_img, standard_img))
-    lines.append(f"goal image AUROC >= {100 * GOAL:.0f}% on every category (robust): {'met' if goal_met else 'NOT met'}; "
-                 f"robust >= standard on every category: {'yes' if robust_wins else 'no'}")
-    lines.append(f"median fit time: robust {fit_s['robust']:.0f} s, standard {fit_s['standard']:.0f} s; "
-                 f"scoring {table[categories[0]]['robust']['combined']['ms_per_image']:.1f} ms/image "
-                 f"({torch.get_num_threads()} threads)")
-    print("\n".join(lines))
-
-    result = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "categories": categories,
-              "encoders": encoders, "benchmark": vars(base.benchmark), "table": table, "per_defect": per_defect, "fit_seconds": fit_s,
-              "goal": {"image_auroc": GOAL, "met": goal_met, "robust_ge_standard": robust_wins},
-              "runs": runs, "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                        "threads": torch.get_num_threads(), "cpu": platform.processor()},
-              "command": " ".join(["python", "bench/anomaly.py", *(argv if argv is not None else sys.argv[1:])])}
-    if args.figure:
-        first = {cat: work / "seed0" / "robust" / f"{cat}.pt" for cat in categories}
-        print(f"wrote {example_figure(first, base.benchmark, args.figure)}")
-    print(f"wrote {write_json(json.loads(json.dumps(result, default=str)), args.out)}")
+    result = write(partial=False)
+    table = result["table"]
+    print()
+    print(format_table(table, categories))
+    verdict = []
+    for draw, cats in table.items():
+        for m in METHODS:
+            vals = [cats[c][m]["image_auroc"] for c in categories if c in cats and m in cats[c]]
+            if vals:
+                ok = all(v is not None and v >= GOAL for v in vals)
+                verdict.append(f"{draw} {m}: image AUROC >= {100 * GOAL:.0f}% on every texture: {'met' if ok else 'NOT met'}")
+        rs = [(cats[c]["memory (robust)"]["image_auroc"], cats[c]["memory (standard)"]["image_auroc"])
+              for c in categories if c in cats and "memory (robust)" in cats[c] and "memory (standard)" in cats[c]]
+        if rs:
+            verdict.append(f"{draw} memory: robust >= standard on every texture: "
+                           f"{'yes' if all(r >= s for r, s in rs) else 'NO'} "
+                           f"({', '.join(f'{pct(r).strip()} vs {pct(s).strip()}' for r, s in rs)})")
+    print("\n".join(verdict))
+    if args.figure and figure_dets and all({"reconstruction", "memory (robust)"} <= set(d) for d in figure_dets.values()):
+        print(f"wrote {example_figure(figure_dets, load_config(AnomalyConfig, args.config, [*args.overrides, f'benchmark.seed={args.draws[0]}']), args.figure)}")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -181,3 +181,28 @@ def test_exception_denoise_bad_inputs(model_path, tmp_path, capsys):
     assert main(["denoise", str(src), "--model", str(model_path), "--out", str(tmp_path / "o"),
                  "--sigma", "-3"]) == 2
     assert "--sigma" in capsys.readouterr().err
+
+
+def test_refine_blocks_add_full_resolution_capacity_and_keep_old_files_loading():
+    """``refine_blocks``: residual blocks at the output resolution, fed the noisy image; off by default."""
+    from inversion.decoders import Decoder, decoder_checkpoint, decoder_from_checkpoint
+
+    skips = {"input": (3, 1), "layer1": (8, 1)}
+    plain = Decoder(16, 4, "layer3", channels=16, min_channels=8, skips=skips, residual=True)
+    refined = Decoder(16, 4, "layer3", channels=16, min_channels=8, skips=skips, residual=True, refine_blocks=2)
+    assert "refine_blocks" not in plain.config() and refined.config()["refine_blocks"] == 2
+    extra = sum(p.numel() for p in refined.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == sum(p.numel() for p in refined.refine.parameters()) > 0
+    feats = {"layer3": torch.rand(2, 16, 5, 7), "input": torch.rand(2, 3, 19, 27), "layer1": torch.rand(2, 8, 19, 27)}
+    out = refined.eval()(feats)
+    assert out.shape == (2, 3, 19, 27) and torch.equal(out, feats["input"])  # residual: starts as the identity
+    # the refinement sees the image at full resolution: changing one input pixel changes its neighbourhood
+    torch.nn.init.normal_(refined.tail.weight, std=0.1)
+    a = refined(feats)
+    feats2 = dict(feats, input=feats["input"].clone())
+    feats2["input"][..., 10, 10] = 1 - feats2["input"][..., 10, 10]
+    assert not torch.allclose(refined(feats2)[..., 8:13, 8:13] - feats2["input"][..., 8:13, 8:13],
+                              a[..., 8:13, 8:13] - feats["input"][..., 8:13, 8:13])
+    # an old checkpoint (no key) still loads as a plain decoder; a new one round-trips
+    assert not hasattr(decoder_from_checkpoint(decoder_checkpoint(plain)), "refine")
+    assert decoder_from_checkpoint(decoder_checkpoint(refined)).refine_blocks == 2
