@@ -45,6 +45,7 @@ def test_relative_links_resolve(page):
 
 def test_the_readme_is_short_and_links_every_docs_page():
     readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200, "the README stays short: details go in docs/"
     linked = set(re.findall(r"\(docs/([\w.-]+\.md)", readme))
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert pages <= linked, f"docs pages the README does not link: {sorted(pages - linked)}"
