@@ -55,12 +55,13 @@ from apps.anomaly_data import (AnomalyData, BenchmarkConfig, TestImage, embedded
 from encoders.config import config_to_dict, load_config
 from encoders.errors import RFIError
 from encoders.evaluate import write_json
+from encoders.files import check_output_folder
 from encoders.imageio import read_image, write_image
 from encoders.runtime import progress, resolve_device
 from encoders.checkpoints import encoder_checkpoint, load_state_dict_checked
 from encoders.models import Encoder
 from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
-from inversion.autoencoder import RobustAutoencoder, load_encoder_file
+from inversion.autoencoder import RobustAutoencoder, load_encoder_file, tile_positions
 from inversion.train import TrainDecoderConfig, train_decoder
 
 log = logging.getLogger("rfi")
@@ -209,6 +210,12 @@ def image_scores(maps: Tensor, how: str = "topk", topk: float = 0.01) -> Tensor:
     return flat.topk(k, dim=1).values.mean(1)
 
 
+MAP_PIXELS = 1 << 21
+"""Pixels per forward pass of the map computation (2 Mpx): bounds memory for any batch or image size."""
+TILE_MARGIN = 64
+"""Context (px) around each tile of an image larger than :data:`MAP_PIXELS`, cropped away after."""
+
+
 def prepare_image(image: Tensor, image_size: int | None) -> Tensor:
     """Resize a (3, H, W) image to the working resolution (short side ``image_size``; ``None``: as is)."""
     if image_size and min(image.shape[-2:]) != image_size:
@@ -312,6 +319,11 @@ class AnomalyDetector:
     def component_maps(self, x: Tensor) -> dict[str, Tensor]:
         """Raw (un-standardised) error maps of each component, smoothed, at the size of ``x``.
 
+        Memory is bounded whatever the batch and image size: a batch of more than
+        :data:`MAP_PIXELS` pixels is processed image by image, and an image of more than that
+        in overlapping tiles whose :data:`TILE_MARGIN`-px borders are cropped away (so each
+        map pixel sees at least that much context; close to, not bit-equal with, a whole pass).
+
         Args:
             x: images (B, 3, H, W) in [0, 1].
 
@@ -319,6 +331,28 @@ class AnomalyDetector:
             ``{component: (B, 1, H, W)}`` (see :meth:`components`).
         """
         self.check_size(x)
+        b, _, h, w = x.shape
+        if b * h * w <= MAP_PIXELS:
+            return self._component_maps(x)
+        if b > 1:
+            parts = [self.component_maps(x[i:i + 1]) for i in range(b)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        multiple = self.encoder.size_multiple() if hasattr(self.encoder, "size_multiple") else 1
+        tile = max(2 * TILE_MARGIN + multiple, int(MAP_PIXELS ** 0.5) // multiple * multiple)
+        out: dict[str, Tensor] = {}
+        for top in tile_positions(h, tile, 2 * TILE_MARGIN):
+            for left in tile_positions(w, tile, 2 * TILE_MARGIN):
+                maps = self._component_maps(x[..., top:top + tile, left:left + tile])
+                th, tw = next(iter(maps.values())).shape[-2:]
+                t0, l0 = (TILE_MARGIN if top > 0 else 0), (TILE_MARGIN if left > 0 else 0)
+                t1, l1 = th - (TILE_MARGIN if top + th < h else 0), tw - (TILE_MARGIN if left + tw < w else 0)
+                for k, m in maps.items():
+                    if k not in out:
+                        out[k] = m.new_zeros(1, 1, h, w)
+                    out[k][..., top + t0:top + t1, left + l0:left + l1] = m[..., t0:t1, l0:l1]
+        return out
+
+    def _component_maps(self, x: Tensor) -> dict[str, Tensor]:
         x = x.to(self.device)
         s = self.score
         out: dict[str, Tensor] = {}
@@ -826,6 +860,9 @@ def _config(path: str, overrides: Sequence[str]) -> AnomalyConfig:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    if Path(args.out).is_dir():
+        raise RFIError(f"--out {args.out} is a folder: name the model file to write (e.g. {Path(args.out) / 'model.pt'})")
+    check_output_folder(Path(args.out).parent)  # before any training
     cfg = _config(args.config, args.overrides)
     if args.category:
         cfg.category = args.category
@@ -836,6 +873,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)  # before the model is loaded and anything is scored
     det = AnomalyDetector.load(args.model, device=resolve_device(args.device))
     category = args.category or det.info.get("category")
     bench = BenchmarkConfig(**det.info["benchmark"]) if det.info.get("benchmark") else BenchmarkConfig()

@@ -33,6 +33,7 @@ import torch
 
 from encoders.config import config_to_dict, load_config
 from encoders.errors import RFIError
+from encoders.files import check_output_folder
 from encoders.runtime import resolve_device
 from encoders.serialization import atomic_write, load_checkpoint
 from inversion import RobustAutoencoder
@@ -250,6 +251,7 @@ def register_quickstart(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)  # a file in the way or a read-only place: one line, before any training
     report = run_quickstart(args.out, args.config, args.budget, tuple(args.overrides), args.force)
     print(format_table(report["evaluation"]))
     print(report["evaluation"]["lpips"])

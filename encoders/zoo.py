@@ -281,6 +281,9 @@ def fetch(entry: ZooEntry | str, dest: str | os.PathLike | None = None, force: b
     if path.is_file() and not force:
         verify(entry, path)
         return path
+    from encoders.files import check_output_folder
+
+    check_output_folder(path.parent, flag="--dest")  # a file in the way or a read-only place: one line
     path.parent.mkdir(parents=True, exist_ok=True)
     expected, where = _expected(entry, path)  # published, or recorded by an earlier fetch (kept by --force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)

@@ -486,3 +486,18 @@ def test_training_out_naming_a_file_is_one_line(command, pair, tmp_path, capsys)
     assert main([*command, "--out", str(target), "steps=1", *extra]) == 2
     assert "is a file, not a folder" in _one_line_error(capsys)
     assert target.read_text() == "user data"
+
+
+@pytest.mark.parametrize("command", [
+    ["quickstart", "--budget", "tiny", "--out", "{file}"],
+    ["weights", "fetch", "torchvision_alexnet", "--dest", "{file}"],
+    ["anomaly", "make-benchmark", "--out", "{file}"],
+    ["anomaly", "fit", "--data", "embedded", "--out", "{file}/model.pt"],
+])
+def test_other_writing_commands_check_their_output_first(command, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("user data")
+    assert main([a.replace("{file}", str(target)) for a in command]) == 2
+    err = _one_line_error(capsys)
+    assert str(target) in err and ("is a file, not a folder" in err or "not an embedded benchmark folder" in err)
+    assert target.read_text() == "user data"
