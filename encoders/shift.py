@@ -173,7 +173,13 @@ def run(args: argparse.Namespace) -> int:
     from encoders.evaluate import _data_config, write_json
     from encoders.serialization import load_checkpoint
 
+    from encoders.files import check_output_folder
+
     path = Path(args.encoder)
+    out = Path(args.json) if args.json else path.with_name(path.stem + ".shift.json")
+    if out.is_dir():
+        raise RFIError(f"--json {out} is a folder: name a file")
+    check_output_folder(out.parent, flag="--json folder")  # before the measurement, not after it
     encoder = load_encoder(path)
     device = resolve_device(args.device)
     encoder.to(device)
@@ -195,7 +201,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{path}: {encoder.arch} ({kind}) on {data_cfg.source} val, "
           f"{data_cfg.size}px, two random circular shifts per image (seed {args.seed})")
     print(format_table([result], [path.stem if path.stem != "checkpoint" else path.parent.name]))
-    out = Path(args.json) if args.json else path.with_name(path.stem + ".shift.json")
     write_json({"encoder": str(path), "decoder": args.decoder, "downsample": encoder.downsample,
                 "equivariant": bool(getattr(encoder, "equivariant", False)),
                 "data": vars(data_cfg), **result}, out)

@@ -501,3 +501,9 @@ def test_other_writing_commands_check_their_output_first(command, tmp_path, caps
     err = _one_line_error(capsys)
     assert str(target) in err and ("is a file, not a folder" in err or "not an embedded benchmark folder" in err)
     assert target.read_text() == "user data"
+
+
+def test_shift_consistency_checks_its_json_first(encoder_file, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["shift-consistency", "--encoder", str(encoder_file), "--json", str(tmp_path / "f" / "s.json")]) == 2
+    assert "is a file, not a folder" in _one_line_error(capsys)
