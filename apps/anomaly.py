@@ -58,7 +58,7 @@ from encoders.evaluate import write_json
 from encoders.files import check_output_folder
 from encoders.imageio import read_image, write_image
 from encoders.runtime import progress, resolve_device
-from encoders.checkpoints import encoder_checkpoint, load_state_dict_checked
+from encoders.checkpoints import encoder_checkpoint, encoder_from_checkpoint
 from encoders.models import Encoder
 from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
 from inversion.autoencoder import RobustAutoencoder, load_encoder_file, tile_positions
@@ -482,12 +482,11 @@ class AnomalyDetector:
         if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
             raise RFIError(f"{path} is not an anomaly model (write one with: rfi anomaly fit --data ... --out {path})")
         ae, encoder = None, None
-        if "decoders" in ckpt:
-            ae = RobustAutoencoder.load(path, device=device)
+        if "decoders" in ckpt:  # the dict already read: the file is not read a second time
+            ae = RobustAutoencoder.from_checkpoint(ckpt, str(path), device)
         else:
-            encoder = Encoder(**ckpt["encoder"]["encoder"])
-            load_state_dict_checked(encoder, ckpt["encoder"]["state_dict"], f"{path} (encoder)")
-            encoder = encoder.eval().requires_grad_(False).to(device)
+            encoder = encoder_from_checkpoint(ckpt.get("encoder") or {}, f"{path} (encoder)")
+            encoder = encoder.requires_grad_(False).to(device)
         memory = MemoryBank.from_state(ckpt["memory"]) if "memory" in ckpt else None
         meta = dict(meta)
         score = ScoreConfig(**meta.pop("score"))

@@ -241,8 +241,8 @@ def load_denoiser(path: str | os.PathLike,
     path = Path(path)
     if not path.is_file():
         raise RFIError(f"denoiser model not found: {path} (train one with rfi train-denoiser)")
-    model = RobustAutoencoder.load(path, device=device)
-    meta = load_checkpoint(path)  # small: reads the noise levels stored next to the weights
+    meta = load_checkpoint(path)  # read once: the weights and the noise levels stored next to them
+    model = RobustAutoencoder.from_checkpoint(meta, str(path), device)
     info = {k: meta[k] for k in ("app", "sigma", "layer", "config") if k in meta}
     if info.get("app") != DENOISER_APP:
         log.warning("%s is an autoencoder file, but not one written by rfi train-denoiser", path)
