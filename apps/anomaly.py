@@ -33,13 +33,13 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
+import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -51,17 +51,17 @@ from torchvision.transforms.v2 import functional as TF
 
 from apps.anomaly_memory import MemoryBank, MemoryConfig, default_memory_layers
 from apps.anomaly_data import (AnomalyData, BenchmarkConfig, TestImage, embedded_benchmark, load_anomaly_data,
-                               make_benchmark, read_mask)
-from encoders.config import config_to_dict, load_config
+                               read_mask)
+from encoders.config import config_to_dict, load_config, yaml_dataclass
 from encoders.errors import RFIError
-from encoders.evaluate import write_json
-from encoders.files import check_output_folder
+from encoders.files import check_finite
 from encoders.imageio import read_image, write_image
 from encoders.runtime import progress, resolve_device
-from encoders.checkpoints import encoder_checkpoint, encoder_from_checkpoint
+from encoders.checkpoints import encoder_checkpoint, encoder_from_checkpoint, load_encoder
 from encoders.models import Encoder
-from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
-from inversion.autoencoder import RobustAutoencoder, load_encoder_file, tile_positions
+from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint, write_json
+from inversion.autoencoder import RobustAutoencoder
+from inversion.tiling import tiled_apply
 from inversion.train import TrainDecoderConfig, train_decoder
 
 log = logging.getLogger("rfi")
@@ -76,7 +76,7 @@ DEFAULT_CONFIG = "configs/apps/anomaly.yaml"
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclass
+@yaml_dataclass("apps/anomaly.yaml", "score")
 class ScoreConfig:
     """How anomaly maps and image scores are computed (the ``score:`` section; stored in the model).
 
@@ -88,15 +88,15 @@ class ScoreConfig:
     colormap for the heat maps.
     """
 
-    pixel_weight: float = 1.0
-    pixel_metric: str = "l2"
-    feature_weight: float = 1.0
-    feature_layers: list[str] = field(default_factory=lambda: ["layer1", "layer2"])
-    feature_metric: str = "l2"
-    sigma: float = 2.0
-    image_score: str = "topk"
-    topk: float = 0.01
-    overlay_cmap: str = "jet"
+    pixel_weight: float
+    pixel_metric: str
+    feature_weight: float
+    feature_layers: list[str]
+    feature_metric: str
+    sigma: float
+    image_score: str
+    topk: float
+    overlay_cmap: str
 
     def check(self) -> None:
         problems = []
@@ -123,24 +123,12 @@ class ScoreConfig:
             raise RFIError("; ".join(problems))
 
 
-# The decoder run of an anomaly fit (as in configs/apps/anomaly.yaml): a small decoder for
-# layer2 trained on random crops of the normal images, for a fixed number of steps.
-DECODER_DEFAULTS = ("encoder.layer=layer2", "decoder.channels=64", "decoder.min_channels=32", "data.size=32",
-                    "data.repeat=8", "loss.pixel=1.0", "loss.pixel_type=l1", "loss.feature=1.0",
-                    "optim.lr=0.002", "steps=200", "batch_size=32", "sample_every=100", "num_workers=0")
-
-
-def default_decoder_config() -> TrainDecoderConfig:
-    """:class:`~inversion.train.TrainDecoderConfig` with the anomaly defaults (:data:`DECODER_DEFAULTS`)."""
-    return load_config(TrainDecoderConfig, None, DECODER_DEFAULTS)
-
-
-@dataclass
+@yaml_dataclass("apps/anomaly.yaml", "combined")
 class CombinedConfig:
     """``method: combined``: weights of the standardised reconstruction and memory maps in their sum."""
 
-    reconstruction: float = 1.0
-    memory: float = 1.0
+    reconstruction: float
+    memory: float
 
     def check(self) -> None:
         if self.reconstruction < 0 or self.memory < 0 or self.reconstruction + self.memory <= 0:
@@ -155,7 +143,7 @@ def check_method(method: str) -> str:
     return method
 
 
-@dataclass
+@yaml_dataclass("apps/anomaly.yaml")
 class AnomalyConfig:
     """``rfi anomaly fit`` (YAML: ``configs/apps/anomaly.yaml``).
 
@@ -172,19 +160,19 @@ class AnomalyConfig:
     ``combined`` (both, weighted by ``combined``).
     """
 
-    encoder: str = "runs/encoders/resnet18_robust/checkpoint.pt"
-    arch: str | None = None
-    category: str | None = None
-    image_size: int | None = None
-    holdout: int = 5
-    decoder: TrainDecoderConfig = field(default_factory=default_decoder_config)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
-    batch_size: int = 16
-    device: str = "auto"
-    method: str = "reconstruction"
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    combined: CombinedConfig = field(default_factory=CombinedConfig)
+    encoder: str
+    arch: str | None
+    category: str | None
+    image_size: int | None
+    holdout: int
+    decoder: TrainDecoderConfig
+    score: ScoreConfig
+    benchmark: BenchmarkConfig
+    batch_size: int
+    device: str
+    method: str
+    memory: MemoryConfig
+    combined: CombinedConfig
 
 
 # ----------------------------------------------------------------------------- the detector
@@ -338,19 +326,8 @@ class AnomalyDetector:
             parts = [self.component_maps(x[i:i + 1]) for i in range(b)]
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         multiple = self.encoder.size_multiple() if hasattr(self.encoder, "size_multiple") else 1
-        tile = max(2 * TILE_MARGIN + multiple, int(MAP_PIXELS ** 0.5) // multiple * multiple)
-        out: dict[str, Tensor] = {}
-        for top in tile_positions(h, tile, 2 * TILE_MARGIN):
-            for left in tile_positions(w, tile, 2 * TILE_MARGIN):
-                maps = self._component_maps(x[..., top:top + tile, left:left + tile])
-                th, tw = next(iter(maps.values())).shape[-2:]
-                t0, l0 = (TILE_MARGIN if top > 0 else 0), (TILE_MARGIN if left > 0 else 0)
-                t1, l1 = th - (TILE_MARGIN if top + th < h else 0), tw - (TILE_MARGIN if left + tw < w else 0)
-                for k, m in maps.items():
-                    if k not in out:
-                        out[k] = m.new_zeros(1, 1, h, w)
-                    out[k][..., top + t0:top + t1, left + l0:left + l1] = m[..., t0:t1, l0:l1]
-        return out
+        tile = max((2 * math.ceil(TILE_MARGIN / multiple) + 1) * multiple, math.isqrt(MAP_PIXELS) // multiple * multiple)
+        return tiled_apply(self._component_maps, x, tile, TILE_MARGIN, align=multiple, batch_pixels=MAP_PIXELS)
 
     def _component_maps(self, x: Tensor) -> dict[str, Tensor]:
         x = x.to(self.device)
@@ -560,7 +537,7 @@ def resolve_data(path: str, category: str | None, benchmark: BenchmarkConfig, ne
     return load_anomaly_data(path, category, labels, need)
 
 
-def _readable(paths: Sequence[Path]) -> list[Path]:
+def readable_images(paths: Sequence[Path]) -> list[Path]:
     """The images that can be read; unreadable ones are skipped and named."""
     out = []
     for p in progress(paths, desc="checking images", unit="img"):
@@ -619,9 +596,9 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
         raise RFIError(f"encoder checkpoint not found: {cfg.encoder} (train it with: rfi train-encoder --config "
                        f"configs/encoder/resnet18_robust.yaml, or set encoder=PATH)")
     if cfg.arch is None:  # a robustness-library / torchvision file needs arch=NAME: say so before training
-        load_encoder_file(cfg.encoder, None, "arch")
+        load_encoder(cfg.encoder, arch_key="arch")
     found = resolve_data(data, cfg.category, cfg.benchmark, "train")
-    normal = _readable(found.train)
+    normal = readable_images(found.train)
     if len(normal) < 2:
         raise RFIError(f"{found.root}: need at least 2 readable normal training images, found {len(normal)}")
     train, held = split_normal(normal, cfg.holdout)
@@ -631,7 +608,7 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
             "fit": config_to_dict(cfg), "train_images": len(train)}
     device = resolve_device(cfg.device)
     if cfg.method == "memory":
-        encoder = load_encoder_file(cfg.encoder, cfg.arch, "arch").to(device).eval().requires_grad_(False)
+        encoder = load_encoder(cfg.encoder, cfg.arch, arch_key="arch").to(device).eval().requires_grad_(False)
         log.info("building a memory bank from %d normal images of %s (%d held out for the score statistics)",
                  len(train), found.category or found.root, len(held))
         return _finish(cfg, None, encoder, train, held, info, out)
@@ -651,7 +628,7 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
     dcfg.out = str(work / "decoder")
     log.info("fitting on %d normal images of %s (%d held out for the score statistics)", len(train),
              found.category or found.root, len(held))
-    decoder_path = train_decoder(dcfg, resume=resume)
+    decoder_path = train_decoder(dcfg, resume=resume).path
 
     ae = RobustAutoencoder.from_checkpoints(cfg.encoder, decoder_path, device=device, arch=cfg.arch, arch_key="arch")
     return _finish(cfg, ae, ae.encoder, train, held, info, out)
@@ -691,7 +668,8 @@ def _finish(cfg: AnomalyConfig, ae: RobustAutoencoder | None, encoder: Encoder, 
 
 
 # ----------------------------------------------------------------------------- score
-def _mask(item: TestImage, size: tuple[int, int]) -> Tensor:
+def ground_truth_mask(item: TestImage, size: tuple[int, int]) -> Tensor:
+    """The (H, W) boolean defect mask of a test image at ``size`` (all False for a normal image)."""
     if item.mask is None:
         return torch.zeros(size, dtype=torch.bool)
     m = read_mask(item.mask)
@@ -704,8 +682,11 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
           write_maps: bool = True) -> dict[str, Any]:
     """Score every test image of ``data``; write ``scores.csv``, ``maps/`` and ``metrics.json`` to ``out``.
 
-    Unreadable images are skipped and named (in the log and in ``metrics["skipped"]``).
-    Pixel metrics are computed at the working resolution (masks resized, nearest).
+    An image that cannot be read, holds NaN/Inf, is too small for the encoder or gets a map that
+    is not finite is skipped (the others are scored), named in the log, in ``metrics["skipped"]``
+    (names) and ``metrics["failed"]`` (``"<path>: <why>"``, one per image; the command exits 1
+    when it is not empty, :func:`encoders.files.partial_exit`). Pixel metrics are computed at
+    the working resolution (masks resized, nearest).
 
     Returns:
         The metrics dict (also in ``<out>/metrics.json``).
@@ -713,13 +694,24 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
     out = Path(out)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
+    failed: list[str] = []
     masks: list[Tensor] = []
     pix_maps: list[Tensor] = []
+
+    def fail(item: TestImage, error: RFIError) -> None:
+        msg = str(error)
+        failed.append(msg if str(item.path) in msg else f"{item.path}: {msg}")
+        skipped.append(item.name)
+        log.error("skipped %s", failed[-1])
 
     def flush(batch: list[tuple[TestImage, Tensor, Tensor]]) -> None:
         maps = det.maps(torch.stack([x for _, _, x in batch])).cpu()
         scores = det.image_scores(maps)
         for (item, img, _), amap, s in zip(batch, maps, scores):
+            if not (torch.isfinite(amap).all() and torch.isfinite(s)):
+                fail(item, RFIError(f"the anomaly map of {item.path} holds NaN or Inf values "
+                                    f"(is the model file corrupt?)"))
+                continue
             rel = f"maps/{item.name}.png"
             if write_maps:
                 write_image(det.overlay(img, amap), out / rel)
@@ -728,7 +720,7 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
                          "map": rel if write_maps else ""})
             if data.has_masks and item.label is not None:
                 try:
-                    masks.append(_mask(item, tuple(amap.shape[-2:])))
+                    masks.append(ground_truth_mask(item, tuple(amap.shape[-2:])))
                     pix_maps.append(amap[0])
                 except RFIError as e:
                     log.warning("pixel metrics without %s: %s", item.name, e)
@@ -736,13 +728,12 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
     batch: list[tuple[TestImage, Tensor, Tensor]] = []  # (item, image as read, image at working size)
     for item in progress(data.test, desc="scoring", unit="img"):
         try:
-            img = read_image(item.path)
+            img = check_finite(read_image(item.path), str(item.path))
+            x = det.prepare(img)
+            det.check_size(x, str(item.path))
         except RFIError as e:
-            log.warning("skipping %s", e)
-            skipped.append(item.name)
+            fail(item, e)
             continue
-        x = det.prepare(img)
-        det.check_size(x, str(item.path))
         if batch and (len(batch) == batch_size or batch[0][2].shape != x.shape):
             flush(batch)
             batch = []
@@ -750,7 +741,7 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
     if batch:
         flush(batch)
     if not rows:
-        raise RFIError(f"no readable test images in {data.root} ({len(skipped)} skipped)")
+        raise RFIError(f"no test image of {data.root} could be scored: " + "; ".join(failed))
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -763,7 +754,7 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
     scores = [float(r["score"]) for r in labelled]
     notes: list[str] = []
     metrics: dict[str, Any] = {
-        "category": data.category, "data": str(data.root), "images": len(rows), "skipped": skipped,
+        "category": data.category, "data": str(data.root), "images": len(rows), "skipped": skipped, "failed": failed,
         "normal": labels.count(0), "anomalous": labels.count(1), "unlabelled": len(rows) - len(labelled),
         "model_threshold": det.threshold}
     if labelled:
@@ -789,7 +780,7 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
         if labelled:
             notes.append("no ground-truth masks: pixel metrics not computed")
     if skipped:
-        notes.append(f"{len(skipped)} unreadable image(s) skipped: {', '.join(skipped[:5])}")
+        notes.append(f"{len(skipped)} image(s) skipped (see failed): {', '.join(skipped[:5])}")
     metrics["notes"] = notes
     write_json(metrics, out / "metrics.json")
     return metrics
@@ -811,88 +802,6 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- CLI
-def register_anomaly(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="anomaly_command", metavar="SUBCOMMAND")
-    common = argparse.ArgumentParser(add_help=False)
-    # also accepted after the sub-command; SUPPRESS keeps the values given before it
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-    p = sub.add_parser("fit", parents=[common], help="train on normal images only; write one model file")
-    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with normal/ (+ test/), "
-                                                 "a folder of normal images, or 'embedded'")
-    p.add_argument("--out", required=True, help="the model file to write (e.g. runs/anomaly/brick.pt)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
-    p.add_argument("--category", help="category of an MVTec root with several (e.g. brick for --data embedded)")
-    p.add_argument("--method", help="reconstruction (a decoder; the default), memory (a PatchCore-style memory bank "
-                                    "of patch features) or combined (both); the config key 'method'")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted decoder training")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. encoder=runs/encoders/resnet18_standard/checkpoint.pt "
-                        "decoder.epochs=2 score.sigma=4")
-    p.set_defaults(func=run_fit)
-
-    p = sub.add_parser("score", parents=[common], help="score test images: CSV, heat-map PNGs, metrics")
-    p.add_argument("--model", required=True, help="a model file written by 'rfi anomaly fit'")
-    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with test/ (+ labels.csv), "
-                                                 "a folder of test images, or 'embedded'")
-    p.add_argument("--out", required=True, help="output folder: scores.csv, maps/, metrics.json")
-    p.add_argument("--category", help="category of an MVTec root (default: the model's)")
-    p.add_argument("--labels", help="CSV 'name,label' (0 normal, 1 anomalous) for a plain test folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--no-maps", action="store_true", help="do not write heat-map PNGs")
-    p.set_defaults(func=run_score)
-
-    p = sub.add_parser("make-benchmark", parents=[common],
-                       help="write the embedded benchmark (textures with synthetic defects) in MVTec AD layout")
-    p.add_argument("--out", required=True, help="destination folder, e.g. data/embedded_mvtec")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config whose benchmark: section is used")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. benchmark.size=96 benchmark.seed=1")
-    p.set_defaults(func=run_make_benchmark)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
-
-
-def _config(path: str, overrides: Sequence[str]) -> AnomalyConfig:
-    return load_config(AnomalyConfig, path if Path(path).is_file() or path != DEFAULT_CONFIG else None, overrides)
-
-
-def run_fit(args: argparse.Namespace) -> int:
-    if Path(args.out).is_dir():
-        raise RFIError(f"--out {args.out} is a folder: name the model file to write (e.g. {Path(args.out) / 'model.pt'})")
-    check_output_folder(Path(args.out).parent)  # before any training
-    cfg = _config(args.config, args.overrides)
-    if args.category:
-        cfg.category = args.category
-    if args.method:
-        cfg.method = check_method(args.method)
-    print(fit(cfg, args.data, args.out, resume=args.resume))
-    return 0
-
-
-def run_score(args: argparse.Namespace) -> int:
-    check_output_folder(args.out)  # before the model is loaded and anything is scored
-    det = AnomalyDetector.load(args.model, device=resolve_device(args.device))
-    category = args.category or det.info.get("category")
-    bench = BenchmarkConfig(**det.info["benchmark"]) if det.info.get("benchmark") else BenchmarkConfig()
-    if args.data != "embedded" and args.category is None and category is not None:
-        # a model fitted on one category scores that category of an MVTec root, or any folder given
-        from apps.anomaly_data import mvtec_categories
-
-        if category not in mvtec_categories(args.data):
-            category = None
-    data = resolve_data(args.data, category, bench, "test", args.labels)
-    if data.category and det.info.get("category") and data.category != det.info["category"]:
-        log.warning("the model was fitted on '%s' but scores '%s'", det.info["category"], data.category)
-    metrics = score(det, data, args.out, args.batch_size, write_maps=not args.no_maps)
-    print(format_metrics(metrics))
-    print(f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'metrics.json'}"
-          + ("" if args.no_maps else f" and {metrics['images']} heat maps in {Path(args.out) / 'maps'}"))
-    return 0
-
-
-def run_make_benchmark(args: argparse.Namespace) -> int:
-    cfg = _config(args.config, args.overrides)
-    print(make_benchmark(args.out, cfg.benchmark))
-    return 0
+def load_anomaly_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> AnomalyConfig:
+    """The config of ``rfi anomaly``: the shipped defaults, then ``path``, then ``key=value`` overrides."""
+    return load_config(AnomalyConfig, path, overrides)

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from encoders.data import EMBEDDED_TEXTURES, embedded_image, region
+from encoders.config import yaml_dataclass
 from encoders.errors import RFIError
 from encoders.imageio import IMAGE_EXTENSIONS, write_image
 
@@ -305,7 +306,7 @@ def load_anomaly_data(path: str | os.PathLike, category: str | None = None,
 
 
 # ----------------------------------------------------------------------------- the embedded benchmark
-@dataclass
+@yaml_dataclass("apps/anomaly.yaml", "benchmark")
 class BenchmarkConfig:
     """The embedded benchmark (the ``benchmark:`` section of ``configs/apps/anomaly.yaml``).
 
@@ -315,12 +316,12 @@ class BenchmarkConfig:
     ``seed``: every position, shape and colour is a pure function of it.
     """
 
-    size: int = 64
-    train: int = 80
-    test_good: int = 20
-    test_defect: int = 10
-    seed: int = 0
-    textures: list[str] = field(default_factory=lambda: list(EMBEDDED_TEXTURES))
+    size: int
+    train: int
+    test_good: int
+    test_defect: int
+    seed: int
+    textures: list[str]
 
     def check(self) -> None:
         if not 16 <= self.size <= 128:

@@ -31,13 +31,13 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from encoders.config import yaml_dataclass
 from encoders.errors import RFIError
 from encoders.runtime import progress
 
@@ -46,7 +46,7 @@ from encoders.runtime import progress
 DEFAULT_LAYER_PAIRS = (("layer2", "layer3"), ("relu3_1", "relu4_1"), ("stage2", "stage3"), ("conv2", "conv3"))
 
 
-@dataclass
+@yaml_dataclass("apps/anomaly.yaml", "memory")
 class MemoryConfig:
     """The ``memory:`` section of ``configs/apps/anomaly.yaml`` (stored in the model file).
 
@@ -62,16 +62,16 @@ class MemoryConfig:
     patch sampling, the projection and the coreset's first centre.
     """
 
-    layers: list[str] | None = None
-    pool: int = 3
-    coreset: float = 0.1
-    projection: int = 128
-    neighbours: int = 1
-    sigma: float = 4.0
-    patches_per_image: int | None = None
-    max_mb: float = 4096.0
-    chunk_mb: float = 256.0
-    seed: int = 0
+    layers: list[str] | None
+    pool: int
+    coreset: float
+    projection: int
+    neighbours: int
+    sigma: float
+    patches_per_image: int | None
+    max_mb: float
+    chunk_mb: float
+    seed: int
 
     def check(self) -> None:
         """Raise a one-line :class:`RFIError` naming the first bad key."""

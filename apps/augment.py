@@ -25,7 +25,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
@@ -33,7 +32,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,12 +43,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import is_pure_tensor
 
 from apps.feature_transforms import adain
+from encoders.config import yaml_dataclass
 from encoders.errors import RFIError
-from encoders.files import FileBatch, check_finite
-from encoders.runtime import progress, save_grid
 from encoders.serialization import load_checkpoint
 from encoders.imageio import check_images, list_images, read_image
 from inversion.autoencoder import AUTOENCODER_FORMAT, RobustAutoencoder
+from inversion.tiling import pad_to_multiple
 
 log = logging.getLogger("rfi")
 
@@ -100,11 +98,12 @@ def load_style_model(model: StyleModel = None, device: str | torch.device = "cpu
                            f"({TRAIN_FIRST}) or pass a model file / (encoder, decoder) pair")
         model = (DEFAULT_ENCODER, DEFAULT_DECODER)
     if isinstance(model, (str, os.PathLike)):
-        fmt = load_checkpoint(model).get("format")
+        ckpt = load_checkpoint(model)  # read once
+        fmt = ckpt.get("format")
         if fmt != AUTOENCODER_FORMAT:
             raise RFIError(f"{model} is not an RFI autoencoder file (format={fmt!r}): pass a model written by "
                            f"RobustAutoencoder.save, or an (encoder, decoder) checkpoint pair")
-        return RobustAutoencoder.load(model, device)
+        return RobustAutoencoder.from_checkpoint(ckpt, str(model), device)
     parts = list(model)
     if len(parts) < 2:
         raise RFIError(f"a style model pair needs an encoder and a decoder checkpoint, got {model!r}")
@@ -242,10 +241,7 @@ class StyleAugment(v2.Transform):
 
     def _encode(self, x: Tensor) -> "dict[str, Tensor]":
         """Encoder features of images padded (reflect) to a multiple of the decoder's stride."""
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.stride, (-w) % self.stride
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        x = pad_to_multiple(x, self.stride)
         return self.autoencoder.encode(x.contiguous(memory_format=torch.channels_last), self.layer)
 
     # v2.Transform protocol: make_params draws once per call, transform applies to each image input.
@@ -368,7 +364,7 @@ class MultiView(nn.Module):
 
 
 # ----------------------------------------------------------------------------- rfi augment
-@dataclass
+@yaml_dataclass("apps/augment.yaml")
 class AugmentConfig:
     """``rfi augment`` settings (YAML: ``configs/apps/augment.yaml``; command-line flags win).
 
@@ -378,116 +374,20 @@ class AugmentConfig:
     together (with ``styles: batch`` they lend each other their styles).
     """
 
-    model: str | None = None
-    encoder: str | None = None
-    decoder: str | None = None
-    styles: str = "batch"
-    p: float = 0.5
-    alpha: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    beta: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    style_size: int = 64
-    views: int = 4
-    size: int = 128
-    batch_size: int = 16
-    seed: int = 0
-    device: str = "cpu"
-    sheet_rows: int = 16
-
-
-def _float_pair(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected lo,hi (e.g. 0.5,1), got {text!r}") from None
-
-
-def register_augment(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``rfi augment``."""
-    parser.add_argument("images", metavar="IMAGE_DIR", nargs="+", help="image folder(s) or files")
-    parser.add_argument("--out", required=True, help="output folder for <stem>_view<k>.png and contact_sheet.png")
-    parser.add_argument("--config", help="YAML of defaults (configs/apps/augment.yaml)")
-    parser.add_argument("--views", type=int, help="augmented views per image (default 4)")
-    parser.add_argument("--model", help="autoencoder file (RobustAutoencoder.save)")
-    parser.add_argument("--encoder", help="encoder checkpoint (with --decoder), instead of --model")
-    parser.add_argument("--decoder", help="decoder checkpoint (with --encoder)")
-    parser.add_argument("--styles", help="style image folder (default: styles from the other images)")
-    parser.add_argument("--p", type=float, help="probability that a view is restyled (default 0.5)")
-    parser.add_argument("--alpha", type=_float_pair, help="feature-space blend range lo,hi (default 0.5,1)")
-    parser.add_argument("--beta", type=_float_pair, help="pixel-space blend range lo,hi (default 0.5,1)")
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--size", type=int, help="resize + centre-crop images to SIZE x SIZE (default 128)")
-    parser.add_argument("--batch-size", type=int, dest="batch_size", help="images restyled together (default 16)")
-    parser.add_argument("--device", help="cpu (default), cuda, auto")
-    parser.set_defaults(func=run)
-
-
-def augment_config(args: argparse.Namespace) -> AugmentConfig:
-    """The config file (if any), then the flags given on the command line."""
-    from encoders.config import load_config
-
-    cfg = load_config(AugmentConfig, args.config)
-    for key in ("views", "model", "encoder", "decoder", "styles", "p", "alpha", "beta", "seed", "size",
-                "batch_size", "device"):
-        if getattr(args, key, None) is not None:
-            setattr(cfg, key, getattr(args, key))
-    unit_range(cfg.alpha, "alpha"), unit_range(cfg.beta, "beta")  # fail before any model is loaded
-    if not 0 <= cfg.p <= 1:
-        raise RFIError(f"p (probability of restyling an image) must be in [0, 1], got {cfg.p}")
-    if cfg.views < 1 or cfg.size < 1 or cfg.batch_size < 1:
-        raise RFIError(f"views, size and batch-size must be >= 1, got {cfg.views}, {cfg.size}, {cfg.batch_size}")
-    if bool(cfg.encoder) != bool(cfg.decoder):
-        raise RFIError("--encoder and --decoder go together (or pass --model)")
-    return cfg
-
-
-def run(args: argparse.Namespace) -> int:
-    """``rfi augment``: N style-augmented views per image, plus a contact sheet.
-
-    Inputs, outputs and exit codes follow :mod:`encoders.files` (no input is ever overwritten,
-    two inputs never write the same view, unreadable inputs are named and skipped).
-    """
-    from encoders.runtime import resolve_device
-
-    cfg = augment_config(args)
-    device = resolve_device(cfg.device)
-    batch_files = FileBatch(args.images, args.out, desc="augment",
-                            names=lambda p: [f"{p.stem}_view{k + 1}.png" for k in range(cfg.views)])
-    sheet_path = batch_files.out / "contact_sheet.png"
-    if sheet_path.resolve() in {f.resolve() for f in batch_files.files}:
-        raise RFIError(f"refusing to overwrite input {sheet_path}: choose an --out folder other than the inputs'")
-    resize = v2.Compose([v2.Resize(cfg.size, antialias=True), v2.CenterCrop(cfg.size)])
-    files, loaded = [], []
-    for f in progress(batch_files.files, desc="read", unit="img"):  # every input is read before anything is written
-        try:
-            loaded.append(resize(check_finite(read_image(f), str(f))).clamp(0, 1))
-            files.append(f)
-        except RFIError as e:
-            batch_files.fail(f, e)
-    if not files:
-        return batch_files.finish()
-    if cfg.styles == "batch" and len(files) < 2:
-        raise RFIError(f"styles from the batch need at least 2 images, {' '.join(args.images)} holds "
-                       f"{len(files)} readable: pass --styles DIR")
-    images = torch.stack(loaded)
-    model = cfg.model or ((cfg.encoder, cfg.decoder) if cfg.encoder else None)
-    aug = StyleAugment(load_style_model(model, device), p=cfg.p, alpha=cfg.alpha, beta=cfg.beta,
-                       styles=cfg.styles, generator=cfg.seed, style_size=cfg.style_size)
-    # Batches are split evenly, so none is a batch of one (which styles='batch' refuses).
-    n_batches = math.ceil(len(files) / cfg.batch_size)
-    views = torch.empty(cfg.views, *images.shape)
-    for batch in progress(torch.arange(len(files)).tensor_split(n_batches), desc="augment", unit="batch"):
-        x = images[batch].to(device)
-        for k in range(cfg.views):
-            views[k, batch] = aug(x).cpu()
-    targets = dict(zip(batch_files.files, batch_files.targets))
-    for i, f in enumerate(progress(files, desc="write", unit="img")):
-        for k in range(cfg.views):
-            batch_files.write(views[k, i], targets[f][k], str(f))
-    out = batch_files.out
-    rows = min(len(files), cfg.sheet_rows)
-    sheet = save_grid([images, *views], sheet_path, max_rows=rows)
-    log.info("wrote %d views of %d images to %s; contact sheet %s", cfg.views * len(files), len(files), out, sheet)
-    return batch_files.finish()
+    model: str | None
+    encoder: str | None
+    decoder: str | None
+    styles: str
+    p: float
+    alpha: list[float]
+    beta: list[float]
+    style_size: int
+    views: int
+    size: int
+    batch_size: int
+    seed: int
+    device: str
+    sheet_rows: int
 
 
 # ----------------------------------------------------------------------------- asynchronous stylisation

@@ -1,8 +1,9 @@
 """The ``rfi`` command line: one sub-command per job, dispatched to the package that owns it.
 
-Each entry of :data:`COMMANDS` names the module whose ``register_<command>(parser)`` adds
-the sub-command's arguments and sets ``parser.set_defaults(func=run)``; only the chosen
-command's module is imported. User errors (:class:`~encoders.errors.RFIError`) print one
+Each entry of :data:`COMMANDS` names the module in :mod:`apps.commands` whose
+``register_<command>(parser)`` adds the sub-command's arguments and sets
+``parser.set_defaults(func=run)``; only the chosen command's module is imported. The
+libraries (``encoders``, ``inversion``, the app modules) parse no arguments. User errors (:class:`~encoders.errors.RFIError`) print one
 line and exit with code 2; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
@@ -13,44 +14,37 @@ import logging
 import sys
 from typing import Sequence
 
+from apps.commands.common import common_flags
 from encoders.errors import RFIError
 
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("quickstart", "apps.quickstart", "the main job: robust + standard encoders, decoders, evaluation report"),
-    ("train-encoder", "encoders.train", "train a standard or adversarially robust (PGD) encoder"),
-    ("eval-encoder", "encoders.evaluate", "clean and PGD accuracy of an encoder checkpoint"),
-    ("train-decoder", "inversion.train", "train a decoder that inverts one layer of an encoder"),
-    ("invert", "inversion.invert", "reconstruct images from their features (decoder or optimisation)"),
-    ("evaluate", "inversion.evaluate", "PSNR / SSIM / LPIPS of decoders at several scales"),
-    ("train-denoiser", "apps.denoise", "train a denoising decoder on robust features"),
-    ("denoise", "apps.denoise", "denoise images with a trained denoiser"),
-    ("anomaly", "apps.anomaly", "anomaly detection: fit on normal images, score test images"),
-    ("train-decoders", "apps.style", "train a decoder pyramid (several layers) for style transfer"),
-    ("stylize", "apps.style", "style transfer (WCT / AdaIN) through a decoder pyramid"),
-    ("augment", "apps.augment", "write style-augmented views of images (SSL augmentation)"),
+    ("quickstart", "apps.commands.quickstart", "the main job: robust + standard encoders, decoders, evaluation report"),
+    ("train-encoder", "apps.commands.train_encoder", "train a standard or adversarially robust (PGD) encoder"),
+    ("eval-encoder", "apps.commands.eval_encoder", "clean and PGD accuracy of an encoder checkpoint"),
+    ("train-decoder", "apps.commands.train_decoder", "train a decoder that inverts one layer of an encoder"),
+    ("invert", "apps.commands.invert", "reconstruct images from their features (decoder or optimisation)"),
+    ("evaluate", "apps.commands.evaluate", "PSNR / SSIM / LPIPS of decoders at several scales"),
+    ("train-denoiser", "apps.commands.train_denoiser", "train a denoising decoder on robust features"),
+    ("denoise", "apps.commands.denoise", "denoise images with a trained denoiser"),
+    ("anomaly", "apps.commands.anomaly", "anomaly detection: fit on normal images, score test images"),
+    ("train-decoders", "apps.commands.train_decoders", "train a decoder pyramid (several layers) for style transfer"),
+    ("stylize", "apps.commands.stylize", "style transfer (WCT / AdaIN) through a decoder pyramid"),
+    ("augment", "apps.commands.augment", "write style-augmented views of images (SSL augmentation)"),
     ("ssl", "apps.commands.ssl", "self-supervised pre-training: SimCLR or MoCo v2, with style augmentation"),
-    ("shift-consistency", "encoders.shift", "shift consistency / equivariance of encoders and autoencoders"),
+    ("shift-consistency", "apps.commands.shift_consistency",
+     "shift consistency / equivariance of encoders and autoencoders"),
     ("weights", "apps.commands.weights", "model zoo: list / fetch public robust and torchvision checkpoints"),
 )
 
 
-def _common(suppress: bool = False) -> argparse.ArgumentParser:
-    # Sub-commands take the same flags; SUPPRESS keeps a flag given before the command.
-    default = argparse.SUPPRESS if suppress else False
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=default, help="show tracebacks for errors")
-    common.add_argument("--quiet", action="store_true", default=default, help="log warnings only")
-    return common
-
-
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The full parser; only the module of the command named in ``argv`` is imported."""
-    parser = argparse.ArgumentParser(prog="rfi", parents=[_common()],
+    parser = argparse.ArgumentParser(prog="rfi", parents=[common_flags()],
                                      description="RFI: robust feature inversion toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, module, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[_common(suppress=True)])
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common_flags(suppress=True)])
         if name == chosen:
             register = getattr(importlib.import_module(module), "register_" + name.replace("-", "_"))
             register(p)

@@ -22,10 +22,8 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,14 +31,15 @@ import torch
 import yaml
 from torch import Tensor
 
-from encoders.config import add_job_arguments, config_to_dict, load_config
+from encoders.config import config_to_dict, load_config, yaml_dataclass
 from encoders.errors import RFIError
-from encoders.files import FileBatch, check_output_folder
-from encoders.runtime import resolve_device
-from encoders.serialization import atomic_write, load_checkpoint
-from inversion.autoencoder import RobustAutoencoder, load_encoder_file
+from encoders.rundir import RunDir, TrainResult
+from encoders.files import FileBatch
+from encoders.serialization import atomic_write
+from encoders.checkpoints import load_encoder
+from inversion.autoencoder import RobustAutoencoder
 from inversion.metrics import psnr
-from inversion.train import TrainDecoderConfig, train_decoder
+from inversion.train import CHECKPOINT_NAME, TrainDecoderConfig, train_decoder
 
 log = logging.getLogger("rfi")
 
@@ -119,14 +118,14 @@ class GaussianNoise:
 
 
 # ----------------------------------------------------------------------------- training
-@dataclass
+@yaml_dataclass("apps/denoise.yaml", "noise")
 class NoiseSection:
     """The noise the denoiser learns to remove: ``sigma`` = one level or ``[lo, hi]`` (0-255 units)."""
 
-    sigma: list[float] = field(default_factory=lambda: [0.0, 55.0])
+    sigma: list[float]
 
 
-@dataclass
+@yaml_dataclass("apps/denoise.yaml")
 class TrainDenoiserConfig:
     """A run of ``rfi train-denoiser`` (YAML: ``configs/apps/denoise.yaml``).
 
@@ -135,9 +134,9 @@ class TrainDenoiserConfig:
     ``model``: the model file to write (default ``<train.out>/denoiser.pt``).
     """
 
-    noise: NoiseSection = field(default_factory=NoiseSection)
-    train: TrainDecoderConfig = field(default_factory=TrainDecoderConfig)
-    model: str | None = None
+    noise: NoiseSection
+    train: TrainDecoderConfig
+    model: str | None
 
 
 def load_denoiser_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainDenoiserConfig:
@@ -151,7 +150,7 @@ def load_denoiser_config(path: str | os.PathLike | None, overrides: Sequence[str
     return cfg
 
 
-def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
+def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> TrainResult:
     """Train a denoising decoder and write one self-contained model file.
 
     Clean training crops are corrupted by :class:`GaussianNoise` before encoding (through
@@ -164,9 +163,11 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
         resume: continue a killed run in ``cfg.train.out`` (same config required).
 
     Returns:
-        The model file (``cfg.model``, default ``<train.out>/denoiser.pt``), loadable with
-        :func:`load_denoiser` / ``RobustAutoencoder.load``; it records the noise range
-        (``sigma``) it was trained for.
+        A :class:`~encoders.rundir.TrainResult`: ``path`` is the model file (``cfg.model``,
+        default ``<train.out>/denoiser.pt``; the result stands for it where a path is expected),
+        loadable with :func:`load_denoiser` / ``RobustAutoencoder.load``, which records the noise
+        range (``sigma``) it was trained for; ``model`` the denoiser (a ``RobustAutoencoder``, eval
+        mode); ``metrics`` the decoder training's (see :func:`inversion.train.train_decoder`).
 
     Raises:
         RFIError: bad config, missing encoder checkpoint, a finished run in the way.
@@ -174,7 +175,7 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
     sigma = sigma_range(cfg.noise.sigma)
     enc = cfg.train.encoder
     if enc.arch is None and Path(enc.checkpoint).is_file():  # a foreign file needs train.encoder.arch=NAME
-        load_encoder_file(enc.checkpoint, None, "train.encoder.arch")
+        load_encoder(enc.checkpoint, arch_key="train.encoder.arch")
     if not cfg.train.out:
         cfg.train.out = "runs/denoise"
     out = Path(cfg.train.out)
@@ -187,42 +188,22 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> Path:
         if old != noise:
             raise RFIError(f"cannot resume {out}: it was trained with noise {old}, not {noise} "
                            f"(use the same noise.sigma or another --out)")
-    elif (out / "decoder.pt").exists() and not resume:
-        raise RFIError(f"{out / 'decoder.pt'} exists: pass --resume to continue that run, or choose another --out")
+    else:  # before noise.yaml is written: a run in the way is an error
+        RunDir(out, CHECKPOINT_NAME).has_checkpoint(resume)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 writes files
     if main_process:
         atomic_write(noise_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(noise)))
     kind = f"sigma {sigma[0]:g}" if sigma[0] == sigma[1] else f"blind, sigma {sigma[0]:g}-{sigma[1]:g}"
     log.info("training a denoiser (%s) on %s of %s, skips %s", kind, cfg.train.encoder.layer,
              cfg.train.encoder.checkpoint, list(cfg.train.decoder.skips) or "none")
-    decoder_path = train_decoder(cfg.train, resume=resume, input_transform=GaussianNoise(sigma))
+    decoder = train_decoder(cfg.train, resume=resume, input_transform=GaussianNoise(sigma))
+    model = RobustAutoencoder.from_checkpoints(enc.checkpoint, decoder.path, arch=enc.arch,
+                                               arch_key="train.encoder.arch")
     if main_process:
-        model = RobustAutoencoder.from_checkpoints(enc.checkpoint, decoder_path, arch=enc.arch,
-                                                   arch_key="train.encoder.arch")
         model.save(model_path, app=DENOISER_APP, sigma=list(sigma), layer=model.layer,
                    config={"noise": noise, "train": config_to_dict(cfg.train)})
         log.info("denoiser written to %s", model_path)
-    return model_path
-
-
-def register_train_denoiser(parser: argparse.ArgumentParser) -> None:
-    add_job_arguments(parser, None, "noise.sigma=25 'noise.sigma=[5,50]' train.steps=2000 "
-                                    "train.encoder.checkpoint=PATH 'train.decoder.skips=[input,layer1]'",
-                      "training folder (default: train.out of the config, else runs/denoise)")
-    parser.add_argument("--model", help="model file to write (default: <out>/denoiser.pt)")
-    parser.set_defaults(func=run_train_denoiser)
-
-
-def run_train_denoiser(args: argparse.Namespace) -> int:
-    cfg = load_denoiser_config(args.config, args.overrides)
-    if args.out:
-        cfg.train.out = args.out
-    if args.model:
-        cfg.model = args.model
-    path = train_denoiser(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
-    return 0
+    return TrainResult(model_path, model.eval(), decoder.metrics)
 
 
 # ----------------------------------------------------------------------------- using a denoiser
@@ -241,9 +222,8 @@ def load_denoiser(path: str | os.PathLike,
     path = Path(path)
     if not path.is_file():
         raise RFIError(f"denoiser model not found: {path} (train one with rfi train-denoiser)")
-    meta = load_checkpoint(path)  # read once: the weights and the noise levels stored next to them
-    model = RobustAutoencoder.from_checkpoint(meta, str(path), device)
-    info = {k: meta[k] for k in ("app", "sigma", "layer", "config") if k in meta}
+    model = RobustAutoencoder.load(path, device)  # read once: the noise levels come in its metadata
+    info = {k: model.metadata[k] for k in ("app", "sigma", "layer", "config") if k in model.metadata}
     if info.get("app") != DENOISER_APP:
         log.warning("%s is an autoencoder file, but not one written by rfi train-denoiser", path)
     return model.eval(), info
@@ -261,7 +241,8 @@ def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike],
         sigma: add synthetic Gaussian noise of this level (0-255 units) before denoising,
             to demonstrate the model on clean pictures; ``None`` denoises the files as they are.
         tile: tile side in pixels for large images (default: whole image up to the model's
-            ``max_pixels``, then 512-px tiles).
+            ``max_pixels``, then tiles of its square root, equal to a whole pass; see
+            :meth:`~inversion.autoencoder.RobustAutoencoder.reconstruct`).
         seed: seed of the synthetic noise (image ``i`` uses ``seed + i``).
         save_noisy: with ``sigma``, also write the noisy input as ``<out>/noisy/<name>.png``.
 
@@ -293,33 +274,3 @@ def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike],
         return [y[0], x[0]] if noisy else [y[0]]
 
     return batch.run(process)
-
-
-def register_denoise(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    parser.add_argument("--model", required=True, help="denoiser file written by rfi train-denoiser")
-    parser.add_argument("--out", required=True, help="output folder (PNG files, same names as the inputs)")
-    parser.add_argument("--sigma", type=float, default=None,
-                        help="DEMO: first add Gaussian noise of this level (0-255 units) to the inputs, "
-                             "then denoise; without it the inputs are denoised as they are")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --sigma noise (default 0)")
-    parser.add_argument("--save-noisy", action="store_true", help="with --sigma: also write <out>/noisy/<name>.png")
-    parser.add_argument("--tile", type=int, default=None,
-                        help="tile side in px for large images (default: whole image up to 1 Mpx, else 512)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.set_defaults(func=run_denoise)
-
-
-def run_denoise(args: argparse.Namespace) -> int:
-    if args.tile is not None and args.tile < 1:
-        raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
-    if args.sigma is not None and not 0 <= args.sigma < float("inf"):
-        raise RFIError(f"--sigma must be a finite number >= 0 (0-255 units), got {args.sigma:g}")
-    check_output_folder(args.out)  # before the model is loaded
-    model, info = load_denoiser(args.model, resolve_device(args.device))
-    if args.sigma is not None and "sigma" in info:
-        lo, hi = info["sigma"]
-        if not lo <= args.sigma <= hi:
-            log.warning("--sigma %g is outside the noise range this model was trained for [%g, %g]",
-                        args.sigma, lo, hi)
-    return denoise_files(model, args.inputs, args.out, args.sigma, args.tile, args.seed, args.save_noisy)

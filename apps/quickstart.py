@@ -17,7 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -25,22 +24,22 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from encoders.config import config_to_dict, load_config
+from encoders.config import config_path, config_to_dict, load_config, parse_overrides, yaml_dataclass
 from encoders.errors import RFIError
-from encoders.files import check_output_folder
+from encoders.rundir import TrainResult
 from encoders.runtime import resolve_device
-from encoders.serialization import atomic_write, load_checkpoint
+from encoders.serialization import atomic_write, write_json
 from inversion import RobustAutoencoder
-from inversion.evaluate import compare_autoencoders, format_table, lpips_for, write_json
+from inversion.evaluate import compare_autoencoders, format_table, lpips_for
 
 log = logging.getLogger("rfi")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = "configs/quickstart.yaml"
 RUN_NAMES = ("standard", "robust")  # column order of the grids: original | standard | robust
 
 
@@ -48,31 +47,29 @@ RUN_NAMES = ("standard", "robust")  # column order of the grids: original | stan
 class RunSection:
     """One encoder config and the decoder config trained on it (paths relative to the quickstart YAML)."""
 
-    encoder: str = ""
-    decoder: str = ""
+    encoder: str
+    decoder: str
 
 
-@dataclass
+@yaml_dataclass("quickstart.yaml", "runs")
 class RunsSection:
-    standard: RunSection = field(default_factory=lambda: RunSection(
-        "encoder/resnet18_standard.yaml", "decoder/resnet18_standard_layer3.yaml"))
-    robust: RunSection = field(default_factory=lambda: RunSection(
-        "encoder/resnet18_robust.yaml", "decoder/resnet18_robust_layer3.yaml"))
+    standard: RunSection
+    robust: RunSection
 
 
-@dataclass
+@yaml_dataclass("quickstart.yaml", "eval")
 class EvalSection:
     """Held-out evaluation: ``num`` embedded validation crops per scale (multiples of the training size)."""
 
-    scales: list[int] = field(default_factory=lambda: [1, 2, 4])
-    num: int = 100
-    seed: int = 0
-    grid_rows: int = 6
-    lpips_net: str = "alex"
-    lpips_weights: str | None = None
+    scales: list[int]
+    num: int
+    seed: int
+    grid_rows: int
+    lpips_net: str
+    lpips_weights: str | None
 
 
-@dataclass
+@yaml_dataclass("quickstart.yaml")
 class QuickstartConfig:
     """``configs/quickstart.yaml``: the two runs, the budgets (config overrides) and the evaluation.
 
@@ -80,15 +77,15 @@ class QuickstartConfig:
     the runs' configs; ``budget`` picks one (``--budget`` overrides it).
     """
 
-    runs: RunsSection = field(default_factory=RunsSection)
-    budget: str = "default"
-    budgets: dict[str, Any] = field(default_factory=lambda: {"default": {"encoder": [], "decoder": []}})
-    eval: EvalSection = field(default_factory=EvalSection)
-    device: str = "auto"
+    runs: RunsSection
+    budget: str
+    budgets: dict[str, Any]
+    eval: EvalSection
+    device: str
 
 
-def _budget(cfg: QuickstartConfig, name: str, source: str) -> dict[str, list[str]]:
-    """The budget's ``{"encoder": [...], "decoder": [...], "eval": [...]}`` lists of ``key=value``."""
+def _budget(cfg: QuickstartConfig, name: str, source: str) -> dict[str, dict[str, Any]]:
+    """The budget's overrides ``{"encoder": {...}, "decoder": {...}, "eval": {...}}``, parsed from its ``key=value`` lists."""
     if name not in cfg.budgets:
         raise RFIError(f"unknown budget '{name}' in {source} (valid: {', '.join(cfg.budgets)})")
     spec = cfg.budgets[name] or {}
@@ -98,7 +95,7 @@ def _budget(cfg: QuickstartConfig, name: str, source: str) -> dict[str, list[str
     for key, items in lists.items():
         if not isinstance(items, list) or not all(isinstance(i, str) and "=" in i for i in items):
             raise RFIError(f"budgets.{name}.{key} in {source} must be a list of key=value strings")
-    return lists
+    return {key: parse_overrides(items) for key, items in lists.items()}
 
 
 def _config_hash(cfg: Any) -> str:
@@ -107,8 +104,10 @@ def _config_hash(cfg: Any) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _train(kind: str, name: str, cfg: Any, root: Path, force: bool) -> tuple[Path, dict[str, Any]]:
-    """Train (or reuse) one run under ``root/<name>-<config hash>``; returns its checkpoint and a summary."""
+def _train(kind: str, name: str, cfg: Any, root: Path, force: bool,
+           encoder: Any = None) -> tuple[TrainResult, dict[str, Any]]:
+    """Train (or reuse) one run under ``root/<name>-<config hash>``; returns the trainer's result
+    (checkpoint, trained module, metrics) and a summary. ``encoder``: a decoder's trained encoder, in memory."""
     out = root / f"{name}-{_config_hash(cfg)}"
     cfg.out = str(out)
     if force and out.exists():
@@ -119,12 +118,12 @@ def _train(kind: str, name: str, cfg: Any, root: Path, force: bool) -> tuple[Pat
     if kind == "encoder":
         from encoders.train import train_encoder
 
-        path = train_encoder(cfg, resume=True)
+        result = train_encoder(cfg, resume=True)
     else:
         from inversion.train import train_decoder
 
-        path = train_decoder(cfg, resume=True)
-    return Path(path), {"path": str(path), "cached": cached, "seconds": time.perf_counter() - start}
+        result = train_decoder(cfg, resume=True, encoder=encoder)
+    return result, {"path": str(result.path), "cached": cached, "seconds": time.perf_counter() - start}
 
 
 def run_quickstart(out: str | os.PathLike, config: str | os.PathLike = DEFAULT_CONFIG, budget: str | None = None,
@@ -144,38 +143,39 @@ def run_quickstart(out: str | os.PathLike, config: str | os.PathLike = DEFAULT_C
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     out = Path(out)
-    config = Path(config)
-    cfg = load_config(QuickstartConfig, config, list(overrides))
+    config = config_path(config)
+    over = parse_overrides(overrides)
+    cfg = load_config(QuickstartConfig, config, over)
     budget = budget or cfg.budget
     spec = _budget(cfg, budget, str(config))
     enc_over, dec_over = spec["encoder"], spec["decoder"]
     if spec["eval"]:  # the budget's evaluation settings, then the command line's overrides
-        cfg = load_config(QuickstartConfig, config, [*(f"eval.{o}" for o in spec["eval"]), *overrides])
+        cfg = load_config(QuickstartConfig, config, {**{f"eval.{k}": v for k, v in spec["eval"].items()}, **over})
     if cfg.eval.num < 1 or not cfg.eval.scales:
         raise RFIError(f"eval.num must be >= 1 and eval.scales non-empty in {config}")
     runs = {name: getattr(cfg.runs, name) for name in RUN_NAMES}
     report: dict[str, Any] = {"budget": budget, "config": str(config), "runs": {}}
-    device = f"device={cfg.device}"
+    device = {"device": cfg.device}
     models: dict[str, RobustAutoencoder] = {}
     train_sizes = set()
     steps, total = 0, 2 * len(runs)
     for name, spec in runs.items():
-        enc_cfg = load_config(TrainEncoderConfig, config.parent / spec.encoder, [*enc_over, device])
+        enc_cfg = load_config(TrainEncoderConfig, config.parent / spec.encoder, {**enc_over, **device})
         steps += 1
         log.info("[%d/%d] %s encoder", steps, total, name)
-        enc_path, enc_info = _train("encoder", name, enc_cfg, out / "encoders", force)
+        enc, enc_info = _train("encoder", name, enc_cfg, out / "encoders", force)
         dec_cfg = load_config(TrainDecoderConfig, config.parent / spec.decoder,
-                              [*dec_over, device, f"encoder.checkpoint={enc_path}"])
+                              {**dec_over, **device, "encoder.checkpoint": str(enc.path)})
         steps += 1
         log.info("[%d/%d] %s decoder for %s", steps, total, name, dec_cfg.encoder.layer)
-        dec_path, dec_info = _train("decoder", name, dec_cfg, out / "decoders", force)
-        enc_ckpt, dec_ckpt = load_checkpoint(enc_path), load_checkpoint(dec_path)
-        enc_info["eval"] = enc_ckpt.get("eval")
-        dec_info["val_psnr"] = dec_ckpt.get("val_psnr")
+        dec, dec_info = _train("decoder", name, dec_cfg, out / "decoders", force, encoder=enc.model)
+        # the trained modules and their metrics come back from the trainers: no checkpoint is read again
+        models[name] = RobustAutoencoder(enc.model, dec.model).to(resolve_device(cfg.device))
+        enc_info["eval"] = enc.metrics.get("eval")
+        dec_info["val_psnr"] = dec.metrics.get("val_psnr")
         report["runs"][name] = {"encoder": enc_info, "decoder": dec_info, "layer": dec_cfg.encoder.layer,
                                 "adversarial": config_to_dict(enc_cfg)["adv"]}
-        train_sizes.add(int(dec_ckpt.get("train_size") or dec_cfg.data.size))
-        models[name] = RobustAutoencoder.from_checkpoints(enc_path, dec_path, device=resolve_device(cfg.device))
+        train_sizes.add(int(dec_cfg.data.size))
     if len(train_sizes) != 1:
         raise RFIError(f"the decoders were trained at different sizes {sorted(train_sizes)}: the comparison "
                        f"needs one data.size")
@@ -237,23 +237,3 @@ def render_report(report: dict[str, Any]) -> str:
         lines += [f"### {scale}: original | {' | '.join(ev['models'])}", "",
                   f"![{scale} grid]({Path(path).name})", ""]
     return "\n".join(lines)
-
-
-def register_quickstart(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    parser.add_argument("--budget", help="a budget of the config: default (about 8 min on 2 idle CPU cores), "
-                                         "small, tiny (a smoke test)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="quickstart YAML (default: the shipped one)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="quickstart config overrides, e.g. eval.num=50 device=cpu")
-    parser.add_argument("--force", action="store_true", help="retrain even if cached runs exist")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    check_output_folder(args.out)  # a file in the way or a read-only place: one line, before any training
-    report = run_quickstart(args.out, args.config, args.budget, tuple(args.overrides), args.force)
-    print(format_table(report["evaluation"]))
-    print(report["evaluation"]["lpips"])
-    print(f"report: {Path(args.out) / 'report.md'} ({report['seconds']['total'] / 60:.1f} min)")
-    return 0

@@ -40,7 +40,6 @@ import math
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +47,25 @@ import kornia.color
 import kornia.enhance
 import torch
 import torch.nn.functional as F
-import yaml
 from kornia.geometry.transform import crop_and_resize
 from torch import Tensor, nn
 
 from apps.augment import StyleAugment, StyledLoader, load_style_model, unit_range
 from encoders.checkpoints import ENCODER_FORMAT, save_encoder
-from encoders.config import config_to_dict
+from encoders.config import config_to_dict, yaml_dataclass
 from encoders.data import EmbeddedCrops, embedded_image, region
 from encoders.errors import RFIError
 from encoders.imageio import list_images
-from encoders.models import Encoder, create_encoder
-from encoders.rundir import RunLock
+from encoders import Encoder, create_encoder
+from encoders.rundir import RunDir, RunLock
 from encoders.runtime import (
-    MetricsLog,
     progress,
     resolve_device,
     rng_state,
     seed_everything,
     set_rng_state,
 )
-from encoders.serialization import atomic_write, load_checkpoint
+from encoders.serialization import load_checkpoint
 from encoders.train import OptimConfig, build_optimizer, epoch_order
 
 log = logging.getLogger("rfi")
@@ -81,17 +78,17 @@ RESUME_FREE_KEYS = ("out", "device", "log_every", "checkpoint_every", "style.bac
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclass
+@yaml_dataclass("apps/ssl.yaml", "data")
 class DataConfig:
     """``crops`` unlabelled ``crop_size`` crops of the training regions of the embedded photos."""
 
-    crops: int = 4096
-    crop_size: int = 40
-    view_size: int = 32
-    seed: int = 0
+    crops: int
+    crop_size: int
+    view_size: int
+    seed: int
 
 
-@dataclass
+@yaml_dataclass("apps/ssl.yaml", "model")
 class ModelConfig:
     """Backbone (:func:`encoders.create_encoder`) and projection head.
 
@@ -100,40 +97,40 @@ class ModelConfig:
     (untrained) classifier the encoder checkpoint carries.
     """
 
-    arch: str = "resnet18"
-    width: float = 0.25
-    small_input: bool = True
-    layer: str | None = None
-    proj_dim: int = 64
-    hidden_dim: int | None = None
-    num_classes: int = 8
+    arch: str
+    width: float
+    small_input: bool
+    layer: str | None
+    proj_dim: int
+    hidden_dim: int | None
+    num_classes: int
 
 
-@dataclass
+@yaml_dataclass("apps/ssl.yaml", "moco")
 class MocoConfig:
     """MoCo v2: ``queue`` negatives (a multiple of ``batch_size``), key encoder EMA ``momentum``,
     ``symmetric`` loss (both views as queries), ``bn_splits`` batch-norm chunks (shuffle BN; 1: off)."""
 
-    queue: int = 4096
-    momentum: float = 0.99
-    symmetric: bool = False
-    bn_splits: int = 2
+    queue: int
+    momentum: float
+    symmetric: bool
+    bn_splits: int
 
 
-@dataclass
+@yaml_dataclass("apps/ssl.yaml", "views")
 class ViewConfig:
     """The standard contrastive views: crop scale/ratio range, flip, colour jitter, grayscale."""
 
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    flip_p: float = 0.5
-    jitter: float = 0.4          # brightness, contrast and saturation strength
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
+    crop_scale: list[float]
+    crop_ratio: list[float]
+    flip_p: float
+    jitter: float  # brightness, contrast and saturation strength
+    hue: float
+    jitter_p: float
+    gray_p: float
 
 
-@dataclass
+@yaml_dataclass("apps/ssl.yaml", "style")
 class StyleConfig:
     """StyleAugment in the views (SASSL); off unless ``enabled``.
 
@@ -145,33 +142,33 @@ class StyleConfig:
     batches ahead; the results are the same either way.
     """
 
-    enabled: bool = False
-    model: str | None = None
-    encoder: str | None = None
-    decoder: str | None = None
-    p: float = 0.5
-    alpha: list[float] = field(default_factory=lambda: [0.1, 0.3])
-    beta: list[float] = field(default_factory=lambda: [0.1, 0.3])
-    styles: str = "batch"
-    style_size: int = 64
-    position: str = "after_crop"
-    background: bool = True
-    prefetch: int = 2
-    threads: int | None = 1
+    enabled: bool
+    model: str | None
+    encoder: str | None
+    decoder: str | None
+    p: float
+    alpha: list[float]
+    beta: list[float]
+    styles: str
+    style_size: int
+    position: str
+    background: bool
+    prefetch: int
+    threads: int | None
 
 
-@dataclass
+@yaml_dataclass("apps/ssl.yaml", "probe")
 class ProbeConfig:
     """Linear probes after training: logistic regression on frozen pooled features, per task."""
 
-    enabled: bool = True
-    tasks: list[str] = field(default_factory=lambda: ["photo", "photo_grey", "texture"])
-    train_crops: int = 2000
-    val_crops: int = 1000
-    C: float = 1.0
+    enabled: bool
+    tasks: list[str]
+    train_crops: int
+    val_crops: int
+    C: float
 
 
-@dataclass
+@yaml_dataclass("apps/ssl.yaml")
 class SSLConfig:
     """An ``rfi ssl`` run (YAML: ``configs/apps/ssl.yaml``).
 
@@ -179,25 +176,24 @@ class SSLConfig:
     ``checkpoint_every``: also checkpoint every N steps (0: at the end only).
     """
 
-    method: str = "simclr"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=2e-3, weight_decay=1e-4,
-                                                                   schedule="onecycle", warmup=0.1))
-    epochs: int = 4
-    steps: int = 0
-    batch_size: int = 128
-    temperature: float = 0.2
-    seed: int = 0
-    device: str = "cpu"
-    channels_last: bool = True
-    out: str | None = None
-    log_every: int = 10
-    checkpoint_every: int = 0
-    views: ViewConfig = field(default_factory=ViewConfig)
-    style: StyleConfig = field(default_factory=StyleConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    method: str
+    data: DataConfig
+    model: ModelConfig
+    moco: MocoConfig
+    optim: OptimConfig
+    epochs: int
+    steps: int
+    batch_size: int
+    temperature: float
+    seed: int
+    device: str
+    channels_last: bool
+    out: str | None
+    log_every: int
+    checkpoint_every: int
+    views: ViewConfig
+    style: StyleConfig
+    probe: ProbeConfig
 
 
 def _unit(value: float, key: str) -> None:
@@ -551,23 +547,6 @@ class _Batches:
             yield self.images[order[k * self.batch_size:(k + 1) * self.batch_size]]
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _check_resume(ckpt: dict[str, Any], cfg: SSLConfig, path: Path) -> None:
-    if ckpt.get("format") != ENCODER_FORMAT or "ssl_train" not in ckpt:
-        raise RFIError(f"{path} is not a training checkpoint of rfi ssl: cannot resume from it")
-    old, new = _flat(ckpt["ssl_train"]["config"]), _flat(config_to_dict(cfg))
-    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)
-    changed = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
-    if changed:
-        raise RFIError(f"--resume: the config differs from the run in {path.parent} in {', '.join(changed)}")
-
-
 @torch.no_grad()
 def _warm_up(model: SimCLR | MoCo, size: int, device: torch.device) -> None:
     """Run the backbones once (eval mode: no statistics change) so their torch.fx feature extractors
@@ -636,12 +615,14 @@ def _train(cfg: SSLConfig, out: Path | None, resume: bool, stop_at: int | None,
     opt, sched = build_optimizer(cfg.optim, params, total)
     if style is None:
         style = build_style(cfg, device)
-    step, ckpt_path = 0, (out / "checkpoint.pt") if out is not None else None
-    if ckpt_path is not None and ckpt_path.exists():
-        if not resume:
-            raise RFIError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    run_dir = RunDir(out) if out is not None else None
+    step, ckpt_path = 0, run_dir.checkpoint if run_dir is not None else None
+    if run_dir is not None and run_dir.has_checkpoint(resume):
         ckpt = load_checkpoint(ckpt_path)
-        _check_resume(ckpt, cfg, ckpt_path)
+        if ckpt.get("format") != ENCODER_FORMAT or "ssl_train" not in ckpt:
+            raise RFIError(f"{ckpt_path} is not a training checkpoint of rfi ssl: cannot resume from it")
+        run_dir.check_resume(ckpt["ssl_train"]["config"], config_to_dict(cfg), RESUME_FREE_KEYS,
+                             config_to_dict(SSLConfig()))
         train = ckpt["ssl_train"]
         model.load_state_dict(train["model"])
         opt.load_state_dict(train["optimizer"])
@@ -649,10 +630,9 @@ def _train(cfg: SSLConfig, out: Path | None, resume: bool, stop_at: int | None,
         set_rng_state(train["rng"])
         step = train["step"]
         log.info("resuming %s at step %d of %d", ckpt_path, step, total)
-    if out is not None:
-        resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(resolved))
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if step else None) if out is not None else None
+    if run_dir is not None:
+        run_dir.write_config(config_to_dict(cfg))
+    metrics = run_dir.metrics(resume_step=step if step else None) if run_dir is not None else None
 
     def save(losses_so_far: list[float]) -> None:
         if ckpt_path is None:
@@ -839,7 +819,7 @@ def run_ssl(cfg: SSLConfig, resume: bool = False, style: StyleAugment | None = N
     model, stats = train_ssl(cfg, resume, style=style)
     result = {**stats, "probe": linear_probe(model, cfg) if cfg.probe.enabled else {}}
     if cfg.out:
-        from encoders.evaluate import write_json
+        from encoders.serialization import write_json
 
         write_json({"config": config_to_dict(cfg), **result}, Path(cfg.out) / "result.json")
     return result

@@ -28,34 +28,29 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import kornia.color
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from apps.feature_transforms import blend_styles
-from encoders.config import add_job_arguments, config_to_dict, load_config
+from encoders.config import config_to_dict, load_config, merge, yaml_dataclass
 from encoders.errors import RFIError
-from encoders.files import FileBatch
-from encoders.imageio import read_image
-from encoders.runtime import resolve_device
-from encoders.serialization import load_checkpoint
-from inversion.autoencoder import RobustAutoencoder, load_encoder_file
+from encoders.checkpoints import load_encoder
+from encoders.rundir import RunDir, TrainResult
+from inversion.autoencoder import RobustAutoencoder
+from inversion.tiling import pad_to_multiple
 from inversion.train import TRAIN_ENCODER_HINT, TrainDecoderConfig, train_decoder
 
 log = logging.getLogger("rfi")
 
 METHODS = ("wct", "adain")
-DEFAULT_MODEL = "runs/style/pyramid.pt"
 DEFAULT_CONFIG = "configs/apps/style.yaml"
 
 
@@ -80,19 +75,6 @@ def resize_longer(image: Tensor, size: int | None) -> Tensor:
     return x if batched else x[0]
 
 
-def _pad(x: Tensor, stride: int) -> Tensor:
-    """Pad (reflect, or replicate where the image is too small to reflect) on the bottom/right to a
-    multiple of ``stride``, at least 2 * stride, so the deepest features are at least 2x2
-    (AdaIN's standard deviation needs two values)."""
-    h, w = x.shape[-2:]
-    ph = max(2, math.ceil(h / stride)) * stride - h
-    pw = max(2, math.ceil(w / stride)) * stride - w
-    if not (ph or pw):
-        return x
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
 def preserve_colors(stylized: Tensor, content: Tensor) -> Tensor:
     """Keep the content's colours: the luminance (Y of YCbCr) of ``stylized`` with the chroma
     (Cb, Cr) of ``content`` (the "luminance-only transfer" of Gatys et al., 2016).
@@ -110,58 +92,6 @@ def preserve_colors(stylized: Tensor, content: Tensor) -> Tensor:
     luma = kornia.color.rgb_to_ycbcr(stylized)[:, :1]
     chroma = kornia.color.rgb_to_ycbcr(content)[:, 1:]
     return kornia.color.ycbcr_to_rgb(torch.cat([luma, chroma], dim=1)).clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------- tiled decoding
-def _margin(decoder: nn.Module) -> int:
-    """Receptive-field radius of a decoder, in input feature pixels (an upper bound).
-
-    Every conv adds (k // 2) * dilation pixels at its own resolution, which is the input
-    resolution or finer, so summing over all convs bounds the radius; +1 covers interpolating
-    up-samplers.
-    """
-    radius = sum((m.kernel_size[0] // 2) * m.dilation[0] for m in decoder.modules() if isinstance(m, nn.Conv2d))
-    return radius + 1
-
-
-def decode_tiled(ae: RobustAutoencoder, features: Mapping[str, Tensor], layer: str, tile: int = 512) -> Tensor:
-    """Decode features in overlapping tiles, so memory stays bounded for large images.
-
-    Each tile of ``tile`` output pixels is decoded with a margin of the decoder's receptive
-    field around it and cropped back, so the result equals a whole-image decode (the decoder
-    is convolutional and its BatchNorm is in eval mode).
-
-    Args:
-        ae: the autoencoder.
-        features: ``{layer: (B, C, h, w), **skips}`` as :meth:`RobustAutoencoder.encode` returns.
-        layer: which decoder.
-        tile: tile side in output pixels.
-
-    Returns:
-        (B, 3, h * up, w * up) images in [0, 1], ``up`` the decoder's up-sampling factor.
-    """
-    decoder = ae.decoders[layer]
-    main = features[layer]
-    h, w = main.shape[-2:]
-    up = decoder.upsampling
-    step = max(1, tile // up)
-    if step >= h and step >= w:
-        return ae.decode(features, layer)
-    m = _margin(decoder)
-    out = main.new_empty(main.shape[0], 3, h * up, w * up)
-    for top in range(0, h, step):
-        for left in range(0, w, step):
-            t0, l0 = max(0, top - m), max(0, left - m)
-            t1, l1 = min(h, top + step + m), min(w, left + step + m)
-            crop = {}
-            for name, f in features.items():  # skip features are finer: scale the window
-                r = f.shape[-1] // w
-                crop[name] = f[..., t0 * r:t1 * r, l0 * r:l1 * r]
-            dec = ae.decode(crop, layer)
-            bottom, right = min(h, top + step), min(w, left + step)
-            out[..., top * up:bottom * up, left * up:right * up] = \
-                dec[..., (top - t0) * up:(bottom - t0) * up, (left - l0) * up:(right - l0) * up]
-    return out
 
 
 # ----------------------------------------------------------------------------- style transfer
@@ -190,14 +120,16 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
 @torch.no_grad()
 def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Tensor],
             weights: Sequence[float] | None = None, method: str = "wct", alpha: float = 1.0,
-            preserve_color: bool = False, layers: Sequence[str] | None = None, tile: int = 512) -> Tensor:
+            preserve_color: bool = False, layers: Sequence[str] | None = None, tile: int | None = None) -> Tensor:
     """Restyle ``content`` coarse-to-fine through a decoder pyramid.
 
     For each layer, deepest first: encode the current image, transform its features towards
     the style's (:func:`apps.feature_transforms.blend_styles`), decode; the result is the
     input of the next shallower layer. Images are reflect-padded to a multiple of each
-    layer's stride and cropped back, so any size works; outputs larger than the
-    autoencoder's ``max_pixels`` are decoded in tiles (:func:`decode_tiled`).
+    layer's stride and cropped back, so any size works; images larger than the
+    autoencoder's ``max_pixels`` are encoded and decoded in tiles with receptive-field
+    margins (:meth:`~inversion.autoencoder.RobustAutoencoder.encode_tiled` and
+    ``decode_tiled``; equal to a whole pass), so memory stays bounded.
 
     Args:
         ae: a decoder pyramid (a ``RobustAutoencoder`` with decoders for several layers).
@@ -211,7 +143,8 @@ def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Te
         preserve_color: transfer only the luminance, keeping the content's colours
             (:func:`preserve_colors`).
         layers: pyramid layers to use (default: all that have a decoder).
-        tile: output tile side in pixels for large images.
+        tile: tile side in pixels for large images, margins included (default: the square
+            of the autoencoder's ``max_pixels``).
 
     Returns:
         Stylised images, same shape as ``content``, values in [0, 1].
@@ -242,19 +175,16 @@ def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Te
             raise RFIError(f"no decoder for layer(s) {', '.join(missing)} in this pyramid "
                            f"(have: {', '.join(ae.layers)})")
     deepest = max(ae.strides[k] for k in layers)  # tiny styles are padded so every map has >= 2x2 values
-    style_feats = [ae.features(s if min(s.shape[-2:]) >= 2 * deepest else _pad(s, deepest), layers)
-                   for s in styles]
+    style_feats = [ae.features(s if min(s.shape[-2:]) >= 2 * deepest else
+                               pad_to_multiple(s, deepest, min_size=2 * deepest), layers) for s in styles]
     h, w = x.shape[-2:]
     out = x
-    max_side = max(1, int(math.sqrt(ae.max_pixels)))
     for layer in reversed(layers):  # deepest first
-        padded = _pad(out, ae.strides[layer])
-        feats = ae.encode(padded, layer)
+        stride = ae.strides[layer]  # >= 2x2 features: AdaIN's standard deviation needs two values
+        padded = pad_to_multiple(out, stride, min_size=2 * stride)
+        feats = ae.encode_tiled(padded, layer, tile)
         feats[layer] = blend_styles(feats[layer], [f[layer] for f in style_feats], weights, method, float(alpha))
-        if padded.shape[-2] * padded.shape[-1] > ae.max_pixels:
-            dec = decode_tiled(ae, feats, layer, min(tile, max_side))
-        else:
-            dec = ae.decode(feats, layer)
+        dec = ae.decode_tiled(feats, layer, tile)
         if dec.shape[-2:] != padded.shape[-2:]:  # a decoder whose up-sampling differs from the stride
             dec = F.interpolate(dec, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         out = dec[..., :h, :w].clamp(0, 1)
@@ -264,13 +194,7 @@ def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Te
 
 
 # ----------------------------------------------------------------------------- training a pyramid
-def _default_train() -> TrainDecoderConfig:
-    cfg = TrainDecoderConfig()
-    cfg.steps, cfg.batch_size, cfg.sample_every = 200, 32, 0
-    return cfg
-
-
-@dataclass
+@yaml_dataclass("apps/style.yaml")
 class TrainDecodersConfig:
     """A run of ``rfi train-decoders`` (YAML: ``configs/apps/style.yaml``).
 
@@ -282,19 +206,14 @@ class TrainDecodersConfig:
     (``<runs>/<layer>/decoder.pt``; default ``<out without suffix>_decoders``).
     """
 
-    layers: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])
-    train: TrainDecoderConfig = field(default_factory=_default_train)
-    per_layer: dict[str, Any] = field(default_factory=dict)
-    out: str = DEFAULT_MODEL
-    runs: str | None = None
+    layers: list[str]
+    train: TrainDecoderConfig
+    per_layer: dict[str, Any]
+    out: str
+    runs: str | None
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = ""):
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value:
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+DEFAULT_MODEL = TrainDecodersConfig().out  # the model file rfi stylize --model reads
 
 
 def layer_config(cfg: TrainDecodersConfig, layer: str) -> TrainDecoderConfig:
@@ -303,14 +222,12 @@ def layer_config(cfg: TrainDecodersConfig, layer: str) -> TrainDecoderConfig:
     Raises:
         RFIError: an unknown or mistyped key in ``per_layer`` (named with its layer).
     """
-    base = [f"{k}={json.dumps(v)}" for k, v in _flatten(config_to_dict(cfg.train))]  # JSON is YAML
     extra = cfg.per_layer.get(layer) or {}
     if not isinstance(extra, Mapping):
         raise RFIError(f"per_layer.{layer} must be a mapping of train-decoder keys, got {extra!r}")
-    own = [f"{k}={json.dumps(v)}" for k, v in _flatten(extra)]
-    fixed = [f"encoder.layer={json.dumps(layer)}", f"out={json.dumps(str(_runs_dir(cfg) / layer))}"]
+    fixed = {"encoder.layer": layer, "out": str(_runs_dir(cfg) / layer)}
     try:
-        return load_config(TrainDecoderConfig, None, base + own + fixed)
+        return load_config(TrainDecoderConfig, None, merge(config_to_dict(cfg.train), extra, fixed))
     except RFIError as e:
         raise RFIError(f"per_layer.{layer}: {e}") from None
 
@@ -339,7 +256,7 @@ def check_pyramid_config(cfg: TrainDecodersConfig) -> list[str]:
     if not path.is_file():
         raise RFIError(f"encoder checkpoint not found: {path} (train.encoder.checkpoint); train one with "
                        f"`{TRAIN_ENCODER_HINT}` or set train.encoder.checkpoint=PATH")
-    encoder = load_encoder_file(path, cfg.train.encoder.arch, "train.encoder.arch")
+    encoder = load_encoder(path, cfg.train.encoder.arch, arch_key="train.encoder.arch")
     bad = [k for k in cfg.layers if k not in encoder.layer_names]
     if bad:
         raise RFIError(f"layers: {encoder.arch} in {cfg.train.encoder.checkpoint} has no layer "
@@ -351,7 +268,7 @@ def check_pyramid_config(cfg: TrainDecodersConfig) -> list[str]:
     return [k for k in encoder.layer_names if k in cfg.layers]
 
 
-def train_pyramid(cfg: TrainDecodersConfig, resume: bool = False) -> Path:
+def train_pyramid(cfg: TrainDecodersConfig, resume: bool = False) -> TrainResult:
     """Train one decoder per layer with :func:`inversion.train.train_decoder`; write the pyramid.
 
     Args:
@@ -359,44 +276,30 @@ def train_pyramid(cfg: TrainDecodersConfig, resume: bool = False) -> Path:
         resume: continue the per-layer runs in ``runs`` (finished layers are kept as they are).
 
     Returns:
-        ``cfg.out``: one model file, loadable with ``RobustAutoencoder.load`` and used by
-        ``rfi stylize --model``.
+        A :class:`~encoders.rundir.TrainResult`: ``path`` is ``cfg.out`` (the result stands for it
+        where a path is expected), one model file, loadable with ``RobustAutoencoder.load`` and
+        used by ``rfi stylize --model``; ``model`` the pyramid (a ``RobustAutoencoder``, eval
+        mode); ``metrics`` ``{layer: that decoder's metrics}`` (see :func:`inversion.train.train_decoder`).
 
     Raises:
         RFIError: bad config, missing encoder, or an existing model/run without ``resume``.
     """
     layers = check_pyramid_config(cfg)
     out = Path(cfg.out)
-    if out.exists() and not resume:
-        raise RFIError(f"{out} exists: pass --resume to reuse its finished runs, or choose another --out")
+    RunDir(out.parent, out.name).has_checkpoint(resume)  # an existing model needs --resume (its runs are reused)
     configs = {layer: layer_config(cfg, layer) for layer in layers}  # every layer checked before training
-    paths = {}
+    runs = {}
     for i, (layer, layer_cfg) in enumerate(configs.items()):
         log.info("pyramid decoder %d/%d: %s (%s steps) -> %s", i + 1, len(configs), layer,
                  layer_cfg.steps or f"{layer_cfg.epochs} epochs of", layer_cfg.out)
-        paths[layer] = train_decoder(layer_cfg, resume=resume)
-    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, list(paths.values()),
+        runs[layer] = train_decoder(layer_cfg, resume=resume)
+    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, [r.path for r in runs.values()],
                                                arch=cfg.train.encoder.arch, arch_key="train.encoder.arch")
-    psnrs = {layer: load_checkpoint(p).get("val_psnr") for layer, p in paths.items()}
+    psnrs = {layer: model.metadata["decoders"][layer].get("val_psnr") for layer in runs}
     model.save(out, app="style", layers=layers, val_psnr=psnrs, config=config_to_dict(cfg))
     log.info("decoder pyramid (%s) written to %s; validation PSNR %s", ", ".join(layers), out,
              ", ".join(f"{k} {v:.2f} dB" for k, v in psnrs.items() if v is not None))
-    return out
-
-
-def register_train_decoders(parser: argparse.ArgumentParser) -> None:
-    add_job_arguments(parser, DEFAULT_CONFIG, "train.steps=100 'layers=[layer1,layer2,layer3]' "
-                                              "train.encoder.checkpoint=PATH per_layer.layer1.steps=50",
-                      "pyramid model file (default: out of the config)", "continue (or reuse) the per-layer runs")
-    parser.set_defaults(func=run_train_decoders)
-
-
-def run_train_decoders(args: argparse.Namespace) -> int:
-    cfg = load_config(TrainDecodersConfig, args.config, args.overrides)
-    if args.out:
-        cfg.out = args.out
-    print(train_pyramid(cfg, resume=args.resume))
-    return 0
+    return TrainResult(out, model.eval(), {layer: r.metrics for layer, r in runs.items()})
 
 
 # ----------------------------------------------------------------------------- rfi stylize
@@ -411,70 +314,3 @@ def load_pyramid(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise RFIError(f"style model not found: {path} (train one with `rfi train-decoders --config "
                        f"{DEFAULT_CONFIG}` or pass --model PATH)")
     return RobustAutoencoder.load(path, device=device).eval()
-
-
-def parse_weights(text: str | None) -> list[float] | None:
-    """``"0.7,0.3"`` -> ``[0.7, 0.3]``; ``None`` stays ``None``.
-
-    Raises:
-        RFIError: not comma-separated numbers.
-    """
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise RFIError(f"--weights must be comma-separated numbers such as 0.7,0.3, got {text!r}") from None
-
-
-def register_stylize(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("contents", nargs="+", metavar="CONTENT", help="content images and/or folders of images")
-    parser.add_argument("--style", action="append", required=True, metavar="STYLE",
-                        help="style image; repeat for several (blended with --weights, else one output each)")
-    parser.add_argument("--weights", help="comma-separated weights of the styles, e.g. 0.7,0.3: blend "
-                                          "them into one output per content")
-    parser.add_argument("--out", required=True, help="output folder (PNG files)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"decoder pyramid (default {DEFAULT_MODEL})")
-    parser.add_argument("--method", choices=METHODS, default="wct", help="feature transform (default wct)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="content-style trade-off in [0, 1] (default 1)")
-    parser.add_argument("--preserve-color", action="store_true", help="keep the content's colours")
-    parser.add_argument("--size", type=int, help="resize contents so the longer side is SIZE px (default: as is)")
-    parser.add_argument("--style-size", type=int,
-                        help="longer side of the styles in px (default: the content's longer side)")
-    parser.add_argument("--layers", help="comma-separated pyramid layers to use (default: all)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.set_defaults(func=run_stylize)
-
-
-def run_stylize(args: argparse.Namespace) -> int:
-    for name in ("size", "style_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise RFIError(f"--{name.replace('_', '-')} must be a positive number of pixels, got {value}")
-    if not 0 <= args.alpha <= 1:
-        raise RFIError(f"--alpha must be in [0, 1], got {args.alpha}")
-    style_paths = [Path(s) for s in args.style]
-    for p in style_paths:
-        if not p.is_file():
-            raise RFIError(f"style image not found: {p}")
-    weights = parse_weights(args.weights)
-    if weights is not None:
-        check_weights(weights, len(style_paths))
-    separate = weights is None and len(style_paths) > 1
-    batch = FileBatch(args.contents, args.out, protect=style_paths, desc="stylize",
-                      names=lambda c: [f"{c.stem}_{s.stem}.png" for s in style_paths] if separate else [f"{c.stem}.png"])
-    styles = [read_image(p) for p in style_paths]
-    device = resolve_device(args.device)
-    ae = load_pyramid(args.model, device)
-    layers = args.layers.split(",") if args.layers else None
-    groups = [[i] for i in range(len(styles))] if separate else [list(range(len(styles)))]
-
-    def process(path: Path, image: Tensor) -> list[Tensor]:
-        content = resize_longer(image, args.size).to(device)
-        side = args.style_size or max(content.shape[-2:])
-        return [stylize(ae, content, [resize_longer(styles[i], side) for i in group],
-                        weights=[weights[i] for i in group] if weights else None, method=args.method,
-                        alpha=args.alpha, preserve_color=args.preserve_color, layers=layers)
-                for group in groups]
-
-    return batch.run(process)

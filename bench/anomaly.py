@@ -42,11 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.anomaly import (DEFAULT_CONFIG, AnomalyConfig, AnomalyDetector, _mask, _readable, fit,  # noqa: E402
-                          image_metrics, pixel_metrics, resolve_data, split_normal)
+from apps.anomaly import (DEFAULT_CONFIG, AnomalyConfig, AnomalyDetector, fit, ground_truth_mask,  # noqa: E402
+                          image_metrics, pixel_metrics, readable_images, resolve_data, split_normal)
 from encoders.config import load_config  # noqa: E402
 from encoders.errors import RFIError  # noqa: E402
-from encoders.evaluate import write_json  # noqa: E402
+from encoders.serialization import write_json  # noqa: E402
 from encoders.imageio import read_image  # noqa: E402
 
 ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
@@ -88,7 +88,7 @@ def evaluate(det: AnomalyDetector, data) -> dict[str, Any]:
         maps = torch.cat([det.maps(x).cpu() for x in det.batches(images, 16)])
         ms = 1000 * (time.perf_counter() - start) / len(items)
     scores = det.image_scores(maps).tolist()
-    masks = [_mask(t, tuple(m.shape[-2:])) for t, m in zip(items, maps)]
+    masks = [ground_truth_mask(t, tuple(m.shape[-2:])) for t, m in zip(items, maps)]
 
     def metrics(keep: list[int]) -> dict[str, float | None]:
         return {"image_auroc": image_metrics([items[i].label for i in keep], [scores[i] for i in keep])["auroc"],
@@ -105,7 +105,7 @@ def evaluate(det: AnomalyDetector, data) -> dict[str, Any]:
 def held_out(cfg: AnomalyConfig, category: str) -> list[torch.Tensor]:
     """The held-out normal images of a fit (the same split as ``fit``)."""
     found = resolve_data("embedded", category, cfg.benchmark, "train")
-    return [read_image(p) for p in split_normal(_readable(found.train), cfg.holdout)[1]]
+    return [read_image(p) for p in split_normal(readable_images(found.train), cfg.holdout)[1]]
 
 
 def median(values: list[float | None]) -> float | None:

@@ -56,7 +56,7 @@ from apps.selfsup import (
 )
 from encoders.config import config_to_dict, load_config
 from encoders.errors import RFIError
-from encoders.evaluate import write_json
+from encoders.serialization import write_json
 from encoders.runtime import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from encoders.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
 VARIANTS = ("rfi", "plain")
 DEFAULT_CONFIG = "configs/decoder/resnet18_robust_layer3.yaml"
 
@@ -53,32 +53,6 @@ def _config(args: argparse.Namespace, out: str | None = None):
         *encoder, f"data.train_crops={args.crops}", "data.val_crops=64",
         f"batch_size={args.batch_size}", "epochs=1", "steps=0", "sample_every=0", f"log_every={steps}",
         f"device={args.device}", f"out={out or 'unused'}"])
-
-
-def _reset_peak(device) -> None:
-    """Forget the peak so far: the photos are decoded and resized once per process before the
-    timed run (both variants alike), and that one-off peak would otherwise hide training's."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM (peak RSS)
-        except OSError:
-            pass
-
-
-def _peak_memory_mib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
-        return int(line.split()[1]) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _current_memory_mib(device) -> float:
@@ -103,7 +77,7 @@ def _prepare(cfg):
 
     build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     device = resolve_device(cfg.device)
-    _reset_peak(device)
+    reset_peak_memory(device)
     return device, _current_memory_mib(device)
 
 
@@ -116,7 +90,7 @@ def _rfi(args: argparse.Namespace) -> dict:
         train_decoder(cfg)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     epoch = next(r for r in records if "images_per_s" in r)
-    peak = _peak_memory_mib(device)
+    peak = peak_memory_mib(device)
     return {"images_per_s": epoch["images_per_s"], "peak_mib": peak, "training_mib": peak - base}
 
 
@@ -156,7 +130,7 @@ def _plain(args: argparse.Namespace) -> dict:
         seen += x.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    peak = _peak_memory_mib(device)
+    peak = peak_memory_mib(device)
     return {"images_per_s": seen / (time.perf_counter() - start), "peak_mib": peak, "training_mib": peak - base}
 
 

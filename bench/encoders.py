@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from encoders.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
 VARIANTS = ("rfi standard", "plain standard", "rfi adversarial", "plain adversarial")
 
 
@@ -40,14 +40,6 @@ def _overrides(args: argparse.Namespace, adversarial: bool) -> list[str]:
     return [f"data.train_crops={args.crops}", "data.val_crops=256", f"batch_size={args.batch_size}",
             "epochs=1", "eval.enabled=false", "flip=false", f"adv.enabled={str(adversarial).lower()}",
             f"device={args.device}", "log_every=0"]
-
-
-def _peak_memory_mib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _rfi(args: argparse.Namespace, adversarial: bool) -> dict:
@@ -61,7 +53,7 @@ def _rfi(args: argparse.Namespace, adversarial: bool) -> dict:
         train_encoder(cfg)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     epoch = next(r for r in records if "images_per_s" in r)
-    return {"images_per_s": epoch["images_per_s"], "peak_mib": _peak_memory_mib(resolve_device(args.device))}
+    return {"images_per_s": epoch["images_per_s"], "peak_mib": peak_memory_mib(resolve_device(args.device))}
 
 
 def _plain(args: argparse.Namespace, adversarial: bool) -> dict:
@@ -107,7 +99,7 @@ def _plain(args: argparse.Namespace, adversarial: bool) -> dict:
         seen += y.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"images_per_s": seen / (time.perf_counter() - start), "peak_mib": _peak_memory_mib(device)}
+    return {"images_per_s": seen / (time.perf_counter() - start), "peak_mib": peak_memory_mib(device)}
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -176,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from encoders.evaluate import write_json
+    from encoders.serialization import write_json
 
     load = os.getloadavg()
     samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}

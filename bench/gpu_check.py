@@ -4,18 +4,17 @@ For each architecture (full-size AlexNet and ResNet-50 at 224 px: width 1, Image
 and each precision, it times the project's own training steps, not a re-implementation:
 
 1. ``encoder``: robust training (``configs/encoder/imagenet_<arch>_robust.yaml``: L2 PGD,
-   eps 3, 3 attack steps): ``train_step`` of the trainer behind
-   :func:`encoders.train.train_encoder` (attack, forward, backward, optimiser step, with the
-   config's ``precision`` / ``channels_last``) on one batch of a generated 224-px folder,
-   ``--warmup`` untimed steps then ``--steps`` timed ones (data loading not included).
-2. ``decoder``: ``train_step`` of the trainer behind :func:`inversion.train.train_decoder`
-   for ``conv5`` (AlexNet) / ``layer4`` (ResNet-50) of that (randomly initialised) encoder:
-   encoder features, decoder, pixel L1 + feature loss, backward, Adam step.
+   eps 3, 3 attack steps): :meth:`encoders.train.EncoderTrainer.train_step`, the step
+   :func:`encoders.train.train_encoder` runs (attack, forward, backward, optimiser and
+   scheduler step, with the config's ``precision`` / ``channels_last``) on one batch of a
+   generated 224-px folder, ``--warmup`` untimed steps then ``--steps`` timed ones (data
+   loading not included).
+2. ``decoder``: :meth:`inversion.train.DecoderTrainer.train_step` (the step of
+   :func:`inversion.train.train_decoder`) for ``conv5`` (AlexNet) / ``layer4`` (ResNet-50) of
+   that (randomly initialised) encoder: encoder features, decoder, pixel L1 + feature loss,
+   backward, Adam and scheduler step.
 3. ``inversion``: :meth:`inversion.RobustAutoencoder.reconstruct` (encoder + that decoder,
    loaded from their checkpoint files) of one 4000x3000 image, timed on its second pass.
-
-(With a version of RFI without these trainer objects, the whole ``train_encoder`` /
-``train_decoder`` runs are timed instead, and the ``method`` field says so.)
 
 On CPU each row also gives images per second of the process's CPU time
 (``images_per_cpu_s``), which a shared machine's load does not depress.
@@ -39,7 +38,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -49,6 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from encoders.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
 
 LAYERS = {"alexnet": "conv5", "resnet50": "layer4"}
 TINY = {"size": 32, "width": 0.125, "small_input": True, "inversion": (300, 400)}
@@ -117,37 +116,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def reset_peak(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_mib(device: str) -> float:
-    """Peak GPU memory allocated since :func:`reset_peak` (CUDA), or the process's peak RSS (CPU)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:  # VmHWM: this address space's peak (ru_maxrss would carry over a forking parent's peak)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def last_record(path: Path, key: str = "images_per_s") -> dict[str, Any]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    found = [r for r in records if key in r]
-    if not found:
-        raise RuntimeError(f"{path} has no record with {key}")
-    return found[-1]
-
-
 def random_encoder_checkpoint(arch: str, sizes: dict, path: Path) -> Path:
     """A randomly initialised encoder of ``arch`` at ``sizes`` (speed does not depend on the weights)."""
     import torch
@@ -199,35 +167,21 @@ def encoder_config(arch: str, sizes: dict, data: Path, out: Path, batch_size: in
 
 def encoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path, out: Path, batch_size: int,
                 steps: int, num_workers: int, warmup: int = 2) -> dict[str, Any]:
-    """Robust (L2 PGD-3) encoder training steps: ``train_step`` of :mod:`encoders.train`'s trainer on one batch.
-
-    Falls back to a whole :func:`encoders.train.train_encoder` run (its own images/s, data
-    loading included) when this version has no trainer object.
-    """
+    """Robust (L2 PGD-3) encoder training steps: :meth:`encoders.train.EncoderTrainer.train_step` on one batch."""
     import encoders.train as T
+    from encoders.runtime import setup_distributed
 
     extra, skip = scale_keys(T.TrainEncoderConfig, precision, device)
     if skip:
         return {"skipped": skip}
     cfg = encoder_config(arch, sizes, data, out, batch_size, warmup + steps, num_workers, device, extra)
-    reset_peak(device)
-    if hasattr(T, "_EncoderTrainer"):
-        from encoders.runtime import setup_distributed
-
-        ctx, dev = setup_distributed(cfg.device)
-        trainer = T._EncoderTrainer(cfg, ctx, dev)
-        trainer.encoder.train()
-        x, y = _first_batch(trainer.train_set, batch_size)
-        ips, ips_cpu = time_steps(lambda: trainer.train_step(x, y), batch_size, warmup, steps, device)
-        return {"images_per_s": ips, "images_per_cpu_s": ips_cpu, "peak_mib": peak_mib(device),
-                "method": "_EncoderTrainer.train_step",
-                "steps_timed": steps, "batch_size": batch_size}
-    cfg.epochs = 2  # older version: whole run, images/s of its second epoch (warm)
-    train_encoder = T.train_encoder
-    train_encoder(cfg)
-    record = last_record(out / "metrics.jsonl")
-    return {"images_per_s": record["images_per_s"], "peak_mib": peak_mib(device),
-            "method": "train_encoder (2nd epoch, data loading included)", "batch_size": batch_size}
+    reset_peak_memory(device)
+    trainer = T.EncoderTrainer(cfg, *setup_distributed(cfg.device))
+    trainer.encoder.train()
+    x, y = _first_batch(trainer.train_set, batch_size)
+    ips, ips_cpu = time_steps(lambda: trainer.train_step(x, y), batch_size, warmup, steps, device)
+    return {"images_per_s": ips, "images_per_cpu_s": ips_cpu, "peak_mib": peak_memory_mib(device),
+            "method": "EncoderTrainer.train_step", "steps_timed": steps, "batch_size": batch_size}
 
 
 def decoder_config(arch: str, sizes: dict, data: Path, encoder_ckpt: Path, out: Path, batch_size: int,
@@ -249,12 +203,13 @@ def decoder_config(arch: str, sizes: dict, data: Path, encoder_ckpt: Path, out: 
 def decoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path, encoder_ckpt: Path, out: Path,
                 batch_size: int, steps: int, num_workers: int, preset: str = "cpu",
                 warmup: int = 2) -> dict[str, Any]:
-    """Decoder training steps for conv5 / layer4: ``train_step`` of :mod:`inversion.train`'s trainer on one batch.
+    """Decoder training steps for conv5 / layer4: :meth:`inversion.train.DecoderTrainer.train_step` on one batch.
 
-    Writes the decoder to ``out/decoder.pt`` (for :func:`inversion_job`). Falls back to a
-    whole :func:`inversion.train.train_decoder` run when this version has no trainer object.
+    Writes the decoder to ``out/decoder.pt`` (for :func:`inversion_job`).
     """
     import inversion.train as T
+    from encoders.runtime import setup_distributed
+    from inversion.decoders import save_decoder
 
     extra, skip = scale_keys(T.TrainDecoderConfig, precision, device)
     if skip:
@@ -264,27 +219,17 @@ def decoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path,
             return {"skipped": f"decoder.preset={preset} not supported in this version"}
         extra.append(f"decoder.preset={preset}")
     cfg = decoder_config(arch, sizes, data, encoder_ckpt, out, batch_size, warmup + steps, num_workers, device, extra)
-    reset_peak(device)
-    if hasattr(T, "_DecoderTrainer"):
-        from encoders.runtime import setup_distributed
-        from inversion.decoders import save_decoder
-
-        ctx, dev = setup_distributed(cfg.device)
-        trainer = T._DecoderTrainer(cfg, None, ctx, dev)
-        trainer.decoder.train()
-        x = T._images(_first_batch(trainer.train_set, batch_size))
-        ips, ips_cpu = time_steps(lambda: trainer.train_step(x), batch_size, warmup, steps, device)
-        result = {"images_per_s": ips, "images_per_cpu_s": ips_cpu, "peak_mib": peak_mib(device),
-                  "method": "_DecoderTrainer.train_step",
-                  "steps_timed": steps, "batch_size": batch_size,
-                  "decoder_parameters": sum(p.numel() for p in trainer.decoder.parameters())}
-        path = save_decoder(trainer.decoder.eval(), out / "decoder.pt", trainer.encoder.config())
-        return {**result, "checkpoint": str(path)}
-    cfg.steps, cfg.log_every = warmup + steps, steps  # older version: whole run, its second window
-    path = T.train_decoder(cfg)
-    record = last_record(out / "metrics.jsonl")
-    return {"images_per_s": record["images_per_s"], "peak_mib": peak_mib(device),
-            "method": "train_decoder (last window)", "batch_size": batch_size, "checkpoint": str(path)}
+    reset_peak_memory(device)
+    trainer = T.DecoderTrainer(cfg, None, *setup_distributed(cfg.device))
+    trainer.decoder.train()
+    batch = _first_batch(trainer.train_set, batch_size)
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, labels) or images
+    ips, ips_cpu = time_steps(lambda: trainer.train_step(x), batch_size, warmup, steps, device)
+    result = {"images_per_s": ips, "images_per_cpu_s": ips_cpu, "peak_mib": peak_memory_mib(device),
+              "method": "DecoderTrainer.train_step", "steps_timed": steps, "batch_size": batch_size,
+              "decoder_parameters": sum(p.numel() for p in trainer.decoder.parameters())}
+    path = save_decoder(trainer.decoder.eval(), out / "decoder.pt", trainer.encoder.config())
+    return {**result, "checkpoint": str(path)}
 
 
 def inversion_job(precision: str, device: str, encoder_ckpt: Path, decoder_ckpt: Path, height: int, width: int,
@@ -300,7 +245,7 @@ def inversion_job(precision: str, device: str, encoder_ckpt: Path, decoder_ckpt:
     x = torch.rand(batch_size, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     times, cpu_times = [], []
-    reset_peak(device)
+    reset_peak_memory(device)
     for i in range(1 + repeats):
         sync(device)
         start, cpu = time.perf_counter(), time.process_time()
@@ -314,7 +259,7 @@ def inversion_job(precision: str, device: str, encoder_ckpt: Path, decoder_ckpt:
     seconds = statistics.median(times)
     return {"images_per_s": batch_size / seconds, "seconds_per_image": seconds / batch_size,
             "images_per_cpu_s": batch_size / max(statistics.median(cpu_times), 1e-9),
-            "peak_mib": peak_mib(device), "size": f"{width}x{height}", "batch_size": batch_size}
+            "peak_mib": peak_memory_mib(device), "size": f"{width}x{height}", "batch_size": batch_size}
 
 
 # ----------------------------------------------------------------------------- main

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from encoders.data import EmbeddedCrops  # noqa: E402
 from encoders.errors import RFIError  # noqa: E402
 from inversion import RobustAutoencoder  # noqa: E402
-from inversion.evaluate import compare_autoencoders, format_table, held_out_images, lpips_for, write_json  # noqa: E402
+from encoders.serialization import write_json  # noqa: E402
+from inversion.evaluate import compare_autoencoders, format_table, held_out_images, lpips_for  # noqa: E402
 from inversion.metrics import psnr, ssim  # noqa: E402
 from inversion.optimize import invert_by_optimization  # noqa: E402
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,20 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # for gpu_check; appended: bench/encoders.py must not shadow the package
+from encoders.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
 JOBS = ("encoder", "decoder", "inversion")
-
-
-def _rss_mib() -> float:
-    """This process's peak RSS in MiB: ``VmHWM`` (per address space, so fresh after ``exec``; ``ru_maxrss``
-    would carry over the forking parent's peak), else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args: argparse.Namespace) -> None:
@@ -73,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
     data = Path(args.data)
     work = Path(tempfile.mkdtemp(prefix=f"rfi-real-{args.arch}-{args.job}-"))
     encoder_ckpt = Path(args.encoder_checkpoint)
-    baseline = _rss_mib()
+    baseline = peak_memory_mib()
     load_before = os.getloadavg()
     if args.job == "encoder":
         result = gpu_check.encoder_job(args.arch, "fp32", "cpu", sizes, data, work / "enc", args.batch_size,
@@ -85,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
         result = gpu_check.inversion_job("fp32", "cpu", encoder_ckpt, Path(args.decoder_checkpoint), 224, 224,
                                          batch_size=args.batch_size, repeats=3)
     result.pop("checkpoint", None)
-    print(json.dumps({**result, "peak_rss_mib": _rss_mib(), "baseline_rss_mib": baseline,
+    print(json.dumps({**result, "peak_rss_mib": peak_memory_mib(), "baseline_rss_mib": baseline,
                       "threads": torch.get_num_threads(), "load_before": load_before, "load_after": os.getloadavg()}))
 
 

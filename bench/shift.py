@@ -12,11 +12,13 @@ LPS encoder), then measure on held-out validation crops:
 - the decoder's reconstruction PSNR, its equivariance error (largest pixel difference
   between ``D(E(T_b x))`` and ``T_{b-a} D(E(T_a x))``) and the share of exactly
   equivariant reconstructions (<= 1e-5);
-- the median time of an encoder training step (PGD example generation included for robust
-  training) and of a decoder training step (encoder forward, decoder, the run's pixel +
-  feature loss, backward, update). Timing runs after all training, *interleaved*: every
-  round times one step of each configuration in turn, so load from other processes on a
-  shared machine hits all of them alike.
+- the median time of an encoder training step (:meth:`encoders.train.EncoderTrainer.train_step`:
+  PGD example generation included for robust training) and of a decoder training step
+  (:meth:`inversion.train.DecoderTrainer.train_step`: encoder forward, decoder, the run's
+  pixel + feature loss, backward, update): the trainers' own steps, with each run's config,
+  on one fixed batch of its training data. Timing runs after all training, *interleaved*:
+  every round times one step of each configuration in turn, so load from other processes
+  on a shared machine hits all of them alike.
 
 Usage:
     python bench/shift.py                       # default: small, about 10 minutes on 2 idle CPU cores
@@ -39,22 +41,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.checkpoints import load_encoder  # noqa: E402
 from encoders.config import load_config  # noqa: E402
 from encoders.data import DataConfig, EmbeddedCrops  # noqa: E402
-from encoders.downsample import annealed_temperature, set_temperature  # noqa: E402
 from encoders.evaluate import evaluate_encoder  # noqa: E402
-from encoders.models import Encoder  # noqa: E402
+from encoders.runtime import setup_distributed  # noqa: E402
 from encoders.serialization import atomic_write  # noqa: E402
 from encoders.shift import shift_consistency  # noqa: E402
-from encoders.train import TrainEncoderConfig, adversarial_batch, train_encoder  # noqa: E402
+from encoders.train import EncoderTrainer, TrainEncoderConfig, train_encoder  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
-from inversion.losses import DecoderLoss  # noqa: E402
-from inversion.train import TrainDecoderConfig, build_decoder, load_frozen_encoder, train_decoder  # noqa: E402
+from inversion.train import DecoderTrainer, TrainDecoderConfig, train_decoder  # noqa: E402
 
 METHODS = ("stride", "blurpool", "lps")
 TRAININGS = ("standard", "robust")
@@ -106,46 +105,24 @@ def decoder_config(args: argparse.Namespace, encoder_path: Path, seed: int, out:
         f"log_every={max(1, args.decoder_steps // 10)}", f"seed={seed}", "device=cpu", f"out={out}"])
 
 
+def _first_batch(dataset, batch_size: int) -> Any:
+    return next(iter(DataLoader(dataset, batch_size=batch_size)))
+
+
 def encoder_step(cfg: TrainEncoderConfig):
-    """A function running one encoder training step as ``train_encoder`` does (fresh model, fixed batch)."""
-    torch.manual_seed(cfg.seed)
-    m = cfg.model
-    encoder = Encoder(m.arch, num_classes=8, width=m.width, small_input=m.small_input, downsample=m.downsample)
-    opt = torch.optim.SGD(encoder.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x, y = torch.rand(cfg.batch_size, 3, cfg.data.size, cfg.data.size), torch.randint(8, (cfg.batch_size,))
-
-    def step() -> None:
-        encoder.train()
-        if m.downsample == "lps":
-            set_temperature(encoder, annealed_temperature(0.5))
-        x_train = adversarial_batch(encoder, x, y, cfg.adv)
-        loss = F.cross_entropy(encoder.logits(x_train), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    """A function running one step of ``cfg``'s encoder training: :meth:`EncoderTrainer.train_step` on a fixed batch."""
+    trainer = EncoderTrainer(cfg, *setup_distributed(cfg.device))
+    trainer.encoder.train()
+    x, y = _first_batch(trainer.train_set, cfg.batch_size)
+    return lambda: trainer.train_step(x, y)
 
 
 def decoder_step(cfg: TrainDecoderConfig):
-    """A function running one decoder training step as ``train_decoder`` does (pixel + feature loss)."""
-    torch.manual_seed(cfg.seed)
-    encoder = load_frozen_encoder(cfg.encoder)
-    decoder = build_decoder(encoder, LAYER, cfg.decoder)
-    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.optim.lr)
-    loss = DecoderLoss(encoder, LAYER, pixel=cfg.loss.pixel, feature=cfg.loss.feature, pixel_type=cfg.loss.pixel_type)
-    x = EmbeddedCrops("train", cfg.data.size, cfg.batch_size, seed=1)
-    x = torch.stack([x[i][0] for i in range(len(x))])
-
-    def step() -> None:
-        with torch.no_grad():
-            feats = encoder(x, layers=decoder.input_layers)
-        total, _ = loss(decoder(feats), x, condition=feats[LAYER], target_features=feats[LAYER])
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-
-    return step
+    """A function running one step of ``cfg``'s decoder training: :meth:`DecoderTrainer.train_step` on a fixed batch."""
+    trainer = DecoderTrainer(cfg, None, *setup_distributed(cfg.device))
+    trainer.decoder.train()
+    x, _ = _first_batch(trainer.train_set, cfg.batch_size)
+    return lambda: trainer.train_step(x)
 
 
 def interleaved_ms(steps: dict[str, Any], rounds: int, warmup: int = 2) -> dict[str, float]:
@@ -164,12 +141,12 @@ def measure(args: argparse.Namespace, method: str, training: str, seed: int, wor
     run = work / f"{method}_{training}_seed{seed}"
     cfg = encoder_config(args, method, training, seed, run / "encoder")
     t0 = time.perf_counter()
-    enc_path = train_encoder(cfg)
+    trained = train_encoder(cfg)
+    encoder = trained.model
     t1 = time.perf_counter()
-    dec_cfg = decoder_config(args, enc_path, seed, run / "decoder")
-    dec_path = train_decoder(dec_cfg)
+    dec_cfg = decoder_config(args, trained.path, seed, run / "decoder")
+    dec_path = train_decoder(dec_cfg).path
     t2 = time.perf_counter()
-    encoder = load_encoder(enc_path)
     val = EmbeddedCrops("val", args.size, args.val_crops, DataConfig().seed)
     attack = evaluate_encoder(encoder, val, eps=args.eps, steps=args.pgd_steps, norm="l2",
                               max_images=args.eval_images, batch_size=250, seed=seed)

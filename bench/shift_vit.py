@@ -15,7 +15,8 @@ same steps. Measured on held-out validation crops:
   each direction (new content enters at the border, as when a camera moves);
 - the decoder's PSNR and reconstruction equivariance under circular shifts (mean largest
   pixel difference; share of images within 1e-5);
-- median ms of one encoder training step (PGD included for robust training), timed
+- median ms of one encoder training step (the trainer's own
+  :meth:`encoders.train.EncoderTrainer.train_step`, PGD included for robust training), timed
   interleaved after all training so machine load hits every row alike.
 
 Runs go seed by seed (all rows for seed 0, then seed 1, ...) and the JSON is rewritten
@@ -45,10 +46,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,15 +56,14 @@ sys.path.insert(0, str(ROOT))
 from encoders.checkpoints import load_encoder  # noqa: E402
 from encoders.config import load_config  # noqa: E402
 from encoders.data import EmbeddedCrops  # noqa: E402
-from encoders.downsample import annealed_temperature, set_temperature  # noqa: E402
 from encoders.evaluate import evaluate_encoder  # noqa: E402
 from encoders.models import Encoder  # noqa: E402
 from encoders.serialization import atomic_write  # noqa: E402
 from encoders.shift import shift_consistency  # noqa: E402
-from encoders.swin import encoder_options  # noqa: E402
-from encoders.train import TrainEncoderConfig, adversarial_batch, train_encoder  # noqa: E402
+from encoders.train import TrainEncoderConfig, train_encoder  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 from inversion.train import TrainDecoderConfig, train_decoder  # noqa: E402
+from bench.shift import encoder_step, interleaved_ms  # noqa: E402  (the trainer's real step, timed round-robin)
 
 # row name -> (encoder config stem without the training, overrides, decoder layer)
 MODELS: dict[str, tuple[str, list[str], str]] = {
@@ -204,38 +203,6 @@ def measure(args: argparse.Namespace, model: str, training: str, seed: int, work
             "encoder_train_s": t1 - t0, "decoder_train_s": t2 - t1, "layer": layer}
 
 
-def encoder_step(cfg: TrainEncoderConfig) -> Callable[[], None]:
-    """One encoder training step as ``train_encoder`` runs it (fresh model, fixed random batch)."""
-    torch.manual_seed(cfg.seed)
-    m = cfg.model
-    encoder = Encoder(m.arch, num_classes=9, width=m.width, small_input=m.small_input, downsample=m.downsample,
-                      **encoder_options(m.options))
-    opt = torch.optim.SGD(encoder.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.rand(cfg.batch_size, 3, cfg.data.size, cfg.data.size), torch.randint(9, (cfg.batch_size,))
-
-    def step() -> None:
-        encoder.train()
-        set_temperature(encoder, annealed_temperature(0.5))
-        loss = F.cross_entropy(encoder.logits(adversarial_batch(encoder, x, y, cfg.adv)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def interleaved_ms(steps: dict[Any, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[Any, float]:
-    """Median ms of each step function, timed round-robin (one call of each per round)."""
-    times: dict[Any, list[float]] = {k: [] for k in steps}
-    for r in range(warmup + rounds):
-        for key, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[key].append(1000 * (time.perf_counter() - start))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows (mean and sd over seeds) and paired per-seed differences equivariant - plain."""
     rows = []
@@ -341,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.timing_steps > 0 and not args.merge:
             print(f"  timing {args.timing_steps} interleaved rounds ...", flush=True)
             cfgs = {(m, t): encoder_config(args, m, t, 0, work / "timing") for t in trainings for m in models}
-            ms = interleaved_ms({k: encoder_step(c) for k, c in cfgs.items()}, args.timing_steps)
+            ms = interleaved_ms({k: encoder_step(c) for k, c in cfgs.items()}, args.timing_steps, warmup=1)
     if args.timing_only:
         rows = [{"model": m, "training": t, "encoder_step_ms": v, "per_seed": []} for (m, t), v in ms.items()]
         write(rows, [], complete=True)

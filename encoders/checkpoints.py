@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.errors import RFIError
+from encoders.interop import checkpoint_filter_fn, infer_encoder_kwargs, infer_num_classes
 from encoders.models import Encoder
 from encoders.serialization import load_checkpoint, save_checkpoint
 
@@ -95,61 +96,97 @@ def build_from_config(cls: Callable[..., nn.Module], config: Any, source: str, *
 
 
 def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | None = None,
-                            layers: Sequence[str] | None = None) -> Encoder:
-    """Rebuild the encoder of an RFI encoder checkpoint dict (see :func:`encoder_checkpoint`).
+                            layers: Sequence[str] | None = None, arch_key: str = "--arch",
+                            **kwargs: Any) -> Encoder:
+    """Build the encoder of a checkpoint dict: the one place encoders are built from checkpoints.
+
+    The dict is an RFI encoder checkpoint (see :func:`encoder_checkpoint`), a ``robustness``-library
+    checkpoint or a torchvision state dict (the last two adapted by :mod:`encoders.interop`).
+    Callers that need more of the file (training config, metrics) read it once with
+    :func:`encoders.serialization.load_checkpoint` and pass the dict here.
 
     Args:
         ckpt: the checkpoint dict.
         source: the file it came from (for messages).
-        name: the expected architecture, if any.
-        layers: feature taps the encoder returns.
-
-    Raises:
-        RFIError: missing or invalid settings, another architecture than ``name``, weights that do not fit.
-    """
-    if not isinstance(ckpt.get("state_dict"), Mapping):
-        raise RFIError(f"{source} is an RFI encoder checkpoint without weights ('state_dict' missing)")
-    cfg = ckpt.get("encoder")
-    if isinstance(cfg, Mapping) and name is not None and name != cfg.get("arch"):
-        raise RFIError(f"{source} holds a {cfg.get('arch')} encoder, not {name}")
-    encoder = build_from_config(Encoder, cfg, source, layers=layers)
-    load_state_dict_checked(encoder, ckpt["state_dict"], source)
-    return encoder.eval()
-
-
-def load_encoder(path: str | os.PathLike, name: str | None = None,
-                 layers: Sequence[str] | None = None, **kwargs: Any) -> Encoder:
-    """Load an encoder from an RFI, ``robustness``-library or torchvision checkpoint.
-
-    Args:
-        path: the checkpoint file.
         name: the architecture; required for foreign checkpoints, checked for RFI ones.
         layers: feature taps the encoder returns.
+        arch_key: how the user names the architecture in the command at hand (``--arch`` or
+            ``encoder.arch``), quoted when a foreign checkpoint comes without ``name``.
         **kwargs: constructor arguments for foreign checkpoints (``num_classes``, ``width``,
             ``small_input`` and ``batch_norm`` are inferred from the weights when not given).
 
     Raises:
+        RFIError: missing or invalid settings, another architecture than ``name``, a decoder or
+            autoencoder file, a foreign file without ``name``, or weights that do not fit.
+
+    Example:
+        >>> enc = Encoder("resnet18", width=0.125, small_input=True, num_classes=4)
+        >>> encoder_from_checkpoint(encoder_checkpoint(enc), "memory").arch
+        'resnet18'
+    """
+    fmt = ckpt.get("format")
+    if fmt in ("rfi-decoder", "rfi-autoencoder"):
+        what = "a decoder" if fmt == "rfi-decoder" else "an autoencoder (encoder + decoders)"
+        raise RFIError(f"{source} is {what} file, not an encoder checkpoint: pass it where a "
+                       f"{'decoder' if fmt == 'rfi-decoder' else 'model'} is asked for")
+    if fmt == ENCODER_FORMAT:
+        if not isinstance(ckpt.get("state_dict"), Mapping):
+            raise RFIError(f"{source} is an RFI encoder checkpoint without weights ('state_dict' missing)")
+        cfg = ckpt.get("encoder")
+        if isinstance(cfg, Mapping) and name is not None and name != cfg.get("arch"):
+            raise RFIError(f"{source} holds a {cfg.get('arch')} encoder, not {name}")
+        encoder = build_from_config(Encoder, cfg, source, layers=layers)
+        load_state_dict_checked(encoder, ckpt["state_dict"], source)
+        return encoder.eval()
+    if name is None:
+        example = f"{arch_key} resnet50" if arch_key.startswith("-") else f"{arch_key}=resnet50"
+        raise RFIError(f"{source} is not an RFI encoder checkpoint (a robustness-library or torchvision file?): "
+                       f"name its architecture with {arch_key} (e.g. {example})")
+    state = checkpoint_filter_fn(ckpt, source)
+    kwargs.setdefault("num_classes", infer_num_classes(state, name) or 1000)
+    for key, value in infer_encoder_kwargs(state, name).items():  # width, small_input, batch_norm
+        kwargs.setdefault(key, value)
+    encoder = Encoder(name, layers=layers, **kwargs)
+    for key, value in encoder.normalizer.state_dict().items():  # torchvision files carry none
+        state.setdefault(f"normalizer.{key}", value)
+    load_state_dict_checked(encoder, state, source)
+    return encoder.eval()
+
+
+def load_encoder(path: str | os.PathLike, name: str | None = None,
+                 layers: Sequence[str] | None = None, arch_key: str = "--arch", **kwargs: Any) -> Encoder:
+    """Load an encoder from an RFI, ``robustness``-library or torchvision checkpoint file.
+
+    Reads the file once (:func:`encoders.serialization.load_checkpoint`) and builds the encoder
+    with :func:`encoder_from_checkpoint` (see there for the arguments).
+
+    Raises:
         RFIError: unreadable file, or weights that do not fit the architecture.
     """
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") == ENCODER_FORMAT:
-        return encoder_from_checkpoint(ckpt, str(path), name, layers)
-    if ckpt.get("format") in ("rfi-decoder", "rfi-autoencoder"):
-        what = "a decoder" if ckpt["format"] == "rfi-decoder" else "an autoencoder (encoder + decoders)"
-        raise RFIError(f"{path} is {what} file, not an encoder checkpoint: pass it where a "
-                       f"{'decoder' if ckpt['format'] == 'rfi-decoder' else 'model'} is asked for")
-    else:
-        from encoders.interop import checkpoint_filter_fn, infer_encoder_kwargs, infer_num_classes
+    return encoder_from_checkpoint(load_checkpoint(path), str(path), name, layers, arch_key, **kwargs)
 
+
+def create_encoder(name: str | None = None, checkpoint: str | os.PathLike | None = None,
+                   layers: Sequence[str] | None = None, **kwargs: Any) -> Encoder:
+    """Build an encoder, optionally loading weights from a checkpoint file.
+
+    Args:
+        name: architecture (``alexnet, vgg16, vgg19, resnet18, resnet50, swin_t, swin_v2_t``); may be ``None``
+            when ``checkpoint`` is an RFI checkpoint, which records its architecture.
+        checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, or a
+            plain torchvision state dict (loaded with ``weights_only=True``).
+        layers: feature taps returned by the encoder's forward (default: all).
+        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``, ``downsample``;
+            Swin: ``equivariant``, ``selection``, ``embed_dim``, ``depths``, ``num_heads``,
+            ``window_size``, ``patch_size``, ``stochastic_depth`` (see :class:`Encoder`).
+
+    Example:
+        >>> enc = create_encoder("vgg16", width=0.125, small_input=True, num_classes=8, layers=["relu3_1"])
+        >>> tuple(enc(torch.rand(1, 3, 32, 32))["relu3_1"].shape)
+        (1, 32, 8, 8)
+    """
+    if checkpoint is None:
         if name is None:
-            raise RFIError(f"{path} is not an RFI encoder checkpoint: name its architecture "
-                           f"(e.g. --arch resnet50) to import it")
-        state = checkpoint_filter_fn(ckpt, str(path))
-        kwargs.setdefault("num_classes", infer_num_classes(state, name) or 1000)
-        for key, value in infer_encoder_kwargs(state, name).items():  # width, small_input, batch_norm
-            kwargs.setdefault(key, value)
-        encoder = Encoder(name, layers=layers, **kwargs)
-        for key, value in encoder.normalizer.state_dict().items():  # torchvision files carry none
-            state.setdefault(f"normalizer.{key}", value)
-        load_state_dict_checked(encoder, state, str(path))
-    return encoder.eval()
+            raise RFIError("create_encoder needs an architecture name or a checkpoint")
+        return Encoder(name, layers=layers, **kwargs)
+    return load_encoder(checkpoint, name=name, layers=layers, **kwargs)

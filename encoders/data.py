@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from encoders.config import bounded, yaml_dataclass
 from encoders.errors import RFIError
 from encoders.imageio import IMAGE_EXTENSIONS, read_image
 
@@ -337,30 +337,34 @@ def cifar10(root: str | os.PathLike, split: Split = "train", download: bool = Fa
     return ds
 
 
-@dataclass
+@yaml_dataclass("encoder/defaults.yaml", "data")
 class DataConfig:
     """Where a job's images come from (the ``data:`` section of a config).
 
-    ``source``: ``embedded`` (default, no download), ``folder`` (``root`` = image folder)
+    ``source``: ``embedded`` (default, no download), ``mixed`` (the embedded crops and
+    procedurally generated images, a fraction ``synthetic_ratio`` of the items; no download;
+    :class:`encoders.synthetic.MixedCrops`), ``folder`` (``root`` = image folder)
     or ``cifar10`` (``root`` = its folder). ``size``: crop side. ``train_crops`` /
-    ``val_crops``: number of embedded crops. ``seed``: embedded crop positions.
+    ``val_crops``: number of embedded (or mixed) crops. ``seed``: embedded crop positions
+    (and synthetic images).
     ``resize`` / ``crop`` / ``repeat`` / ``transforms`` (``rfi`` or ``imagenet``) /
     ``decode`` (``uint8`` or ``float``; default by ``transforms``) (``folder`` only): see
     :class:`ImageFiles`.
     """
 
-    source: str = "embedded"
-    root: str | None = None
-    size: int = 32
-    train_crops: int = 12000
-    val_crops: int = 1000
-    seed: int = 0
-    download: bool = False
-    resize: int | None = None
-    crop: str = "resized"
-    repeat: int = 1
-    transforms: str = "rfi"
-    decode: str | None = None
+    source: str
+    root: str | None
+    size: int
+    train_crops: int
+    val_crops: int
+    seed: int
+    download: bool
+    resize: int | None
+    crop: str
+    repeat: int
+    transforms: str
+    decode: str | None
+    synthetic_ratio: float = bounded(low=0, high=1)
 
 
 def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = None) -> Dataset:
@@ -371,6 +375,11 @@ def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = No
                        f"{size}, {cfg.train_crops}, {cfg.val_crops}, {cfg.repeat}")
     if cfg.source == "embedded":
         return EmbeddedCrops(split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed)
+    if cfg.source == "mixed":
+        from encoders.synthetic import MixedCrops
+
+        return MixedCrops(split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed,
+                          cfg.synthetic_ratio)
     if cfg.source in ("folder", "cifar10") and not cfg.root:
         raise RFIError(f"data.source={cfg.source} needs data.root (the folder)")
     if cfg.source == "folder":
@@ -378,4 +387,4 @@ def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = No
                           transforms=cfg.transforms, decode=cfg.decode)
     if cfg.source == "cifar10":
         return cifar10(cfg.root, split, cfg.download)
-    raise RFIError(f"unknown data.source '{cfg.source}' (valid: embedded, folder, cifar10)")
+    raise RFIError(f"unknown data.source '{cfg.source}' (valid: embedded, mixed, folder, cifar10)")

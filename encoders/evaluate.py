@@ -1,4 +1,4 @@
-"""Clean and PGD accuracy of an encoder: ``rfi eval-encoder``.
+"""Clean and PGD accuracy of an encoder (the command ``rfi eval-encoder`` is :mod:`apps.commands.eval_encoder`).
 
 Example:
     >>> from encoders import create_encoder
@@ -10,10 +10,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -21,11 +17,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from encoders.attacks import NORMS, check_attack, default_step_size, pgd
-from encoders.data import DataConfig, build_dataset
 from encoders.errors import RFIError
 from encoders.models import Encoder
-from encoders.runtime import progress, resolve_device
-from encoders.serialization import atomic_write
+from encoders.runtime import progress
 
 
 def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int, norm: str = "l2",
@@ -93,12 +87,6 @@ def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int,
             "random_start": bool(random_start), "images": n}
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Results of :func:`evaluate_encoder` as a text table (accuracies in %)."""
     head = f"{'norm':<5} {'eps':>8} {'steps':>5} {'step size':>9} {'images':>6} {'clean acc':>9} {'PGD acc':>8}"
@@ -107,73 +95,3 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{r['norm']:<5} {r['eps']:>8.4g} {r['steps']:>5d} {r['step_size']:>9.3g} {r['images']:>6d} "
                      f"{100 * r['clean_acc']:>8.1f}% {100 * r['pgd_acc']:>7.1f}%")
     return "\n".join(lines)
-
-
-def _data_config(spec: str | None, size: int | None, train_data: dict | None, small_input: bool) -> DataConfig:
-    if spec is None and train_data is not None:  # the data the encoder was trained on
-        cfg = DataConfig(**train_data)
-    elif spec in (None, "embedded"):
-        cfg = DataConfig(size=32 if small_input else 128)
-    elif spec.startswith("cifar10:"):
-        cfg = DataConfig(source="cifar10", root=spec[len("cifar10:"):], size=32)
-    else:
-        cfg = DataConfig(source="folder", root=spec, size=32 if small_input else 224)
-    if size:
-        cfg.size = size
-    return cfg
-
-
-def register_eval_encoder(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="RFI encoder checkpoint, robustness-library checkpoint or torchvision state dict")
-    parser.add_argument("--arch", help="architecture of a foreign checkpoint (alexnet, vgg16, vgg19, resnet18, resnet50)")
-    parser.add_argument("--eps", type=float, nargs="+",
-                        help="attack radii (default: the training eps, else 0.5)")
-    parser.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-    parser.add_argument("--norm", choices=NORMS, help="attack norm (default: the training norm, else l2)")
-    parser.add_argument("--step-size", type=float, help="PGD step size (default 2.5*eps/steps)")
-    parser.add_argument("--data", metavar="SOURCE",
-                        help="validation data: 'embedded', an image folder, or 'cifar10:ROOT' "
-                             "(default: the data the encoder was trained on, else embedded)")
-    parser.add_argument("--size", type=int, help="image size (default: the training size, else 32 or 128)")
-    parser.add_argument("--max-images", type=int, default=1000, help="evaluate on at most this many images")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", metavar="OUT", help="results file (default: <checkpoint>.eval.json)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from encoders.checkpoints import load_encoder
-    from encoders.serialization import load_checkpoint
-
-    from encoders.files import check_output_folder
-
-    ckpt_path = Path(args.checkpoint)
-    for eps in args.eps or []:
-        check_attack(eps, args.steps, args.step_size)
-    out = Path(args.json) if args.json else ckpt_path.with_name(ckpt_path.stem + ".eval.json")
-    if out.is_dir():
-        raise RFIError(f"--json {out} is a folder: name a file")
-    check_output_folder(out.parent, flag="--json folder")  # before the evaluation, not after it
-    encoder = load_encoder(ckpt_path, name=args.arch)
-    train_cfg = load_checkpoint(ckpt_path).get("train", {}).get("config", {})
-    adv = train_cfg.get("adv", {})
-    norm = args.norm or adv.get("norm", "l2")
-    eps_list = args.eps or [adv.get("eps", 0.5)]
-    data_cfg = _data_config(args.data, args.size, train_cfg.get("data"), encoder.small_input)
-    dataset = build_dataset(data_cfg, "val")
-    classes = getattr(dataset, "num_classes", None)
-    if classes is not None and classes > encoder.num_classes:
-        raise RFIError(f"{ckpt_path} has {encoder.num_classes} outputs but the data has {classes} classes")
-    device = resolve_device(args.device)
-    encoder.to(device)
-    rows = [evaluate_encoder(encoder, dataset, eps, args.steps, norm, args.step_size, args.batch_size,
-                             args.max_images, seed=args.seed, device=device) for eps in eps_list]
-    print(f"{ckpt_path}: {encoder.arch} (width {encoder.width:g}, {encoder.num_classes} classes) on "
-          f"{data_cfg.source} val, {data_cfg.size}px")
-    print(format_table(rows))
-    write_json({"checkpoint": str(ckpt_path), "arch": encoder.arch, "data": vars(data_cfg), "results": rows}, out)
-    print(f"wrote {out}")
-    return 0

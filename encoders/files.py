@@ -1,5 +1,8 @@
 """Files in, files out: the one loop every image command (invert, denoise, stylize, augment) runs.
 
+``rfi anomaly score`` (which writes a CSV and maps, not one image per input) follows the same
+per-input and exit-code policy through :func:`check_finite` and :func:`partial_exit`.
+
 The policy, the same for every command:
 
 - **Before any work**: the output folder is checked (``--out`` must not be a file, must be
@@ -111,6 +114,22 @@ def plan_outputs(inputs: Sequence[Path], out: Path, names: Callable[[Path], Sequ
     return planned
 
 
+def partial_exit(failures: Sequence[str]) -> int:
+    """The exit code of a files-in/files-out command once its outputs are written (see the module docstring).
+
+    Args:
+        failures: one message per input that failed (``"<path>: <why>"``).
+
+    Returns:
+        0 when nothing failed; else :data:`EXIT_PARTIAL`, after naming each failed input on
+        stderr, one line each.
+    """
+    if not failures:
+        return 0
+    print(f"rfi: {len(failures)} input(s) failed (the others were written):", *failures, sep="\n  ", file=sys.stderr)
+    return EXIT_PARTIAL
+
+
 def check_finite(x: Tensor, what: str) -> Tensor:
     """Return ``x``, or raise naming ``what`` when it holds NaN or Inf."""
     if not torch.isfinite(x).all():
@@ -194,8 +213,4 @@ class FileBatch:
             raise RFIError(f"no output written: all {len(self.failures)} input(s) failed: "
                            + "; ".join(self.failures))
         log.info("wrote %d file(s) to %s", len(self.written), self.out)
-        if self.failures:
-            print(f"rfi: {len(self.failures)} input(s) failed (the others were written):", *self.failures,
-                  sep="\n  ", file=sys.stderr)
-            return EXIT_PARTIAL
-        return 0
+        return partial_exit(self.failures)

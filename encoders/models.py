@@ -353,31 +353,3 @@ class Encoder(nn.Module):
         state = self.__dict__.copy()
         state["_extractors"] = {}
         return state
-
-
-def create_encoder(name: str | None = None, checkpoint: str | None = None,
-                   layers: Sequence[str] | None = None, **kwargs) -> Encoder:
-    """Build an encoder, optionally loading weights from a checkpoint file.
-
-    Args:
-        name: architecture (``alexnet, vgg16, vgg19, resnet18, resnet50, swin_t, swin_v2_t``); may be ``None``
-            when ``checkpoint`` is an RFI checkpoint, which records its architecture.
-        checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, or a
-            plain torchvision state dict (loaded with ``weights_only=True``).
-        layers: feature taps returned by the encoder's forward (default: all).
-        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``, ``downsample``;
-            Swin: ``equivariant``, ``selection``, ``embed_dim``, ``depths``, ``num_heads``,
-            ``window_size``, ``patch_size``, ``stochastic_depth`` (see :class:`Encoder`).
-
-    Example:
-        >>> enc = create_encoder("vgg16", width=0.125, small_input=True, num_classes=8, layers=["relu3_1"])
-        >>> tuple(enc(torch.rand(1, 3, 32, 32))["relu3_1"].shape)
-        (1, 32, 8, 8)
-    """
-    if checkpoint is None:
-        if name is None:
-            raise RFIError("create_encoder needs an architecture name or a checkpoint")
-        return Encoder(name, layers=layers, **kwargs)
-    from encoders.checkpoints import load_encoder
-
-    return load_encoder(checkpoint, name=name, layers=layers, **kwargs)

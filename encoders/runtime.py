@@ -305,3 +305,35 @@ def setup_distributed(device_name: str = "auto") -> tuple[DistContext, torch.dev
     if device.type == "cuda" and ctx.world > 1:
         device = torch.device("cuda", ctx.local_rank)
     return ctx, device
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Start a new peak for :func:`peak_memory_mib`: CUDA's peak statistics, or on CPU the process's
+    peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` where Linux allows it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib(device: str | torch.device = "cpu") -> float:
+    """Peak memory in MiB since the process started or :func:`reset_peak_memory`: CUDA memory allocated
+    on a GPU; on CPU the process's peak RSS (``VmHWM``, per address space, so fresh after ``exec``;
+    ``ru_maxrss``, which carries over a forking parent's peak, where ``/proc`` is missing).
+
+    Example:
+        >>> peak_memory_mib("cpu") > 0
+        True
+    """
+    import resource
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -14,6 +14,7 @@ Files without the key (older RFI files, foreign checkpoints) load as before.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -71,6 +72,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON, atomically (numpy and other number types as floats).
+
+    Example:
+        >>> import tempfile
+        >>> p = write_json({"psnr": 25.0}, Path(tempfile.mkdtemp()) / "r.json")
+        >>> json.loads(p.read_text())
+        {'psnr': 25.0}
+    """
+    text = json.dumps(obj, indent=2, default=float) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def content_hash(obj: Any) -> str:

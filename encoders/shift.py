@@ -1,4 +1,4 @@
-"""Shift consistency and equivariance of encoders and autoencoders: ``rfi shift-consistency``.
+"""Shift consistency and equivariance of encoders and autoencoders (``rfi shift-consistency``: :mod:`apps.commands.shift_consistency`).
 
 Every image is circularly shifted by two random offsets ``a`` and ``b`` (uniform over all
 offsets, as in the LPS paper) and the model sees both copies:
@@ -27,8 +27,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from encoders.errors import RFIError
 from encoders.models import Encoder
-from encoders.runtime import progress, resolve_device
+from encoders.runtime import progress
 
 EXACT_TOL = 1e-5
 
@@ -147,62 +145,3 @@ def format_table(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
             line += f" {'-':>7} {'-':>15} {'-':>6}"
         lines.append(line)
     return "\n".join(lines)
-
-
-def register_shift_consistency(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", required=True, metavar="E", help="RFI encoder checkpoint")
-    parser.add_argument("--decoder", metavar="D", help="decoder checkpoint for the encoder: also measure "
-                                                       "the autoencoder's reconstruction equivariance")
-    parser.add_argument("--data", metavar="SOURCE",
-                        help="validation data: 'embedded', an image folder, or 'cifar10:ROOT' "
-                             "(default: the data the encoder was trained on, else embedded)")
-    parser.add_argument("--size", type=int, help="image size (default: the training size, else 32 or 128)")
-    parser.add_argument("--layer", help="layer of the feature equivariance error (default: the decoder's, "
-                                        "else the deepest)")
-    parser.add_argument("--max-images", type=int, default=500, help="use at most this many images (default 500)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random shifts")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--json", metavar="OUT", help="results file (default: <encoder>.shift.json)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from encoders.checkpoints import load_encoder
-    from encoders.data import build_dataset
-    from encoders.evaluate import _data_config, write_json
-    from encoders.serialization import load_checkpoint
-
-    from encoders.files import check_output_folder
-
-    path = Path(args.encoder)
-    out = Path(args.json) if args.json else path.with_name(path.stem + ".shift.json")
-    if out.is_dir():
-        raise RFIError(f"--json {out} is a folder: name a file")
-    check_output_folder(out.parent, flag="--json folder")  # before the measurement, not after it
-    encoder = load_encoder(path)
-    device = resolve_device(args.device)
-    encoder.to(device)
-    train_cfg = load_checkpoint(path).get("train", {}).get("config", {})
-    data_cfg = _data_config(args.data, args.size, train_cfg.get("data"), encoder.small_input)
-    dataset = build_dataset(data_cfg, "val")
-    reconstruct, layer = None, args.layer
-    if args.decoder:
-        # The CLI is an application: the autoencoder comes from the inversion package, imported
-        # only for --decoder (the encoder metrics themselves never use it).
-        from inversion.autoencoder import RobustAutoencoder
-
-        ae = RobustAutoencoder.from_checkpoints(encoder, args.decoder, device=device)
-        reconstruct, layer = ae.reconstruct, layer or ae.layer
-    result = shift_consistency(encoder, dataset, layer, reconstruct, args.max_images, args.batch_size,
-                               args.seed, device)
-    kind = f"equivariant={getattr(encoder, 'equivariant', False)}" if encoder.arch.startswith("swin") \
-        else f"downsample={encoder.downsample}"
-    print(f"{path}: {encoder.arch} ({kind}) on {data_cfg.source} val, "
-          f"{data_cfg.size}px, two random circular shifts per image (seed {args.seed})")
-    print(format_table([result], [path.stem if path.stem != "checkpoint" else path.parent.name]))
-    write_json({"encoder": str(path), "decoder": args.decoder, "downsample": encoder.downsample,
-                "equivariant": bool(getattr(encoder, "equivariant", False)),
-                "data": vars(data_cfg), **result}, out)
-    print(f"wrote {out}")
-    return 0

@@ -1,4 +1,4 @@
-"""Standard and adversarial (PGD) training of encoders: ``rfi train-encoder``.
+"""Standard and adversarial (PGD) training of encoders (``rfi train-encoder``: :mod:`apps.commands.train_encoder`).
 
 One config (:class:`TrainEncoderConfig`, YAML in ``configs/encoder/``) describes a run.
 Every epoch (and every ``checkpoint_every`` steps) writes ``<out>/checkpoint.pt``
@@ -25,39 +25,34 @@ Example:
     >>> from encoders.config import load_config
     >>> cfg = load_config(TrainEncoderConfig, "configs/encoder/resnet18_robust.yaml",
     ...                   ["epochs=1", "out=/tmp/rfi-doc-run"])  # doctest: +SKIP
-    >>> path = train_encoder(cfg)                                  # doctest: +SKIP
-    >>> encoder = create_encoder(checkpoint=path)                  # doctest: +SKIP
+    >>> result = train_encoder(cfg)                                # doctest: +SKIP
+    >>> encoder = create_encoder(checkpoint=result.path)           # doctest: +SKIP
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from encoders.attacks import NORMS, check_attack, pgd
-from encoders.checkpoints import ENCODER_FORMAT, load_state_dict_checked, save_encoder
-from encoders.config import add_job_arguments, config_to_dict, load_config
+from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, load_state_dict_checked
+from encoders.config import config_to_dict, yaml_dataclass
 from encoders.data import DataConfig, build_dataset, resolve_num_workers
 from encoders.errors import RFIError
 from encoders.models import Encoder
 from encoders.swin import encoder_options
-from encoders.rundir import lock_for_run
-from encoders.runtime import (PRECISIONS, DistContext, MetricsLog, autocast, check_precision, grad_scaler, progress,
-                              rng_state, seed_everything, set_rng_state, setup_distributed)
-from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
+from encoders.rundir import RunDir, TrainResult, run_trainer, step_seed
+from encoders.runtime import (PRECISIONS, DistContext, MetricsLog, autocast, grad_scaler, progress, rng_state,
+                              seed_everything, set_rng_state)
+from encoders.serialization import load_checkpoint, save_checkpoint, write_json
 
 log = logging.getLogger("rfi")
 
@@ -68,7 +63,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 RESUME_FREE_KEYS = ("out", "device", "log_every", "num_workers", "eval", "checkpoint_every", "deterministic")
 
 
-@dataclass
+@yaml_dataclass("encoder/defaults.yaml", "model")
 class ModelConfig:
     """The encoder (see :class:`encoders.models.Encoder`); ``num_classes`` defaults to the dataset's.
 
@@ -79,16 +74,16 @@ class ModelConfig:
     ``stochastic_depth`` (see :mod:`encoders.swin`).
     """
 
-    arch: str = "resnet18"
-    width: float = 0.25
-    small_input: bool = True
-    num_classes: int | None = None
-    batch_norm: bool = False
-    downsample: str = "stride"
-    options: dict[str, Any] = field(default_factory=dict)
+    arch: str
+    width: float
+    small_input: bool
+    num_classes: int | None
+    batch_norm: bool
+    downsample: str
+    options: dict[str, Any]
 
 
-@dataclass
+@yaml_dataclass("encoder/defaults.yaml", "optim")
 class OptimConfig:
     """Optimizer (``sgd`` with Nesterov momentum, or ``adamw``) and learning-rate schedule.
 
@@ -96,15 +91,15 @@ class OptimConfig:
     ``cosine`` or ``constant``; ``lr`` is the peak learning rate.
     """
 
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup: float = 0.2
+    name: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str
+    warmup: float
 
 
-@dataclass
+@yaml_dataclass("encoder/defaults.yaml", "adv")
 class AdvConfig:
     """Adversarial training: PGD examples replace the clean ones when ``enabled``.
 
@@ -112,29 +107,29 @@ class AdvConfig:
     ``2.5 * eps / steps``); ``random_start``; ``mix``: fraction of each batch kept clean.
     """
 
-    enabled: bool = False
-    norm: str = "l2"
-    eps: float = 0.5
-    steps: int = 3
-    step_size: float | None = None
-    random_start: bool = True
-    mix: float = 0.0
+    enabled: bool
+    norm: str
+    eps: float
+    steps: int
+    step_size: float | None
+    random_start: bool
+    mix: float
 
 
-@dataclass
+@yaml_dataclass("encoder/defaults.yaml", "eval")
 class EvalConfig:
     """Evaluation on the validation split after training (``eps``/``norm`` default to ``adv``'s)."""
 
-    enabled: bool = True
-    eps: float | None = None
-    norm: str | None = None
-    steps: int = 10
-    max_images: int | None = 1000
+    enabled: bool
+    eps: float | None
+    norm: str | None
+    steps: int
+    max_images: int | None
 
 
-@dataclass
+@yaml_dataclass("encoder/defaults.yaml")
 class TrainEncoderConfig:
-    """A training run of ``rfi train-encoder`` (YAML: ``configs/encoder/*.yaml``).
+    """A training run of ``rfi train-encoder`` (YAML: ``configs/encoder/*.yaml``; defaults: ``defaults.yaml`` there).
 
     ``out`` defaults to ``runs/encoders/<config name>`` on the command line (in Python:
     ``runs/encoders/<arch>_<robust|standard>``). ``flip``: random horizontal flips.
@@ -155,25 +150,25 @@ class TrainEncoderConfig:
     - ``sync_batch_norm``: DDP on GPU only: batch-norm statistics over the global batch.
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    adv: AdvConfig = field(default_factory=AdvConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    epochs: int = 4
-    batch_size: int = 128
-    flip: bool = True
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int | None = None
-    out: str | None = None
-    log_every: int = 20
-    steps: int = 0
-    checkpoint_every: int = 0
-    precision: str = "fp32"
-    channels_last: bool = False
-    deterministic: bool = True
-    sync_batch_norm: bool = False
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    adv: AdvConfig
+    eval: EvalConfig
+    epochs: int
+    batch_size: int
+    flip: bool
+    seed: int
+    device: str
+    num_workers: int | None
+    out: str | None
+    log_every: int
+    steps: int
+    checkpoint_every: int
+    precision: str
+    channels_last: bool
+    deterministic: bool
+    sync_batch_norm: bool
 
 
 def check_config(cfg: TrainEncoderConfig) -> None:
@@ -324,27 +319,6 @@ class _SeededItems(Dataset):
         return self.dataset[int(self.order[pos])]
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _resume_state(path: Path, cfg: TrainEncoderConfig) -> dict[str, Any]:
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != ENCODER_FORMAT or "train" not in ckpt:
-        raise RFIError(f"{path} is not a training checkpoint of rfi train-encoder: cannot resume from it")
-    old, new = _flat(ckpt["train"]["config"]), _flat(config_to_dict(cfg))
-    defaults = _flat(config_to_dict(TrainEncoderConfig()))  # keys added since the run started: their defaults
-    changed = [k for k in sorted(set(old) | set(new))
-               if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k, defaults.get(k)) != new.get(k)]
-    if changed:
-        raise RFIError(f"cannot resume {path}: the config differs in {', '.join(changed)} "
-                       f"(use the run's {path.parent / 'config.yaml'} or another --out)")
-    return ckpt
-
-
 class _Logits(nn.Module):
     """``encoder.logits`` as a module's forward: what ``DistributedDataParallel`` wraps."""
 
@@ -366,14 +340,33 @@ _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
 _SUMS = ("loss", "correct", "seen")
 
 
-class _EncoderTrainer:
-    """One training run (state + loop) on one process of a (possibly one-process) DDP job;
-    :func:`train_encoder` is the public entry point."""
+class EncoderTrainer:
+    """One training run (state + loop) on one process of a (possibly one-process) DDP job.
+
+    :func:`train_encoder` is the entry point for a whole run (it also locks the folder); the
+    trainer itself is public so that benchmarks time its real :meth:`train_step`.
+
+    Args:
+        cfg: the run's config (checked with :func:`check_config`).
+        ctx: the process group, from :func:`encoders.runtime.setup_distributed`.
+        device: the device (ditto).
+
+    Example:
+        >>> from encoders.config import load_config
+        >>> from encoders.runtime import setup_distributed
+        >>> cfg = load_config(TrainEncoderConfig, None, ["model.width=0.125", "data.size=16", "data.train_crops=8",
+        ...                   "data.val_crops=8", "batch_size=4", "device=cpu", "out=/tmp/rfi-doc-step"])
+        >>> trainer = EncoderTrainer(cfg, *setup_distributed(cfg.device))
+        >>> x, y = next(iter(DataLoader(trainer.train_set, batch_size=4)))
+        >>> trainer.train_step(x, y), trainer.step
+        (4, 1)
+    """
 
     def __init__(self, cfg: TrainEncoderConfig, ctx: DistContext, device: torch.device):
         self.cfg, self.ctx, self.device = cfg, ctx, device
         self.out = Path(cfg.out) if cfg.out else default_out(cfg)
-        self.ckpt_path = self.out / "checkpoint.pt"
+        self.run_dir = RunDir(self.out, "checkpoint.pt", ctx.main)
+        self.ckpt_path = self.run_dir.checkpoint
         train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
         self.train_set, self.val_set = train_set, val_set
         num_classes = cfg.model.num_classes or train_set.num_classes
@@ -413,14 +406,11 @@ class _EncoderTrainer:
             # the attack, so every rank attacks with the same statistics (DDP would only do it later).
             self.model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
                                                  else None, **_NO_FORWARD_BUFFER_SYNC)
-            torch.manual_seed(self._rank_seed(0))  # each rank its own flips, random starts, dropout
+            torch.manual_seed(step_seed(cfg.seed, 0, ctx.rank + 1))  # each rank its own flips, random starts, dropout
         self.step = 0
         self.epoch_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
         self.window = torch.zeros_like(self.epoch_sums)
         self.record: dict[str, Any] | None = None  # the last epoch's metrics
-
-    def _rank_seed(self, step: int) -> int:
-        return ((self.cfg.seed * 1_000_003 + step) * 4099 + self.ctx.rank + 1) % (2 ** 63)
 
     def info(self, msg: str, *args: Any) -> None:
         if self.ctx.main:
@@ -454,13 +444,19 @@ class _EncoderTrainer:
                 train["rng_ranks"] = rngs
             if self.scaler.is_enabled():
                 train["scaler"] = self.scaler.state_dict()
-            save_encoder(self.encoder, self.ckpt_path, train=train,
-                         **({"metrics": self.record} if self.record is not None else {}))
+            # Kept so that the final evaluation adds its result without reading the file back.
+            self.saved = encoder_checkpoint(self.encoder, train=train,
+                                            **({"metrics": self.record} if self.record is not None else {}))
+            save_checkpoint(self.saved, self.ckpt_path)
         self.ctx.barrier()
 
     def restore(self) -> dict[str, Any]:
-        ckpt = _resume_state(self.ckpt_path, self.cfg)
-        train = ckpt["train"]
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt.get("format") != ENCODER_FORMAT or "train" not in ckpt:
+            raise RFIError(f"{self.ckpt_path} is not a training checkpoint of rfi train-encoder: cannot resume from it")
+        self.run_dir.check_resume(ckpt["train"]["config"], config_to_dict(self.cfg), RESUME_FREE_KEYS,
+                                  config_to_dict(TrainEncoderConfig()))
+        train, self.saved = ckpt["train"], ckpt
         load_state_dict_checked(self.encoder, ckpt["state_dict"], str(self.ckpt_path))
         self.optimizer.load_state_dict(train["optimizer"])
         self.scheduler.load_state_dict(train["scheduler"])
@@ -475,7 +471,7 @@ class _EncoderTrainer:
                       len(rngs), self.ctx.world)
             set_rng_state(train["rng"])
             if self.ctx.world > 1:
-                torch.manual_seed(self._rank_seed(self.step))
+                torch.manual_seed(step_seed(self.cfg.seed, self.step, self.ctx.rank + 1))
         if self.ctx.main and "epoch_sums" in train:  # rank 0 carries the (global) sums, the others start at 0
             self.epoch_sums = train["epoch_sums"].to(self.device, torch.float64)
             self.window = train["log_window"].to(self.device, torch.float64)
@@ -517,26 +513,25 @@ class _EncoderTrainer:
         return n
 
     # ------------------------------------------------------------------ loop
-    def run(self, resume: bool) -> Path:
+    def result(self, evaluation: dict[str, Any] | None = None) -> TrainResult:
+        """The run's :class:`~encoders.rundir.TrainResult`: the checkpoint, the encoder (eval mode) and the
+        last epoch's metrics (``eval``: the final evaluation, when there was one)."""
+        metrics = {**(self.record or {}), **({"eval": evaluation} if evaluation else {})}
+        return TrainResult(self.ckpt_path, self.encoder.eval(), metrics)
+
+    def run(self, resume: bool) -> TrainResult:
+        """Train (or resume) to the end, checkpointing and logging on the way; evaluate at the end."""
         cfg, ctx = self.cfg, self.ctx
-        resumed = False
-        if self.ckpt_path.exists():
-            if not resume:
-                raise RFIError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        resumed = self.run_dir.has_checkpoint(resume)
+        if resumed:
             ckpt = self.restore()
-            resumed = True
             if self.step >= self.total_steps and (ckpt.get("eval") or not cfg.eval.enabled):
-                return self.ckpt_path
+                return self.result(ckpt.get("eval"))
             self.info("resuming %s at step %d of %d (epoch %d of %d)", self.ckpt_path, self.step, self.total_steps,
                       self.step // self.steps_per_epoch + 1, self.epochs)
-        elif resume:
-            self.info("nothing to resume in %s: starting a new run", self.out)
         ctx.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
-        if ctx.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(resolved))
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None, enabled=ctx.main)
+        self.run_dir.write_config(config_to_dict(cfg))
+        metrics = self.run_dir.metrics(resume_step=self.step if resumed else None)
 
         a, m = cfg.adv, cfg.model
         kind = f"adversarial ({a.norm} eps={a.eps}, {a.steps} steps)" if a.enabled else "standard"
@@ -584,15 +579,16 @@ class _EncoderTrainer:
 
         # Every rank ends with rank 0's batch-norm statistics (the checkpoint's).
         ctx.broadcast_buffers(self.encoder)
+        evaluation = None
         if cfg.eval.enabled and ctx.main:
-            _final_eval(self.encoder, self.val_set, cfg, self.ckpt_path, metrics, self.total_steps, self.device,
-                        self.epochs)
+            evaluation = _final_eval(self.encoder, self.val_set, cfg, self.saved, self.ckpt_path, metrics,
+                                     self.total_steps, self.device, self.epochs)
         ctx.barrier()
-        return self.ckpt_path
+        return self.result(evaluation)
 
 
-def train_encoder(cfg: TrainEncoderConfig, resume: bool = False) -> Path:
-    """Train an encoder as ``cfg`` says; returns the final checkpoint's path.
+def train_encoder(cfg: TrainEncoderConfig, resume: bool = False) -> TrainResult:
+    """Train an encoder as ``cfg`` says; returns the checkpoint's path, the encoder and its metrics.
 
     Runs on one process, or on each process of a ``torchrun`` job (DDP: the process group
     is created from torchrun's environment, NCCL on GPU and gloo on CPU, or an existing
@@ -606,52 +602,30 @@ def train_encoder(cfg: TrainEncoderConfig, resume: bool = False) -> Path:
             checkpoint there is an error, never overwritten.
 
     Returns:
-        ``<out>/checkpoint.pt``, loadable with ``encoders.create_encoder(checkpoint=path)``.
+        A :class:`~encoders.rundir.TrainResult`: ``path`` is ``<out>/checkpoint.pt`` (loadable
+        with ``encoders.create_encoder(checkpoint=path)``; the result itself stands for it where
+        a path is expected), ``model`` the trained encoder (eval mode), ``metrics`` the last
+        epoch's record (``train_loss``, ``train_acc``, ``val_acc``, ``images_per_s``, ...) and
+        ``eval`` (clean and PGD accuracy) when ``eval.enabled``; empty on non-zero DDP ranks.
 
     Raises:
         RFIError: bad config values, data that cannot be read, or a checkpoint in the way.
     """
     check_config(cfg)
-    ctx, device = setup_distributed(cfg.device)
-    try:
-        check_precision(cfg.precision, device)
-        trainer = _EncoderTrainer(cfg, ctx, device)
-        with lock_for_run(trainer.out, ctx):  # one run per folder
-            return trainer.run(resume)
-    finally:
-        if ctx.owns_group:
-            dist.destroy_process_group()
+    return run_trainer(lambda ctx, device: EncoderTrainer(cfg, ctx, device), cfg.device, cfg.precision, resume)
 
 
-def _final_eval(encoder: Encoder, val_set: Dataset, cfg: TrainEncoderConfig, ckpt_path: Path,
-                metrics: MetricsLog, step: int, device: torch.device, epochs: int | None = None) -> None:
-    from encoders.evaluate import evaluate_encoder, write_json
+def _final_eval(encoder: Encoder, val_set: Dataset, cfg: TrainEncoderConfig, ckpt: dict[str, Any], ckpt_path: Path,
+                metrics: MetricsLog, step: int, device: torch.device, epochs: int | None = None) -> dict[str, Any]:
+    from encoders.evaluate import evaluate_encoder
 
     eps = cfg.adv.eps if cfg.eval.eps is None else cfg.eval.eps
     result = evaluate_encoder(encoder, val_set, eps=eps, steps=cfg.eval.steps, norm=cfg.eval.norm or cfg.adv.norm,
                               batch_size=2 * cfg.batch_size, max_images=cfg.eval.max_images, device=device)
     metrics.write(step=step, epoch=epochs or cfg.epochs, eval=result)
     write_json(result, ckpt_path.parent / "eval.json")
-    ckpt = load_checkpoint(ckpt_path)
     ckpt["eval"] = result
     save_checkpoint(ckpt, ckpt_path)
     log.info("validation: clean acc %.3f, PGD-%d (%s, eps=%g) acc %.3f", result["clean_acc"], result["steps"],
              result["norm"], result["eps"], result["pgd_acc"])
-
-
-def register_train_encoder(parser: argparse.ArgumentParser) -> None:
-    add_job_arguments(parser, None, "epochs=2 adv.eps=1.0 data.source=folder data.root=imgs",
-                      "output folder (default: runs/encoders/<config name>)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(TrainEncoderConfig, args.config, args.overrides)
-    if args.out:
-        cfg.out = args.out
-    elif not cfg.out:
-        cfg.out = str(Path("runs/encoders") / Path(args.config).stem)
-    path = train_encoder(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
-    return 0
+    return result

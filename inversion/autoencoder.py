@@ -6,6 +6,7 @@ This is the one object the apps use: ``encode`` (images -> features), ``decode``
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -16,61 +17,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint, load_encoder
+from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint
 from encoders.errors import RFIError
 from encoders.imageio import check_images
-from encoders.models import Encoder
+from encoders.models import SWIN, Encoder
 from encoders.runtime import autocast, check_precision, memory_format
 from encoders.serialization import load_checkpoint, save_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
+from inversion.tiling import conv_radius, pad_to_multiple, receptive_radius, tiled_apply
 from inversion.upsample import check_phase_source
 
 AUTOENCODER_FORMAT = "rfi-autoencoder"
+log = logging.getLogger("rfi")
+_STRUCTURE = {"format", "version", "encoder", "decoders", "decoder", "state_dict"}
 
 
-def load_encoder_file(path: str | os.PathLike, arch: str | None = None, arch_key: str = "--arch",
-                      **kwargs: Any) -> Encoder:
-    """An encoder from an RFI, ``robustness``-library or torchvision checkpoint file.
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_has_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensor(v) for v in value)
+    return False
 
-    RFI checkpoints record their architecture; the other two formats need ``arch``.
 
-    Args:
-        path: the checkpoint file.
-        arch: the architecture (e.g. ``resnet50``); needed for foreign files, checked for RFI ones.
-        arch_key: how the user names the architecture in the command at hand (``--arch`` or
-            ``encoder.arch``), quoted in the error when ``arch`` is missing.
-        **kwargs: passed to :func:`encoders.checkpoints.load_encoder` (``layers``, ...).
+def checkpoint_metadata(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint dict records besides its model: its keys other than the format, the model
+    settings and the weights, without values that hold tensors (optimiser or RNG state).
 
-    Raises:
-        RFIError: a foreign file without ``arch`` (one line saying ``--arch resnet50`` or
-            ``encoder.arch=resnet50``), or weights that do not fit.
+    Example:
+        >>> checkpoint_metadata({"format": "rfi-decoder", "state_dict": {}, "train_size": 32,
+        ...                      "optimizer": {"state": {0: torch.zeros(1)}}})
+        {'train_size': 32}
     """
-    try:
-        return load_encoder(path, name=arch, **kwargs)
-    except RFIError as e:
-        if arch is None and "is not an RFI encoder checkpoint" in str(e):
-            example = f"{arch_key} resnet50" if arch_key.startswith("-") else f"{arch_key}=resnet50"
-            raise RFIError(f"{path} is not an RFI encoder checkpoint (a robustness-library or torchvision file?): "
-                           f"name its architecture with {arch_key} (e.g. {example})") from None
-        raise
-
-
-def _window(size: int, ramp_start: int, ramp_end: int, device: torch.device) -> Tensor:
-    """1-D blending weights: linear ramps over the first/last ``ramp_*`` pixels, 1 elsewhere."""
-    w = torch.ones(size, device=device)
-    for ramp, sl in ((ramp_start, slice(0, ramp_start)), (ramp_end, slice(size - ramp_end, size))):
-        if ramp > 0:
-            r = (torch.arange(ramp, device=device, dtype=torch.float32) + 0.5) / ramp
-            w[sl] = torch.minimum(w[sl], r if sl.start == 0 else r.flip(0))
-    return w
-
-
-def tile_positions(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of ``tile``-px tiles covering ``length`` px, neighbours sharing >= ``overlap`` px."""
-    if tile >= length:
-        return [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    return sorted({round(i * (length - tile) / (n - 1)) for i in range(n)}) if n > 1 else [0]
+    return {k: v for k, v in ckpt.items() if k not in _STRUCTURE and not _has_tensor(v)}
 
 
 def _in_precision(method):
@@ -96,7 +77,17 @@ class RobustAutoencoder(nn.Module):
     Args:
         encoder: the (robust) encoder; frozen and put in eval mode.
         decoders: one decoder, or a mapping ``{layer: decoder}`` (e.g. for style transfer).
-        max_pixels: ``reconstruct`` switches to tiles above this many pixels per image.
+        max_pixels: ``reconstruct`` switches to tiles above this many pixels per image; tiles
+            (:mod:`inversion.tiling`) are batched within this many pixels per forward pass.
+        metadata: what the files it was loaded from record besides the weights (see
+            :attr:`metadata`).
+
+    Attributes:
+        metadata: for :meth:`load` / :meth:`from_checkpoint`, the extra keys the file was saved
+            with (``save(path, **extra)``, e.g. a denoiser's ``sigma``); for
+            :meth:`from_checkpoints`, ``{"encoder": {...}, "decoders": {layer: {...}}}`` with
+            each file's metadata (e.g. the decoder's ``train_size`` and ``val_psnr``, the
+            encoder's ``eval``), see :func:`checkpoint_metadata`. Empty when built directly.
 
     Shape:
         - ``encode``: (B, 3, H, W) in [0, 1] -> ``{layer: (B, C, H/s, W/s)}``.
@@ -113,8 +104,9 @@ class RobustAutoencoder(nn.Module):
     """
 
     def __init__(self, encoder: Encoder, decoders: Decoder | Mapping[str, Decoder],
-                 max_pixels: int = 1024 * 1024):
+                 max_pixels: int = 1024 * 1024, metadata: Mapping[str, Any] | None = None):
         super().__init__()
+        self.metadata: dict[str, Any] = dict(metadata or {})
         if isinstance(decoders, Decoder):
             decoders = {decoders.layer: decoders}
         if not decoders:
@@ -227,25 +219,107 @@ class RobustAutoencoder(nn.Module):
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
         return out
 
-    def _reconstruct_whole(self, x: Tensor, layer: str) -> Tensor:
+    def pad(self, x: Tensor, layer: str | None = None) -> Tensor:
+        """Pad images (bottom/right) to a size the encoder and decoder of ``layer`` take whole.
+
+        Power-of-two strides: a multiple of the stride and at least 2x2 features (the decoder's
+        reflect padding needs 2 px); other strides (AlexNet's 17: 3x3/2 pools divide no size
+        evenly; the decoder reaches the exact size itself): at least 3 strides; an equivariant
+        Swin: a multiple of its total stride x window. Crop back with ``out[..., :H, :W]``.
+
+        Shape:
+            (B, 3, H, W) -> (B, 3, H', W'), H' >= H, W' >= W.
+        """
+        layer = layer or self.layer
         s = self.strides[layer]
-        h, w = x.shape[-2:]
-        # Pad to a multiple of a power-of-two stride, and to at least 2x2 features (the
-        # decoder's reflect padding needs 2 px), reflecting the border, then crop back. Other
-        # strides (AlexNet's 17: 3x3/2 pools) do not divide any size evenly: the decoder
-        # reaches the exact size itself, and only the minimum size is padded to.
         m = self.encoder.size_multiple(layer) if hasattr(self.encoder, "size_multiple") else 1
-        if m > 1:  # an equivariant Swin takes only multiples of its total stride x window size
-            ph, pw = (-h) % m, (-w) % m
-        elif s & (s - 1) == 0:
-            ph, pw = max((-h) % s, 2 * s - h), max((-w) % s, 2 * s - w)
-        else:
-            ph, pw = max(0, 3 * s - h), max(0, 3 * s - w)
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        if m > 1:
+            return pad_to_multiple(x, m)
+        if s & (s - 1) == 0:
+            return pad_to_multiple(x, s, min_size=2 * s)
+        return pad_to_multiple(x, 1, min_size=3 * s)
+
+    def _reconstruct_whole(self, x: Tensor, layer: str) -> Tensor:
+        h, w = x.shape[-2:]
+        x = self.pad(x, layer)
         out = self.decode(self.encode(x, layer), layer, size=tuple(x.shape[-2:]))
         return out[..., :h, :w]
+
+    def tiles_exactly(self, layer: str | None = None) -> bool:
+        """Whether tiles of ``layer``'s encoding and decoding can equal the whole pass exactly:
+        a CNN encoder without LPS (whose phase choice is global), a power-of-two stride and a
+        decoder that up-samples by exactly that stride."""
+        layer = layer or self.layer
+        s, dec = self.strides[layer], self._decoder(layer)
+        return (self.encoder.arch not in SWIN and getattr(self.encoder, "downsample", "stride") != "lps"
+                and s & (s - 1) == 0 and getattr(dec, "upsample", "nearest") != "lps" and dec.upsampling == s)
+
+    def margins(self, layer: str | None = None) -> tuple[int, int]:
+        """Tile margins for exact tiling: (encoder's receptive-field radius in image pixels,
+        measured by :func:`~inversion.tiling.receptive_radius`; decoder's in feature pixels,
+        bounded by :func:`~inversion.tiling.conv_radius`). Measured once per layer."""
+        layer = layer or self.layer
+        cache = self.__dict__.setdefault("_margins", {})
+        if layer not in cache:
+            p = next(self.encoder.parameters())
+            enc = receptive_radius(lambda t: self.encoder(t, layers=[layer]), 3, size=max(128, 8 * self.strides[layer]),
+                                   device=p.device, dtype=p.dtype)
+            cache[layer] = (enc, conv_radius(self._decoder(layer)))
+        return cache[layer]
+
+    def _tile_side(self, tile: int | None, layer: str) -> int:
+        """The window side: ``tile`` (default: the square of ``max_pixels``), at least the
+        smallest window whose exact margins leave a core, a multiple of the stride."""
+        s = self.strides[layer]
+        enc, dec = self.margins(layer)
+        smallest = max(2 * math.ceil(enc / s) * s + s, (2 * dec + 1) * s)
+        side = math.isqrt(self.max_pixels) if tile is None else tile
+        if side < smallest:
+            if tile is not None:
+                log.info("tile %d px is below the receptive field of %s's encoder and decoder: using %d px",
+                         tile, layer, smallest)
+            side = smallest
+        return side - side % s
+
+    def encode_tiled(self, x: Tensor, layer: str | None = None, tile: int | None = None) -> "OrderedDict[str, Tensor]":
+        """:meth:`encode` in overlapping tiles (:func:`~inversion.tiling.tiled_apply`), equal to
+        the whole pass, when ``x`` has more than ``max_pixels`` pixels per image or ``tile`` is
+        given; otherwise (or when :meth:`tiles_exactly` is false) a plain :meth:`encode`.
+
+        Args:
+            x: (B, 3, H, W) in [0, 1], H and W multiples of the stride (see :meth:`pad`).
+            layer: which decoder's features (default: the first).
+            tile: window side in pixels, margins included (default: the square of ``max_pixels``).
+        """
+        layer = layer or self.layer
+        h, w = x.shape[-2:]
+        if (tile is None and h * w <= self.max_pixels) or not self.tiles_exactly(layer):
+            return self.encode(x, layer)
+        feats = tiled_apply(lambda t: self.encode(t, layer), x, self._tile_side(tile, layer),
+                            self.margins(layer)[0], align=self.strides[layer], batch_pixels=self.max_pixels)
+        return OrderedDict(feats)
+
+    def decode_tiled(self, features: Mapping[str, Tensor], layer: str | None = None,
+                     tile: int | None = None) -> Tensor:
+        """:meth:`decode` in overlapping tiles with the decoder's receptive field as margin, so
+        the result equals a whole decode (the decoder is convolutional, its BatchNorm in eval
+        mode); tiles when the output has more than ``max_pixels`` pixels or ``tile`` is given.
+
+        Args:
+            features: ``{layer: (B, C, h, w), **skips}`` as :meth:`encode` returns.
+            layer: which decoder (default: the first).
+            tile: window side in output pixels, margins included (default: the square of ``max_pixels``).
+
+        Returns:
+            (B, 3, h * s, w * s) images in [0, 1], ``s`` the stride.
+        """
+        layer = layer or self.layer
+        main, s = features[layer], self.strides[layer]
+        if (tile is None and main.shape[-2] * main.shape[-1] * s * s <= self.max_pixels) \
+                or not self.tiles_exactly(layer):
+            return self.decode(features, layer)
+        return tiled_apply(lambda f: self.decode(f, layer), features, self._tile_side(tile, layer) // s,
+                           self.margins(layer)[1], batch_pixels=self.max_pixels // (s * s))
 
     @torch.no_grad()
     @_in_precision
@@ -253,41 +327,39 @@ class RobustAutoencoder(nn.Module):
                     overlap: int | None = None) -> Tensor:
         """Encode and decode, same size out as in; large images go through overlapping tiles.
 
+        Tiles run in batches of up to ``max_pixels`` pixels. By default they are *exact*: the
+        encoding is tiled with the encoder's measured receptive-field radius as margin, then the
+        decoding with the decoder's, and the margins are cropped, so the result equals the whole
+        pass (to float rounding; :meth:`margins`). Encoders whose features depend on the whole
+        image (LPS, Swin) and ``overlap`` given fall back to blending whole reconstructions of
+        tiles with linear ramps over ``overlap`` pixels (close, not equal, with no visible seams).
+
         Args:
             x: images (B, 3, H, W) in [0, 1].
             layer: which decoder (default: the first).
-            tile: tile side in pixels (default: whole image up to ``max_pixels``, else 512).
-            overlap: pixels shared by neighbouring tiles (default: tile // 4); the tiles are
-                blended with linear ramps over the overlap, so no seams show.
+            tile: window side in pixels, margins included (default: whole image up to
+                ``max_pixels``, else the square of ``max_pixels``); raised to the smallest
+                window the receptive field allows in exact mode.
+            overlap: blend mode: pixels shared by neighbouring tiles (default: tile // 4 where
+                exact tiling is impossible).
+
+        Shape:
+            (B, 3, H, W) -> (B, 3, H, W).
         """
         x = check_images(x, dtype=self._dtype)
         layer = layer or self.layer
         h, w = x.shape[-2:]
-        if tile is None:
-            if h * w <= self.max_pixels:
-                return self._reconstruct_whole(x, layer)
-            tile = 512
-        s = self.strides[layer]
-        tile = max(s, tile - tile % s)
-        overlap = tile // 4 if overlap is None else overlap
-        if tile >= h and tile >= w:
+        if tile is None and h * w <= self.max_pixels:
             return self._reconstruct_whole(x, layer)
-        overlap = min(overlap, tile - s)
-        out = torch.zeros_like(x)
-        weight = torch.zeros(1, 1, h, w, device=x.device)
-        tops, lefts = tile_positions(h, tile, overlap), tile_positions(w, tile, overlap)
-        for top in tops:
-            for left in lefts:
-                rec = self._reconstruct_whole(x[..., top:top + tile, left:left + tile], layer)
-                ph, pw = rec.shape[-2:]
-                # Ramps only on edges shared with a neighbour: tile borders (poor context) get
-                # little weight, and the weights sum to > 0 everywhere.
-                wy = _window(ph, overlap if top > 0 else 0, overlap if top + ph < h else 0, x.device)
-                wx = _window(pw, overlap if left > 0 else 0, overlap if left + pw < w else 0, x.device)
-                win = (wy[:, None] * wx[None, :])[None, None]
-                out[..., top:top + ph, left:left + pw] += rec * win
-                weight[..., top:top + ph, left:left + pw] += win
-        return out / weight.clamp_min(1e-8)
+        if overlap is None and self.tiles_exactly(layer):
+            side = self._tile_side(tile, layer)
+            feats = self.encode_tiled(self.pad(x, layer), layer, side)
+            return self.decode_tiled(feats, layer, side)[..., :h, :w]
+        s = self.strides[layer]
+        tile = max(s, (tile or math.isqrt(self.max_pixels)) // s * s)
+        overlap = min(tile // 4 if overlap is None else overlap, tile - s)
+        return tiled_apply(lambda t: self._reconstruct_whole(t, layer), x, tile, overlap // 2, align=s,
+                           batch_pixels=self.max_pixels, blend=True)
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, **extra: Any) -> Path:
@@ -300,7 +372,7 @@ class RobustAutoencoder(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "RobustAutoencoder":
-        """Load a file written by :meth:`save`."""
+        """Load a file written by :meth:`save` (read once); its extra keys are in :attr:`metadata`."""
         return cls.from_checkpoint(load_checkpoint(path), str(path), device)
 
     @classmethod
@@ -317,7 +389,7 @@ class RobustAutoencoder(nn.Module):
         encoder = encoder_from_checkpoint(ckpt["encoder"], f"{source} (encoder)")
         decoders = {k: decoder_from_checkpoint(d, f"{source} (decoder {k})") if isinstance(d, Mapping) else
                     decoder_from_checkpoint({}, f"{source} (decoder {k})") for k, d in ckpt["decoders"].items()}
-        return cls(encoder, decoders).to(device)
+        return cls(encoder, decoders, metadata=checkpoint_metadata(ckpt)).to(device)
 
     @classmethod
     def from_checkpoints(cls, encoder: str | os.PathLike | Encoder,
@@ -329,6 +401,7 @@ class RobustAutoencoder(nn.Module):
         The encoder file may be an RFI, ``robustness``-library or torchvision checkpoint: the
         latter two are rebuilt as the architecture ``arch``, by default the one the decoder
         checkpoints record (``rfi train-decoder`` stores its encoder's configuration).
+        Each file is read once; what they record besides the weights is in :attr:`metadata`.
 
         Raises:
             RFIError: unreadable files, or a decoder that does not fit the encoder.
@@ -342,21 +415,23 @@ class RobustAutoencoder(nn.Module):
             if ckpt.get("format") != DECODER_FORMAT:
                 raise RFIError(f"{p} is not an RFI decoder checkpoint")
             ckpts.append((p, ckpt))
+        encoder_meta: dict[str, Any] = {}
         if not isinstance(encoder, Encoder):
-            recorded = next(((c.get("encoder") or {}).get("arch") for _, c in ckpts
+            enc_ckpt = load_checkpoint(encoder)
+            if arch is None and enc_ckpt.get("format") != ENCODER_FORMAT:  # a foreign file: as the decoders record
+                arch = next(((c.get("encoder") or {}).get("arch") for _, c in ckpts
                              if (c.get("encoder") or {}).get("arch")), None)
-            try:
-                encoder = load_encoder_file(encoder, arch, arch_key)
-            except RFIError as e:  # a foreign file: the decoders say which architecture it is
-                if arch is not None or recorded is None or "is not an RFI encoder checkpoint" not in str(e):
-                    raise
-                encoder = load_encoder_file(encoder, recorded, arch_key)
+            encoder_meta = checkpoint_metadata(enc_ckpt)
+            encoder = encoder_from_checkpoint(enc_ckpt, str(encoder), arch, arch_key=arch_key)
+            del enc_ckpt
         decs: dict[str, Decoder] = {}
+        meta: dict[str, Any] = {}
         for p, ckpt in ckpts:
             trained_for = ckpt.get("encoder") or {}
             if trained_for and trained_for.get("arch") != encoder.arch:
                 raise RFIError(f"{p} was trained for a {trained_for.get('arch')} encoder, not {encoder.arch}")
             dec = decoder_from_checkpoint(ckpt, str(p))
             decs[dec.layer] = dec
-        return cls(encoder, decs).to(device)
+            meta[dec.layer] = checkpoint_metadata(ckpt)
+        return cls(encoder, decs, metadata={"encoder": encoder_meta, "decoders": meta}).to(device)
 

@@ -1,4 +1,4 @@
-"""How well decoders invert features: ``rfi evaluate`` and :func:`evaluate_autoencoder`.
+"""How well decoders invert features: :func:`evaluate_autoencoder` (``rfi evaluate``: :mod:`apps.commands.evaluate`).
 
 Held-out images (validation crops of the embedded photos, from regions no training crop
 touched, or a user folder's validation split) are reconstructed at several multiples of
@@ -18,8 +18,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
@@ -34,10 +32,9 @@ from torchvision.utils import make_grid
 
 from encoders.data import EmbeddedCrops, ImageFiles
 from encoders.errors import RFIError
-from encoders.files import check_output_folder
 from encoders.imageio import to_uint8
-from encoders.runtime import progress, resolve_device
-from encoders.serialization import atomic_write, load_checkpoint
+from encoders.runtime import progress
+from encoders.serialization import atomic_write
 from inversion.autoencoder import RobustAutoencoder
 from inversion.metrics import lpips_distance, psnr, ssim
 from inversion.perceptual import load_lpips, lpips_status
@@ -244,11 +241,6 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float) + "\n"))
-
-
 def lpips_for(net: str = "alex", weights: str | os.PathLike | None = None,
               device: str | torch.device = "cpu"):
     """``(lpips model or None, note)``: LPIPS when its backbone is here, else ``None`` and how to provide it."""
@@ -256,108 +248,3 @@ def lpips_for(net: str = "alex", weights: str | os.PathLike | None = None,
     if not ok:
         return None, note
     return load_lpips(net, weights, device), note
-
-
-# ------------------------------------------------------------------------------------ CLI
-def parse_scales(text: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]`` (RFIError on anything else)."""
-    try:
-        scales = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        scales = []
-    if not scales or any(s < 1 for s in scales):
-        raise RFIError(f"--scales must be positive integers separated by commas (e.g. 1,2,4), got {text!r}")
-    return scales
-
-
-def decoder_train_size(path: str | os.PathLike) -> int | None:
-    """The training resolution recorded in a decoder checkpoint (``train_size``), if any."""
-    size = load_checkpoint(path).get("train_size")
-    return int(size) if size else None
-
-
-def _run_names(decoders: Sequence[str], names: str | None) -> list[str]:
-    if names:
-        out = [n.strip() for n in names.split(",")]
-        if len(out) != len(decoders) or len(set(out)) != len(out) or not all(out):
-            raise RFIError(f"--names needs {len(decoders)} distinct names separated by commas, got {names!r}")
-        return out
-    parents = [Path(d).resolve().parent.name for d in decoders]
-    return parents if len(set(parents)) == len(parents) else [f"run{i + 1}" for i in range(len(decoders))]
-
-
-def register_evaluate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", action="append", required=True, metavar="E",
-                        help="encoder checkpoint (repeat, one per --decoder): RFI, robustness-library or "
-                             "torchvision file")
-    parser.add_argument("--arch", help="architecture of robustness-library / torchvision encoder files "
-                                       "(e.g. resnet50; default: as each decoder records)")
-    parser.add_argument("--decoder", action="append", required=True, metavar="D",
-                        help="decoder checkpoint for the preceding --encoder (repeat)")
-    parser.add_argument("--names", help="run names for the table and grid columns, e.g. standard,robust "
-                                        "(default: the decoders' folder names)")
-    parser.add_argument("--scales", default="1,2,4", help="multiples of the training size (default 1,2,4)")
-    parser.add_argument("--size", type=int, help="training size in px (default: from the decoder checkpoint)")
-    parser.add_argument("--num", type=int, default=100, help="held-out images per scale (default 100)")
-    parser.add_argument("--data", metavar="DATA", action="append",
-                        help=f"'{EMBEDDED}' (validation regions of the embedded photos, default), '{UNSEEN}' "
-                             "(images no job trains on, see encoders/unseen.py) or an image folder's validation "
-                             "split; repeat to report several side by side (e.g. --data embedded --data unseen)")
-    parser.add_argument("--seed", type=int, default=0, help="embedded crop positions (default 0)")
-    parser.add_argument("--out", default="runs/evaluate", help="folder for evaluate.json and grid PNGs")
-    parser.add_argument("--lpips-weights", metavar="PATH", help="torchvision backbone file for LPIPS "
-                                                                "(default: the torch hub cache)")
-    parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if len(args.encoder) != len(args.decoder):
-        raise RFIError(f"give one --encoder per --decoder (got {len(args.encoder)} encoders, "
-                       f"{len(args.decoder)} decoders)")
-    scales = parse_scales(args.scales)
-    if args.num < 1 or args.batch_size < 1:
-        raise RFIError("--num and --batch-size must be >= 1")
-    for data in args.data or []:
-        if data not in (EMBEDDED, UNSEEN) and not Path(data).is_dir():
-            raise RFIError(f"--data {data}: no such folder (give a folder, {EMBEDDED} or {UNSEEN})")
-    check_output_folder(args.out)
-    device = resolve_device(args.device)
-    names = _run_names(args.decoder, args.names)
-    sizes = {d: args.size or decoder_train_size(d) for d in args.decoder}
-    if None in sizes.values():
-        missing = [d for d, s in sizes.items() if s is None]
-        raise RFIError(f"{missing[0]} does not record its training size: pass --size PX")
-    if len(set(sizes.values())) > 1:
-        raise RFIError(f"the decoders were trained at different sizes {sorted(set(sizes.values()))}: "
-                       f"pass --size PX to evaluate them at the same scales")
-    models = {n: RobustAutoencoder.from_checkpoints(e, d, device=device, arch=args.arch)
-              for n, e, d in zip(names, args.encoder, args.decoder)}
-    lpips_model, note = lpips_for(args.lpips_net, args.lpips_weights, device)
-    if lpips_model is None:
-        print(f"note: {note}")
-    by_data = {}
-    for data in args.data or [EMBEDDED]:
-        grids = Path(args.out) if data == (args.data or [EMBEDDED])[0] else Path(args.out) / _slug(data)
-        by_data[data] = compare_autoencoders(models, scales, sizes[args.decoder[0]], args.num, args.seed, data,
-                                             lpips_model, note, args.batch_size, grid_dir=grids)
-        if not any(by_data[data]["models"].values()):
-            raise RFIError(f"nothing measured on {data}: every scale was skipped ("
-                           + "; ".join(f"{k}: {v}" for k, v in by_data[data]["skipped"].items()) + ")")
-    result = dict(next(iter(by_data.values())))  # the first data set at the top level, as before
-    result["by_data"] = by_data
-    result["runs"] = {n: {"encoder": str(e), "decoder": str(d)}
-                      for n, e, d in zip(names, args.encoder, args.decoder)}
-    path = write_json(result, Path(args.out) / "evaluate.json")
-    for data, res in by_data.items():
-        print(f"\n{data}:" if len(by_data) > 1 else "", format_table(res), sep="\n" if len(by_data) > 1 else "")
-        for scale, why in res["skipped"].items():
-            print(f"  {scale} skipped: {why}")
-    print(f"wrote {path} and {sum(len(r['grids']) for r in by_data.values())} grid(s) in {args.out}")
-    return 0
-
-
-def _slug(data: str) -> str:
-    return Path(data).name if data not in (EMBEDDED, UNSEEN) else data

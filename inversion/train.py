@@ -1,4 +1,4 @@
-"""Decoder training: ``rfi train-decoder``, on one process or many (DDP through ``torchrun``).
+"""Decoder training, on one process or many (DDP through ``torchrun``); ``rfi train-decoder`` is :mod:`apps.commands.train_decoder`.
 
 One config (:class:`TrainDecoderConfig`, YAML in ``configs/decoder/``) describes a run: a
 frozen encoder checkpoint and the layer to invert, the decoder's shape, the data and the
@@ -25,38 +25,33 @@ Example:
     >>> from encoders.config import load_config
     >>> cfg = load_config(TrainDecoderConfig, "configs/decoder/resnet18_robust_layer3.yaml",
     ...                   ["epochs=1", "out=/tmp/rfi-doc-decoder"])    # doctest: +SKIP
-    >>> path = train_decoder(cfg)                                       # doctest: +SKIP
-    >>> ae = RobustAutoencoder.from_checkpoints(cfg.encoder.checkpoint, path)  # doctest: +SKIP
+    >>> result = train_decoder(cfg)                                     # doctest: +SKIP
+    >>> ae = RobustAutoencoder.from_checkpoints(cfg.encoder.checkpoint, result.path)  # doctest: +SKIP
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from encoders.checkpoints import load_state_dict_checked
-from encoders.config import add_job_arguments, config_to_dict, load_config
+from encoders.checkpoints import load_encoder, load_state_dict_checked
+from encoders.config import config_to_dict, yaml_dataclass
 from encoders.data import DataConfig, build_dataset, resolve_num_workers
 from encoders.errors import RFIError
 from encoders.models import INPUT_TAP, Encoder
-from encoders.rundir import lock_for_run
-from encoders.runtime import (DistContext, MetricsLog, autocast, check_precision, grad_scaler, memory_format,
+from encoders.rundir import RunDir, TrainResult, run_trainer, step_seed
+from encoders.runtime import (DistContext, autocast, check_precision, grad_scaler, memory_format,
                               progress, rng_state, save_grid, seed_everything, set_rng_state,
                               setup_distributed)
-from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint
-from inversion.autoencoder import load_encoder_file
+from encoders.serialization import load_checkpoint, save_checkpoint
 from inversion.decoders import CPU_PRESET, DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_preset
 from inversion.discriminator import build_discriminator
 from inversion.losses import DecoderLoss, term_weights
@@ -75,7 +70,7 @@ RESUME_FREE_KEYS = ("out", "device", "num_workers", "log_every", "sample_every",
 SAMPLE_ROWS = 8
 
 
-@dataclass
+@yaml_dataclass("decoder/defaults.yaml", "encoder")
 class EncoderSection:
     """The frozen encoder: a checkpoint and the layer the decoder inverts.
 
@@ -84,12 +79,12 @@ class EncoderSection:
     ``encoder.arch=resnet50``), which is checked against an RFI checkpoint's own.
     """
 
-    checkpoint: str = "runs/encoders/resnet18_robust/checkpoint.pt"
-    layer: str = "layer3"
-    arch: str | None = None
+    checkpoint: str
+    layer: str
+    arch: str | None
 
 
-@dataclass
+@yaml_dataclass("decoder/defaults.yaml", "decoder")
 class DecoderSection:
     """The decoder's shape (see :class:`inversion.decoders.Decoder`).
 
@@ -103,20 +98,20 @@ class DecoderSection:
     other than its ``cpu`` default here overrides the preset's.
     """
 
-    preset: Literal["cpu", "paper"] = "cpu"
-    channels: int = 64
-    min_channels: int = 32
-    blocks: int = 1
-    skips: list[str] = field(default_factory=list)
-    padding_mode: Literal["reflect", "zeros", "replicate", "circular"] = "reflect"
-    norm: bool = True
-    residual: bool = False
-    stage_blocks: int = 0
-    spectral_norm: bool = False
-    refine_blocks: int = 0  # full-resolution residual blocks before the output conv (denoising)
+    preset: Literal["cpu", "paper"]
+    channels: int
+    min_channels: int
+    blocks: int
+    skips: list[str]
+    padding_mode: Literal["reflect", "zeros", "replicate", "circular"]
+    norm: bool
+    residual: bool
+    stage_blocks: int
+    spectral_norm: bool
+    refine_blocks: int  # full-resolution residual blocks before the output conv (denoising)
 
 
-@dataclass
+@yaml_dataclass("decoder/defaults.yaml", "loss")
 class LossSection:
     """Loss weights (0 switches a term off) and their options.
 
@@ -131,37 +126,37 @@ class LossSection:
     ``configs/paper/``).
     """
 
-    pixel: float = 1.0
-    pixel_type: Literal["l1", "l2"] = "l1"
-    feature: float = 0.1
-    lpips: float = 0.0
-    lpips_net: Literal["alex", "vgg"] = "alex"
-    lpips_weights: str | None = None
-    adversarial: float = 0.0
-    discriminator: Literal["deepsim", "patch"] = "deepsim"
-    gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
-    disc_channels: int = 32
-    disc_spectral_norm: bool = False
-    reduction: Literal["mean", "sum"] = "mean"
+    pixel: float
+    pixel_type: Literal["l1", "l2"]
+    feature: float
+    lpips: float
+    lpips_net: Literal["alex", "vgg"]
+    lpips_weights: str | None
+    adversarial: float
+    discriminator: Literal["deepsim", "patch"]
+    gan_loss: Literal["hinge", "nonsaturating"]
+    disc_channels: int
+    disc_spectral_norm: bool
+    reduction: Literal["mean", "sum"]
 
 
-@dataclass
+@yaml_dataclass("decoder/defaults.yaml", "optim")
 class OptimSection:
     """Adam for the decoder (``lr``, cosine decay to 0 after ``warmup_steps`` linear warm-up,
     or ``constant``) and for the discriminator (``disc_lr``, ``disc_betas``, constant)."""
 
-    lr: float = 2e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = 0
-    disc_lr: float = 2e-4
-    disc_betas: tuple[float, float] = (0.5, 0.999)
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    schedule: Literal["cosine", "constant"]
+    warmup_steps: int
+    disc_lr: float
+    disc_betas: tuple[float, float]
 
 
-@dataclass
+@yaml_dataclass("decoder/defaults.yaml")
 class TrainDecoderConfig:
-    """A run of ``rfi train-decoder`` (YAML: ``configs/decoder/*.yaml``).
+    """A run of ``rfi train-decoder`` (YAML: ``configs/decoder/*.yaml``; defaults: ``defaults.yaml`` there).
 
     ``epochs`` over ``data.train_crops`` crops, or exactly ``steps`` steps when > 0.
     ``batch_size`` is global (split over DDP processes). ``out`` defaults to
@@ -174,24 +169,24 @@ class TrainDecoderConfig:
     see ``docs/training_at_scale.md``.
     """
 
-    encoder: EncoderSection = field(default_factory=EncoderSection)
-    decoder: DecoderSection = field(default_factory=DecoderSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossSection = field(default_factory=LossSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    epochs: int = 4
-    steps: int = 0
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
-    sample_every: int = 200
-    log_every: int = 20
-    checkpoint_every: int = 0
-    num_workers: int | None = None
-    precision: str = "fp32"
-    channels_last: bool = False
-    deterministic: bool = True
+    encoder: EncoderSection
+    decoder: DecoderSection
+    data: DataConfig
+    loss: LossSection
+    optim: OptimSection
+    epochs: int
+    steps: int
+    batch_size: int
+    seed: int
+    device: str
+    out: str | None
+    sample_every: int
+    log_every: int
+    checkpoint_every: int
+    num_workers: int | None
+    precision: str
+    channels_last: bool
+    deterministic: bool
 
 
 def check_config(cfg: TrainDecoderConfig) -> None:
@@ -241,8 +236,12 @@ def default_out(cfg: TrainDecoderConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, ...] = ()) -> Encoder:
+def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, ...] = (),
+                        encoder: Encoder | None = None) -> Encoder:
     """The encoder of ``section.checkpoint`` in eval mode with frozen weights, checked for its layers.
+
+    ``encoder``, when given, is that checkpoint's encoder already in memory (for example the model
+    :func:`encoders.train.train_encoder` returned): it is checked and frozen instead of reading the file.
 
     Raises:
         RFIError: the file is missing (says how to train one), unreadable, or the encoder
@@ -253,7 +252,8 @@ def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, .
     if not path.is_file():
         raise RFIError(f"encoder checkpoint not found: {path} (encoder.checkpoint); train one with "
                        f"`{TRAIN_ENCODER_HINT}` or set encoder.checkpoint=PATH")
-    encoder = load_encoder_file(path, section.arch, "encoder.arch")
+    if encoder is None:
+        encoder = load_encoder(path, section.arch, arch_key="encoder.arch")
     names = [INPUT_TAP, *encoder.layer_names]  # skips may take the image itself
     for key, layer, valid in (("encoder.layer", section.layer, names[1:]),
                               *(("decoder.skips", s, names) for s in skips)):
@@ -292,7 +292,15 @@ _Dist = DistContext
 _setup_distributed = setup_distributed
 
 
-def _lr_factor(step: int, total: int, cfg: OptimSection) -> float:
+def lr_factor(step: int, total: int, cfg: OptimSection) -> float:
+    """The decoder's learning rate at ``step`` of ``total``, as a fraction of ``cfg.lr``: linear warm-up over
+    ``cfg.warmup_steps``, then cosine decay to 0 at ``total`` (or ``constant``); see :func:`lr_scheduler`.
+
+    Example:
+        >>> o = OptimSection(warmup_steps=2)
+        >>> [round(lr_factor(s, 6, o), 3) for s in range(7)]
+        [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
+    """
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -301,31 +309,52 @@ def _lr_factor(step: int, total: int, cfg: OptimSection) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return flat
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, total: Callable[[], int],
+                 step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The decoder's per-step schedule (:func:`lr_factor`) as a ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Args:
+        optimizer: the decoder's optimizer.
+        cfg: the schedule; ``cfg.lr`` is the peak learning rate.
+        total: the run's number of steps (read at every step: a resumed run may be extended).
+        step: the step the run is at (a resumed run's); the learning rates are set for it.
+
+    Example:
+        >>> opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+        >>> sched = lr_scheduler(opt, OptimSection(lr=1.0, warmup_steps=2), lambda: 6, step=4)
+        >>> sched.get_last_lr(), sched.last_epoch
+        ([0.5], 4)
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total(), cfg), last_epoch=step - 1)
 
 
 def _images(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-class _DecoderTrainer:
-    """One training run (state + loop); :func:`train_decoder` is the public entry point."""
+class DecoderTrainer:
+    """One training run (state + loop) on one process of a (possibly one-process) DDP job.
+
+    :func:`train_decoder` is the entry point for a whole run (it also locks the folder); the
+    trainer itself is public so that benchmarks time its real :meth:`train_step`.
+
+    Args:
+        cfg: the run's config (checked with :func:`check_config`).
+        input_transform: see :func:`train_decoder`.
+        ctx: the process group, from :func:`encoders.runtime.setup_distributed`.
+        device: the device (ditto).
+    """
 
     def __init__(self, cfg: TrainDecoderConfig, input_transform: InputTransform | None,
-                 ctx: _Dist, device: torch.device):
+                 ctx: _Dist, device: torch.device, encoder: Encoder | None = None):
         self.cfg, self.ctx, self.device, self.transform = cfg, ctx, device, input_transform
         self.out = Path(cfg.out) if cfg.out else default_out(cfg)
-        self.ckpt_path = self.out / CHECKPOINT_NAME
+        self.run_dir = RunDir(self.out, CHECKPOINT_NAME, ctx.main)
+        self.ckpt_path = self.run_dir.checkpoint
         self.layer = cfg.encoder.layer
-        self.encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips).to(device)
+        self.encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips, encoder).to(device)
         self.encoder.check_input_size(cfg.data.size)
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val")
@@ -346,6 +375,8 @@ class _DecoderTrainer:
         o = cfg.optim
         self.opt = torch.optim.Adam(self.decoder.parameters(), lr=o.lr, betas=tuple(o.betas),
                                     weight_decay=o.weight_decay)
+        self.scheduler = lr_scheduler(self.opt, o, lambda: self.total_steps)
+        self.lr = self.scheduler.get_last_lr()[0]  # the learning rate of the last step (logged)
         self.disc: nn.Module | None = None
         self.disc_opt: torch.optim.Optimizer | None = None
         lpips_model = None
@@ -388,7 +419,7 @@ class _DecoderTrainer:
 
     def _generator(self, step: int, rank: int) -> torch.Generator:
         # A pure function of (seed, step, rank): a resumed run draws the same corruption.
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 4099 + rank)
+        return torch.Generator().manual_seed(step_seed(self.cfg.seed, step, rank))
 
     def _corrupt(self, x: Tensor, g: torch.Generator) -> Tensor:
         return x if self.transform is None else self.transform(x, g)
@@ -418,7 +449,8 @@ class _DecoderTrainer:
             "val_psnr": self.val_psnr, "config": config_to_dict(self.cfg),
             "train": {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                       "total_steps": self.total_steps, "complete": complete, "world_size": self.ctx.world,
-                      "optimizer": self.opt.state_dict(), "rng": rng_state(),
+                      "optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(),
+                      "rng": rng_state(),
                       "log_window": {"steps": self.window_steps, "sums": window or {}}}}
         if self.scaler.is_enabled():
             extra["train"]["scaler"] = self.scaler.state_dict()
@@ -437,14 +469,9 @@ class _DecoderTrainer:
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt.get("format") != DECODER_FORMAT or "train" not in ckpt:
             raise RFIError(f"{self.ckpt_path} is not a training checkpoint of rfi train-decoder: cannot resume")
-        old, new = _flatten(ckpt.get("config", {})), _flatten(config_to_dict(self.cfg))
-        free = (*RESUME_FREE_KEYS, "epochs", "steps")  # a run may also be extended
-        defaults = _flatten(config_to_dict(TrainDecoderConfig()))  # keys added since the run started: their defaults
-        changed = [k for k in sorted(set(old) | set(new))
-                   if k.split(".")[0] not in free and old.get(k, defaults.get(k)) != new.get(k)]
-        if changed:
-            raise RFIError(f"cannot resume {self.ckpt_path}: the config differs in {', '.join(changed)} "
-                           f"(use the run's {self.out / 'config.yaml'} or another --out)")
+        self.run_dir.check_resume(ckpt.get("config", {}), config_to_dict(self.cfg),
+                                  (*RESUME_FREE_KEYS, "epochs", "steps"),  # a run may also be extended
+                                  config_to_dict(TrainDecoderConfig()))
         train = ckpt["train"]
         if train["world_size"] != self.ctx.world:
             self.info("resuming a %d-process run on %d processes: the data order changes from here on",
@@ -458,6 +485,10 @@ class _DecoderTrainer:
             self.disc_opt.load_state_dict(train["disc_optimizer"])
         set_rng_state(train["rng"])
         self.step, self.val_psnr = train["step"], ckpt.get("val_psnr")
+        if "scheduler" in train and train["total_steps"] == self.total_steps:
+            self.scheduler.load_state_dict(train["scheduler"])
+        else:  # a checkpoint from before schedulers were saved, or an extended run: the schedule at its step
+            self.scheduler = lr_scheduler(self.opt, self.cfg.optim, lambda: self.total_steps, self.step)
         self.window_steps = train["log_window"]["steps"]
         self.window = {k: torch.tensor(v, device=self.device) for k, v in train["log_window"]["sums"].items()}
         return ckpt
@@ -473,8 +504,6 @@ class _DecoderTrainer:
         with torch.no_grad(), amp:
             feats = self.encoder(inputs, layers=self.decoder.input_layers)
             target = feats[self.layer] if inputs is x else self.encoder(x, layers=[self.layer])[self.layer]
-        for group in self.opt.param_groups:
-            group["lr"] = self.cfg.optim.lr * _lr_factor(self.step, self.total_steps, self.cfg.optim)
         with autocast(self.device, self.cfg.precision):
             rec = self.ddp_decoder(feats, size=tuple(x.shape[-2:]))  # exactly the input size, any stride
             total, terms = self.loss(rec, x, condition=feats[self.layer], target_features=target)
@@ -489,6 +518,8 @@ class _DecoderTrainer:
             self.scaler.step(self.disc_opt)
             terms["disc"] = d_loss.detach()
         self.scaler.update()
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
         self.step += 1
         return terms
 
@@ -518,27 +549,25 @@ class _DecoderTrainer:
         return save_grid(columns, self.out / "samples" / f"step_{self.step:06d}.png")
 
     # ------------------------------------------------------------------ loop
-    def run(self, resume: bool) -> Path:
+    def result(self, record: dict[str, Any] | None = None) -> TrainResult:
+        """The run's :class:`~encoders.rundir.TrainResult`: the checkpoint, the decoder (eval mode) and the
+        metrics: ``step``, ``val_psnr`` and the last training-log record (loss terms, ``lr``, ``images_per_s``)."""
+        return TrainResult(self.ckpt_path, self.decoder.eval(),
+                           {**(record or {}), "step": self.step, "val_psnr": self.val_psnr})
+
+    def run(self, resume: bool) -> TrainResult:
+        """Train (or resume) to the end, checkpointing, logging and writing samples on the way."""
         cfg, ctx = self.cfg, self.ctx
-        resumed = False
-        if self.ckpt_path.exists():
-            if not resume:
-                raise RFIError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        resumed = self.run_dir.has_checkpoint(resume)
+        if resumed:
             ckpt = self.restore()
-            resumed = True
             if ckpt["train"]["complete"] and self.step >= self.total_steps:
                 self.info("%s is already complete (%d steps)", self.ckpt_path, self.step)
-                return self.ckpt_path
+                return self.result()
             self.info("resuming %s at step %d of %d", self.ckpt_path, self.step, self.total_steps)
-        elif resume:
-            self.info("nothing to resume in %s: starting a new run", self.out)
         ctx.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
-        if ctx.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(resolved))
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None,
-                             enabled=ctx.main)
+        self.run_dir.write_config(config_to_dict(cfg))
+        metrics = self.run_dir.metrics(resume_step=self.step if resumed else None)
         params = sum(p.numel() for p in self.decoder.parameters())
         self.info("training a decoder for %s of %s (%.2fM parameters; loss %s) on %d %s crops of %d px, "
                   "%d steps of %d images%s -> %s", self.layer, cfg.encoder.checkpoint, params / 1e6,
@@ -547,7 +576,7 @@ class _DecoderTrainer:
                   self.out)
 
         bar = progress(total=self.total_steps, initial=self.step, desc="train-decoder") if ctx.main else None
-        timed_steps, window_start = 0, time.perf_counter()
+        timed_steps, window_start, last = 0, time.perf_counter(), None
         while self.step < self.total_steps:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             for batch in self._loader(epoch, offset):
@@ -562,8 +591,8 @@ class _DecoderTrainer:
                     seconds = time.perf_counter() - window_start
                     record = {k: v / self.window_steps for k, v in self.shared_window().items()}
                     ips = timed_steps * cfg.batch_size / max(seconds, 1e-9)
-                    metrics.write(step=self.step, epoch=epoch + 1, lr=self.opt.param_groups[0]["lr"],
-                                  images_per_s=ips, **record)
+                    last = {"lr": self.lr, "images_per_s": ips, **record}
+                    metrics.write(step=self.step, epoch=epoch + 1, **last)
                     if bar is not None:
                         bar.set_postfix({**{k: f"{v:.4f}" for k, v in record.items()}, "img/s": f"{ips:.0f}"},
                                         refresh=False)
@@ -592,11 +621,11 @@ class _DecoderTrainer:
             self.write_samples()
         self.save(complete=True)
         self.info("decoder written to %s (validation PSNR %.2f dB)", self.ckpt_path, self.val_psnr or float("nan"))
-        return self.ckpt_path
+        return self.result(last)
 
 
 def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
-                  input_transform: InputTransform | None = None) -> Path:
+                  input_transform: InputTransform | None = None, encoder: Encoder | None = None) -> TrainResult:
     """Train a decoder for ``cfg.encoder.layer`` of the frozen encoder ``cfg.encoder.checkpoint``.
 
     Runs on one process, or on each process of a ``torchrun`` job (DDP; the process group
@@ -611,43 +640,22 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
             it is encoded (e.g. Gaussian noise for a denoiser); ``generator`` is a seeded CPU
             ``torch.Generator`` (a pure function of seed, step and rank), so runs and resumes
             reproduce. The losses always compare with the clean images.
+        encoder: the encoder of ``cfg.encoder.checkpoint`` already in memory (e.g. ``train_encoder(...).model``),
+            so that the file is not read again; ``None`` reads it.
 
     Returns:
-        ``<out>/decoder.pt``: loadable with ``RobustAutoencoder.from_checkpoints(encoder, path)``.
+        A :class:`~encoders.rundir.TrainResult`: ``path`` is ``<out>/decoder.pt`` (loadable with
+        ``RobustAutoencoder.from_checkpoints(encoder, path)``; the result itself stands for it
+        where a path is expected), ``model`` the trained decoder (eval mode), ``metrics`` its
+        ``step``, ``val_psnr`` and last training-log record (loss terms, ``lr``, ``images_per_s``).
 
     Raises:
         RFIError: bad config values, a missing encoder checkpoint or layer, LPIPS weights
             not present locally, or a checkpoint in the way.
 
     Example:
-        >>> path = train_decoder(load_config(TrainDecoderConfig, None, ["steps=10", "out=/tmp/d"]))  # doctest: +SKIP
+        >>> result = train_decoder(load_config(TrainDecoderConfig, None, ["steps=10", "out=/tmp/d"]))  # doctest: +SKIP
     """
     check_config(cfg)
-    ctx, device = _setup_distributed(cfg.device)
-    try:
-        check_precision(cfg.precision, device)  # e.g. bf16 on a GPU without it
-        trainer = _DecoderTrainer(cfg, input_transform, ctx, device)
-        with lock_for_run(trainer.out, ctx):  # one run per folder
-            return trainer.run(resume)
-    finally:
-        if ctx.owns_group:
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- command line
-def register_train_decoder(parser: argparse.ArgumentParser) -> None:
-    add_job_arguments(parser, None, "epochs=2 loss.feature=0.5 encoder.layer=layer2",
-                      "output folder (default: runs/decoders/<config name>)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(TrainDecoderConfig, args.config, args.overrides)
-    if args.out:
-        cfg.out = args.out
-    elif not cfg.out:
-        cfg.out = str(Path("runs/decoders") / Path(args.config).stem)
-    path = train_decoder(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
-    return 0
+    return run_trainer(lambda ctx, device: DecoderTrainer(cfg, input_transform, ctx, device, encoder), cfg.device,
+                       cfg.precision, resume)

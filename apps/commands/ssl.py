@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from encoders.config import add_job_arguments, load_config
+from apps.commands.common import add_job_arguments
+from encoders.config import load_config
 
 DEFAULT_CONFIG = "configs/apps/ssl.yaml"
 

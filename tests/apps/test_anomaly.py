@@ -18,6 +18,7 @@ from apps.anomaly_data import (DEFECTS, BenchmarkConfig, load_anomaly_data, make
 from apps.cli import main
 from encoders.config import load_config
 from encoders.errors import RFIError
+from encoders.files import EXIT_PARTIAL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,7 +189,12 @@ def test_detector_maps_are_standardised_on_normal_images(tiny_model, dummy_mvtec
     assert float(maps.mean()) == pytest.approx(0.0, abs=1e-3)
     assert det.image_scores(maps).max() == pytest.approx(det.threshold)
     over = det.overlay(normal[0], maps[0])
-    assert over.shape == (3, 48, 48) and 0 <= float(over.min()) and float(over.max()) <= 1
+    assert over.shape == (3, 48, 48)
+    assert torch.equal(det.overlay(normal[0], maps[0], alpha=0.0), normal[0])  # no colour: the image itself
+    flat = det.overlay(normal[0], torch.zeros(48, 48), alpha=1.0)  # one score everywhere: one colour
+    assert torch.equal(flat, flat[:, :1, :1].expand_as(flat))
+    hot = det.overlay(normal[0], torch.full((48, 48), 2 * det.threshold), alpha=1.0)  # the top of the scale
+    assert not torch.equal(hot[:, 0, 0], flat[:, 0, 0])
 
 
 def test_shipped_config_equals_the_python_defaults(anomaly_config):
@@ -230,8 +236,16 @@ def test_fit_and_score_end_to_end(dummy_mvtec, dummy_categories, tiny_encoder, a
         with Image.open(out / r["map"]) as im:
             assert im.size == (48, 48) and im.mode == "RGB"
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1"):
-        assert 0.0 <= m[key] <= 1.0
+    # The image metrics are those of the written scores: AUROC as sklearn computes it, F1 at the written threshold.
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    labels, scores = [int(r["label"]) for r in rows], [float(r["score"]) for r in rows]
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    flagged = [int(s >= m["image_f1_threshold"]) for s in scores]
+    assert m["image_f1"] == pytest.approx(f1_score(labels, flagged))
+    anomalous = sum(labels) / len(labels)  # the best F1 is at least that of flagging every image
+    assert m["image_f1"] >= 2 * anomalous / (1 + anomalous) - 1e-9
+    assert m["pixel_auroc"] is not None and m["pixel_f1"] is not None
     assert set(m["per_defect"]) == {"blot", "crack"} and m["skipped"] == []
     assert not list(out.rglob("*.tmp"))
 
@@ -267,13 +281,30 @@ def test_exception_corrupt_images_are_skipped_by_name(tiny_model, dummy_mvtec, t
     (cat / "test/good/001.png").write_bytes(data[: len(data) // 3])  # truncated
     (cat / "test/blot/002.png").write_bytes(b"not an image")
     assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(cat), "--out",
-                 str(tmp_path / "s")]) == 0
+                 str(tmp_path / "s")]) == EXIT_PARTIAL  # as invert/denoise/stylize/augment: some failed, rest written
     captured = capsys.readouterr()
-    assert "test/good/001.png" in captured.err and "test/blot/002.png" in captured.err
+    summary = captured.err[captured.err.index("rfi: 2 input(s) failed"):].splitlines()
+    assert len(summary) == 3 and "test/blot/002.png" in summary[1] and "test/good/001.png" in summary[2]
     names = {r["name"] for r in _read_csv(tmp_path / "s/scores.csv")}
     assert "good/001" not in names and "blot/002" not in names and "good/000" in names
     m = json.loads((tmp_path / "s/metrics.json").read_text())
     assert m["skipped"] == ["blot/002", "good/001"] and m["image_auroc"] is not None
+    assert [f.startswith(str(cat / p)) for f, p in zip(m["failed"], ["test/blot/002.png", "test/good/001.png"])] == [True] * 2
+
+
+def test_exception_nan_image_is_skipped_and_all_failed_exits_2(tiny_model, dummy_mvtec, tmp_path, capsys):
+    cat = _copy(dummy_mvtec / "widget", tmp_path / "widget")
+    w, h = Image.open(cat / "test/good/000.png").size
+    Image.fromarray(np.full((h, w), np.nan, np.float32), mode="F").save(cat / "test/good/000.tif")  # NaN pixels
+    (cat / "test/good/000.png").unlink()
+    out = tmp_path / "s"
+    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(cat), "--out", str(out)]) == EXIT_PARTIAL
+    assert "good/000" not in {r["name"] for r in _read_csv(out / "scores.csv")}
+    assert "test/good/000.tif holds NaN or Inf" in capsys.readouterr().err
+    for f in (cat / "test").rglob("*.*"):
+        f.write_bytes(b"broken")
+    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(cat), "--out", str(tmp_path / "t")]) == 2
+    assert "could be scored" in capsys.readouterr().err and not (tmp_path / "t/scores.csv").exists()
 
 
 def test_a_killed_score_run_leaves_no_half_written_files(tiny_model, dummy_mvtec, tmp_path, monkeypatch):

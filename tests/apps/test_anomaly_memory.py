@@ -131,7 +131,15 @@ def test_cli_fit_method_memory_and_score(dummy_mvtec, tiny_encoder, anomaly_conf
     assert main(["anomaly", "score", "--model", str(model), "--data", str(dummy_mvtec), "--out",
                  str(tmp_path / "s")]) == 0
     m = json.loads((tmp_path / "s/metrics.json").read_text())
-    assert 0 <= m["image_auroc"] <= 1 and 0 <= m["pixel_auroc"] <= 1 and (tmp_path / "s/maps").is_dir()
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    with open(tmp_path / "s/scores.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    labels, scores = [int(r["label"]) for r in table], [float(r["score"]) for r in table]
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))  # the written scores' AUROC
+    assert m["pixel_auroc"] is not None and (tmp_path / "s/maps").is_dir()
     capsys.readouterr()
     # unknown method, bad coreset: one line naming the key, before any work
     assert main(["anomaly", "fit", "--method", "patchcore", "--data", str(dummy_mvtec), "--category", "widget",

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -6,14 +7,19 @@ from PIL import Image
 
 from apps.cli import main
 from apps.quickstart import DEFAULT_CONFIG, QuickstartConfig, _budget
+from encoders import serialization
 from encoders.config import load_config
 from encoders.errors import RFIError
 
 
 def test_quickstart_tiny_end_to_end_and_cache(tmp_path, one_thread, capsys, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no LPIPS backbone here
+    reads: Counter = Counter()  # checkpoint files read (every read goes through torch.load)
+    real_load = serialization.torch.load
+    monkeypatch.setattr(serialization.torch, "load", lambda f, *a, **k: reads.update([str(f)]) or real_load(f, *a, **k))
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--budget", "tiny"]) == 0
+    assert not reads  # the trainers hand back their models: nothing written is read back
     stdout = capsys.readouterr().out
     assert "| robust | 4x | 64 |" in stdout and "LPIPS not computed" in stdout
     report = json.loads((out / "report.json").read_text())
@@ -32,6 +38,7 @@ def test_quickstart_tiny_end_to_end_and_cache(tmp_path, one_thread, capsys, monk
     assert len(ckpts) == 4
     mtimes = [p.stat().st_mtime_ns for p in ckpts]
     assert main(["quickstart", "--out", str(out), "--budget", "tiny", "eval.scales=[1]"]) == 0
+    assert reads == Counter({str(p): 1 for p in ckpts})  # each finished run's file read once
     again = json.loads((out / "report.json").read_text())
     assert all(r["encoder"]["cached"] and r["decoder"]["cached"] for r in again["runs"].values())
     assert [p.stat().st_mtime_ns for p in ckpts] == mtimes and sorted(out.glob("*/*/*.pt")) == ckpts
@@ -40,7 +47,8 @@ def test_quickstart_tiny_end_to_end_and_cache(tmp_path, one_thread, capsys, monk
 def test_budgets_and_errors(capsys):
     cfg = load_config(QuickstartConfig, DEFAULT_CONFIG)
     assert {"default", "small", "tiny"} <= set(cfg.budgets) and cfg.budget == "default"
-    assert _budget(cfg, "default", "x") == {"encoder": [], "decoder": [], "eval": []}
+    assert _budget(cfg, "default", "x") == {"encoder": {}, "decoder": {}, "eval": {}}
+    assert _budget(cfg, "tiny", "x")["eval"] == {"num": 4, "grid_rows": 2}  # key=value lists parsed once, as data
     with pytest.raises(RFIError, match="unknown budget 'huge'"):
         _budget(cfg, "huge", "x")
     assert main(["quickstart", "--budget", "huge", "--out", "/nonexistent/never"]) == 2

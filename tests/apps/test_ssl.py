@@ -16,6 +16,7 @@ from apps.selfsup import (
     Views,
     check_config,
     colour_statistics,
+    fit_probe,
     grey_equalised,
     linear_probe,
     nt_xent,
@@ -25,7 +26,7 @@ from apps.selfsup import (
 )
 from encoders.config import load_config
 from encoders.errors import RFIError
-from encoders.models import Encoder, create_encoder
+from encoders import Encoder, create_encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 
@@ -144,7 +145,20 @@ def test_tiny_runs_with_style(ae_file, method, position):
                           f"style.position={position}"))
     assert result["steps"] == 2 and result["step_ms"] > 0 and result["style_ms"] > 0
     assert set(result["probe"]) == {"photo", "photo_grey", "texture"}
-    assert all(0 <= a <= 1 for a in result["probe"].values())
+    val_crops = 32  # probe.val_crops in TINY: each accuracy counts correct crops out of these
+    assert all(a * val_crops == round(a * val_crops) for a in result["probe"].values()), result["probe"]
+
+
+def test_fit_probe_known_values():
+    """The probe's accuracy on constructed features: separable -> 1; uninformative -> the train majority class."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(10)
+    separable = F.one_hot(labels, 4).float() + 0.01 * torch.randn(40, 4, generator=g)
+    assert fit_probe((separable, labels), (separable, labels)) == 1.0
+    # Constant features: logistic regression can only learn the class priors, so it predicts the train
+    # majority class (1) for every validation crop; a quarter of the (balanced) validation crops are 1s.
+    train_labels = torch.tensor([0, 1, 1, 1, 2, 3])
+    assert fit_probe((torch.zeros(6, 3), train_labels), (torch.zeros(40, 3), labels)) == 0.25
 
 
 def test_background_stylisation_trains_the_same_weights(ae_file):

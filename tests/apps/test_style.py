@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from apps.cli import main
-from apps.style import decode_tiled, layer_config, stylize, TrainDecodersConfig
+from apps.style import layer_config, stylize, TrainDecodersConfig
 from encoders import RFIError, create_encoder
 from encoders.checkpoints import save_encoder
 from encoders.config import load_config
@@ -123,9 +123,11 @@ def test_preserve_color_keeps_the_content_colours(ae):
 
 def test_tiled_decoding_equals_whole_decoding():
     ae = tiny_pyramid(("layer1", "layer3"), skips=True)
-    feats = ae.encode(images(1, 3, 44, 36), "layer3")
+    feats = ae.encode(images(1, 3, 132, 100), "layer3")
     whole = ae.decode(feats, "layer3")
-    assert torch.allclose(decode_tiled(ae, feats, "layer3", tile=8), whole, atol=1e-5)
+    side = (2 * ae.margins("layer3")[1] + 1) * 4  # the smallest exact tile: several tiles per side
+    assert side < 100
+    assert torch.allclose(ae.decode_tiled(feats, "layer3", tile=8), whole, atol=1e-5)  # raised to `side`
     content, style = images(1, 3, 50, 70), images(1, 3, 30, 30, seed=2)
     ref = stylize(ae, content, style)
     ae.max_pixels = 500  # every level of a 50x70 image now goes through tiles
@@ -203,7 +205,7 @@ def test_per_layer_overrides_and_errors(tmp_path):
     cfg = load_config(TrainDecodersConfig, None, ["train.steps=7", "per_layer.layer1.decoder.channels=8",
                                                   "per_layer.layer2={steps: 3}", f"out={tmp_path}/p.pt"])
     one, two = layer_config(cfg, "layer1"), layer_config(cfg, "layer2")
-    assert (one.decoder.channels, one.steps, one.encoder.layer) == (8, 7, "layer1")
+    assert (one.decoder.channels, one.steps, one.encoder.layer) == (8, 100, "layer1")  # steps: configs/apps/style.yaml
     assert (two.decoder.channels, two.steps, two.encoder.layer) == (cfg.train.decoder.channels, 3, "layer2")
     assert one.out == str(tmp_path / "p_decoders" / "layer1")
     bad = load_config(TrainDecodersConfig, None, ["per_layer.layer1.decoder.chanels=8"])
@@ -231,3 +233,29 @@ def test_cli_train_decoders_writes_a_pyramid_that_stylize_uses(files, tmp_path, 
     assert read_image(out / "cat.png").shape == (3, 27, 41)
     bad = args[:-1] + ["layers=[layer1, layer9]"]
     assert main(bad) == 2 and "layer9" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- gradcheck (float64, tiny)
+def _feature_pair():
+    """Content and style features (float64) whose channel covariances have well-separated eigenvalues:
+    WCT differentiates through ``torch.linalg.eigh``, whose gradient has 1 / (lambda_i - lambda_j) terms and
+    is ill-conditioned for (near-)repeated eigenvalues, so gradcheck needs a well-conditioned input."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).view(1, 3, 1, 1)
+    content = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=g) * scale
+    style = torch.randn(1, 3, 3, 3, dtype=torch.float64, generator=g) * scale.flip(1)
+    for f in (content, style):
+        eig = torch.linalg.eigvalsh(torch.cov(f.flatten(2)[0]))
+        assert (eig.diff() > 0.5).all() and eig.min() > 0.1, eig  # the precondition above
+    return content.requires_grad_(), style.requires_grad_()
+
+
+@pytest.mark.parametrize("method", ["adain", "wct"])
+def test_gradcheck_feature_transforms(method):
+    """AdaIN and WCT: gradients w.r.t. the content, the style features and a (B,) tensor alpha."""
+    from apps.feature_transforms import adain, wct
+
+    fn = adain if method == "adain" else wct
+    content, style = _feature_pair()
+    alpha = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (content, style, alpha))

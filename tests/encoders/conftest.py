@@ -43,7 +43,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     from encoders.train import train_encoder
 
     out = tmp_path_factory.mktemp("trained")
-    return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256"))
+    return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256")).path
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps.cli import main
+from apps.cli import COMMANDS, build_parser, main
 from encoders import RFIError, create_encoder
 
 
@@ -117,3 +117,19 @@ def test_empty_or_unreadable_image_folder(tmp_path, capsys, train):
     _fails(capsys, train("data.source=cifar10", f"data.root={tmp_path}"),
            "CIFAR-10 not found", "cifar-10-python.tar.gz")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("command", [c for c, _, _ in COMMANDS])
+def test_every_command_has_help_from_its_module_in_apps_commands(command, capsys):
+    """Each command's parser comes from ``apps/commands/<command>.py`` and ``--help`` exits 0."""
+    module = dict((c, m) for c, m, _ in COMMANDS)[command]
+    assert module == "apps.commands." + command.replace("-", "_")
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and f"usage: rfi {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--quiet", "anomaly", "score"], ["anomaly", "score", "--quiet"]])
+def test_anomaly_takes_the_common_flags_before_or_after_its_sub_command(argv):
+    args = build_parser(argv).parse_args([*argv, "--model", "m.pt", "--data", "d", "--out", "o"])
+    assert args.quiet is True and args.debug is False and args.anomaly_command == "score"

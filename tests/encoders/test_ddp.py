@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
                       RFI_NO_PROGRESS="1")
     torch.set_num_threads(1)
     import encoders.checkpoints
+    import encoders.rundir
     import encoders.runtime
     import encoders.serialization
     import encoders.train as train
@@ -50,7 +51,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
         writes.append(str(path))
         return atomic(path, write)
 
-    for module in (encoders.serialization, encoders.runtime, train):
+    for module in (encoders.serialization, encoders.runtime, encoders.rundir):
         module.atomic_write = spy_atomic
     log_write = encoders.runtime.MetricsLog.write
 
@@ -60,8 +61,8 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
         return log_write(self, **rec)
 
     encoders.runtime.MetricsLog.write = spy_log
-    run = train._EncoderTrainer.run
-    step = train._EncoderTrainer.train_step
+    run = train.EncoderTrainer.run
+    step = train.EncoderTrainer.train_step
     kill = {"armed": False}
 
     def run_and_keep_weights(self, resume):
@@ -75,8 +76,8 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
             raise KeyboardInterrupt
         return n
 
-    train._EncoderTrainer.run = run_and_keep_weights
-    train._EncoderTrainer.train_step = dying_step
+    train.EncoderTrainer.run = run_and_keep_weights
+    train.EncoderTrainer.train_step = dying_step
 
     os.environ["MASTER_PORT"] = str(ports[0])
     train.train_encoder(tiny_config(Path(tmp, "full"), *DDP))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from encoders import RFIError, create_encoder
-from encoders.downsample import LPD, SamePhase, annealed_temperature, lpd_modules, polyphase, set_temperature
+from encoders.downsample import (LPD, SamePhase, annealed_temperature, lpd_modules, polyphase, select_phase,
+                                 set_temperature)
 from encoders.models import Encoder
 from encoders.shift import circular_shift, feature_equivariance_error
 
@@ -155,11 +156,62 @@ def test_adversarial_training_of_an_lps_encoder(tmp_path, tiny_cfg):
     from encoders.serialization import load_checkpoint
     from encoders.train import train_encoder
 
+    from encoders.data import build_dataset
+    from encoders.evaluate import evaluate_encoder
+
     robust = Path(__file__).resolve().parents[2] / "configs" / "encoder" / "resnet18_robust.yaml"
-    path = train_encoder(tiny_cfg(tmp_path, "model.downsample=lps", "epochs=1", config=robust))
-    assert 0 <= load_checkpoint(path)["eval"]["pgd_acc"] <= 1  # PGD through the eval-mode argmax path
+    cfg = tiny_cfg(tmp_path, "model.downsample=lps", "epochs=1", config=robust)
+    path = train_encoder(cfg)
+    recorded = load_checkpoint(path)["eval"]  # PGD through the eval-mode argmax path, at the end of training
     enc = create_encoder(checkpoint=str(path)).eval()
     assert enc.downsample == "lps"
+    # The recorded figures are the saved model's: the seeded evaluation of the reloaded encoder repeats them.
+    again = evaluate_encoder(enc, build_dataset(cfg.data, "val"), eps=recorded["eps"], steps=recorded["steps"],
+                             norm=recorded["norm"], batch_size=2 * cfg.batch_size, max_images=cfg.eval.max_images)
+    assert (again["clean_acc"], again["pgd_acc"]) == (recorded["clean_acc"], recorded["pgd_acc"])
+    assert recorded["pgd_loss"] > recorded["clean_loss"]  # the attack did raise the loss
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(enc.logits(x).argmax(1), enc.logits(x.roll((5, 11), (2, 3))).argmax(1))
+
+
+# ----------------------------------------------------------------------------- gradcheck (float64, tiny)
+def test_gradcheck_polyphase_mixing():
+    """The soft (training-mode) mixture of polyphase components: gradients w.r.t. the input and the weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    weights = torch.rand(2, 4, dtype=torch.float64, generator=g).softmax(1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: select_phase(polyphase(x, 2), w), (x, weights))
+
+
+def test_gradcheck_lpd_training_mode_through_the_scores():
+    """LPD in training mode: the input reaches the output through the kept components *and* through the
+    scoring network's Gumbel-softmax weights. The noise is re-drawn from the same seed at every call, so the
+    function gradcheck differentiates is deterministic."""
+    torch.manual_seed(0)
+    lpd = LPD(2, hidden=3).double().train()
+    lpd.tau = 0.5
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)
+        return lpd(x)
+
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(forward, (x,))
+    forward(x)
+    assert 0 < float(lpd.weights.detach().max()) < 1  # a soft mixture was differentiated, not a hard choice
+
+
+def test_gradcheck_lpd_scorer_parameters():
+    """Gradients w.r.t. the scoring network's weights (what LPS training learns), training mode."""
+    torch.manual_seed(0)
+    lpd = LPD(2, hidden=3).double().train()
+    names = [n for n, _ in lpd.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in lpd.parameters())
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+
+    def forward(*values: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)
+        return torch.func.functional_call(lpd, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(forward, params)

@@ -42,18 +42,40 @@ def test_normalisation_is_inside():
     torch.testing.assert_close(enc.logits(x), enc.model((x - mean) / std))
 
 
+def model_path_output(enc, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """The tapped module's output captured (with a forward hook) while the classifier path ``enc.logits`` runs."""
+    captured = []
+    handle = enc.model.get_submodule(enc.taps[layer]).register_forward_hook(lambda m, i, out: captured.append(out))
+    try:
+        enc.logits(x)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def test_features_share_weights_with_classifier_and_state_dict_has_no_copies():
-    enc = create_encoder("resnet18", width=0.125, small_input=True, layers=["layer2"])
-    enc(torch.rand(1, 3, 16, 16))
-    keys = list(enc.state_dict())
-    assert all(k.startswith(("model.", "normalizer.")) for k in keys)
-    before = enc(torch.rand(1, 3, 16, 16))["layer2"].sum()
+    enc = create_encoder("resnet18", width=0.125, small_input=True, layers=["layer2"]).eval()
+    x = torch.rand(2, 3, 16, 16)
+    before = enc(x)["layer2"]
+    torch.testing.assert_close(before, model_path_output(enc, "layer2", x), rtol=0, atol=0)
+    # The feature extractor holds the classifier's parameter and buffer tensors themselves, not copies ...
+    extractor = enc._extractor(("layer2",))
+    model_tensors = {id(t) for t in [*enc.model.parameters(), *enc.model.buffers()]}
+    tapped = [*extractor.parameters(), *extractor.buffers()]
+    assert tapped and all(id(t) in model_tensors for t in tapped)
+    assert all(k.startswith(("model.", "normalizer.")) for k in enc.state_dict())  # ... and saves none
+    # ... so a change to the classifier's weights shows in the features, for the same input.
     with torch.no_grad():
         enc.model.layer1[0].conv1.weight.add_(1.0)
-    enc.eval()
-    after = enc(torch.rand(1, 3, 16, 16))["layer2"].sum()
-    assert not torch.equal(before, after)
-    copy.deepcopy(enc)(torch.rand(1, 3, 16, 16))
+    after = enc(x)["layer2"]
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, model_path_output(enc, "layer2", x), rtol=0, atol=0)
+    # A deep copy taps its own weights: changing the original leaves the copy's features alone.
+    twin = copy.deepcopy(enc)
+    with torch.no_grad():
+        enc.model.layer1[0].conv1.weight.mul_(-1.0)
+        torch.testing.assert_close(twin(x)["layer2"], after, rtol=0, atol=0)
+        assert (enc(x)["layer2"] - after).abs().max() > 1e-3
 
 
 def test_exception_unknown_architecture_lists_valid():
@@ -66,8 +88,12 @@ def test_exception_unknown_layer_lists_valid():
         create_encoder("resnet18", width=0.125, layers=["layer5"])
 
 
-def test_gradcheck_input_gradient_flows():
+def test_input_gradient_through_a_feature_tap_is_the_model_paths():
+    """Attacks and inversion differentiate features w.r.t. the image: the tap's input gradient must be the one
+    of the same activation computed on the classifier path."""
     enc = create_encoder("vgg16", width=0.125, small_input=True, layers=["relu2_1"]).eval()
-    x = torch.rand(1, 3, 16, 16, requires_grad=True)
-    enc(x)["relu2_1"].sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)  # the classifier path needs 32 px (5 poolings)
+    (grad,) = torch.autograd.grad(enc(x)["relu2_1"].sum(), x)
+    (expected,) = torch.autograd.grad(model_path_output(enc, "relu2_1", x).sum(), x)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, expected)

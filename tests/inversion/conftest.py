@@ -62,7 +62,7 @@ def tiny_decoder_path(tiny_encoder_path, tmp_path_factory) -> Path:
     cfg = load_config(TrainDecoderConfig, None, [f"encoder.checkpoint={tiny_encoder_path}", *TINY, "steps=40",
                                                  "data.train_crops=640", "sample_every=0", f"out={out}"])
     try:
-        return train_decoder(cfg)
+        return train_decoder(cfg).path
     finally:
         torch.set_num_threads(threads)
 

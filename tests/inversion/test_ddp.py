@@ -35,6 +35,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int,
                       LOCAL_RANK=str(rank), RFI_NO_PROGRESS="1")
     torch.set_num_threads(1)
     import encoders.imageio
+    import encoders.rundir
     import encoders.runtime
     import encoders.serialization
     import inversion.train as train
@@ -46,7 +47,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int,
         writes.append(str(path))
         return atomic(path, write)
 
-    for module in (encoders.serialization, encoders.runtime, encoders.imageio, train):
+    for module in (encoders.serialization, encoders.runtime, encoders.imageio, encoders.rundir):
         module.atomic_write = spy_atomic
     log_write = encoders.runtime.MetricsLog.write
 
@@ -56,14 +57,14 @@ def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int,
         return log_write(self, **rec)
 
     encoders.runtime.MetricsLog.write = spy_log
-    run = train._DecoderTrainer.run
+    run = train.DecoderTrainer.run
 
     def run_and_keep_weights(self, resume):
         path = run(self, resume)
         torch.save(self.decoder.state_dict(), Path(record) / f"weights{rank}_{self.step}.pt")
         return path
 
-    train._DecoderTrainer.run = run_and_keep_weights
+    train.DecoderTrainer.run = run_and_keep_weights
     train.train_decoder(cfg)
     Path(record, f"writes{rank}.json").write_text(json.dumps(writes))
     cfg.steps += more_steps

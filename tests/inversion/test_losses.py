@@ -37,6 +37,18 @@ def test_feature_loss_is_relative_and_scale_free():
     assert torch.allclose(feature_loss(10 * g, 10 * f), feature_loss(g, f), rtol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradcheck_feature_loss(reduction):
+    """Gradient of the relative (mean) and summed feature loss w.r.t. the reconstruction's features (float64);
+    the target is a constant (detached inside), so it gets no gradient."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda o: feature_loss(o, target, reduction), (out,))
+    feature_loss(out, target, reduction).backward()
+    assert target.grad is None and out.grad.abs().sum() > 0
+
+
 def test_feature_term_gradient_reaches_the_image_not_the_encoder(encoder):
     x = torch.rand(2, 3, 16, 16)
     target = encoder(x, layers=["layer3"])["layer3"]

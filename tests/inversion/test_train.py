@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from apps.cli import main
 from encoders.errors import RFIError
 from encoders.serialization import load_checkpoint
 from inversion import RobustAutoencoder
-from inversion.train import _DecoderTrainer, _setup_distributed, train_decoder
+from inversion.train import DecoderTrainer, OptimSection, _setup_distributed, lr_scheduler, train_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +28,8 @@ def _noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def test_training_lowers_the_loss_and_writes_a_usable_decoder(tiny_config, tiny_encoder_path, tmp_path):
     cfg = tiny_config("epochs=3")
-    path = train_decoder(cfg)
-    out = Path(cfg.out)
+    result = train_decoder(cfg)
+    path, out = result.path, Path(cfg.out)
     assert path == out / "decoder.pt"
     losses = [r["total"] for r in _records(out, "total")]
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
@@ -40,6 +41,12 @@ def test_training_lowers_the_loss_and_writes_a_usable_decoder(tiny_config, tiny_
     assert ckpt["layer"] == "layer3" and ckpt["train_size"] == 16 and ckpt["encoder_path"] == str(tiny_encoder_path)
     assert ckpt["train"]["complete"] and ckpt["train"]["step"] == 24 and "optimizer" in ckpt["train"]
     assert ckpt["val_psnr"] == pytest.approx(psnrs[-1])
+    # The result also holds the trained decoder (the checkpoint's weights) and the final metrics.
+    assert not result.model.training
+    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in result.model.state_dict().items())
+    last = _records(out, "total")[-1]
+    assert result.metrics["val_psnr"] == ckpt["val_psnr"] and result.metrics["step"] == 24
+    assert result.metrics["total"] == last["total"] and result.metrics["lr"] == last["lr"]
     # The core loads it, and the fully convolutional decoder inverts 1x, 2x and 4x the training size.
     ae = RobustAutoencoder.from_checkpoints(tiny_encoder_path, path)
     for size in (16, 32, 64):
@@ -49,32 +56,41 @@ def test_training_lowers_the_loss_and_writes_a_usable_decoder(tiny_config, tiny_
     with pytest.raises(RFIError, match="--resume"):
         train_decoder(cfg)
     before = path.read_bytes()
-    assert train_decoder(cfg, resume=True) == path and path.read_bytes() == before
+    again = train_decoder(cfg, resume=True)
+    assert again.path == path and path.read_bytes() == before and again.metrics["val_psnr"] == ckpt["val_psnr"]
 
 
-def test_killed_run_resumes_to_identical_weights(tiny_config, tmp_path, monkeypatch):
-    """Noise input transform, adversarial term and mid-epoch checkpoints: a run killed at step 11
-    keeps its step-9 checkpoint intact, and --resume ends bit-identical to an uninterrupted run."""
-    extra = ["loss.adversarial=0.05", "loss.discriminator=deepsim", "checkpoint_every=3"]
+@pytest.mark.parametrize("scheduler_state", [True, False], ids=["scheduler-saved", "old-checkpoint"])
+def test_killed_run_resumes_to_identical_weights(tiny_config, tmp_path, monkeypatch, scheduler_state):
+    """Noise input transform, adversarial term, warm-up + cosine schedule and mid-epoch checkpoints: a
+    run killed at step 11 keeps its step-9 checkpoint intact, and --resume ends bit-identical to an
+    uninterrupted run, also from a checkpoint written before the scheduler's state was saved."""
+    extra = ["loss.adversarial=0.05", "loss.discriminator=deepsim", "checkpoint_every=3", "optim.warmup_steps=5"]
     full = train_decoder(tiny_config(*extra, out=tmp_path / "full"), input_transform=_noise)
 
     cfg = tiny_config(*extra, out=tmp_path / "killed")
-    original = _DecoderTrainer.train_step
+    original = DecoderTrainer.train_step
 
     def dies_at_step_11(self, x):
         if self.step == 10:
             raise KeyboardInterrupt
         return original(self, x)
 
-    monkeypatch.setattr(_DecoderTrainer, "train_step", dies_at_step_11)
+    monkeypatch.setattr(DecoderTrainer, "train_step", dies_at_step_11)
     with pytest.raises(KeyboardInterrupt):
         train_decoder(cfg, input_transform=_noise)
     path = Path(cfg.out) / "decoder.pt"
     killed = load_checkpoint(path)
     assert killed["train"]["step"] == 9 and not killed["train"]["complete"]
+    assert killed["train"]["scheduler"]["last_epoch"] == 9
+    if not scheduler_state:  # as written before the scheduler's state was saved (its lr: the last step's)
+        del killed["train"]["scheduler"]
+        killed["train"]["optimizer"]["param_groups"][0].pop("initial_lr")
+        killed["train"]["optimizer"]["param_groups"][0]["lr"] = cfg.optim.lr * _old_lr_factor(8, killed["train"]["total_steps"], cfg.optim)
+        torch.save(killed, path)
     assert not [p for p in Path(cfg.out).iterdir() if p.name.endswith(".tmp")]
 
-    monkeypatch.setattr(_DecoderTrainer, "train_step", original)
+    monkeypatch.setattr(DecoderTrainer, "train_step", original)
     resumed = train_decoder(cfg, resume=True, input_transform=_noise)
     a, b = load_checkpoint(full), load_checkpoint(resumed)
     for key in a["state_dict"]:
@@ -89,6 +105,31 @@ def test_killed_run_resumes_to_identical_weights(tiny_config, tmp_path, monkeypa
 
     assert without_speed(tmp_path / "full") == without_speed(Path(cfg.out))
     assert {"adversarial", "disc"} <= set(_records(Path(cfg.out), "total")[-1])
+
+
+def _old_lr_factor(step: int, total: int, cfg: OptimSection) -> float:
+    """The hand-written schedule the decoder trainer used before torch.optim.lr_scheduler (kept to compare)."""
+    warm = cfg.warmup_steps
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    return 1.0 if cfg.schedule == "constant" else decay
+
+
+@pytest.mark.parametrize("schedule,warmup", [("cosine", 0), ("cosine", 7), ("constant", 3)])
+def test_the_lr_scheduler_gives_the_former_learning_rates_exactly(schedule, warmup):
+    cfg, total = OptimSection(lr=2e-3, schedule=schedule, warmup_steps=warmup), 40
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = lr_scheduler(opt, cfg, lambda: total)
+    lrs = []
+    for _ in range(total + 2):  # the lr each step uses, then the scheduler moves on
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [cfg.lr * _old_lr_factor(s, total, cfg) for s in range(total + 2)]  # bit-identical
+    # Rebuilt at a step (an old checkpoint without scheduler state): the same learning rates from there on.
+    rebuilt = lr_scheduler(torch.optim.Adam([torch.zeros(1, requires_grad=True)]), cfg, lambda: total, step=13)
+    assert rebuilt.get_last_lr() == [lrs[13]] and rebuilt.last_epoch == 13
 
 
 def test_resume_refuses_a_changed_config(tiny_config, tmp_path):
@@ -119,7 +160,7 @@ def test_input_transform_corrupts_inputs_but_targets_stay_clean(tiny_config, mon
 
     monkeypatch.setattr(losses.DecoderLoss, "__call__", spy)
     cfg = tiny_config("steps=1", "sample_every=1")
-    trainer = _DecoderTrainer(cfg, transform, *_setup_distributed("cpu"))
+    trainer = DecoderTrainer(cfg, transform, *_setup_distributed("cpu"))
     trainer.train_step(trainer.train_set[0][0][None].expand(4, -1, -1, -1))
     enc = trainer.encoder
     assert torch.equal(seen["target"], seen["clean"])

@@ -1,0 +1,106 @@
+"""``rfi anomaly fit | score | make-benchmark``: anomaly detection (:mod:`apps.anomaly`).
+
+Example:
+    rfi anomaly fit --data embedded --category brick --out runs/anomaly/brick.pt
+    rfi anomaly score --model runs/anomaly/brick.pt --data embedded --out runs/anomaly/brick_scores
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from apps.anomaly import (DEFAULT_CONFIG, AnomalyDetector, check_method, fit, format_metrics, load_anomaly_config,
+                          resolve_data, score)
+from apps.anomaly_data import BenchmarkConfig, make_benchmark, mvtec_categories
+from apps.commands.common import common_flags
+from encoders.errors import RFIError
+from encoders.files import check_output_folder, partial_exit
+from encoders.runtime import resolve_device
+
+log = logging.getLogger("rfi")
+
+
+def register_anomaly(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``rfi anomaly`` and its sub-commands (``--debug``/``--quiet`` come from :func:`common_flags`)."""
+    sub = parser.add_subparsers(dest="anomaly_command", metavar="SUBCOMMAND")
+    common = [common_flags(suppress=True)]  # also accepted after the sub-command
+
+    p = sub.add_parser("fit", parents=common, help="train on normal images only; write one model file")
+    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with normal/ (+ test/), "
+                                                 "a folder of normal images, or 'embedded'")
+    p.add_argument("--out", required=True, help="the model file to write (e.g. runs/anomaly/brick.pt)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--category", help="category of an MVTec root with several (e.g. brick for --data embedded)")
+    p.add_argument("--method", help="reconstruction (a decoder; the default), memory (a PatchCore-style memory bank "
+                                    "of patch features) or combined (both); the config key 'method'")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted decoder training")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. encoder=runs/encoders/resnet18_standard/checkpoint.pt "
+                        "decoder.epochs=2 score.sigma=4")
+    p.set_defaults(func=run_fit)
+
+    p = sub.add_parser("score", parents=common, help="score test images: CSV, heat-map PNGs, metrics")
+    p.add_argument("--model", required=True, help="a model file written by 'rfi anomaly fit'")
+    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with test/ (+ labels.csv), "
+                                                 "a folder of test images, or 'embedded'")
+    p.add_argument("--out", required=True, help="output folder: scores.csv, maps/, metrics.json")
+    p.add_argument("--category", help="category of an MVTec root (default: the model's)")
+    p.add_argument("--labels", help="CSV 'name,label' (0 normal, 1 anomalous) for a plain test folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--no-maps", action="store_true", help="do not write heat-map PNGs")
+    p.set_defaults(func=run_score)
+
+    p = sub.add_parser("make-benchmark", parents=common,
+                       help="write the embedded benchmark (textures with synthetic defects) in MVTec AD layout")
+    p.add_argument("--out", required=True, help="destination folder, e.g. data/embedded_mvtec")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config whose benchmark: section is used")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. benchmark.size=96 benchmark.seed=1")
+    p.set_defaults(func=run_make_benchmark)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """``rfi anomaly fit``: prints the model file's path."""
+    if Path(args.out).is_dir():
+        raise RFIError(f"--out {args.out} is a folder: name the model file to write (e.g. {Path(args.out) / 'model.pt'})")
+    check_output_folder(Path(args.out).parent)  # before any training
+    cfg = load_anomaly_config(args.config, args.overrides)
+    if args.category:
+        cfg.category = args.category
+    if args.method:
+        cfg.method = check_method(args.method)
+    print(fit(cfg, args.data, args.out, resume=args.resume))
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``rfi anomaly score``: prints the metrics table and what was written.
+
+    Exit code as every files-in/files-out command (:mod:`encoders.files`): 0, or 1 when some
+    images could not be scored (each named on stderr) and the others were.
+    """
+    check_output_folder(args.out)  # before the model is loaded and anything is scored
+    det = AnomalyDetector.load(args.model, device=resolve_device(args.device))
+    category = args.category or det.info.get("category")
+    bench = BenchmarkConfig(**det.info["benchmark"]) if det.info.get("benchmark") else BenchmarkConfig()
+    if args.data != "embedded" and args.category is None and category is not None:
+        # a model fitted on one category scores that category of an MVTec root, or any folder given
+        if category not in mvtec_categories(args.data):
+            category = None
+    data = resolve_data(args.data, category, bench, "test", args.labels)
+    if data.category and det.info.get("category") and data.category != det.info["category"]:
+        log.warning("the model was fitted on '%s' but scores '%s'", det.info["category"], data.category)
+    metrics = score(det, data, args.out, args.batch_size, write_maps=not args.no_maps)
+    print(format_metrics(metrics))
+    print(f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'metrics.json'}"
+          + ("" if args.no_maps else f" and {metrics['images']} heat maps in {Path(args.out) / 'maps'}"))
+    return partial_exit(metrics["failed"])
+
+
+def run_make_benchmark(args: argparse.Namespace) -> int:
+    """``rfi anomaly make-benchmark``: prints the benchmark folder."""
+    cfg = load_anomaly_config(args.config, args.overrides)
+    print(make_benchmark(args.out, cfg.benchmark))
+    return 0
