@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from encoders.serialization import write_json  # noqa: E402  (after the path is set)
 
 
 def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: int = 0) -> Path:
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nlisting {listed['files']} files: {listed['seconds']:.2f} s, "
               f"file list {listed['file_list_mb']:.1f} MiB")
     print(f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in result['load_avg'])}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.json)
     return result
 
 

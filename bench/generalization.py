@@ -24,15 +24,18 @@ their medians, and the issue's goals (denoiser ahead of NLM on unseen images at 
 and 50; the robust-minus-standard gain on unseen images at least that on held-out regions;
 held-out minus unseen PSNR at most 2 dB for every model).
 
-Budget ("full"): encoders 250 steps of 128 crops (about half the shipped 6 epochs), decoders
-400 steps of 64, denoisers 250 steps of 32 (48 px); 30 training runs in all. Expected time on
-2 idle CPU cores: about 35 min (from the recorded throughputs in bench/results/encoders.json,
-decoder_training.json and denoise_2000steps.json: 0.14 / 0.42 s per standard / robust encoder
-step, 0.10 s per decoder step, at most 0.33 s per denoiser step; plus about 1 min to generate
-the synthetic images and 3-4 min of evaluation); ``--estimate`` measures it on your machine.
+Budget ("full"): encoders 150 steps of 128 crops (1.6 epochs of 12000; the shipped default is 6),
+decoders 250 steps of 64, denoisers 200 steps of 32 (48 px); 30 training runs in all. Measured with
+``--estimate`` (2 threads, load 2.4): 0.36 / 1.61 s per standard / robust encoder step, 0.31 s per
+decoder step, 0.59 s per denoiser step, so about 57 min of training on one 2-thread process, plus
+under 2 min to generate the synthetic images and a few minutes of evaluation. Training the two
+sets in two 1-thread processes at once (``--train-only photos`` and ``--train-only mixed``), then
+one plain call that reuses them and evaluates, uses both cores better.
 
 Usage:
-    python bench/generalization.py              # 3 seeds, full budget (about 35 min on 2 idle cores)
+    python bench/generalization.py              # 3 seeds, full budget (about an hour on 2 idle cores)
+    python bench/generalization.py --train-only photos --threads 1 &   # the two sets side by side,
+    python bench/generalization.py --train-only mixed --threads 1      # then the plain call evaluates
     python bench/generalization.py --tiny       # smoke test: tiny models, a few steps, 2 seeds
     python bench/generalization.py --estimate   # time a few steps of each full-budget job, project the total
 
@@ -86,9 +89,9 @@ NLM = "nlm (sigma given)"
 # Overrides of the shipped configs per budget; "eval" sizes the evaluation.
 BUDGETS: dict[str, dict[str, Any]] = {
     "full": {
-        "encoder": ["steps=250", "data.val_crops=500", "eval.enabled=false"],
-        "decoder": ["steps=400", "data.val_crops=200", "sample_every=0"],
-        "denoiser": ["train.steps=250", "train.sample_every=0"],
+        "encoder": ["steps=150", "data.val_crops=500", "eval.enabled=false"],
+        "decoder": ["steps=250", "data.val_crops=200", "sample_every=0"],
+        "denoiser": ["train.steps=200", "train.sample_every=0"],
         "eval": {"scales": [1, 4], "num": 100, "denoise_size": 128, "denoise_num": 16, "tune_crops": 8},
     },
     "tiny": {
@@ -381,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="key=value",
                    help="more overrides of the encoder and decoder configs (both)")
     p.add_argument("--set-denoiser", nargs="*", default=[], metavar="key=value", help="more train-denoiser overrides")
+    p.add_argument("--train-only", choices=DATA, help="train (or resume) this training set's runs for every seed and "
+                                                      "stop: two such processes fill two cores; a plain call evaluates")
     p.add_argument("--no-bm3d", action="store_true", help="skip BM3D")
     p.add_argument("--workdir", default="runs/bench/generalization")
     p.add_argument("--device", default="cpu")
@@ -413,6 +418,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clean = denoise_images(ev)
     results: dict[str, Any] = {"inversion": {}, "denoise": {}, "runs": {}}
     train_size = _encoder_cfg("standard", "photos", 0, workdir, budget, args.set).data.size
+    if args.train_only:
+        for seed in seeds:
+            train_all(args.train_only, seed, workdir / args.train_only / f"seed{seed}", budget, args)
+        return {}
     for seed in seeds:  # whole seeds one after the other: a killed run keeps finished seeds' folders
         for data in DATA:
             runs = train_all(data, seed, workdir / data / f"seed{seed}", budget, args)

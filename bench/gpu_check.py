@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from encoders.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
+from encoders.serialization import write_json  # noqa: E402
 
 LAYERS = {"alexnet": "conv5", "resnet50": "layer4"}
 TINY = {"size": 32, "width": 0.125, "small_input": True, "inversion": (300, 400)}
@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_checks(args)
     result["total_seconds"] = time.perf_counter() - start
     print(f"total {result['total_seconds']:.0f} s on {result['device']}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.json)
     return result
 
 

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # for gpu_check; appended: bench/encoders.py must not shadow the package
 from encoders.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
+from encoders.serialization import write_json  # noqa: E402
 JOBS = ("encoder", "decoder", "inversion")
 
 
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         lo, hi = r["images_per_s_min_max"]
         print(f"| {r['arch']} | {job} | {r['images_per_s']:.2f} ({lo:.2f}-{hi:.2f}) | {r['images_per_cpu_s']:.2f} | "
               f"{r['peak_rss_mib']:.0f} ({r['baseline_rss_mib']:.0f}) | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.json)
     return result
 
 

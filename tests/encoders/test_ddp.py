@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +11,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.ddp import free_ports, record_writes
 from tests.encoders.conftest import tiny_config
 
 # 256 crops, global batch 64 (32 per process): 4 steps per epoch; 6 steps end mid-epoch 2.
 DDP = ("adv.enabled=true", "adv.steps=1", "steps=6", "checkpoint_every=5", "log_every=2", "device=cpu",
        "eval.max_images=32", "eval.steps=2")
 KILL_AT = 6  # the cut run dies after step 6, before saving it: it resumes from the step-5 checkpoint
-
-
-def _free_ports(n: int) -> tuple[int, ...]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return tuple(s.getsockname()[1] for s in socks)
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> None:
@@ -38,29 +27,11 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       RFI_NO_PROGRESS="1")
     torch.set_num_threads(1)
-    import encoders.checkpoints
     import encoders.rundir
     import encoders.runtime
-    import encoders.serialization
     import encoders.train as train
 
-    writes: list[str] = []
-    atomic = encoders.serialization.atomic_write
-
-    def spy_atomic(path, write):
-        writes.append(str(path))
-        return atomic(path, write)
-
-    for module in (encoders.serialization, encoders.runtime, encoders.rundir):
-        module.atomic_write = spy_atomic
-    log_write = encoders.runtime.MetricsLog.write
-
-    def spy_log(self, **rec):
-        if self.enabled:
-            writes.append(str(self.path))
-        return log_write(self, **rec)
-
-    encoders.runtime.MetricsLog.write = spy_log
+    writes = record_writes(encoders.runtime, encoders.rundir)
     run = train.EncoderTrainer.run
     step = train.EncoderTrainer.train_step
     kill = {"armed": False}
@@ -99,7 +70,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
 
 def test_two_gloo_processes_train_one_model_and_resume_mid_epoch(tmp_path):
     (tmp_path / "rec").mkdir()
-    mp.spawn(_worker, args=(2, _free_ports(3), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_ports(3), str(tmp_path)), nprocs=2, join=True)
     rec = tmp_path / "rec"
 
     # One model: the same weights (parameters and batch-norm statistics) on both ranks.

@@ -94,3 +94,13 @@ def fake_lpips_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("lpips") / "alexnet-features.pth"
     torch.save(state, path)
     return path
+
+
+def equivariance_errors(ae, x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Largest |D(E(T_s x)) - T_s D(E(x))| for each circular shift s (rows of ``shifts``, (dy, dx))."""
+    from encoders.shift import circular_shift
+
+    with torch.no_grad():
+        rec = ae.decode(ae.encode(x))
+        return torch.stack([(ae.decode(ae.encode(circular_shift(x, s.expand(len(x), 2))))
+                             - circular_shift(rec, s.expand(len(x), 2))).abs().max() for s in shifts])

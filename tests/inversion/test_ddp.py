@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_ports(n: int) -> tuple[int, ...]:
-    """``n`` distinct free ports (the sockets stay open until all are chosen)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return tuple(s.getsockname()[1] for s in socks)
-    finally:
-        for s in socks:
-            s.close()
+from tests.ddp import free_ports, record_writes
 
 
 def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int, record: str) -> None:
@@ -37,26 +26,9 @@ def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int,
     import encoders.imageio
     import encoders.rundir
     import encoders.runtime
-    import encoders.serialization
     import inversion.train as train
 
-    writes: list[str] = []
-    atomic = encoders.serialization.atomic_write
-
-    def spy_atomic(path, write):
-        writes.append(str(path))
-        return atomic(path, write)
-
-    for module in (encoders.serialization, encoders.runtime, encoders.imageio, encoders.rundir):
-        module.atomic_write = spy_atomic
-    log_write = encoders.runtime.MetricsLog.write
-
-    def spy_log(self, **rec):
-        if self.enabled:
-            writes.append(str(self.path))
-        return log_write(self, **rec)
-
-    encoders.runtime.MetricsLog.write = spy_log
+    writes = record_writes(encoders.runtime, encoders.imageio, encoders.rundir)
     run = train.DecoderTrainer.run
 
     def run_and_keep_weights(self, resume):
@@ -76,7 +48,7 @@ def test_two_gloo_processes_train_identical_weights(tiny_config, tmp_path):
     out, rec = tmp_path / "ddp", tmp_path / "rec"
     rec.mkdir()
     cfg = tiny_config("steps=12", "log_every=2", "sample_every=6", "checkpoint_every=5", out=out)
-    mp.spawn(_worker, args=(2, _free_ports(2), cfg, 4, str(rec)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_ports(2), cfg, 4, str(rec)), nprocs=2, join=True)
 
     w0, w1 = (torch.load(rec / f"weights{r}_12.pt", weights_only=True) for r in (0, 1))
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)

@@ -8,7 +8,13 @@ from encoders import create_encoder
 from encoders.data import embedded_image, region
 from encoders.errors import RFIError
 from encoders.serialization import load_checkpoint, save_checkpoint
-from inversion import Decoder, RobustAutoencoder, check_images, load_decoder, save_decoder
+from inversion import (
+    Decoder,
+    RobustAutoencoder,
+    check_images,
+    load_decoder,
+    save_decoder,
+)
 from inversion.decoders import decoder_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,12 +5,16 @@ import torch
 from PIL import Image
 
 from apps.cli import main
+from apps.commands.evaluate import parse_scales
 from encoders.checkpoints import load_encoder
 from encoders.data import EmbeddedCrops
 from encoders.errors import RFIError
 from inversion import Decoder, RobustAutoencoder, save_decoder
-from apps.commands.evaluate import parse_scales
-from inversion.evaluate import compare_autoencoders, evaluate_autoencoder, held_out_images
+from inversion.evaluate import (
+    compare_autoencoders,
+    evaluate_autoencoder,
+    held_out_images,
+)
 from inversion.metrics import psnr, ssim
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/inversion/conftest.py

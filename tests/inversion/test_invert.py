@@ -5,9 +5,9 @@ from PIL import Image
 
 from apps.cli import main
 from encoders.checkpoints import load_encoder
+from encoders.files import plan_outputs
 from encoders.imageio import read_image
 from inversion import Decoder, RobustAutoencoder, save_decoder
-from encoders.files import plan_outputs
 from inversion.invert import invert_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/inversion/conftest.py

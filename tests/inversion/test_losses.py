@@ -7,9 +7,19 @@ import torch.nn.functional as F
 
 from encoders import create_encoder
 from encoders.errors import RFIError
-from inversion.discriminator import (DeePSiMDiscriminator, PatchDiscriminator, build_discriminator,
-                                     discriminator_from_config)
-from inversion.losses import DecoderLoss, discriminator_loss, feature_loss, generator_loss, pixel_loss
+from inversion.discriminator import (
+    DeePSiMDiscriminator,
+    PatchDiscriminator,
+    build_discriminator,
+    discriminator_from_config,
+)
+from inversion.losses import (
+    DecoderLoss,
+    discriminator_loss,
+    feature_loss,
+    generator_loss,
+    pixel_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

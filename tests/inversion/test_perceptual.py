@@ -6,7 +6,12 @@ import torchvision
 
 from encoders.errors import RFIError
 from inversion import perceptual
-from inversion.perceptual import backbone_cache_path, backbone_url, load_lpips, lpips_status
+from inversion.perceptual import (
+    backbone_cache_path,
+    backbone_url,
+    load_lpips,
+    lpips_status,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/inversion/conftest.py
 

@@ -23,7 +23,13 @@ from inversion import Decoder, RobustAutoencoder, load_decoder, save_decoder
 from inversion.decoders import decoder_preset, stage_sizes
 from inversion.discriminator import build_discriminator, discriminator_from_config
 from inversion.losses import DecoderLoss
-from inversion.train import DecoderSection, TrainDecoderConfig, build_decoder, decoder_capacity, train_decoder
+from inversion.train import (
+    DecoderSection,
+    TrainDecoderConfig,
+    build_decoder,
+    decoder_capacity,
+    train_decoder,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,13 @@ from encoders import create_encoder
 from encoders.errors import RFIError
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
-from inversion.tiling import conv_radius, pad_to_multiple, receptive_radius, tile_positions, tiled_apply
+from inversion.tiling import (
+    conv_radius,
+    pad_to_multiple,
+    receptive_radius,
+    tile_positions,
+    tiled_apply,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,13 @@ from apps.cli import main
 from encoders.errors import RFIError
 from encoders.serialization import load_checkpoint
 from inversion import RobustAutoencoder
-from inversion.train import DecoderTrainer, OptimSection, _setup_distributed, lr_scheduler, train_decoder
+from inversion.train import (
+    DecoderTrainer,
+    OptimSection,
+    _setup_distributed,
+    lr_scheduler,
+    train_decoder,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
