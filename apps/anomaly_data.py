@@ -38,13 +38,20 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from typing import Sequence
+
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from encoders.data import EMBEDDED_TEXTURES, embedded_image, region
 from encoders.config import yaml_dataclass
 from encoders.errors import RFIError
-from encoders.imageio import IMAGE_EXTENSIONS, write_image
+from encoders.imageio import IMAGE_EXTENSIONS, read_image, write_image
+from encoders.runtime import progress
 
 log = logging.getLogger("rfi")
 
@@ -52,6 +59,7 @@ DEFECTS = ("scratch", "color_blob", "cut_paste")
 NORMAL_NAMES = ("good", "normal", "ok", "0", "false")
 ANOMALOUS_NAMES = ("anomaly", "anomalous", "bad", "defect", "defective", "1", "true")
 BENCHMARK_VERSION = 1
+MAX_BENCHMARK_SIZE = 1024
 MANIFEST = "benchmark.json"
 
 
@@ -119,14 +127,12 @@ def _size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def read_mask(path: str | os.PathLike) -> "torch.Tensor":
+def read_mask(path: str | os.PathLike) -> Tensor:
     """A ground-truth mask file as a boolean (H, W) tensor (pixels > 127 are anomalous).
 
     Raises:
         RFIError: missing or unreadable file (named).
     """
-    import torch
-
     try:
         with Image.open(path) as im:
             return torch.from_numpy(np.asarray(im.convert("L")) > 127)
@@ -305,12 +311,142 @@ def load_anomaly_data(path: str | os.PathLike, category: str | None = None,
     return data
 
 
+# ----------------------------------------------------------------------------- decoded once
+def prepare_image(image: Tensor, image_size: int | None) -> Tensor:
+    """Resize a (3, H, W) image to the working resolution (short side ``image_size``; ``None``: as is)."""
+    if image_size and min(image.shape[-2:]) != image_size:
+        image = v2.functional.resize(image, image_size, antialias=True).clamp(0, 1)
+    return image
+
+
+class DecodedImages:
+    """Images decoded once into one memory-mapped uint8 file, at the working resolution.
+
+    ``rfi anomaly fit`` samples its decoder-training crops, builds its memory bank and measures
+    its score statistics from this file: each image file is decoded once (a 1024-px PNG takes
+    about 90 ms), and a 32-px training crop is a view of the mapped array, not a decode. The
+    file holds the images back to back as (3, H, W) uint8 (3 MiB per 1024-px image); its pages
+    are shared by DataLoader worker processes and are reclaimable by the operating system.
+
+    Images are read with :func:`~encoders.imageio.read_image` and resized (``image_size``: short
+    side, float, antialiased: :func:`prepare_image`), then rounded to 8 bits:
+    8-bit files at their stored size are kept exactly; a resized image, or a 16-bit file,
+    differs from the float one by at most half a grey level.
+
+    Args:
+        paths: the image files; unreadable ones are skipped and named in the log.
+        file: where to write the mapped data (the caller removes it).
+        image_size: working resolution, short side in pixels (``None``: as stored).
+
+    Example:
+        >>> import tempfile
+        >>> from encoders.imageio import write_image
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = write_image(torch.rand(3, 40, 50), d / "a.png")
+        >>> cache = DecodedImages([d / "a.png", d / "missing.png"], d / "decoded.u8")
+        >>> len(cache), cache.shape(0), cache.image(0).dtype
+        (1, (3, 40, 50), torch.float32)
+    """
+
+    def __init__(self, paths: Sequence[Path], file: str | os.PathLike, image_size: int | None = None):
+        self.file = Path(file)
+        self.paths: list[Path] = []
+        self._index: list[tuple[int, tuple[int, int, int]]] = []  # (byte offset, (3, H, W))
+        offset = 0
+        with open(self.file, "wb") as f:
+            for p in progress(paths, desc="decoding images", unit="img"):
+                try:
+                    x = prepare_image(read_image(p), image_size)
+                except RFIError as e:
+                    log.warning("skipping %s", e)
+                    continue
+                a = x.mul(255).round().to(torch.uint8).numpy()
+                f.write(a.tobytes())
+                self.paths.append(Path(p))
+                self._index.append((offset, tuple(a.shape)))
+                offset += a.size
+        self._data: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}  # a worker process maps the file itself
+
+    def shape(self, i: int) -> tuple[int, int, int]:
+        """(3, H, W) of image ``i``, without reading it."""
+        return self._index[i][1]
+
+    def uint8(self, i: int) -> Tensor:
+        """Image ``i`` as a (3, H, W) uint8 tensor: a view of the mapped file (copy-on-write, nothing copied)."""
+        if self._data is None:
+            self._data = np.memmap(self.file, dtype=np.uint8, mode="c")
+        offset, shape = self._index[i]
+        return torch.from_numpy(self._data[offset:offset + int(np.prod(shape))].reshape(shape))
+
+    def image(self, i: int) -> Tensor:
+        """Image ``i`` as a (3, H, W) float tensor in [0, 1] (a copy)."""
+        return self.uint8(i).float().div(255)
+
+
+class NormalCrops(Dataset):
+    """Crops of ``size`` px at the images' own scale from a :class:`DecodedImages`: the decoder's training set.
+
+    ``split="train"``: ``repeat`` random crops per image per epoch (random position and
+    horizontal flip, as :class:`encoders.data.ImageFiles` with ``crop="random"``: the same
+    crops for the same torch seed). ``split="val"``: ``repeat`` fixed crops per image, their
+    positions a pure function of ``seed``: validation at the training scale, not whole
+    images shrunk to ``size``. Images smaller than ``size`` are padded by reflection.
+
+    Args:
+        images: the decoded images.
+        indices: which of them.
+        split: ``train`` or ``val``.
+        size: crop side in pixels.
+        repeat: crops per image.
+        seed: the validation crop positions.
+
+    Shape: items are (3, size, size) float32 in [0, 1].
+    """
+
+    def __init__(self, images: DecodedImages, indices: Sequence[int], split: str, size: int, repeat: int = 1,
+                 seed: int = 0):
+        if split not in ("train", "val"):
+            raise RFIError(f"unknown split '{split}' (valid: train, val)")
+        if not indices:
+            raise RFIError(f"no images for the {split} crops")
+        self.images, self.indices, self.split = images, list(indices), split
+        self.size, self.repeat, self.seed = size, repeat, seed
+        self.transform = v2.Compose([v2.RandomCrop(size, pad_if_needed=True, padding_mode="reflect"),
+                                     v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.indices) * self.repeat
+
+    def __getitem__(self, i: int) -> Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} crops")
+        x = self.images.uint8(self.indices[i % len(self.indices)])
+        if self.split == "train":
+            return self.transform(x).float().div(255)
+        s = self.size
+        _, h, w = x.shape
+        if h < s or w < s:
+            x = v2.functional.pad(x, [0, 0, max(s - w, 0), max(s - h, 0)], padding_mode="reflect")
+            _, h, w = x.shape
+        top, left = (int(v) for v in np.random.default_rng([self.seed, i]).integers(0, [h - s + 1, w - s + 1]))
+        return x[:, top:top + s, left:left + s].float().div(255)
+
+
 # ----------------------------------------------------------------------------- the embedded benchmark
 @yaml_dataclass("apps/anomaly.yaml", "benchmark")
 class BenchmarkConfig:
     """The embedded benchmark (the ``benchmark:`` section of ``configs/apps/anomaly.yaml``).
 
-    ``size``: image side in pixels (at most 128, the width of a texture's test region).
+    ``size``: image side in pixels, 16 to 1024. Up to 128 (the width of a texture's test
+    region) images are crops at the textures' own scale; above, the textures are first
+    upsampled by the smallest integer factor that fits (bilinear: blurrier textures, for
+    measuring time and memory at MVTec AD's 1024 px, e.g. ``benchmark.size=1024``).
     ``train``: normal training images per texture; ``test_good``: normal test images;
     ``test_defect``: test images per defect type (``scratch``, ``color_blob``, ``cut_paste``).
     ``seed``: every position, shape and colour is a pure function of it.
@@ -324,8 +460,8 @@ class BenchmarkConfig:
     textures: list[str]
 
     def check(self) -> None:
-        if not 16 <= self.size <= 128:
-            raise RFIError(f"benchmark.size must be in [16, 128], got {self.size}")
+        if not 16 <= self.size <= MAX_BENCHMARK_SIZE:
+            raise RFIError(f"benchmark.size must be in [16, {MAX_BENCHMARK_SIZE}], got {self.size}")
         if min(self.train, self.test_good, self.test_defect) < 1:
             raise RFIError("benchmark.train, benchmark.test_good and benchmark.test_defect must be >= 1")
         bad = [t for t in self.textures if t not in EMBEDDED_TEXTURES]
@@ -411,16 +547,19 @@ def _cut_paste(img: np.ndarray, rng: np.random.Generator, area: np.ndarray) -> t
 _DEFECT_FNS = {"scratch": _scratch, "color_blob": _color_blob, "cut_paste": _cut_paste}
 
 
-def _texture_areas(texture: str) -> tuple[np.ndarray, np.ndarray]:
+def _texture_areas(texture: str, size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) regions of a texture as (H, W, 3) float32, upsampled by an integer factor when
+    ``size`` is larger than the test region."""
     img = embedded_image(texture)
+    factor = -(-size // min(region(img, "val").shape[-2:]))
+    if factor > 1:
+        img = torch.nn.functional.interpolate(img[None], scale_factor=factor, mode="bilinear",
+                                              align_corners=False)[0].clamp(0, 1)
     return tuple(region(img, split).permute(1, 2, 0).numpy().astype(np.float32) for split in ("train", "val"))
 
 
 def _write_texture(root: Path, texture: str, cfg: BenchmarkConfig) -> None:
-    train_area, test_area = _texture_areas(texture)
-    if min(test_area.shape[:2]) < cfg.size:
-        raise RFIError(f"benchmark.size={cfg.size} is larger than the test region of '{texture}' "
-                       f"({test_area.shape[0]}x{test_area.shape[1]})")
+    train_area, test_area = _texture_areas(texture, cfg.size)
     cat = root / texture
     for i in range(cfg.train):
         _save(_crop(train_area, cfg.size, _rng(cfg, texture, 0, i)), cat / "train" / "good" / f"{i:03d}.png")

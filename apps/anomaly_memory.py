@@ -207,7 +207,7 @@ class MemoryBank:
     @torch.no_grad()
     def fit(cls, encoder: Any, images: Iterable[Tensor], config: MemoryConfig, batch_size: int = 16,
             device: torch.device | str | None = None, progress_bar: bool = True,
-            count: int | None = None) -> "MemoryBank":
+            count: int | None = None, max_pixels: int | None = None) -> "MemoryBank":
         """Collect the patch features of ``images`` (batched) and keep the greedy coreset.
 
         Args:
@@ -218,6 +218,8 @@ class MemoryBank:
             device: where features are computed (default: the encoder's).
             progress_bar: show progress bars.
             count: the number of images (for the memory estimate and progress bar), if known.
+            max_pixels: at most this many pixels per batch (at least one image), whatever
+                ``batch_size`` (e.g. :data:`apps.anomaly.BATCH_PIXELS`); ``None``: no limit.
 
         Raises:
             RFIError: no images, bad config, or patch features over ``config.max_mb`` (the
@@ -249,7 +251,9 @@ class MemoryBank:
 
         batch: list[Tensor] = []
         for img in (progress(images, desc="memory bank", unit="img", total=count) if progress_bar else images):
-            if batch and (len(batch) == batch_size or batch[0].shape != img.shape):
+            full = len(batch) == batch_size or (max_pixels is not None and
+                                                (len(batch) + 1) * img.shape[-2] * img.shape[-1] > max_pixels)
+            if batch and (full or batch[0].shape != img.shape):
                 flush(batch)
                 batch = []
             batch.append(img)

@@ -36,7 +36,7 @@ from encoders.rundir import TrainResult
 from encoders.runtime import resolve_device
 from encoders.serialization import atomic_write, write_json
 from inversion import RobustAutoencoder
-from inversion.evaluate import compare_autoencoders, format_table, lpips_for
+from inversion.evaluate import UNSEEN, compare_autoencoders, format_table, lpips_for
 
 log = logging.getLogger("rfi")
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -59,10 +59,12 @@ class RunsSection:
 
 @yaml_dataclass("quickstart.yaml", "eval")
 class EvalSection:
-    """Held-out evaluation: ``num`` embedded validation crops per scale (multiples of the training size)."""
+    """Held-out evaluation: ``num`` embedded validation crops per scale (multiples of the training size),
+    and as many crops of the unseen images (``unseen``)."""
 
     scales: list[int]
     num: int
+    unseen: bool
     seed: int
     grid_rows: int
     lpips_net: str
@@ -188,6 +190,10 @@ def run_quickstart(out: str | os.PathLike, config: str | os.PathLike = DEFAULT_C
     result = compare_autoencoders(models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed,
                                   lpips_model=lpips_model, lpips_note=note, grid_dir=out, grid_rows=cfg.eval.grid_rows)
     report["evaluation"] = result
+    if cfg.eval.unseen:  # the same comparison on images no model trained on
+        report["evaluation_unseen"] = compare_autoencoders(
+            models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed, folder=UNSEEN, lpips_model=lpips_model,
+            lpips_note=note, grid_dir=out / "unseen", grid_rows=cfg.eval.grid_rows)
     report["seconds"] = {"total": time.perf_counter() - t0, "evaluation": time.perf_counter() - t_eval}
     report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "load_average_start": load_start, "load_average_end": os.getloadavg(),
@@ -225,15 +231,31 @@ def render_report(report: dict[str, Any]) -> str:
     if pgd:
         lines += ["", f"PGD accuracy: {pgd['steps']}-step {pgd['norm']} attack, eps={pgd['eps']:g}, on "
                       f"{pgd['images']} validation crops."]
-    lines += ["", f"## Inversion on held-out crops ({ev['num']} per scale, training size {ev['train_size']} px)", "",
-              format_table(ev), ""]
+    lines += _evaluation_section(f"held-out crops of the embedded photos ({ev['num']} per scale, training size "
+                                 f"{ev['train_size']} px)", ev, Path("."))
+    if report.get("evaluation_unseen"):
+        unseen = report["evaluation_unseen"]
+        held = {(n, r["scale"]): r["psnr"] for n, rs in ev["models"].items() for r in rs}
+        gaps = [f"{n} {r['scale']}x {held[n, r['scale']] - r['psnr']:+.2f} dB" for n, rs in unseen["models"].items()
+                for r in rs if (n, r["scale"]) in held]
+        lines += _evaluation_section(f"unseen images ({unseen['num']} crops per scale of images no model "
+                                     f"trained on, encoders/unseen.py)", unseen, Path("unseen"),
+                                     f"Held-out minus unseen PSNR: {', '.join(gaps)}.")
+    return "\n".join(lines)
+
+
+def _evaluation_section(title: str, ev: dict[str, Any], grid_folder: Path, note: str = "") -> list[str]:
+    """One evaluation's table, robust-minus-standard PSNR, ``note`` and grids (``grid_folder``: relative
+    to report.md)."""
+    lines = ["", f"## Inversion on {title}", "", format_table(ev), ""]
     rows = {n: {r["scale"]: r for r in rs} for n, rs in ev["models"].items()}
     if set(RUN_NAMES) <= set(rows):
         gaps = [f"{s}x: {rows['robust'][s]['psnr'] - rows['standard'][s]['psnr']:+.2f} dB"
                 for s in sorted(rows["robust"]) if s in rows["standard"]]
         lines += [f"Robust minus standard PSNR: {', '.join(gaps)}.", ""]
+    lines += [note, ""] if note else []
     lines += [ev["lpips"] + ".", ""]
     for scale, path in ev["grids"].items():
         lines += [f"### {scale}: original | {' | '.join(ev['models'])}", "",
-                  f"![{scale} grid]({Path(path).name})", ""]
-    return "\n".join(lines)
+                  f"![{scale} grid]({(grid_folder / Path(path).name).as_posix()})", ""]
+    return lines

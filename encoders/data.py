@@ -60,7 +60,17 @@ def region(image: Tensor, split: Split) -> Tensor:
     return image.narrow(axis, 0, cut) if split == "train" else image.narrow(axis, cut, image.shape[axis] - cut)
 
 
-class EmbeddedCrops(Dataset):
+class LabelledDataset(Dataset):
+    """A dataset whose ``classes`` list names its labels (``num_classes`` is their number)."""
+
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class EmbeddedCrops(LabelledDataset):
     """Deterministic square crops of the embedded photos, labelled by photo.
 
     Args:
@@ -88,10 +98,6 @@ class EmbeddedCrops(Dataset):
         limits = torch.tensor([[r.shape[1] - size + 1, r.shape[2] - size + 1] for r in self.regions])
         self.labels = labels
         self.positions = (u * limits[labels]).long()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -190,7 +196,7 @@ def scan_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
     return found
 
 
-class ImageFiles(Dataset):
+class ImageFiles(LabelledDataset):
     """Images from a folder: class sub-folders (ImageNet style) or a flat folder (label 0), streamed from disk.
 
     A folder with ``train/`` and ``val/`` sub-folders uses them as the splits; otherwise
@@ -295,10 +301,6 @@ class ImageFiles(Dataset):
                                v2.RandomHorizontalFlip()])
         return v2.Compose([*pre, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
                            v2.RandomHorizontalFlip()])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def items(self) -> list[tuple[Path, int]]:

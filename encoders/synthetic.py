@@ -43,8 +43,8 @@ import torch
 from skimage import draw
 from skimage.transform import downscale_local_mean
 from torch import Tensor
-from torch.utils.data import Dataset
 
+from encoders.data import EMBEDDED_PHOTOS, EmbeddedCrops, LabelledDataset, embedded_image, region
 from encoders.errors import RFIError
 
 DEAD_LEAVES_EXPONENTS = ((2.0, 2.6), (2.6, 3.3), (3.3, 4.0))
@@ -64,7 +64,6 @@ SUPERSAMPLE = 2  # shapes are drawn at 2x and area-averaged: anti-aliased edges
 @functools.lru_cache(maxsize=1)
 def photo_palette(num: int = 8192) -> np.ndarray:
     """``num`` RGB colours (float32, (num, 3) in [0, 1]) sampled from the embedded photos' training regions."""
-    from encoders.data import EMBEDDED_PHOTOS, embedded_image, region
 
     pixels = torch.cat([region(embedded_image(p), "train").reshape(3, -1) for p in EMBEDDED_PHOTOS], dim=1)
     idx = np.random.default_rng(0).integers(0, pixels.shape[1], num)
@@ -304,7 +303,7 @@ def _synthetic_stack(split: str, size: int, num: int, seed: int) -> tuple[Tensor
     return images, labels
 
 
-class SyntheticImages(Dataset):
+class SyntheticImages(LabelledDataset):
     """Synthetic images, balanced over :data:`SYNTHETIC_CLASSES`, generated once per process and cached.
 
     Images are stored as 8 bits (like a photo file) in an in-memory cache keyed by
@@ -331,10 +330,6 @@ class SyntheticImages(Dataset):
         self.classes = list(SYNTHETIC_CLASSES)
         self.images, self.labels = _synthetic_stack(split, size, num, seed)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -342,7 +337,7 @@ class SyntheticImages(Dataset):
         return self.images[i].float().div(255), int(self.labels[i])
 
 
-class MixedCrops(Dataset):
+class MixedCrops(LabelledDataset):
     """The embedded photo crops and synthetic images, interleaved in a fixed ratio (``data.source: mixed``).
 
     Item ``i`` is synthetic when ``floor((i + 1) * ratio) > floor(i * ratio)``, so every
@@ -365,8 +360,6 @@ class MixedCrops(Dataset):
     """
 
     def __init__(self, split: str = "train", size: int = 32, num: int = 12000, seed: int = 0, ratio: float = 0.5):
-        from encoders.data import EmbeddedCrops
-
         if not 0 <= ratio <= 1:
             raise RFIError(f"data.synthetic_ratio must be in [0, 1], got {ratio}")
         i = torch.arange(num, dtype=torch.float64)
@@ -377,11 +370,7 @@ class MixedCrops(Dataset):
         self.index[~self.is_synthetic] = torch.arange(num - n_syn)
         self.photos = EmbeddedCrops(split, size, num - n_syn, seed) if num - n_syn else None
         self.synthetic = SyntheticImages(split, size, n_syn, seed) if n_syn else None
-        self.classes = [*(self.photos.classes if self.photos else _photo_names()), *SYNTHETIC_CLASSES]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+        self.classes = [*(self.photos.classes if self.photos else list(EMBEDDED_PHOTOS)), *SYNTHETIC_CLASSES]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -392,9 +381,3 @@ class MixedCrops(Dataset):
             x, label = self.synthetic[j]
             return x, label + len(self.classes) - len(SYNTHETIC_CLASSES)
         return self.photos[j]
-
-
-def _photo_names() -> list[str]:
-    from encoders.data import EMBEDDED_PHOTOS
-
-    return list(EMBEDDED_PHOTOS)

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from encoders.checkpoints import load_encoder, load_state_dict_checked
 from encoders.config import config_to_dict, yaml_dataclass
@@ -348,7 +348,8 @@ class DecoderTrainer:
     """
 
     def __init__(self, cfg: TrainDecoderConfig, input_transform: InputTransform | None,
-                 ctx: _Dist, device: torch.device, encoder: Encoder | None = None):
+                 ctx: _Dist, device: torch.device, encoder: Encoder | None = None,
+                 datasets: tuple[Dataset, Dataset] | None = None):
         self.cfg, self.ctx, self.device, self.transform = cfg, ctx, device, input_transform
         self.out = Path(cfg.out) if cfg.out else default_out(cfg)
         self.run_dir = RunDir(self.out, CHECKPOINT_NAME, ctx.main)
@@ -356,8 +357,7 @@ class DecoderTrainer:
         self.layer = cfg.encoder.layer
         self.encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips, encoder).to(device)
         self.encoder.check_input_size(cfg.data.size)
-        self.train_set = build_dataset(cfg.data, "train")
-        self.val_set = build_dataset(cfg.data, "val")
+        self.train_set, self.val_set = datasets or (build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"))
         if cfg.batch_size % ctx.world:
             raise RFIError(f"batch_size={cfg.batch_size} must be divisible by the {ctx.world} processes")
         self.local_batch = cfg.batch_size // ctx.world
@@ -625,7 +625,8 @@ class DecoderTrainer:
 
 
 def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
-                  input_transform: InputTransform | None = None, encoder: Encoder | None = None) -> TrainResult:
+                  input_transform: InputTransform | None = None, encoder: Encoder | None = None,
+                  datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
     """Train a decoder for ``cfg.encoder.layer`` of the frozen encoder ``cfg.encoder.checkpoint``.
 
     Runs on one process, or on each process of a ``torchrun`` job (DDP; the process group
@@ -642,6 +643,9 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
             reproduce. The losses always compare with the clean images.
         encoder: the encoder of ``cfg.encoder.checkpoint`` already in memory (e.g. ``train_encoder(...).model``),
             so that the file is not read again; ``None`` reads it.
+        datasets: ``(train, val)`` datasets of (3, size, size) images to use instead of those ``cfg.data``
+            names (e.g. crops of images decoded once, as ``rfi anomaly fit`` passes); ``cfg.data.size`` is still
+            the crop side the encoder is checked against.
 
     Returns:
         A :class:`~encoders.rundir.TrainResult`: ``path`` is ``<out>/decoder.pt`` (loadable with
@@ -657,5 +661,5 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
         >>> result = train_decoder(load_config(TrainDecoderConfig, None, ["steps=10", "out=/tmp/d"]))  # doctest: +SKIP
     """
     check_config(cfg)
-    return run_trainer(lambda ctx, device: DecoderTrainer(cfg, input_transform, ctx, device, encoder), cfg.device,
-                       cfg.precision, resume)
+    return run_trainer(lambda ctx, device: DecoderTrainer(cfg, input_transform, ctx, device, encoder, datasets),
+                       cfg.device, cfg.precision, resume)

@@ -385,3 +385,107 @@ def test_large_images_and_batches_are_mapped_in_bounded_pieces(tiny_model, monke
     interior = (slice(None), slice(None), slice(30, -30), slice(30, -30))
     rel = (tiled - whole)[interior].abs().mean() / whole[interior].std()
     assert rel < 0.01, rel  # 48 px cover this encoder's receptive field: measured 0.0
+
+
+# ----------------------------------------------------------------------------- scale (issue 15)
+def test_streaming_pixel_metrics_match_scikit_learn():
+    """PixelMetrics (2^20-bin histogram, memory fixed) agrees with scikit-learn on all pixels at once."""
+    from sklearn.metrics import roc_auc_score
+
+    from apps.anomaly import PixelMetrics
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 80), (100, 100), (33, 47), (128, 64)]
+    masks = [torch.rand(s, generator=g) < 0.15 for s in shapes]
+    maps = [torch.randn(s, generator=g) * 3 + 2 * m for s, m in zip(shapes, masks)]
+    pm = PixelMetrics()
+    size = pm.counts.nbytes
+    for m, a in zip(masks, maps):
+        pm.update(m, a)
+    assert pm.counts.nbytes == size  # memory does not grow with the number of maps
+    ours = pm.result()
+    y = torch.cat([m.flatten() for m in masks]).numpy()
+    s = torch.cat([a.flatten() for a in maps]).numpy()
+    exact = image_metrics(y.astype(int), s)
+    assert abs(ours["auroc"] - roc_auc_score(y, s)) < 1e-3 and abs(ours["f1"] - exact["f1"]) < 1e-3
+    assert ours["threshold"] == pytest.approx(exact["threshold"], rel=1e-3)
+    assert pixel_metrics(masks, maps) == ours  # the list form is the same accumulator
+    flat = PixelMetrics()  # one score everywhere: every pair a tie
+    flat.update(masks[0], torch.zeros(shapes[0]))
+    assert flat.result()["auroc"] == 0.5
+
+
+def test_normal_crops_are_decoded_once_and_match_image_files(dummy_mvtec, tmp_path, monkeypatch):
+    """Training crops from the decode cache are ImageFiles' crops for the same seed; validation crops
+    are fixed windows of the held-out images at their own scale."""
+    import apps.anomaly_data as anomaly_data
+    from apps.anomaly_data import DecodedImages, NormalCrops
+    from encoders.data import ImageFiles
+    from encoders.imageio import read_image
+
+    paths = sorted((dummy_mvtec / "widget/train/good").glob("*.png"))
+    calls: list[Path] = []
+    monkeypatch.setattr(anomaly_data, "read_image", lambda p: calls.append(Path(p)) or read_image(p))
+    cache = DecodedImages([*paths, tmp_path / "missing.png"], tmp_path / "normal.u8")
+    assert calls == [*paths, tmp_path / "missing.png"] and len(cache) == len(paths)  # the missing one skipped
+    for sub in ("train", "val"):
+        (tmp_path / "files" / sub / "x").mkdir(parents=True)
+        for p in paths:
+            shutil.copy(p, tmp_path / "files" / sub / "x" / p.name)
+    files = ImageFiles(tmp_path / "files", "train", 16, crop="random", repeat=3)
+    crops = NormalCrops(cache, range(len(paths)), "train", 16, repeat=3)
+    assert len(crops) == len(files)
+    torch.manual_seed(0)
+    expected = [files[i][0] for i in range(len(files))]
+    torch.manual_seed(0)
+    assert all(torch.equal(crops[i], e) for i, e in enumerate(expected))
+    assert len(calls) == len(paths) + 1  # no decode per crop
+    val = NormalCrops(cache, [0, 1], "val", 16, repeat=2, seed=3)
+    a = [val[i] for i in range(len(val))]
+    assert all(torch.equal(x, y) for x, y in zip(a, [val[i] for i in range(len(val))]))  # fixed positions
+    src = read_image(paths[0])
+    windows = src.unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4)
+    assert (windows == a[0]).flatten(2).all(-1).any()  # a native-scale window, not the image shrunk
+
+
+def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path,
+                                            monkeypatch):
+    import apps.anomaly_data as anomaly_data
+    import encoders.data
+    from apps.anomaly import fit
+    from encoders.imageio import read_image
+
+    calls: list[str] = []
+
+    def counted(p):
+        calls.append(Path(p).name)
+        return read_image(p)
+
+    for module in (anomaly_data, encoders.data):
+        monkeypatch.setattr(module, "read_image", counted)
+    cfg = load_config(AnomalyConfig, anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}"])
+    fit(cfg, str(dummy_mvtec / "widget"), tmp_path / "m.pt")
+    names = sorted(p.name for p in (dummy_mvtec / "widget/train/good").glob("*.png"))
+    assert sorted(calls) == names
+    assert not list(tmp_path.glob(".*decoded*"))  # the mapped file is removed after the fit
+    det = AnomalyDetector.load(tmp_path / "m.pt")
+    assert det.threshold is not None
+
+
+def test_score_batches_hold_a_bounded_number_of_pixels(tiny_model, dummy_mvtec, tmp_path, monkeypatch):
+    """A batch of 16 images is split so that no batch holds more than BATCH_PIXELS pixels at once."""
+    import apps.anomaly as anomaly
+
+    det = anomaly.AnomalyDetector.load(tiny_model)
+    data = load_anomaly_data(dummy_mvtec, "widget")
+    whole = anomaly.score(det, data, tmp_path / "whole", batch_size=16, write_maps=False)
+    monkeypatch.setattr(anomaly, "BATCH_PIXELS", 2 * 48 * 48)
+    seen = []
+    inner = anomaly.AnomalyDetector.maps
+    monkeypatch.setattr(anomaly.AnomalyDetector, "maps", lambda self, x: seen.append(x.shape[0]) or inner(self, x))
+    parts = anomaly.score(det, data, tmp_path / "parts", batch_size=16, write_maps=False)
+    assert max(seen) == 2 and sum(seen) == len(data.test)
+    assert parts["pixel_auroc"] == pytest.approx(whole["pixel_auroc"], abs=1e-6)
+    assert parts["image_auroc"] == pytest.approx(whole["image_auroc"], abs=1e-6)
+    assert "histogram" in parts["pixel_method"]
+    assert [len(b) for b in det.batches([torch.rand(3, 48, 48)] * 5, 16)] == [2, 2, 1]

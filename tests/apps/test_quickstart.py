@@ -33,6 +33,12 @@ def test_quickstart_tiny_end_to_end_and_cache(tmp_path, one_thread, capsys, monk
     assert "| standard | 1x | 16 |" in md and "Robust minus standard PSNR" in md and "![1x grid](grid_1x.png)" in md
     for s in (1, 2, 4):
         assert Image.open(out / f"grid_{s}x.png").width > 3 * 128
+    # The same comparison on the unseen images, with its grids and the held-out minus unseen gap.
+    unseen = report["evaluation_unseen"]
+    assert [r["scale"] for r in unseen["models"]["robust"]] == [1, 2, 4] and unseen["models"]["robust"][0]["n"] == 4
+    assert unseen["models"]["robust"][0]["psnr"] != ev["models"]["robust"][0]["psnr"]
+    assert "## Inversion on unseen images" in md and "Held-out minus unseen PSNR: standard 1x" in md
+    assert "![1x grid](unseen/grid_1x.png)" in md and (out / "unseen" / "grid_1x.png").is_file()
     # A second call reuses every finished run (keyed by config) and does not retrain.
     ckpts = sorted(out.glob("*/*/*.pt"))
     assert len(ckpts) == 4
