@@ -47,7 +47,8 @@ def register_anomaly(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: scores.csv, maps/, metrics.json")
     p.add_argument("--category", help="category of an MVTec root (default: the model's)")
     p.add_argument("--labels", help="CSV 'name,label' (0 normal, 1 anomalous) for a plain test folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per batch, at most 1 Mpx of them (1024-px images go one at a time)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--no-maps", action="store_true", help="do not write heat-map PNGs")
     p.set_defaults(func=run_score)

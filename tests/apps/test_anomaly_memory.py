@@ -177,3 +177,18 @@ def test_a_fit_killed_mid_way_leaves_no_model_file(dummy_mvtec, tiny_encoder, an
     monkeypatch.undo()
     assert not (tmp_path / "memory.pt").exists()
     assert not [p for p in tmp_path.iterdir() if "memory.pt" in p.name]  # no temporary left either
+
+
+def test_memory_bank_batches_hold_a_bounded_number_of_pixels(encoder, monkeypatch):
+    """max_pixels splits a batch (at least one image per pass); the bank is the same."""
+    import apps.anomaly_memory as anomaly_memory
+
+    normal = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    whole = MemoryBank.fit(encoder, normal, MemoryConfig(coreset=0.5), batch_size=16, progress_bar=False)
+    seen = []
+    inner = anomaly_memory.patch_features
+    monkeypatch.setattr(anomaly_memory, "patch_features", lambda e, x, *a: seen.append(x.shape[0]) or inner(e, x, *a))
+    parts = MemoryBank.fit(encoder, normal, MemoryConfig(coreset=0.5), batch_size=16, progress_bar=False,
+                           max_pixels=2 * 32 * 32 + 1)
+    assert seen == [2, 2, 1]
+    assert torch.allclose(parts.bank, whole.bank, atol=1e-5)
