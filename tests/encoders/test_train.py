@@ -32,7 +32,7 @@ def test_default_configs_are_the_documented_pair():
     standard = load_config(TrainEncoderConfig, CONFIGS / "resnet18_standard.yaml")
     assert (robust.model.arch, robust.model.width, robust.model.small_input) == ("resnet18", 0.25, True)
     assert (robust.adv.enabled, robust.adv.norm, robust.adv.eps, robust.adv.steps) == (True, "l2", 0.5, 3)
-    assert (robust.data.source, robust.data.size, robust.data.train_crops, robust.epochs) == ("embedded", 32, 12000, 6)
+    assert (robust.data.source, robust.data.size, robust.data.train_crops, robust.epochs) == ("mixed", 32, 12000, 6)
     a, b = config_to_dict(robust), config_to_dict(standard)
     assert a.pop("adv").pop("enabled") and not b.pop("adv").pop("enabled")
     assert a == b  # same model, data, budget and evaluation
@@ -43,7 +43,7 @@ def test_training_writes_checkpoint_metrics_config_and_eval(tmp_path, tiny_cfg):
     path = run.path
     assert path == tmp_path / "checkpoint.pt"
     enc = create_encoder(checkpoint=path)
-    assert (enc.arch, enc.num_classes, enc.width, enc.small_input) == ("resnet18", 8, 0.125, True)
+    assert (enc.arch, enc.num_classes, enc.width, enc.small_input) == ("resnet18", 8 + 9, 0.125, True)  # mixed: photos + synthetic bins
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r and "acc" in r for r in records)
     epoch = next(r for r in records if "val_acc" in r)
