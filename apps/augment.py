@@ -152,6 +152,11 @@ class StyleAugment(v2.Transform):
             torch's global generator.
         layer: which decoder of the autoencoder (default: its first).
         style_size: short side, in pixels, that folder styles are resized to before encoding.
+        work_size: short side, in pixels, at which images are stylised (``None``: at their own
+            size). A batch whose short side is larger is resized down to it (antialiased),
+            stylised there, and the change the stylisation makes is resized back up and added
+            to the full-size original, so its fine detail is kept and the cost stops growing
+            with the image size. Batches at or below it are stylised exactly as with ``None``.
 
     Shape:
         - Input: (B, 3, H, W) in [0, 1], any H, W, float dtype and device (the autoencoder
@@ -160,7 +165,8 @@ class StyleAugment(v2.Transform):
 
     Raises:
         RFIError: ``p`` or a range outside [0, 1] or lo > hi; an empty or unreadable style
-            folder; a batch of one with ``styles='batch'``; images outside [0, 1].
+            folder; a batch of one with ``styles='batch'``; images outside [0, 1]; a
+            ``work_size`` below 1.
 
     Example:
         >>> from encoders import create_encoder
@@ -178,7 +184,7 @@ class StyleAugment(v2.Transform):
     def __init__(self, model: StyleModel = None, p: float = 0.5, alpha: float | Sequence[float] = (0.5, 1.0),
                  beta: float | Sequence[float] = (0.5, 1.0), styles: str | os.PathLike = "batch",
                  generator: torch.Generator | int | None = None, layer: str | None = None,
-                 style_size: int = 64):
+                 style_size: int = 64, work_size: int | None = None):
         super().__init__()
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise RFIError(f"p (probability of restyling an image) must be in [0, 1], got {p!r}")
@@ -188,7 +194,10 @@ class StyleAugment(v2.Transform):
         if style_size < 1:
             raise RFIError(f"style_size must be a positive number of pixels, got {style_size}")
         self.generator = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
-        self.style_size = style_size
+        if work_size is not None and (isinstance(work_size, bool) or not isinstance(work_size, int)
+                                      or work_size < 1):
+            raise RFIError(f"work_size must be a positive number of pixels or null, got {work_size!r}")
+        self.style_size, self.work_size = style_size, work_size
         self.styles = "batch" if str(styles) == "batch" else str(styles)
         style_files = [] if self.styles == "batch" else self._list_styles(Path(styles))
         # NHWC convolutions run about 1.6x faster than NCHW on CPU (oneDNN); results are the same.
@@ -298,6 +307,22 @@ class StyleAugment(v2.Transform):
             return x
         if self._model_device() != x.device:
             self.to(x.device)
+        h, w = x.shape[-2:]
+        if self.work_size is not None and min(h, w) > self.work_size:
+            scale = self.work_size / min(h, w)
+            small = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+                                  antialias=True, align_corners=False).clamp(0, 1)
+            change = self._stylize_chosen(small, chosen, params) - small[chosen]
+            change = F.interpolate(change, size=(h, w), mode="bilinear", align_corners=False)
+            out = x.clone()
+            out[chosen] = (x[chosen] + change).clamp(0, 1)
+            return out
+        out = x.clone()
+        out[chosen] = self._stylize_chosen(x, chosen, params)
+        return out
+
+    def _stylize_chosen(self, x: Tensor, chosen: Tensor, params: dict[str, Any]) -> Tensor:
+        """The chosen images of ``x`` restyled and pixel-blended: (len(chosen), 3, H, W) in [0, 1]."""
         dtype = next(self.autoencoder.parameters()).dtype
         style = params["style"].to(x.device)[chosen]
         alpha = params["alpha"].to(x.device)[chosen]
@@ -319,13 +344,11 @@ class StyleAugment(v2.Transform):
         extra = {} if phases is None else {"phases": {k: v if rows is None else v[rows] for k, v in phases.items()}}
         h, w = x.shape[-2:]
         styled = self.autoencoder.decode(content, self.layer, **extra)[..., :h, :w].to(x.dtype)
-        out = x.clone()
-        out[chosen] = (beta * styled + (1 - beta) * x[chosen]).clamp(0, 1)
-        return out
+        return (beta * styled + (1 - beta) * x[chosen]).clamp(0, 1)
 
     def extra_repr(self) -> str:
         return (f"p={self.p}, alpha={self.alpha}, beta={self.beta}, styles={self.styles!r}, "
-                f"layer={self.layer!r}" + (f", num_styles={self.num_styles}" if self.num_styles else ""))
+                f"layer={self.layer!r}, work_size={self.work_size}" + (f", num_styles={self.num_styles}" if self.num_styles else ""))
 
 
 class MultiView(nn.Module):
@@ -382,6 +405,7 @@ class AugmentConfig:
     alpha: list[float]
     beta: list[float]
     style_size: int
+    work_size: int | None
     views: int
     size: int
     batch_size: int

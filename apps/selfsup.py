@@ -151,6 +151,7 @@ class StyleConfig:
     beta: list[float]
     styles: str
     style_size: int
+    work_size: int | None
     position: str
     background: bool
     prefetch: int
@@ -334,7 +335,7 @@ def build_style(cfg: SSLConfig, device: torch.device) -> StyleAugment | None:
         return None
     model = s.model or ((s.encoder, s.decoder) if s.encoder else None)
     return StyleAugment(load_style_model(model, device), p=s.p, alpha=s.alpha, beta=s.beta, styles=s.styles,
-                        style_size=s.style_size).to(device)
+                        style_size=s.style_size, work_size=s.work_size).to(device)
 
 
 # ----------------------------------------------------------------------------- models and losses

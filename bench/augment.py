@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = list(cfg0.probe.tasks)
     # One StyleAugment (hence one autoencoder in memory) per alpha/beta setting, shared by the runs.
     styles = {name: StyleAugment(autoencoder, p=cfg0.style.p, alpha=ab, beta=ab, styles=cfg0.style.styles,
-                                 style_size=cfg0.style.style_size) for name, ab in PIPELINES.items() if ab}
+                                 style_size=cfg0.style.style_size, work_size=cfg0.style.work_size) for name, ab in PIPELINES.items() if ab}
 
     started = time.perf_counter()
     load_start = os.getloadavg()[0]

@@ -1,7 +1,8 @@
 """Folder loading benchmark: images/s of an ImageNet-style folder through a DataLoader, before and after.
 
-A folder of ``--images`` photos of about 500x375 px (crops of scikit-image's shipped
-photos, half JPEG and half PNG, in 4 class folders) is read through
+Folders of ``--images`` photos of about 500x375 px (crops of scikit-image's shipped
+photos in 4 class folders; one folder per ``--formats`` entry: all JPEG (quality 90, as
+ImageNet), all PNG, or half of each) are read through
 :class:`encoders.data.ImageFiles` with the standard ImageNet training transforms
 (``RandomResizedCrop(224)`` + flip), by a ``DataLoader`` with 0 and N worker processes:
 
@@ -21,7 +22,7 @@ the size of the packed file list.
 
 Usage:
     nice -n 10 python bench/folder_loading.py                  # about a minute on 2 CPU cores
-    python bench/folder_loading.py --images 200 --workers 0 2 --repeats 5 --list-files 100000
+    python bench/folder_loading.py --images 200 --workers 0 1 --repeats 5 --formats jpg png mixed
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 from encoders.serialization import write_json  # noqa: E402  (after the path is set)
 
 
-def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: int = 0) -> Path:
-    """``n`` photos of ``size`` (H, W) in 4 class folders, half JPEG (quality 90), half PNG."""
+def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: int = 0, fmt: str = "mixed") -> Path:
+    """``n`` photos of ``size`` (H, W) in 4 class folders: ``fmt`` ``jpg`` (quality 90), ``png`` or ``mixed`` (half each)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -57,7 +58,8 @@ def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: in
         crop = F.interpolate(photo[None, :, top:top + ch, left:left + cw], size=size, mode="bilinear",
                              antialias=True, align_corners=False)[0]
         arr = (crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        path = root / f"class{i % 4}" / f"{i:06d}.{'jpg' if i % 2 == 0 else 'png'}"
+        ext = fmt if fmt != "mixed" else ("jpg" if i % 2 == 0 else "png")
+        path = root / f"class{i % 4}" / f"{i:06d}.{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(arr)).save(path, quality=90)
     return root
@@ -110,50 +112,62 @@ def listing(root: Path, n: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--workers", type=int, nargs="+",
+                        help="DataLoader worker counts (default: 0 and RFI's default, min(8, CPUs - 1))")
+    parser.add_argument("--formats", nargs="+", default=["mixed"], choices=["jpg", "png", "mixed"],
+                        help="one folder per entry: all JPEG, all PNG, or half of each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--list-files", type=int, default=100_000, help="0: skip the listing measurement")
-    parser.add_argument("--folder", help="use/keep the generated photos here (default: a temporary folder)")
+    parser.add_argument("--folder", help="use/keep the generated photos here, one sub-folder per format "
+                        "(default: a temporary folder)")
     parser.add_argument("--json", default=str(ROOT / "bench/results/folder_loading.json"))
     args = parser.parse_args(argv)
 
     import torch
 
+    from encoders.data import default_num_workers
+
+    args.workers = args.workers or sorted({0, default_num_workers()})
+
     torch.set_num_threads(1)
     os.environ.setdefault("RFI_NO_PROGRESS", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.folder) if args.folder else Path(tmp) / "photos"
-        if not root.is_dir() or not any(root.rglob("*.jpg")):
-            make_folder(root, args.images)
+        base = Path(args.folder) if args.folder else Path(tmp) / "photos"
+        roots = {fmt: base / fmt for fmt in args.formats}
+        for fmt, root in roots.items():
+            if not root.is_dir() or not any(root.rglob("*.*")):
+                make_folder(root, args.images, fmt=fmt)
         runs: dict[str, list[float]] = {}
         cpu_runs: dict[str, list[float]] = {}
         for rep in range(args.repeats):
-            for workers in args.workers:
-                for decode in ("float", "uint8"):
-                    key = f"{decode}/{workers}"
-                    wall, cpu = images_per_s(root, decode, workers, seed=rep)
-                    runs.setdefault(key, []).append(wall)
-                    cpu_runs.setdefault(key, []).append(cpu)
-                    print(f"repeat {rep + 1}: decode={decode:5s} workers={workers}: {wall:.1f} images/s, "
-                          f"{cpu:.1f} images per CPU-second", file=sys.stderr)
+            for fmt, root in roots.items():
+                for workers in args.workers:
+                    for decode in ("float", "uint8"):
+                        key = f"{fmt}/{decode}/{workers}"
+                        wall, cpu = images_per_s(root, decode, workers, seed=rep)
+                        runs.setdefault(key, []).append(wall)
+                        cpu_runs.setdefault(key, []).append(cpu)
+                        print(f"repeat {rep + 1}: {fmt:5s} decode={decode:5s} workers={workers}: {wall:.1f} images/s, "
+                              f"{cpu:.1f} images per CPU-second", file=sys.stderr)
         listed = listing(Path(tmp) / "many", args.list_files) if args.list_files else None
 
     rows = []
-    for workers in args.workers:
-        before, after = (statistics.median(runs[f"{d}/{workers}"]) for d in ("float", "uint8"))
-        cpu_before, cpu_after = (statistics.median(cpu_runs[f"{d}/{workers}"]) for d in ("float", "uint8"))
-        rows.append({"workers": workers, "before_images_per_s": before, "after_images_per_s": after,
-                     "speedup": after / before, "before_images_per_cpu_s": cpu_before,
-                     "after_images_per_cpu_s": cpu_after, "cpu_speedup": cpu_after / cpu_before})
-    result = {"images": args.images, "image_size": "500x375 (half JPEG q90, half PNG)",
+    for fmt in args.formats:
+        for workers in args.workers:
+            before, after = (statistics.median(runs[f"{fmt}/{d}/{workers}"]) for d in ("float", "uint8"))
+            cpu_before, cpu_after = (statistics.median(cpu_runs[f"{fmt}/{d}/{workers}"]) for d in ("float", "uint8"))
+            rows.append({"format": fmt, "workers": workers, "before_images_per_s": before, "after_images_per_s": after,
+                         "speedup": after / before, "before_images_per_cpu_s": cpu_before,
+                         "after_images_per_cpu_s": cpu_after, "cpu_speedup": cpu_after / cpu_before})
+    result = {"images": args.images, "image_size": "500x375", "formats": args.formats,
               "transforms": "imagenet train: RandomResizedCrop(224) + RandomHorizontalFlip",
               "repeats": args.repeats, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
               "torch_threads": 1, "rows": rows, "runs": runs, "cpu_runs": cpu_runs, "listing": listed}
-    print("\n| DataLoader workers | images/s before (float decode) | after (uint8 decode) | speed-up "
+    print("\n| files | DataLoader workers | images/s before (float decode) | after (uint8 decode) | speed-up "
           "| images per CPU-second before | after | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['workers']} | {r['before_images_per_s']:.1f} | {r['after_images_per_s']:.1f} | "
+        print(f"| {r['format']} | {r['workers']} | {r['before_images_per_s']:.1f} | {r['after_images_per_s']:.1f} | "
               f"{r['speedup']:.2f}x | {r['before_images_per_cpu_s']:.1f} | {r['after_images_per_cpu_s']:.1f} | "
               f"{r['cpu_speedup']:.2f}x |")
     if listed:

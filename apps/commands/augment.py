@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     images = torch.stack(loaded)
     model = cfg.model or ((cfg.encoder, cfg.decoder) if cfg.encoder else None)
     aug = StyleAugment(load_style_model(model, device), p=cfg.p, alpha=cfg.alpha, beta=cfg.beta,
-                       styles=cfg.styles, generator=cfg.seed, style_size=cfg.style_size)
+                       styles=cfg.styles, generator=cfg.seed, style_size=cfg.style_size,
+                       work_size=cfg.work_size)
     # Batches are split evenly, so none is a batch of one (which styles='batch' refuses).
     n_batches = math.ceil(len(files) / cfg.batch_size)
     views = torch.empty(cfg.views, *images.shape)

@@ -182,11 +182,44 @@ def test_follows_the_batch_to_cuda(ae, batch):
     ({"alpha": (0.8, 0.2)}, "alpha range"),
     ({"beta": (0.0, 1.2)}, "beta range"),
     ({"alpha": (-0.1, 0.5)}, "alpha range"),
+    ({"work_size": 0}, "work_size"),
+    ({"work_size": 12.5}, "work_size"),
 ])
 def test_bad_arguments(ae, kwargs, match):
     with pytest.raises(RFIError, match=match) as err:
         StyleAugment(ae, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_work_size_at_or_above_the_image_changes_nothing(ae, batch):
+    full = StyleAugment(ae, p=0.7, generator=3)
+    params = full.make_params([batch])
+    expected = full.stylize(batch, params)
+    for work_size in (20, 64):  # batch: 20 x 24 px, short side 20
+        assert torch.equal(StyleAugment(ae, p=0.7, work_size=work_size).stylize(batch, params), expected)
+
+
+def test_work_size_stylises_small_and_adds_the_change(ae, monkeypatch):
+    x = torch.rand(4, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    aug = StyleAugment(ae, p=0.6, work_size=24, generator=0)
+    params = aug.make_params([x])
+    seen = []
+    encode = aug.autoencoder.encode
+    monkeypatch.setattr(aug.autoencoder, "encode", lambda t, *a, **k: seen.append(tuple(t.shape[-2:])) or encode(t, *a, **k))
+    out = aug.stylize(x, params)
+    assert seen == [(24, 32)]  # short side 48 -> 24: the autoencoder never sees the full size
+    chosen = params["chosen"]
+    assert chosen.any() and not chosen.all()
+    assert torch.equal(out[~chosen], x[~chosen])
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    # out = x + upsample(stylised_small - small): recompute it from the full-resolution pieces
+    small = torch.nn.functional.interpolate(x, size=(24, 32), mode="bilinear", antialias=True).clamp(0, 1)
+    styled_small = StyleAugment(ae, p=0.6).stylize(small, params)
+    change = torch.nn.functional.interpolate(styled_small - small, size=(48, 64), mode="bilinear")
+    assert torch.allclose(out[chosen], (x + change).clamp(0, 1)[chosen], atol=1e-6)
+    # the fine detail of the original is kept: the output minus the original is smooth
+    diff = (out - x)[chosen]
+    assert (diff[..., 1:] - diff[..., :-1]).abs().mean() < (x[chosen][..., 1:] - x[chosen][..., :-1]).abs().mean()
 
 
 def test_bad_style_folders(ae, tmp_path):
