@@ -310,12 +310,13 @@ class StyleAugment(v2.Transform):
         h, w = x.shape[-2:]
         if self.work_size is not None and min(h, w) > self.work_size:
             scale = self.work_size / min(h, w)
-            small = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
-                                  antialias=True, align_corners=False).clamp(0, 1)
+            # resized in float32: antialiased resizing does not take every dtype on every device
+            small = F.interpolate(x.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                  mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
             change = self._stylize_chosen(small, chosen, params) - small[chosen]
             change = F.interpolate(change, size=(h, w), mode="bilinear", align_corners=False)
             out = x.clone()
-            out[chosen] = (x[chosen] + change).clamp(0, 1)
+            out[chosen] = (x[chosen] + change.to(x.dtype)).clamp(0, 1)
             return out
         out = x.clone()
         out[chosen] = self._stylize_chosen(x, chosen, params)

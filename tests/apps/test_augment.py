@@ -220,6 +220,8 @@ def test_work_size_stylises_small_and_adds_the_change(ae, monkeypatch):
     # the fine detail of the original is kept: the output minus the original is smooth
     diff = (out - x)[chosen]
     assert (diff[..., 1:] - diff[..., :-1]).abs().mean() < (x[chosen][..., 1:] - x[chosen][..., :-1]).abs().mean()
+    half = aug.stylize(x.to(torch.bfloat16), params)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), out, atol=0.05)
 
 
 def test_bad_style_folders(ae, tmp_path):
