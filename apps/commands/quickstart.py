@@ -1,7 +1,7 @@
 """``rfi quickstart``: the main job end to end (:func:`apps.quickstart.run_quickstart`).
 
 Example:
-    rfi quickstart --out runs/quickstart            # about 8 minutes on 2 idle CPU cores
+    rfi quickstart --out runs/quickstart            # 8-26 minutes on 2 idle CPU cores (machine-dependent)
     rfi quickstart --out /tmp/qs --budget tiny      # a smoke test of a few seconds
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from inversion.evaluate import format_table
 def register_quickstart(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi quickstart``."""
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    parser.add_argument("--budget", help="a budget of the config: default (about 8 min on 2 idle CPU cores), "
-                                         "small, tiny (a smoke test)")
+    parser.add_argument("--budget", help="a budget of the config: default (8-26 min on 2 idle CPU cores, "
+                                         "by machine), small (about 40 %% of that), tiny (a smoke test)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="quickstart YAML (default: the shipped one)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="quickstart config overrides, e.g. eval.num=50 device=cpu")
