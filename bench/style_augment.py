@@ -32,22 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apps.augment import StyleAugment, load_style_model  # noqa: E402  (after the path is set)
 from bench.tiling import build  # noqa: E402
-from encoders.data import EMBEDDED_PHOTOS, embedded_image  # noqa: E402
+from encoders.data import EmbeddedCrops  # noqa: E402
 from encoders.serialization import write_json  # noqa: E402
 from inversion.metrics import psnr  # noqa: E402
-
-
-def photo_batch(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """``n`` random ``size``-px crops of the embedded photos, (n, 3, size, size) in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    photos = [embedded_image(name, short_side=max(384, size)) for name in EMBEDDED_PHOTOS]
-    crops = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        top = int(torch.randint(0, img.shape[1] - size + 1, (1,), generator=g))
-        left = int(torch.randint(0, img.shape[2] - size + 1, (1,), generator=g))
-        crops.append(img[:, top:top + size, left:left + size])
-    return torch.stack(crops)
 
 
 def images_per_s(aug: StyleAugment, x: torch.Tensor) -> float:
@@ -74,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {"before (full resolution)": None, **{f"after (work_size={w})": w for w in args.work_sizes}}
     augs = {name: StyleAugment(model, p=1.0, alpha=(0.5, 1.0), beta=(0.5, 1.0), work_size=w, generator=0)
             for name, w in variants.items()}
-    x = photo_batch(args.batch_size, args.size) if trained else torch.rand(
+    x = torch.stack([img for img, _ in EmbeddedCrops("train", args.size, args.batch_size)]) if trained else torch.rand(
         args.batch_size, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     load_before = os.getloadavg()
     for aug in augs.values():  # warm-up: oneDNN picks its kernels on the first call
