@@ -1,15 +1,17 @@
 """A non-editable install finds its configs from any folder: build the wheel, install it in a fresh venv, run `rfi`.
 
-The venv sees the system site (torch and the other dependencies come from there), but `rfi`
-must import the installed copy of `apps`/`encoders`/`configs`, never this checkout, and the
-commands must read `configs/...` from the installed package data while the working directory
-is an empty temporary folder.
+The venv sees the site-packages of the environment that runs the test (torch and the other
+dependencies come from there, whether that is the system Python, a virtualenv or conda), but
+`rfi` must import the installed copy of `apps`/`encoders`/`configs`, never this checkout, and
+the commands must read `configs/...` from the installed package data while the working
+directory is an empty temporary folder.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,20 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -
     return result
 
 
+def _see_running_environment(python: Path, env: dict[str, str]) -> None:
+    """Put this interpreter's site-packages (and pip) on the new venv's path, after its own.
+
+    ``venv --system-site-packages`` would link the *base* interpreter's site, which inside a
+    virtualenv or conda environment has no torch. A ``.pth`` file lists the running
+    environment's directories instead; ``.pth`` files inside them are not processed, so this
+    checkout's editable-install hook stays out and the venv's own copy is imported first.
+    """
+    paths = [*site.getsitepackages(), site.getusersitepackages()]
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   python.parent, env).stdout.strip()
+    Path(purelib, "_running_environment.pth").write_text("\n".join(p for p in paths if Path(p).is_dir()) + "\n")
+
+
 def test_wheel_in_a_fresh_venv_finds_its_configs_from_another_folder(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -44,8 +60,9 @@ def test_wheel_in_a_fresh_venv_finds_its_configs_from_another_folder(tmp_path):
           "-w", str(tmp_path / "wheel"), str(src)], tmp_path, env)
     wheel = next((tmp_path / "wheel").glob("robust_inversion-*.whl"))
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp_path, env)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
     python, rfi = venv / "bin" / "python", venv / "bin" / "rfi"
+    _see_running_environment(python, env)
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
          tmp_path, env)
 

@@ -180,15 +180,23 @@ def test_a_fit_killed_mid_way_leaves_no_model_file(dummy_mvtec, tiny_encoder, an
 
 
 def test_memory_bank_batches_hold_a_bounded_number_of_pixels(encoder, monkeypatch):
-    """max_pixels splits a batch (at least one image per pass); the bank is the same."""
+    """max_pixels splits a batch (at least one image per pass); the features are the same.
+
+    Batches of 2 and of 5 may round differently in the last bits on some CPUs, and the greedy
+    coreset's argmax then picks other rows: compare the features the coreset is chosen from.
+    """
     import apps.anomaly_memory as anomaly_memory
 
     normal = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(5)]
-    whole = MemoryBank.fit(encoder, normal, MemoryConfig(coreset=0.5), batch_size=16, progress_bar=False)
+    pools = []
+    monkeypatch.setattr(anomaly_memory, "greedy_coreset", lambda x, n, *a, **k: pools.append(x) or torch.arange(n))
+    MemoryBank.fit(encoder, normal, MemoryConfig(coreset=1.0), batch_size=16, progress_bar=False)
     seen = []
     inner = anomaly_memory.patch_features
     monkeypatch.setattr(anomaly_memory, "patch_features", lambda e, x, *a: seen.append(x.shape[0]) or inner(e, x, *a))
-    parts = MemoryBank.fit(encoder, normal, MemoryConfig(coreset=0.5), batch_size=16, progress_bar=False,
+    parts = MemoryBank.fit(encoder, normal, MemoryConfig(coreset=1.0), batch_size=16, progress_bar=False,
                            max_pixels=2 * 32 * 32 + 1)
     assert seen == [2, 2, 1]
-    assert torch.allclose(parts.bank, whole.bank, atol=1e-5)
+    whole, split = pools
+    assert whole.shape == split.shape == parts.bank.shape
+    assert torch.allclose(split, whole, atol=1e-5, rtol=1e-4)
