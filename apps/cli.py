@@ -3,7 +3,7 @@
 Each entry of :data:`COMMANDS` names the module in :mod:`apps.commands` whose
 ``register_<command>(parser)`` adds the sub-command's arguments and sets
 ``parser.set_defaults(func=run)``; only the chosen command's module is imported. The
-libraries (``encoders``, ``inversion``, the app modules) parse no arguments. User errors (:class:`~encoders.errors.RFIError`) print one
+libraries (``encoders``, ``inversion``, the app modules) parse no arguments. User errors (:class:`~encoders.core.errors.RFIError`) print one
 line and exit with code 2; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from apps.commands.common import common_flags
-from encoders.errors import RFIError
+from encoders.core.errors import RFIError
 
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("quickstart", "apps.commands.quickstart", "the main job: robust + standard encoders, decoders, evaluation report"),

@@ -31,12 +31,12 @@ import torch
 import yaml
 from torch import Tensor
 
-from encoders.config import config_to_dict, load_config, yaml_dataclass
-from encoders.errors import RFIError
-from encoders.rundir import RunDir, TrainResult
-from encoders.files import FileBatch
-from encoders.serialization import atomic_write
-from encoders.checkpoints import load_encoder
+from encoders.core.config import config_to_dict, load_config, yaml_dataclass
+from encoders.core.errors import RFIError
+from encoders.core.rundir import RunDir, TrainResult
+from encoders.core.files import FileBatch
+from encoders.core.serialization import atomic_write
+from encoders.weights.checkpoints import load_encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.metrics import psnr
 from inversion.train import CHECKPOINT_NAME, TrainDecoderConfig, train_decoder
@@ -163,7 +163,7 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> TrainResul
         resume: continue a killed run in ``cfg.train.out`` (same config required).
 
     Returns:
-        A :class:`~encoders.rundir.TrainResult`: ``path`` is the model file (``cfg.model``,
+        A :class:`~encoders.core.rundir.TrainResult`: ``path`` is the model file (``cfg.model``,
         default ``<train.out>/denoiser.pt``; the result stands for it where a path is expected),
         loadable with :func:`load_denoiser` / ``RobustAutoencoder.load``, which records the noise
         range (``sigma``) it was trained for; ``model`` the denoiser (a ``RobustAutoencoder``, eval
@@ -232,7 +232,7 @@ def load_denoiser(path: str | os.PathLike,
 def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                   sigma: float | None = None, tile: int | None = None, seed: int = 0,
                   save_noisy: bool = False) -> int:
-    """Denoise image files into ``out`` as PNGs with the same names (the policy of :mod:`encoders.files`).
+    """Denoise image files into ``out`` as PNGs with the same names (the policy of :mod:`encoders.core.files`).
 
     Args:
         model: a denoiser (:func:`load_denoiser`).
@@ -247,7 +247,7 @@ def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike],
         save_noisy: with ``sigma``, also write the noisy input as ``<out>/noisy/<name>.png``.
 
     Returns:
-        The exit code: 0, or :data:`encoders.files.EXIT_PARTIAL` when some inputs could not
+        The exit code: 0, or :data:`encoders.core.files.EXIT_PARTIAL` when some inputs could not
         be read or processed (each named; the others are written).
 
     Raises:

@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from encoders.config import config_path, config_to_dict, load_config, parse_overrides, yaml_dataclass
-from encoders.errors import RFIError
-from encoders.rundir import TrainResult
-from encoders.runtime import resolve_device
-from encoders.serialization import atomic_write, write_json
+from encoders.core.config import config_path, config_to_dict, load_config, parse_overrides, yaml_dataclass
+from encoders.core.errors import RFIError
+from encoders.core.rundir import TrainResult
+from encoders.core.runtime import resolve_device
+from encoders.core.serialization import atomic_write, write_json
 from inversion import RobustAutoencoder
 from inversion.evaluate import UNSEEN, compare_autoencoders, format_table, lpips_for
 
@@ -118,7 +118,7 @@ def _train(kind: str, name: str, cfg: Any, root: Path, force: bool,
     log.info("%s %s %s -> %s", "reusing/resuming" if cached else "training", name, kind, out)
     start = time.perf_counter()
     if kind == "encoder":
-        from encoders.train import train_encoder
+        from encoders.robust.train import train_encoder
 
         result = train_encoder(cfg, resume=True)
     else:
@@ -139,7 +139,7 @@ def run_quickstart(out: str | os.PathLike, config: str | os.PathLike = DEFAULT_C
         overrides: ``key=value`` overrides of the quickstart config.
         force: retrain even when finished runs with the same config are cached.
     """
-    from encoders.train import TrainEncoderConfig
+    from encoders.robust.train import TrainEncoderConfig
     from inversion.train import TrainDecoderConfig
 
     t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def render_report(report: dict[str, Any]) -> str:
         gaps = [f"{n} {r['scale']}x {held[n, r['scale']] - r['psnr']:+.2f} dB" for n, rs in unseen["models"].items()
                 for r in rs if (n, r["scale"]) in held]
         lines += _evaluation_section(f"unseen images ({unseen['num']} crops per scale of images no model "
-                                     f"trained on, encoders/unseen.py)", unseen, Path("unseen"),
+                                     f"trained on, encoders/data/unseen.py)", unseen, Path("unseen"),
                                      f"Held-out minus unseen PSNR: {', '.join(gaps)}.")
     return "\n".join(lines)
 

@@ -42,12 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.anomaly import (DEFAULT_CONFIG, AnomalyConfig, AnomalyDetector, fit, ground_truth_mask,  # noqa: E402
+from apps.anomaly.detector import (DEFAULT_CONFIG, AnomalyConfig, AnomalyDetector, fit, ground_truth_mask,  # noqa: E402
                           image_metrics, pixel_metrics, readable_images, resolve_data, split_normal)
-from encoders.config import load_config  # noqa: E402
-from encoders.errors import RFIError  # noqa: E402
-from encoders.serialization import write_json  # noqa: E402
-from encoders.imageio import read_image  # noqa: E402
+from encoders.core.config import load_config  # noqa: E402
+from encoders.core.errors import RFIError  # noqa: E402
+from encoders.core.serialization import write_json  # noqa: E402
+from encoders.core.imageio import read_image  # noqa: E402
 
 ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
             "standard": "runs/encoders/resnet18_standard/checkpoint.pt"}
@@ -122,8 +122,8 @@ def example_figure(dets: dict[str, dict[str, AnomalyDetector]], cfg: AnomalyConf
     """Rows = textures; columns: input | ground truth | reconstruction map | memory (robust) map."""
     import torch.nn.functional as F
 
-    from apps.anomaly_data import read_mask
-    from encoders.runtime import save_grid
+    from apps.anomaly.data import read_mask
+    from encoders.core.runtime import save_grid
 
     cols: list[list[torch.Tensor]] = [[], [], [], []]
     for cat, by_method in dets.items():

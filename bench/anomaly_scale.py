@@ -4,7 +4,7 @@ Generates an MVTec-layout category at ``--size`` (the embedded benchmark, ``benc
 the brick texture upsampled 8x, synthetic defects with masks; ``--train`` normal training
 images, ``--test-good`` normal and ``--test-defect`` x 3 defective test images), then runs,
 each in a fresh Python process (so its peak resident memory, ``VmHWM`` via
-:func:`encoders.runtime.peak_memory_mib`, is its own) with threads pinned (``--threads``):
+:func:`encoders.core.runtime.peak_memory_mib`, is its own) with threads pinned (``--threads``):
 
 - ``fit``: ``rfi anomaly fit`` at the default settings except ``decoder.steps`` (``--steps``)
   and the encoder (``--encoder``, the small robust ResNet-18 of the default architecture);
@@ -14,7 +14,7 @@ each in a fresh Python process (so its peak resident memory, ``VmHWM`` via
 
 - ``pixel metrics``: pixel AUROC and F1 of ``--pixel-maps`` random 1024-px maps and masks (117: the
   issue's count), the way each version's ``score`` does it: the current code streams them into
-  :class:`apps.anomaly.PixelMetrics`; the earlier code holds every map and mask and calls
+  :class:`apps.anomaly.detector.PixelMetrics`; the earlier code holds every map and mask and calls
   scikit-learn on all pixels at once,
 
 once with the current tree ("after") and once with commit ``--before`` ("before"; checked out
@@ -47,12 +47,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders.serialization import write_json  # noqa: E402
+from encoders.core.serialization import write_json  # noqa: E402
 
 CHILD = """
 import json, sys, time
 from apps.cli import main
-from encoders.runtime import peak_memory_mib
+from encoders.core.runtime import peak_memory_mib
 start, cpu = time.perf_counter(), time.process_time()
 rc = main(sys.argv[2:])
 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -62,8 +62,8 @@ json.dump({"rc": rc, "seconds": seconds, "cpu_s": cpu, "peak_mib": peak_memory_m
 PIXEL_CHILD = """
 import json, sys, time
 import torch
-import apps.anomaly as anomaly
-from encoders.runtime import peak_memory_mib
+import apps.anomaly.detector as anomaly
+from encoders.core.runtime import peak_memory_mib
 n, side = int(sys.argv[2]), int(sys.argv[3])
 def pairs():
     for i in range(n):
@@ -125,7 +125,7 @@ def run_phase(tree: Path, argv: list[str], threads: int, timeout: float, mem_gb:
 
 def decoder_difference(work: Path) -> float | None:
     """Largest absolute difference between the decoder weights trained by the two fits (``None``: one failed)."""
-    from encoders.serialization import load_checkpoint
+    from encoders.core.serialization import load_checkpoint
 
     files = [work / name / "model_fit" / "decoder" / "decoder.pt" for name in ("after", "before")]
     if not all(f.is_file() for f in files):

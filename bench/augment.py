@@ -12,13 +12,13 @@ All three of a seed share initialisation, data order, crops and colour-jitter dr
 (views are drawn from per-batch generators; StyleAugment has its own), so differences are
 paired. Each backbone is scored by linear probes (logistic regression on frozen pooled
 features, train-region crops -> held-out-region crops) on every task of
-:data:`apps.selfsup.PROBE_TASKS`; the untrained backbone of each seed and a probe on colour
+:data:`apps.ssl.train.PROBE_TASKS`; the untrained backbone of each seed and a probe on colour
 statistics alone (per-channel mean, sd, 8-bin histogram) are scored as floors. For each task
 and style pipeline: mean, sd, and the paired difference to ``plain`` with its 95 % t-interval.
 
 Timing: per method, ``--timing-rounds`` rounds of three ``--timing-steps``-step runs each
 (plain; StyleAugment in the training loop; StyleAugment in a background thread,
-:class:`apps.augment.StyledLoader`), interleaved in the same process; median step times.
+:class:`apps.style.augment.StyledLoader`), interleaved in the same process; median step times.
 
     python bench/augment.py --encoder ENC.pt --decoder DEC.pt --seeds 10 --steps 30 --threads 1
     python bench/augment.py --train-missing ...   # trains the default robust encoder + decoder first
@@ -40,13 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.augment import (
+from apps.style.augment import (
     DEFAULT_DECODER,
     DEFAULT_ENCODER,
     StyleAugment,
     load_style_model,
 )
-from apps.selfsup import (
+from apps.ssl.train import (
     PROBE_TASKS,
     SSLConfig,
     build_model,
@@ -54,10 +54,10 @@ from apps.selfsup import (
     run_ssl,
     train_ssl,
 )
-from encoders.config import config_to_dict, load_config
-from encoders.errors import RFIError
-from encoders.serialization import write_json
-from encoders.runtime import seed_everything
+from encoders.core.config import config_to_dict, load_config
+from encoders.core.errors import RFIError
+from encoders.core.serialization import write_json
+from encoders.core.runtime import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 SSL_CONFIG = ROOT / "configs" / "apps" / "ssl.yaml"
@@ -70,7 +70,7 @@ GOAL_ASYNC_OVERHEAD = 0.05
 def train_missing_defaults() -> None:
     """Train the default robust encoder and its layer3 decoder where their files are missing."""
     if not DEFAULT_ENCODER.is_file():
-        from encoders.train import TrainEncoderConfig, train_encoder
+        from encoders.robust.train import TrainEncoderConfig, train_encoder
 
         print(f"training the default robust encoder -> {DEFAULT_ENCODER.parent}", flush=True)
         train_encoder(load_config(TrainEncoderConfig, ENCODER_CONFIG, [f"out={DEFAULT_ENCODER.parent}"]))

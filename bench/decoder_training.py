@@ -38,13 +38,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from encoders.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
+from encoders.core.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
 VARIANTS = ("rfi", "plain")
 DEFAULT_CONFIG = "configs/decoder/resnet18_robust_layer3.yaml"
 
 
 def _config(args: argparse.Namespace, out: str | None = None):
-    from encoders.config import load_config
+    from encoders.core.config import load_config
     from inversion.train import TrainDecoderConfig
 
     steps = args.crops // args.batch_size
@@ -72,8 +72,8 @@ def _prepare(cfg):
 
     Returns the device and the memory in use at that point (imports + photos: the baseline).
     """
-    from encoders.data import build_dataset
-    from encoders.runtime import resolve_device
+    from encoders.data.build import build_dataset
+    from encoders.core.runtime import resolve_device
 
     build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     device = resolve_device(cfg.device)
@@ -100,8 +100,8 @@ def _plain(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from encoders.checkpoints import load_encoder
-    from encoders.data import build_dataset
+    from encoders.weights.checkpoints import load_encoder
+    from encoders.data.build import build_dataset
     from inversion.decoders import Decoder
 
     cfg = _config(args)
@@ -157,7 +157,7 @@ def _encoder_for(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
     import torch
 
     from encoders import create_encoder
-    from encoders.checkpoints import save_encoder
+    from encoders.weights.checkpoints import save_encoder
 
     cfg = _config(args)
     path = ROOT / cfg.encoder.checkpoint
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from encoders.serialization import atomic_write
+    from encoders.core.serialization import atomic_write
 
     with tempfile.TemporaryDirectory() as tmp:
         args.encoder, encoder_note = _encoder_for(args, tmp)

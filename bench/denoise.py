@@ -57,9 +57,9 @@ from skimage.restoration import (denoise_bilateral, denoise_nl_means, denoise_tv
                                  denoise_wavelet, estimate_sigma)
 
 from apps.denoise import add_noise, load_denoiser, load_denoiser_config, train_denoiser  # noqa: E402
-from encoders.data import EMBEDDED_PHOTOS, EmbeddedCrops, embedded_image, region  # noqa: E402
-from encoders.runtime import save_grid  # noqa: E402
-from encoders.serialization import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
+from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, embedded_image, region  # noqa: E402
+from encoders.core.runtime import save_grid  # noqa: E402
+from encoders.core.serialization import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
 from inversion.metrics import psnr, ssim  # noqa: E402
 
 log = logging.getLogger("rfi")

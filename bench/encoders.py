@@ -3,7 +3,7 @@
 Four variants train the same model (the default config's ResNet-18, width 0.25, 32-px
 embedded crops, batch 128, SGD) for one epoch over the same crops:
 
-- ``rfi standard`` / ``rfi adversarial``: :func:`encoders.train.train_encoder` (the
+- ``rfi standard`` / ``rfi adversarial``: :func:`encoders.robust.train.train_encoder` (the
   adversarial one with the default L2 PGD, eps 0.5, 3 steps);
 - ``plain standard`` / ``plain adversarial``: a minimal hand-written PyTorch loop of the
   same model and optimizer (the adversarial one with an inline 3-step L2 PGD).
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from encoders.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
+from encoders.core.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
 VARIANTS = ("rfi standard", "plain standard", "rfi adversarial", "plain adversarial")
 
 
@@ -43,9 +43,9 @@ def _overrides(args: argparse.Namespace, adversarial: bool) -> list[str]:
 
 
 def _rfi(args: argparse.Namespace, adversarial: bool) -> dict:
-    from encoders.config import load_config
-    from encoders.runtime import resolve_device
-    from encoders.train import TrainEncoderConfig, train_encoder
+    from encoders.core.config import load_config
+    from encoders.core.runtime import resolve_device
+    from encoders.robust.train import TrainEncoderConfig, train_encoder
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(TrainEncoderConfig, ROOT / "configs/encoder/resnet18_robust.yaml",
@@ -62,11 +62,11 @@ def _plain(args: argparse.Namespace, adversarial: bool) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from encoders.config import load_config
-    from encoders.data import build_dataset
-    from encoders.models import Encoder
-    from encoders.runtime import resolve_device
-    from encoders.train import TrainEncoderConfig
+    from encoders.core.config import load_config
+    from encoders.data.build import build_dataset
+    from encoders.nets.models import Encoder
+    from encoders.core.runtime import resolve_device
+    from encoders.robust.train import TrainEncoderConfig
 
     cfg = load_config(TrainEncoderConfig, ROOT / "configs/encoder/resnet18_robust.yaml", _overrides(args, adversarial))
     device = resolve_device(cfg.device)
@@ -124,12 +124,12 @@ def _run_child(args: argparse.Namespace, variant: str) -> dict:
 
 def _full(args: argparse.Namespace) -> dict:
     """Train (or reuse) the two default configs and evaluate both with PGD-10 at the training eps."""
-    from encoders.checkpoints import load_encoder
-    from encoders.config import load_config
-    from encoders.data import build_dataset
-    from encoders.evaluate import evaluate_encoder
-    from encoders.serialization import load_checkpoint
-    from encoders.train import TrainEncoderConfig, train_encoder
+    from encoders.weights.checkpoints import load_encoder
+    from encoders.core.config import load_config
+    from encoders.data.build import build_dataset
+    from encoders.robust.evaluate import evaluate_encoder
+    from encoders.core.serialization import load_checkpoint
+    from encoders.robust.train import TrainEncoderConfig, train_encoder
 
     out = {}
     for name in ("resnet18_robust", "resnet18_standard"):
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from encoders.serialization import write_json
+    from encoders.core.serialization import write_json
 
     load = os.getloadavg()
     samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}

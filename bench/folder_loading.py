@@ -3,7 +3,7 @@
 Folders of ``--images`` photos of about 500x375 px (crops of scikit-image's shipped
 photos in 4 class folders; one folder per ``--formats`` entry: all JPEG (quality 90, as
 ImageNet), all PNG, or half of each) are read through
-:class:`encoders.data.ImageFiles` with the standard ImageNet training transforms
+:class:`encoders.data.folders.ImageFiles` with the standard ImageNet training transforms
 (``RandomResizedCrop(224)`` + flip), by a ``DataLoader`` with 0 and N worker processes:
 
 - ``before``: ``decode=float``: each file is converted to float32 first and the transforms
@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from encoders.serialization import write_json  # noqa: E402  (after the path is set)
+from encoders.core.serialization import write_json  # noqa: E402  (after the path is set)
 
 
 def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: int = 0, fmt: str = "mixed") -> Path:
@@ -46,7 +46,7 @@ def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: in
     import torch.nn.functional as F
     from PIL import Image
 
-    from encoders.data import EMBEDDED_PHOTOS, embedded_image
+    from encoders.data.embedded import EMBEDDED_PHOTOS, embedded_image
 
     g = torch.Generator().manual_seed(seed)
     for i in range(n):
@@ -76,7 +76,7 @@ def images_per_s(root: Path, decode: str, workers: int, batch_size: int = 32, se
     import torch
     from torch.utils.data import DataLoader
 
-    from encoders.data import ImageFiles
+    from encoders.data.folders import ImageFiles
 
     ds = ImageFiles(root, "train", 224, transforms="imagenet", decode=decode)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -95,7 +95,7 @@ def images_per_s(root: Path, decode: str, workers: int, batch_size: int = 32, se
 
 def listing(root: Path, n: int) -> dict:
     """Time building the file list of ``n`` (empty) files in 100 class folders."""
-    from encoders.data import ImageFiles
+    from encoders.data.folders import ImageFiles
 
     for i in range(n):
         d = root / f"n{i % 100:05d}"
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from encoders.data import default_num_workers
+    from encoders.data.folders import default_num_workers
 
     args.workers = args.workers or sorted({0, default_num_workers()})
 

@@ -1,15 +1,15 @@
 """Generalization benchmark: models trained on the photos only vs photos + synthetic images.
 
 For each training set (``photos``: ``data.source=embedded``; ``mixed``: ``data.source=mixed``,
-half synthetic images, :mod:`encoders.synthetic`) and each of ``--seeds`` training seeds, at
+half synthetic images, :mod:`encoders.data.synthetic`) and each of ``--seeds`` training seeds, at
 the same budget, with the library's own trainers:
 
 - the standard and the robust ResNet-18 encoders (``configs/encoder/resnet18_*.yaml``,
-  :func:`encoders.train.train_encoder`) and one layer3 decoder each
+  :func:`encoders.robust.train.train_encoder`) and one layer3 decoder each
   (``configs/decoder/resnet18_*_layer3.yaml``, :func:`inversion.train.train_decoder`);
   PSNR of the reconstructions (:func:`inversion.evaluate.compare_autoencoders`, what
   ``rfi evaluate --data embedded --data unseen`` runs) on **held-out** regions of the
-  embedded photos and on **unseen** images (:mod:`encoders.unseen`), at 1x and 4x the
+  embedded photos and on **unseen** images (:mod:`encoders.data.unseen`), at 1x and 4x the
   training size;
 - the blind denoiser (``configs/apps/denoise.yaml``, :func:`apps.denoise.train_denoiser`) on
   that run's robust encoder; PSNR at sigma 15 / 25 / 50 on held-out and unseen crops,
@@ -72,9 +72,9 @@ from bench.denoise import (
     to_tensor,
     tune_classical,
 )
-from encoders.config import load_config
-from encoders.serialization import write_json
-from encoders.train import TrainEncoderConfig, train_encoder
+from encoders.core.config import load_config
+from encoders.core.serialization import write_json
+from encoders.robust.train import TrainEncoderConfig, train_encoder
 from inversion import RobustAutoencoder
 from inversion.evaluate import compare_autoencoders, held_out_images
 from inversion.metrics import psnr
@@ -333,7 +333,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     def with_steps(overrides: list[str], key: str, steps: int) -> list[str]:
         return [o for o in overrides if not o.startswith(key)] + [f"{key}={steps}"]
 
-    from encoders.synthetic import SyntheticImages
+    from encoders.data.synthetic import SyntheticImages
 
     start = time.perf_counter()
     sets = [_encoder_cfg("robust", "mixed", 0, root, budget, args.set).data,

@@ -4,8 +4,8 @@ For each architecture (full-size AlexNet and ResNet-50 at 224 px: width 1, Image
 and each precision, it times the project's own training steps, not a re-implementation:
 
 1. ``encoder``: robust training (``configs/encoder/imagenet_<arch>_robust.yaml``: L2 PGD,
-   eps 3, 3 attack steps): :meth:`encoders.train.EncoderTrainer.train_step`, the step
-   :func:`encoders.train.train_encoder` runs (attack, forward, backward, optimiser and
+   eps 3, 3 attack steps): :meth:`encoders.robust.train.EncoderTrainer.train_step`, the step
+   :func:`encoders.robust.train.train_encoder` runs (attack, forward, backward, optimiser and
    scheduler step, with the config's ``precision`` / ``channels_last``) on one batch of a
    generated 224-px folder, ``--warmup`` untimed steps then ``--steps`` timed ones (data
    loading not included).
@@ -46,8 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from encoders.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
-from encoders.serialization import write_json  # noqa: E402
+from encoders.core.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
+from encoders.core.serialization import write_json  # noqa: E402
 
 LAYERS = {"alexnet": "conv5", "resnet50": "layer4"}
 TINY = {"size": 32, "width": 0.125, "small_input": True, "inversion": (300, 400)}
@@ -62,7 +62,7 @@ def make_photos(root: Path, n: int, size: int, seed: int = 0, classes: int = 2) 
     import torch.nn.functional as F
     from PIL import Image
 
-    from encoders.data import EMBEDDED_PHOTOS, embedded_image
+    from encoders.data.embedded import EMBEDDED_PHOTOS, embedded_image
 
     g = torch.Generator().manual_seed(seed)
     for i in range(n):
@@ -120,8 +120,8 @@ def random_encoder_checkpoint(arch: str, sizes: dict, path: Path) -> Path:
     """A randomly initialised encoder of ``arch`` at ``sizes`` (speed does not depend on the weights)."""
     import torch
 
-    from encoders.checkpoints import save_encoder
-    from encoders.models import Encoder
+    from encoders.weights.checkpoints import save_encoder
+    from encoders.nets.models import Encoder
 
     torch.manual_seed(0)
     return save_encoder(Encoder(arch, num_classes=1000, width=sizes["width"], small_input=sizes["small_input"]), path)
@@ -152,8 +152,8 @@ def encoder_config(arch: str, sizes: dict, data: Path, out: Path, batch_size: in
                    num_workers: int, device: str, extra: list[str]):
     """``configs/encoder/imagenet_<arch>_robust.yaml`` at ``sizes`` on the generated folder
     (one epoch of at least ``total_steps`` steps)."""
-    from encoders.config import load_config
-    from encoders.train import TrainEncoderConfig
+    from encoders.core.config import load_config
+    from encoders.robust.train import TrainEncoderConfig
 
     n_train = len(list((data / "train").rglob("*.jpg")))
     repeat = max(1, -(-total_steps * batch_size // n_train))
@@ -167,9 +167,9 @@ def encoder_config(arch: str, sizes: dict, data: Path, out: Path, batch_size: in
 
 def encoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path, out: Path, batch_size: int,
                 steps: int, num_workers: int, warmup: int = 2) -> dict[str, Any]:
-    """Robust (L2 PGD-3) encoder training steps: :meth:`encoders.train.EncoderTrainer.train_step` on one batch."""
-    import encoders.train as T
-    from encoders.runtime import setup_distributed
+    """Robust (L2 PGD-3) encoder training steps: :meth:`encoders.robust.train.EncoderTrainer.train_step` on one batch."""
+    import encoders.robust.train as T
+    from encoders.core.runtime import setup_distributed
 
     extra, skip = scale_keys(T.TrainEncoderConfig, precision, device)
     if skip:
@@ -187,7 +187,7 @@ def encoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path,
 def decoder_config(arch: str, sizes: dict, data: Path, encoder_ckpt: Path, out: Path, batch_size: int,
                    total_steps: int, num_workers: int, device: str, extra: list[str]):
     """The default decoder config for conv5 / layer4 of ``encoder_ckpt``, on the generated folder."""
-    from encoders.config import load_config
+    from encoders.core.config import load_config
     from inversion.train import TrainDecoderConfig
 
     n_train = len(list((data / "train").rglob("*.jpg")))
@@ -208,7 +208,7 @@ def decoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path,
     Writes the decoder to ``out/decoder.pt`` (for :func:`inversion_job`).
     """
     import inversion.train as T
-    from encoders.runtime import setup_distributed
+    from encoders.core.runtime import setup_distributed
     from inversion.decoders import save_decoder
 
     extra, skip = scale_keys(T.TrainDecoderConfig, precision, device)
@@ -266,7 +266,7 @@ def inversion_job(precision: str, device: str, encoder_ckpt: Path, decoder_ckpt:
 def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from encoders.data import default_num_workers
+    from encoders.data.folders import default_num_workers
 
     sizes = TINY if args.tiny else FULL
     device = args.device

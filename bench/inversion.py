@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders.data import EmbeddedCrops  # noqa: E402
-from encoders.errors import RFIError  # noqa: E402
+from encoders.data.embedded import EmbeddedCrops  # noqa: E402
+from encoders.core.errors import RFIError  # noqa: E402
 from inversion import RobustAutoencoder  # noqa: E402
-from encoders.serialization import write_json  # noqa: E402
+from encoders.core.serialization import write_json  # noqa: E402
 from inversion.evaluate import compare_autoencoders, format_table, held_out_images, lpips_for  # noqa: E402
 from inversion.metrics import psnr, ssim  # noqa: E402
 from inversion.optimize import invert_by_optimization  # noqa: E402
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     runs = find_runs(Path(args.quickstart), args.train, args.budget)
     models = {n: RobustAutoencoder.from_checkpoints(r["encoder"], r["decoder"]) for n, r in runs.items()}
-    from encoders.serialization import load_checkpoint
+    from encoders.core.serialization import load_checkpoint
 
     size = int(load_checkpoint(runs["robust"]["decoder"])["train_size"])
     scales = [int(s) for s in args.scales.split(",")]

@@ -5,7 +5,7 @@ at full size: width 1, ImageNet stem, 224-px images):
 
 - ``encoder``: robust training steps (``configs/encoder/imagenet_<arch>_robust.yaml``: L2
   PGD, eps 3, 3 attack steps): ``train_step`` of the trainer behind
-  :func:`encoders.train.train_encoder`, ``--warmup`` untimed then ``--steps`` timed steps
+  :func:`encoders.robust.train.train_encoder`, ``--warmup`` untimed then ``--steps`` timed steps
   on one batch (data loading not included).
 - ``decoder``: ``train_step`` of the trainer behind :func:`inversion.train.train_decoder`
   for ``conv5`` (AlexNet) / ``layer4`` (ResNet-50), default (``cpu``) decoder preset,
@@ -42,8 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # for gpu_check; appended: bench/encoders.py must not shadow the package
-from encoders.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
-from encoders.serialization import write_json  # noqa: E402
+from encoders.core.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
+from encoders.core.serialization import write_json  # noqa: E402
 JOBS = ("encoder", "decoder", "inversion")
 
 
@@ -54,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     import gpu_check  # the shared job code (bench/gpu_check.py)
 
-    from encoders.config import load_config  # noqa: F401  (imports counted in the baseline)
+    from encoders.core.config import load_config  # noqa: F401  (imports counted in the baseline)
     from inversion import RobustAutoencoder  # noqa: F401
 
     sizes = gpu_check.FULL

@@ -28,10 +28,10 @@ SMALL = ("data.size=16", "data.train_crops=4096", "data.val_crops=512", "model.w
 def measure(out: Path, seed: int) -> dict[str, dict[str, float]]:
     """Clean and PGD-10 accuracy of the robust and the standard config trained with ``seed`` (runs under ``out``)."""
     from encoders import create_encoder
-    from encoders.config import load_config
-    from encoders.data import build_dataset
-    from encoders.evaluate import evaluate_encoder
-    from encoders.train import TrainEncoderConfig, train_encoder
+    from encoders.core.config import load_config
+    from encoders.data.build import build_dataset
+    from encoders.robust.evaluate import evaluate_encoder
+    from encoders.robust.train import TrainEncoderConfig, train_encoder
 
     results = {}
     for name in ("robust", "standard"):

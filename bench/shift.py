@@ -2,17 +2,17 @@
 
 For each down-sampling (``stride``, ``blurpool``, ``lps``) and each training (standard, and
 adversarial with L2 PGD), with the same budget: train a ResNet-18 encoder on the embedded
-"which photo" task (``rfi train-encoder``'s :func:`encoders.train.train_encoder`), train a
+"which photo" task (``rfi train-encoder``'s :func:`encoders.robust.train.train_encoder`), train a
 decoder for its ``layer3`` (:func:`inversion.train.train_decoder`; LPU up-sampling for the
 LPS encoder), then measure on held-out validation crops:
 
 - clean accuracy and PGD accuracy (L2, ``--eps``, ``--pgd-steps`` steps);
 - classification shift consistency (two random circular shifts per image) and the
-  ``layer3`` feature equivariance error (:func:`encoders.shift.shift_consistency`);
+  ``layer3`` feature equivariance error (:func:`encoders.robust.shift.shift_consistency`);
 - the decoder's reconstruction PSNR, its equivariance error (largest pixel difference
   between ``D(E(T_b x))`` and ``T_{b-a} D(E(T_a x))``) and the share of exactly
   equivariant reconstructions (<= 1e-5);
-- the median time of an encoder training step (:meth:`encoders.train.EncoderTrainer.train_step`:
+- the median time of an encoder training step (:meth:`encoders.robust.train.EncoderTrainer.train_step`:
   PGD example generation included for robust training) and of a decoder training step
   (:meth:`inversion.train.DecoderTrainer.train_step`: encoder forward, decoder, the run's
   pixel + feature loss, backward, update): the trainers' own steps, with each run's config,
@@ -45,13 +45,14 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.config import load_config  # noqa: E402
-from encoders.data import DataConfig, EmbeddedCrops  # noqa: E402
-from encoders.evaluate import evaluate_encoder  # noqa: E402
-from encoders.runtime import setup_distributed  # noqa: E402
-from encoders.serialization import atomic_write  # noqa: E402
-from encoders.shift import shift_consistency  # noqa: E402
-from encoders.train import EncoderTrainer, TrainEncoderConfig, train_encoder  # noqa: E402
+from encoders.core.config import load_config  # noqa: E402
+from encoders.data.build import DataConfig  # noqa: E402
+from encoders.data.embedded import EmbeddedCrops  # noqa: E402
+from encoders.robust.evaluate import evaluate_encoder  # noqa: E402
+from encoders.core.runtime import setup_distributed  # noqa: E402
+from encoders.core.serialization import atomic_write  # noqa: E402
+from encoders.robust.shift import shift_consistency  # noqa: E402
+from encoders.robust.train import EncoderTrainer, TrainEncoderConfig, train_encoder  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 from inversion.train import DecoderTrainer, TrainDecoderConfig, train_decoder  # noqa: E402
 

@@ -16,7 +16,7 @@ same steps. Measured on held-out validation crops:
 - the decoder's PSNR and reconstruction equivariance under circular shifts (mean largest
   pixel difference; share of images within 1e-5);
 - median ms of one encoder training step (the trainer's own
-  :meth:`encoders.train.EncoderTrainer.train_step`, PGD included for robust training), timed
+  :meth:`encoders.robust.train.EncoderTrainer.train_step`, PGD included for robust training), timed
   interleaved after all training so machine load hits every row alike.
 
 Runs go seed by seed (all rows for seed 0, then seed 1, ...) and the JSON is rewritten
@@ -53,14 +53,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders.checkpoints import load_encoder  # noqa: E402
-from encoders.config import load_config  # noqa: E402
-from encoders.data import EmbeddedCrops  # noqa: E402
-from encoders.evaluate import evaluate_encoder  # noqa: E402
-from encoders.models import Encoder  # noqa: E402
-from encoders.serialization import atomic_write  # noqa: E402
-from encoders.shift import shift_consistency  # noqa: E402
-from encoders.train import TrainEncoderConfig, train_encoder  # noqa: E402
+from encoders.weights.checkpoints import load_encoder  # noqa: E402
+from encoders.core.config import load_config  # noqa: E402
+from encoders.data.embedded import EmbeddedCrops  # noqa: E402
+from encoders.robust.evaluate import evaluate_encoder  # noqa: E402
+from encoders.nets.models import Encoder  # noqa: E402
+from encoders.core.serialization import atomic_write  # noqa: E402
+from encoders.robust.shift import shift_consistency  # noqa: E402
+from encoders.robust.train import TrainEncoderConfig, train_encoder  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 from inversion.train import TrainDecoderConfig, train_decoder  # noqa: E402
 from bench.shift import encoder_step, interleaved_ms  # noqa: E402  (the trainer's real step, timed round-robin)

@@ -45,11 +45,11 @@ from torchvision.transforms.v2.functional import center_crop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apps.style import TrainDecodersConfig, load_pyramid, resize_longer, stylize, train_pyramid  # noqa: E402
-from encoders.config import load_config  # noqa: E402
-from encoders.data import embedded_image  # noqa: E402
-from encoders.runtime import save_grid  # noqa: E402
-from encoders.serialization import atomic_write, load_checkpoint  # noqa: E402
+from apps.style.pyramid import TrainDecodersConfig, load_pyramid, resize_longer, stylize, train_pyramid  # noqa: E402
+from encoders.core.config import load_config  # noqa: E402
+from encoders.data.embedded import embedded_image  # noqa: E402
+from encoders.core.runtime import save_grid  # noqa: E402
+from encoders.core.serialization import atomic_write, load_checkpoint  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 
 PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "retina"), ("coffee", "stereo_motorcycle"),

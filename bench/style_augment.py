@@ -30,10 +30,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from apps.augment import StyleAugment, load_style_model  # noqa: E402  (after the path is set)
+from apps.style.augment import StyleAugment, load_style_model  # noqa: E402  (after the path is set)
 from bench.tiling import build  # noqa: E402
-from encoders.data import EmbeddedCrops  # noqa: E402
-from encoders.serialization import write_json  # noqa: E402
+from encoders.data.embedded import EmbeddedCrops  # noqa: E402
+from encoders.core.serialization import write_json  # noqa: E402
 from inversion.metrics import psnr  # noqa: E402
 
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from encoders import create_encoder  # noqa: E402
-from encoders.serialization import write_json  # noqa: E402
+from encoders.core.serialization import write_json  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 from inversion.decoders import Decoder  # noqa: E402
 

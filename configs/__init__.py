@@ -1,1 +1,1 @@
-"""The shipped YAML configs, installed as package data (read them with ``encoders.config.shipped_config``)."""
+"""The shipped YAML configs, installed as package data (read them with ``encoders.core.config.shipped_config``)."""

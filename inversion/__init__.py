@@ -6,7 +6,7 @@ are imported on first use (they pull in kornia).
 """
 from importlib import import_module
 
-from encoders.imageio import check_images
+from encoders.core.imageio import check_images
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, decoder_from_checkpoint, load_decoder, save_decoder
 

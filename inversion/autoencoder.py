@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint
-from encoders.errors import RFIError
-from encoders.imageio import check_images
-from encoders.models import SWIN, Encoder
-from encoders.runtime import autocast, check_precision, memory_format
-from encoders.serialization import load_checkpoint, save_checkpoint
+from encoders.weights.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint
+from encoders.core.errors import RFIError
+from encoders.core.imageio import check_images
+from encoders.nets.models import SWIN, Encoder
+from encoders.core.runtime import autocast, check_precision, memory_format
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
 from inversion.tiling import conv_radius, pad_to_multiple, receptive_radius, tiled_apply
 from inversion.upsample import check_phase_source

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.checkpoints import build_from_config, load_state_dict_checked
-from encoders.downsample import circular_convs
-from encoders.errors import RFIError
-from encoders.models import INPUT_TAP
-from encoders.serialization import load_checkpoint, save_checkpoint
+from encoders.weights.checkpoints import build_from_config, load_state_dict_checked
+from encoders.nets.downsample import circular_convs
+from encoders.core.errors import RFIError
+from encoders.nets.models import INPUT_TAP
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion.upsample import LPU, stage_phases
 
 DECODER_FORMAT = "rfi-decoder"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from encoders.errors import RFIError
+from encoders.core.errors import RFIError
 
 DISCRIMINATORS = ("deepsim", "patch")
 

@@ -30,11 +30,12 @@ from torch import Tensor
 from PIL import Image
 from torchvision.utils import make_grid
 
-from encoders.data import EmbeddedCrops, ImageFiles
-from encoders.errors import RFIError
-from encoders.imageio import to_uint8
-from encoders.runtime import progress
-from encoders.serialization import atomic_write
+from encoders.data.embedded import EmbeddedCrops
+from encoders.data.folders import ImageFiles
+from encoders.core.errors import RFIError
+from encoders.core.imageio import to_uint8
+from encoders.core.runtime import progress
+from encoders.core.serialization import atomic_write
 from inversion.autoencoder import RobustAutoencoder
 from inversion.metrics import lpips_distance, psnr, ssim
 from inversion.perceptual import load_lpips, lpips_status
@@ -54,7 +55,7 @@ def held_out_images(size: int, num: int = 100, seed: int = 0, folder: str | os.P
         num: how many (a folder gives at most its validation images).
         seed: crop positions of the embedded and unseen crops.
         folder: ``None`` or ``"embedded"`` (validation regions of the embedded photos),
-            ``"unseen"`` (crops of images no job trains on, :mod:`encoders.unseen`), or an image
+            ``"unseen"`` (crops of images no job trains on, :mod:`encoders.data.unseen`), or an image
             folder (``train/`` + ``val/`` sub-folders, or every fifth file held out; images are
             resized (short side) and centre-cropped to ``size``). A folder's unreadable files
             and images smaller than ``size`` (which would be up-scaled into the metric) are
@@ -70,7 +71,7 @@ def held_out_images(size: int, num: int = 100, seed: int = 0, folder: str | os.P
         ds = EmbeddedCrops("val", size, num, seed)
         return torch.stack([ds[i][0] for i in range(min(num, len(ds)))])
     if folder == UNSEEN:
-        from encoders.unseen import UnseenCrops
+        from encoders.data.unseen import UnseenCrops
 
         ds = UnseenCrops(size, num, seed)
         return torch.stack([ds[i][0] for i in range(len(ds))])

@@ -3,7 +3,7 @@
 ``--method decoder`` (default) runs :meth:`RobustAutoencoder.reconstruct` (any size;
 overlapping tiles with ``--tile``); ``--method optimize`` runs the optimisation baseline
 (:func:`inversion.optimize.invert_by_optimization`). One PNG per input, same stem, in
-``--out``. Inputs, outputs and exit codes follow :mod:`encoders.files`: a file that cannot
+``--out``. Inputs, outputs and exit codes follow :mod:`encoders.core.files`: a file that cannot
 be read (truncated, not an image) or holds NaN/Inf is reported by name and skipped, the
 others are still processed and the command exits with code 1 at the end; outputs never
 overwrite inputs, and each is written atomically.
@@ -27,15 +27,15 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from encoders.files import FileBatch
-from encoders.imageio import check_images
+from encoders.core.files import FileBatch
+from encoders.core.imageio import check_images
 
 log = logging.getLogger("rfi")
 
 
 def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                  invert: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> int:
-    """Invert image files one by one into ``out/<stem>.png`` (the policy of :mod:`encoders.files`).
+    """Invert image files one by one into ``out/<stem>.png`` (the policy of :mod:`encoders.core.files`).
 
     Args:
         inputs: image files and folders (a folder's image files are taken, sorted).
@@ -44,7 +44,7 @@ def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
         device: where the images are sent.
 
     Returns:
-        The exit code: 0, or :data:`encoders.files.EXIT_PARTIAL` when some inputs failed
+        The exit code: 0, or :data:`encoders.core.files.EXIT_PARTIAL` when some inputs failed
         (each named on stderr; the others are written).
 
     Raises:

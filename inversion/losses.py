@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.errors import RFIError
-from encoders.models import Encoder
+from encoders.core.errors import RFIError
+from encoders.nets.models import Encoder
 
 PIXEL_LOSSES = ("l1", "l2")
 GAN_LOSSES = ("hinge", "nonsaturating")

@@ -18,7 +18,7 @@ import kornia
 import torch
 from torch import Tensor
 
-from encoders.errors import RFIError
+from encoders.core.errors import RFIError
 
 SSIM_WINDOW = 11
 MAX_PSNR = 100.0

@@ -26,10 +26,10 @@ import kornia
 import torch
 from torch import Tensor
 
-from encoders.errors import RFIError
-from encoders.models import Encoder
-from encoders.runtime import progress as progress_bar
-from encoders.imageio import check_images
+from encoders.core.errors import RFIError
+from encoders.nets.models import Encoder
+from encoders.core.runtime import progress as progress_bar
+from encoders.core.imageio import check_images
 
 Init = Literal["noise", "mean"]
 NOISE = 0.1  # half-width of the uniform noise added to the mean colour by init="noise"

@@ -6,7 +6,7 @@ built randomly initialised (``pnet_rand=True``, so nothing downloads) and its we
 then loaded from a local torchvision state-dict file: the one passed as ``weights``, or
 torchvision's own file in the torch hub cache (``torch.hub.get_dir()/checkpoints/``),
 where ``torchvision.models.alexnet(weights="DEFAULT")`` would have put it. When neither
-exists, :func:`load_lpips` raises :class:`~encoders.errors.RFIError` naming the URL to
+exists, :func:`load_lpips` raises :class:`~encoders.core.errors.RFIError` naming the URL to
 fetch and where to put it, and :func:`lpips_status` says the same without raising.
 
 Example:
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from encoders.errors import RFIError
-from encoders.serialization import load_checkpoint
+from encoders.core.errors import RFIError
+from encoders.core.serialization import load_checkpoint
 
 # LPIPS backbone name -> torchvision weights enum (its URL gives the hub-cache file name).
 _BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights"}

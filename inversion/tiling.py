@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.errors import RFIError
+from encoders.core.errors import RFIError
 
 TensorOrMap = Tensor | Mapping[str, Tensor]
 

@@ -22,7 +22,7 @@ Under ``torchrun --nproc_per_node N`` each process trains on its shard of every 
 ``batch_size`` is the global batch. Only rank 0 writes files.
 
 Example:
-    >>> from encoders.config import load_config
+    >>> from encoders.core.config import load_config
     >>> cfg = load_config(TrainDecoderConfig, "configs/decoder/resnet18_robust_layer3.yaml",
     ...                   ["epochs=1", "out=/tmp/rfi-doc-decoder"])    # doctest: +SKIP
     >>> result = train_decoder(cfg)                                     # doctest: +SKIP
@@ -42,16 +42,17 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from encoders.checkpoints import load_encoder, load_state_dict_checked
-from encoders.config import config_to_dict, yaml_dataclass
-from encoders.data import DataConfig, build_dataset, resolve_num_workers
-from encoders.errors import RFIError
-from encoders.models import INPUT_TAP, Encoder
-from encoders.rundir import RunDir, TrainResult, run_trainer, step_seed
-from encoders.runtime import (DistContext, autocast, check_precision, grad_scaler, memory_format,
+from encoders.weights.checkpoints import load_encoder, load_state_dict_checked
+from encoders.core.config import config_to_dict, yaml_dataclass
+from encoders.data.build import DataConfig, build_dataset
+from encoders.data.folders import resolve_num_workers
+from encoders.core.errors import RFIError
+from encoders.nets.models import INPUT_TAP, Encoder
+from encoders.core.rundir import RunDir, TrainResult, run_trainer, step_seed
+from encoders.core.runtime import (DistContext, autocast, check_precision, grad_scaler, memory_format,
                               progress, rng_state, save_grid, seed_everything, set_rng_state,
                               setup_distributed)
-from encoders.serialization import load_checkpoint, save_checkpoint
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion.decoders import CPU_PRESET, DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_preset
 from inversion.discriminator import build_discriminator
 from inversion.losses import DecoderLoss, term_weights
@@ -241,7 +242,7 @@ def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, .
     """The encoder of ``section.checkpoint`` in eval mode with frozen weights, checked for its layers.
 
     ``encoder``, when given, is that checkpoint's encoder already in memory (for example the model
-    :func:`encoders.train.train_encoder` returned): it is checked and frozen instead of reading the file.
+    :func:`encoders.robust.train.train_encoder` returned): it is checked and frozen instead of reading the file.
 
     Raises:
         RFIError: the file is missing (says how to train one), unreadable, or the encoder
@@ -287,7 +288,7 @@ def build_decoder(encoder: Encoder, layer: str, section: DecoderSection) -> Deco
                    **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
 
 
-# The process-group helpers are shared with encoder training (encoders.runtime).
+# The process-group helpers are shared with encoder training (encoders.core.runtime).
 _Dist = DistContext
 _setup_distributed = setup_distributed
 
@@ -343,7 +344,7 @@ class DecoderTrainer:
     Args:
         cfg: the run's config (checked with :func:`check_config`).
         input_transform: see :func:`train_decoder`.
-        ctx: the process group, from :func:`encoders.runtime.setup_distributed`.
+        ctx: the process group, from :func:`encoders.core.runtime.setup_distributed`.
         device: the device (ditto).
     """
 
@@ -550,7 +551,7 @@ class DecoderTrainer:
 
     # ------------------------------------------------------------------ loop
     def result(self, record: dict[str, Any] | None = None) -> TrainResult:
-        """The run's :class:`~encoders.rundir.TrainResult`: the checkpoint, the decoder (eval mode) and the
+        """The run's :class:`~encoders.core.rundir.TrainResult`: the checkpoint, the decoder (eval mode) and the
         metrics: ``step``, ``val_psnr`` and the last training-log record (loss terms, ``lr``, ``images_per_s``)."""
         return TrainResult(self.ckpt_path, self.decoder.eval(),
                            {**(record or {}), "step": self.step, "val_psnr": self.val_psnr})
@@ -648,7 +649,7 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
             the crop side the encoder is checked against.
 
     Returns:
-        A :class:`~encoders.rundir.TrainResult`: ``path`` is ``<out>/decoder.pt`` (loadable with
+        A :class:`~encoders.core.rundir.TrainResult`: ``path`` is ``<out>/decoder.pt`` (loadable with
         ``RobustAutoencoder.from_checkpoints(encoder, path)``; the result itself stands for it
         where a path is expected), ``model`` the trained decoder (eval mode), ``metrics`` its
         ``step``, ``val_psnr`` and last training-log record (loss terms, ``lr``, ``images_per_s``).

@@ -1,4 +1,4 @@
-"""Learnable polyphase up-sampling (LPU): the decoder-side partner of :class:`encoders.downsample.LPD`.
+"""Learnable polyphase up-sampling (LPU): the decoder-side partner of :class:`encoders.nets.downsample.LPD`.
 
 An LPS encoder keeps, at every down-sampling, one polyphase component of its input (phase
 ``(i, j)``: the pixels ``x[..., i::2, j::2]``). The matching LPU of a decoder puts its input
@@ -11,7 +11,7 @@ with circular padding in every decoder convolution::
     decode(encode(shift(x))) == shift(decode(encode(x)))     (exactly, up to float rounding)
 
 How the phases travel: an LPS encoder's forward returns
-:class:`~encoders.downsample.PhasedFeatures`, whose ``phases`` attribute maps each LPD's
+:class:`~encoders.nets.downsample.PhasedFeatures`, whose ``phases`` attribute maps each LPD's
 name to its (B, 4) selection weights (one-hot in eval mode). A decoder built with
 ``upsample="lps"`` stores, for each of its up-sampling stages (coarse to fine), the name of
 the matching LPD (``phase_from``) and reads the weights from the features it is given, or
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.downsample import hard_choice, phase_path, select_phase
-from encoders.errors import RFIError
+from encoders.nets.downsample import hard_choice, phase_path, select_phase
+from encoders.core.errors import RFIError
 
 log = logging.getLogger("rfi")
 
@@ -55,7 +55,7 @@ class LPU(nn.Module):
         - Output: (B, C, h * stride, w * stride).
 
     Example:
-        >>> from encoders.downsample import polyphase, select_phase
+        >>> from encoders.nets.downsample import polyphase, select_phase
         >>> x, w = torch.rand(1, 2, 4, 4), torch.tensor([[0., 0., 1., 0.]])  # phase (1, 0)
         >>> y = select_phase(polyphase(x, 2), w)
         >>> torch.equal(LPU()(y, w)[..., 1::2, 0::2], y)
@@ -104,7 +104,7 @@ def polyphase_options(encoder: nn.Module, layer: str, padding_mode: str = "circu
 
     For an encoder built with ``downsample="lps"`` (or an ``equivariant=True`` Swin, whose
     tokenizer's stride-``2**L`` phase counts as ``L`` stride-2 choices; see
-    :mod:`encoders.equivariant_vit`) this returns ``upsample="lps"``,
+    :mod:`encoders.nets.equivariant_vit`) this returns ``upsample="lps"``,
     ``phase_from`` (its LPD layers before ``layer``, deepest first: one per decoder
     up-sampling stage) and ``padding_mode="circular"`` (logged if ``padding_mode`` asked for
     another one: exact equivariance needs circular padding); for any other encoder

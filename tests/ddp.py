@@ -18,26 +18,26 @@ def free_ports(n: int) -> tuple[int, ...]:
 
 
 def record_writes(*modules: ModuleType) -> list[str]:
-    """Patch ``atomic_write`` in ``encoders.serialization`` and ``modules`` (which imported it by name) and
+    """Patch ``atomic_write`` in ``encoders.core.serialization`` and ``modules`` (which imported it by name) and
     ``MetricsLog.write``, so that every file this process writes is appended to the returned list."""
-    import encoders.runtime
-    import encoders.serialization
+    import encoders.core.runtime
+    import encoders.core.serialization
 
     writes: list[str] = []
-    atomic = encoders.serialization.atomic_write
+    atomic = encoders.core.serialization.atomic_write
 
     def spy_atomic(path, write):
         writes.append(str(path))
         return atomic(path, write)
 
-    for module in (encoders.serialization, *modules):
+    for module in (encoders.core.serialization, *modules):
         module.atomic_write = spy_atomic
-    log_write = encoders.runtime.MetricsLog.write
+    log_write = encoders.core.runtime.MetricsLog.write
 
     def spy_log(self, **rec):
         if self.enabled:
             writes.append(str(self.path))
         return log_write(self, **rec)
 
-    encoders.runtime.MetricsLog.write = spy_log
+    encoders.core.runtime.MetricsLog.write = spy_log
     return writes

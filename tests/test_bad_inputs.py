@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 
 from apps.cli import main
-from encoders.config import bounded
-from encoders.errors import RFIError
-from encoders.files import EXIT_PARTIAL, FileBatch, check_output_folder
-from encoders.imageio import read_image
-from encoders.models import Encoder
-from encoders.rundir import RunLock
-from encoders.serialization import load_checkpoint, save_checkpoint
+from encoders.core.config import bounded
+from encoders.core.errors import RFIError
+from encoders.core.files import EXIT_PARTIAL, FileBatch, check_output_folder
+from encoders.core.imageio import read_image
+from encoders.nets.models import Encoder
+from encoders.core.rundir import RunLock
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 
@@ -103,7 +103,7 @@ def test_read_only_target_is_one_line(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("encoders.files.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("encoders.core.files.tempfile.mkstemp", refuse)
     with pytest.raises(RFIError, match="cannot write to --out .*Read-only file system"):
         check_output_folder(tmp_path / "out")
 
@@ -219,7 +219,7 @@ def test_a_stale_lock_is_replaced(tmp_path):
 # ----------------------------------------------------------------------------- false figures
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory) -> Path:
-    from encoders.checkpoints import save_encoder
+    from encoders.weights.checkpoints import save_encoder
 
     torch.manual_seed(0)
     return save_encoder(Encoder("resnet18", num_classes=8, width=0.125, small_input=True),
@@ -250,7 +250,7 @@ def test_eval_encoder_checks_its_output_before_evaluating(encoder_file, tmp_path
     ("optim.lr=-1", "must be > 0"), ("optim.lr=.nan", "must be a finite number"),
 ])
 def test_numeric_config_values_are_range_checked(override, message):
-    from encoders.config import load_config
+    from encoders.core.config import load_config
 
     with pytest.raises(RFIError, match=rf"config key 'optim\.lr' in the command-line overrides {message}"):
         load_config(_Job, None, [override])
@@ -267,7 +267,7 @@ class _Job:
 
 
 def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
-    from encoders.config import load_config
+    from encoders.core.config import load_config
 
     path = tmp_path / "job.yaml"
     path.write_text("optim:\n  lr: 0.5\n")
@@ -280,7 +280,7 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
 
 # ----------------------------------------------------------------------------- API tensors
 def test_style_augment_names_an_empty_batch(ae_file):
-    from apps.augment import StyleAugment
+    from apps.style.augment import StyleAugment
 
     aug = StyleAugment(str(ae_file), p=1.0)
     with pytest.raises(RFIError, match=r"non-empty batch .* got shape \(0, 3, 16, 16\)"):
@@ -290,7 +290,7 @@ def test_style_augment_names_an_empty_batch(ae_file):
 # ----------------------------------------------------------------------------- evaluations that measure nothing
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
-    from encoders.checkpoints import save_encoder
+    from encoders.weights.checkpoints import save_encoder
     from inversion.decoders import save_decoder
 
     d = tmp_path_factory.mktemp("pair")

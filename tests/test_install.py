@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from encoders.imageio import write_image
+from encoders.core.imageio import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "encoders", "inversion", "apps", "configs")

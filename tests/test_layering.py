@@ -2,8 +2,10 @@
 argument parsing, no import cycles, and benchmarks that use public names only.
 
 Every ``.py`` file of ``encoders/``, ``inversion/``, ``apps/`` and ``bench/`` is parsed with
-``ast``; every import counts, including those inside functions. Cycles are looked for among
-module-level imports (those that run when a module is imported).
+``ast``; every import counts, including those inside functions: an import deferred into a
+function still ties the two modules together, so cycles are looked for among all imports
+except those under ``if TYPE_CHECKING:`` (which never run). ``encoders.core`` is the ground
+floor of the ground floor: it imports nothing else of RFI.
 """
 from __future__ import annotations
 
@@ -36,15 +38,14 @@ def _is_type_checking(node: ast.AST) -> bool:
     return isinstance(test, (ast.Name, ast.Attribute)) and ast.unparse(test).endswith("TYPE_CHECKING")
 
 
-def imports(tree: ast.Module, module: str, top_level_only: bool = False) -> list[tuple[str, list[str], int]]:
-    """``(imported module, names taken from it, line)`` of every import (or only module-level ones)."""
+def imports(tree: ast.Module, module: str, runtime_only: bool = False) -> list[tuple[str, list[str], int]]:
+    """``(imported module, names taken from it, line)`` of every import (``runtime_only``: those
+    that can run, i.e. not under ``if TYPE_CHECKING:``)."""
     package = module if (MODULES.get(module) and MODULES[module].name == "__init__.py") else module.rpartition(".")[0]
     found = []
 
-    def visit(node: ast.AST, top: bool) -> None:
+    def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if top_level_only and not top:
-                return
             if isinstance(child, ast.Import):
                 found.extend((a.name, [], child.lineno) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -53,16 +54,13 @@ def imports(tree: ast.Module, module: str, top_level_only: bool = False) -> list
                     anchor = package.split(".")[: len(package.split(".")) - child.level + 1]
                     base = ".".join([*anchor, base] if base else anchor)
                 found.append((base, [a.name for a in child.names], child.lineno))
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                visit(child, False)
-            elif isinstance(child, ast.If) and _is_type_checking(child):
-                visit(child, False)  # never runs: no cycle at import time
-            elif isinstance(child, ast.ClassDef):
-                visit(child, top)
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                if not runtime_only:
+                    visit(child)
             else:
-                visit(child, top)
+                visit(child)
 
-    visit(tree, True)
+    visit(tree)
     return found
 
 
@@ -105,10 +103,10 @@ def _resolve(target: str, names: list[str]) -> list[str]:
     return out
 
 
-def module_graph() -> dict[str, set[str]]:
-    """Module-level import edges between our modules (function-level imports excluded)."""
-    return {m: {t for target, names, _ in imports(tree, m, top_level_only=True) for t in _resolve(target, names)
-                if t != m} for m, tree in TREES.items()}
+def module_graph(trees: dict[str, ast.Module] | None = None) -> dict[str, set[str]]:
+    """Import edges between our modules, imports inside functions included (``TYPE_CHECKING`` excluded)."""
+    return {m: {t for target, names, _ in imports(tree, m, runtime_only=True) for t in _resolve(target, names)
+                if t != m} for m, tree in (TREES if trees is None else trees).items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -148,9 +146,26 @@ def test_find_cycles_finds_one():
 
 
 def test_no_import_cycles():
-    """No two modules import each other at module level, directly or through others."""
+    """No two modules import each other, directly or through others, even inside functions."""
     cycles = find_cycles(module_graph())
-    assert not cycles, "module-level import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_a_cycle_through_a_function_level_import_is_found():
+    """A deferred import is still an edge; an import under ``if TYPE_CHECKING:`` is not."""
+    a, b = next(m for m in MODULES if m.startswith("inversion.")), next(m for m in MODULES if m.startswith("apps."))
+    deferred = {a: ast.parse(f"import os\ndef f():\n    import {b}\n"), b: ast.parse(f"from {a} import x\n")}
+    assert find_cycles(module_graph(deferred)) == [sorted([a, b])]
+    typing_only = {a: ast.parse(f"from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import {b}\n"),
+                   b: ast.parse(f"from {a} import x\n")}
+    assert find_cycles(module_graph(typing_only)) == []
+
+
+def test_core_imports_nothing_else_of_rfi():
+    """``encoders.core`` (config, errors, files, image IO, run folders, runtime) stands on its own."""
+    bad = [f"{_where(m, line)}: {m} imports {target}" for m, tree in TREES.items() if m.startswith("encoders.core")
+           for target, _, line in imports(tree, m) if _ours(target) and not target.startswith("encoders.core")]
+    assert not bad, "encoders.core imports the rest of RFI:\n" + "\n".join(bad)
 
 
 def _private(name: str) -> bool:
@@ -182,11 +197,11 @@ def private_uses(tree: ast.Module, module: str) -> list[str]:
 
 
 def test_private_uses_are_found():
-    tree = ast.parse("from encoders.train import _Trainer\nimport inversion.train as t\nt._DecoderTrainer\n"
+    tree = ast.parse("from encoders.robust.train import _Trainer\nimport inversion.train as t\nt._DecoderTrainer\n"
                      "from encoders import data\ndata._x\nimport os\nos._exit\n")
     module = next(iter(MODULES))
     assert [b.split(": ", 1)[1] for b in private_uses(tree, module)] == [
-        "from encoders.train import _Trainer", "t._DecoderTrainer", "data._x"]
+        "from encoders.robust.train import _Trainer", "t._DecoderTrainer", "data._x"]
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.split(".")[0] == "bench"))

@@ -1,4 +1,4 @@
-"""``rfi anomaly fit | score | make-benchmark``: anomaly detection (:mod:`apps.anomaly`).
+"""``rfi anomaly fit | score | make-benchmark``: anomaly detection (:mod:`apps.anomaly.detector`).
 
 Example:
     rfi anomaly fit --data embedded --category brick --out runs/anomaly/brick.pt
@@ -10,13 +10,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from apps.anomaly import (DEFAULT_CONFIG, AnomalyDetector, check_method, fit, format_metrics, load_anomaly_config,
+from apps.anomaly.detector import (DEFAULT_CONFIG, AnomalyDetector, check_method, fit, format_metrics, load_anomaly_config,
                           resolve_data, score)
-from apps.anomaly_data import BenchmarkConfig, make_benchmark, mvtec_categories
+from apps.anomaly.data import BenchmarkConfig, make_benchmark, mvtec_categories
 from apps.commands.common import common_flags
-from encoders.errors import RFIError
-from encoders.files import check_output_folder, partial_exit
-from encoders.runtime import resolve_device
+from encoders.core.errors import RFIError
+from encoders.core.files import check_output_folder, partial_exit
+from encoders.core.runtime import resolve_device
 
 log = logging.getLogger("rfi")
 
@@ -79,7 +79,7 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_score(args: argparse.Namespace) -> int:
     """``rfi anomaly score``: prints the metrics table and what was written.
 
-    Exit code as every files-in/files-out command (:mod:`encoders.files`): 0, or 1 when some
+    Exit code as every files-in/files-out command (:mod:`encoders.core.files`): 0, or 1 when some
     images could not be scored (each named on stderr) and the others were.
     """
     check_output_folder(args.out)  # before the model is loaded and anything is scored

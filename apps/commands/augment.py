@@ -1,4 +1,4 @@
-"""``rfi augment``: write N style-augmented views per image and a contact sheet (:class:`apps.augment.StyleAugment`).
+"""``rfi augment``: write N style-augmented views per image and a contact sheet (:class:`apps.style.augment.StyleAugment`).
 
 Example:
     rfi augment photos/ --out views/ --views 4 --model runs/style/pyramid.pt
@@ -13,12 +13,12 @@ import math
 import torch
 from torchvision.transforms import v2
 
-from apps.augment import AugmentConfig, StyleAugment, load_style_model, unit_range
-from encoders.config import load_config
-from encoders.errors import RFIError
-from encoders.files import FileBatch, check_finite
-from encoders.imageio import read_image
-from encoders.runtime import progress, resolve_device, save_grid
+from apps.style.augment import AugmentConfig, StyleAugment, load_style_model, unit_range
+from encoders.core.config import load_config
+from encoders.core.errors import RFIError
+from encoders.core.files import FileBatch, check_finite
+from encoders.core.imageio import read_image
+from encoders.core.runtime import progress, resolve_device, save_grid
 
 log = logging.getLogger("rfi")
 
@@ -71,7 +71,7 @@ def augment_config(args: argparse.Namespace) -> AugmentConfig:
 def run(args: argparse.Namespace) -> int:
     """``rfi augment``: N style-augmented views per image, plus a contact sheet.
 
-    Inputs, outputs and exit codes follow :mod:`encoders.files` (no input is ever overwritten,
+    Inputs, outputs and exit codes follow :mod:`encoders.core.files` (no input is ever overwritten,
     two inputs never write the same view, unreadable inputs are named and skipped).
     """
     cfg = augment_config(args)

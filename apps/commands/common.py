@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from encoders.data import DataConfig
-from encoders.errors import RFIError
-from encoders.files import check_output_folder
+from encoders.data.build import DataConfig
+from encoders.core.errors import RFIError
+from encoders.core.files import check_output_folder
 
 
 def common_flags(suppress: bool = False) -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def run_training(args: argparse.Namespace, config_class: type, train: Callable[.
     """The ``run`` of ``rfi train-encoder`` / ``train-decoder``: load the config, pick the output folder
     (``--out``, else the config's ``out``, else ``<runs>/<config name>``), train, and print the
     checkpoint's path on rank 0 (the only line on stdout, for scripts)."""
-    from encoders.config import load_config
+    from encoders.core.config import load_config
 
     cfg = load_config(config_class, args.config, args.overrides)
     if args.out:

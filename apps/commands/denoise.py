@@ -10,9 +10,9 @@ import argparse
 import logging
 
 from apps.denoise import denoise_files, load_denoiser
-from encoders.errors import RFIError
-from encoders.files import check_output_folder
-from encoders.runtime import resolve_device
+from encoders.core.errors import RFIError
+from encoders.core.files import check_output_folder
+from encoders.core.runtime import resolve_device
 
 log = logging.getLogger("rfi")
 
@@ -34,7 +34,7 @@ def register_denoise(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Denoise every input; the exit code follows :mod:`encoders.files`."""
+    """Denoise every input; the exit code follows :mod:`encoders.core.files`."""
     if args.tile is not None and args.tile < 1:
         raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
     if args.sigma is not None and not 0 <= args.sigma < float("inf"):

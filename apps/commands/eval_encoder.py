@@ -1,4 +1,4 @@
-"""``rfi eval-encoder``: clean and PGD accuracy of an encoder checkpoint (:func:`encoders.evaluate.evaluate_encoder`).
+"""``rfi eval-encoder``: clean and PGD accuracy of an encoder checkpoint (:func:`encoders.robust.evaluate.evaluate_encoder`).
 
 The checkpoint (RFI, ``robustness``-library or torchvision file) is read once: the encoder
 and the training config it records (attack norm and radius, data) come from the same dict.
@@ -12,13 +12,13 @@ import argparse
 from pathlib import Path
 
 from apps.commands.common import add_data_arguments, data_config, json_output
-from encoders.attacks import NORMS, check_attack
-from encoders.checkpoints import encoder_from_checkpoint
-from encoders.data import build_dataset
-from encoders.errors import RFIError
-from encoders.evaluate import evaluate_encoder, format_table
-from encoders.runtime import resolve_device
-from encoders.serialization import load_checkpoint, write_json
+from encoders.robust.attacks import NORMS, check_attack
+from encoders.weights.checkpoints import encoder_from_checkpoint
+from encoders.data.build import build_dataset
+from encoders.core.errors import RFIError
+from encoders.robust.evaluate import evaluate_encoder, format_table
+from encoders.core.runtime import resolve_device
+from encoders.core.serialization import load_checkpoint, write_json
 
 
 def register_eval_encoder(parser: argparse.ArgumentParser) -> None:

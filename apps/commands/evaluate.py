@@ -15,10 +15,10 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from encoders.errors import RFIError
-from encoders.files import check_output_folder
-from encoders.runtime import resolve_device
-from encoders.serialization import write_json
+from encoders.core.errors import RFIError
+from encoders.core.files import check_output_folder
+from encoders.core.runtime import resolve_device
+from encoders.core.serialization import write_json
 from inversion.autoencoder import RobustAutoencoder
 from inversion.evaluate import EMBEDDED, UNSEEN, compare_autoencoders, format_table, lpips_for
 
@@ -66,7 +66,7 @@ def register_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=100, help="held-out images per scale (default 100)")
     parser.add_argument("--data", metavar="DATA", action="append",
                         help=f"'{EMBEDDED}' (validation regions of the embedded photos, default), '{UNSEEN}' "
-                             "(images no job trains on, see encoders/unseen.py) or an image folder's validation "
+                             "(images no job trains on, see encoders/data/unseen.py) or an image folder's validation "
                              "split; repeat to report several side by side (e.g. --data embedded --data unseen)")
     parser.add_argument("--seed", type=int, default=0, help="embedded crop positions (default 0)")
     parser.add_argument("--out", default="runs/evaluate", help="folder for evaluate.json and grid PNGs")

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from encoders.checkpoints import load_encoder
-from encoders.errors import RFIError
-from encoders.files import check_output_folder
-from encoders.runtime import resolve_device
+from encoders.weights.checkpoints import load_encoder
+from encoders.core.errors import RFIError
+from encoders.core.files import check_output_folder
+from encoders.core.runtime import resolve_device
 from inversion.autoencoder import RobustAutoencoder
 from inversion.invert import invert_files
 
@@ -75,7 +75,7 @@ def inverter(args: argparse.Namespace, device: torch.device) -> Callable[[Tensor
 
 
 def run(args: argparse.Namespace) -> int:
-    """Invert every input; the exit code follows :mod:`encoders.files`."""
+    """Invert every input; the exit code follows :mod:`encoders.core.files`."""
     check_output_folder(args.out)  # before the models are loaded
     device = resolve_device(args.device)
     return invert_files(args.inputs, args.out, inverter(args, device), device)

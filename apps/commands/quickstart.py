@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from apps.quickstart import DEFAULT_CONFIG, run_quickstart
-from encoders.files import check_output_folder
+from encoders.core.files import check_output_folder
 from inversion.evaluate import format_table
 
 

@@ -1,8 +1,8 @@
 """``rfi shift-consistency``: shift consistency / equivariance of an encoder and, with ``--decoder``,
-of its autoencoder (:func:`encoders.shift.shift_consistency`).
+of its autoencoder (:func:`encoders.robust.shift.shift_consistency`).
 
 Each checkpoint is read once. The autoencoder part (``--decoder``) lives here, in the
-application layer: :mod:`encoders.shift` only takes a ``reconstruct`` callable.
+application layer: :mod:`encoders.robust.shift` only takes a ``reconstruct`` callable.
 
 Example:
     rfi shift-consistency --encoder runs/encoders/lps/checkpoint.pt --decoder runs/decoders/lps/decoder.pt
@@ -13,11 +13,11 @@ import argparse
 from pathlib import Path
 
 from apps.commands.common import add_data_arguments, data_config, json_output
-from encoders.checkpoints import encoder_from_checkpoint
-from encoders.data import build_dataset
-from encoders.runtime import resolve_device
-from encoders.serialization import load_checkpoint, write_json
-from encoders.shift import format_table, shift_consistency
+from encoders.weights.checkpoints import encoder_from_checkpoint
+from encoders.data.build import build_dataset
+from encoders.core.runtime import resolve_device
+from encoders.core.serialization import load_checkpoint, write_json
+from encoders.robust.shift import format_table, shift_consistency
 from inversion.autoencoder import RobustAutoencoder
 
 

@@ -1,6 +1,6 @@
 """``rfi ssl``: self-supervised pre-training (SimCLR or MoCo v2) with optional style augmentation (SASSL).
 
-The library code is :mod:`apps.selfsup`; this module parses the command line and runs it.
+The library code is :mod:`apps.ssl.train`; this module parses the command line and runs it.
 
 Example:
     rfi ssl --config configs/apps/ssl.yaml method=mocov2                     # -> runs/ssl/mocov2
@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from apps.commands.common import add_job_arguments
-from encoders.config import load_config
+from encoders.core.config import load_config
 
 DEFAULT_CONFIG = "configs/apps/ssl.yaml"
 
@@ -33,7 +33,7 @@ def default_out(method: str, style: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Train, checkpoint, probe; prints the checkpoint path and one line per probe task."""
-    from apps.selfsup import SSLConfig, check_config, run_ssl
+    from apps.ssl.train import SSLConfig, check_config, run_ssl
 
     cfg = load_config(SSLConfig, args.config, args.overrides)
     check_config(cfg)

@@ -1,4 +1,4 @@
-"""``rfi stylize``: style transfer (WCT / AdaIN) through a decoder pyramid (:func:`apps.style.stylize`).
+"""``rfi stylize``: style transfer (WCT / AdaIN) through a decoder pyramid (:func:`apps.style.pyramid.stylize`).
 
 Example:
     rfi stylize photo.jpg --style starry.jpg --out styled/ --alpha 0.8
@@ -11,11 +11,11 @@ from pathlib import Path
 
 from torch import Tensor
 
-from apps.style import DEFAULT_MODEL, METHODS, check_weights, load_pyramid, resize_longer, stylize
-from encoders.errors import RFIError
-from encoders.files import FileBatch
-from encoders.imageio import read_image
-from encoders.runtime import resolve_device
+from apps.style.pyramid import DEFAULT_MODEL, METHODS, check_weights, load_pyramid, resize_longer, stylize
+from encoders.core.errors import RFIError
+from encoders.core.files import FileBatch
+from encoders.core.imageio import read_image
+from encoders.core.runtime import resolve_device
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -57,7 +57,7 @@ def register_stylize(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Stylise every content image; the exit code follows :mod:`encoders.files`."""
+    """Stylise every content image; the exit code follows :mod:`encoders.core.files`."""
     for name in ("size", "style_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

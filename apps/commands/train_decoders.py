@@ -1,4 +1,4 @@
-"""``rfi train-decoders``: train a decoder pyramid for style transfer (:func:`apps.style.train_pyramid`).
+"""``rfi train-decoders``: train a decoder pyramid for style transfer (:func:`apps.style.pyramid.train_pyramid`).
 
 Example:
     rfi train-decoders --config configs/apps/style.yaml train.steps=100 --out runs/style/pyramid.pt
@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from apps.commands.common import add_job_arguments
-from apps.style import DEFAULT_CONFIG, TrainDecodersConfig, train_pyramid
-from encoders.config import load_config
+from apps.style.pyramid import DEFAULT_CONFIG, TrainDecodersConfig, train_pyramid
+from encoders.core.config import load_config
 
 
 def register_train_decoders(parser: argparse.ArgumentParser) -> None:

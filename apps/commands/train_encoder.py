@@ -1,4 +1,4 @@
-"""``rfi train-encoder``: standard or adversarially robust (PGD) encoder training (:mod:`encoders.train`).
+"""``rfi train-encoder``: standard or adversarially robust (PGD) encoder training (:mod:`encoders.robust.train`).
 
 Example:
     rfi train-encoder --config configs/encoder/resnet18_robust.yaml epochs=2 --out runs/encoders/r18
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from apps.commands.common import add_job_arguments, run_training
-from encoders.train import TrainEncoderConfig, train_encoder
+from encoders.robust.train import TrainEncoderConfig, train_encoder
 
 
 def register_train_encoder(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""``rfi weights list`` / ``rfi weights fetch NAME``: the model zoo (:mod:`encoders.zoo`) on the command line.
+"""``rfi weights list`` / ``rfi weights fetch NAME``: the model zoo (:mod:`encoders.weights.zoo`) on the command line.
 
 Example:
     rfi weights list                      # name, source, hash check, status, destination
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from encoders import zoo
+from encoders.weights import zoo
 
 
 def register_weights(parser: argparse.ArgumentParser) -> None:

@@ -100,8 +100,8 @@ def tiny_encoder(tmp_path_factory) -> Path:
     """An untrained ResNet-18 (width 0.125, small input) checkpoint: plumbing tests need no training."""
     import torch
 
-    from encoders.checkpoints import save_encoder
-    from encoders.models import Encoder
+    from encoders.weights.checkpoints import save_encoder
+    from encoders.nets.models import Encoder
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
@@ -112,8 +112,8 @@ def tiny_encoder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(dummy_mvtec, tiny_encoder, tmp_path_factory) -> Path:
     """An anomaly model fitted (6 decoder steps) on the dummy ``widget`` category."""
-    from apps.anomaly import AnomalyConfig, fit
-    from encoders.config import load_config
+    from apps.anomaly.detector import AnomalyConfig, fit
+    from encoders.core.config import load_config
 
     cfg = load_config(AnomalyConfig, CONFIG, [*TINY_FIT, f"encoder={tiny_encoder}"])
     with single_threaded():

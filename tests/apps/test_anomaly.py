@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from apps.anomaly import (AnomalyConfig, AnomalyDetector, ScoreConfig, image_metrics, image_scores, pixel_metrics,
+from apps.anomaly.detector import (AnomalyConfig, AnomalyDetector, ScoreConfig, image_metrics, image_scores, pixel_metrics,
                           smooth)
-from apps.anomaly_data import (DEFECTS, BenchmarkConfig, load_anomaly_data, make_benchmark, read_labels,
+from apps.anomaly.data import (DEFECTS, BenchmarkConfig, load_anomaly_data, make_benchmark, read_labels,
                                read_mask)
 from apps.cli import main
-from encoders.config import load_config
-from encoders.errors import RFIError
-from encoders.files import EXIT_PARTIAL
+from encoders.core.config import load_config
+from encoders.core.errors import RFIError
+from encoders.core.files import EXIT_PARTIAL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,7 +126,7 @@ def test_benchmark_is_deterministic_and_in_the_mvtec_layout(tmp_path):
 
 
 def test_benchmark_masks_cover_exactly_the_defects(tmp_path):
-    from apps.anomaly_data import _crop, _rng, _texture_areas
+    from apps.anomaly.data import _crop, _rng, _texture_areas
 
     root = make_benchmark(tmp_path / "bench", TINY_BENCH)
     for texture in TINY_BENCH.textures:
@@ -180,7 +180,7 @@ def test_image_scores_and_smoothing():
 def test_detector_maps_are_standardised_on_normal_images(tiny_model, dummy_mvtec):
     det = AnomalyDetector.load(tiny_model)
     assert det.threshold is not None and set(det.stats) == {"pixel", "feature:layer1", "feature:layer2"}
-    from encoders.imageio import read_image
+    from encoders.core.imageio import read_image
 
     normal = [read_image(p) for p in load_anomaly_data(dummy_mvtec, "widget").train]
     det.calibrate(normal, batch_size=4)
@@ -308,7 +308,7 @@ def test_exception_nan_image_is_skipped_and_all_failed_exits_2(tiny_model, dummy
 
 
 def test_a_killed_score_run_leaves_no_half_written_files(tiny_model, dummy_mvtec, tmp_path, monkeypatch):
-    import apps.anomaly as anomaly
+    import apps.anomaly.detector as anomaly
 
     calls, write_image = [], anomaly.write_image
 
@@ -349,8 +349,8 @@ def test_exception_cli_bad_inputs(tiny_model, tiny_encoder, dummy_mvtec, anomaly
 
 def test_decoder_training_crops_keep_the_image_scale(dummy_mvtec):
     """fit trains on plain random crops (ImageFiles crop='random'), not rescaled ones, repeated per epoch."""
-    from encoders.data import ImageFiles
-    from encoders.imageio import read_image
+    from encoders.data.folders import ImageFiles
+    from encoders.core.imageio import read_image
 
     folder = dummy_mvtec / "widget/train/good"
     ds = ImageFiles(folder, "train", 16, crop="random", repeat=3)
@@ -368,7 +368,7 @@ def test_decoder_training_crops_keep_the_image_scale(dummy_mvtec):
 def test_large_images_and_batches_are_mapped_in_bounded_pieces(tiny_model, monkeypatch):
     """A batch or image above MAP_PIXELS is processed image by image and in tiles with
     cropped margins: same shape as a whole pass and close to it (it is not bit-exact)."""
-    import apps.anomaly as anomaly
+    import apps.anomaly.detector as anomaly
 
     det = anomaly.AnomalyDetector.load(tiny_model)
     x = torch.rand(2, 3, 200, 264, generator=torch.Generator().manual_seed(0))
@@ -392,7 +392,7 @@ def test_streaming_pixel_metrics_match_scikit_learn():
     """PixelMetrics (2^20-bin histogram, memory fixed) agrees with scikit-learn on all pixels at once."""
     from sklearn.metrics import roc_auc_score
 
-    from apps.anomaly import PixelMetrics
+    from apps.anomaly.detector import PixelMetrics
 
     g = torch.Generator().manual_seed(0)
     shapes = [(64, 80), (100, 100), (33, 47), (128, 64)]
@@ -418,10 +418,10 @@ def test_streaming_pixel_metrics_match_scikit_learn():
 def test_normal_crops_are_decoded_once_and_match_image_files(dummy_mvtec, tmp_path, monkeypatch):
     """Training crops from the decode cache are ImageFiles' crops for the same seed; validation crops
     are fixed windows of the held-out images at their own scale."""
-    import apps.anomaly_data as anomaly_data
-    from apps.anomaly_data import DecodedImages, NormalCrops
-    from encoders.data import ImageFiles
-    from encoders.imageio import read_image
+    import apps.anomaly.data as anomaly_data
+    from apps.anomaly.data import DecodedImages, NormalCrops
+    from encoders.data.folders import ImageFiles
+    from encoders.core.imageio import read_image
 
     paths = sorted((dummy_mvtec / "widget/train/good").glob("*.png"))
     calls: list[Path] = []
@@ -450,10 +450,10 @@ def test_normal_crops_are_decoded_once_and_match_image_files(dummy_mvtec, tmp_pa
 
 def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path,
                                             monkeypatch):
-    import apps.anomaly_data as anomaly_data
-    import encoders.data
-    from apps.anomaly import fit
-    from encoders.imageio import read_image
+    import apps.anomaly.data as anomaly_data
+    import encoders.data.embedded
+    from apps.anomaly.detector import fit
+    from encoders.core.imageio import read_image
 
     calls: list[str] = []
 
@@ -461,7 +461,7 @@ def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_c
         calls.append(Path(p).name)
         return read_image(p)
 
-    for module in (anomaly_data, encoders.data):
+    for module in (anomaly_data, encoders.data.folders):
         monkeypatch.setattr(module, "read_image", counted)
     cfg = load_config(AnomalyConfig, anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}"])
     fit(cfg, str(dummy_mvtec / "widget"), tmp_path / "m.pt")
@@ -474,7 +474,7 @@ def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_c
 
 def test_score_batches_hold_a_bounded_number_of_pixels(tiny_model, dummy_mvtec, tmp_path, monkeypatch):
     """A batch of 16 images is split so that no batch holds more than BATCH_PIXELS pixels at once."""
-    import apps.anomaly as anomaly
+    import apps.anomaly.detector as anomaly
 
     det = anomaly.AnomalyDetector.load(tiny_model)
     data = load_anomaly_data(dummy_mvtec, "widget")

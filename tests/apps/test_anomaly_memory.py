@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps.anomaly import AnomalyConfig, AnomalyDetector, fit
-from apps.anomaly_memory import MemoryBank, MemoryConfig, default_memory_layers, greedy_coreset, patch_features
+from apps.anomaly.detector import AnomalyConfig, AnomalyDetector, fit
+from apps.anomaly.memory import MemoryBank, MemoryConfig, default_memory_layers, greedy_coreset, patch_features
 from apps.cli import main
-from encoders.config import load_config
-from encoders.errors import RFIError
-from encoders.imageio import read_image
-from encoders.models import Encoder
+from encoders.core.config import load_config
+from encoders.core.errors import RFIError
+from encoders.core.imageio import read_image
+from encoders.nets.models import Encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +113,7 @@ def test_memory_and_combined_fit_save_and_load(dummy_mvtec, tiny_encoder, anomal
         else:
             assert comps["memory"] == 1.0 and sum(v for k, v in comps.items() if k != "memory") == pytest.approx(1.0)
             assert {"pixel", "feature:layer1", "feature:layer2"} <= set(comps)
-        from apps.anomaly_data import load_anomaly_data
+        from apps.anomaly.data import load_anomaly_data
 
         data = load_anomaly_data(dummy_mvtec, "widget")
         held = [read_image(p) for p in data.train][4::5]
@@ -165,7 +165,7 @@ def test_exception_test_image_smaller_than_the_encoder_allows(dummy_mvtec, tiny_
 
 def test_a_fit_killed_mid_way_leaves_no_model_file(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path,
                                                    monkeypatch):
-    import encoders.serialization as serialization
+    import encoders.core.serialization as serialization
 
     def save_half_then_die(obj, f, *args, **kwargs):
         Path(f).write_bytes(b"half a model")
@@ -185,7 +185,7 @@ def test_memory_bank_batches_hold_a_bounded_number_of_pixels(encoder, monkeypatc
     Batches of 2 and of 5 may round differently in the last bits on some CPUs, and the greedy
     coreset's argmax then picks other rows: compare the features the coreset is chosen from.
     """
-    import apps.anomaly_memory as anomaly_memory
+    import apps.anomaly.memory as anomaly_memory
 
     normal = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     pools = []

@@ -13,11 +13,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import apps
-import apps.augment as augment_module
-from apps.augment import MultiView, StyleAugment
+import apps.style.augment as augment_module
+from apps.style.augment import MultiView, StyleAugment
 from apps.cli import main as rfi
-from encoders.errors import RFIError
-from encoders.models import Encoder
+from encoders.core.errors import RFIError
+from encoders.nets.models import Encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 

@@ -7,9 +7,9 @@ import torch
 
 from apps.cli import main
 from encoders import create_encoder
-from encoders import serialization
-from encoders.checkpoints import save_encoder
-from encoders.imageio import write_image
+from encoders.core import serialization
+from encoders.weights.checkpoints import save_encoder
+from encoders.core.imageio import write_image
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, save_decoder
 
@@ -33,7 +33,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def reads(monkeypatch) -> Counter:
-    """Counts the files read through ``torch.load`` (what :func:`encoders.serialization.load_checkpoint` calls)."""
+    """Counts the files read through ``torch.load`` (what :func:`encoders.core.serialization.load_checkpoint` calls)."""
     counts: Counter = Counter()
     real = serialization.torch.load
 

@@ -9,11 +9,11 @@ from PIL import Image
 
 from apps.cli import main
 from apps.denoise import GaussianNoise, add_noise, load_denoiser, sigma_range
-from encoders.checkpoints import save_encoder
-from encoders.data import embedded_image, region
-from encoders.errors import RFIError
-from encoders.imageio import read_image
-from encoders.models import Encoder
+from encoders.weights.checkpoints import save_encoder
+from encoders.data.embedded import embedded_image, region
+from encoders.core.errors import RFIError
+from encoders.core.imageio import read_image
+from encoders.nets.models import Encoder
 from inversion.metrics import psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")

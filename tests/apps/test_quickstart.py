@@ -7,9 +7,9 @@ from PIL import Image
 
 from apps.cli import main
 from apps.quickstart import DEFAULT_CONFIG, QuickstartConfig, _budget
-from encoders import serialization
-from encoders.config import load_config
-from encoders.errors import RFIError
+from encoders.core import serialization
+from encoders.core.config import load_config
+from encoders.core.errors import RFIError
 
 
 def test_quickstart_tiny_end_to_end_and_cache(tmp_path, one_thread, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""``rfi ssl`` (apps/selfsup.py): SimCLR and MoCo v2, style augmentation in the views, resume, probes, bad input."""
+"""``rfi ssl`` (apps/ssl/train.py): SimCLR and MoCo v2, style augmentation in the views, resume, probes, bad input."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from apps.cli import main
-from apps.selfsup import (
+from apps.ssl.train import (
     MoCo,
     SSLConfig,
     ViewConfig,
@@ -24,8 +24,8 @@ from apps.selfsup import (
     run_ssl,
     train_ssl,
 )
-from encoders.config import load_config
-from encoders.errors import RFIError
+from encoders.core.config import load_config
+from encoders.core.errors import RFIError
 from encoders import Encoder, create_encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder

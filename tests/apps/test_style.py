@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from apps.cli import main
-from apps.style import layer_config, stylize, TrainDecodersConfig
+from apps.style.pyramid import layer_config, stylize, TrainDecodersConfig
 from encoders import RFIError, create_encoder
-from encoders.checkpoints import save_encoder
-from encoders.config import load_config
-from encoders.imageio import read_image, write_image
+from encoders.weights.checkpoints import save_encoder
+from encoders.core.config import load_config
+from encoders.core.imageio import read_image, write_image
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 
@@ -253,7 +253,7 @@ def _feature_pair():
 @pytest.mark.parametrize("method", ["adain", "wct"])
 def test_gradcheck_feature_transforms(method):
     """AdaIN and WCT: gradients w.r.t. the content, the style features and a (B,) tensor alpha."""
-    from apps.feature_transforms import adain, wct
+    from apps.style.transforms import adain, wct
 
     fn = adain if method == "adain" else wct
     content, style = _feature_pair()

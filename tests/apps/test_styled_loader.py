@@ -1,4 +1,4 @@
-"""``apps.augment.StyledLoader``: background stylisation equals the synchronous pipeline; clean shutdown."""
+"""``apps.style.augment.StyledLoader``: background stylisation equals the synchronous pipeline; clean shutdown."""
 from __future__ import annotations
 
 import threading
@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from apps.augment import StyleAugment, StyledLoader, batch_seed
-from apps.selfsup import ViewConfig, Views
-from encoders.errors import RFIError
-from encoders.models import Encoder
+from apps.style.augment import StyleAugment, StyledLoader, batch_seed
+from apps.ssl.train import ViewConfig, Views
+from encoders.core.errors import RFIError
+from encoders.nets.models import Encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 

@@ -31,7 +31,7 @@ def test_tiny_cpu_run_writes_every_row(tmp_path, gpu_check, monkeypatch):
         assert r["images_per_s"] > 0 and r["peak_mib"] > 0
     assert rows[("fp32", "inversion")]["size"] == "56x40"
     # bf16: measured where this version's config has `precision`, otherwise said so (never silently fp32)
-    from encoders.train import TrainEncoderConfig
+    from encoders.robust.train import TrainEncoderConfig
 
     bf16 = rows[("bf16", "encoder")]
     if gpu_check.has_key(TrainEncoderConfig, "precision"):

@@ -19,8 +19,8 @@ TINY = ["data.size=16", "data.train_crops=256", "data.val_crops=64", "model.widt
 
 def tiny_config(out: Path, *overrides: str, config: Path = STANDARD):
     """The default config shrunk to a few seconds, writing to ``out`` (also importable: ``from conftest import``)."""
-    from encoders.config import load_config
-    from encoders.train import TrainEncoderConfig
+    from encoders.core.config import load_config
+    from encoders.robust.train import TrainEncoderConfig
 
     return load_config(TrainEncoderConfig, config, [*TINY, f"out={out}", *overrides])
 
@@ -40,7 +40,7 @@ def train_argv():
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """A tiny standard ResNet-18 trained for 2 epochs on 16-px embedded crops (a few seconds)."""
-    from encoders.train import train_encoder
+    from encoders.robust.train import train_encoder
 
     out = tmp_path_factory.mktemp("trained")
     return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256")).path

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders import RFIError, create_encoder
-from encoders.attacks import default_step_size, pgd
+from encoders.robust.attacks import default_step_size, pgd
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torchvision
 from torchvision.transforms import v2
 
 from encoders import RFIError, create_encoder
-from encoders.checkpoints import load_encoder, save_encoder
+from encoders.weights.checkpoints import load_encoder, save_encoder
 
 
 @pytest.mark.parametrize("arch", ["alexnet", "resnet18", "resnet50"])

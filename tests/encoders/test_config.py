@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from encoders import RFIError
-from encoders.config import load_config
+from encoders.core.config import load_config
 
 
 @dataclass
@@ -54,13 +54,13 @@ import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
 
-import encoders.config as config_module  # noqa: E402
-from encoders.config import (config_path, config_to_dict, merge, parse_overrides, read_yaml,  # noqa: E402
+import encoders.core.config as config_module  # noqa: E402
+from encoders.core.config import (config_path, config_to_dict, merge, parse_overrides, read_yaml,  # noqa: E402
                              shipped_config, shipped_defaults, yaml_dataclass)
 
-CONFIG_MODULES = ["encoders.data", "encoders.train", "inversion.train", "apps.anomaly", "apps.anomaly_data",
-                  "apps.anomaly_memory", "apps.augment", "apps.denoise", "apps.quickstart", "apps.selfsup",
-                  "apps.style"]
+CONFIG_MODULES = ["encoders.data.embedded", "encoders.robust.train", "inversion.train", "apps.anomaly.detector", "apps.anomaly.data",
+                  "apps.anomaly.memory", "apps.style.augment", "apps.denoise", "apps.quickstart", "apps.ssl.train",
+                  "apps.style.pyramid"]
 NO_DEFAULTS = {"apps.quickstart.RunSection"}  # a run's two config paths: required, no default to write
 
 
@@ -96,9 +96,9 @@ def test_every_config_default_is_its_shipped_yaml_value():
 
 def test_app_sections_name_only_real_train_decoder_keys():
     """The ``train:``/``decoder:`` sections of the app YAMLs override train-decoder keys (typos fail)."""
-    from apps.anomaly import AnomalyConfig
+    from apps.anomaly.detector import AnomalyConfig
     from apps.denoise import TrainDenoiserConfig
-    from apps.style import TrainDecodersConfig
+    from apps.style.pyramid import TrainDecodersConfig
     assert AnomalyConfig().decoder.encoder.layer == "layer2" and AnomalyConfig().decoder.data.repeat == 8
     assert TrainDenoiserConfig().train.decoder.skips == ["input", "layer1", "layer2"]
     assert TrainDecodersConfig().train.steps == read_yaml("configs/apps/style.yaml")["train"]["steps"]
@@ -106,7 +106,7 @@ def test_app_sections_name_only_real_train_decoder_keys():
 
 def test_a_user_file_is_filled_from_the_shipped_yaml(tmp_path):
     """A partial section keeps the shipped keys; a free-form mapping (per_layer) is replaced whole."""
-    from apps.style import TrainDecodersConfig, layer_config
+    from apps.style.pyramid import TrainDecodersConfig, layer_config
     from inversion.train import TrainDecoderConfig
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  steps: 5\nper_layer:\n  layer3: {steps: 7}\n")
@@ -156,7 +156,7 @@ def test_configs_paths_work_from_any_folder(tmp_path, monkeypatch):
     local.parent.mkdir(parents=True)
     local.write_text("layers: [layer1]\n")
     assert config_path("configs/apps/style.yaml") == Path("configs/apps/style.yaml")
-    from apps.style import TrainDecodersConfig
+    from apps.style.pyramid import TrainDecodersConfig
     assert load_config(TrainDecodersConfig, "configs/apps/style.yaml").layers == ["layer1"]
 
 

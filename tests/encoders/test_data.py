@@ -10,20 +10,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from encoders import RFIError
-from encoders.data import (
-    EMBEDDED_PHOTOS,
-    DataConfig,
-    EmbeddedCrops,
-    ImageFiles,
-    build_dataset,
-    default_num_workers,
-    embedded_image,
-    read_image_uint8,
-    region,
-    resolve_num_workers,
-    scan_images,
-)
-from encoders.imageio import read_image, write_image
+from encoders.data.build import DataConfig, build_dataset
+from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, embedded_image, region
+from encoders.data.folders import ImageFiles, default_num_workers, read_image_uint8, resolve_num_workers, scan_images
+from encoders.core.imageio import read_image, write_image
 
 
 def test_regions_partition_the_photo():
@@ -178,8 +168,8 @@ def test_default_num_workers(monkeypatch):
 
 @pytest.mark.parametrize("name", ["imagenet_resnet50_robust", "imagenet_alexnet_robust"])
 def test_imagenet_configs_are_full_size_at_224(name):
-    from encoders.config import load_config
-    from encoders.train import TrainEncoderConfig
+    from encoders.core.config import load_config
+    from encoders.robust.train import TrainEncoderConfig
 
     cfg = load_config(TrainEncoderConfig, Path(__file__).resolve().parents[2] / "configs" / "encoder" / f"{name}.yaml")
     assert (cfg.model.width, cfg.model.small_input, cfg.data.size) == (1.0, False, 224)

@@ -27,11 +27,11 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       RFI_NO_PROGRESS="1")
     torch.set_num_threads(1)
-    import encoders.rundir
-    import encoders.runtime
-    import encoders.train as train
+    import encoders.core.rundir
+    import encoders.core.runtime
+    import encoders.robust.train as train
 
-    writes = record_writes(encoders.runtime, encoders.rundir)
+    writes = record_writes(encoders.core.runtime, encoders.core.rundir)
     run = train.EncoderTrainer.run
     step = train.EncoderTrainer.train_step
     kill = {"armed": False}
@@ -108,7 +108,7 @@ def test_two_gloo_processes_train_one_model_and_resume_mid_epoch(tmp_path):
 
 
 def test_global_batch_is_split_into_equal_rank_slices():
-    from encoders.train import shard_positions
+    from encoders.robust.train import shard_positions
 
     parts = [shard_positions(300, 64, world=4, rank=r) for r in range(4)]
     assert all(len(p) == 4 * 16 for p in parts)  # 4 whole global batches, the partial one dropped

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from encoders import RFIError, create_encoder
-from encoders.downsample import (LPD, SamePhase, annealed_temperature, lpd_modules, polyphase, select_phase,
+from encoders.nets.downsample import (LPD, SamePhase, annealed_temperature, lpd_modules, polyphase, select_phase,
                                  set_temperature)
-from encoders.models import Encoder
-from encoders.shift import circular_shift, feature_equivariance_error
+from encoders.nets.models import Encoder
+from encoders.robust.shift import circular_shift, feature_equivariance_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,7 +114,7 @@ def test_blurpool_keeps_shapes_and_uses_kornia():
 
 
 def test_default_encoder_unchanged_and_lps_checkpoint_round_trip(tmp_path):
-    from encoders.checkpoints import load_encoder, save_encoder
+    from encoders.weights.checkpoints import load_encoder, save_encoder
 
     ref = tiny(downsample="stride")
     assert "downsample" not in ref.config()
@@ -153,11 +153,11 @@ def test_lpd_alone_is_shift_equivariant():
 
 
 def test_adversarial_training_of_an_lps_encoder(tmp_path, tiny_cfg):
-    from encoders.serialization import load_checkpoint
-    from encoders.train import train_encoder
+    from encoders.core.serialization import load_checkpoint
+    from encoders.robust.train import train_encoder
 
-    from encoders.data import build_dataset
-    from encoders.evaluate import evaluate_encoder
+    from encoders.data.build import build_dataset
+    from encoders.robust.evaluate import evaluate_encoder
 
     robust = Path(__file__).resolve().parents[2] / "configs" / "encoder" / "resnet18_robust.yaml"
     cfg = tiny_cfg(tmp_path, "model.downsample=lps", "epochs=1", config=robust)

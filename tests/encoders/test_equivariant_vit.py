@@ -1,4 +1,4 @@
-"""Each adaptive module of the truly shift-equivariant ViT, on its own (encoders/equivariant_vit.py)."""
+"""Each adaptive module of the truly shift-equivariant ViT, on its own (encoders/nets/equivariant_vit.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ from torchvision.models.swin_transformer import (PatchMerging, PatchMergingV2, S
                                                  ShiftedWindowAttentionV2)
 
 from encoders import RFIError
-from encoders.downsample import polyphase, set_temperature
-from encoders.equivariant_vit import (AdaptivePatchMerging, AdaptivePatchMergingV2, AdaptiveShiftedWindowAttention,
+from encoders.nets.downsample import polyphase, set_temperature
+from encoders.nets.equivariant_vit import (AdaptivePatchMerging, AdaptivePatchMergingV2, AdaptiveShiftedWindowAttention,
                                       AdaptiveShiftedWindowAttentionV2, AdaptiveTokenizer, PhaseSelector,
                                       _binary_levels, roll_tokens, window_anchor)
 

@@ -4,8 +4,8 @@ import pytest
 
 from apps.cli import main
 from encoders import RFIError, create_encoder
-from encoders.data import EmbeddedCrops
-from encoders.evaluate import evaluate_encoder
+from encoders.data.embedded import EmbeddedCrops
+from encoders.robust.evaluate import evaluate_encoder
 
 
 def test_evaluate_encoder_reports_clean_and_pgd_accuracy(trained_checkpoint):

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from encoders import RFIError
-from encoders.imageio import list_images, read_image, write_image
+from encoders.core.imageio import list_images, read_image, write_image
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16"])

@@ -1,4 +1,4 @@
-"""Interop with the MadryLab ``robustness`` library, used for real through encoders.robustness_compat."""
+"""Interop with the MadryLab ``robustness`` library, used for real through encoders.weights.robustness_compat."""
 import dill
 import pytest
 import torch
@@ -6,10 +6,10 @@ import torch.nn.functional as F
 import torchvision
 
 from encoders import RFIError, create_encoder
-from encoders.attacks import pgd
-from encoders.data import EmbeddedCrops
-from encoders.interop import export_robustness
-from encoders.robustness_compat import (attacker_model, encoder_attacker_model, import_robustness,
+from encoders.robust.attacks import pgd
+from encoders.data.embedded import EmbeddedCrops
+from encoders.weights.interop import export_robustness
+from encoders.weights.robustness_compat import (attacker_model, encoder_attacker_model, import_robustness,
                                         imagenet_dataset, robustness_pgd)
 
 
@@ -112,7 +112,7 @@ def test_our_pgd_matches_the_robustness_attacker(attacked, norm, eps):
     enc, theirs, x, y = attacked
     steps, step = 10, 2.5 * eps / 10
     # Without random start both are deterministic: on images away from 0 and 1 (where the
-    # library's input clamp zeroes the gradient, see encoders.attacks) the iterates agree.
+    # library's input clamp zeroes the gradient, see encoders.robust.attacks) the iterates agree.
     inner = 0.1 + 0.8 * x
     a = pgd(enc.logits, inner, y, eps, steps, step, norm, random_start=False)
     b = robustness_pgd(theirs, inner, y, eps, steps, step, norm, random_start=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from encoders import ARCHITECTURES, RFIError, create_encoder
-from encoders.models import IMAGENET_MEAN, IMAGENET_STD
+from encoders.nets.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

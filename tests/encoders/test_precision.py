@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from encoders import RFIError, create_encoder
-from encoders.attacks import pgd
-from encoders.runtime import autocast, check_precision, grad_scaler, seed_everything
-from encoders.serialization import load_checkpoint
-from encoders.train import train_encoder
+from encoders.robust.attacks import pgd
+from encoders.core.runtime import autocast, check_precision, grad_scaler, seed_everything
+from encoders.core.serialization import load_checkpoint
+from encoders.robust.train import train_encoder
 
 
 def _losses(path):
@@ -101,8 +101,8 @@ def test_fp16_attack_step_that_overflows_is_recomputed_in_fp32():
 
 
 def test_decoder_training_and_inference_in_bf16(tmp_path):
-    from encoders.checkpoints import save_encoder
-    from encoders.config import load_config
+    from encoders.weights.checkpoints import save_encoder
+    from encoders.core.config import load_config
     from inversion.autoencoder import RobustAutoencoder
     from inversion.train import TrainDecoderConfig, train_decoder
 

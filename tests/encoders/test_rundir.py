@@ -1,4 +1,4 @@
-"""The run-folder bookkeeping every trainer shares (encoders/rundir.py): guard, resume check, config, metrics, seeds."""
+"""The run-folder bookkeeping every trainer shares (encoders/core/rundir.py): guard, resume check, config, metrics, seeds."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from encoders.errors import RFIError
-from encoders.rundir import RunDir, TrainResult, config_changes, flatten, step_seed
+from encoders.core.errors import RFIError
+from encoders.core.rundir import RunDir, TrainResult, config_changes, flatten, step_seed
 
 
 def test_flatten_gives_dotted_keys_lists_for_tuples_and_keeps_empty_mappings():

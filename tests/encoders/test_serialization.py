@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from encoders import RFIError
-from encoders.serialization import load_checkpoint, save_checkpoint
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 
 
 class _Exploit:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from encoders import create_encoder
-from encoders.checkpoints import save_encoder
-from encoders.data import EmbeddedCrops
-from encoders.shift import circular_shift, feature_equivariance_error, random_offsets, shift_consistency
+from encoders.weights.checkpoints import save_encoder
+from encoders.data.embedded import EmbeddedCrops
+from encoders.robust.shift import circular_shift, feature_equivariance_error, random_offsets, shift_consistency
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

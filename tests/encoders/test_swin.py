@@ -1,4 +1,4 @@
-"""Swin / SwinV2 encoders, plain and truly shift-equivariant (encoders/swin.py, encoders/models.py)."""
+"""Swin / SwinV2 encoders, plain and truly shift-equivariant (encoders/nets/swin.py, encoders/nets/models.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torchvision.models import swin_transformer as tv_swin
 
 from encoders import RFIError, create_encoder
-from encoders.checkpoints import load_encoder, load_state_dict_checked, save_encoder
-from encoders.models import Encoder
-from encoders.shift import feature_equivariance_error
+from encoders.weights.checkpoints import load_encoder, load_state_dict_checked, save_encoder
+from encoders.nets.models import Encoder
+from encoders.robust.shift import feature_equivariance_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +130,7 @@ def test_bad_sizes_and_options_are_refused_in_one_line():
         create_encoder("swin_t", downsample="lps", **TINY)
     with pytest.raises(RFIError, match=r"stage 2 has 32 channels.*num_heads\[1\]=3"):
         create_encoder("swin_t", **{**TINY, "num_heads": [2, 3]})
-    from encoders.swin import encoder_options
+    from encoders.nets.swin import encoder_options
     with pytest.raises(RFIError, match="unknown model.options windows"):
         encoder_options({"windows": 4}, "model.options")
 
@@ -162,7 +162,7 @@ def test_learned_selection_is_equivariant_in_eval_mode_and_feature_info():
 def test_train_encoder_config_builds_and_trains_an_equivariant_swin(tmp_path, tiny_cfg):
     from pathlib import Path
 
-    from encoders.train import train_encoder
+    from encoders.robust.train import train_encoder
 
     config = Path(__file__).resolve().parents[2] / "configs" / "encoder" / "swin_t_tiny_robust_equivariant.yaml"
     cfg = tiny_cfg(tmp_path / "run", "data.size=32", "data.train_crops=48", "data.val_crops=16", "batch_size=24",

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from encoders import RFIError
-from encoders.data import DataConfig, EmbeddedCrops, build_dataset
-from encoders.synthetic import (
+from encoders.data.build import DataConfig, build_dataset
+from encoders.data.embedded import EmbeddedCrops
+from encoders.data.synthetic import (
     SYNTHETIC_CLASSES,
     MixedCrops,
     SyntheticImages,

@@ -6,10 +6,10 @@ import torch
 import yaml
 
 from encoders import RFIError, create_encoder
-from encoders.config import config_to_dict, load_config
-from encoders.models import Encoder
-from encoders.serialization import load_checkpoint
-from encoders.train import AdvConfig, TrainEncoderConfig, adversarial_batch, check_config, train_encoder
+from encoders.core.config import config_to_dict, load_config
+from encoders.nets.models import Encoder
+from encoders.core.serialization import load_checkpoint
+from encoders.robust.train import AdvConfig, TrainEncoderConfig, adversarial_batch, check_config, train_encoder
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "encoder"
 ROBUST = CONFIGS / "resnet18_robust.yaml"
@@ -78,7 +78,7 @@ def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_
     overrides = ("epochs=2", "adv.enabled=true", "adv.steps=1", "model.arch=alexnet")
     full = train_encoder(tiny_cfg(tmp_path / "full", *overrides))
 
-    import encoders.serialization as ser
+    import encoders.core.serialization as ser
 
     real_save, calls = ser.torch.save, []
 
@@ -143,8 +143,8 @@ def test_epoch_order_is_the_former_loaders_order():
     the former ``progress(DataLoader(shuffle=True, generator=...))`` loop."""
     from torch.utils.data import DataLoader
 
-    from encoders.runtime import progress
-    from encoders.train import epoch_order
+    from encoders.core.runtime import progress
+    from encoders.robust.train import epoch_order
 
     for seed, epoch in ((0, 0), (0, 3), (7, 1)):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -156,7 +156,7 @@ def test_epoch_order_is_the_former_loaders_order():
 def test_killed_mid_epoch_resume_gives_bit_identical_weights(tmp_path, monkeypatch, tiny_cfg):
     """``steps`` + ``checkpoint_every``: a run killed mid-epoch resumes from its last step checkpoint to the
     weights and metrics log of the uninterrupted run (AlexNet: dropout; PGD random starts; flips)."""
-    import encoders.train as train
+    import encoders.robust.train as train
 
     # 256 crops / 64 = 4 steps per epoch; checkpoints at steps 3 (mid-epoch 1), 4 (epoch), 6 (mid-epoch 2)
     overrides = ("steps=7", "checkpoint_every=3", "adv.enabled=true", "adv.steps=1", "model.arch=alexnet",
@@ -203,7 +203,7 @@ def test_worker_items_are_seeded_by_their_position_in_the_epoch():
     number of workers, nor on where a resumed run restarts)."""
     from torch.utils.data import Dataset
 
-    from encoders.train import _SeededItems, epoch_order
+    from encoders.robust.train import _SeededItems, epoch_order
 
     class Noisy(Dataset):
         def __len__(self):
@@ -223,7 +223,7 @@ def test_worker_items_are_seeded_by_their_position_in_the_epoch():
 
 def test_folder_data_with_workers_does_not_depend_on_their_number(tmp_path, tiny_cfg):
     """Random crops drawn in DataLoader workers are seeded by position: 1 or 2 workers, same weights."""
-    from encoders.imageio import write_image
+    from encoders.core.imageio import write_image
 
     g = torch.Generator().manual_seed(0)
     for c in ("a", "b"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from apps.cli import main
-from encoders import RFIError, zoo
+from encoders import RFIError
+from encoders.weights import zoo
 
 
 def _payload(tmp_path, name="weights.pt"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from encoders import create_encoder
-from encoders.checkpoints import save_encoder
-from encoders.config import load_config
-from encoders.data import EmbeddedCrops
+from encoders.weights.checkpoints import save_encoder
+from encoders.core.config import load_config
+from encoders.data.embedded import EmbeddedCrops
 from inversion.train import TrainDecoderConfig, train_decoder
 
 os.environ.setdefault("RFI_NO_PROGRESS", "1")
@@ -98,7 +98,7 @@ def fake_lpips_weights(tmp_path_factory) -> Path:
 
 def equivariance_errors(ae, x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Largest |D(E(T_s x)) - T_s D(E(x))| for each circular shift s (rows of ``shifts``, (dy, dx))."""
-    from encoders.shift import circular_shift
+    from encoders.robust.shift import circular_shift
 
     with torch.no_grad():
         rec = ae.decode(ae.encode(x))

@@ -23,12 +23,12 @@ def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), RFI_NO_PROGRESS="1")
     torch.set_num_threads(1)
-    import encoders.imageio
-    import encoders.rundir
-    import encoders.runtime
+    import encoders.core.imageio
+    import encoders.core.rundir
+    import encoders.core.runtime
     import inversion.train as train
 
-    writes = record_writes(encoders.runtime, encoders.imageio, encoders.rundir)
+    writes = record_writes(encoders.core.runtime, encoders.core.imageio, encoders.core.rundir)
     run = train.DecoderTrainer.run
 
     def run_and_keep_weights(self, resume):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from encoders import create_encoder
-from encoders.data import embedded_image, region
-from encoders.errors import RFIError
-from encoders.serialization import load_checkpoint, save_checkpoint
+from encoders.data.embedded import embedded_image, region
+from encoders.core.errors import RFIError
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion import (
     Decoder,
     RobustAutoencoder,

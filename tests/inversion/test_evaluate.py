@@ -6,9 +6,9 @@ from PIL import Image
 
 from apps.cli import main
 from apps.commands.evaluate import parse_scales
-from encoders.checkpoints import load_encoder
-from encoders.data import EmbeddedCrops
-from encoders.errors import RFIError
+from encoders.weights.checkpoints import load_encoder
+from encoders.data.embedded import EmbeddedCrops
+from encoders.core.errors import RFIError
 from inversion import Decoder, RobustAutoencoder, save_decoder
 from inversion.evaluate import (
     compare_autoencoders,

@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 
 from apps.cli import main
-from encoders.checkpoints import load_encoder
-from encoders.files import plan_outputs
-from encoders.imageio import read_image
+from encoders.weights.checkpoints import load_encoder
+from encoders.core.files import plan_outputs
+from encoders.core.imageio import read_image
 from inversion import Decoder, RobustAutoencoder, save_decoder
 from inversion.invert import invert_files
 

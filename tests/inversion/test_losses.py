@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders import create_encoder
-from encoders.errors import RFIError
+from encoders.core.errors import RFIError
 from inversion.discriminator import (
     DeePSiMDiscriminator,
     PatchDiscriminator,

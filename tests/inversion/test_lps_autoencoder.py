@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from encoders import RFIError, create_encoder
-from encoders.downsample import polyphase, select_phase
+from encoders.nets.downsample import polyphase, select_phase
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, load_decoder, save_decoder
 from inversion.upsample import LPU, polyphase_options

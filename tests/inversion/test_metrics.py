@@ -3,8 +3,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from encoders.data import EmbeddedCrops
-from encoders.errors import RFIError
+from encoders.data.embedded import EmbeddedCrops
+from encoders.core.errors import RFIError
 from inversion.metrics import MAX_PSNR, lpips_distance, psnr, ssim
 from inversion.perceptual import load_lpips
 

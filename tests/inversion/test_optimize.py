@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from encoders import create_encoder
-from encoders.data import EmbeddedCrops
-from encoders.errors import RFIError
+from encoders.data.embedded import EmbeddedCrops
+from encoders.core.errors import RFIError
 from inversion.metrics import psnr
 from inversion.optimize import invert_by_optimization
 

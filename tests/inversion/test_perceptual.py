@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from encoders.errors import RFIError
+from encoders.core.errors import RFIError
 from inversion import perceptual
 from inversion.perceptual import (
     backbone_cache_path,

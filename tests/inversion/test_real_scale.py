@@ -14,11 +14,11 @@ from PIL import Image
 
 from apps.cli import main
 from encoders import create_encoder
-from encoders.checkpoints import save_encoder
-from encoders.config import load_config
-from encoders.errors import RFIError
-from encoders.interop import export_robustness
-from encoders.serialization import load_checkpoint
+from encoders.weights.checkpoints import save_encoder
+from encoders.core.config import load_config
+from encoders.core.errors import RFIError
+from encoders.weights.interop import export_robustness
+from encoders.core.serialization import load_checkpoint
 from inversion import Decoder, RobustAutoencoder, load_decoder, save_decoder
 from inversion.decoders import decoder_preset, stage_sizes
 from inversion.discriminator import build_discriminator, discriminator_from_config
@@ -228,9 +228,9 @@ def test_robustness_checkpoint_through_the_commands(foreign, tmp_path, capsys, c
 
 
 def test_apps_name_their_arch_key(foreign, tmp_path):
-    from apps.anomaly import AnomalyConfig, fit
+    from apps.anomaly.detector import AnomalyConfig, fit
     from apps.denoise import load_denoiser_config, train_denoiser
-    from apps.style import TrainDecodersConfig, check_pyramid_config
+    from apps.style.pyramid import TrainDecodersConfig, check_pyramid_config
 
     _, rob_path = foreign
     cfg = load_config(TrainDecodersConfig, None, [f"train.encoder.checkpoint={rob_path}", "layers=[layer1,layer2]"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from encoders import RFIError, create_encoder
-from encoders.shift import shift_consistency
+from encoders.robust.shift import shift_consistency
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, save_decoder
 from inversion.upsample import polyphase_options
@@ -58,7 +58,7 @@ def test_plain_decoder_refused_for_mismatched_phase_source():
 
 
 def test_shift_consistency_reports_vit_autoencoders():
-    from encoders.data import EmbeddedCrops
+    from encoders.data.embedded import EmbeddedCrops
 
     ae = autoencoder("swin_v2_t", True, "stage1")
     r = shift_consistency(ae.encoder, EmbeddedCrops("val", 32, num=6), layer="stage1", reconstruct=ae.reconstruct)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from encoders import create_encoder
-from encoders.errors import RFIError
+from encoders.core.errors import RFIError
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 from inversion.tiling import (

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from apps.cli import main
-from encoders.errors import RFIError
-from encoders.serialization import load_checkpoint
+from encoders.core.errors import RFIError
+from encoders.core.serialization import load_checkpoint
 from inversion import RobustAutoencoder
 from inversion.train import (
     DecoderTrainer,

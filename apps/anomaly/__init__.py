@@ -1,0 +1,1 @@
+"""Anomaly detection with robust autoencoders (``rfi anomaly fit|score``)."""

@@ -1,0 +1,1 @@
+"""Self-supervised learning (SimCLR, MoCo v2) with optional style augmentation (``rfi ssl``)."""

@@ -1,0 +1,1 @@
+"""Style transfer in robust feature space (decoder pyramids, WCT/AdaIN) and StyleAugment."""

@@ -1,0 +1,166 @@
+"""Reading and writing image files as tensors in [0, 1].
+
+Grayscale, grayscale+alpha, RGBA, palette and 16-bit images are converted to 8-bit-range
+RGB floats, and each conversion is logged. EXIF orientation is applied (a phone photo comes
+out as a viewer shows it). A truncated or non-image file, one of more than
+:func:`max_pixels` pixels (a decompression bomb) or one holding NaN/Inf raises
+:class:`~encoders.core.errors.RFIError` naming the file. Writes are atomic (temp file + rename).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from encoders.core.errors import RFIError
+from encoders.core.serialization import atomic_write
+
+log = logging.getLogger("rfi")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check is replaced by read_image's, which names the file
+DEFAULT_MAX_PIXELS = 120_000_000  # 12000 x 10000; a 4000 x 3000 photo is 12 Mpx
+
+
+def max_pixels() -> int:
+    """The largest image (in pixels) :func:`read_image` decodes: ``RFI_MAX_PIXELS`` or 120 Mpx."""
+    value = os.environ.get("RFI_MAX_PIXELS", "")
+    try:
+        return int(value) if value else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise RFIError(f"RFI_MAX_PIXELS must be a whole number of pixels, got {value!r}") from None
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as an RGB float tensor.
+
+    Args:
+        path: any format PIL reads.
+
+    Returns:
+        Tensor of shape (3, H, W), values in [0, 1].
+
+    Raises:
+        RFIError: missing, truncated or non-image file.
+    """
+    path = Path(path)
+    limit = max_pixels()
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise RFIError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} Mpx), above the limit of {limit / 1e6:.0f} Mpx "
+                               f"(a decompression bomb?); to read it anyway set RFI_MAX_PIXELS={w * h}")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+                if not np.isfinite(arr).all():
+                    raise RFIError(f"{path} holds NaN or Inf pixel values")
+                arr = np.clip(arr / peak, 0, 1)
+                log.info("%s: converted %s (16-bit/int) grayscale to RGB", path, mode)
+                return torch.from_numpy(arr).float().unsqueeze(0).expand(3, -1, -1).contiguous()
+            if mode != "RGB":
+                note = {"L": "grayscale", "LA": "grayscale+alpha (alpha dropped)", "P": "palette",
+                        "PA": "palette+alpha (alpha dropped)", "RGBA": "RGBA (alpha dropped)",
+                        "1": "1-bit", "CMYK": "CMYK"}.get(mode, mode)
+                log.info("%s: converted %s to RGB", path, note)
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise RFIError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise RFIError(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
+
+
+def check_images(x: Any, name: str = "images", dtype: torch.dtype | None = None) -> Tensor:
+    """Refuse anything but a finite, non-empty (B, 3, H, W) float batch in [0, 1].
+
+    Args:
+        x: the batch.
+        name: what it is, for messages.
+        dtype: convert a floating-point batch of another precision to this one (e.g. the
+            model's ``float32`` for a ``float64`` batch); integer batches are refused, never rescaled.
+
+    Returns:
+        ``x`` (converted to ``dtype`` when given).
+
+    Raises:
+        RFIError: not a tensor, wrong shape, empty, integer dtype, NaN/Inf, or values outside [0, 1].
+
+    Example:
+        >>> check_images(torch.rand(2, 3, 8, 8, dtype=torch.float64), dtype=torch.float32).dtype
+        torch.float32
+        >>> check_images(torch.rand(3, 8, 8))
+        Traceback (most recent call last):
+        encoders.core.errors.RFIError: images must be a (B, 3, H, W) batch, got (3, 8, 8): add a batch dimension (x[None])
+    """
+    if not isinstance(x, Tensor):
+        raise RFIError(f"{name} must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(x).__name__}"
+                       + (" (use torch.from_numpy(a).permute(2, 0, 1)[None] / 255 for an (H, W, 3) uint8 array)"
+                          if isinstance(x, np.ndarray) else ""))
+    if x.dim() != 4 or x.shape[1] != 3:
+        hint = ": add a batch dimension (x[None])" if x.dim() == 3 and x.shape[0] == 3 else (
+            ": give 3 channels (RGB; x.expand(-1, 3, -1, -1) for grey)" if x.dim() == 4 else "")
+        raise RFIError(f"{name} must be a (B, 3, H, W) batch, got {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise RFIError(f"{name} is empty: got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise RFIError(f"{name} must be floating point in [0, 1], got {x.dtype}"
+                       + (" (divide by 255)" if x.dtype == torch.uint8 else ""))
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    if not torch.isfinite(x).all():
+        raise RFIError(f"{name} contain NaN or Inf values")
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise RFIError(f"{name} must have values in [0, 1], got [{lo:.3g}, {hi:.3g}]"
+                       + (" (divide by 255)" if hi > 2 else ""))
+    return x
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """(3, H, W) or (1, H, W) float tensor in [0, 1] -> (H, W, 3) uint8 array."""
+    if image.dim() != 3:
+        raise ValueError(f"expected (C, H, W), got {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def write_image(image: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
+    """Atomically write a (3, H, W) tensor in [0, 1] (or an (H, W[, 3]) uint8 array) as an image file."""
+    arr = to_uint8(image) if isinstance(image, Tensor) else image
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt))
+
+
+def list_images(paths: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand files and folders into a sorted list of image files.
+
+    Raises:
+        RFIError: a path does not exist, or a folder holds no image files.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir())
+                           if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise RFIError(f"no image files in folder {p} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise RFIError(f"no such file or folder: {p}")
+    return out

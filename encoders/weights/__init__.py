@@ -1,0 +1,2 @@
+"""Weights: RFI's checkpoint format, interop with torchvision and the `robustness` library, and
+the model zoo (``rfi weights``)."""

@@ -1,0 +1,192 @@
+"""RFI encoder checkpoints: save, and load (ours, or foreign ones adapted by ``encoders.weights.interop``).
+
+An RFI encoder checkpoint is a plain dict (loadable with ``weights_only=True``)::
+
+    {"format": "rfi-encoder", "version": 1,
+     "encoder": {"arch": ..., "num_classes": ..., "width": ..., "small_input": ..., "batch_norm": ...},
+     "state_dict": {...}, ...extra metadata (training state, metrics)}
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from encoders.core.errors import RFIError
+from encoders.weights.interop import checkpoint_filter_fn, infer_encoder_kwargs, infer_num_classes
+from encoders.nets.models import Encoder
+from encoders.core.serialization import load_checkpoint, save_checkpoint
+
+ENCODER_FORMAT = "rfi-encoder"
+
+
+def encoder_checkpoint(encoder: Encoder, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict of ``encoder`` (weights + constructor arguments) plus ``extra``."""
+    return {"format": ENCODER_FORMAT, "version": 1, "encoder": encoder.config(),
+            "state_dict": encoder.state_dict(), **extra}
+
+
+def save_encoder(encoder: Encoder, path: str | os.PathLike, **extra: Any) -> Path:
+    """Atomically write an RFI encoder checkpoint."""
+    return save_checkpoint(encoder_checkpoint(encoder, **extra), path)
+
+
+def _names(keys: Sequence[str], limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming missing, unexpected and misshapen keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                 if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_names(unexpected)}")
+        if misshapen:
+            parts.append(f"shape mismatch: {_names(misshapen, 3)}")
+        raise RFIError(f"{source} does not fit {type(module).__name__}"
+                       f"{' ' + module.arch if hasattr(module, 'arch') else ''}: " + "; ".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+MAX_PARAMETERS = 2_000_000_000
+"""Largest model (in parameters, 8 GB in fp32) a checkpoint's stored config may ask for."""
+
+
+def build_from_config(cls: Callable[..., nn.Module], config: Any, source: str, **extra: Any) -> nn.Module:
+    """``cls(**config, **extra)`` for a config read from a file, checked before anything is allocated.
+
+    The config must be a mapping of ``cls``'s constructor arguments; the model is first built
+    on the ``meta`` device (no memory) and refused if it has more than :data:`MAX_PARAMETERS`
+    parameters, so a damaged or hostile file cannot make RFI allocate gigabytes.
+
+    Raises:
+        RFIError: not a mapping, unknown keys, values the constructor refuses, or too large.
+    """
+    name = getattr(cls, "__name__", "model")
+    if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+        raise RFIError(f"{source} holds no valid {name} settings (found {type(config).__name__})")
+    params = inspect.signature(cls).parameters
+    unknown = sorted(k for k in config if k not in params or k in extra)
+    if unknown:
+        raise RFIError(f"{source}: unknown {name} settings {_names(unknown)} (a file from a newer RFI, or damaged)")
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in cls(**config, **extra).parameters())
+    except RFIError as e:
+        raise RFIError(f"{source}: {e}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
+        raise RFIError(f"{source}: invalid {name} settings ({type(e).__name__}: {e})") from None
+    if size > MAX_PARAMETERS:
+        raise RFIError(f"{source}: its {name} settings ask for {size / 1e9:.1f} G parameters (more than "
+                       f"{MAX_PARAMETERS / 1e9:.0f} G): a damaged file?")
+    return cls(**config, **extra)
+
+
+def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | None = None,
+                            layers: Sequence[str] | None = None, arch_key: str = "--arch",
+                            **kwargs: Any) -> Encoder:
+    """Build the encoder of a checkpoint dict: the one place encoders are built from checkpoints.
+
+    The dict is an RFI encoder checkpoint (see :func:`encoder_checkpoint`), a ``robustness``-library
+    checkpoint or a torchvision state dict (the last two adapted by :mod:`encoders.weights.interop`).
+    Callers that need more of the file (training config, metrics) read it once with
+    :func:`encoders.core.serialization.load_checkpoint` and pass the dict here.
+
+    Args:
+        ckpt: the checkpoint dict.
+        source: the file it came from (for messages).
+        name: the architecture; required for foreign checkpoints, checked for RFI ones.
+        layers: feature taps the encoder returns.
+        arch_key: how the user names the architecture in the command at hand (``--arch`` or
+            ``encoder.arch``), quoted when a foreign checkpoint comes without ``name``.
+        **kwargs: constructor arguments for foreign checkpoints (``num_classes``, ``width``,
+            ``small_input`` and ``batch_norm`` are inferred from the weights when not given).
+
+    Raises:
+        RFIError: missing or invalid settings, another architecture than ``name``, a decoder or
+            autoencoder file, a foreign file without ``name``, or weights that do not fit.
+
+    Example:
+        >>> enc = Encoder("resnet18", width=0.125, small_input=True, num_classes=4)
+        >>> encoder_from_checkpoint(encoder_checkpoint(enc), "memory").arch
+        'resnet18'
+    """
+    fmt = ckpt.get("format")
+    if fmt in ("rfi-decoder", "rfi-autoencoder"):
+        what = "a decoder" if fmt == "rfi-decoder" else "an autoencoder (encoder + decoders)"
+        raise RFIError(f"{source} is {what} file, not an encoder checkpoint: pass it where a "
+                       f"{'decoder' if fmt == 'rfi-decoder' else 'model'} is asked for")
+    if fmt == ENCODER_FORMAT:
+        if not isinstance(ckpt.get("state_dict"), Mapping):
+            raise RFIError(f"{source} is an RFI encoder checkpoint without weights ('state_dict' missing)")
+        cfg = ckpt.get("encoder")
+        if isinstance(cfg, Mapping) and name is not None and name != cfg.get("arch"):
+            raise RFIError(f"{source} holds a {cfg.get('arch')} encoder, not {name}")
+        encoder = build_from_config(Encoder, cfg, source, layers=layers)
+        load_state_dict_checked(encoder, ckpt["state_dict"], source)
+        return encoder.eval()
+    if name is None:
+        example = f"{arch_key} resnet50" if arch_key.startswith("-") else f"{arch_key}=resnet50"
+        raise RFIError(f"{source} is not an RFI encoder checkpoint (a robustness-library or torchvision file?): "
+                       f"name its architecture with {arch_key} (e.g. {example})")
+    state = checkpoint_filter_fn(ckpt, source)
+    kwargs.setdefault("num_classes", infer_num_classes(state, name) or 1000)
+    for key, value in infer_encoder_kwargs(state, name).items():  # width, small_input, batch_norm
+        kwargs.setdefault(key, value)
+    encoder = Encoder(name, layers=layers, **kwargs)
+    for key, value in encoder.normalizer.state_dict().items():  # torchvision files carry none
+        state.setdefault(f"normalizer.{key}", value)
+    load_state_dict_checked(encoder, state, source)
+    return encoder.eval()
+
+
+def load_encoder(path: str | os.PathLike, name: str | None = None,
+                 layers: Sequence[str] | None = None, arch_key: str = "--arch", **kwargs: Any) -> Encoder:
+    """Load an encoder from an RFI, ``robustness``-library or torchvision checkpoint file.
+
+    Reads the file once (:func:`encoders.core.serialization.load_checkpoint`) and builds the encoder
+    with :func:`encoder_from_checkpoint` (see there for the arguments).
+
+    Raises:
+        RFIError: unreadable file, or weights that do not fit the architecture.
+    """
+    return encoder_from_checkpoint(load_checkpoint(path), str(path), name, layers, arch_key, **kwargs)
+
+
+def create_encoder(name: str | None = None, checkpoint: str | os.PathLike | None = None,
+                   layers: Sequence[str] | None = None, **kwargs: Any) -> Encoder:
+    """Build an encoder, optionally loading weights from a checkpoint file.
+
+    Args:
+        name: architecture (``alexnet, vgg16, vgg19, resnet18, resnet50, swin_t, swin_v2_t``); may be ``None``
+            when ``checkpoint`` is an RFI checkpoint, which records its architecture.
+        checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, or a
+            plain torchvision state dict (loaded with ``weights_only=True``).
+        layers: feature taps returned by the encoder's forward (default: all).
+        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``, ``downsample``;
+            Swin: ``equivariant``, ``selection``, ``embed_dim``, ``depths``, ``num_heads``,
+            ``window_size``, ``patch_size``, ``stochastic_depth`` (see :class:`Encoder`).
+
+    Example:
+        >>> enc = create_encoder("vgg16", width=0.125, small_input=True, num_classes=8, layers=["relu3_1"])
+        >>> tuple(enc(torch.rand(1, 3, 32, 32))["relu3_1"].shape)
+        (1, 32, 8, 8)
+    """
+    if checkpoint is None:
+        if name is None:
+            raise RFIError("create_encoder needs an architecture name or a checkpoint")
+        return Encoder(name, layers=layers, **kwargs)
+    return load_encoder(checkpoint, name=name, layers=layers, **kwargs)
