@@ -31,7 +31,6 @@ from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 
 def _png(path: Path, seed: int = 0, size: tuple[int, int] = (24, 24)) -> Path:

@@ -6,7 +6,6 @@ and its ground-truth mask, in the MVTec AD layout.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,6 @@ import pytest
 from PIL import Image
 
 from tests.conftest import single_threaded
-
-os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 SIZE = 48
 # Category -> (normal training images, normal test images, {defect: anomalous test images}).

@@ -1,7 +1,6 @@
 """StyleAugment and ``rfi augment`` on a tiny random autoencoder (no training needed)."""
 from __future__ import annotations
 
-import os
 
 import kornia.augmentation as K
 import numpy as np
@@ -23,7 +22,6 @@ from inversion.decoders import Decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Denoising app: noise model, ``rfi train-denoiser`` and ``rfi denoise`` on tiny random encoders."""
-import os
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from inversion.metrics import psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-os.environ["RFI_NO_PROGRESS"] = "1"
 SIGMA = 50
 
 

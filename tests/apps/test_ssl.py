@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -32,7 +31,6 @@ from inversion.decoders import Decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 CONFIG = "configs/apps/ssl.yaml"
 TINY = ["data.crops=32", "data.crop_size=20", "data.view_size=16", "model.width=0.125", "batch_size=16",

@@ -1,12 +1,9 @@
 """Shared fixtures for the encoder tests: tiny configs and one tiny trained encoder."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "encoder"
 ROBUST = CONFIGS / "resnet18_robust.yaml"
@@ -44,14 +41,3 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("trained")
     return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256")).path
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``rfi`` (apps.cli.main) points logging at the captured stderr; undo it after each test."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from encoders.robust.shift import circular_shift, feature_equivariance_error, ra
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 
 def pair(downsample: str):

@@ -1,8 +1,6 @@
 """Fixtures for decoder tests: a tiny random encoder checkpoint and tiny training configs."""
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,23 +13,11 @@ from encoders.core.config import load_config
 from encoders.data.embedded import EmbeddedCrops
 from inversion.train import TrainDecoderConfig, train_decoder
 
-os.environ.setdefault("RFI_NO_PROGRESS", "1")
 
 # A tiny run: 16-px crops, 128 training crops, batch 16 -> 8 steps per epoch.
 TINY = ["encoder.layer=layer3", "data.size=16", "data.train_crops=128", "data.val_crops=16",
         "batch_size=16", "epochs=2", "decoder.channels=16", "decoder.min_channels=8",
         "loss.disc_channels=8", "optim.lr=0.005", "sample_every=4", "log_every=2", "device=cpu"]
-
-
-@pytest.fixture
-def cli_logging():
-    """``apps.cli.main`` points the root logger at the stderr of the moment (pytest's capture, closed
-    after the test); put the previous handlers back so later tests do not log into a closed stream."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

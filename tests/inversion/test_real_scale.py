@@ -184,7 +184,7 @@ def _image_folder(root: Path, count: int = 6, size: int = 80) -> Path:
     return root
 
 
-def test_robustness_checkpoint_through_the_commands(foreign, tmp_path, capsys, cli_logging):
+def test_robustness_checkpoint_through_the_commands(foreign, tmp_path, capsys):
     rfi_path, rob_path = foreign
     assert set(load_checkpoint(rob_path)) == {"model", "epoch"}
     out = tmp_path / "dec"

@@ -211,7 +211,7 @@ def test_bad_input_is_named(tiny_config, tmp_path):
         tiny_config("loss.pixel_type=l3")
 
 
-def test_cli_default_config_with_skips(tiny_encoder_path, tmp_path, capsys, cli_logging):
+def test_cli_default_config_with_skips(tiny_encoder_path, tmp_path, capsys):
     """The shipped YAML (shrunk by overrides) runs through ``rfi train-decoder``; U-Net skips work."""
     out = tmp_path / "cli"
     args = ["train-decoder", "--config", str(REPO / "configs/decoder/resnet18_robust_layer3.yaml"),
@@ -226,7 +226,7 @@ def test_cli_default_config_with_skips(tiny_encoder_path, tmp_path, capsys, cli_
     assert ae.reconstruct(torch.rand(1, 3, 24, 40)).shape == (1, 3, 24, 40)
 
 
-def test_cli_errors_name_the_key(tmp_path, capsys, cli_logging):
+def test_cli_errors_name_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  pixle: 1.0\n")
     assert main(["train-decoder", "--config", str(bad)]) == 2
