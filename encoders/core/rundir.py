@@ -40,20 +40,10 @@ from torch import nn
 
 from encoders.core.errors import RFIError
 from encoders.core.runtime import DistContext, MetricsLog, check_precision, setup_distributed
-from encoders.core.serialization import atomic_write
+from encoders.core.serialization import atomic_write, pid_alive
 
 log = logging.getLogger("rfi")
 LOCK_NAME = ".lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
 
 
 class RunLock:
@@ -92,7 +82,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pid, host = self._owner()
-                if host == socket.gethostname() and pid > 0 and not _pid_alive(pid):
+                if host == socket.gethostname() and pid > 0 and not pid_alive(pid):
                     log.info("removing the stale lock of run %d (no longer running) in %s", pid, self.folder)
                     self.path.unlink(missing_ok=True)
                     continue

@@ -28,7 +28,8 @@ from encoders.core.errors import RFIError
 HASH_KEY = "content_sha256"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (a process of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -42,7 +43,7 @@ def remove_stale_temporaries(path: Path) -> None:
     """Delete ``.<name>.<pid>.*.tmp`` files next to ``path`` left by processes that were killed."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         parts = tmp.name[len(path.name) + 2:].split(".")
-        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _alive(int(parts[0])):
+        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not pid_alive(int(parts[0])):
             tmp.unlink(missing_ok=True)
 
 
