@@ -6,20 +6,19 @@ import pytest
 import torch
 
 from apps.cli import main
-from encoders import create_encoder
 from encoders.core import serialization
-from encoders.weights.checkpoints import save_encoder
 from encoders.core.imageio import write_image
+from encoders.weights.checkpoints import save_encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, save_decoder
+from tests.conftest import tiny_net
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """An untrained tiny encoder (RFI and torchvision formats), a layer3 decoder for it, two images."""
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("reads")
-    enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    enc = tiny_net()
     channels, stride = enc.feature_info()["layer3"]
     torch.save(enc.state_dict(), root / "torchvision.pt")
     paths = {"encoder": save_encoder(enc, root / "encoder.pt"),

@@ -2,14 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders import RFIError, create_encoder
+from encoders import RFIError
 from encoders.robust.attacks import default_step_size, pgd
+from tests.conftest import tiny_net
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval()
+    return tiny_net()
 
 
 @pytest.fixture(scope="module")

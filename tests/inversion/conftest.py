@@ -7,12 +7,11 @@ from typing import Callable
 import pytest
 import torch
 
-from encoders import create_encoder
-from encoders.weights.checkpoints import save_encoder
 from encoders.core.config import load_config
 from encoders.data.embedded import EmbeddedCrops
+from encoders.weights.checkpoints import save_encoder
 from inversion.train import TrainDecoderConfig, train_decoder
-
+from tests.conftest import tiny_net
 
 # A tiny run: 16-px crops, 128 training crops, batch 16 -> 8 steps per epoch.
 TINY = ["encoder.layer=layer3", "data.size=16", "data.train_crops=128", "data.val_crops=16",
@@ -23,8 +22,7 @@ TINY = ["encoder.layer=layer3", "data.size=16", "data.train_crops=128", "data.va
 @pytest.fixture(scope="session")
 def tiny_encoder_path(tmp_path_factory) -> Path:
     """An RFI checkpoint of a random ResNet-18 (width 0.125, 3x3 stem): layer3 has 32 channels at stride 4."""
-    torch.manual_seed(0)
-    encoder = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    encoder = tiny_net()
     # Batch-norm statistics measured on real crops, so the random encoder's features are well scaled.
     crops = EmbeddedCrops("train", 16, 128, seed=1)
     for m in encoder.modules():

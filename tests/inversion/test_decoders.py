@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from encoders import create_encoder
-from encoders.data.embedded import embedded_image, region
 from encoders.core.errors import RFIError
 from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.data.embedded import embedded_image, region
 from inversion import (
     Decoder,
     RobustAutoencoder,
@@ -16,14 +16,14 @@ from inversion import (
     save_decoder,
 )
 from inversion.decoders import decoder_from_checkpoint
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def encoder():
-    torch.manual_seed(0)
-    return create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval()
+    return tiny_net()
 
 
 @pytest.mark.parametrize("stride,h,w", [(4, 4, 4), (4, 8, 8), (4, 16, 16), (4, 5, 7), (2, 6, 3), (1, 9, 9)])

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders import create_encoder
 from encoders.core.errors import RFIError
 from inversion.discriminator import (
     DeePSiMDiscriminator,
@@ -20,14 +19,14 @@ from inversion.losses import (
     generator_loss,
     pixel_loss,
 )
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def encoder():
-    torch.manual_seed(0)
-    return create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval().requires_grad_(False)
+    return tiny_net().requires_grad_(False)
 
 
 def test_pixel_loss_matches_torch():

@@ -14,11 +14,11 @@ from PIL import Image
 
 from apps.cli import main
 from encoders import create_encoder
-from encoders.weights.checkpoints import save_encoder
 from encoders.core.config import load_config
 from encoders.core.errors import RFIError
-from encoders.weights.interop import export_robustness
 from encoders.core.serialization import load_checkpoint
+from encoders.weights.checkpoints import save_encoder
+from encoders.weights.interop import export_robustness
 from inversion import Decoder, RobustAutoencoder, load_decoder, save_decoder
 from inversion.decoders import decoder_preset, stage_sizes
 from inversion.discriminator import build_discriminator, discriminator_from_config
@@ -30,6 +30,7 @@ from inversion.train import (
     decoder_capacity,
     train_decoder,
 )
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,8 +170,7 @@ def test_spectral_norm_discriminator_and_summed_losses():
 def foreign(tmp_path_factory):
     """A small ResNet-18 as an RFI checkpoint and as the robustness library writes it."""
     root = tmp_path_factory.mktemp("foreign")
-    torch.manual_seed(0)
-    enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval()
+    enc = tiny_net()
     return save_encoder(enc, root / "rfi.pt"), export_robustness(enc, root / "imagenet_l2_3_0.pt")
 
 

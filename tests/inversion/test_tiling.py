@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from encoders import create_encoder
 from encoders.core.errors import RFIError
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
@@ -16,13 +15,13 @@ from inversion.tiling import (
     tile_positions,
     tiled_apply,
 )
+from tests.conftest import tiny_net
 
 
 @pytest.fixture(scope="module")
 def ae() -> RobustAutoencoder:
     """An untrained ResNet-18 (width 0.125, 3x3 stem) with a layer1 skip decoder for layer3 (stride 4)."""
-    torch.manual_seed(0)
-    enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    enc = tiny_net()
     info = enc.feature_info()
     dec = Decoder(info["layer3"][0], info["layer3"][1], "layer3", channels=16, min_channels=8,
                   skips={"layer1": info["layer1"]})
