@@ -4,7 +4,7 @@ style augmentation). Public classes are imported on first use, so ``import apps`
 """
 from importlib import import_module
 
-_LAZY = {"StyleAugment": "apps.style.augment", "MultiView": "apps.style.augment"}
+_LAZY = {"StyleAugment": "apps.style.augment", "MultiView": "apps.style.multiview"}
 
 __all__ = list(_LAZY)
 

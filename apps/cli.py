@@ -3,8 +3,10 @@
 Each entry of :data:`COMMANDS` names the module in :mod:`apps.commands` whose
 ``register_<command>(parser)`` adds the sub-command's arguments and sets
 ``parser.set_defaults(func=run)``; only the chosen command's module is imported. The
-libraries (``encoders``, ``inversion``, the app modules) parse no arguments. User errors (:class:`~encoders.core.errors.RFIError`) print one
-line and exit with code 2; ``--debug`` shows the traceback instead.
+libraries (``encoders``, ``inversion``, the app modules) parse no arguments. User errors
+(:class:`~encoders.core.errors.RFIError`) print one line and exit with code 2; ``--debug`` shows
+the traceback instead. A command spelt as it was before a rename (:data:`RENAMED`) gets one
+line naming its new spelling, and exit code 2.
 """
 from __future__ import annotations
 
@@ -34,6 +36,38 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("weights", "apps.commands.weights", "model zoo: list / fetch public robust and torchvision checkpoints"),
 )
 
+RENAMED: dict[str, str] = {
+    "train-denoiser": "rfi denoise train",
+    "train-decoders": "rfi style train",
+    "stylize": "rfi style apply",
+}
+"""Old command spellings -> the new ones (``rfi denoise FILES`` without a verb is :func:`renamed_command` too)."""
+VERBS: dict[str, tuple[str, ...]] = {"denoise": ("train", "apply")}
+"""Commands that once took files directly and now take a verb first."""
+
+
+def renamed_command(argv: Sequence[str]) -> str | None:
+    """The one-line error for an old spelling of a command in ``argv``, else ``None``.
+
+    Example:
+        >>> renamed_command(["train-denoiser", "--config", "x.yaml"])
+        "'rfi train-denoiser' is now 'rfi denoise train' (see rfi denoise train --help)"
+        >>> renamed_command(["denoise", "photo.png", "--out", "clean/"])
+        "'rfi denoise FILES' is now 'rfi denoise apply FILES' (see rfi denoise apply --help)"
+        >>> renamed_command(["denoise", "apply", "photo.png"]) is None
+        True
+    """
+    words = [a for a in argv if a not in ("--debug", "--quiet")]
+    if not words or words[0].startswith("-"):
+        return None
+    command, rest = words[0], words[1:]
+    if command in RENAMED:
+        return f"'rfi {command}' is now '{RENAMED[command]}' (see {RENAMED[command]} --help)"
+    if command in VERBS and rest and not rest[0].startswith("-") and rest[0] not in VERBS[command]:
+        new = f"rfi {command} {VERBS[command][-1]}"
+        return f"'rfi {command} FILES' is now '{new} FILES' (see {new} --help)"
+    return None
+
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The full parser; only the module of the command named in ``argv`` is imported."""
@@ -53,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rfi`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    old = renamed_command(argv)
+    if old:
+        print(f"rfi: error: {old}", file=sys.stderr)
+        return 2
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Image denoising on robust features: ``rfi train-denoiser`` and ``rfi denoise``.
+"""Image denoising on robust features: ``rfi denoise train`` and ``rfi denoise apply``.
 
 A denoiser is a :class:`~inversion.autoencoder.RobustAutoencoder` whose decoder was trained
 to map the robust features of a *noisy* image (Gaussian noise, see :func:`add_noise`) to the
@@ -6,8 +6,9 @@ to map the robust features of a *noisy* image (Gaussian noise, see :func:`add_no
 :class:`GaussianNoise` as its ``input_transform`` (the losses target the clean image), and
 the decoder usually takes skip connections from shallow encoder layers (``layer1``,
 ``layer2``) so fine detail survives. The result is one self-contained model file
-(encoder + decoder + the noise levels it was trained for) that ``rfi denoise --model``
-reads.
+(encoder + decoder + the noise levels it was trained for) that ``rfi denoise apply`` reads.
+Both read :class:`DenoiseConfig` (``configs/apps/denoise.yaml``): training its top level,
+applying its ``apply:`` section.
 
 Noise levels ``sigma`` are in 0-255 units (as in the denoising literature) for images in
 [0, 1]: ``sigma=25`` adds noise of standard deviation 25/255. One value trains for that
@@ -31,7 +32,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from encoders.core.config import config_to_dict, load_config, yaml_dataclass
+from encoders.core.config import bounded, config_to_dict, load_config, value_range, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.rundir import RunDir, TrainResult
 from encoders.core.files import FileBatch
@@ -44,26 +45,10 @@ from inversion.train import CHECKPOINT_NAME, TrainDecoderConfig, train_decoder
 log = logging.getLogger("rfi")
 
 DENOISER_APP = "denoise"
+DEFAULT_CONFIG = "configs/apps/denoise.yaml"
 
 
 # ----------------------------------------------------------------------------- noise model
-def sigma_range(sigma: float | Sequence[float]) -> tuple[float, float]:
-    """``25`` -> ``(25, 25)``; ``[5, 50]`` -> ``(5, 50)``; checks 0 <= lo <= hi (0-255 units).
-
-    Raises:
-        RFIError: not one or two numbers, negative, or lo > hi.
-    """
-    values = [sigma] if isinstance(sigma, (int, float)) else list(sigma)
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise RFIError(f"noise sigma must be one number or a range [lo, hi] (0-255 units), got {sigma!r}")
-    lo, hi = float(values[0]), float(values[1])
-    if lo < 0 or hi < lo:
-        raise RFIError(f"noise sigma range must satisfy 0 <= lo <= hi, got [{lo:g}, {hi:g}]")
-    return lo, hi
-
-
 def add_noise(images: Tensor, sigma: float | Sequence[float], generator: torch.Generator | None = None) -> Tensor:
     """Add white Gaussian noise and clip to [0, 1].
 
@@ -85,7 +70,7 @@ def add_noise(images: Tensor, sigma: float | Sequence[float], generator: torch.G
         >>> torch.equal(a, add_noise(x, [5, 50], torch.Generator().manual_seed(1)))
         True
     """
-    lo, hi = sigma_range(sigma)
+    lo, hi = value_range(sigma, "noise sigma (0-255 units)", low=0)
     batched = images.dim() == 4
     x = images if batched else images.unsqueeze(0)
     gen_device = generator.device if generator is not None else x.device
@@ -108,7 +93,7 @@ class GaussianNoise:
     """
 
     def __init__(self, sigma: float | Sequence[float]):
-        self.sigma = sigma_range(sigma)
+        self.sigma = value_range(sigma, "noise sigma (0-255 units)", low=0)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return add_noise(images, self.sigma, generator)
@@ -117,40 +102,72 @@ class GaussianNoise:
         return f"GaussianNoise(sigma={list(self.sigma)})"
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- configuration
 @yaml_dataclass("apps/denoise.yaml", "noise")
 class NoiseSection:
     """The noise the denoiser learns to remove: ``sigma`` = one level or ``[lo, hi]`` (0-255 units)."""
 
     sigma: list[float]
 
+    def check(self) -> None:
+        value_range(self.sigma, "noise.sigma (0-255 units)", low=0)
+
+
+@yaml_dataclass("apps/denoise.yaml", "apply")
+class DenoiseApplyConfig:
+    """How ``rfi denoise apply`` runs (the ``apply:`` section; flags of the same names win).
+
+    ``sigma``: a demonstration on clean pictures: first add Gaussian noise of this level (0-255
+    units), then denoise (``null``: denoise the inputs as they are). ``seed``: seed of that noise
+    (image ``i`` uses ``seed + i``). ``save_noisy``: with ``sigma``, also write the noisy input as
+    ``<out>/noisy/<name>.png``. ``tile``: tile side in px for large images (``null``: the whole
+    image up to the model's ``max_pixels``, else tiles of its square root). ``device``: ``auto``,
+    ``cpu``, ``cuda``, ...
+    """
+
+    sigma: float | None = bounded(low=0)
+    seed: int
+    save_noisy: bool
+    tile: int | None = bounded(low=1)
+    device: str
+
 
 @yaml_dataclass("apps/denoise.yaml")
-class TrainDenoiserConfig:
-    """A run of ``rfi train-denoiser`` (YAML: ``configs/apps/denoise.yaml``).
+class DenoiseConfig:
+    """A denoiser: how to train it and how to apply it (YAML: ``configs/apps/denoise.yaml``).
 
     ``noise``: the training noise. ``train``: a full ``rfi train-decoder`` config (encoder
     checkpoint and layer, decoder shape and ``skips``, data, losses, steps, ``out``).
-    ``model``: the model file to write (default ``<train.out>/denoiser.pt``).
+    ``model``: the model file training writes and ``apply`` reads (``null``:
+    ``<train.out>/denoiser.pt``; see :func:`model_file`). ``apply``: :class:`DenoiseApplyConfig`.
     """
 
     noise: NoiseSection
     train: TrainDecoderConfig
     model: str | None
+    apply: DenoiseApplyConfig
 
 
-def load_denoiser_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainDenoiserConfig:
-    """Read a train-denoiser YAML (+ ``key=value`` overrides such as ``train.steps=200``).
+def load_denoiser_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DenoiseConfig:
+    """Read a denoise YAML (+ ``key=value`` overrides such as ``train.steps=200``).
 
     Raises:
         RFIError: unknown keys (also inside ``train``), wrong types, a bad ``noise.sigma``.
     """
-    cfg = load_config(TrainDenoiserConfig, path, overrides)
-    sigma_range(cfg.noise.sigma)
-    return cfg
+    return load_config(DenoiseConfig, path, overrides)
 
 
-def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> TrainResult:
+def model_file(cfg: DenoiseConfig) -> Path:
+    """The denoiser file of a config: ``model``, else ``<train.out>/denoiser.pt`` (no ``train.out``: ``runs/denoise``).
+
+    Example:
+        >>> model_file(load_config(DenoiseConfig, None, ["train.out=runs/d1"])).as_posix()
+        'runs/d1/denoiser.pt'
+    """
+    return Path(cfg.model) if cfg.model else Path(cfg.train.out or "runs/denoise") / "denoiser.pt"
+
+
+def train_denoiser(cfg: DenoiseConfig, resume: bool = False) -> TrainResult:
     """Train a denoising decoder and write one self-contained model file.
 
     Clean training crops are corrupted by :class:`GaussianNoise` before encoding (through
@@ -163,8 +180,8 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> TrainResul
         resume: continue a killed run in ``cfg.train.out`` (same config required).
 
     Returns:
-        A :class:`~encoders.core.rundir.TrainResult`: ``path`` is the model file (``cfg.model``,
-        default ``<train.out>/denoiser.pt``; the result stands for it where a path is expected),
+        A :class:`~encoders.core.rundir.TrainResult`: ``path`` is the model file (:func:`model_file`;
+        the result stands for it where a path is expected),
         loadable with :func:`load_denoiser` / ``RobustAutoencoder.load``, which records the noise
         range (``sigma``) it was trained for; ``model`` the denoiser (a ``RobustAutoencoder``, eval
         mode); ``metrics`` the decoder training's (see :func:`inversion.train.train_decoder`).
@@ -172,14 +189,14 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> TrainResul
     Raises:
         RFIError: bad config, missing encoder checkpoint, a finished run in the way.
     """
-    sigma = sigma_range(cfg.noise.sigma)
+    sigma = value_range(cfg.noise.sigma, "noise.sigma", low=0)
     enc = cfg.train.encoder
     if enc.arch is None and Path(enc.checkpoint).is_file():  # a foreign file needs train.encoder.arch=NAME
         load_encoder(enc.checkpoint, arch_key="train.encoder.arch")
+    model_path = model_file(cfg)
     if not cfg.train.out:
         cfg.train.out = "runs/denoise"
     out = Path(cfg.train.out)
-    model_path = Path(cfg.model) if cfg.model else out / "denoiser.pt"
     # The decoder trainer checks its own config on --resume; the noise is ours to check.
     noise_file = out / "noise.yaml"
     noise = {"sigma": list(sigma)}
@@ -209,7 +226,7 @@ def train_denoiser(cfg: TrainDenoiserConfig, resume: bool = False) -> TrainResul
 # ----------------------------------------------------------------------------- using a denoiser
 def load_denoiser(path: str | os.PathLike,
                   device: str | torch.device = "cpu") -> tuple[RobustAutoencoder, dict[str, Any]]:
-    """Load a model file written by ``rfi train-denoiser``.
+    """Load a model file written by ``rfi denoise train``.
 
     Returns:
         ``(autoencoder, info)``: the :class:`~inversion.autoencoder.RobustAutoencoder`, and
@@ -221,11 +238,11 @@ def load_denoiser(path: str | os.PathLike,
     """
     path = Path(path)
     if not path.is_file():
-        raise RFIError(f"denoiser model not found: {path} (train one with rfi train-denoiser)")
+        raise RFIError(f"denoiser model not found: {path} (train one with rfi denoise train)")
     model = RobustAutoencoder.load(path, device)  # read once: the noise levels come in its metadata
     info = {k: model.metadata[k] for k in ("app", "sigma", "layer", "config") if k in model.metadata}
     if info.get("app") != DENOISER_APP:
-        log.warning("%s is an autoencoder file, but not one written by rfi train-denoiser", path)
+        log.warning("%s is an autoencoder file, but not one written by rfi denoise train", path)
     return model.eval(), info
 
 
@@ -255,7 +272,7 @@ def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike],
             an output folder that cannot be written.
     """
     if sigma is not None:
-        sigma_range(sigma)
+        value_range(sigma, "sigma (0-255 units)", low=0)
     noisy = sigma is not None and save_noisy
     batch = FileBatch(inputs, out, names=lambda p: [f"{p.stem}.png"] + [f"noisy/{p.stem}.png"] * noisy,
                       desc="denoise")

@@ -26,12 +26,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from encoders.core.config import config_path, config_to_dict, load_config, parse_overrides, yaml_dataclass
+from encoders.core.config import bounded, config_path, config_to_dict, load_config, parse_overrides, yaml_dataclass
 from encoders.core.errors import RFIError
+from encoders.core.files import check_output_folder
 from encoders.core.rundir import TrainResult
 from encoders.core.runtime import resolve_device
 from encoders.core.serialization import atomic_write, write_json
@@ -62,13 +63,17 @@ class EvalSection:
     """Held-out evaluation: ``num`` embedded validation crops per scale (multiples of the training size),
     and as many crops of the unseen images (``unseen``)."""
 
-    scales: list[int]
-    num: int
+    scales: list[int] = bounded(low=1)
+    num: int = bounded(low=1)
     unseen: bool
     seed: int
-    grid_rows: int
-    lpips_net: str
+    grid_rows: int = bounded(low=1)
+    lpips_net: Literal["alex", "vgg"]
     lpips_weights: str | None
+
+    def check(self) -> None:
+        if not self.scales:
+            raise RFIError("eval.scales is empty: give at least one multiple of the training size (e.g. [1, 2, 4])")
 
 
 @yaml_dataclass("quickstart.yaml")
@@ -76,18 +81,21 @@ class QuickstartConfig:
     """``configs/quickstart.yaml``: the two runs, the budgets (config overrides) and the evaluation.
 
     ``budgets``: ``{name: {"encoder": [key=value, ...], "decoder": [...]}}`` applied on top of
-    the runs' configs; ``budget`` picks one (``--budget`` overrides it).
+    the runs' configs; ``budget`` picks one (``--budget`` overrides it). ``out``: the output
+    folder (``--out`` overrides it). ``device``: ``auto``, ``cpu``, ``cuda``, ...
     """
 
     runs: RunsSection
     budget: str
     budgets: dict[str, Any]
     eval: EvalSection
+    out: str
     device: str
 
 
 def _budget(cfg: QuickstartConfig, name: str, source: str) -> dict[str, dict[str, Any]]:
-    """The budget's overrides ``{"encoder": {...}, "decoder": {...}, "eval": {...}}``, parsed from its ``key=value`` lists."""
+    """The budget's overrides ``{"encoder": {...}, "decoder": {...}, "eval": {...}}``, parsed from its
+    ``key=value`` lists."""
     if name not in cfg.budgets:
         raise RFIError(f"unknown budget '{name}' in {source} (valid: {', '.join(cfg.budgets)})")
     spec = cfg.budgets[name] or {}
@@ -128,12 +136,12 @@ def _train(kind: str, name: str, cfg: Any, root: Path, force: bool,
     return result, {"path": str(result.path), "cached": cached, "seconds": time.perf_counter() - start}
 
 
-def run_quickstart(out: str | os.PathLike, config: str | os.PathLike = DEFAULT_CONFIG, budget: str | None = None,
-                   overrides: tuple[str, ...] = (), force: bool = False) -> dict[str, Any]:
+def run_quickstart(out: str | os.PathLike | None = None, config: str | os.PathLike = DEFAULT_CONFIG,
+                   budget: str | None = None, overrides: tuple[str, ...] = (), force: bool = False) -> dict[str, Any]:
     """Train (or reuse) both encoders and decoders, evaluate them, write the report; returns ``report.json``'s content.
 
     Args:
-        out: output folder (caches, grids, ``report.md``, ``report.json``).
+        out: output folder (caches, grids, ``report.md``, ``report.json``; default: the config's ``out``).
         config: the quickstart YAML.
         budget: a name in the YAML's ``budgets`` (default: its ``budget`` key).
         overrides: ``key=value`` overrides of the quickstart config.
@@ -144,7 +152,6 @@ def run_quickstart(out: str | os.PathLike, config: str | os.PathLike = DEFAULT_C
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    out = Path(out)
     config = config_path(config)
     over = parse_overrides(overrides)
     cfg = load_config(QuickstartConfig, config, over)
@@ -153,10 +160,10 @@ def run_quickstart(out: str | os.PathLike, config: str | os.PathLike = DEFAULT_C
     enc_over, dec_over = spec["encoder"], spec["decoder"]
     if spec["eval"]:  # the budget's evaluation settings, then the command line's overrides
         cfg = load_config(QuickstartConfig, config, {**{f"eval.{k}": v for k, v in spec["eval"].items()}, **over})
-    if cfg.eval.num < 1 or not cfg.eval.scales:
-        raise RFIError(f"eval.num must be >= 1 and eval.scales non-empty in {config}")
+    out = Path(out if out is not None else cfg.out)
+    check_output_folder(out)  # a file in the way or a read-only place: one line, before any training
     runs = {name: getattr(cfg.runs, name) for name in RUN_NAMES}
-    report: dict[str, Any] = {"budget": budget, "config": str(config), "runs": {}}
+    report: dict[str, Any] = {"budget": budget, "config": str(config), "out": str(out), "runs": {}}
     device = {"device": cfg.device}
     models: dict[str, RobustAutoencoder] = {}
     train_sizes = set()

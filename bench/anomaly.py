@@ -4,7 +4,7 @@ For every benchmark draw (``benchmark.seed``), texture (brick, grass, gravel) an
 side in one run and with the same config (``configs/apps/anomaly.yaml``):
 
 - ``reconstruction``: ``rfi anomaly fit --method reconstruction`` on the robust encoder (the
-  decoder is trained: one model per seed, ``decoder.seed``);
+  decoder is trained: one model per seed, ``train.seed``);
 - ``memory (robust)`` / ``memory (standard)``: ``--method memory`` (PatchCore-style bank, the
   coreset seeded by ``memory.seed``) on the robust and on the standard encoder;
 - ``combined``: the reconstruction model's decoder plus the robust memory bank, standardised
@@ -42,9 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.anomaly.detector import (DEFAULT_CONFIG, AnomalyConfig, AnomalyDetector, fit, ground_truth_mask,  # noqa: E402
-                          image_metrics, pixel_metrics, readable_images, resolve_data, split_normal)
-from encoders.core.config import load_config  # noqa: E402
+from apps.anomaly.config import DEFAULT_CONFIG, AnomalyConfig, load_anomaly_config  # noqa: E402
+from apps.anomaly.data import ground_truth_mask, read_mask, readable_images, resolve_data  # noqa: E402
+from apps.anomaly.detector import AnomalyDetector  # noqa: E402
+from apps.anomaly.fitting import fit, split_normal  # noqa: E402
+from apps.anomaly.metrics import image_metrics, pixel_metrics  # noqa: E402
 from encoders.core.errors import RFIError  # noqa: E402
 from encoders.core.serialization import write_json  # noqa: E402
 from encoders.core.imageio import read_image  # noqa: E402
@@ -122,7 +124,6 @@ def example_figure(dets: dict[str, dict[str, AnomalyDetector]], cfg: AnomalyConf
     """Rows = textures; columns: input | ground truth | reconstruction map | memory (robust) map."""
     import torch.nn.functional as F
 
-    from apps.anomaly.data import read_mask
     from encoders.core.runtime import save_grid
 
     cols: list[list[torch.Tensor]] = [[], [], [], []]
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standard", default=ENCODERS["standard"], help="standard encoder checkpoint")
     parser.add_argument("--categories", nargs="+", help="textures (default: the config's benchmark.textures)")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="benchmark.seed values (default 0 1)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per model (decoder.seed, memory.seed)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per model (train.seed, memory.seed)")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds are first-seed .. first-seed + seeds - 1 (to spread seeds over processes; "
                              "merge the JSONs with --merge)")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
         return 0
     try:
-        base = load_config(AnomalyConfig, args.config, args.overrides)
+        base = load_anomaly_config(args.config, args.overrides)
         encoders = {"robust": args.robust, "standard": args.standard}
         for name, path in encoders.items():
             if not Path(path).is_file():
@@ -272,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         for draw in args.draws:
             for cat in categories:
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
-                    common = [*args.overrides, f"benchmark.seed={draw}", f"category={cat}", f"decoder.seed={seed}",
+                    common = [*args.overrides, f"benchmark.seed={draw}", f"category={cat}", f"train.seed={seed}",
                               f"memory.seed={seed}"]
-                    cfg = load_config(AnomalyConfig, args.config, [*common, f"encoder={encoders['robust']}"])
+                    cfg = load_anomaly_config(args.config, [*common, f"encoder={encoders['robust']}"])
                     data = resolve_data("embedded", cat, cfg.benchmark, "test")
                     folder = work / f"draw{draw}" / f"seed{seed}"
                     models: dict[str, AnomalyDetector] = {}
@@ -284,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, enc, method in jobs:
                         if name not in args.methods and not (name != "memory (standard)" and "combined" in args.methods):
                             continue
-                        c = load_config(AnomalyConfig, args.config, [*common, f"encoder={encoders[enc]}",
-                                                                     f"method={method}"])
+                        c = load_anomaly_config(args.config, [*common, f"encoder={encoders[enc]}", f"method={method}"])
                         with PeakRSS() as mem:
                             start = time.perf_counter()
                             path = fit(c, "embedded", folder / f"{cat}_{method}_{enc}.pt", resume=True)
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             vals = [cats[c][m]["image_auroc"] for c in categories if c in cats and m in cats[c]]
             if vals:
                 ok = all(v is not None and v >= GOAL for v in vals)
-                verdict.append(f"{draw} {m}: image AUROC >= {100 * GOAL:.0f}% on every texture: {'met' if ok else 'NOT met'}")
+                verdict.append(f"{draw} {m}: image AUROC >= {100 * GOAL:.0f}% on every texture: "
+                               f"{'met' if ok else 'NOT met'}")
         rs = [(cats[c]["memory (robust)"]["image_auroc"], cats[c]["memory (standard)"]["image_auroc"])
               for c in categories if c in cats and "memory (robust)" in cats[c] and "memory (standard)" in cats[c]]
         if rs:
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"({', '.join(f'{pct(r).strip()} vs {pct(s).strip()}' for r, s in rs)})")
     print("\n".join(verdict))
     if args.figure and figure_dets and all({"reconstruction", "memory (robust)"} <= set(d) for d in figure_dets.values()):
-        print(f"wrote {example_figure(figure_dets, load_config(AnomalyConfig, args.config, [*args.overrides, f'benchmark.seed={args.draws[0]}']), args.figure)}")
+        figure_cfg = load_anomaly_config(args.config, [*args.overrides, f"benchmark.seed={args.draws[0]}"])
+        print(f"wrote {example_figure(figure_dets, figure_cfg, args.figure)}")
     print(f"wrote {args.out}")
     return 0
 

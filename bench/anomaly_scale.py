@@ -6,7 +6,8 @@ images, ``--test-good`` normal and ``--test-defect`` x 3 defective test images),
 each in a fresh Python process (so its peak resident memory, ``VmHWM`` via
 :func:`encoders.core.runtime.peak_memory_mib`, is its own) with threads pinned (``--threads``):
 
-- ``fit``: ``rfi anomaly fit`` at the default settings except ``decoder.steps`` (``--steps``)
+- ``fit``: ``rfi anomaly fit`` at the default settings except ``train.steps`` (``--steps``; ``decoder.steps``
+  in the ``--before`` tree, where the section had its earlier name)
   and the encoder (``--encoder``, the small robust ResNet-18 of the default architecture);
 - ``score``: ``rfi anomaly score`` of the test images at the default settings (batch 16, heat
   maps written, pixel metrics), with the model fitted by the current code (the same model
@@ -14,7 +15,7 @@ each in a fresh Python process (so its peak resident memory, ``VmHWM`` via
 
 - ``pixel metrics``: pixel AUROC and F1 of ``--pixel-maps`` random 1024-px maps and masks (117: the
   issue's count), the way each version's ``score`` does it: the current code streams them into
-  :class:`apps.anomaly.detector.PixelMetrics`; the earlier code holds every map and mask and calls
+  :class:`apps.anomaly.metrics.PixelMetrics`; the earlier code holds every map and mask and calls
   scikit-learn on all pixels at once,
 
 once with the current tree ("after") and once with commit ``--before`` ("before"; checked out
@@ -62,7 +63,10 @@ json.dump({"rc": rc, "seconds": seconds, "cpu_s": cpu, "peak_mib": peak_memory_m
 PIXEL_CHILD = """
 import json, sys, time
 import torch
-import apps.anomaly.detector as anomaly
+try:
+    import apps.anomaly.metrics as anomaly  # the package layout
+except ImportError:
+    import apps.anomaly as anomaly  # the one module of --before
 from encoders.core.runtime import peak_memory_mib
 n, side = int(sys.argv[2]), int(sys.argv[3])
 def pairs():
@@ -140,7 +144,7 @@ def main() -> None:
     p.add_argument("--train", type=int, default=8, help="normal training images (every 5th held out)")
     p.add_argument("--test-good", type=int, default=2)
     p.add_argument("--test-defect", type=int, default=2, help="test images per defect type (3 types)")
-    p.add_argument("--steps", type=int, default=25, help="decoder.steps (default config: 200)")
+    p.add_argument("--steps", type=int, default=25, help="train.steps (default config: 200)")
     p.add_argument("--encoder", default="runs/encoders/resnet18_robust_small/checkpoint.pt")
     p.add_argument("--before", default="25aaab1", help="the commit to compare with")
     p.add_argument("--pixel-maps", type=int, default=117, help="maps for the pixel-metrics phase (0: skip)")
@@ -173,9 +177,10 @@ def main() -> None:
         if made["status"] != "ok":
             sys.exit(f"make-benchmark failed: {made['status']}")
         data = str(bench / "brick")
-        fit_args = [f"encoder={encoder}", f"decoder.steps={args.steps}", "device=cpu", "decoder.device=cpu"]
         for name in ("after", "before"):  # after first: its model is the one both score
             model = work / name / "model.pt"
+            section = "train" if name == "after" else "decoder"  # the decoder-training section's name in each tree
+            fit_args = [f"encoder={encoder}", f"{section}.steps={args.steps}", "device=cpu", f"{section}.device=cpu"]
             results["phases"][f"fit {name}"] = run_phase(
                 trees[name], ["anomaly", "fit", "--data", data, "--out", str(model), *fit_args],
                 args.threads, args.timeout, args.mem_gb, work)

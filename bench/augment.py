@@ -12,13 +12,13 @@ All three of a seed share initialisation, data order, crops and colour-jitter dr
 (views are drawn from per-batch generators; StyleAugment has its own), so differences are
 paired. Each backbone is scored by linear probes (logistic regression on frozen pooled
 features, train-region crops -> held-out-region crops) on every task of
-:data:`apps.ssl.train.PROBE_TASKS`; the untrained backbone of each seed and a probe on colour
+:data:`apps.ssl.probes.PROBE_TASKS`; the untrained backbone of each seed and a probe on colour
 statistics alone (per-channel mean, sd, 8-bin histogram) are scored as floors. For each task
 and style pipeline: mean, sd, and the paired difference to ``plain`` with its 95 % t-interval.
 
 Timing: per method, ``--timing-rounds`` rounds of three ``--timing-steps``-step runs each
 (plain; StyleAugment in the training loop; StyleAugment in a background thread,
-:class:`apps.style.augment.StyledLoader`), interleaved in the same process; median step times.
+:class:`apps.style.loader.StyledLoader`), interleaved in the same process; median step times.
 
     python bench/augment.py --encoder ENC.pt --decoder DEC.pt --seeds 10 --steps 30 --threads 1
     python bench/augment.py --train-missing ...   # trains the default robust encoder + decoder first
@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,14 +47,10 @@ from apps.style.augment import (
     StyleAugment,
     load_style_model,
 )
-from apps.ssl.train import (
-    PROBE_TASKS,
-    SSLConfig,
-    build_model,
-    linear_probe,
-    run_ssl,
-    train_ssl,
-)
+from apps.ssl import SSLConfig, linear_probe, run_ssl
+from apps.ssl.methods import build_model
+from apps.ssl.probes import PROBE_TASKS
+from apps.ssl.train import train_ssl
 from encoders.core.config import config_to_dict, load_config
 from encoders.core.errors import RFIError
 from encoders.core.serialization import write_json
@@ -122,8 +119,8 @@ def summarise(runs: dict, methods: list[str], tasks: list[str]) -> dict:
 
 
 def timing(base: list[str], style_keys: list[str], methods: list[str], steps: int, rounds: int,
-           style: StyleAugment) -> dict:
-    """Median step time: plain, StyleAugment in the loop, StyleAugment in a background thread."""
+           style: StyleAugment, work: Path) -> dict:
+    """Median step time: plain, StyleAugment in the loop, StyleAugment in a background thread (runs in ``work``)."""
     modes = {"plain": [], "sync": ["style.enabled=true", "style.background=false", *style_keys],
              "async": ["style.enabled=true", "style.background=true", *style_keys]}
     out = {}
@@ -132,8 +129,9 @@ def timing(base: list[str], style_keys: list[str], methods: list[str], steps: in
         for r in range(rounds):
             for mode, extra in modes.items():
                 cfg = load_config(SSLConfig, SSL_CONFIG, [*base, f"method={m}", f"steps={steps}", "seed=0",
-                                                          "probe.enabled=false", *extra])
-                _, stats = train_ssl(cfg, style=style if cfg.style.enabled else None)
+                                                          "probe.enabled=false", f"out={work / f'{m}_{r}_{mode}'}",
+                                                          *extra])
+                stats = train_ssl(cfg, style=style if cfg.style.enabled else None).metrics
                 per[mode].append(stats)
                 print(f"timing {m:<7} round {r + 1} {mode:<6} step {stats['step_ms']:.0f} ms  style "
                       f"{stats['style_ms']:.0f} ms  wait {stats['wait_ms']:.0f} ms  training-thread CPU "
@@ -155,8 +153,9 @@ def print_tables(summary: dict, floors: dict, speed: dict, methods: list[str], t
     print("-" * len(head))
     print(f"{'-':<8} {'colour stats':<9} " + " ".join(f"{100 * floors[t]:>23.1f}%" for t in tasks))
     if summary.get("untrained"):
+        untrained = summary["untrained"]
         print(f"{'-':<8} {'untrained':<9} " + " ".join(
-            f"{100 * summary['untrained'][t]['mean']:>15.1f} ± {100 * summary['untrained'][t]['sd']:4.1f}%" for t in tasks))
+            f"{100 * untrained[t]['mean']:>15.1f} ± {100 * untrained[t]['sd']:4.1f}%" for t in tasks))
     for m in methods:
         for name, row in summary.get(m, {}).items():
             cells = [f"{100 * row[t]['mean']:>15.1f} ± {100 * row[t]['sd']:4.1f}%" for t in tasks]
@@ -172,9 +171,10 @@ def print_tables(summary: dict, floors: dict, speed: dict, methods: list[str], t
     if speed:
         print("\nstep time (median ms): plain | StyleAugment in the loop | in a background thread")
         for m, row in speed.items():
-            print(f"{m:<8} {row['plain']['step_ms']:7.0f} | {row['sync']['step_ms']:7.0f} ({100 * row['sync_overhead']:+.0f}%)"
-                  f" | {row['async']['step_ms']:7.0f} ({100 * row['async_overhead']:+.0f}%; goal <= "
-                  f"{100 * GOAL_ASYNC_OVERHEAD:.0f}%: {'met' if row['async_overhead'] <= GOAL_ASYNC_OVERHEAD else 'NOT met'})"
+            met = "met" if row["async_overhead"] <= GOAL_ASYNC_OVERHEAD else "NOT met"
+            print(f"{m:<8} {row['plain']['step_ms']:7.0f} | {row['sync']['step_ms']:7.0f} "
+                  f"({100 * row['sync_overhead']:+.0f}%) | {row['async']['step_ms']:7.0f} "
+                  f"({100 * row['async_overhead']:+.0f}%; goal <= {100 * GOAL_ASYNC_OVERHEAD:.0f}%: {met})"
                   f"  StyleAugment {row['sync']['style_ms']:.0f} ms/step")
             print(f"{'':<8} training-thread CPU per step: {row['plain']['main_cpu_ms']:7.0f} | "
                   f"{row['sync']['main_cpu_ms']:7.0f} ({100 * row['sync_cpu_overhead']:+.0f}%) | "
@@ -226,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     tasks = list(cfg0.probe.tasks)
     # One StyleAugment (hence one autoencoder in memory) per alpha/beta setting, shared by the runs.
     styles = {name: StyleAugment(autoencoder, p=cfg0.style.p, alpha=ab, beta=ab, styles=cfg0.style.styles,
-                                 style_size=cfg0.style.style_size, work_size=cfg0.style.work_size) for name, ab in PIPELINES.items() if ab}
+                                 style_size=cfg0.style.style_size, work_size=cfg0.style.work_size)
+              for name, ab in PIPELINES.items() if ab}
 
+    work = tempfile.TemporaryDirectory(prefix="rfi-bench-augment-")  # the runs' folders, removed at the end
+    runs_dir = Path(work.name)
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     result = {"command": "python bench/augment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "complete": False, "ssl_config": config_to_dict(cfg0), "pipelines": pipelines,
               "tasks": {t: PROBE_TASKS[t] for t in tasks},
-              "style_model": {"model": args.model, "encoder": args.encoder or (None if args.model else str(DEFAULT_ENCODER)),
+              "style_model": {"model": args.model,
+                              "encoder": args.encoder or (None if args.model else str(DEFAULT_ENCODER)),
                               "decoder": args.decoder or (None if args.model else str(DEFAULT_DECODER))}}
 
     def save() -> None:
@@ -246,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     floors = linear_probe(None, cfg0)
     result["colour_stats_probe"] = floors
     print("colour-statistics probe: " + ", ".join(f"{t} {100 * a:.1f}%" for t, a in floors.items()), flush=True)
-    speed = timing(base, style_keys, methods, args.timing_steps, args.timing_rounds, styles["sassl"]) \
-        if args.timing_steps else {}
+    speed = timing(base, style_keys, methods, args.timing_steps, args.timing_rounds, styles["sassl"],
+                   runs_dir / "timing") if args.timing_steps else {}
     result["timing"] = speed
     save()
 
@@ -261,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, ab in pipelines.items():
                 extra = [] if ab is None else ["style.enabled=true", "style.background=false", *style_keys,
                                                f"style.alpha={ab}", f"style.beta={ab}"]
-                cfg = load_config(SSLConfig, SSL_CONFIG, [*base, f"method={m}", f"seed={seed}", *extra])
+                cfg = load_config(SSLConfig, SSL_CONFIG, [*base, f"method={m}", f"seed={seed}", *extra,
+                                                          f"out={runs_dir / f'{m}_{name}_{seed}'}"])
                 r = {"seed": seed, **run_ssl(cfg, style=styles.get(name))}
                 runs[m][name].append(r)
                 print(f"seed {seed} {m:<7} {name:<6} " + " ".join(f"{t} {100 * a:.1f}%" for t, a in r["probe"].items())
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
               f"at {c.style.position}; linear-probe accuracy on held-out regions (mean ± sd)")
     print_tables(result["summary"], floors, speed, methods, tasks, header)
     print(f"wrote {args.out}")
+    work.cleanup()
     return 0
 
 

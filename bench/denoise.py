@@ -5,7 +5,7 @@ seen in training) of each of the 8 embedded photos, whole (384 x 128-193 px). Fo
 noise level sigma (0-255 units, default 15, 25, 50) every method gets the very same noisy
 images (Gaussian noise clipped to [0, 1], seeded per image and sigma):
 
-- ``ours (robust)``: ``rfi train-denoiser`` on the default robust encoder (one blind
+- ``ours (robust)``: ``rfi denoise train`` on the default robust encoder (one blind
   model for all sigmas unless ``--fixed``: one model per sigma), one per seed (``--seeds``);
 - ``ours (standard)``: the same config and budget on the standard encoder;
 - ``bm3d``: the ``bm3d`` package (``bm3d_rgb``, the true sigma given; an optional bench-only
@@ -31,7 +31,7 @@ Usage:
     python bench/denoise.py --seeds 1 --steps 200    # quick look
     python bench/denoise.py --steps 1500             # bigger training budget
     python bench/denoise.py --fixed                  # one model per sigma (3x the budget)
-    python bench/denoise.py --set train.decoder.skips=[layer1]   # any train-denoiser override
+    python bench/denoise.py --set train.decoder.skips=[layer1]   # any denoise train override
 """
 from __future__ import annotations
 
@@ -232,7 +232,8 @@ def get_model(args: argparse.Namespace, kind: str, sigma: float | None, seed: in
     if given:
         return Path(given), {}
     encoder = args.robust_encoder if kind == "robust" else args.standard_encoder
-    noise = f"noise.sigma={sigma:g}" if sigma is not None else f"noise.sigma=[{args.train_sigma[0]:g},{args.train_sigma[1]:g}]"
+    lo, hi = args.train_sigma
+    noise = f"noise.sigma={sigma:g}" if sigma is not None else f"noise.sigma=[{lo:g},{hi:g}]"
     # One folder per (encoder, noise, budget, seed, overrides): a finished run is reused, never extended.
     tag = f"{kind}_{f'sigma{sigma:g}' if sigma is not None else 'blind'}_{args.steps}steps_seed{seed}"
     key = hashlib.sha1(Path(encoder).read_bytes())  # a retrained encoder gets a new folder
@@ -260,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-sigma", type=float, nargs=2, default=[0, 55], metavar=("LO", "HI"),
                    help="noise range of the blind denoisers (ours and DnCNN)")
     p.add_argument("--fixed", action="store_true", help="one denoiser per sigma instead of one blind model")
-    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more train-denoiser overrides")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more denoise train overrides")
     p.add_argument("--robust-encoder", default="runs/encoders/resnet18_robust/checkpoint.pt")
     p.add_argument("--standard-encoder", default="runs/encoders/resnet18_standard/checkpoint.pt")
     p.add_argument("--robust-model", help="use this denoiser file instead of training one")

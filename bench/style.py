@@ -19,7 +19,7 @@ style loss says how far the content is from the style) and ``reconstruction`` (a
 pyramid's chained plain reconstruction, the content-loss floor of that pyramid).
 
 Pyramids missing at ``--robust`` / ``--standard`` are first trained with
-``rfi train-decoders --config configs/apps/style.yaml`` on the default encoders (a few
+``rfi style train --config configs/apps/style.yaml`` on the default encoders (a few
 minutes each on 2 CPU cores; the bench says so); encoders must exist (``rfi train-encoder``).
 Writes ``bench/results/style.json`` and the grid ``docs/img/style_grid.png``
 (content | style | standard | robust, WCT at 256 px).
@@ -31,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -45,18 +46,20 @@ from torchvision.transforms.v2.functional import center_crop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apps.style.pyramid import TrainDecodersConfig, load_pyramid, resize_longer, stylize, train_pyramid  # noqa: E402
+from apps.style.config import StyleConfig  # noqa: E402
+from apps.style.pyramid import load_pyramid, train_pyramid  # noqa: E402
+from apps.style.transfer import resize_longer, stylize  # noqa: E402
 from encoders.core.config import load_config  # noqa: E402
-from encoders.data.embedded import embedded_image  # noqa: E402
 from encoders.core.runtime import save_grid  # noqa: E402
 from encoders.core.serialization import atomic_write, load_checkpoint  # noqa: E402
+from encoders.data.embedded import embedded_image  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 
 PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "retina"), ("coffee", "stereo_motorcycle"),
          ("rocket", "immunohistochemistry"), ("stereo_motorcycle", "retina"), ("chelsea", "hubble_deep_field"))
 ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
             "standard": "runs/encoders/resnet18_standard/checkpoint.pt"}
-BUDGET_FREE = ("out", "runs")  # config keys that may differ between the two pyramids
+BUDGET_FREE = ("out", "runs", "apply")  # config keys that may differ between the two pyramids (not training)
 
 
 def ensure_pyramid(kind: str, path: Path, config: str, overrides: list[str]) -> bool:
@@ -65,7 +68,7 @@ def ensure_pyramid(kind: str, path: Path, config: str, overrides: list[str]) -> 
         return False
     print(f"[bench] no {kind} pyramid at {path}: training one with {config} on {ENCODERS[kind]} "
           f"(a few minutes on 2 CPU cores)", flush=True)
-    cfg = load_config(TrainDecodersConfig, ROOT / config,
+    cfg = load_config(StyleConfig, ROOT / config,
                       [f"train.encoder.checkpoint={ENCODERS[kind]}", f"out={path}", *overrides])
     train_pyramid(cfg, resume=True)
     return True
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         images = [(resize_longer(embedded_image(c), size)[None], resize_longer(embedded_image(s), size)[None])
                   for c, s in pairs]
 
-        def judged(outs: list[torch.Tensor]) -> dict[str, float]:
+        def judged(outs: list[torch.Tensor], images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
             rec: dict[str, float] = {}
             for jname, judge in models.items():
                 vals = [losses(judge, o, c, s, args.content_layer, args.style_layers)
@@ -159,17 +162,18 @@ def main(argv: list[str] | None = None) -> int:
             return rec
 
         rows.append({"size": size, "pyramid": "-", "method": "content image", "ms": None,
-                     **judged([c for c, _ in images])})
+                     **judged([c for c, _ in images], images)})
         for name, ae in models.items():
             outs = [stylize(ae, c, s, alpha=0.0) for c, s in images]
-            rows.append({"size": size, "pyramid": name, "method": "reconstruction", "ms": None, **judged(outs)})
+            rows.append({"size": size, "pyramid": name, "method": "reconstruction", "ms": None, **judged(outs, images)})
             for method in args.methods:
                 ms, outs = [], []
                 for c, s in images:
-                    ms.append(time_ms(lambda: stylize(ae, c, s, method=method, alpha=args.alpha), args.repeats))
+                    ms.append(time_ms(functools.partial(stylize, ae, c, s, method=method, alpha=args.alpha),
+                                      args.repeats))
                     outs.append(stylize(ae, c, s, method=method, alpha=args.alpha))
                 rows.append({"size": size, "pyramid": name, "method": method, "ms": statistics.median(ms),
-                             **judged(outs)})
+                             **judged(outs, images)})
                 print(f"[bench] {size}px {name} {method}: {statistics.median(ms):.0f} ms/image", flush=True)
                 if size == min(args.sizes) and method == args.methods[0]:
                     grid_cols[name] = outs

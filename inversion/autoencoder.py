@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from encoders.weights.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint
 from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images
-from encoders.nets.models import SWIN, Encoder
+from encoders.nets.models import Encoder
 from encoders.core.runtime import autocast, check_precision, memory_format
 from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
@@ -251,7 +251,7 @@ class RobustAutoencoder(nn.Module):
         decoder that up-samples by exactly that stride."""
         layer = layer or self.layer
         s, dec = self.strides[layer], self._decoder(layer)
-        return (self.encoder.arch not in SWIN and getattr(self.encoder, "downsample", "stride") != "lps"
+        return (self.encoder.family.convolutional and getattr(self.encoder, "downsample", "stride") != "lps"
                 and s & (s - 1) == 0 and getattr(dec, "upsample", "nearest") != "lps" and dec.upsampling == s)
 
     def margins(self, layer: str | None = None) -> tuple[int, int]:

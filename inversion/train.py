@@ -17,9 +17,11 @@ loss weights (pixel, feature, LPIPS, adversarial; 0 switches a term off). A run 
   transform: clean | corrupted input | reconstruction) every ``sample_every`` steps.
 - ``config.yaml``: the resolved config.
 
-Under ``torchrun --nproc_per_node N`` each process trains on its shard of every batch
-(``DistributedSampler``) with ``DistributedDataParallel`` over NCCL (GPU) or gloo (CPU);
-``batch_size`` is the global batch. Only rank 0 writes files.
+:class:`DecoderTrainer` is the step, validation, samples and checkpoint of a run on the training
+scaffold (:class:`encoders.core.trainer.Trainer`: loop, resume, data order, logging). Under
+``torchrun --nproc_per_node N`` each process trains on its slice of every global batch with
+``DistributedDataParallel`` over NCCL (GPU) or gloo (CPU); ``batch_size`` is the global batch.
+Only rank 0 writes files.
 
 Example:
     >>> from encoders.core.config import load_config
@@ -31,28 +33,24 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from encoders.weights.checkpoints import load_encoder, load_state_dict_checked
 from encoders.core.config import config_to_dict, yaml_dataclass
+from encoders.core.errors import RFIError
+from encoders.core.optim import lr_scheduler
+from encoders.core.rundir import TrainResult, step_seed
+from encoders.core.runtime import DistContext, autocast, check_precision, memory_format, save_grid
+from encoders.core.trainer import Trainer, run_trainer
 from encoders.data.build import DataConfig, build_dataset
 from encoders.data.folders import resolve_num_workers
-from encoders.core.errors import RFIError
 from encoders.nets.models import INPUT_TAP, Encoder
-from encoders.core.rundir import RunDir, TrainResult, run_trainer, step_seed
-from encoders.core.runtime import (DistContext, autocast, check_precision, grad_scaler, memory_format,
-                              progress, rng_state, save_grid, seed_everything, set_rng_state,
-                              setup_distributed)
-from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.weights.checkpoints import load_encoder, load_state_dict_checked
 from inversion.decoders import CPU_PRESET, DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_preset
 from inversion.discriminator import build_discriminator
 from inversion.losses import DecoderLoss, term_weights
@@ -288,55 +286,12 @@ def build_decoder(encoder: Encoder, layer: str, section: DecoderSection) -> Deco
                    **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
 
 
-# The process-group helpers are shared with encoder training (encoders.core.runtime).
-_Dist = DistContext
-_setup_distributed = setup_distributed
-
-
-def lr_factor(step: int, total: int, cfg: OptimSection) -> float:
-    """The decoder's learning rate at ``step`` of ``total``, as a fraction of ``cfg.lr``: linear warm-up over
-    ``cfg.warmup_steps``, then cosine decay to 0 at ``total`` (or ``constant``); see :func:`lr_scheduler`.
-
-    Example:
-        >>> o = OptimSection(warmup_steps=2)
-        >>> [round(lr_factor(s, 6, o), 3) for s in range(7)]
-        [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
-    """
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, total: Callable[[], int],
-                 step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """The decoder's per-step schedule (:func:`lr_factor`) as a ``torch.optim.lr_scheduler.LambdaLR``.
-
-    Args:
-        optimizer: the decoder's optimizer.
-        cfg: the schedule; ``cfg.lr`` is the peak learning rate.
-        total: the run's number of steps (read at every step: a resumed run may be extended).
-        step: the step the run is at (a resumed run's); the learning rates are set for it.
-
-    Example:
-        >>> opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-        >>> sched = lr_scheduler(opt, OptimSection(lr=1.0, warmup_steps=2), lambda: 6, step=4)
-        >>> sched.get_last_lr(), sched.last_epoch
-        ([0.5], 4)
-    """
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total(), cfg), last_epoch=step - 1)
-
-
 def _images(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-class DecoderTrainer:
-    """One training run (state + loop) on one process of a (possibly one-process) DDP job.
+class DecoderTrainer(Trainer):
+    """One decoder training run on one process of a (possibly one-process) DDP job (:class:`Trainer`'s loop).
 
     :func:`train_decoder` is the entry point for a whole run (it also locks the folder); the
     trainer itself is public so that benchmarks time its real :meth:`train_step`.
@@ -346,40 +301,32 @@ class DecoderTrainer:
         input_transform: see :func:`train_decoder`.
         ctx: the process group, from :func:`encoders.core.runtime.setup_distributed`.
         device: the device (ditto).
+        encoder, datasets: see :func:`train_decoder`.
     """
 
+    name = "train-decoder"
+    checkpoint_name = CHECKPOINT_NAME
+    resume_free_keys = (*RESUME_FREE_KEYS, "epochs", "steps")  # a run may also be extended
+
     def __init__(self, cfg: TrainDecoderConfig, input_transform: InputTransform | None,
-                 ctx: _Dist, device: torch.device, encoder: Encoder | None = None,
+                 ctx: DistContext, device: torch.device, encoder: Encoder | None = None,
                  datasets: tuple[Dataset, Dataset] | None = None):
-        self.cfg, self.ctx, self.device, self.transform = cfg, ctx, device, input_transform
-        self.out = Path(cfg.out) if cfg.out else default_out(cfg)
-        self.run_dir = RunDir(self.out, CHECKPOINT_NAME, ctx.main)
-        self.ckpt_path = self.run_dir.checkpoint
-        self.layer = cfg.encoder.layer
+        self.transform, self.layer = input_transform, cfg.encoder.layer
         self.encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips, encoder).to(device)
         self.encoder.check_input_size(cfg.data.size)
-        self.train_set, self.val_set = datasets or (build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"))
-        if cfg.batch_size % ctx.world:
-            raise RFIError(f"batch_size={cfg.batch_size} must be divisible by the {ctx.world} processes")
-        self.local_batch = cfg.batch_size // ctx.world
-        self.steps_per_epoch = (len(self.train_set) // ctx.world) // self.local_batch
-        if self.steps_per_epoch < 1:
-            raise RFIError(f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} training images")
-        self.total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * self.steps_per_epoch
-
-        seed_everything(cfg.seed, cfg.deterministic)  # same initial weights on every rank (DDP broadcasts rank 0's)
-        self.decoder = build_decoder(self.encoder, self.layer, cfg.decoder).to(device)
-        self.scaler = grad_scaler(device, cfg.precision)  # enabled for fp16 only
+        train_set, self.val_set = datasets or (build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"))
+        super().__init__(cfg, ctx, device, Path(cfg.out) if cfg.out else default_out(cfg), train_set,
+                         resolve_num_workers(cfg.num_workers, train_set))
+        self.decoder = self.module = build_decoder(self.encoder, self.layer, cfg.decoder).to(device)
         if cfg.channels_last:
             self.encoder.to(memory_format=memory_format(True))
             self.decoder.to(memory_format=memory_format(True))
         o = cfg.optim
-        self.opt = torch.optim.Adam(self.decoder.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                    weight_decay=o.weight_decay)
-        self.scheduler = lr_scheduler(self.opt, o, lambda: self.total_steps)
-        self.lr = self.scheduler.get_last_lr()[0]  # the learning rate of the last step (logged)
+        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                          weight_decay=o.weight_decay)
+        self.optimizers = {"optimizer": self.optimizer}
+        self.rebuild_scheduler()
         self.disc: nn.Module | None = None
-        self.disc_opt: torch.optim.Optimizer | None = None
         lpips_model = None
         if cfg.loss.lpips > 0:
             from inversion.perceptual import load_lpips
@@ -393,7 +340,8 @@ class DecoderTrainer:
         if cfg.loss.adversarial > 0:
             self.disc = build_discriminator(cfg.loss.discriminator, self.decoder.in_channels,
                                             cfg.loss.disc_channels, cfg.loss.disc_spectral_norm).to(device)
-            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.disc_betas))
+            self.optimizers["disc_optimizer"] = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr,
+                                                                 betas=tuple(o.disc_betas))
         w = cfg.loss
         self.loss = DecoderLoss(self.encoder, self.layer, pixel=w.pixel, feature=w.feature, lpips=w.lpips,
                                 adversarial=w.adversarial, pixel_type=w.pixel_type, lpips_model=lpips_model,
@@ -405,19 +353,52 @@ class DecoderTrainer:
             self.ddp_decoder = DistributedDataParallel(self.decoder, device_ids=ids)
             if self.disc is not None:
                 self.ddp_disc = DistributedDataParallel(self.disc, device_ids=ids)
-        self.step = 0
         self.val_psnr: float | None = None
-        # Sums of the loss terms since the last metrics line (kept in checkpoints so a resumed
-        # run logs the same averages as an uninterrupted one).
-        self.window: dict[str, Tensor] = {}
-        self.window_steps = 0
         self.samples = torch.stack([_images(self.val_set[i]) for i in range(min(SAMPLE_ROWS, len(self.val_set)))])
 
-    # ------------------------------------------------------------------ helpers
-    def info(self, msg: str, *args: Any) -> None:
-        if self.ctx.main:
-            log.info(msg, *args)
+    # ------------------------------------------------------------------ scaffold hooks
+    def epoch_order(self, epoch: int) -> Tensor:
+        """``DistributedSampler``'s shuffle (a generator seeded with seed + epoch), which decoder runs have had
+        since they exist: their batches, and so their weights, stay the same."""
+        return torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
+    def step_inputs(self, batch: Any) -> tuple[Tensor]:
+        return (_images(batch),)
+
+    def rebuild_scheduler(self) -> None:
+        o = self.cfg.optim
+        self.scheduler = lr_scheduler(self.optimizer, o.lr, lambda: self.total_steps, o.warmup_steps, o.schedule,
+                                      self.step)
+
+    def describe(self) -> str:
+        cfg, ctx = self.cfg, self.ctx
+        params = sum(p.numel() for p in self.decoder.parameters())
+        return (f"training a decoder for {self.layer} of {cfg.encoder.checkpoint} ({params / 1e6:.2f}M parameters; "
+                f"loss {term_weights(self.loss.weights)}) on {len(self.train_set)} {cfg.data.source} crops of "
+                f"{cfg.data.size} px, {self.total_steps} steps of {cfg.batch_size} images"
+                f"{f' on {ctx.world} processes' if ctx.world > 1 else ''} -> {self.out}")
+
+    def checkpoint(self, train: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "encoder_path": str(self.cfg.encoder.checkpoint), "train_size": self.cfg.data.size,
+            "layer": self.layer, "input_transform": self.transform is not None,
+            "val_psnr": self.val_psnr, "config": config_to_dict(self.cfg), "train": train}
+        if self.disc is not None:
+            extra["discriminator"] = {"config": self.disc.config(), "state_dict": self.disc.state_dict()}
+        return decoder_checkpoint(self.decoder, self.encoder.config(), **extra)
+
+    def training_state(self, ckpt: dict[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        if ckpt.get("format") != DECODER_FORMAT or "train" not in ckpt:
+            raise RFIError(f"{self.ckpt_path} is not a training checkpoint of rfi train-decoder: cannot resume")
+        return ckpt["train"], ckpt.get("config", {})
+
+    def load_payload(self, ckpt: dict[str, Any]) -> None:
+        load_state_dict_checked(self.decoder, ckpt["state_dict"], str(self.ckpt_path))
+        if self.disc is not None:
+            load_state_dict_checked(self.disc, ckpt["discriminator"]["state_dict"], f"{self.ckpt_path} (discriminator)")
+        self.val_psnr = ckpt.get("val_psnr")
+
+    # ------------------------------------------------------------------ steps
     def _generator(self, step: int, rank: int) -> torch.Generator:
         # A pure function of (seed, step, rank): a resumed run draws the same corruption.
         return torch.Generator().manual_seed(step_seed(self.cfg.seed, step, rank))
@@ -425,76 +406,6 @@ class DecoderTrainer:
     def _corrupt(self, x: Tensor, g: torch.Generator) -> Tensor:
         return x if self.transform is None else self.transform(x, g)
 
-    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
-        """This rank's batches of ``epoch`` (order a pure function of seed and epoch), from ``skip_batches`` on."""
-        sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world, rank=self.ctx.rank,
-                                     shuffle=True, seed=self.cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        indices = list(sampler)[skip_batches * self.local_batch:]
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)  # worker seeds (random transforms)
-        return DataLoader(self.train_set, batch_size=self.local_batch, sampler=indices, drop_last=True,
-                          num_workers=resolve_num_workers(self.cfg.num_workers, self.train_set), generator=g, pin_memory=self.device.type == "cuda")
-
-    # ------------------------------------------------------------------ state
-    def shared_window(self) -> dict[str, float]:
-        """The loss-term sums of the current log window, averaged over processes (collective)."""
-        names = sorted(self.window)
-        if not names:
-            return {}
-        return dict(zip(names, self.ctx.mean(torch.stack([self.window[k] for k in names]).float()).tolist()))
-
-    def checkpoint(self, complete: bool, window: dict[str, float] | None = None) -> dict[str, Any]:
-        extra: dict[str, Any] = {
-            "encoder_path": str(self.cfg.encoder.checkpoint), "train_size": self.cfg.data.size,
-            "layer": self.layer, "input_transform": self.transform is not None,
-            "val_psnr": self.val_psnr, "config": config_to_dict(self.cfg),
-            "train": {"step": self.step, "epoch": self.step // self.steps_per_epoch,
-                      "total_steps": self.total_steps, "complete": complete, "world_size": self.ctx.world,
-                      "optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(),
-                      "rng": rng_state(),
-                      "log_window": {"steps": self.window_steps, "sums": window or {}}}}
-        if self.scaler.is_enabled():
-            extra["train"]["scaler"] = self.scaler.state_dict()
-        if self.disc is not None:
-            extra["discriminator"] = {"config": self.disc.config(), "state_dict": self.disc.state_dict()}
-            extra["train"]["disc_optimizer"] = self.disc_opt.state_dict()
-        return decoder_checkpoint(self.decoder, self.encoder.config(), **extra)
-
-    def save(self, complete: bool = False) -> None:
-        window = self.shared_window()
-        if self.ctx.main:
-            save_checkpoint(self.checkpoint(complete, window), self.ckpt_path)
-        self.ctx.barrier()
-
-    def restore(self) -> dict[str, Any]:
-        ckpt = load_checkpoint(self.ckpt_path)
-        if ckpt.get("format") != DECODER_FORMAT or "train" not in ckpt:
-            raise RFIError(f"{self.ckpt_path} is not a training checkpoint of rfi train-decoder: cannot resume")
-        self.run_dir.check_resume(ckpt.get("config", {}), config_to_dict(self.cfg),
-                                  (*RESUME_FREE_KEYS, "epochs", "steps"),  # a run may also be extended
-                                  config_to_dict(TrainDecoderConfig()))
-        train = ckpt["train"]
-        if train["world_size"] != self.ctx.world:
-            self.info("resuming a %d-process run on %d processes: the data order changes from here on",
-                      train["world_size"], self.ctx.world)
-        load_state_dict_checked(self.decoder, ckpt["state_dict"], str(self.ckpt_path))
-        self.opt.load_state_dict(train["optimizer"])
-        if self.scaler.is_enabled() and "scaler" in train:
-            self.scaler.load_state_dict(train["scaler"])
-        if self.disc is not None:
-            load_state_dict_checked(self.disc, ckpt["discriminator"]["state_dict"], f"{self.ckpt_path} (discriminator)")
-            self.disc_opt.load_state_dict(train["disc_optimizer"])
-        set_rng_state(train["rng"])
-        self.step, self.val_psnr = train["step"], ckpt.get("val_psnr")
-        if "scheduler" in train and train["total_steps"] == self.total_steps:
-            self.scheduler.load_state_dict(train["scheduler"])
-        else:  # a checkpoint from before schedulers were saved, or an extended run: the schedule at its step
-            self.scheduler = lr_scheduler(self.opt, self.cfg.optim, lambda: self.total_steps, self.step)
-        self.window_steps = train["log_window"]["steps"]
-        self.window = {k: torch.tensor(v, device=self.device) for k, v in train["log_window"]["sums"].items()}
-        return ckpt
-
-    # ------------------------------------------------------------------ steps
     def train_step(self, x: Tensor) -> dict[str, Tensor]:
         """One optimisation step of the decoder (and of the discriminator); returns the loss terms."""
         x = x.to(self.device, non_blocking=True)
@@ -508,21 +419,37 @@ class DecoderTrainer:
         with autocast(self.device, self.cfg.precision):
             rec = self.ddp_decoder(feats, size=tuple(x.shape[-2:]))  # exactly the input size, any stride
             total, terms = self.loss(rec, x, condition=feats[self.layer], target_features=target)
-        self.opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total.float()).backward()
-        self.scaler.step(self.opt)
+        self.scaler.step(self.optimizer)
         if self.disc is not None:
+            disc_optimizer = self.optimizers["disc_optimizer"]
             with autocast(self.device, self.cfg.precision):
                 d_loss = self.loss.discriminator_step_loss(x, rec, feats[self.layer], self.ddp_disc)
-            self.disc_opt.zero_grad(set_to_none=True)
+            disc_optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(d_loss.float()).backward()
-            self.scaler.step(self.disc_opt)
+            self.scaler.step(disc_optimizer)
             terms["disc"] = d_loss.detach()
         self.scaler.update()
-        self.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
         return terms
+
+    def after_step(self) -> None:
+        if self.ctx.main and self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
+            self.write_samples()
+
+    def end_epoch(self, epoch: int, sums: Mapping[str, float], images_per_s: float) -> None:
+        """Validation PSNR (rank 0) and its metrics line."""
+        if self.ctx.main:
+            self.val_psnr = self.validate()
+            self.metrics.write(step=self.step, epoch=epoch + 1, val_psnr=self.val_psnr)
+            self.info("epoch %d (step %d/%d): validation PSNR %.2f dB", epoch + 1, self.step,
+                      self.total_steps, self.val_psnr)
+
+    def finish(self) -> None:
+        if self.ctx.main and self.cfg.sample_every and self.step % self.cfg.sample_every:  # the final state, too
+            self.write_samples()
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -549,80 +476,11 @@ class DecoderTrainer:
         columns = [x, rec] if self.transform is None else [x, inputs.clamp(0, 1), rec]
         return save_grid(columns, self.out / "samples" / f"step_{self.step:06d}.png")
 
-    # ------------------------------------------------------------------ loop
-    def result(self, record: dict[str, Any] | None = None) -> TrainResult:
+    def result(self) -> TrainResult:
         """The run's :class:`~encoders.core.rundir.TrainResult`: the checkpoint, the decoder (eval mode) and the
         metrics: ``step``, ``val_psnr`` and the last training-log record (loss terms, ``lr``, ``images_per_s``)."""
         return TrainResult(self.ckpt_path, self.decoder.eval(),
-                           {**(record or {}), "step": self.step, "val_psnr": self.val_psnr})
-
-    def run(self, resume: bool) -> TrainResult:
-        """Train (or resume) to the end, checkpointing, logging and writing samples on the way."""
-        cfg, ctx = self.cfg, self.ctx
-        resumed = self.run_dir.has_checkpoint(resume)
-        if resumed:
-            ckpt = self.restore()
-            if ckpt["train"]["complete"] and self.step >= self.total_steps:
-                self.info("%s is already complete (%d steps)", self.ckpt_path, self.step)
-                return self.result()
-            self.info("resuming %s at step %d of %d", self.ckpt_path, self.step, self.total_steps)
-        ctx.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
-        self.run_dir.write_config(config_to_dict(cfg))
-        metrics = self.run_dir.metrics(resume_step=self.step if resumed else None)
-        params = sum(p.numel() for p in self.decoder.parameters())
-        self.info("training a decoder for %s of %s (%.2fM parameters; loss %s) on %d %s crops of %d px, "
-                  "%d steps of %d images%s -> %s", self.layer, cfg.encoder.checkpoint, params / 1e6,
-                  term_weights(self.loss.weights), len(self.train_set), cfg.data.source, cfg.data.size,
-                  self.total_steps, cfg.batch_size, f" on {ctx.world} processes" if ctx.world > 1 else "",
-                  self.out)
-
-        bar = progress(total=self.total_steps, initial=self.step, desc="train-decoder") if ctx.main else None
-        timed_steps, window_start, last = 0, time.perf_counter(), None
-        while self.step < self.total_steps:
-            epoch, offset = divmod(self.step, self.steps_per_epoch)
-            for batch in self._loader(epoch, offset):
-                terms = self.train_step(_images(batch))
-                for k, v in terms.items():
-                    self.window[k] = self.window.get(k, 0) + v
-                self.window_steps += 1
-                timed_steps += 1
-                if bar is not None:
-                    bar.update(1)
-                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-                    seconds = time.perf_counter() - window_start
-                    record = {k: v / self.window_steps for k, v in self.shared_window().items()}
-                    ips = timed_steps * cfg.batch_size / max(seconds, 1e-9)
-                    last = {"lr": self.lr, "images_per_s": ips, **record}
-                    metrics.write(step=self.step, epoch=epoch + 1, **last)
-                    if bar is not None:
-                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in record.items()}, "img/s": f"{ips:.0f}"},
-                                        refresh=False)
-                    self.window, self.window_steps = {}, 0
-                    timed_steps, window_start = 0, time.perf_counter()
-                if ctx.main and cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.write_samples()
-                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
-                    self.save()
-                if self.step >= self.total_steps:
-                    break
-            if ctx.main:
-                self.val_psnr = self.validate()
-                metrics.write(step=self.step, epoch=epoch + 1, val_psnr=self.val_psnr)
-                self.info("epoch %d (step %d/%d): validation PSNR %.2f dB", epoch + 1, self.step,
-                          self.total_steps, self.val_psnr)
-            if self.step < self.total_steps:
-                self.save()
-        if bar is not None:
-            bar.close()
-        if ctx.world > 1:  # batch-norm statistics: every rank ends with rank 0's (DDP's convention)
-            for buf in self.decoder.buffers():
-                dist.broadcast(buf, 0)
-        if ctx.main and cfg.sample_every and self.step % cfg.sample_every:  # the final state, too
-            self.write_samples()
-        self.save(complete=True)
-        self.info("decoder written to %s (validation PSNR %.2f dB)", self.ckpt_path, self.val_psnr or float("nan"))
-        return self.result(last)
+                           {**self.last_log, "step": self.step, "val_psnr": self.val_psnr})
 
 
 def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,

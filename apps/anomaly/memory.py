@@ -37,61 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from apps.anomaly.config import MemoryConfig
 from apps.anomaly.maps import smooth
-from encoders.core.config import yaml_dataclass
+from encoders.core.config import check_config
 from encoders.core.errors import RFIError
 from encoders.core.runtime import progress
 
 # Mid-level taps per architecture family (PatchCore: layer2 + layer3 of a ResNet); the first
 # pair the encoder has wins, else its two middle taps.
 DEFAULT_LAYER_PAIRS = (("layer2", "layer3"), ("relu3_1", "relu4_1"), ("stage2", "stage3"), ("conv2", "conv3"))
-
-
-@yaml_dataclass("apps/anomaly.yaml", "memory")
-class MemoryConfig:
-    """The ``memory:`` section of ``configs/apps/anomaly.yaml`` (stored in the model file).
-
-    ``layers``: encoder taps whose patch features fill the bank (``null``: see
-    :func:`default_memory_layers`). ``pool``: side of the local average (1: none).
-    ``coreset``: fraction of the training patches kept, in (0, 1]. ``projection``: dimension
-    of the random projection used by the coreset search (0: none). ``neighbours``: the map is
-    the mean distance to this many nearest bank entries. ``sigma``: Gaussian smoothing of the
-    map in pixels (0: none). ``patches_per_image``: keep only this many random patches of
-    each training image before the coreset (``null``: all), for large training sets.
-    ``max_mb``: refuse a bank whose patch features would exceed this many MiB before the
-    coreset. ``chunk_mb``: largest distance matrix computed at once. ``seed``: seeds the
-    patch sampling, the projection and the coreset's first centre.
-    """
-
-    layers: list[str] | None
-    pool: int
-    coreset: float
-    projection: int
-    neighbours: int
-    sigma: float
-    patches_per_image: int | None
-    max_mb: float
-    chunk_mb: float
-    seed: int
-
-    def check(self) -> None:
-        """Raise a one-line :class:`RFIError` naming the first bad key."""
-        if not isinstance(self.coreset, (int, float)) or not 0 < self.coreset <= 1:
-            raise RFIError(f"memory.coreset must be a fraction in (0, 1], got {self.coreset}")
-        if self.pool < 1 or self.pool % 2 == 0:
-            raise RFIError(f"memory.pool must be an odd number >= 1, got {self.pool}")
-        if self.neighbours < 1:
-            raise RFIError(f"memory.neighbours must be >= 1, got {self.neighbours}")
-        if self.projection < 0:
-            raise RFIError(f"memory.projection must be >= 0 (0: none), got {self.projection}")
-        if self.sigma < 0:
-            raise RFIError(f"memory.sigma must be >= 0, got {self.sigma}")
-        if self.patches_per_image is not None and self.patches_per_image < 1:
-            raise RFIError(f"memory.patches_per_image must be >= 1 or null, got {self.patches_per_image}")
-        if self.max_mb <= 0 or self.chunk_mb <= 0:
-            raise RFIError(f"memory.max_mb and memory.chunk_mb must be > 0, got {self.max_mb}, {self.chunk_mb}")
-        if self.layers is not None and not self.layers:
-            raise RFIError("memory.layers is empty (null: the encoder's default mid-level taps)")
 
 
 def default_memory_layers(encoder: Any) -> list[str]:
@@ -198,7 +152,6 @@ class MemoryBank:
     """
 
     def __init__(self, bank: Tensor, layers: Sequence[str], config: MemoryConfig, patches: int | None = None):
-        config.check()
         if bank.dim() != 2 or bank.shape[0] < 1:
             raise RFIError(f"a memory bank must be a non-empty (M, D) tensor, got {tuple(bank.shape)}")
         self.bank, self.layers, self.config = bank.float(), list(layers), config
@@ -223,10 +176,10 @@ class MemoryBank:
                 ``batch_size`` (e.g. :data:`apps.anomaly.detector.BATCH_PIXELS`); ``None``: no limit.
 
         Raises:
-            RFIError: no images, bad config, or patch features over ``config.max_mb`` (the
-                message says how big they would be and what to set).
+            RFIError: no images, a bad config (the key named), or patch features over
+                ``config.max_mb`` (the message says how big they would be and what to set).
         """
-        config.check()
+        config = check_config(config, "the memory settings")
         layers = encoder.check_layers(config.layers) if config.layers else default_memory_layers(encoder)
         device = device or next(encoder.parameters()).device
         gen = torch.Generator().manual_seed(config.seed)
@@ -263,7 +216,7 @@ class MemoryBank:
         if not chunks:
             raise RFIError("no normal images to build the memory bank from")
         feats = torch.cat(chunks)
-        del chunks
+        chunks.clear()  # the features are in feats now: free the pieces
         n = max(1, int(round(config.coreset * feats.shape[0])))
         idx = greedy_coreset(feats, n, config.projection, gen, show_progress=progress_bar)
         return cls(feats[idx].clone(), layers, config, patches=feats.shape[0])
@@ -311,7 +264,8 @@ class MemoryBank:
         f = patch_features(encoder, x, self.layers, self.config.pool)
         b, d, h, w = f.shape
         if d != self.dims:
-            raise RFIError(f"the encoder gives {d}-dim patch features at {self.layers}, the memory bank holds {self.dims}")
+            raise RFIError(f"the encoder gives {d}-dim patch features at {self.layers}, "
+                           f"the memory bank holds {self.dims}")
         dist = self.distances(f.permute(0, 2, 3, 1).reshape(-1, d)).reshape(b, 1, h, w)
         dist = F.interpolate(dist, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return smooth(dist, self.config.sigma)

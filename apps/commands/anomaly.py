@@ -1,4 +1,4 @@
-"""``rfi anomaly fit | score | make-benchmark``: anomaly detection (:mod:`apps.anomaly.detector`).
+"""``rfi anomaly fit | score | make-benchmark``: anomaly detection (:mod:`apps.anomaly`).
 
 Example:
     rfi anomaly fit --data embedded --category brick --out runs/anomaly/brick.pt
@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import typing
 from pathlib import Path
 
-from apps.anomaly.detector import (DEFAULT_CONFIG, AnomalyDetector, check_method, fit, format_metrics, load_anomaly_config,
-                          resolve_data, score)
-from apps.anomaly.data import BenchmarkConfig, make_benchmark, mvtec_categories
+from apps.anomaly.benchmark import make_benchmark
+from apps.anomaly.config import DEFAULT_CONFIG, AnomalyConfig, BenchmarkConfig, Method, load_anomaly_config
+from apps.anomaly.data import mvtec_categories, resolve_data
+from apps.anomaly.detector import AnomalyDetector
+from apps.anomaly.fitting import fit
+from apps.anomaly.metrics import format_metrics
+from apps.anomaly.scoring import score
 from apps.commands.common import common_flags
+from encoders.core.config import FLAGS, check_config, parse_overrides
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder, partial_exit
 from encoders.core.runtime import resolve_device
@@ -24,20 +30,22 @@ log = logging.getLogger("rfi")
 def register_anomaly(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi anomaly`` and its sub-commands (``--debug``/``--quiet`` come from :func:`common_flags`)."""
     sub = parser.add_subparsers(dest="anomaly_command", metavar="SUBCOMMAND")
+    defaults = AnomalyConfig()  # the shipped configs/apps/anomaly.yaml: the one place defaults are written
     common = [common_flags(suppress=True)]  # also accepted after the sub-command
 
     p = sub.add_parser("fit", parents=common, help="train on normal images only; write one model file")
     p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with normal/ (+ test/), "
                                                  "a folder of normal images, or 'embedded'")
     p.add_argument("--out", required=True, help="the model file to write (e.g. runs/anomaly/brick.pt)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     p.add_argument("--category", help="category of an MVTec root with several (e.g. brick for --data embedded)")
-    p.add_argument("--method", help="reconstruction (a decoder; the default), memory (a PatchCore-style memory bank "
-                                    "of patch features) or combined (both); the config key 'method'")
+    p.add_argument("--method", help=f"{' | '.join(typing.get_args(Method))}: a decoder, a PatchCore-style memory "
+                                    f"bank of patch features, or both (the config key 'method', default "
+                                    f"{defaults.method})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted decoder training")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. encoder=runs/encoders/resnet18_standard/checkpoint.pt "
-                        "decoder.epochs=2 score.sigma=4")
+                        "train.steps=400 score.sigma=4")
     p.set_defaults(func=run_fit)
 
     p = sub.add_parser("score", parents=common, help="score test images: CSV, heat-map PNGs, metrics")
@@ -47,9 +55,11 @@ def register_anomaly(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: scores.csv, maps/, metrics.json")
     p.add_argument("--category", help="category of an MVTec root (default: the model's)")
     p.add_argument("--labels", help="CSV 'name,label' (0 normal, 1 anomalous) for a plain test folder")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="images per batch, at most 1 Mpx of them (1024-px images go one at a time)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help=f"images per batch, at most 1 Mpx of them (1024-px images go one at a time; default "
+                        f"{defaults.batch_size}, the config's batch_size)")
+    p.add_argument("--device", default=defaults.device,
+                   help=f"auto, cpu, cuda, cuda:1 ... (default {defaults.device}, the config's device)")
     p.add_argument("--no-maps", action="store_true", help="do not write heat-map PNGs")
     p.set_defaults(func=run_score)
 
@@ -65,13 +75,13 @@ def register_anomaly(parser: argparse.ArgumentParser) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """``rfi anomaly fit``: prints the model file's path."""
     if Path(args.out).is_dir():
-        raise RFIError(f"--out {args.out} is a folder: name the model file to write (e.g. {Path(args.out) / 'model.pt'})")
+        raise RFIError(f"--out {args.out} is a folder: name the model file to write "
+                       f"(e.g. {Path(args.out) / 'model.pt'})")
     check_output_folder(Path(args.out).parent)  # before any training
-    cfg = load_anomaly_config(args.config, args.overrides)
+    flags = {"method": args.method} if args.method else {}
+    cfg = load_anomaly_config(args.config, {**parse_overrides(args.overrides), **flags})
     if args.category:
         cfg.category = args.category
-    if args.method:
-        cfg.method = check_method(args.method)
     print(fit(cfg, args.data, args.out, resume=args.resume))
     return 0
 
@@ -83,7 +93,8 @@ def run_score(args: argparse.Namespace) -> int:
     images could not be scored (each named on stderr) and the others were.
     """
     check_output_folder(args.out)  # before the model is loaded and anything is scored
-    det = AnomalyDetector.load(args.model, device=resolve_device(args.device))
+    flags = check_config(AnomalyConfig(batch_size=args.batch_size, device=args.device), FLAGS)
+    det = AnomalyDetector.load(args.model, device=resolve_device(flags.device))
     category = args.category or det.info.get("category")
     bench = BenchmarkConfig(**det.info["benchmark"]) if det.info.get("benchmark") else BenchmarkConfig()
     if args.data != "embedded" and args.category is None and category is not None:
@@ -93,7 +104,7 @@ def run_score(args: argparse.Namespace) -> int:
     data = resolve_data(args.data, category, bench, "test", args.labels)
     if data.category and det.info.get("category") and data.category != det.info["category"]:
         log.warning("the model was fitted on '%s' but scores '%s'", det.info["category"], data.category)
-    metrics = score(det, data, args.out, args.batch_size, write_maps=not args.no_maps)
+    metrics = score(det, data, args.out, flags.batch_size, write_maps=not args.no_maps)
     print(format_metrics(metrics))
     print(f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'metrics.json'}"
           + ("" if args.no_maps else f" and {metrics['images']} heat maps in {Path(args.out) / 'maps'}"))

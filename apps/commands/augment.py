@@ -1,4 +1,7 @@
-"""``rfi augment``: write N style-augmented views per image and a contact sheet (:class:`apps.style.augment.StyleAugment`).
+"""``rfi augment``: write N style-augmented views per image and a contact sheet (:mod:`apps.style.augment`).
+
+The settings are :class:`AugmentConfig` (``configs/apps/augment.yaml``); a flag given on the
+command line sets the key of the same name.
 
 Example:
     rfi augment photos/ --out views/ --views 4 --model runs/style/pyramid.pt
@@ -9,12 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
-from apps.style.augment import AugmentConfig, StyleAugment, load_style_model, unit_range
-from encoders.core.config import load_config
+from apps.style.augment import StyleAugment, load_style_model
+from encoders.core.config import bounded, load_config, value_range, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.files import FileBatch, check_finite
 from encoders.core.imageio import read_image
@@ -22,50 +26,95 @@ from encoders.core.runtime import progress, resolve_device, save_grid
 
 log = logging.getLogger("rfi")
 
+DEFAULT_CONFIG = "configs/apps/augment.yaml"
+
+
+@yaml_dataclass("apps/augment.yaml")
+class AugmentConfig:
+    """``rfi augment`` settings (YAML: ``configs/apps/augment.yaml``; command-line flags win).
+
+    ``model``: an autoencoder file; else ``encoder`` + ``decoder`` checkpoints; else the default
+    robust autoencoder. ``styles``: ``batch`` or a style folder. ``p``, ``alpha``, ``beta``,
+    ``style_size``, ``work_size``: as :class:`~apps.style.augment.StyleAugment` takes them
+    (``alpha``, ``beta``: one number or a range ``[lo, hi]``). ``views``: augmented views per
+    image. ``size``: images are resized (short side) and centre-cropped to ``size`` x ``size``.
+    ``batch_size``: images restyled together (with ``styles: batch`` they lend each other their
+    styles). ``sheet_rows``: at most this many images on the contact sheet.
+    """
+
+    model: str | None
+    encoder: str | None
+    decoder: str | None
+    styles: str
+    p: float = bounded(low=0, high=1)
+    alpha: list[float] = bounded(low=0, high=1)
+    beta: list[float] = bounded(low=0, high=1)
+    style_size: int = bounded(low=1)
+    work_size: int | None = bounded(low=1)
+    views: int = bounded(low=1)
+    size: int = bounded(low=1)
+    batch_size: int = bounded(low=1)
+    seed: int
+    device: str
+    sheet_rows: int = bounded(low=1)
+
+    def check(self) -> None:
+        """The rules across keys (run by ``load_config``): ``alpha`` and ``beta`` are ranges with lo <= hi;
+        ``encoder`` goes with ``decoder``.
+
+        Raises:
+            RFIError: a range with lo > hi (or more than two numbers), or only one of ``encoder``/``decoder``.
+        """
+        value_range(self.alpha, "alpha")  # one number or [lo, hi] with lo <= hi (the bounds are the fields' own)
+        value_range(self.beta, "beta")
+        if bool(self.encoder) != bool(self.decoder):
+            raise RFIError("encoder and decoder (--encoder, --decoder) go together: give both, or a --model file")
+
 
 def float_pair(text: str) -> list[float]:
-    """``"0.5,1"`` -> ``[0.5, 1.0]`` (an argparse type: a bad value is a usage error)."""
+    """``"0.5,1"`` -> ``[0.5, 1.0]`` (an argparse type: a bad value is a usage error).
+
+    Example:
+        >>> float_pair("0.5,1")
+        [0.5, 1.0]
+    """
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected lo,hi (e.g. 0.5,1), got {text!r}") from None
 
 
+FLAGS = ("views", "model", "encoder", "decoder", "styles", "p", "alpha", "beta", "seed", "size", "batch_size",
+         "device")
+"""The flags that set the :class:`AugmentConfig` key of the same name."""
+
+
 def register_augment(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``rfi augment``."""
+    """Arguments of ``rfi augment``; their defaults are the config's keys (no default is written here)."""
     parser.add_argument("images", metavar="IMAGE_DIR", nargs="+", help="image folder(s) or files")
     parser.add_argument("--out", required=True, help="output folder for <stem>_view<k>.png and contact_sheet.png")
-    parser.add_argument("--config", help="YAML of defaults (configs/apps/augment.yaml)")
-    parser.add_argument("--views", type=int, help="augmented views per image (default 4)")
-    parser.add_argument("--model", help="autoencoder file (RobustAutoencoder.save)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    parser.add_argument("--views", type=int, help="augmented views per image (config: views)")
+    parser.add_argument("--model", help="autoencoder file (RobustAutoencoder.save) (config: model)")
     parser.add_argument("--encoder", help="encoder checkpoint (with --decoder), instead of --model")
     parser.add_argument("--decoder", help="decoder checkpoint (with --encoder)")
-    parser.add_argument("--styles", help="style image folder (default: styles from the other images)")
-    parser.add_argument("--p", type=float, help="probability that a view is restyled (default 0.5)")
-    parser.add_argument("--alpha", type=float_pair, help="feature-space blend range lo,hi (default 0.5,1)")
-    parser.add_argument("--beta", type=float_pair, help="pixel-space blend range lo,hi (default 0.5,1)")
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--size", type=int, help="resize + centre-crop images to SIZE x SIZE (default 128)")
-    parser.add_argument("--batch-size", type=int, dest="batch_size", help="images restyled together (default 16)")
-    parser.add_argument("--device", help="cpu (default), cuda, auto")
+    parser.add_argument("--styles", help="style image folder, or 'batch': styles from the other images "
+                                         "(config: styles)")
+    parser.add_argument("--p", type=float, help="probability that a view is restyled (config: p)")
+    parser.add_argument("--alpha", type=float_pair, help="feature-space blend range lo,hi (config: alpha)")
+    parser.add_argument("--beta", type=float_pair, help="pixel-space blend range lo,hi (config: beta)")
+    parser.add_argument("--seed", type=int, help="random seed (config: seed)")
+    parser.add_argument("--size", type=int, help="resize + centre-crop images to SIZE x SIZE (config: size)")
+    parser.add_argument("--batch-size", type=int, dest="batch_size", help="images restyled together "
+                                                                          "(config: batch_size)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config: device)")
     parser.set_defaults(func=run)
 
 
 def augment_config(args: argparse.Namespace) -> AugmentConfig:
-    """The config file (if any), then the flags given on the command line."""
-    cfg = load_config(AugmentConfig, args.config)
-    for key in ("views", "model", "encoder", "decoder", "styles", "p", "alpha", "beta", "seed", "size",
-                "batch_size", "device"):
-        if getattr(args, key, None) is not None:
-            setattr(cfg, key, getattr(args, key))
-    unit_range(cfg.alpha, "alpha"), unit_range(cfg.beta, "beta")  # fail before any model is loaded
-    if not 0 <= cfg.p <= 1:
-        raise RFIError(f"p (probability of restyling an image) must be in [0, 1], got {cfg.p}")
-    if cfg.views < 1 or cfg.size < 1 or cfg.batch_size < 1:
-        raise RFIError(f"views, size and batch-size must be >= 1, got {cfg.views}, {cfg.size}, {cfg.batch_size}")
-    if bool(cfg.encoder) != bool(cfg.decoder):
-        raise RFIError("--encoder and --decoder go together (or pass --model)")
-    return cfg
+    """The config file, then the flags given on the command line (checked as config keys, before any model loads)."""
+    flags: dict[str, Any] = {key: getattr(args, key) for key in FLAGS if getattr(args, key) is not None}
+    return load_config(AugmentConfig, args.config, flags)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,5 +164,3 @@ def run(args: argparse.Namespace) -> int:
     sheet = save_grid([images, *views], sheet_path, max_rows=rows)
     log.info("wrote %d views of %d images to %s; contact sheet %s", cfg.views * len(files), len(files), out, sheet)
     return batch_files.finish()
-
-

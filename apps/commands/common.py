@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import typing
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from encoders.data.build import DataConfig
+from encoders.core.config import FLAGS, check_config
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder
+from encoders.data.build import DataConfig
+
+T = TypeVar("T")
 
 
 def common_flags(suppress: bool = False) -> argparse.ArgumentParser:
@@ -45,10 +50,59 @@ def add_job_arguments(parser: argparse.ArgumentParser, config: str | None, overr
     if config is None:
         parser.add_argument("--config", required=True, help="YAML config (the shipped ones are under configs/)")
     else:
-        parser.add_argument("--config", default=config, help=f"YAML config (default: {config})")
+        parser.add_argument("--config", default=config, help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}")
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--out", help=out_help)
+
+
+def add_flag(parser: argparse.ArgumentParser, flags: type, name: str, help: str, **kwargs: Any) -> None:
+    """Add ``--name`` (``batch_size`` -> ``--batch-size``) whose default is the field ``name`` of the
+    config class ``flags`` (so its shipped YAML), whose type is the field's, and whose choices are
+    its ``Literal`` values; the help text ends with the default. :func:`checked_flags` checks the
+    ranges (:func:`~encoders.core.config.bounded`) once parsed.
+
+    Args:
+        parser: the command's parser.
+        flags: a :func:`~encoders.core.config.yaml_dataclass` holding the command's flag defaults.
+        name: the field.
+        help: what the flag does.
+        **kwargs: more ``add_argument`` keywords (``metavar``, ``nargs``...).
+
+    Example:
+        >>> from apps.commands.invert import InvertFlags
+        >>> p = argparse.ArgumentParser()
+        >>> add_flag(p, InvertFlags, "steps", "Adam steps")
+        >>> p.parse_args([]).steps, p.parse_args(["--steps", "5"]).steps
+        (300, 5)
+    """
+    hint = typing.get_type_hints(flags)[name]
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is not None else [hint]
+    if typing.get_origin(hint) is typing.Literal:
+        kwargs.setdefault("choices", list(typing.get_args(hint)))
+    elif len(inner) == 1 and inner[0] in (int, float, str):
+        kwargs.setdefault("type", inner[0])
+    default = getattr(flags(), name)
+    shown = "none" if default is None else "%(default)s"
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
+                        help=f"{help} (default: {shown})", **kwargs)
+
+
+def checked_flags(flags: type[T], args: argparse.Namespace) -> T:
+    """The parsed values of the fields of ``flags`` (see :func:`add_flag`), checked: a value out of
+    its range raises one line naming the flag (``--tile must be >= 1, got 0``)."""
+    return check_config(flags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(flags)}), FLAGS)
+
+
+def flag_overrides(args: argparse.Namespace, section: str, names: Sequence[str]) -> dict[str, Any]:
+    """The flags given on the command line (not ``None``) as overrides of the keys of the same names in
+    a config ``section``, for a command whose defaults are its config file's (``rfi denoise apply``).
+
+    Example:
+        >>> flag_overrides(argparse.Namespace(tile=256, sigma=None), "apply", ["tile", "sigma"])
+        {'apply.tile': 256}
+    """
+    return {f"{section}.{name}": getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def run_training(args: argparse.Namespace, config_class: type, train: Callable[..., Any], runs: str) -> int:

@@ -1,49 +1,92 @@
-"""``rfi denoise``: denoise image files with a trained denoiser (:func:`apps.denoise.denoise_files`).
+"""``rfi denoise train | apply``: train a denoiser on robust features, then denoise image files (:mod:`apps.denoise`).
+
+``train`` writes one model file (:func:`apps.denoise.train_denoiser`) to the config's ``model``
+(default ``<train.out>/denoiser.pt``); ``apply`` denoises images with it
+(:func:`apps.denoise.denoise_files`), with the settings of the config's ``apply:`` section unless
+a flag says otherwise. Both read ``configs/apps/denoise.yaml`` by default, so the same
+``--config`` trains and applies one denoiser.
 
 Example:
-    rfi denoise noisy/ --model runs/denoise/denoiser.pt --out clean/
-    rfi denoise photos/ --model runs/denoise/denoiser.pt --out demo/ --sigma 25 --save-noisy
+    rfi denoise train --config configs/apps/denoise.yaml 'noise.sigma=[5,50]' --out runs/denoise
+    rfi denoise apply noisy/ --out clean/
+    rfi denoise apply photos/ --model runs/denoise/denoiser.pt --out demo/ --sigma 25 --save-noisy
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-from apps.denoise import denoise_files, load_denoiser
-from encoders.core.errors import RFIError
+from apps.commands.common import add_job_arguments, common_flags, flag_overrides
+from apps.denoise import DEFAULT_CONFIG, denoise_files, load_denoiser, load_denoiser_config, model_file, train_denoiser
 from encoders.core.files import check_output_folder
 from encoders.core.runtime import resolve_device
 
 log = logging.getLogger("rfi")
 
+APPLY_FLAGS = ("sigma", "seed", "save_noisy", "tile", "device")
+"""The ``rfi denoise apply`` flags that set a key of the config's ``apply:`` section (same names)."""
+
 
 def register_denoise(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``rfi denoise``."""
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    parser.add_argument("--model", required=True, help="denoiser file written by rfi train-denoiser")
-    parser.add_argument("--out", required=True, help="output folder (PNG files, same names as the inputs)")
-    parser.add_argument("--sigma", type=float, default=None,
-                        help="DEMO: first add Gaussian noise of this level (0-255 units) to the inputs, "
-                             "then denoise; without it the inputs are denoised as they are")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --sigma noise (default 0)")
-    parser.add_argument("--save-noisy", action="store_true", help="with --sigma: also write <out>/noisy/<name>.png")
-    parser.add_argument("--tile", type=int, default=None,
-                        help="tile side in px for large images (default: whole image up to 1 Mpx, else 1024)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.set_defaults(func=run)
+    """Arguments of ``rfi denoise`` and its sub-commands ``train`` and ``apply``.
+
+    The defaults of ``apply``'s flags are the config's ``apply:`` keys (``configs/apps/denoise.yaml``).
+    """
+    sub = parser.add_subparsers(dest="denoise_command", metavar="SUBCOMMAND")
+    common = [common_flags(suppress=True)]  # also accepted after the sub-command
+
+    p = sub.add_parser("train", parents=common, help="train a denoiser: a decoder from noisy images' robust "
+                                                     "features to the clean images",
+                       description="Train a denoising decoder on robust features and write one model file.")
+    add_job_arguments(p, DEFAULT_CONFIG, "noise.sigma=25 'noise.sigma=[5,50]' train.steps=2000 "
+                                         "train.encoder.checkpoint=PATH 'train.decoder.skips=[input,layer1]'",
+                      "training folder (default: train.out of the config)")
+    p.add_argument("--model", help="model file to write (default: model of the config, else <out>/denoiser.pt)")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("apply", parents=common, help="denoise image files with a trained denoiser",
+                       description="Denoise image files (PNG outputs, same names). Flags override the "
+                                   "config's apply: section.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, help="output folder (PNG files, same names as the inputs)")
+    p.add_argument("--model", help="denoiser file (default: model of the config, where rfi denoise train "
+                                   "writes it)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    p.add_argument("--sigma", type=float, help="DEMO: first add Gaussian noise of this level (0-255 units) to the "
+                                               "inputs, then denoise (config: apply.sigma)")
+    p.add_argument("--seed", type=int, help="seed of the --sigma noise (config: apply.seed)")
+    p.add_argument("--save-noisy", action=argparse.BooleanOptionalAction,
+                   help="with --sigma: also write <out>/noisy/<name>.png (config: apply.save_noisy)")
+    p.add_argument("--tile", type=int, help="tile side in px for large images (config: apply.tile)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config: apply.device)")
+    p.set_defaults(func=run_apply)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
-def run(args: argparse.Namespace) -> int:
-    """Denoise every input; the exit code follows :mod:`encoders.core.files`."""
-    if args.tile is not None and args.tile < 1:
-        raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
-    if args.sigma is not None and not 0 <= args.sigma < float("inf"):
-        raise RFIError(f"--sigma must be a finite number >= 0 (0-255 units), got {args.sigma:g}")
+def run_train(args: argparse.Namespace) -> int:
+    """``rfi denoise train``: train; rank 0 prints the model file's path."""
+    cfg = load_denoiser_config(args.config, args.overrides)
+    if args.out:
+        cfg.train.out = args.out
+    if args.model:
+        cfg.model = args.model
+    path = train_denoiser(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(os.fspath(path))
+    return 0
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    """``rfi denoise apply``: denoise every input; the exit code follows :mod:`encoders.core.files`."""
+    cfg = load_denoiser_config(args.config, flag_overrides(args, "apply", APPLY_FLAGS))
+    settings = cfg.apply
     check_output_folder(args.out)  # before the model is loaded
-    model, info = load_denoiser(args.model, resolve_device(args.device))
-    if args.sigma is not None and "sigma" in info:
+    model, info = load_denoiser(args.model or model_file(cfg), resolve_device(settings.device))
+    if settings.sigma is not None and "sigma" in info:
         lo, hi = info["sigma"]
-        if not lo <= args.sigma <= hi:
+        if not lo <= settings.sigma <= hi:
             log.warning("--sigma %g is outside the noise range this model was trained for [%g, %g]",
-                        args.sigma, lo, hi)
-    return denoise_files(model, args.inputs, args.out, args.sigma, args.tile, args.seed, args.save_noisy)
+                        settings.sigma, lo, hi)
+    return denoise_files(model, args.inputs, args.out, settings.sigma, settings.tile, settings.seed,
+                         settings.save_noisy)

@@ -13,14 +13,29 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
+from apps.commands.common import add_flag, checked_flags
+from encoders.core.config import bounded, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder
 from encoders.core.runtime import resolve_device
 from encoders.core.serialization import write_json
 from inversion.autoencoder import RobustAutoencoder
 from inversion.evaluate import EMBEDDED, UNSEEN, compare_autoencoders, format_table, lpips_for
+
+
+@yaml_dataclass("commands.yaml", "evaluate")
+class EvaluateFlags:
+    """The defaults and rules of ``rfi evaluate``'s flags (the ``evaluate:`` section of ``configs/commands.yaml``)."""
+
+    scales: str
+    num: int = bounded(low=1)
+    seed: int
+    out: str
+    lpips_net: Literal["alex", "vgg"]
+    batch_size: int = bounded(low=1)
+    device: str
 
 
 def parse_scales(text: str) -> list[int]:
@@ -61,20 +76,20 @@ def register_evaluate(parser: argparse.ArgumentParser) -> None:
                         help="decoder checkpoint for the preceding --encoder (repeat)")
     parser.add_argument("--names", help="run names for the table and grid columns, e.g. standard,robust "
                                         "(default: the decoders' folder names)")
-    parser.add_argument("--scales", default="1,2,4", help="multiples of the training size (default 1,2,4)")
+    add_flag(parser, EvaluateFlags, "scales", "multiples of the training size, separated by commas")
     parser.add_argument("--size", type=int, help="training size in px (default: from the decoder checkpoint)")
-    parser.add_argument("--num", type=int, default=100, help="held-out images per scale (default 100)")
+    add_flag(parser, EvaluateFlags, "num", "held-out images per scale")
     parser.add_argument("--data", metavar="DATA", action="append",
                         help=f"'{EMBEDDED}' (validation regions of the embedded photos, default), '{UNSEEN}' "
                              "(images no job trains on, see encoders/data/unseen.py) or an image folder's validation "
                              "split; repeat to report several side by side (e.g. --data embedded --data unseen)")
-    parser.add_argument("--seed", type=int, default=0, help="embedded crop positions (default 0)")
-    parser.add_argument("--out", default="runs/evaluate", help="folder for evaluate.json and grid PNGs")
+    add_flag(parser, EvaluateFlags, "seed", "embedded crop positions")
+    add_flag(parser, EvaluateFlags, "out", "folder for evaluate.json and grid PNGs")
     parser.add_argument("--lpips-weights", metavar="PATH", help="torchvision backbone file for LPIPS "
                                                                 "(default: the torch hub cache)")
-    parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    add_flag(parser, EvaluateFlags, "lpips_net", "LPIPS backbone")
+    add_flag(parser, EvaluateFlags, "batch_size", "images per batch")
+    add_flag(parser, EvaluateFlags, "device", "auto, cpu, cuda, cuda:1 ...")
     parser.set_defaults(func=run)
 
 
@@ -87,14 +102,13 @@ def run(args: argparse.Namespace) -> int:
     if len(args.encoder) != len(args.decoder):
         raise RFIError(f"give one --encoder per --decoder (got {len(args.encoder)} encoders, "
                        f"{len(args.decoder)} decoders)")
-    scales = parse_scales(args.scales)
-    if args.num < 1 or args.batch_size < 1:
-        raise RFIError("--num and --batch-size must be >= 1")
+    flags = checked_flags(EvaluateFlags, args)
+    scales = parse_scales(flags.scales)
     for data in args.data or []:
         if data not in (EMBEDDED, UNSEEN) and not Path(data).is_dir():
             raise RFIError(f"--data {data}: no such folder (give a folder, {EMBEDDED} or {UNSEEN})")
-    check_output_folder(args.out)
-    device = resolve_device(args.device)
+    check_output_folder(flags.out)
+    device = resolve_device(flags.device)
     names = run_names(args.decoder, args.names)
     models = {n: RobustAutoencoder.from_checkpoints(e, d, device=device, arch=args.arch)
               for n, e, d in zip(names, args.encoder, args.decoder)}
@@ -106,14 +120,14 @@ def run(args: argparse.Namespace) -> int:
     if len(set(sizes.values())) > 1:
         raise RFIError(f"the decoders were trained at different sizes {sorted(set(sizes.values()))}: "
                        f"pass --size PX to evaluate them at the same scales")
-    lpips_model, note = lpips_for(args.lpips_net, args.lpips_weights, device)
+    lpips_model, note = lpips_for(flags.lpips_net, args.lpips_weights, device)
     if lpips_model is None:
         print(f"note: {note}")
     by_data = {}
     for data in args.data or [EMBEDDED]:
-        grids = Path(args.out) if data == (args.data or [EMBEDDED])[0] else Path(args.out) / _slug(data)
-        by_data[data] = compare_autoencoders(models, scales, int(sizes[args.decoder[0]]), args.num, args.seed, data,
-                                             lpips_model, note, args.batch_size, grid_dir=grids)
+        grids = Path(flags.out) if data == (args.data or [EMBEDDED])[0] else Path(flags.out) / _slug(data)
+        by_data[data] = compare_autoencoders(models, scales, int(sizes[args.decoder[0]]), flags.num, flags.seed,
+                                             data, lpips_model, note, flags.batch_size, grid_dir=grids)
         if not any(by_data[data]["models"].values()):
             raise RFIError(f"nothing measured on {data}: every scale was skipped ("
                            + "; ".join(f"{k}: {v}" for k, v in by_data[data]["skipped"].items()) + ")")
@@ -121,10 +135,10 @@ def run(args: argparse.Namespace) -> int:
     result["by_data"] = by_data
     result["runs"] = {n: {"encoder": str(e), "decoder": str(d)}
                       for n, e, d in zip(names, args.encoder, args.decoder)}
-    path = write_json(result, Path(args.out) / "evaluate.json")
+    path = write_json(result, Path(flags.out) / "evaluate.json")
     for data, res in by_data.items():
         print(f"\n{data}:" if len(by_data) > 1 else "", format_table(res), sep="\n" if len(by_data) > 1 else "")
         for scale, why in res["skipped"].items():
             print(f"  {scale} skipped: {why}")
-    print(f"wrote {path} and {sum(len(r['grids']) for r in by_data.values())} grid(s) in {args.out}")
+    print(f"wrote {path} and {sum(len(r['grids']) for r in by_data.values())} grid(s) in {flags.out}")
     return 0

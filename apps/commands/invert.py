@@ -13,17 +13,32 @@ Example:
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
-from encoders.weights.checkpoints import load_encoder
+from apps.commands.common import add_flag, checked_flags
+from encoders.core.config import bounded, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder
 from encoders.core.runtime import resolve_device
 from inversion.autoencoder import RobustAutoencoder
+from encoders.weights.checkpoints import load_encoder
 from inversion.invert import invert_files
+
+
+@yaml_dataclass("commands.yaml", "invert")
+class InvertFlags:
+    """The defaults and rules of ``rfi invert``'s flags (the ``invert:`` section of ``configs/commands.yaml``)."""
+
+    method: Literal["decoder", "optimize"]
+    steps: int = bounded(low=1)
+    lr: float = bounded(low=0, low_open=True)
+    tv_weight: float = bounded(low=0)
+    seed: int
+    tile: int | None = bounded(low=1)
+    device: str
 
 
 def register_invert(parser: argparse.ArgumentParser) -> None:
@@ -36,29 +51,25 @@ def register_invert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder", help="decoder checkpoint (required for --method decoder; "
                                           "with --method optimize it names the layer)")
     parser.add_argument("--out", required=True, help="output folder (one PNG per input, same names)")
-    parser.add_argument("--method", choices=["decoder", "optimize"], default="decoder",
-                        help="decoder (fast, default) or optimize (gradient descent on pixels)")
-    parser.add_argument("--tile", type=int, help="decoder: tile side in px for large images "
-                                                  "(default: whole image up to 1 Mpx, else 1024; equal to a whole pass)")
+    add_flag(parser, InvertFlags, "method", "decoder (fast) or optimize (gradient descent on pixels)")
+    add_flag(parser, InvertFlags, "tile", "decoder: tile side in px for large images (none: whole image up to "
+                                          "1 Mpx, else 1024; equal to a whole pass)")
     parser.add_argument("--layer", help="optimize: encoder layer to match (default: the decoder's)")
-    parser.add_argument("--steps", type=int, default=300, help="optimize: Adam steps (default 300; about "
-                                                               "1000 match the decoder's PSNR)")
-    parser.add_argument("--lr", type=float, default=0.2, help="optimize: step size on the logits (default 0.2)")
-    parser.add_argument("--tv-weight", type=float, default=0.05, help="optimize: total-variation weight")
-    parser.add_argument("--seed", type=int, default=0, help="optimize: seed of the initial noise")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    add_flag(parser, InvertFlags, "steps", "optimize: Adam steps (about 1000 match the decoder's PSNR)")
+    add_flag(parser, InvertFlags, "lr", "optimize: step size on the logits")
+    add_flag(parser, InvertFlags, "tv_weight", "optimize: total-variation weight")
+    add_flag(parser, InvertFlags, "seed", "optimize: seed of the initial noise")
+    add_flag(parser, InvertFlags, "device", "auto, cpu, cuda, cuda:1 ...")
     parser.set_defaults(func=run)
 
 
-def inverter(args: argparse.Namespace, device: torch.device) -> Callable[[Tensor], Tensor]:
+def inverter(args: argparse.Namespace, flags: InvertFlags, device: torch.device) -> Callable[[Tensor], Tensor]:
     """The function ``images (1, 3, H, W) -> reconstructions`` that ``--method`` asks for."""
-    if args.method == "decoder":
+    if flags.method == "decoder":
         if not args.decoder:
             raise RFIError("--method decoder needs --decoder D (a decoder checkpoint)")
-        if args.tile is not None and args.tile < 1:
-            raise RFIError(f"--tile must be a positive number of pixels, got {args.tile}")
         ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch)
-        return lambda x: ae.reconstruct(x, tile=args.tile)
+        return lambda x: ae.reconstruct(x, tile=flags.tile)
     from inversion.optimize import invert_by_optimization
 
     if args.decoder:
@@ -69,13 +80,14 @@ def inverter(args: argparse.Namespace, device: torch.device) -> Callable[[Tensor
     else:
         raise RFIError("--method optimize needs --layer NAME (or a --decoder, whose layer is used)")
     encoder.check_layers([layer])
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    return lambda x: invert_by_optimization(encoder, x, layer, steps=args.steps, lr=args.lr,
-                                            tv_weight=args.tv_weight, generator=generator, progress=True)
+    generator = torch.Generator(device=device).manual_seed(flags.seed)
+    return lambda x: invert_by_optimization(encoder, x, layer, steps=flags.steps, lr=flags.lr,
+                                            tv_weight=flags.tv_weight, generator=generator, progress=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Invert every input; the exit code follows :mod:`encoders.core.files`."""
+    flags = checked_flags(InvertFlags, args)
     check_output_folder(args.out)  # before the models are loaded
-    device = resolve_device(args.device)
-    return invert_files(args.inputs, args.out, inverter(args, device), device)
+    device = resolve_device(flags.device)
+    return invert_files(args.inputs, args.out, inverter(args, flags, device), device)

@@ -10,16 +10,15 @@ import argparse
 from pathlib import Path
 
 from apps.quickstart import DEFAULT_CONFIG, run_quickstart
-from encoders.core.files import check_output_folder
 from inversion.evaluate import format_table
 
 
 def register_quickstart(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi quickstart``."""
-    parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    parser.add_argument("--out", help="output folder (default: out of the config)")
     parser.add_argument("--budget", help="a budget of the config: default (8-26 min on 2 idle CPU cores, "
                                          "by machine), small (about 40 %% of that), tiny (a smoke test)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="quickstart YAML (default: the shipped one)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="quickstart YAML (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="quickstart config overrides, e.g. eval.num=50 device=cpu")
     parser.add_argument("--force", action="store_true", help="retrain even if cached runs exist")
@@ -28,9 +27,8 @@ def register_quickstart(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or reuse), evaluate, write the report; print the table and where the report is."""
-    check_output_folder(args.out)  # a file in the way or a read-only place: one line, before any training
     report = run_quickstart(args.out, args.config, args.budget, tuple(args.overrides), args.force)
     print(format_table(report["evaluation"]))
     print(report["evaluation"]["lpips"])
-    print(f"report: {Path(args.out) / 'report.md'} ({report['seconds']['total'] / 60:.1f} min)")
+    print(f"report: {Path(report['out']) / 'report.md'} ({report['seconds']['total'] / 60:.1f} min)")
     return 0

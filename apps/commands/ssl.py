@@ -1,6 +1,7 @@
 """``rfi ssl``: self-supervised pre-training (SimCLR or MoCo v2) with optional style augmentation (SASSL).
 
-The library code is :mod:`apps.ssl.train`; this module parses the command line and runs it.
+The library code is :mod:`apps.ssl` (:func:`apps.ssl.train.run_ssl`); this module parses the command line
+and runs it.
 
 Example:
     rfi ssl --config configs/apps/ssl.yaml method=mocov2                     # -> runs/ssl/mocov2
@@ -26,21 +27,16 @@ def register_ssl(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-def default_out(method: str, style: bool) -> Path:
-    """``runs/ssl/<method>`` or ``runs/ssl/<method>_style``."""
-    return Path("runs/ssl") / (method + ("_style" if style else ""))
-
-
 def run(args: argparse.Namespace) -> int:
     """Train, checkpoint, probe; prints the checkpoint path and one line per probe task."""
-    from apps.ssl.train import SSLConfig, check_config, run_ssl
+    from apps.ssl import SSLConfig, run_ssl
+    from apps.ssl.train import default_out
 
-    cfg = load_config(SSLConfig, args.config, args.overrides)
-    check_config(cfg)
+    cfg = load_config(SSLConfig, args.config, args.overrides)  # checks every key before any model is built
     if args.out:
         cfg.out = args.out
     elif not cfg.out:
-        cfg.out = str(default_out(cfg.method, cfg.style.enabled))
+        cfg.out = str(default_out(cfg))
     result = run_ssl(cfg, resume=args.resume)
     print(Path(cfg.out) / "checkpoint.pt")
     for task, acc in result["probe"].items():

@@ -7,8 +7,14 @@ reference implementations are research scripts), so they are written here.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
+
+Method = Literal["wct", "adain"]
+"""A feature transform: ``wct`` (mean and full channel covariance) or ``adain`` (channel mean and std)."""
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 def _alpha(alpha: float | Tensor, like: Tensor) -> Tensor | float:
@@ -79,7 +85,7 @@ def wct(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float 
     return a * out + (1 - a) * content
 
 
-def blend_styles(content: Tensor, styles: list[Tensor], weights: list[float], method: str = "adain",
+def blend_styles(content: Tensor, styles: list[Tensor], weights: list[float], method: Method = "adain",
                  alpha: float | Tensor = 1.0) -> Tensor:
     """Restyle ``content`` towards several styles: the weighted mix of each single-style result.
 
@@ -90,11 +96,14 @@ def blend_styles(content: Tensor, styles: list[Tensor], weights: list[float], me
         method: ``adain`` or ``wct``.
         alpha: content-style blend in [0, 1] (float or (B,) tensor).
 
+    Returns:
+        (B, C, H, W) features ``alpha * sum_i w_i * transform(content, style_i) + (1 - alpha) * content``.
+
     Raises:
         ValueError: unknown method, or weights that do not match the styles.
     """
-    if method not in ("adain", "wct"):
-        raise ValueError(f"method must be 'adain' or 'wct', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if len(weights) != len(styles) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"need one non-negative weight per style, not all zero: {len(styles)} styles, "
                          f"weights {list(weights)}")

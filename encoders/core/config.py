@@ -1,9 +1,12 @@
 """YAML job configs as typed dataclasses, with ``key=value`` overrides from the command line.
 
 A config file is a nested mapping whose keys must match the fields of a (nested)
-dataclass; a misspelt key is an error that names it and lists the valid keys. Numbers
-must be finite; a field declared with :func:`bounded` is range-checked too, and the
-error names the key, the value and the allowed range.
+dataclass; a misspelt key is an error that names it and lists the valid keys. The rules a
+config class declares, each in one way: a choice is a ``Literal[...]`` type, a numeric range
+a :func:`bounded` field, and a rule across keys the class's ``check()`` method (raising
+:class:`~encoders.core.errors.RFIError`); numbers must be finite. :func:`load_config` checks
+them all as it builds a config, :func:`check_config` a config built or changed in code (such
+as a command's flags), and each error names the key, the value and what is allowed.
 
 Defaults are written in one place, the shipped YAML under ``configs/`` (installed as the
 ``configs`` package): :func:`yaml_dataclass` makes a dataclass whose field defaults are read
@@ -32,6 +35,7 @@ import importlib.resources
 import math
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -58,25 +62,60 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def bounded(default: Any = dataclasses.MISSING, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> Any:
-    """A dataclass field whose value (or each item of a list) must lie in a range.
+def bounded(*, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
+    """A config field whose value (or each item of a list) must lie in a range; its default is in the YAML.
+
+    The one way to declare a numeric range: :func:`load_config` and :func:`check_config` check it and
+    the error names the key, the value and the range. (Choices are a ``Literal[...]`` type; a rule
+    across keys is the class's ``check()`` method, which both call after building the class.)
 
     Args:
-        default: the field's default; leave it out in a :func:`yaml_dataclass` (the YAML holds it).
         low, high: the bounds (``None``: unbounded); ``high`` is inclusive.
-        low_open: exclude ``low`` itself (e.g. a learning rate: ``bounded(0.1, 0, low_open=True)``).
+        low_open: exclude ``low`` itself (e.g. a learning rate: ``bounded(low=0, low_open=True)``).
 
     Example:
         >>> from dataclasses import dataclass
         >>> @dataclass
         ... class Job:
-        ...     lr: float = bounded(0.1, 0, low_open=True)
-        >>> load_config(Job, None, ["lr=-1"])
+        ...     lr: float = bounded(low=0, low_open=True)
+        >>> check_config(Job(lr=-1))
         Traceback (most recent call last):
-        encoders.core.errors.RFIError: config key 'lr' in the command-line overrides must be > 0, got -1.0
+        encoders.core.errors.RFIError: config key 'lr' in the config must be > 0, got -1.0
     """
-    return dataclasses.field(default=default, metadata={"range": (low, high, low_open)})
+    return dataclasses.field(metadata={"range": (low, high, low_open)})
+
+
+def value_range(value: float | Sequence[float], key: str, low: float | None = None,
+                high: float | None = None) -> tuple[float, float]:
+    """A range given as one number or ``[lo, hi]``: ``25`` -> ``(25.0, 25.0)``; checks ``low <= lo <= hi <= high``.
+
+    Args:
+        value: one number, or a pair ``[lo, hi]``.
+        key: the config key or flag, for the error message (e.g. ``"noise.sigma"``).
+        low, high: the bounds (``None``: unbounded).
+
+    Returns:
+        ``(lo, hi)`` as floats.
+
+    Raises:
+        RFIError: not one or two numbers, outside the bounds, or ``lo > hi``.
+
+    Example:
+        >>> value_range([5, 50], "noise.sigma", low=0)
+        (5.0, 50.0)
+        >>> value_range(2, "alpha", 0, 1)
+        Traceback (most recent call last):
+        encoders.core.errors.RFIError: alpha must be one number or a range [lo, hi] with 0 <= lo <= hi <= 1, got 2
+    """
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    if len(values) == 1:
+        values = values * 2
+    rule = " <= ".join(([] if low is None else [f"{low:g}"]) + ["lo", "hi"] + ([] if high is None else [f"{high:g}"]))
+    numbers = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    lo, hi = (float(values[0]), float(values[1])) if numbers else (math.nan, math.nan)
+    if not (numbers and lo <= hi and (low is None or low <= lo) and (high is None or hi <= high)):
+        raise RFIError(f"{key} must be one number or a range [lo, hi] with {rule}, got {value!r}")
+    return lo, hi
 
 
 class _Source:
@@ -91,8 +130,18 @@ class _Source:
         return str(self.path)
 
 
+FLAGS = "command-line flags"  # the source of check_config(..., source=FLAGS): keys are named as flags
+
+
 def _src(source: "_Source | str", name: str) -> str:
     return source.of(name) if isinstance(source, _Source) else source
+
+
+def _key(source: "_Source | str", name: str) -> str:
+    """How an error names a key: ``config key 'a.b' in FILE``, or ``--batch-size`` for command-line flags."""
+    if source == FLAGS:
+        return "--" + name.replace("_", "-")
+    return f"config key '{name}' in {_src(source, name)}"
 
 
 def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name: str, source: "_Source | str") -> None:
@@ -109,7 +158,7 @@ def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name
                 want = f"{'>' if low_open else '>='} {low:g}"
             else:
                 want = f"<= {high:g}"
-            raise RFIError(f"config key '{name}' in {_src(source, name)} must be {want}, got {value!r}")
+            raise RFIError(f"{_key(source, name)} must be {want}, got {value!r}")
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -118,11 +167,14 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str", base: Any = None) -> Any:
+def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str", base: Any = None,
+           rules: bool = True) -> Any:
     """``cls`` from ``data``; keys ``data`` leaves out come from ``base`` (an instance), else the field defaults.
 
     A section (a dataclass field) given in ``data`` is built the same way on top of the value
     it replaces, so a partial section keeps the other keys; any other value is replaced whole.
+    ``rules``: run each section's ``check()`` (rules across keys; not on a file that overrides
+    will still change).
     """
     try:
         hints = typing.get_type_hints(cls)
@@ -138,9 +190,9 @@ def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str",
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise RFIError(f"config key '{name}' in {_src(source, name)} must be a mapping, got {value!r}")
+                raise RFIError(f"{_key(source, name)} must be a mapping, got {value!r}")
             under = getattr(base, key) if base is not None else _field_default(fields[key])
-            value = _build(hint, value, f"{name}.", source, under)
+            value = _build(hint, value, f"{name}.", source, under, rules)
         else:
             value = _coerce(value, hint, name, source)
             if "range" in fields[key].metadata:
@@ -149,9 +201,15 @@ def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str",
     if base is not None:
         kwargs = {name: copy.deepcopy(getattr(base, name)) for name in fields if name not in kwargs} | kwargs
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise RFIError(f"bad config in {_src(source, where[:-1])}: {e}") from None
+    if rules and callable(getattr(cfg, "check", None)):  # the class's rules across keys
+        try:
+            cfg.check()
+        except RFIError as e:
+            raise RFIError(f"{e} (in {_src(source, where[:-1])})") from None
+    return cfg
 
 
 def _coerce(value: Any, hint: Any, name: str, source: "_Source | str") -> Any:
@@ -159,15 +217,16 @@ def _coerce(value: Any, hint: Any, name: str, source: "_Source | str") -> Any:
     args = typing.get_args(hint)
     if value is None:
         return None
-    if origin is typing.Union:  # Optional[X] and X | None
-        for arg in args:
-            if arg is type(None):
-                continue
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
+        arms = [arg for arg in args if arg is not type(None)]
+        for arg in arms:
             try:
                 return _coerce(value, arg, name, source)
-            except RFIError:
-                pass
-        raise RFIError(f"config key '{name}' in {_src(source, name)}: {value!r} is not a valid {hint}")
+            except RFIError as e:
+                error = e
+        if len(arms) == 1:  # X | None: X's own message
+            raise RFIError(f"{error}{' (or null)' if type(None) in args else ''}") from None
+        raise RFIError(f"{_key(source, name)}: {value!r} is not a valid {hint}")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             value = [value]
@@ -176,12 +235,12 @@ def _coerce(value: Any, hint: Any, name: str, source: "_Source | str") -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict or hint is Any or origin is typing.Literal:
         if origin is typing.Literal and value not in args:
-            raise RFIError(f"config key '{name}' in {_src(source, name)}: {value!r} is not one of {list(args)}")
+            raise RFIError(f"{_key(source, name)}: {value!r} is not one of {list(args)}")
         return value
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise RFIError(f"config key '{name}' in {_src(source, name)} must be true or false, got {value!r}")
+        raise RFIError(f"{_key(source, name)} must be true or false, got {value!r}")
     if hint in (int, float, str):
         if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
@@ -190,13 +249,13 @@ def _coerce(value: Any, hint: Any, name: str, source: "_Source | str") -> Any:
                 pass
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise RFIError(f"config key '{name}' in {_src(source, name)} must be a finite number, got {value!r}")
+                raise RFIError(f"{_key(source, name)} must be a finite number, got {value!r}")
             return float(value)
         if hint is str and isinstance(value, (int, float)):
             return str(value)
         if isinstance(value, hint) and not isinstance(value, bool):
             return value
-        raise RFIError(f"config key '{name}' in {_src(source, name)} must be {hint.__name__}, got {value!r}")
+        raise RFIError(f"{_key(source, name)} must be {hint.__name__}, got {value!r}")
     return value
 
 
@@ -409,13 +468,40 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
         RFIError: missing file, bad YAML, unknown key, or a value of the wrong type.
     """
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    cfg = _build(cls, read_yaml(path) if path is not None else {}, "", _Source(path, set()))
+    cfg = _build(cls, read_yaml(path) if path is not None else {}, "", _Source(path, set()), rules=not over)
     if not over:
         return cfg
     data = config_to_dict(cfg)
     for key, value in over.items():
         _set_dotted(data, str(key).strip(), value, into=False)
     return _build(cls, data, "", _Source(path, set(over)))
+
+
+def check_config(cfg: T, source: str = "the config") -> T:
+    """Check a config built or changed in code as :func:`load_config` checks a file: types, ``Literal``
+    choices, :func:`bounded` ranges and every section's ``check()``.
+
+    Args:
+        cfg: a config dataclass instance.
+        source: what the error names as the values' origin; :data:`FLAGS` names each key as a
+            command-line flag (``batch_size`` -> ``--batch-size``).
+
+    Returns:
+        A checked copy, values coerced as when loaded (e.g. an ``int`` given for a ``float``).
+
+    Raises:
+        RFIError: the first bad value, named by its key.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Flags:
+        ...     batch_size: int = bounded(low=1)
+        >>> check_config(Flags(batch_size=0), FLAGS)
+        Traceback (most recent call last):
+        encoders.core.errors.RFIError: --batch-size must be >= 1, got 0
+    """
+    return _build(type(cfg), dataclasses.asdict(cfg), "", source)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

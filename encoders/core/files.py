@@ -1,4 +1,4 @@
-"""Files in, files out: the one loop every image command (invert, denoise, stylize, augment) runs.
+"""Files in, files out: the one loop every image command (invert, denoise apply, style apply, augment) runs.
 
 ``rfi anomaly score`` (which writes a CSV and maps, not one image per input) follows the same
 per-input and exit-code policy through :func:`check_finite` and :func:`partial_exit`.
@@ -186,7 +186,8 @@ class FileBatch:
             raise RFIError(f"cannot write {dst}: {why} ({len(self.written)} file(s) written before)") from None
         self.written.append(dst)
 
-    def run(self, process: Callable[[Path, Tensor], Sequence[Tensor]], read: Callable[[Path], Tensor] = read_image) -> int:
+    def run(self, process: Callable[[Path, Tensor], Sequence[Tensor]],
+            read: Callable[[Path], Tensor] = read_image) -> int:
         """Process every input: ``process(path, image (3, H, W))`` returns one result per output name.
 
         Returns:

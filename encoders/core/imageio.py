@@ -4,14 +4,16 @@ Grayscale, grayscale+alpha, RGBA, palette and 16-bit images are converted to 8-b
 RGB floats, and each conversion is logged. EXIF orientation is applied (a phone photo comes
 out as a viewer shows it). A truncated or non-image file, one of more than
 :func:`max_pixels` pixels (a decompression bomb) or one holding NaN/Inf raises
-:class:`~encoders.core.errors.RFIError` naming the file. Writes are atomic (temp file + rename).
+:class:`~encoders.core.errors.RFIError` naming the file; every reader of image files opens
+them with :func:`open_image`, which does that. Writes are atomic (temp file + rename).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ log = logging.getLogger("rfi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check is replaced by read_image's, which names the file
 DEFAULT_MAX_PIXELS = 120_000_000  # 12000 x 10000; a 4000 x 3000 photo is 12 Mpx
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # PIL modes of 16-bit, integer and float grayscale
 
 
 def max_pixels() -> int:
@@ -34,6 +37,50 @@ def max_pixels() -> int:
         return int(value) if value else DEFAULT_MAX_PIXELS
     except ValueError:
         raise RFIError(f"RFI_MAX_PIXELS must be a whole number of pixels, got {value!r}") from None
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Open an image file with PIL: decoded, EXIF orientation applied, what can go wrong as one line.
+
+    The one place a bad image file becomes an :class:`~encoders.core.errors.RFIError` naming it: a
+    missing file, a truncated or non-image file (PIL's ``UnidentifiedImageError``, ``OSError``,
+    ``SyntaxError``, ``ValueError``, also when raised while the caller converts the image inside
+    the ``with`` block) and one above :func:`max_pixels` (checked before decoding).
+
+    Args:
+        path: any format PIL reads.
+
+    Yields:
+        The decoded PIL image, in the file's own mode.
+
+    Raises:
+        RFIError: missing, truncated, non-image or too large file.
+
+    Example:
+        >>> import tempfile
+        >>> bad = Path(tempfile.mkdtemp()) / "notes.png"
+        >>> _ = bad.write_text("not an image")
+        >>> with open_image(bad) as im:  # doctest: +ELLIPSIS
+        ...     pass
+        Traceback (most recent call last):
+        encoders.core.errors.RFIError: .../notes.png is not a readable image (cannot identify image file ...)
+    """
+    path = Path(path)
+    limit = max_pixels()
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise RFIError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} Mpx), above the limit of {limit / 1e6:.0f} Mpx "
+                               f"(a decompression bomb?); to read it anyway set RFI_MAX_PIXELS={w * h}")
+            im.load()
+            yield ImageOps.exif_transpose(im)
+    except FileNotFoundError:
+        raise RFIError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RFIError(f"{path} is not a readable image ({detail})") from None
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
@@ -46,38 +93,25 @@ def read_image(path: str | os.PathLike) -> Tensor:
         Tensor of shape (3, H, W), values in [0, 1].
 
     Raises:
-        RFIError: missing, truncated or non-image file.
+        RFIError: missing, truncated or non-image file (see :func:`open_image`), or NaN/Inf pixels.
     """
-    path = Path(path)
-    limit = max_pixels()
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > limit:
-                raise RFIError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} Mpx), above the limit of {limit / 1e6:.0f} Mpx "
-                               f"(a decompression bomb?); to read it anyway set RFI_MAX_PIXELS={w * h}")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-                if not np.isfinite(arr).all():
-                    raise RFIError(f"{path} holds NaN or Inf pixel values")
-                arr = np.clip(arr / peak, 0, 1)
-                log.info("%s: converted %s (16-bit/int) grayscale to RGB", path, mode)
-                return torch.from_numpy(arr).float().unsqueeze(0).expand(3, -1, -1).contiguous()
-            if mode != "RGB":
-                note = {"L": "grayscale", "LA": "grayscale+alpha (alpha dropped)", "P": "palette",
-                        "PA": "palette+alpha (alpha dropped)", "RGBA": "RGBA (alpha dropped)",
-                        "1": "1-bit", "CMYK": "CMYK"}.get(mode, mode)
-                log.info("%s: converted %s to RGB", path, note)
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise RFIError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise RFIError(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    with open_image(path) as im:
+        mode = im.mode
+        if mode in HIGH_DEPTH_MODES:
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+            if not np.isfinite(arr).all():
+                raise RFIError(f"{path} holds NaN or Inf pixel values")
+            arr = np.clip(arr / peak, 0, 1)
+            log.info("%s: converted %s (16-bit/int) grayscale to RGB", path, mode)
+            return torch.from_numpy(arr).float().unsqueeze(0).expand(3, -1, -1).contiguous()
+        if mode != "RGB":
+            note = {"L": "grayscale", "LA": "grayscale+alpha (alpha dropped)", "P": "palette",
+                    "PA": "palette+alpha (alpha dropped)", "RGBA": "RGBA (alpha dropped)",
+                    "1": "1-bit", "CMYK": "CMYK"}.get(mode, mode)
+            log.info("%s: converted %s to RGB", path, note)
+            im = im.convert("RGB")
+        arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
 
 

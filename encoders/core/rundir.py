@@ -6,8 +6,8 @@ owner's pid and host, and removes it when the run ends, however it ends. A secon
 same folder gets a one-line error naming the owner. A lock whose process no longer runs on
 this host (a run killed with ``kill -9``) is stale: it is replaced, with a log line.
 
-:class:`RunDir` is the rest of a run folder's bookkeeping, shared by every trainer
-(``rfi train-encoder``, ``train-decoder``, ``train-denoiser``, ``train-decoders``, ``ssl``): the
+:class:`RunDir` is the rest of a run folder's bookkeeping, used by the training scaffold
+(:class:`encoders.core.trainer.Trainer`) that every trainer subclasses: the
 "checkpoint exists: pass --resume" guard, the resume config check (:func:`config_changes`
 over :func:`flatten`-ed configs), the resolved ``config.yaml`` and the ``metrics.jsonl`` log.
 :func:`step_seed` is the per-(step, rank) seed formula of the trainers' random draws, and
@@ -31,15 +31,13 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 
 from encoders.core.errors import RFIError
-from encoders.core.runtime import DistContext, MetricsLog, check_precision, setup_distributed
+from encoders.core.runtime import MetricsLog
 from encoders.core.serialization import atomic_write, pid_alive
 
 log = logging.getLogger("rfi")
@@ -269,30 +267,3 @@ class RunDir:
     def metrics(self, resume_step: int | None = None) -> MetricsLog:
         """The run's ``metrics.jsonl`` (:class:`~encoders.core.runtime.MetricsLog`): new, or cut at ``resume_step``."""
         return MetricsLog(self.metrics_path, resume_step=resume_step, enabled=self.main)
-
-
-def run_trainer(build: Callable[[DistContext, torch.device], Any], device: str, precision: str,
-                resume: bool) -> TrainResult:
-    """Run a trainer as every ``train_*`` function does: on this process of a (possibly one-process) DDP
-    job, with its folder locked (:func:`lock_for_run`).
-
-    Args:
-        build: ``build(ctx, device)`` makes the trainer: it has ``out`` (the run folder) and
-            ``run(resume) -> TrainResult``.
-        device: the config's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...).
-        precision: the config's ``precision`` (checked against the device).
-        resume: passed to ``run``.
-
-    Returns:
-        What the trainer's ``run`` returns. The process group is destroyed at the end if this
-        call created it (see :func:`encoders.core.runtime.setup_distributed`).
-    """
-    ctx, dev = setup_distributed(device)
-    try:
-        check_precision(precision, dev)  # e.g. bf16 on a GPU without it
-        trainer = build(ctx, dev)
-        with lock_for_run(trainer.out, ctx):  # one run per folder
-            return trainer.run(resume)
-    finally:
-        if ctx.owns_group:
-            dist.destroy_process_group()

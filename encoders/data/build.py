@@ -1,12 +1,14 @@
 """The ``data:`` section of a config and the dataset it names (embedded, mixed, folder, CIFAR-10)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from torch.utils.data import Dataset
 
-from encoders.core.config import bounded, yaml_dataclass
+from encoders.core.config import bounded, check_config, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.data.embedded import EmbeddedCrops, Split
-from encoders.data.folders import ImageFiles, cifar10
+from encoders.data.folders import Crop, Decode, ImageFiles, Transforms, cifar10
 from encoders.data.synthetic import MixedCrops
 
 
@@ -25,37 +27,40 @@ class DataConfig:
     :class:`ImageFiles`.
     """
 
-    source: str
+    source: Literal["embedded", "mixed", "folder", "cifar10"]
     root: str | None
-    size: int
-    train_crops: int
-    val_crops: int
+    size: int = bounded(low=1)
+    train_crops: int = bounded(low=1)
+    val_crops: int = bounded(low=1)
     seed: int
     download: bool
-    resize: int | None
-    crop: str
-    repeat: int
-    transforms: str
-    decode: str | None
+    resize: int | None = bounded(low=1)
+    crop: Crop
+    repeat: int = bounded(low=1)
+    transforms: Transforms
+    decode: Decode | None
     synthetic_ratio: float = bounded(low=0, high=1)
+
+    def check(self) -> None:
+        if self.source in ("folder", "cifar10") and not self.root:
+            raise RFIError(f"data.source={self.source} needs data.root (the folder)")
 
 
 def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = None) -> Dataset:
-    """The dataset a :class:`DataConfig` names, for one split (``size`` overrides ``cfg.size``)."""
+    """The dataset a :class:`DataConfig` names, for one split (``size`` overrides ``cfg.size``).
+
+    Raises:
+        RFIError: a config that breaks the rules of :class:`DataConfig` (it is checked here too, as a
+            config built in code skips :func:`~encoders.core.config.load_config`'s checks).
+    """
+    cfg = check_config(cfg)
     size = size or cfg.size
-    if size < 1 or cfg.train_crops < 1 or cfg.val_crops < 1 or cfg.repeat < 1:
-        raise RFIError(f"data.size, data.train_crops, data.val_crops and data.repeat must be >= 1, got "
-                       f"{size}, {cfg.train_crops}, {cfg.val_crops}, {cfg.repeat}")
     if cfg.source == "embedded":
         return EmbeddedCrops(split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed)
     if cfg.source == "mixed":
         return MixedCrops(split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed,
                           cfg.synthetic_ratio)
-    if cfg.source in ("folder", "cifar10") and not cfg.root:
-        raise RFIError(f"data.source={cfg.source} needs data.root (the folder)")
     if cfg.source == "folder":
         return ImageFiles(cfg.root, split, size, resize=cfg.resize, crop=cfg.crop, repeat=cfg.repeat,
                           transforms=cfg.transforms, decode=cfg.decode)
-    if cfg.source == "cifar10":
-        return cifar10(cfg.root, split, cfg.download)
-    raise RFIError(f"unknown data.source '{cfg.source}' (valid: embedded, mixed, folder, cifar10)")
+    return cifar10(cfg.root, split, cfg.download)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -15,12 +16,14 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from encoders.core.errors import RFIError
-from encoders.core.imageio import IMAGE_EXTENSIONS, read_image
+from encoders.core.imageio import HIGH_DEPTH_MODES, IMAGE_EXTENSIONS, open_image, read_image
 from encoders.data.embedded import LabelledDataset, Split
 
 
-TRANSFORMS = ("rfi", "imagenet")
-DECODES = ("float", "uint8")
+Transforms = Literal["rfi", "imagenet"]
+Decode = Literal["float", "uint8"]
+Crop = Literal["resized", "random"]
+TRANSFORMS, DECODES, CROPS = get_args(Transforms), get_args(Decode), get_args(Crop)
 IMAGENET_RESIZE_RATIO = 256 / 224  # evaluation: resize the short side to 256, centre-crop 224
 
 
@@ -61,23 +64,12 @@ def read_image_uint8(path: str | os.PathLike) -> Tensor:
     ``read_image`` and are rounded to 8 bits.
 
     Raises:
-        RFIError: missing, truncated or non-image file (naming it).
+        RFIError: missing, truncated or non-image file (naming it; see :func:`~encoders.core.imageio.open_image`).
     """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return read_image(path).mul(255).round().to(torch.uint8)
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise RFIError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RFIError(f"{path} is not a readable image ({detail})") from None
+    with open_image(path) as im:
+        if im.mode in HIGH_DEPTH_MODES:
+            return read_image(path).mul(255).round().to(torch.uint8)
+        arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -193,8 +185,8 @@ class ImageFiles(LabelledDataset):
         self._labels = np.array(labels, dtype=np.int64)
         self.repeat = repeat if split == "train" else 1
         self.classes, self.split, self.size, self.decode, self.transforms = classes, split, size, decode, transforms
-        if crop not in ("resized", "random"):
-            raise RFIError(f"unknown crop mode '{crop}' (valid: resized, random)")
+        if crop not in CROPS:
+            raise RFIError(f"unknown crop mode '{crop}' (valid: {', '.join(CROPS)})")
         self.transform = self._build_transform(split, size, resize, crop, transforms)
 
     @staticmethod

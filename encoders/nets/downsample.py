@@ -1,7 +1,8 @@
 """Shift-robust down-sampling: anti-aliased blur pooling and learnable polyphase sampling (LPS).
 
 ``Encoder(..., downsample=...)`` rebuilds every strided convolution and pooling layer of a
-torchvision architecture as the stride-1 layer followed by a down-sampling layer:
+CNN as the stride-1 layer followed by a down-sampling layer (each family says where its
+strided layers are, in its ``downsample_layers`` hook; :class:`Downsampler` does the rest):
 
 - ``stride`` (default): the architecture unchanged.
 - ``blurpool``: low-pass filter, then subsample (Zhang, ICML 2019), with
@@ -13,11 +14,11 @@ torchvision architecture as the stride-1 layer followed by a down-sampling layer
   padding, so an LPS encoder in eval mode is *exactly* invariant (logits) and equivariant
   (feature maps, up to the shift the chosen phases imply) to circular shifts of its input.
 
-ResNet shortcuts: a down-sampling block has two branches, and both must keep the *same*
-phase or the residual sum mixes misaligned maps. The main branch's :class:`LPD` chooses
-(it sees the block's conv output), and the shortcut's :class:`SamePhase` reuses that
-choice on the block input (1x1 convolution and BatchNorm are point-wise, so selecting
-before the 1x1 convolution is the same as after, at a quarter of the cost).
+ResNet shortcuts (the rule is in :mod:`encoders.nets.resnet`): a down-sampling block has two
+branches, and both must keep the *same* phase or the residual sum mixes misaligned maps. The
+main branch's :class:`LPD` chooses (it sees the block's conv output), and the shortcut's
+:class:`SamePhase` reuses that choice on the block input (1x1 convolution and BatchNorm are
+point-wise, so selecting before the 1x1 convolution is the same as after, at a quarter of the cost).
 
 Phases travel to decoders with the features: an LPS encoder returns
 :class:`PhasedFeatures` (an ordered dict of feature maps with a ``phases`` attribute
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,8 @@ from torch import Tensor, nn
 
 from encoders.core.errors import RFIError
 
-DOWNSAMPLING = ("stride", "blurpool", "lps")
+Downsampling = Literal["stride", "blurpool", "lps"]
+DOWNSAMPLING: tuple[Downsampling, ...] = ("stride", "blurpool", "lps")
 BLUR_KERNEL = 3
 TAU_START, TAU_END = 1.0, 0.1  # Gumbel-softmax temperature at the start / end of training
 
@@ -284,13 +286,22 @@ def leaf_modules(mode: str) -> list[type]:
 
 
 # ----------------------------------------------------------------------------- conversion
-class _Converter:
-    """Rewrites a torchvision model in place: stride-s layers -> stride-1 layer + down-sampling."""
+class Downsampler:
+    """Rewrites strided layers as the stride-1 layer followed by a down-sampling layer (``blurpool`` or ``lps``).
+
+    Families that take ``downsample=`` (:mod:`encoders.nets.registry`) apply :meth:`conv`,
+    :meth:`pool` (or :meth:`sequential`) to their strided layers in their ``downsample_layers``
+    hook; :func:`convert_downsampling` then checks that none is left (:meth:`finish`).
+
+    Args:
+        mode: ``blurpool`` or ``lps``.
+    """
 
     def __init__(self, mode: str):
         self.mode = mode
 
     def down(self, channels: int, stride: int) -> nn.Module:
+        """The down-sampling layer of this mode: :class:`LPD` or kornia's ``BlurPool2D``."""
         if self.mode == "lps":
             return LPD(channels, stride)
         from kornia.filters import BlurPool2D  # imported on first use: kornia is slow to import
@@ -298,7 +309,8 @@ class _Converter:
         return BlurPool2D(BLUR_KERNEL, stride)
 
     @staticmethod
-    def _stride(m: nn.Module) -> int:
+    def stride(m: nn.Module) -> int:
+        """The (isotropic) stride of a convolution or pooling layer."""
         s = m.stride if isinstance(m.stride, (tuple, list)) else (m.stride, m.stride)
         if s[0] != s[1]:
             raise RFIError(f"anisotropic stride {tuple(s)} is not supported")
@@ -306,7 +318,7 @@ class _Converter:
 
     def conv(self, conv: nn.Conv2d, name: str) -> nn.Module:
         """``conv`` at stride 1 ('same' size) followed by the down-sampling layer."""
-        s = self._stride(conv)
+        s = self.stride(conv)
         k, p = conv.kernel_size, conv.padding
         if isinstance(p, str) or any(kk % 2 == 0 or pp != (kk - 1) // 2 for kk, pp in zip(k, p)) \
                 or conv.dilation != (1, 1):
@@ -318,31 +330,11 @@ class _Converter:
 
     def pool(self, pool: nn.MaxPool2d, channels: int) -> nn.Module:
         """``pool`` at stride 1 followed by the down-sampling layer."""
-        s, k = self._stride(pool), pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+        s, k = self.stride(pool), pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
         if self.mode == "lps":  # circular 'same' padding (max-pool has no padding_mode)
             pad = nn.CircularPad2d(((k - 1) // 2, k // 2, (k - 1) // 2, k // 2))
             return nn.Sequential(pad, nn.MaxPool2d(k, 1), self.down(channels, s))
         return nn.Sequential(nn.MaxPool2d(k, 1, pool.padding), self.down(channels, s))  # Zhang's MaxBlurPool
-
-    def resnet(self, model: nn.Module) -> None:
-        if self._stride(model.conv1) > 1:
-            model.conv1 = self.conv(model.conv1, "conv1")
-        if isinstance(model.maxpool, nn.MaxPool2d):
-            model.maxpool = self.pool(model.maxpool, model.bn1.num_features)
-        for li in range(1, 5):
-            for bi, block in enumerate(getattr(model, f"layer{li}")):
-                attr = "conv2" if hasattr(block, "conv3") else "conv1"  # Bottleneck: stride on conv2 (v1.5)
-                main = getattr(block, attr)
-                if self._stride(main) == 1:
-                    continue
-                setattr(block, attr, self.conv(main, f"layer{li}.{bi}.{attr}"))
-                down = getattr(block, attr)[1]
-                if block.downsample is not None:
-                    short_conv, short_bn = block.downsample
-                    short_conv.stride = (1, 1)  # 1x1: selecting before or after it is the same
-                    first = SamePhase(down) if self.mode == "lps" else self.down(short_conv.in_channels,
-                                                                                 down.stride)
-                    block.downsample = nn.Sequential(first, short_conv, short_bn)
 
     def sequential(self, model: nn.Module, small_input: bool) -> None:
         """VGG / AlexNet: strided layers of ``model.features``, replaced at the same index (taps keep names)."""
@@ -353,34 +345,35 @@ class _Converter:
         channels = 3
         for i, m in enumerate(list(model.features)):
             if isinstance(m, nn.Conv2d):
-                if self._stride(m) > 1:
+                if self.stride(m) > 1:
                     model.features[i] = self.conv(m, f"features.{i}")
                 channels = m.out_channels
-            elif isinstance(m, nn.MaxPool2d) and self._stride(m) > 1:
+            elif isinstance(m, nn.MaxPool2d) and self.stride(m) > 1:
                 model.features[i] = self.pool(m, channels)
 
     def finish(self, model: nn.Module) -> None:
+        """Name the LPD layers, refuse strided layers left over, make LPS padding circular everywhere."""
         total, lpds = 1, lpd_modules(model)
         overall = math.prod(m.stride for m in lpds.values())
         for name, m in model.named_modules():
             if isinstance(m, LPD):
                 total *= m.stride
                 m.name, m.totals = name, (total, overall)
-            elif isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and self._stride(m) > 1:
+            elif isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and self.stride(m) > 1:
                 raise RFIError(f"cannot use downsample='{self.mode}' at layer '{name}': no rule converts "
                                f"this {type(m).__name__}")
         if self.mode == "lps":  # exact equivariance needs circular padding everywhere
             circular_convs(model, all_padded=True)
 
 
-def convert_downsampling(model: nn.Module, arch: str, mode: str, small_input: bool) -> nn.Module:
-    """Rebuild the strided layers of a torchvision ``model`` for ``mode`` (in place; returns it).
+def convert_downsampling(model: nn.Module, mode: str, rewrite: Callable[[Downsampler, nn.Module], None]) -> nn.Module:
+    """Rebuild the strided layers of ``model`` for ``mode`` (in place; returns it).
 
     Args:
-        model: a ResNet, VGG or AlexNet as built by :class:`encoders.nets.models.Encoder`.
-        arch: its architecture name (``resnet*``, ``vgg*``, ``alexnet``).
+        model: the network (as a family of :mod:`encoders.nets.registry` builds it).
         mode: ``stride`` (no change), ``blurpool`` or ``lps``.
-        small_input: the model has the small-input (global average pooling) head.
+        rewrite: ``rewrite(down, model)`` replaces the strided layers using the :class:`Downsampler` ``down``
+            (the family's ``downsample_layers`` hook).
 
     Raises:
         RFIError: unknown mode, or a layer the mode cannot take (the error names it).
@@ -389,12 +382,9 @@ def convert_downsampling(model: nn.Module, arch: str, mode: str, small_input: bo
         raise RFIError(f"unknown downsample '{mode}' (valid: {', '.join(DOWNSAMPLING)})")
     if mode == "stride":
         return model
-    conv = _Converter(mode)
-    if arch.startswith("resnet"):
-        conv.resnet(model)
-    else:
-        conv.sequential(model, small_input)
-    conv.finish(model)
+    down = Downsampler(mode)
+    rewrite(down, model)
+    down.finish(model)
     return model
 
 

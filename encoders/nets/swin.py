@@ -1,16 +1,19 @@
-"""Swin and SwinV2 encoders (torchvision's definitions), plain or truly shift-equivariant.
+"""Swin and SwinV2 (torchvision's definitions), plain or truly shift-equivariant: the ``swin`` family.
 
-:func:`build_swin` builds :class:`torchvision.models.swin_transformer.SwinTransformer` with
-the options of ``swin_t`` / ``swin_v2_t`` (or CPU-sized ones), and with ``equivariant=True``
-swaps in the adaptive modules of :mod:`encoders.nets.equivariant_vit`. :func:`swin_features`
-runs the model's stages and returns the tapped stages as (B, C, H, W) maps (torchvision's
-Swin works in (B, H, W, C)). :class:`encoders.nets.models.Encoder` uses both; build encoders
-with ``encoders.create_encoder("swin_t", ..., equivariant=True)``.
+Builds :class:`torchvision.models.swin_transformer.SwinTransformer` with the options of
+``swin_t`` / ``swin_v2_t`` (or CPU-sized ones: ``embed_dim``, ``depths``, ``num_heads``,
+``window_size``, ``patch_size``, ``stochastic_depth``; ``width`` scales ``embed_dim``), and
+with ``equivariant=True`` swaps in the adaptive modules of :mod:`encoders.nets.equivariant_vit`
+(``selection``: ``norm`` or ``learned`` phase choice). Stages are tapped as ``stage1`` ...
+``stage<len(depths)>``; :func:`swin_features` returns them as (B, C, H, W) maps (torchvision's
+Swin works in (B, H, W, C)). Plain Swin weights say their options (:func:`infer_swin_options`).
 
 Example:
-    >>> model, taps, opts = build_swin("swin_t", 8, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
-    ...                                window_size=4, patch_size=2, equivariant=True)
-    >>> {k: tuple(v.shape) for k, v in swin_features(model, torch.rand(1, 3, 16, 16), taps).items()}
+    >>> import torch
+    >>> from encoders import create_encoder
+    >>> enc = create_encoder("swin_t", num_classes=8, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+    ...                      window_size=4, patch_size=2, equivariant=True)
+    >>> {k: tuple(v.shape) for k, v in enc(torch.rand(1, 3, 16, 16)).items()}
     {'stage1': (1, 16, 8, 8), 'stage2': (1, 32, 4, 4)}
 """
 from __future__ import annotations
@@ -18,15 +21,32 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import swin_transformer as tv_swin
 
 from encoders.core.errors import RFIError
+from encoders.nets import equivariant_vit as ev
+from encoders.nets.registry import Built, EncoderFamily, register_encoder, scaled
 
-SWIN_ARCHITECTURES = ("swin_t", "swin_v2_t")
+
+class SwinVariant(NamedTuple):
+    """The modules of one Swin version: torchvision's block and patch merging, and their adaptive forms."""
+
+    block: type[nn.Module]
+    merge: type[nn.Module]
+    adaptive_attention: type[nn.Module]
+    adaptive_merge: type[nn.Module]
+
+
+SWIN_VARIANTS = {
+    "swin_t": SwinVariant(tv_swin.SwinTransformerBlock, tv_swin.PatchMerging,
+                          ev.AdaptiveShiftedWindowAttention, ev.AdaptivePatchMerging),
+    "swin_v2_t": SwinVariant(tv_swin.SwinTransformerBlockV2, tv_swin.PatchMergingV2,
+                             ev.AdaptiveShiftedWindowAttentionV2, ev.AdaptivePatchMergingV2),
+}
 # torchvision's swin_t / swin_v2_t hyper-parameters (stochastic depth as there).
 SWIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "swin_t": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
@@ -47,7 +67,7 @@ def resolve_options(arch: str, options: Mapping[str, Any], width: float = 1.0) -
     """
     opts = {k: (SWIN_DEFAULTS[arch][k] if options.get(k) is None else options[k]) for k in SWIN_OPTIONS}
     opts["depths"], opts["num_heads"] = [int(d) for d in opts["depths"]], [int(h) for h in opts["num_heads"]]
-    dim = max(1, int(round(opts["embed_dim"] * width)))
+    dim = scaled(opts["embed_dim"], width)
     if len(opts["depths"]) != len(opts["num_heads"]) or not opts["depths"]:
         raise RFIError(f"{arch}: depths {opts['depths']} and num_heads {opts['num_heads']} must have the same, "
                        f"non-zero length (one entry per stage)")
@@ -58,54 +78,6 @@ def resolve_options(arch: str, options: Mapping[str, Any], width: float = 1.0) -
             raise RFIError(f"{arch}: stage {i + 1} has {dim * 2 ** i} channels (embed_dim {dim} x 2^{i}), not "
                            f"divisible by num_heads[{i}]={heads}")
     return opts
-
-
-def build_swin(arch: str, num_classes: int, width: float = 1.0, equivariant: bool = False,
-               selection: str = "norm", **options: Any) -> tuple[nn.Module, "OrderedDict[str, str]", dict]:
-    """A torchvision SwinTransformer (v1 for ``swin_t``, v2 for ``swin_v2_t``) and its stage taps.
-
-    Args:
-        arch: ``swin_t`` or ``swin_v2_t``.
-        num_classes: classifier outputs.
-        width: multiplies ``embed_dim``.
-        equivariant: use the adaptive tokenizer, window attention and patch merging.
-        selection: equivariant only: ``norm`` (largest norm) or ``learned`` phase choice.
-        **options: ``embed_dim``, ``depths``, ``num_heads``, ``window_size``, ``patch_size``,
-            ``stochastic_depth`` (default: torchvision's ``swin_t`` / ``swin_v2_t``).
-
-    Returns:
-        ``(model, taps, options)``: taps ``{stage<k>: features.<2k-1>}``; the resolved options.
-    """
-    opts = resolve_options(arch, options, width)
-    v2 = arch == "swin_v2_t"
-    dim = max(1, int(round(opts["embed_dim"] * width)))
-    block = tv_swin.SwinTransformerBlockV2 if v2 else tv_swin.SwinTransformerBlock
-    merge = tv_swin.PatchMergingV2 if v2 else tv_swin.PatchMerging
-    if equivariant:
-        from encoders.nets import equivariant_vit as ev
-
-        attn = ev.AdaptiveShiftedWindowAttentionV2 if v2 else ev.AdaptiveShiftedWindowAttention
-        block = partial(block, attn_layer=attn)
-        merge = partial(ev.AdaptivePatchMergingV2 if v2 else ev.AdaptivePatchMerging, selection=selection)
-    elif selection != "norm":
-        raise RFIError(f"selection='{selection}' needs equivariant=True")
-    p, w = opts["patch_size"], opts["window_size"]
-    model = tv_swin.SwinTransformer(patch_size=[p, p], embed_dim=dim, depths=opts["depths"],
-                                    num_heads=opts["num_heads"], window_size=[w, w],
-                                    stochastic_depth_prob=opts["stochastic_depth"], num_classes=num_classes,
-                                    block=block, downsample_layer=merge)
-    if equivariant:
-        tok = ev.AdaptiveTokenizer(3, dim, p, selection)
-        plain = model.features[0][0]
-        with torch.no_grad():  # torchvision's initialisation of the patch convolution
-            tok.proj.weight.copy_(plain.weight)
-            tok.proj.bias.copy_(plain.bias)
-        tok.multiple = total_stride(opts) * w
-        tok.model_name = f"equivariant {arch} (total stride {total_stride(opts)} x window {w})"
-        model.features[0][0] = tok
-        ev.share_stage_anchors(model)
-    taps = OrderedDict((f"stage{k + 1}", f"features.{2 * k + 1}") for k in range(len(opts["depths"])))
-    return model, taps, opts
 
 
 def total_stride(opts: Mapping[str, Any]) -> int:
@@ -152,22 +124,6 @@ def check_image_size(h: int, w: int, arch: str, opts: Mapping[str, Any]) -> None
                        f"e.g. {up(h)}x{up(w)}")
 
 
-ENCODER_OPTIONS = ("equivariant", "selection", *SWIN_OPTIONS)
-
-
-def encoder_options(options: Mapping[str, Any] | None, key: str = "options") -> dict[str, Any]:
-    """Check the Swin keyword arguments of a config section (``model.options``); returns a dict.
-
-    Raises:
-        RFIError: an unknown key (naming it and the valid ones).
-    """
-    options = dict(options or {})
-    bad = sorted(set(options) - set(ENCODER_OPTIONS))
-    if bad:
-        raise RFIError(f"unknown {key} {', '.join(bad)} (valid: {', '.join(ENCODER_OPTIONS)})")
-    return options
-
-
 def infer_swin_options(state: Mapping[str, Tensor]) -> dict[str, Any]:
     """Read ``embed_dim``, ``patch_size``, ``depths``, ``num_heads``, ``window_size`` off plain Swin weights.
 
@@ -203,3 +159,51 @@ def infer_swin_options(state: Mapping[str, Tensor]) -> dict[str, Any]:
     if window is not None:
         opts["window_size"] = window
     return opts
+
+
+@register_encoder
+class SwinFamily(EncoderFamily):
+    """Swin / SwinV2, plain or equivariant (adaptive tokenizer, window attention and patch merging)."""
+
+    architectures = tuple(SWIN_VARIANTS)
+    options = {"equivariant": False, "selection": "norm", **dict.fromkeys(SWIN_OPTIONS)}
+    classifier = "head"
+    convolutional = False
+
+    def build(self, arch: str, num_classes: int, width: float, small_input: bool, equivariant: bool = False,
+              selection: Literal["norm", "learned"] = "norm", **options: Any) -> Built:
+        """``small_input`` changes nothing (``patch_size`` sets the stem's stride)."""
+        opts = resolve_options(arch, options, width)
+        variant = SWIN_VARIANTS[arch]
+        dim = scaled(opts["embed_dim"], width)
+        block, merge = variant.block, variant.merge
+        if equivariant:
+            block = partial(block, attn_layer=variant.adaptive_attention)
+            merge = partial(variant.adaptive_merge, selection=selection)
+        elif selection != "norm":
+            raise RFIError(f"selection='{selection}' needs equivariant=True")
+        p, w = opts["patch_size"], opts["window_size"]
+        model = tv_swin.SwinTransformer(patch_size=[p, p], embed_dim=dim, depths=opts["depths"],
+                                        num_heads=opts["num_heads"], window_size=[w, w],
+                                        stochastic_depth_prob=opts["stochastic_depth"], num_classes=num_classes,
+                                        block=block, downsample_layer=merge)
+        if equivariant:
+            tok = ev.AdaptiveTokenizer(3, dim, p, selection)
+            plain = model.features[0][0]
+            with torch.no_grad():  # torchvision's initialisation of the patch convolution
+                tok.proj.weight.copy_(plain.weight)
+                tok.proj.bias.copy_(plain.bias)
+            tok.multiple = total_stride(opts) * w
+            tok.model_name = f"equivariant {arch} (total stride {total_stride(opts)} x window {w})"
+            model.features[0][0] = tok
+            ev.share_stage_anchors(model)
+        taps = OrderedDict((f"stage{k + 1}", f"features.{2 * k + 1}") for k in range(len(opts["depths"])))
+        stored = {**opts, "equivariant": bool(equivariant), **({"selection": selection} if equivariant else {})}
+        return Built(model, taps, stored)
+
+    infer_kwargs = staticmethod(infer_swin_options)
+    features = staticmethod(swin_features)
+    size_multiple = staticmethod(size_multiple)
+    check_image_size = staticmethod(check_image_size)
+    phase_names = staticmethod(ev.phase_names)
+    phases = staticmethod(ev.swin_phases)

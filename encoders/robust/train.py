@@ -1,18 +1,25 @@
-"""Standard and adversarial (PGD) training of encoders (``rfi train-encoder``: :mod:`apps.commands.train_encoder`).
+"""Standard and adversarial training of encoders (``rfi train-encoder``: :mod:`apps.commands.train_encoder`).
 
-One config (:class:`TrainEncoderConfig`, YAML in ``configs/encoder/``) describes a run.
-Every epoch (and every ``checkpoint_every`` steps) writes ``<out>/checkpoint.pt``
-atomically: an RFI encoder checkpoint (load it with
-``encoders.create_encoder(checkpoint=...)``) that also holds the step, optimizer,
-scheduler, grad-scaler and RNG state, so ``--resume`` continues exactly where the run
-stopped, mid-epoch included (same seed and config give bit-identical weights to an
-uninterrupted run on CPU). A run also writes ``metrics.jsonl`` (loss, accuracy, images/s)
-and the resolved ``config.yaml``; at the end it evaluates clean and PGD accuracy on the
-validation split (``eval.json``).
+Adversarial training uses PGD or one of the fast methods (FGSM-RS, free training, N-FGSM,
+optionally with GradAlign; ``adv.method``, :mod:`encoders.robust.fast`, ``docs/fast_robust.md``).
+Every epoch of an adversarial run also probes one fixed validation batch for catastrophic
+overfitting (:func:`encoders.robust.evaluate.overfitting_probe`): the training attack's accuracy
+next to PGD-10's, in the log and ``metrics.jsonl``, with a one-line warning when they diverge.
+
+One config (:class:`TrainEncoderConfig`, YAML in ``configs/encoder/``) describes a run;
+:class:`EncoderTrainer` is its step, validation and checkpoint on the training scaffold
+(:class:`encoders.core.trainer.Trainer`: loop, resume, data order, logging). Every epoch
+(and every ``checkpoint_every`` steps) writes ``<out>/checkpoint.pt`` atomically: an RFI
+encoder checkpoint (load it with ``encoders.create_encoder(checkpoint=...)``) that also
+holds the step, optimizer, scheduler, grad-scaler and RNG state, so ``--resume`` continues
+exactly where the run stopped, mid-epoch included (same seed and config give bit-identical
+weights to an uninterrupted run on CPU). A run also writes ``metrics.jsonl`` (loss,
+accuracy, images/s) and the resolved ``config.yaml``; at the end it evaluates clean and PGD
+accuracy on the validation split (``eval.json``).
 
 Under ``torchrun --nproc_per_node N`` the N processes train one model with
 ``DistributedDataParallel`` (NCCL on GPU, gloo on CPU): ``batch_size`` is the global batch,
-each rank takes its slice of every batch (:func:`shard_positions`), attacks it itself (PGD
+each rank takes its slice of every batch (:func:`encoders.core.trainer.shard_positions`), attacks it itself (PGD
 on the encoder, not the DDP wrapper, so the attack's backward passes sync nothing) and
 only the training step's gradients are averaged. Only rank 0 writes files. Batch norm:
 each rank normalises with its own batch's statistics (as DDP does by default) and the
@@ -32,9 +39,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -42,23 +48,25 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from encoders.robust.attacks import NORMS, check_attack, pgd
-from encoders.weights.checkpoints import ENCODER_FORMAT, encoder_checkpoint, load_state_dict_checked
-from encoders.core.config import config_to_dict, yaml_dataclass
+from encoders.core.config import bounded, config_to_dict, yaml_dataclass
+from encoders.core.config import check_config as check_declared_rules
+from encoders.core.errors import RFIError
+from encoders.core.optim import OptimConfig, build_optimizer
+from encoders.core.rundir import TrainResult
+from encoders.core.runtime import PRECISIONS, DistContext, autocast
+from encoders.core.serialization import save_checkpoint, write_json
+from encoders.core.trainer import Trainer, run_trainer
 from encoders.data.build import DataConfig, build_dataset
 from encoders.data.folders import resolve_num_workers
-from encoders.core.errors import RFIError
 from encoders.nets.models import Encoder
-from encoders.nets.swin import encoder_options
-from encoders.core.rundir import RunDir, TrainResult, run_trainer, step_seed
-from encoders.core.runtime import (PRECISIONS, DistContext, MetricsLog, autocast, grad_scaler, progress, rng_state,
-                              seed_everything, set_rng_state)
-from encoders.core.serialization import load_checkpoint, save_checkpoint, write_json
+from encoders.nets.registry import encoder_options
+from encoders.robust.attacks import NORMS, check_attack
+from encoders.robust.evaluate import evaluate_encoder, overfitting_probe, overfitting_warning
+from encoders.robust.fast import AdvMethod, FreeReplay, Method, grad_align_penalty
+from encoders.weights.checkpoints import ENCODER_FORMAT, encoder_checkpoint, load_state_dict_checked
 
 log = logging.getLogger("rfi")
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("onecycle", "cosine", "constant")
 # Keys that may differ between a run and its ``--resume`` (they do not change the result, or,
 # for ``deterministic``, only the choice of GPU kernels).
 RESUME_FREE_KEYS = ("out", "device", "log_every", "num_workers", "eval", "checkpoint_every", "deterministic")
@@ -84,37 +92,57 @@ class ModelConfig:
     options: dict[str, Any]
 
 
-@yaml_dataclass("encoder/defaults.yaml", "optim")
-class OptimConfig:
-    """Optimizer (``sgd`` with Nesterov momentum, or ``adamw``) and learning-rate schedule.
-
-    ``schedule``: ``onecycle`` (warm-up for ``warmup`` of the steps, then cosine decay),
-    ``cosine`` or ``constant``; ``lr`` is the peak learning rate.
-    """
-
-    name: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    schedule: str
-    warmup: float
-
-
 @yaml_dataclass("encoder/defaults.yaml", "adv")
 class AdvConfig:
-    """Adversarial training: PGD examples replace the clean ones when ``enabled``.
+    """Adversarial training: the training method's examples replace the clean ones when ``enabled``.
 
-    ``norm``: ``l2`` or ``linf``; ``eps``: radius; ``steps``; ``step_size`` (default
-    ``2.5 * eps / steps``); ``random_start``; ``mix``: fraction of each batch kept clean.
+    ``method``: ``pgd``, or a fast method: ``fgsm_rs``, ``free``, ``n_fgsm`` (each described,
+    with its paper's settings, in :mod:`encoders.robust.fast` and ``docs/fast_robust.md``).
+    ``norm``: ``l2`` or ``linf``; ``eps``: radius; ``steps`` and ``random_start``: PGD's;
+    ``step_size``: null for the method's default (PGD ``2.5 * eps / steps``, FGSM-RS
+    ``1.25 * eps``, free and N-FGSM ``eps``); ``mix``: fraction of each batch kept clean (not
+    with ``free``); ``noise``: N-FGSM's noise radius (null: ``2 * eps``); ``replays``: free
+    training's replays of each minibatch (``epochs`` then means optimiser steps worth
+    ``epochs`` passes, made in ``epochs / replays`` passes); ``grad_align``: GradAlign's
+    weight (0: off; ``fgsm_rs`` and ``n_fgsm``).
     """
 
     enabled: bool
+    method: Method
     norm: str
     eps: float
     steps: int
     step_size: float | None
     random_start: bool
     mix: float
+    noise: float | None
+    replays: int = bounded(low=1)
+    grad_align: float = bounded(low=0)
+
+    def training_method(self) -> AdvMethod:
+        """The checked method these settings describe (what the trainer attacks with).
+
+        Raises:
+            RFIError: settings no run could use (:func:`encoders.robust.fast.check_method`).
+        """
+        return AdvMethod(self.method, self.norm, self.eps, self.steps, self.step_size, self.random_start, self.noise,
+                         self.replays, self.grad_align)
+
+    def check(self) -> None:
+        """The rules across keys: the attack's numbers, and the method's own settings when ``enabled``.
+
+        Raises:
+            RFIError: the first bad setting, naming its key.
+        """
+        try:
+            check_attack(self.eps, self.steps, self.step_size, 1 if self.enabled and self.method == "pgd" else 0)
+        except RFIError as e:
+            raise RFIError(f"adv: {e}") from None
+        if self.enabled:
+            self.training_method()
+        if self.method == "free" and self.mix > 0:
+            raise RFIError(f"adv.mix={self.mix} is not available with adv.method=free (every replay of a minibatch "
+                           "carries the perturbation): set adv.mix=0")
 
 
 @yaml_dataclass("encoder/defaults.yaml", "eval")
@@ -173,7 +201,12 @@ class TrainEncoderConfig:
 
 
 def check_config(cfg: TrainEncoderConfig) -> None:
-    """Reject values no run could use, naming the key (architecture names are checked by the encoder)."""
+    """Reject values no run could use, naming the key (architecture names are checked by the encoder).
+
+    First the rules the config classes declare (types, choices, ranges, each section's
+    ``check()``, as for a loaded file), then the ones below, all reported in one line.
+    """
+    check_declared_rules(cfg)
     problems = []
     if cfg.epochs < 1 and cfg.steps < 1:
         problems.append(f"epochs or steps must be >= 1, got epochs={cfg.epochs}, steps={cfg.steps}")
@@ -184,22 +217,18 @@ def check_config(cfg: TrainEncoderConfig) -> None:
         problems.append(f"unknown precision '{cfg.precision}' (valid: {', '.join(PRECISIONS)})")
     if cfg.batch_size < 1:
         problems.append(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.optim.name not in OPTIMIZERS:
-        problems.append(f"unknown optim.name '{cfg.optim.name}' (valid: {', '.join(OPTIMIZERS)})")
-    if cfg.optim.schedule not in SCHEDULES:
-        problems.append(f"unknown optim.schedule '{cfg.optim.schedule}' (valid: {', '.join(SCHEDULES)})")
     if not 0 < cfg.optim.warmup < 1:
         problems.append(f"optim.warmup must be in (0, 1), got {cfg.optim.warmup}")
     for key, norm in (("adv.norm", cfg.adv.norm), ("eval.norm", cfg.eval.norm)):
         if norm is not None and norm not in NORMS:
             problems.append(f"unknown {key} '{norm}' (valid: {', '.join(NORMS)})")
-    for key, (eps, steps, step_size, min_steps) in {
-            "adv": (cfg.adv.eps, cfg.adv.steps, cfg.adv.step_size, 1 if cfg.adv.enabled else 0),
-            "eval": (cfg.eval.eps if cfg.eval.eps is not None else cfg.adv.eps, cfg.eval.steps, None, 1)}.items():
-        try:
-            check_attack(eps, steps, step_size, min_steps)
-        except RFIError as e:
-            problems.append(f"{key}: {e}")
+    try:
+        check_attack(cfg.eval.eps if cfg.eval.eps is not None else cfg.adv.eps, cfg.eval.steps)
+    except RFIError as e:
+        problems.append(f"eval: {e}")
+    if cfg.adv.enabled and cfg.adv.method == "free" and cfg.steps % cfg.adv.replays:
+        problems.append(f"steps={cfg.steps} (optimiser steps) must be a multiple of adv.replays={cfg.adv.replays} "
+                        "for adv.method=free: each minibatch is replayed that many times")
     if not cfg.optim.lr > 0 or not 0 <= cfg.optim.momentum < 1 or not cfg.optim.weight_decay >= 0:
         problems.append(f"optim.lr must be > 0, optim.momentum in [0, 1) and optim.weight_decay >= 0, got "
                         f"{cfg.optim.lr}, {cfg.optim.momentum}, {cfg.optim.weight_decay}")
@@ -213,39 +242,45 @@ def default_out(cfg: TrainEncoderConfig) -> Path:
     return Path("runs/encoders") / f"{cfg.model.arch}_{'robust' if cfg.adv.enabled else 'standard'}"
 
 
-def build_optimizer(cfg: OptimConfig, params, total_steps: int):
-    """The optimizer and its per-step learning-rate scheduler."""
-    if cfg.name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                              weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                    pct_start=cfg.warmup, cycle_momentum=False)
-    elif cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    else:
-        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    return opt, sched
+def adversarial_batch(encoder: Encoder, x: Tensor, y: Tensor, method: AdvMethod | None, mix: float = 0.0,
+                      precision: str = "fp32") -> Tensor:
+    """The batch the encoder trains on: the method's examples (computed in eval mode), the first ``mix`` kept clean.
 
+    Args:
+        encoder: the model being trained (its mode is restored).
+        x: clean images in [0, 1].
+        y: integer labels.
+        method: the training method (:meth:`AdvConfig.training_method`); ``None``: standard training, ``x`` itself.
+        mix: fraction of the batch kept clean.
+        precision: autocast for the attack's forward passes (its steps stay in fp32).
 
-def adversarial_batch(encoder: Encoder, x: Tensor, y: Tensor, adv: AdvConfig, precision: str = "fp32") -> Tensor:
-    """The batch the encoder trains on: PGD examples (computed in eval mode), the first ``mix`` kept clean.
+    Returns:
+        The batch, ``x``'s first ``round(mix * B)`` images then the examples of the others.
 
-    ``precision``: autocast for the attack's forward passes (its steps stay in fp32).
+    Shape:
+        - x: (B, C, H, W); y: (B,); output: (B, C, H, W).
     """
-    if not adv.enabled:
+    if method is None:
         return x
-    keep = int(round(adv.mix * x.shape[0]))
+    keep = int(round(mix * x.shape[0]))
     if keep == x.shape[0]:
         return x
     was_training = encoder.training
     encoder.eval()  # as the robustness library: BN uses running statistics during the attack
-    x_adv = pgd(encoder.logits, x[keep:], y[keep:], adv.eps, adv.steps, adv.step_size, adv.norm,
-                adv.random_start, precision=precision)
+    x_adv = method.examples(encoder.logits, x[keep:], y[keep:], precision=precision)
     encoder.train(was_training)
     return torch.cat([x[:keep], x_adv]) if keep else x_adv
+
+
+def probe_batch(dataset: Dataset, size: int) -> tuple[Tensor, Tensor]:
+    """The fixed batch the overfitting probe watches: ``size`` items evenly spread over ``dataset`` (every class).
+
+    Shape:
+        - output: images (N, C, H, W) and labels (N,), ``N = min(size, len(dataset))``.
+    """
+    n = max(1, min(size, len(dataset)))
+    items = [dataset[i] for i in torch.linspace(0, len(dataset) - 1, n).round().long().tolist()]
+    return torch.stack([x for x, _ in items]), torch.as_tensor([y for _, y in items])
 
 
 @torch.no_grad()
@@ -256,68 +291,6 @@ def clean_accuracy(encoder: Encoder, dataset: Dataset, batch_size: int, device: 
     for x, y in DataLoader(dataset, batch_size=batch_size):
         correct += (encoder.logits(x.to(device)).argmax(1).cpu() == y).sum().item()
     return correct / max(len(dataset), 1)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    """The shuffled order of the ``n`` training items in ``epoch``: a pure function of (n, seed, epoch).
-
-    It is the order the one-process trainer had before DDP and mid-epoch resume existed, so
-    its runs keep their batches (and weights): that of ``DataLoader(shuffle=True,
-    generator=torch.Generator().manual_seed(seed * 100_003 + epoch))`` iterated through
-    ``tqdm.auto``, which opens the loader's iterator twice (each draws a worker base seed
-    from the generator) before the permutation is drawn.
-
-    Example:
-        >>> epoch_order(5, seed=0, epoch=0).sort().values.tolist()
-        [0, 1, 2, 3, 4]
-    """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    for _ in range(2):  # the two worker base seeds of the former loader's two iterators
-        torch.empty((), dtype=torch.int64).random_(generator=g)
-    return torch.randperm(n, generator=g)
-
-
-def shard_positions(n: int, batch_size: int, world: int = 1, rank: int = 0, skip: int = 0) -> list[int]:
-    """Positions (in the epoch's order) this rank trains on, from global batch ``skip`` on.
-
-    Global batch ``i`` is positions ``[i * batch_size, (i + 1) * batch_size)``; rank ``r`` of
-    ``world`` takes the ``r``-th of its ``world`` equal slices, so the global batch is the
-    same set of images for any number of processes. One process keeps the last, partial
-    batch; several drop it (every rank needs a full, equal share for DDP's gradient mean).
-
-    Example:
-        >>> shard_positions(10, batch_size=4, world=2, rank=1)
-        [2, 3, 6, 7]
-        >>> shard_positions(10, batch_size=4, skip=2)
-        [8, 9]
-    """
-    if world == 1:
-        return list(range(skip * batch_size, n))
-    local = batch_size // world
-    return [i * batch_size + rank * local + j for i in range(skip, n // batch_size) for j in range(local)]
-
-
-class _SeededItems(Dataset):
-    """Items at given positions of an epoch's order, each drawn with torch's global RNG seeded from
-    (seed, epoch, position).
-
-    Used with DataLoader workers: random transforms (crops, flips of folder data) then depend
-    neither on the number of workers nor on where a resumed run restarted, so mid-epoch
-    resume stays bit-identical with workers too. (Without workers the transforms draw from
-    the main process's RNG, whose state the checkpoint holds.)
-    """
-
-    def __init__(self, dataset: Dataset, order: Tensor, positions: list[int], seed: int, epoch: int):
-        self.dataset, self.order, self.positions = dataset, order, positions
-        self.base = (seed * 1_000_003 + epoch) * 10_000_019
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, i: int) -> Any:
-        pos = self.positions[i]
-        torch.manual_seed((self.base + pos) % (2 ** 63))  # in a worker process: its own RNG
-        return self.dataset[int(self.order[pos])]
 
 
 class _Logits(nn.Module):
@@ -337,12 +310,12 @@ _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                            else {"broadcast_buffers": False})
 
-# Running sums of (loss x images, correct, images): per epoch and per log window.
+# The metrics train_step sums: loss x images, correct predictions, images.
 _SUMS = ("loss", "correct", "seen")
 
 
-class EncoderTrainer:
-    """One training run (state + loop) on one process of a (possibly one-process) DDP job.
+class EncoderTrainer(Trainer):
+    """One encoder training run on one process of a (possibly one-process) DDP job (:class:`Trainer`'s loop).
 
     :func:`train_encoder` is the entry point for a whole run (it also locks the folder); the
     trainer itself is public so that benchmarks time its real :meth:`train_step`.
@@ -359,32 +332,21 @@ class EncoderTrainer:
         ...                   "data.val_crops=8", "batch_size=4", "device=cpu", "out=/tmp/rfi-doc-step"])
         >>> trainer = EncoderTrainer(cfg, *setup_distributed(cfg.device))
         >>> x, y = next(iter(DataLoader(trainer.train_set, batch_size=4)))
-        >>> trainer.train_step(x, y), trainer.step
-        (4, 1)
+        >>> sorted(trainer.train_step(x, y)), trainer.step
+        (['correct', 'loss', 'seen'], 1)
     """
 
+    name = "train-encoder"
+    resume_free_keys = RESUME_FREE_KEYS
+    drop_last = False  # one process keeps the last, partial batch (as before DDP existed)
+
     def __init__(self, cfg: TrainEncoderConfig, ctx: DistContext, device: torch.device):
-        self.cfg, self.ctx, self.device = cfg, ctx, device
-        self.out = Path(cfg.out) if cfg.out else default_out(cfg)
-        self.run_dir = RunDir(self.out, "checkpoint.pt", ctx.main)
-        self.ckpt_path = self.run_dir.checkpoint
-        train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
-        self.train_set, self.val_set = train_set, val_set
+        train_set, self.val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+        super().__init__(cfg, ctx, device, Path(cfg.out) if cfg.out else default_out(cfg), train_set,
+                         resolve_num_workers(cfg.num_workers, train_set))  # None: 0 in memory, CPUs for files
         num_classes = cfg.model.num_classes or train_set.num_classes
         if num_classes < train_set.num_classes:
             raise RFIError(f"model.num_classes={num_classes} but the data has {train_set.num_classes} classes")
-        if cfg.batch_size % ctx.world:
-            raise RFIError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the "
-                           f"{ctx.world} processes")
-        self.local_batch = cfg.batch_size // ctx.world
-        n = len(train_set)
-        self.steps_per_epoch = -(-n // cfg.batch_size) if ctx.world == 1 else n // cfg.batch_size
-        if self.steps_per_epoch < 1:
-            raise RFIError(f"batch_size={cfg.batch_size} is larger than the {n} training images")
-        self.total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * self.steps_per_epoch
-        self.epochs = -(-self.total_steps // self.steps_per_epoch)
-
-        seed_everything(cfg.seed, cfg.deterministic)  # same initial weights on every rank
         m = cfg.model
         encoder = Encoder(m.arch, num_classes=num_classes, width=m.width, small_input=m.small_input,
                           batch_norm=m.batch_norm, downsample=m.downsample,
@@ -398,91 +360,88 @@ class EncoderTrainer:
             encoder.reset_extractors()
         if cfg.channels_last:
             encoder = encoder.to(memory_format=torch.channels_last)
-        self.encoder = encoder
-        self.optimizer, self.scheduler = build_optimizer(cfg.optim, encoder.parameters(), self.total_steps)
-        self.scaler = grad_scaler(device, cfg.precision)
+        self.encoder = self.module = encoder
+        self.method = cfg.adv.training_method() if cfg.adv.enabled else None
+        # Free training: each scaffold step is one minibatch replayed `replays` times, one optimiser step each.
+        self.replay: FreeReplay | None = None
+        self.replays = 1
+        if self.method is not None and self.method.method == "free":
+            self.replay, self.replays = self.method.replay(), self.method.replays
+            self.total_steps = -(-self.total_steps // self.replays)
+        self.replay_states: list[dict[str, Any]] = []  # every rank's replay state, gathered by save()
+        self.optimizer, self.scheduler = build_optimizer(cfg.optim, encoder.parameters(),
+                                                         self.total_steps * self.replays)
+        self.optimizers = {"optimizer": self.optimizer}
         self.model: nn.Module = _Logits(encoder)
         if ctx.world > 1:
             # Buffers (batch-norm statistics) are broadcast from rank 0 by train_step itself, before
             # the attack, so every rank attacks with the same statistics (DDP would only do it later).
             self.model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
                                                  else None, **_NO_FORWARD_BUFFER_SYNC)
-            torch.manual_seed(step_seed(cfg.seed, 0, ctx.rank + 1))  # each rank its own flips, random starts, dropout
-        self.step = 0
-        self.epoch_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
-        self.window = torch.zeros_like(self.epoch_sums)
         self.record: dict[str, Any] | None = None  # the last epoch's metrics
+        self.evaluation: dict[str, Any] | None = None  # the final evaluation
+        # The overfitting probe's fixed validation batch (rank 0) and its records, one per epoch.
+        self.probe = probe_batch(self.val_set, cfg.batch_size) if self.method is not None and ctx.main else None
+        self.probes: list[dict[str, float]] = []
 
-    def info(self, msg: str, *args: Any) -> None:
-        if self.ctx.main:
-            log.info(msg, *args)
-
-    def _loader(self, epoch: int, skip: int) -> DataLoader:
-        """This rank's batches of ``epoch`` (order a pure function of seed and epoch), from global batch ``skip`` on."""
-        cfg, ctx = self.cfg, self.ctx
-        order = epoch_order(len(self.train_set), cfg.seed, epoch)
-        positions = shard_positions(len(order), cfg.batch_size, ctx.world, ctx.rank, skip)
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # worker base seed
-        workers = resolve_num_workers(cfg.num_workers, self.train_set)  # None: 0 in memory, CPUs for files
-        if workers > 0:
-            dataset, sampler = _SeededItems(self.train_set, order, positions, cfg.seed, epoch), None
+    def describe(self) -> str:
+        cfg, a, m = self.cfg, self.cfg.adv, self.method
+        if m is None:
+            kind = "standard"
+        elif m.method == "pgd":
+            kind = f"adversarial ({a.norm} eps={a.eps}, {a.steps} steps)"
         else:
-            dataset, sampler = self.train_set, order[positions].tolist()
-        return DataLoader(dataset, batch_size=self.local_batch, sampler=sampler, num_workers=workers,
-                          generator=g, pin_memory=self.device.type == "cuda")
+            settings = {"fgsm_rs": f"FGSM-RS, step {m.step:g}", "free": f"free, {m.replays} replays of step {m.step:g}",
+                        "n_fgsm": f"N-FGSM, noise {2 * m.eps if m.noise is None else m.noise:g}, step {m.step:g}"}
+            align = f", GradAlign {m.grad_align:g}" if m.grad_align > 0 else ""
+            kind = f"adversarial ({a.norm} eps={a.eps}, {settings[m.method]}{align})"
+        steps = (f"{self.total_steps} minibatches x {self.replays} replays ({self.total_steps * self.replays} "
+                 f"optimiser steps, {self.epochs} epochs)" if self.replay is not None
+                 else f"{self.total_steps} steps ({self.epochs} epochs)")
+        return (f"training {kind} {cfg.model.arch} encoder on {len(self.train_set)} {cfg.data.source} images for "
+                f"{steps} of {cfg.batch_size} images"
+                f"{f' on {self.ctx.world} processes' if self.ctx.world > 1 else ''}"
+                f"{f', {cfg.precision}' if cfg.precision != 'fp32' else ''} -> {self.out}")
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
-        """Write ``checkpoint.pt`` (rank 0) with everything ``--resume`` needs (collective)."""
-        epoch_sums, window = self.ctx.sum(self.epoch_sums), self.ctx.sum(self.window)
-        rngs = self.ctx.all_gather(rng_state())
-        if self.ctx.main:
-            train = {"epoch": self.step // self.steps_per_epoch, "step": self.step, "total_steps": self.total_steps,
-                     "world_size": self.ctx.world, "config": config_to_dict(self.cfg),
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": rngs[0], "epoch_sums": epoch_sums.cpu(), "log_window": window.cpu()}
-            if self.ctx.world > 1:
-                train["rng_ranks"] = rngs
-            if self.scaler.is_enabled():
-                train["scaler"] = self.scaler.state_dict()
-            # Kept so that the final evaluation adds its result without reading the file back.
-            self.saved = encoder_checkpoint(self.encoder, train=train,
-                                            **({"metrics": self.record} if self.record is not None else {}))
-            save_checkpoint(self.saved, self.ckpt_path)
-        self.ctx.barrier()
+        """The scaffold's checkpoint (collective), holding every rank's free-training perturbation."""
+        if self.replay is not None:
+            self.replay_states = self.ctx.all_gather(self.replay.state_dict())
+        super().save()
 
-    def restore(self) -> dict[str, Any]:
-        ckpt = load_checkpoint(self.ckpt_path)
+    def checkpoint(self, train: dict[str, Any]) -> dict[str, Any]:
+        extra = {**({"probes": self.probes} if self.method is not None else {}),
+                 **({"free_replay": self.replay_states} if self.replay is not None else {})}
+        return encoder_checkpoint(self.encoder, train={**train, "config": config_to_dict(self.cfg), **extra},
+                                  **({"metrics": self.record} if self.record is not None else {}),
+                                  **({"eval": self.evaluation} if self.evaluation is not None else {}))
+
+    def training_state(self, ckpt: dict[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
         if ckpt.get("format") != ENCODER_FORMAT or "train" not in ckpt:
             raise RFIError(f"{self.ckpt_path} is not a training checkpoint of rfi train-encoder: cannot resume from it")
-        self.run_dir.check_resume(ckpt["train"]["config"], config_to_dict(self.cfg), RESUME_FREE_KEYS,
-                                  config_to_dict(TrainEncoderConfig()))
-        train, self.saved = ckpt["train"], ckpt
+        train = ckpt["train"]
+        if isinstance(train.get("log_window"), Tensor):  # written before the training scaffold: sums as tensors
+            train["log_window"] = {"steps": 0, "sums": dict(zip(_SUMS, train["log_window"].tolist()))}
+            train["epoch_sums"] = dict(zip(_SUMS, train["epoch_sums"].tolist()))
+        return train, train["config"]
+
+    def load_payload(self, ckpt: dict[str, Any]) -> None:
         load_state_dict_checked(self.encoder, ckpt["state_dict"], str(self.ckpt_path))
-        self.optimizer.load_state_dict(train["optimizer"])
-        self.scheduler.load_state_dict(train["scheduler"])
-        if self.scaler.is_enabled() and "scaler" in train:
-            self.scaler.load_state_dict(train["scaler"])
-        self.step = train.get("step", train["epoch"] * self.steps_per_epoch)  # epoch-only checkpoints
-        rngs = train.get("rng_ranks") or [train["rng"]]
-        if len(rngs) == self.ctx.world:
-            set_rng_state(rngs[self.ctx.rank])
-        else:
-            self.info("resuming a %d-process run on %d processes: data order and random draws change from here on",
-                      len(rngs), self.ctx.world)
-            set_rng_state(train["rng"])
-            if self.ctx.world > 1:
-                torch.manual_seed(step_seed(self.cfg.seed, self.step, self.ctx.rank + 1))
-        if self.ctx.main and "epoch_sums" in train:  # rank 0 carries the (global) sums, the others start at 0
-            self.epoch_sums = train["epoch_sums"].to(self.device, torch.float64)
-            self.window = train["log_window"].to(self.device, torch.float64)
-        self.record = ckpt.get("metrics")
-        return ckpt
+        self.record, self.evaluation = ckpt.get("metrics"), ckpt.get("eval")
+        self.probes = list(ckpt["train"].get("probes", []))
+        states = ckpt["train"].get("free_replay") or []
+        if self.replay is not None and len(states) == self.ctx.world:  # another world size: δ restarts at 0
+            self.replay.load_state_dict(states[self.ctx.rank])
+
+    def finished(self, ckpt: dict[str, Any]) -> bool:
+        return self.evaluation is not None or not self.cfg.eval.enabled
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, x: Tensor, y: Tensor) -> int:
-        """One optimisation step on this rank's share of the global batch (PGD examples if adversarial);
-        returns the number of images."""
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """One step on this rank's share of the global batch (the method's examples if adversarial; free
+        training: the minibatch replayed ``adv.replays`` times, one optimiser step each); returns the step's
+        sums: ``loss`` (cross-entropy) x images, ``correct`` predictions and images ``seen`` (x replays)."""
         cfg, device = self.cfg, self.device
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.flip:
@@ -492,100 +451,96 @@ class EncoderTrainer:
             from encoders.nets.downsample import annealed_temperature, set_temperature
 
             set_temperature(self.encoder, annealed_temperature(self.step / self.total_steps))
-        self.ctx.broadcast_buffers(self.encoder)  # every rank attacks and trains from rank 0's statistics
-        # The attack runs on the encoder itself (eval mode, no gradient sync); only the step below syncs.
-        x_train = adversarial_batch(self.encoder, x, y, cfg.adv, cfg.precision)
+        sums = {"loss": torch.zeros((), dtype=torch.float64, device=device), "correct": 0, "seen": 0}
+        for _ in range(self.replays):
+            self.ctx.broadcast_buffers(self.encoder)  # every rank attacks and trains from rank 0's statistics
+            if self.replay is not None:  # free training: the perturbation persists; this step's backward moves it
+                x_train = self.replay.perturb(x)
+            else:  # the attack runs on the encoder itself (eval mode, no gradient sync); only the step syncs
+                x_train = adversarial_batch(self.encoder, x, y, self.method, cfg.adv.mix, cfg.precision)
+            loss, logits = self._optimise(x_train, x, y)
+            if self.replay is not None:
+                self.replay.update(x_train)
+            sums["loss"] = sums["loss"] + loss.double() * y.shape[0]
+            sums["correct"] = sums["correct"] + (logits.argmax(1) == y).sum()
+            sums["seen"] += y.shape[0]
+        self.step += 1
+        return sums
+
+    def _optimise(self, x_train: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimiser step on ``x_train`` (GradAlign's term on the clean ``x`` when ``adv.grad_align > 0``);
+        returns the cross-entropy and the logits, detached."""
+        cfg = self.cfg
         if cfg.channels_last:
             x_train = x_train.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.precision):
+        with autocast(self.device, cfg.precision):
             logits = self.model(x_train)
         loss = F.cross_entropy(logits.float(), y)
+        total = loss
+        if self.method is not None and self.method.grad_align > 0:  # train mode, before the one backward
+            total = loss + self.method.grad_align * grad_align_penalty(self.encoder.logits, x, y, self.method.eps,
+                                                                       self.method.norm, precision=cfg.precision)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.step += 1
-        n = y.shape[0]
-        batch = torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
-        self.epoch_sums += batch
-        self.window += batch
-        return n
+        return loss.detach(), logits.detach()
 
-    # ------------------------------------------------------------------ loop
-    def result(self, evaluation: dict[str, Any] | None = None) -> TrainResult:
+    def log_values(self, sums: Mapping[str, float], steps: int) -> dict[str, float]:
+        return {"loss": sums["loss"] / sums["seen"], "acc": sums["correct"] / sums["seen"]}
+
+    def end_epoch(self, epoch: int, sums: Mapping[str, float], images_per_s: float) -> None:
+        """Validation accuracy and, for adversarial runs, the overfitting probe (rank 0); the epoch's metrics line."""
+        if self.ctx.main:
+            seen = max(sums.get("seen", 0), 1)
+            val_acc = clean_accuracy(self.encoder, self.val_set, 2 * self.cfg.batch_size, self.device)
+            self.record = {"step": self.step, "epoch": epoch + 1, "train_loss": sums.get("loss", 0) / seen,
+                           "train_acc": sums.get("correct", 0) / seen, "val_acc": val_acc,
+                           "images_per_s": images_per_s}
+            if self.replay is not None:
+                self.record["optimizer_steps"] = self.step * self.replays
+            warning = None
+            if self.method is not None:
+                probe = overfitting_probe(self.encoder, *self.probe, self.method, seed=self.cfg.seed,
+                                          precision=self.cfg.precision)
+                self.probes.append(probe)
+                self.record["probe"] = probe
+                warning = overfitting_warning(self.probes)
+                if warning is not None:
+                    self.record["overfitting_warning"] = warning
+            self.metrics.write(**self.record)
+            log.info("epoch %d/%d: train loss %.3f, train acc %.3f, val acc %.3f (%.0f images/s)%s", epoch + 1,
+                     self.epochs, self.record["train_loss"], self.record["train_acc"], val_acc, images_per_s,
+                     "" if self.method is None else
+                     f"; probe on {len(self.probe[1])} val images: training attack acc "
+                     f"{self.probes[-1]['train_attack_acc']:.3f}, PGD-10 acc {self.probes[-1]['pgd_acc']:.3f}")
+            if warning is not None:
+                log.warning("%s", warning)
+        self.encoder.train()
+
+    def final_evaluation(self) -> None:
+        """Clean and PGD accuracy on the validation split (rank 0), added to the checkpoint and ``eval.json``."""
+        cfg = self.cfg
+        if not (cfg.eval.enabled and self.ctx.main):
+            return
+        eps = cfg.adv.eps if cfg.eval.eps is None else cfg.eval.eps
+        self.evaluation = evaluate_encoder(self.encoder, self.val_set, eps=eps, steps=cfg.eval.steps,
+                                           norm=cfg.eval.norm or cfg.adv.norm, batch_size=2 * cfg.batch_size,
+                                           max_images=cfg.eval.max_images, device=self.device)
+        self.metrics.write(step=self.step, epoch=self.epochs, eval=self.evaluation)
+        write_json(self.evaluation, self.out / "eval.json")
+        self.saved["eval"] = self.evaluation
+        save_checkpoint(self.saved, self.ckpt_path)
+        r = self.evaluation
+        log.info("validation: clean acc %.3f, PGD-%d (%s, eps=%g) acc %.3f", r["clean_acc"], r["steps"], r["norm"],
+                 r["eps"], r["pgd_acc"])
+
+    def result(self) -> TrainResult:
         """The run's :class:`~encoders.core.rundir.TrainResult`: the checkpoint, the encoder (eval mode) and the
         last epoch's metrics (``eval``: the final evaluation, when there was one)."""
-        metrics = {**(self.record or {}), **({"eval": evaluation} if evaluation else {})}
+        metrics = {**(self.record or {}), **({"eval": self.evaluation} if self.evaluation else {})}
         return TrainResult(self.ckpt_path, self.encoder.eval(), metrics)
-
-    def run(self, resume: bool) -> TrainResult:
-        """Train (or resume) to the end, checkpointing and logging on the way; evaluate at the end."""
-        cfg, ctx = self.cfg, self.ctx
-        resumed = self.run_dir.has_checkpoint(resume)
-        if resumed:
-            ckpt = self.restore()
-            if self.step >= self.total_steps and (ckpt.get("eval") or not cfg.eval.enabled):
-                return self.result(ckpt.get("eval"))
-            self.info("resuming %s at step %d of %d (epoch %d of %d)", self.ckpt_path, self.step, self.total_steps,
-                      self.step // self.steps_per_epoch + 1, self.epochs)
-        ctx.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
-        self.run_dir.write_config(config_to_dict(cfg))
-        metrics = self.run_dir.metrics(resume_step=self.step if resumed else None)
-
-        a, m = cfg.adv, cfg.model
-        kind = f"adversarial ({a.norm} eps={a.eps}, {a.steps} steps)" if a.enabled else "standard"
-        self.info("training %s %s encoder on %d %s images for %d steps (%d epochs) of %d images%s%s -> %s", kind,
-                  m.arch, len(self.train_set), cfg.data.source, self.total_steps, self.epochs, cfg.batch_size,
-                  f" on {ctx.world} processes" if ctx.world > 1 else "",
-                  f", {cfg.precision}" if cfg.precision != "fp32" else "", self.out)
-        while self.step < self.total_steps:
-            epoch, offset = divmod(self.step, self.steps_per_epoch)
-            self.encoder.train()
-            bar = progress(total=self.steps_per_epoch, initial=offset,
-                           desc=f"epoch {epoch + 1}/{self.epochs}") if ctx.main else None
-            start, timed = time.perf_counter(), 0
-            for x, y in self._loader(epoch, offset):
-                timed += self.train_step(x, y) * ctx.world
-                if bar is not None:
-                    bar.update(1)
-                if cfg.log_every > 0 and self.step % cfg.log_every == 0:
-                    loss, correct, seen = ctx.sum(self.window).tolist()
-                    metrics.write(step=self.step, epoch=epoch + 1, lr=self.scheduler.get_last_lr()[0],
-                                  loss=loss / seen, acc=correct / seen)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-                    self.window.zero_()
-                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
-                    self.save()
-                if self.step >= self.total_steps:
-                    break
-            seconds = time.perf_counter() - start
-            if bar is not None:
-                bar.close()
-            loss, correct, seen = ctx.sum(self.epoch_sums).tolist()
-            self.epoch_sums.zero_()
-            if ctx.main:
-                val_acc = clean_accuracy(self.encoder, self.val_set, 2 * cfg.batch_size, self.device)
-                self.record = {"step": self.step, "epoch": epoch + 1, "train_loss": loss / max(seen, 1),
-                               "train_acc": correct / max(seen, 1), "val_acc": val_acc,
-                               "images_per_s": timed / seconds, "epoch_seconds": seconds}
-                metrics.write(**self.record)
-                log.info("epoch %d/%d: train loss %.3f, train acc %.3f, val acc %.3f (%.0f images/s)", epoch + 1,
-                         self.epochs, self.record["train_loss"], self.record["train_acc"], val_acc,
-                         self.record["images_per_s"])
-            self.save()
-
-        # Every rank ends with rank 0's batch-norm statistics (the checkpoint's).
-        ctx.broadcast_buffers(self.encoder)
-        evaluation = None
-        if cfg.eval.enabled and ctx.main:
-            evaluation = _final_eval(self.encoder, self.val_set, cfg, self.saved, self.ckpt_path, metrics,
-                                     self.total_steps, self.device, self.epochs)
-        ctx.barrier()
-        return self.result(evaluation)
 
 
 def train_encoder(cfg: TrainEncoderConfig, resume: bool = False) -> TrainResult:
@@ -614,19 +569,3 @@ def train_encoder(cfg: TrainEncoderConfig, resume: bool = False) -> TrainResult:
     """
     check_config(cfg)
     return run_trainer(lambda ctx, device: EncoderTrainer(cfg, ctx, device), cfg.device, cfg.precision, resume)
-
-
-def _final_eval(encoder: Encoder, val_set: Dataset, cfg: TrainEncoderConfig, ckpt: dict[str, Any], ckpt_path: Path,
-                metrics: MetricsLog, step: int, device: torch.device, epochs: int | None = None) -> dict[str, Any]:
-    from encoders.robust.evaluate import evaluate_encoder
-
-    eps = cfg.adv.eps if cfg.eval.eps is None else cfg.eval.eps
-    result = evaluate_encoder(encoder, val_set, eps=eps, steps=cfg.eval.steps, norm=cfg.eval.norm or cfg.adv.norm,
-                              batch_size=2 * cfg.batch_size, max_images=cfg.eval.max_images, device=device)
-    metrics.write(step=step, epoch=epochs or cfg.epochs, eval=result)
-    write_json(result, ckpt_path.parent / "eval.json")
-    ckpt["eval"] = result
-    save_checkpoint(ckpt, ckpt_path)
-    log.info("validation: clean acc %.3f, PGD-%d (%s, eps=%g) acc %.3f", result["clean_acc"], result["steps"],
-             result["norm"], result["eps"], result["pgd_acc"])
-    return result

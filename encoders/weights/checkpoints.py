@@ -3,7 +3,7 @@
 An RFI encoder checkpoint is a plain dict (loadable with ``weights_only=True``)::
 
     {"format": "rfi-encoder", "version": 1,
-     "encoder": {"arch": ..., "num_classes": ..., "width": ..., "small_input": ..., "batch_norm": ...},
+     "encoder": {"arch": ..., "num_classes": ..., "width": ..., "small_input": ..., <family options>},
      "state_dict": {...}, ...extra metadata (training state, metrics)}
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from encoders.core.errors import RFIError
-from encoders.weights.interop import checkpoint_filter_fn, infer_encoder_kwargs, infer_num_classes
-from encoders.nets.models import Encoder
 from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.nets.models import Encoder
+from encoders.weights.interop import checkpoint_filter_fn, infer_encoder_kwargs
 
 ENCODER_FORMAT = "rfi-encoder"
 
@@ -68,7 +68,8 @@ MAX_PARAMETERS = 2_000_000_000
 def build_from_config(cls: Callable[..., nn.Module], config: Any, source: str, **extra: Any) -> nn.Module:
     """``cls(**config, **extra)`` for a config read from a file, checked before anything is allocated.
 
-    The config must be a mapping of ``cls``'s constructor arguments; the model is first built
+    The config must be a mapping of ``cls``'s constructor arguments (a constructor with
+    ``**options`` checks those itself, as :class:`~encoders.nets.models.Encoder` does); the model is first built
     on the ``meta`` device (no memory) and refused if it has more than :data:`MAX_PARAMETERS`
     parameters, so a damaged or hostile file cannot make RFI allocate gigabytes.
 
@@ -79,7 +80,8 @@ def build_from_config(cls: Callable[..., nn.Module], config: Any, source: str, *
     if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
         raise RFIError(f"{source} holds no valid {name} settings (found {type(config).__name__})")
     params = inspect.signature(cls).parameters
-    unknown = sorted(k for k in config if k not in params or k in extra)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in config if k in extra or (k not in params and not open_ended))
     if unknown:
         raise RFIError(f"{source}: unknown {name} settings {_names(unknown)} (a file from a newer RFI, or damaged)")
     try:
@@ -113,7 +115,8 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | No
         arch_key: how the user names the architecture in the command at hand (``--arch`` or
             ``encoder.arch``), quoted when a foreign checkpoint comes without ``name``.
         **kwargs: constructor arguments for foreign checkpoints (``num_classes``, ``width``,
-            ``small_input`` and ``batch_norm`` are inferred from the weights when not given).
+            ``small_input`` and family options are read off the weights when not given, see
+            :func:`encoders.weights.interop.infer_encoder_kwargs`).
 
     Raises:
         RFIError: missing or invalid settings, another architecture than ``name``, a decoder or
@@ -142,9 +145,8 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | No
         example = f"{arch_key} resnet50" if arch_key.startswith("-") else f"{arch_key}=resnet50"
         raise RFIError(f"{source} is not an RFI encoder checkpoint (a robustness-library or torchvision file?): "
                        f"name its architecture with {arch_key} (e.g. {example})")
-    state = checkpoint_filter_fn(ckpt, source)
-    kwargs.setdefault("num_classes", infer_num_classes(state, name) or 1000)
-    for key, value in infer_encoder_kwargs(state, name).items():  # width, small_input, batch_norm
+    state = checkpoint_filter_fn(ckpt, name, source)
+    for key, value in infer_encoder_kwargs(state, name).items():  # num_classes, width, small_input, ...
         kwargs.setdefault(key, value)
     encoder = Encoder(name, layers=layers, **kwargs)
     for key, value in encoder.normalizer.state_dict().items():  # torchvision files carry none
@@ -164,29 +166,3 @@ def load_encoder(path: str | os.PathLike, name: str | None = None,
         RFIError: unreadable file, or weights that do not fit the architecture.
     """
     return encoder_from_checkpoint(load_checkpoint(path), str(path), name, layers, arch_key, **kwargs)
-
-
-def create_encoder(name: str | None = None, checkpoint: str | os.PathLike | None = None,
-                   layers: Sequence[str] | None = None, **kwargs: Any) -> Encoder:
-    """Build an encoder, optionally loading weights from a checkpoint file.
-
-    Args:
-        name: architecture (``alexnet, vgg16, vgg19, resnet18, resnet50, swin_t, swin_v2_t``); may be ``None``
-            when ``checkpoint`` is an RFI checkpoint, which records its architecture.
-        checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, or a
-            plain torchvision state dict (loaded with ``weights_only=True``).
-        layers: feature taps returned by the encoder's forward (default: all).
-        **kwargs: ``num_classes``, ``width``, ``small_input``, ``batch_norm``, ``downsample``;
-            Swin: ``equivariant``, ``selection``, ``embed_dim``, ``depths``, ``num_heads``,
-            ``window_size``, ``patch_size``, ``stochastic_depth`` (see :class:`Encoder`).
-
-    Example:
-        >>> enc = create_encoder("vgg16", width=0.125, small_input=True, num_classes=8, layers=["relu3_1"])
-        >>> tuple(enc(torch.rand(1, 3, 32, 32))["relu3_1"].shape)
-        (1, 32, 8, 8)
-    """
-    if checkpoint is None:
-        if name is None:
-            raise RFIError("create_encoder needs an architecture name or a checkpoint")
-        return Encoder(name, layers=layers, **kwargs)
-    return load_encoder(checkpoint, name=name, layers=layers, **kwargs)

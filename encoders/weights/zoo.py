@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -187,7 +186,7 @@ def _recorded(path: Path) -> str | None:
 
 
 def _record(entry: ZooEntry, path: Path, digest: str) -> Path:
-    from encoders.core.serialization import atomic_write
+    from encoders.core.serialization import atomic_write  # imports torch: only when writing
 
     record = {"name": entry.name, "url": entry.url, "sha256": digest, "bytes": path.stat().st_size,
               "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -282,13 +281,14 @@ def fetch(entry: ZooEntry | str, dest: str | os.PathLike | None = None, force: b
         verify(entry, path)
         return path
     from encoders.core.files import check_output_folder
+    from encoders.core.serialization import atomic_write
 
     check_output_folder(path.parent, flag="--dest")  # a file in the way or a read-only place: one line
-    path.parent.mkdir(parents=True, exist_ok=True)
     expected, where = _expected(entry, path)  # published, or recorded by an earlier fetch (kept by --force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
+    digest = ""
+
+    def download_checked(tmp: str) -> None:  # atomic_write renames it into place only when this returns
+        nonlocal digest
         try:
             digest = _download(entry, tmp, show_progress, timeout)
         except (urllib.error.URLError, OSError, ValueError) as e:
@@ -297,12 +297,8 @@ def fetch(entry: ZooEntry | str, dest: str | os.PathLike | None = None, force: b
         if expected and not digest.startswith(expected):
             raise RFIError(f"refused {entry.url}: SHA-256 {digest[:16]}... does not match {expected[:16]}... "
                            f"{where} (nothing was written)")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, download_checked)
     if expected is None:
         _record(entry, path, digest)
     return path

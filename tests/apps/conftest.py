@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import single_threaded
+from tests.conftest import single_threaded, tiny_net
 
 SIZE = 48
 # Category -> (normal training images, normal test images, {defect: anomalous test images}).
 DUMMY_CATEGORIES = {"widget": (10, 3, {"blot": 3, "crack": 2}), "gadget": (4, 2, {"blot": 2})}
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "apps" / "anomaly.yaml"
 # The shipped config shrunk to a fit of a few seconds: 16-px crops, a 16-channel decoder, 6 steps.
-TINY_FIT = ["decoder.steps=6", "decoder.batch_size=8", "decoder.data.size=16", "decoder.data.repeat=2",
-            "decoder.decoder.channels=16", "decoder.decoder.min_channels=8", "decoder.sample_every=0",
-            "decoder.log_every=2", "decoder.device=cpu", "device=cpu", "batch_size=4",
+TINY_FIT = ["train.steps=6", "train.batch_size=8", "train.data.size=16", "train.data.repeat=2",
+            "train.decoder.channels=16", "train.decoder.min_channels=8", "train.sample_every=0",
+            "train.log_every=2", "train.device=cpu", "device=cpu", "batch_size=4",
             "benchmark.train=6", "benchmark.test_good=3", "benchmark.test_defect=2", "benchmark.size=32"]
 
 
@@ -94,24 +94,21 @@ def dummy_mvtec(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
-    """An untrained ResNet-18 (width 0.125, small input) checkpoint: plumbing tests need no training."""
-    import torch
-
+    """The suite's untrained tiny encoder (:func:`tests.conftest.tiny_net`) as a checkpoint: plumbing tests need
+    no training."""
     from encoders.weights.checkpoints import save_encoder
-    from encoders.nets.models import Encoder
 
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
-    save_encoder(Encoder("resnet18", num_classes=8, width=0.125, small_input=True), path)
+    save_encoder(tiny_net(), path)
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model(dummy_mvtec, tiny_encoder, tmp_path_factory) -> Path:
     """An anomaly model fitted (6 decoder steps) on the dummy ``widget`` category."""
-    from apps.anomaly.detector import AnomalyConfig, fit
-    from encoders.core.config import load_config
+    from apps.anomaly.config import load_anomaly_config
+    from apps.anomaly.fitting import fit
 
-    cfg = load_config(AnomalyConfig, CONFIG, [*TINY_FIT, f"encoder={tiny_encoder}"])
+    cfg = load_anomaly_config(CONFIG, [*TINY_FIT, f"encoder={tiny_encoder}"])
     with single_threaded():
         return fit(cfg, str(dummy_mvtec / "widget"), tmp_path_factory.mktemp("model") / "widget.pt")

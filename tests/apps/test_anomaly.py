@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from apps.anomaly.detector import (AnomalyConfig, AnomalyDetector, ScoreConfig, image_metrics, image_scores, pixel_metrics,
-                          smooth)
-from apps.anomaly.data import (DEFECTS, BenchmarkConfig, load_anomaly_data, make_benchmark, read_labels,
-                               read_mask)
+from apps.anomaly.benchmark import DEFECTS, make_benchmark
+from apps.anomaly.config import AnomalyConfig, BenchmarkConfig, load_anomaly_config
+from apps.anomaly.data import load_anomaly_data, read_labels, read_mask
+from apps.anomaly.detector import AnomalyDetector
+from apps.anomaly.maps import image_scores, smooth
+from apps.anomaly.metrics import image_metrics, pixel_metrics
 from apps.cli import main
 from encoders.core.config import load_config
 from encoders.core.errors import RFIError
@@ -126,7 +128,7 @@ def test_benchmark_is_deterministic_and_in_the_mvtec_layout(tmp_path):
 
 
 def test_benchmark_masks_cover_exactly_the_defects(tmp_path):
-    from apps.anomaly.data import _crop, _rng, _texture_areas
+    from apps.anomaly.benchmark import _crop, _rng, _texture_areas
 
     root = make_benchmark(tmp_path / "bench", TINY_BENCH)
     for texture in TINY_BENCH.textures:
@@ -202,10 +204,26 @@ def test_shipped_config_equals_the_python_defaults(anomaly_config):
 
 
 def test_exception_bad_score_settings():
-    with pytest.raises(RFIError, match="score.pixel_metric 'l3'"):
-        ScoreConfig(pixel_metric="l3").check()
-    with pytest.raises(RFIError, match="score.topk must be in"):
-        ScoreConfig(topk=0).check()
+    with pytest.raises(RFIError, match=r"'score.pixel_metric' in the command-line overrides: 'l3' is not one of"):
+        load_anomaly_config(None, ["score.pixel_metric=l3"])
+    with pytest.raises(RFIError, match=r"'score.topk' in the command-line overrides must be in \(0, 1\], got 0"):
+        load_anomaly_config(None, ["score.topk=0"])
+    with pytest.raises(RFIError, match="score.pixel_weight and score.feature_weight are both 0"):
+        load_anomaly_config(None, ["score.pixel_weight=0", "score.feature_weight=0"])
+
+
+def test_exception_the_old_decoder_section_names_its_new_spelling(tmp_path):
+    """``decoder:`` is ``train:`` now (as in the denoise and style configs): the old key fails in one line."""
+    with pytest.raises(RFIError) as e:
+        load_anomaly_config(None, ["decoder.decoder.channels=16"])
+    assert str(e.value) == ("config key 'decoder.decoder.channels' in the command-line overrides is now "
+                            "'train.decoder.channels'")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("decoder:\n  steps: 5\n")
+    with pytest.raises(RFIError, match=r"config key 'decoder.steps' in .*mine.yaml is now 'train.steps'$"):
+        load_anomaly_config(mine)
+    mine.write_text("train:\n  steps: 5\n")
+    assert load_anomaly_config(mine).train.steps == 5
 
 
 # ----------------------------------------------------------------------------- fit + score through the CLI
@@ -308,9 +326,9 @@ def test_exception_nan_image_is_skipped_and_all_failed_exits_2(tiny_model, dummy
 
 
 def test_a_killed_score_run_leaves_no_half_written_files(tiny_model, dummy_mvtec, tmp_path, monkeypatch):
-    import apps.anomaly.detector as anomaly
+    import apps.anomaly.scoring as scoring
 
-    calls, write_image = [], anomaly.write_image
+    calls, write_image = [], scoring.write_image
 
     def write_then_die(image, path):
         if len(calls) == 2:
@@ -318,7 +336,7 @@ def test_a_killed_score_run_leaves_no_half_written_files(tiny_model, dummy_mvtec
         calls.append(path)
         return write_image(image, path)
 
-    monkeypatch.setattr(anomaly, "write_image", write_then_die)
+    monkeypatch.setattr(scoring, "write_image", write_then_die)
     out = tmp_path / "s"
     assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(dummy_mvtec / "widget"),
                  "--out", str(out)]) == 130
@@ -344,7 +362,22 @@ def test_exception_cli_bad_inputs(tiny_model, tiny_encoder, dummy_mvtec, anomaly
     assert "data folder not found" in capsys.readouterr().err
     assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--out", str(tmp_path / "m.pt"),
                  "--config", str(anomaly_config), "score.pixel_metric=l3"]) == 2
-    assert "score.pixel_metric 'l3'" in capsys.readouterr().err
+    assert "'score.pixel_metric' in the command-line overrides: 'l3' is not one of" in capsys.readouterr().err
+    assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--out", str(tmp_path / "m.pt"),
+                 "--config", str(anomaly_config), "decoder.steps=3"]) == 2
+    assert "config key 'decoder.steps' in the command-line overrides is now 'train.steps'" in capsys.readouterr().err
+    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(dummy_mvtec), "--out",
+                 str(tmp_path / "s"), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_score_flags_default_to_the_config():
+    """``rfi anomaly score``'s --batch-size and --device defaults are the shipped config's, not written twice."""
+    from apps.cli import build_parser
+
+    argv = ["anomaly", "score", "--model", "m.pt", "--data", "d", "--out", "o"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.batch_size, args.device) == (AnomalyConfig().batch_size, AnomalyConfig().device) == (16, "auto")
 
 
 def test_decoder_training_crops_keep_the_image_scale(dummy_mvtec):
@@ -384,7 +417,7 @@ def test_large_images_and_batches_are_mapped_in_bounded_pieces(tiny_model, monke
     assert max(b * h * w for b, _, h, w in calls) <= 160 * 160 and len(calls) > 2
     interior = (slice(None), slice(None), slice(30, -30), slice(30, -30))
     rel = (tiled - whole)[interior].abs().mean() / whole[interior].std()
-    assert rel < 0.01, rel  # 48 px cover this encoder's receptive field: measured 0.0
+    assert rel < 0.01, rel  # 48 px cover this encoder's receptive field
 
 
 # ----------------------------------------------------------------------------- scale (issue 15)
@@ -392,7 +425,7 @@ def test_streaming_pixel_metrics_match_scikit_learn():
     """PixelMetrics (2^20-bin histogram, memory fixed) agrees with scikit-learn on all pixels at once."""
     from sklearn.metrics import roc_auc_score
 
-    from apps.anomaly.detector import PixelMetrics
+    from apps.anomaly.metrics import PixelMetrics
 
     g = torch.Generator().manual_seed(0)
     shapes = [(64, 80), (100, 100), (33, 47), (128, 64)]
@@ -418,14 +451,14 @@ def test_streaming_pixel_metrics_match_scikit_learn():
 def test_normal_crops_are_decoded_once_and_match_image_files(dummy_mvtec, tmp_path, monkeypatch):
     """Training crops from the decode cache are ImageFiles' crops for the same seed; validation crops
     are fixed windows of the held-out images at their own scale."""
-    import apps.anomaly.data as anomaly_data
-    from apps.anomaly.data import DecodedImages, NormalCrops
+    import apps.anomaly.decoded as decoded
+    from apps.anomaly.decoded import DecodedImages, NormalCrops
     from encoders.data.folders import ImageFiles
     from encoders.core.imageio import read_image
 
     paths = sorted((dummy_mvtec / "widget/train/good").glob("*.png"))
     calls: list[Path] = []
-    monkeypatch.setattr(anomaly_data, "read_image", lambda p: calls.append(Path(p)) or read_image(p))
+    monkeypatch.setattr(decoded, "read_image", lambda p: calls.append(Path(p)) or read_image(p))
     cache = DecodedImages([*paths, tmp_path / "missing.png"], tmp_path / "normal.u8")
     assert calls == [*paths, tmp_path / "missing.png"] and len(cache) == len(paths)  # the missing one skipped
     for sub in ("train", "val"):
@@ -450,9 +483,9 @@ def test_normal_crops_are_decoded_once_and_match_image_files(dummy_mvtec, tmp_pa
 
 def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path,
                                             monkeypatch):
-    import apps.anomaly.data as anomaly_data
-    import encoders.data.embedded
-    from apps.anomaly.detector import fit
+    import apps.anomaly.decoded as decoded
+    import encoders.data.folders
+    from apps.anomaly.fitting import fit
     from encoders.core.imageio import read_image
 
     calls: list[str] = []
@@ -461,9 +494,9 @@ def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_c
         calls.append(Path(p).name)
         return read_image(p)
 
-    for module in (anomaly_data, encoders.data.folders):
+    for module in (decoded, encoders.data.folders):
         monkeypatch.setattr(module, "read_image", counted)
-    cfg = load_config(AnomalyConfig, anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}"])
+    cfg = load_anomaly_config(anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}"])
     fit(cfg, str(dummy_mvtec / "widget"), tmp_path / "m.pt")
     names = sorted(p.name for p in (dummy_mvtec / "widget/train/good").glob("*.png"))
     assert sorted(calls) == names
@@ -474,16 +507,17 @@ def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_c
 
 def test_score_batches_hold_a_bounded_number_of_pixels(tiny_model, dummy_mvtec, tmp_path, monkeypatch):
     """A batch of 16 images is split so that no batch holds more than BATCH_PIXELS pixels at once."""
-    import apps.anomaly.detector as anomaly
+    import apps.anomaly.detector as detector
+    from apps.anomaly.scoring import score
 
-    det = anomaly.AnomalyDetector.load(tiny_model)
+    det = AnomalyDetector.load(tiny_model)
     data = load_anomaly_data(dummy_mvtec, "widget")
-    whole = anomaly.score(det, data, tmp_path / "whole", batch_size=16, write_maps=False)
-    monkeypatch.setattr(anomaly, "BATCH_PIXELS", 2 * 48 * 48)
+    whole = score(det, data, tmp_path / "whole", batch_size=16, write_maps=False)
+    monkeypatch.setattr(detector, "BATCH_PIXELS", 2 * 48 * 48)
     seen = []
-    inner = anomaly.AnomalyDetector.maps
-    monkeypatch.setattr(anomaly.AnomalyDetector, "maps", lambda self, x: seen.append(x.shape[0]) or inner(self, x))
-    parts = anomaly.score(det, data, tmp_path / "parts", batch_size=16, write_maps=False)
+    inner = AnomalyDetector.maps
+    monkeypatch.setattr(AnomalyDetector, "maps", lambda self, x: seen.append(x.shape[0]) or inner(self, x))
+    parts = score(det, data, tmp_path / "parts", batch_size=16, write_maps=False)
     assert max(seen) == 2 and sum(seen) == len(data.test)
     assert parts["pixel_auroc"] == pytest.approx(whole["pixel_auroc"], abs=1e-6)
     assert parts["image_auroc"] == pytest.approx(whole["image_auroc"], abs=1e-6)

@@ -7,21 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps.anomaly.detector import AnomalyConfig, AnomalyDetector, fit
-from apps.anomaly.memory import MemoryBank, MemoryConfig, default_memory_layers, greedy_coreset, patch_features
+from apps.anomaly.config import MemoryConfig, load_anomaly_config
+from apps.anomaly.detector import AnomalyDetector
+from apps.anomaly.fitting import fit
+from apps.anomaly.memory import MemoryBank, default_memory_layers, greedy_coreset, patch_features
 from apps.cli import main
 from encoders.core.config import load_config
 from encoders.core.errors import RFIError
 from encoders.core.imageio import read_image
-from encoders.nets.models import Encoder
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    torch.manual_seed(0)
-    return Encoder("resnet18", num_classes=8, width=0.125, small_input=True).eval()
+def encoder():
+    """The suite's tiny encoder, shared by this module's tests (none of them changes it)."""
+    return tiny_net()
 
 
 def test_greedy_coreset_covers_every_cluster():
@@ -54,7 +56,7 @@ def test_distances_are_exact_nearest_neighbours_in_chunks():
 
 def test_patch_features_and_default_layers(encoder):
     assert default_memory_layers(encoder) == ["layer2", "layer3"]
-    assert default_memory_layers(Encoder("alexnet", num_classes=8, width=0.125, small_input=True)) == ["conv2", "conv3"]
+    assert default_memory_layers(tiny_net(arch="alexnet")) == ["conv2", "conv3"]
     f = patch_features(encoder, torch.rand(2, 3, 24, 20), ["layer2", "layer3"])
     info = encoder.feature_info()
     assert f.shape == (2, info["layer2"][0] + info["layer3"][0], 12, 10)
@@ -75,10 +77,12 @@ def test_memory_maps_find_a_defect(encoder):
 
 def test_exception_bad_memory_settings(encoder):
     for bad in (0, 0.0, 1.5, -0.1):
-        with pytest.raises(RFIError, match=r"memory.coreset must be a fraction in \(0, 1\]"):
-            MemoryConfig(coreset=bad).check()
-    with pytest.raises(RFIError, match="memory.pool must be an odd number"):
-        MemoryConfig(pool=2).check()
+        with pytest.raises(RFIError, match=r"config key 'coreset' in the command-line overrides must be in \(0, 1\]"):
+            load_config(MemoryConfig, None, [f"coreset={bad}"])
+    with pytest.raises(RFIError, match=r"'pool' in the command-line overrides: 2 is not one of \[1, 3, 5, 7\]"):
+        load_config(MemoryConfig, None, ["pool=2"])
+    with pytest.raises(RFIError, match=r"config key 'coreset' in the memory settings must be in \(0, 1\], got 2"):
+        MemoryBank.fit(encoder, [torch.rand(3, 32, 32)], MemoryConfig(coreset=2), progress_bar=False)
     imgs = [torch.rand(3, 32, 32) for _ in range(3)]
     with pytest.raises(RFIError) as e:
         MemoryBank.fit(encoder, imgs, MemoryConfig(max_mb=0.01), progress_bar=False, count=3)
@@ -93,8 +97,8 @@ def test_exception_bad_memory_settings(encoder):
 
 def _memory_fit(tmp_path: Path, dummy_mvtec: Path, tiny_encoder: Path, anomaly_config: Path, method: str,
                 tiny_fit: list[str]) -> Path:
-    cfg = load_config(AnomalyConfig, anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}", f"method={method}",
-                                                      "memory.coreset=0.5"])
+    cfg = load_anomaly_config(anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}", f"method={method}",
+                                               "memory.coreset=0.5"])
     return fit(cfg, str(dummy_mvtec / "widget"), tmp_path / f"{method}.pt")
 
 
@@ -145,12 +149,14 @@ def test_cli_fit_method_memory_and_score(dummy_mvtec, tiny_encoder, anomaly_conf
     assert main(["anomaly", "fit", "--method", "patchcore", "--data", str(dummy_mvtec), "--category", "widget",
                  "--out", str(tmp_path / "x.pt"), "--config", str(anomaly_config), f"encoder={tiny_encoder}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown method 'patchcore'" in err and "reconstruction, memory, combined" in err and "\n" not in err
+    assert "config key 'method'" in err and "'patchcore' is not one of ['reconstruction', 'memory', 'combined']" in err
+    assert "\n" not in err
     assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--category", "widget", "--out", str(tmp_path / "x.pt"),
                  "--config", str(anomaly_config), f"encoder={tiny_encoder}", "method=memory",
                  "memory.coreset=1.5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "memory.coreset must be a fraction in (0, 1], got 1.5" in err and "\n" not in err
+    assert "config key 'memory.coreset' in the command-line overrides must be in (0, 1], got 1.5" in err
+    assert "\n" not in err
     assert not (tmp_path / "x.pt").exists()
 
 

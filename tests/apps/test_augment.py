@@ -1,7 +1,6 @@
 """StyleAugment and ``rfi augment`` on a tiny random autoencoder (no training needed)."""
 from __future__ import annotations
 
-
 import kornia.augmentation as K
 import numpy as np
 import pytest
@@ -13,22 +12,20 @@ from torchvision.transforms import v2
 
 import apps
 import apps.style.augment as augment_module
-from apps.style.augment import MultiView, StyleAugment
 from apps.cli import main as rfi
+from apps.style.augment import StyleAugment
+from apps.style.multiview import MultiView
 from encoders.core.errors import RFIError
-from encoders.nets.models import Encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 @pytest.fixture(scope="module")
 def ae() -> RobustAutoencoder:
-    torch.manual_seed(0)
-    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
-    return RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    return RobustAutoencoder(tiny_net(), Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +53,7 @@ def style_dir(tmp_path):
 
 
 def test_exported_from_apps():
-    assert apps.StyleAugment is StyleAugment
+    assert apps.StyleAugment is StyleAugment and apps.MultiView is MultiView
 
 
 def test_p0_is_identity(ae, batch):
@@ -145,13 +142,25 @@ def test_composes_with_torchvision_v2(ae, batch):
 
 
 def test_composes_with_kornia(ae, batch):
-    aug = StyleAugment(ae, p=1.0, generator=0)
-    inside = K.AugmentationSequential(K.RandomHorizontalFlip(), aug, K.ColorJitter(0.2, 0.2, 0.2, 0.05, p=1.0))
-    around = nn.Sequential(K.AugmentationSequential(K.RandomResizedCrop((16, 16))), aug,
-                           K.AugmentationSequential(K.RandomGrayscale(p=0.5)))
-    for pipeline, size in ((inside, (20, 24)), (around, (16, 16))):
-        out = pipeline(batch)
-        assert out.shape == (6, 3, *size) and out.min() >= 0 and out.max() <= 1
+    """Inside and around kornia pipelines, each step acts on the previous one's output, in order."""
+    flip, gray = K.RandomHorizontalFlip(p=1.0), K.RandomGrayscale(p=1.0)
+    inside = K.AugmentationSequential(flip, StyleAugment(ae, p=1.0, generator=0), gray)
+    by_hand = gray(StyleAugment(ae, p=1.0, generator=0)(batch.flip(-1)))
+    out = inside(batch)
+    assert out.shape == batch.shape and torch.allclose(out, by_hand, atol=1e-6)
+    assert not torch.allclose(out, gray(batch.flip(-1)), atol=1e-3)  # the style step did act
+    assert not torch.allclose(out, gray(StyleAugment(ae, p=1.0, generator=0)(batch)).flip(-1), atol=1e-3)  # in order
+
+    crop = K.RandomResizedCrop((16, 16))  # draws from torch's global generator, StyleAugment from its own
+    around = nn.Sequential(K.AugmentationSequential(crop), StyleAugment(ae, p=1.0, generator=0),
+                           K.AugmentationSequential(gray))
+    torch.manual_seed(5)
+    out = around(batch)
+    torch.manual_seed(5)
+    cropped = crop(batch)
+    assert out.shape == (6, 3, 16, 16) and torch.allclose(out, gray(StyleAugment(ae, p=1.0, generator=0)(cropped)),
+                                                          atol=1e-6)
+    assert torch.equal(out[:, 0], out[:, 1]) and not torch.allclose(out, gray(cropped), atol=1e-3)
 
 
 def test_multiview(ae, batch):
@@ -177,9 +186,9 @@ def test_follows_the_batch_to_cuda(ae, batch):
 @pytest.mark.parametrize("kwargs, match", [
     ({"p": 1.5}, "p .*in \\[0, 1\\]"),
     ({"p": -0.1}, "p .*in \\[0, 1\\]"),
-    ({"alpha": (0.8, 0.2)}, "alpha range"),
-    ({"beta": (0.0, 1.2)}, "beta range"),
-    ({"alpha": (-0.1, 0.5)}, "alpha range"),
+    ({"alpha": (0.8, 0.2)}, "alpha must be one number or a range"),
+    ({"beta": (0.0, 1.2)}, "beta must be one number or a range"),
+    ({"alpha": (-0.1, 0.5)}, "alpha must be one number or a range"),
     ({"work_size": 0}, "work_size"),
     ({"work_size": 12.5}, "work_size"),
 ])
@@ -203,7 +212,8 @@ def test_work_size_stylises_small_and_adds_the_change(ae, monkeypatch):
     params = aug.make_params([x])
     seen = []
     encode = aug.autoencoder.encode
-    monkeypatch.setattr(aug.autoencoder, "encode", lambda t, *a, **k: seen.append(tuple(t.shape[-2:])) or encode(t, *a, **k))
+    monkeypatch.setattr(aug.autoencoder, "encode",
+                        lambda t, *a, **k: seen.append(tuple(t.shape[-2:])) or encode(t, *a, **k))
     out = aug.stylize(x, params)
     assert seen == [(24, 32)]  # short side 48 -> 24: the autoencoder never sees the full size
     chosen = params["chosen"]
@@ -279,3 +289,26 @@ def test_cli_errors_write_nothing(ae_file, tmp_path, capsys):
     assert rfi(["augment", str(tmp_path / "one"), "--out", str(out), "--model", str(ae_file),
                 "--alpha", "0.9,0.1"]) == 2
     assert not out.exists()
+
+
+def test_cli_reads_its_config_and_flags_win(ae_file, tmp_path, capsys):
+    for i in range(2):
+        _write_png(tmp_path / "in" / f"img{i}.png", i)
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"model: {ae_file}\nviews: 1\nsize: 12\np: 1.0\ndevice: cpu\n")
+    assert rfi(["augment", str(tmp_path / "in"), "--out", str(tmp_path / "a"), "--config", str(config)]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").glob("*_view*.png")) == ["img0_view1.png", "img1_view1.png"]
+    assert np.asarray(Image.open(tmp_path / "a" / "img0_view1.png")).shape == (12, 12, 3)
+    assert rfi(["augment", str(tmp_path / "in"), "--out", str(tmp_path / "b"), "--config", str(config),
+                "--views", "2", "--size", "16"]) == 0
+    assert len(list((tmp_path / "b").glob("img0_view*.png"))) == 2
+    assert np.asarray(Image.open(tmp_path / "b" / "img0_view2.png")).shape == (16, 16, 3)
+    capsys.readouterr()
+    for flags, fragment in ((["--p", "1.5"], "'p' in the command-line overrides must be in [0, 1]"),
+                            (["--views", "0"], "'views' in the command-line overrides must be >= 1"),
+                            (["--encoder", str(ae_file)], "encoder and decoder")):
+        assert rfi(["augment", str(tmp_path / "in"), "--out", str(tmp_path / "c"), "--config", str(config),
+                    *flags]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()

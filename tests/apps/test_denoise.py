@@ -1,4 +1,4 @@
-"""Denoising app: noise model, ``rfi train-denoiser`` and ``rfi denoise`` on tiny random encoders."""
+"""Denoising app: noise model, ``rfi denoise train`` and ``rfi denoise apply`` on tiny random encoders."""
 
 import numpy as np
 import pytest
@@ -7,17 +7,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from apps.cli import main
-from apps.denoise import GaussianNoise, add_noise, load_denoiser, sigma_range
-from encoders.weights.checkpoints import save_encoder
-from encoders.data.embedded import embedded_image, region
+from apps.denoise import DenoiseConfig, GaussianNoise, add_noise, load_denoiser, model_file
+from encoders.core.config import load_config
 from encoders.core.errors import RFIError
 from encoders.core.imageio import read_image
-from encoders.nets.models import Encoder
+from encoders.data.embedded import embedded_image, region
+from encoders.weights.checkpoints import save_encoder
 from inversion.metrics import psnr
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIGMA = 50
+APPLY = ["denoise", "apply"]
 
 
 def tiny_overrides(encoder_path, steps=40):
@@ -31,9 +33,8 @@ def tiny_overrides(encoder_path, steps=40):
 
 @pytest.fixture(scope="module")
 def encoder_path(tmp_path_factory):
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("enc") / "encoder.pt"
-    save_encoder(Encoder("resnet18", num_classes=8, width=0.125, small_input=True), path)
+    save_encoder(tiny_net(), path)
     return path
 
 
@@ -41,7 +42,7 @@ def encoder_path(tmp_path_factory):
 def model_path(encoder_path, tmp_path_factory):
     """A denoiser trained for a few steps through the CLI (shared by the tests below)."""
     out = tmp_path_factory.mktemp("denoiser")
-    code = main(["train-denoiser", "--config", "configs/apps/denoise.yaml", "--out", str(out / "run"),
+    code = main(["denoise", "train", "--config", "configs/apps/denoise.yaml", "--out", str(out / "run"),
                  *tiny_overrides(encoder_path)])
     assert code == 0
     return out / "run" / "denoiser.pt"
@@ -75,11 +76,19 @@ def test_blind_noise_draws_one_level_per_image_within_the_range():
 @pytest.mark.parametrize("bad", [[-1], [30, 10], [1, 2, 3], ["a"]])
 def test_exception_bad_sigma(bad):
     with pytest.raises(RFIError, match="sigma"):
-        sigma_range(bad)
-    assert sigma_range(15) == (15.0, 15.0) and sigma_range([5, 50]) == (5.0, 50.0)
+        GaussianNoise(bad)
+    with pytest.raises(RFIError, match=r"noise\.sigma"):
+        load_config(DenoiseConfig, None, {"noise.sigma": bad})
+    assert GaussianNoise(15).sigma == (15.0, 15.0) and GaussianNoise([5, 50]).sigma == (5.0, 50.0)
 
 
-# ----------------------------------------------------------------------------- train-denoiser
+def test_train_and_apply_share_one_config_and_one_model_file():
+    cfg = load_config(DenoiseConfig, "configs/apps/denoise.yaml", ["train.out=runs/d2"])
+    assert model_file(cfg).as_posix() == "runs/d2/denoiser.pt" and cfg.apply.device == "auto"
+    assert model_file(load_config(DenoiseConfig, None, ["model=m.pt"])).as_posix() == "m.pt"
+
+
+# ----------------------------------------------------------------------------- denoise train
 def test_train_denoiser_writes_a_model_that_improves_psnr(model_path, encoder_path):
     model, info = load_denoiser(model_path)
     assert info["app"] == "denoise" and info["sigma"] == [SIGMA, SIGMA] and info["layer"] == "layer2"
@@ -96,7 +105,7 @@ def test_train_denoiser_writes_a_model_that_improves_psnr(model_path, encoder_pa
 
 def test_train_denoiser_refuses_to_overwrite_or_resume_with_other_noise(model_path, encoder_path, capsys):
     run = model_path.parent
-    args = ["train-denoiser", "--config", "configs/apps/denoise.yaml", "--out", str(run),
+    args = ["denoise", "train", "--config", "configs/apps/denoise.yaml", "--out", str(run),
             *tiny_overrides(encoder_path)]
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
@@ -105,14 +114,13 @@ def test_train_denoiser_refuses_to_overwrite_or_resume_with_other_noise(model_pa
 
 
 def test_exception_train_denoiser_bad_config(tmp_path, capsys):
-    assert main(["train-denoiser", "--config", "configs/apps/denoise.yaml", "--out", str(tmp_path),
-                 "noise.sigma=[50,10]"]) == 2
+    assert main(["denoise", "train", "--out", str(tmp_path), "noise.sigma=[50,10]"]) == 2
     assert "sigma" in capsys.readouterr().err
-    assert main(["train-denoiser", "--config", "configs/apps/denoise.yaml", "train.decoder.wings=2"]) == 2
+    assert main(["denoise", "train", "--config", "configs/apps/denoise.yaml", "train.decoder.wings=2"]) == 2
     assert "train.decoder.wings" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- denoise
+# ----------------------------------------------------------------------------- denoise apply
 def _write(path, h, w, mode="RGB"):
     rng = np.random.default_rng(h * w)
     shape = (h, w, 3) if mode == "RGB" else (h, w)
@@ -126,16 +134,16 @@ def test_denoise_any_size_same_names(model_path, tmp_path):
     for name, (h, w) in sizes.items():
         _write(src / name, h, w, "L" if name == "b.jpg" else "RGB")
     out = tmp_path / "out"
-    assert main(["denoise", str(src / "a.png"), str(src / "b.jpg"), str(src / "c.png"), "--model", str(model_path),
+    assert main([*APPLY, str(src / "a.png"), str(src / "b.jpg"), str(src / "c.png"), "--model", str(model_path),
                  "--out", str(out), "--sigma", "25", "--save-noisy"]) == 0
     for name, (h, w) in sizes.items():
         stem = name.rsplit(".", 1)[0]
         assert read_image(out / f"{stem}.png").shape == (3, h, w)
         assert (out / "noisy" / f"{stem}.png").is_file()
     # tiled: same size out, and close to the whole-image result away from the borders
-    assert main(["denoise", str(src / "c.png"), "--model", str(model_path), "--out", str(tmp_path / "tiled"),
+    assert main([*APPLY, str(src / "c.png"), "--model", str(model_path), "--out", str(tmp_path / "tiled"),
                  "--tile", "32"]) == 0
-    assert main(["denoise", str(src / "c.png"), "--model", str(model_path), "--out", str(tmp_path / "whole")]) == 0
+    assert main([*APPLY, str(src / "c.png"), "--model", str(model_path), "--out", str(tmp_path / "whole")]) == 0
     tiled, whole = read_image(tmp_path / "tiled" / "c.png"), read_image(tmp_path / "whole" / "c.png")
     assert tiled.shape == whole.shape == (3, 70, 33)
     assert float(psnr(tiled[None], whole[None])) > 20
@@ -147,7 +155,7 @@ def test_denoise_reports_corrupt_files_by_name_and_writes_the_rest(model_path, t
     _write(src / "good.png", 19, 23)
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out"
-    assert main(["denoise", str(src), "--model", str(model_path), "--out", str(out)]) == 1  # partial: EXIT_PARTIAL
+    assert main([*APPLY, str(src), "--model", str(model_path), "--out", str(out)]) == 1  # partial: EXIT_PARTIAL
     err = capsys.readouterr().err
     assert "broken.png" in err and "good.png" not in err.split("failed")[-1]
     assert (out / "good.png").is_file() and not (out / "broken.png").exists()
@@ -159,26 +167,26 @@ def test_exception_denoise_bad_inputs(model_path, tmp_path, capsys):
     _write(src / "x.png", 16, 16)
     before = (src / "x.png").read_bytes()
     # --out equal to the input folder would overwrite x.png: refused, nothing written
-    assert main(["denoise", str(src), "--model", str(model_path), "--out", str(src)]) == 2
+    assert main([*APPLY, str(src), "--model", str(model_path), "--out", str(src)]) == 2
     assert "overwrite" in capsys.readouterr().err and (src / "x.png").read_bytes() == before
     # ... but a JPEG there would be written to x.png next to it, which overwrites nothing
     (tmp_path / "jpg").mkdir()
     _write(tmp_path / "jpg" / "y.jpg", 16, 16)
-    assert main(["denoise", str(tmp_path / "jpg"), "--model", str(model_path), "--out", str(tmp_path / "jpg")]) == 0
+    assert main([*APPLY, str(tmp_path / "jpg"), "--model", str(model_path), "--out", str(tmp_path / "jpg")]) == 0
     assert (tmp_path / "jpg" / "y.png").is_file() and (tmp_path / "jpg" / "y.jpg").is_file()
     # missing model file, missing input, two inputs with the same output name
-    assert main(["denoise", str(src), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert main([*APPLY, str(src), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.pt" in capsys.readouterr().err
-    assert main(["denoise", str(tmp_path / "missing.png"), "--model", str(model_path), "--out",
+    assert main([*APPLY, str(tmp_path / "missing.png"), "--model", str(model_path), "--out",
                  str(tmp_path / "o")]) == 2
     assert "missing.png" in capsys.readouterr().err
     _write(tmp_path / "x.jpg", 16, 16)
-    assert main(["denoise", str(src / "x.png"), str(tmp_path / "x.jpg"), "--model", str(model_path), "--out",
+    assert main([*APPLY, str(src / "x.png"), str(tmp_path / "x.jpg"), "--model", str(model_path), "--out",
                  str(tmp_path / "o")]) == 2
     assert "both be written" in capsys.readouterr().err
-    assert main(["denoise", str(src), "--model", str(model_path), "--out", str(tmp_path / "o"),
+    assert main([*APPLY, str(src), "--model", str(model_path), "--out", str(tmp_path / "o"),
                  "--sigma", "-3"]) == 2
-    assert "--sigma" in capsys.readouterr().err
+    assert "apply.sigma" in capsys.readouterr().err
 
 
 def test_refine_blocks_add_full_resolution_capacity_and_keep_old_files_loading():

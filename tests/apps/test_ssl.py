@@ -1,33 +1,26 @@
-"""``rfi ssl`` (apps/ssl/train.py): SimCLR and MoCo v2, style augmentation in the views, resume, probes, bad input."""
+"""``rfi ssl`` (apps/ssl/): SimCLR and MoCo v2, style augmentation in the views, resume, probes, bad input."""
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from apps.cli import main
-from apps.ssl.train import (
-    MoCo,
-    SSLConfig,
-    ViewConfig,
-    Views,
-    check_config,
-    colour_statistics,
-    fit_probe,
-    grey_equalised,
-    linear_probe,
-    nt_xent,
-    probe_data,
-    run_ssl,
-    train_ssl,
-)
+from apps.ssl import MoCo, SSLConfig, linear_probe, run_ssl
+from apps.ssl.config import ProbeTask, ViewConfig
+from apps.ssl.methods import nt_xent
+from apps.ssl.probes import PROBE_TASKS, colour_statistics, fit_probe, grey_equalised, probe_data
+from apps.ssl.train import SSLTrainer, train_ssl
+from apps.ssl.views import Views, build_style
+from encoders import create_encoder
 from encoders.core.config import load_config
 from encoders.core.errors import RFIError
-from encoders import Encoder, create_encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,9 +32,7 @@ TINY = ["data.crops=32", "data.crop_size=20", "data.view_size=16", "model.width=
 
 @pytest.fixture(scope="module")
 def ae_file(tmp_path_factory):
-    torch.manual_seed(0)
-    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
-    ae = RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    ae = RobustAutoencoder(tiny_net(), Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
     return ae.save(tmp_path_factory.mktemp("model") / "ae.pt")
 
 
@@ -50,9 +41,7 @@ def tiny(*extra: str) -> SSLConfig:
 
 
 def tiny_moco(queue: int = 6, dim: int = 2) -> MoCo:
-    torch.manual_seed(0)
-    return MoCo(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8), proj_dim=dim,
-                queue_size=queue, momentum=0.9)
+    return MoCo(tiny_net(), proj_dim=dim, queue_size=queue, momentum=0.9).train()
 
 
 # ----------------------------------------------------------------------------- losses and MoCo mechanics
@@ -70,7 +59,8 @@ def test_moco_queue_pointer_and_wrap_around():
     model.enqueue(keys[4:6])
     assert int(model.queue_ptr) == 0 and torch.equal(model.queue, keys)  # full, pointer wrapped to the start
     model.enqueue(-keys[:2])
-    assert int(model.queue_ptr) == 2 and torch.equal(model.queue[:2], -keys[:2]) and torch.equal(model.queue[2:], keys[2:])
+    assert int(model.queue_ptr) == 2
+    assert torch.equal(model.queue[:2], -keys[:2]) and torch.equal(model.queue[2:], keys[2:])
     model.enqueue(10 * keys[:2])
     model.enqueue(100 * keys[:3])  # 3 keys from slot 4: slots 4, 5, then 0 (wrap-around)
     assert int(model.queue_ptr) == 1
@@ -138,9 +128,21 @@ def test_grey_tasks_defeat_colour_statistics():
 # ----------------------------------------------------------------------------- training runs
 @pytest.mark.parametrize("method,position", [("simclr", "after_crop"), ("mocov2", "before_crop"),
                                              ("mocov2", "after_jitter")])
-def test_tiny_runs_with_style(ae_file, method, position):
-    result = run_ssl(tiny(f"method={method}", "style.enabled=true", f"style.model={ae_file}", "style.p=1",
-                          f"style.position={position}"))
+def test_tiny_runs_with_style(ae_file, method, position, tmp_path):
+    """``style.position`` decides what StyleAugment restyles: the source crops (``before_crop``: crop_size
+    20), the cropped views (16) before colour jitter and grayscale, or after them (``after_jitter``)."""
+    cfg = tiny(f"method={method}", "style.enabled=true", f"style.model={ae_file}", "style.p=1",
+               f"style.position={position}", "views.gray_p=1",  # every view ends grey: visible before the style
+               f"out={tmp_path}")
+    style = build_style(cfg.style, torch.device("cpu"))
+    seen = []
+    style.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    result = run_ssl(cfg, style=style)
+    assert len(seen) == 2 * 2  # two views per step, two steps
+    side = cfg.data.crop_size if position == "before_crop" else cfg.data.view_size
+    assert all(x.shape == (cfg.batch_size, 3, side, side) for x in seen)
+    grey = [torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]) for x in seen]
+    assert grey == [position == "after_jitter"] * len(seen)
     assert result["steps"] == 2 and result["step_ms"] > 0 and result["style_ms"] > 0
     assert set(result["probe"]) == {"photo", "photo_grey", "texture"}
     val_crops = 32  # probe.val_crops in TINY: each accuracy counts correct crops out of these
@@ -159,24 +161,35 @@ def test_fit_probe_known_values():
     assert fit_probe((torch.zeros(6, 3), train_labels), (torch.zeros(40, 3), labels)) == 0.25
 
 
-def test_background_stylisation_trains_the_same_weights(ae_file):
+def test_background_stylisation_trains_the_same_weights(ae_file, tmp_path):
     style = ["method=mocov2", "style.enabled=true", f"style.model={ae_file}", "style.p=1", "steps=3"]
-    sync, _ = train_ssl(tiny(*style, "style.background=false"))
-    bg, stats = train_ssl(tiny(*style, "style.background=true"))
-    assert stats["background"]
-    for (name, a), b in zip(sync.state_dict().items(), bg.state_dict().values()):
+    sync = train_ssl(tiny(*style, "style.background=false", f"out={tmp_path / 'sync'}"))
+    bg = train_ssl(tiny(*style, "style.background=true", f"out={tmp_path / 'bg'}"))
+    assert bg.metrics["background"]
+    for (name, a), b in zip(sync.model.state_dict().items(), bg.model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_resume_is_bit_identical_and_the_backbone_is_an_encoder_checkpoint(tmp_path):
+def test_resume_is_bit_identical_and_the_backbone_is_an_encoder_checkpoint(tmp_path, monkeypatch):
     cfg = tiny("method=mocov2", "steps=4", f"out={tmp_path / 'straight'}")
-    straight, _ = train_ssl(cfg)
+    straight = train_ssl(cfg).model
+    step = SSLTrainer.train_step
+
+    def dies_in_step_3(self, v1, v2):  # killed after the checkpoint of step 2 (the end of epoch 1)
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return step(self, v1, v2)
+
+    monkeypatch.setattr(SSLTrainer, "train_step", dies_in_step_3)
     cut = tiny("method=mocov2", "steps=4", f"out={tmp_path / 'cut'}")
-    train_ssl(cut, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_ssl(cut)
+    monkeypatch.setattr(SSLTrainer, "train_step", step)
     with pytest.raises(RFIError, match="--resume"):
         train_ssl(cut)
-    resumed, stats = train_ssl(cut, resume=True)
-    assert stats["steps"] == 4
+    result = train_ssl(cut, resume=True)
+    resumed = result.model
+    assert result.metrics["steps"] == 4
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     enc = create_encoder(checkpoint=str(tmp_path / "cut" / "checkpoint.pt"))
@@ -210,6 +223,12 @@ def test_rfi_ssl_command(tmp_path, capsys):
     ("style.beta=[0.5,0.1]", "style.beta"),
     ("style.position=middle", "style.position"),
     ("probe.tasks=[photo,cifar]", "probe.tasks"),
+    ("moco.momentum=1.5", "moco.momentum"),
+    ("moco.bn_splits=3", "moco.bn_splits"),  # does not divide batch_size=16
+    ("views.hue=0.7", "views.hue"),
+    ("views.crop_scale=[0.8,0.2]", "views.crop_scale"),
+    ("temperature=0", "temperature"),
+    ("data.view_size=24", "data.view_size"),  # larger than data.crop_size=20
 ])
 def test_bad_input_names_the_key(override, key, capsys):
     code = main(["ssl", "--config", CONFIG, *TINY, "method=mocov2", override, "--out", "/nonexistent/never"])
@@ -220,4 +239,8 @@ def test_bad_input_names_the_key(override, key, capsys):
 def test_empty_style_folder_names_the_key(tmp_path):
     (tmp_path / "styles").mkdir()
     with pytest.raises(RFIError, match="style.styles.*no image"):
-        check_config(tiny("style.enabled=true", f"style.styles={tmp_path / 'styles'}"))
+        tiny("style.enabled=true", f"style.styles={tmp_path / 'styles'}")
+
+
+def test_probe_tasks_are_the_config_choices():
+    assert list(PROBE_TASKS) == list(typing.get_args(ProbeTask))

@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from apps.cli import main
-from apps.style.pyramid import layer_config, stylize, TrainDecodersConfig
-from encoders import RFIError, create_encoder
-from encoders.weights.checkpoints import save_encoder
+from apps.style.config import StyleConfig
+from apps.style.pyramid import layer_config
+from apps.style.transfer import stylize
+from encoders import RFIError
 from encoders.core.config import load_config
 from encoders.core.imageio import read_image, write_image
+from encoders.weights.checkpoints import save_encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
+from tests.conftest import tiny_net
 
 LAYERS = ("layer1", "layer2", "layer3")
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "apps" / "style.yaml"
@@ -19,8 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: 1 thread (te
 
 
 def tiny_pyramid(layers=LAYERS, seed=0, skips=False) -> RobustAutoencoder:
-    torch.manual_seed(seed)
-    enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+    enc = tiny_net(seed)
     info = enc.feature_info()
     decs = {k: Decoder(info[k][0], info[k][1], k, channels=16, min_channels=8,
                        skips={"layer1": info["layer1"]} if skips and k != "layer1" else None) for k in layers}
@@ -163,9 +165,9 @@ def files(tmp_path_factory, ae):
     return paths
 
 
-def test_cli_stylize_end_to_end(files, tmp_path):
+def test_cli_style_apply_end_to_end(files, tmp_path):
     out = tmp_path / "out"
-    code = main(["stylize", str(files["cat"]), str(files["dog"]), "--style", str(files["waves"]),
+    code = main(["style", "apply", str(files["cat"]), str(files["dog"]), "--style", str(files["waves"]),
                  "--out", str(out), "--model", str(files["model"]), "--alpha", "0.7", "--quiet"])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["cat.png", "dog.png"]
@@ -173,14 +175,14 @@ def test_cli_stylize_end_to_end(files, tmp_path):
     assert read_image(out / "dog.png").shape == (3, 40, 33)
 
     sized = tmp_path / "sized"
-    assert main(["stylize", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
+    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
                  "--weights", "0.7,0.3", "--method", "adain", "--preserve-color", "--size", "48",
                  "--out", str(sized), "--model", str(files["model"]), "--quiet"]) == 0
     assert [p.name for p in sized.iterdir()] == ["cat.png"]
     assert read_image(sized / "cat.png").shape == (3, 32, 48)
 
     each = tmp_path / "each"
-    assert main(["stylize", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
+    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
                  "--out", str(each), "--model", str(files["model"]), "--quiet"]) == 0
     assert sorted(p.name for p in each.iterdir()) == ["cat_stars.png", "cat_waves.png"]
 
@@ -188,36 +190,69 @@ def test_cli_stylize_end_to_end(files, tmp_path):
 def test_cli_missing_style_names_it_and_writes_nothing(files, tmp_path, capsys):
     out = tmp_path / "out"
     missing = tmp_path / "no_such_style.jpg"
-    code = main(["stylize", str(files["cat"]), "--style", str(files["waves"]), "--style", str(missing),
+    code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(missing),
                  "--weights", "0.5,0.5", "--out", str(out), "--model", str(files["model"])])
     assert code == 2
     assert "no_such_style.jpg" in capsys.readouterr().err
     assert not out.exists()
-    code = main(["stylize", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
+    code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
                  "--model", str(tmp_path / "nothing.pt")])
     assert code == 2 and "nothing.pt" in capsys.readouterr().err and not out.exists()
-    code = main(["stylize", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
+    code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
                  "--weights", "1", "--out", str(out), "--model", str(files["model"])])
     assert code == 2 and "weights" in capsys.readouterr().err and not out.exists()
 
 
+def test_cli_style_apply_reads_the_config_and_flags_win(files, tmp_path, capsys, monkeypatch):
+    """The config's ``out`` is the default model, its ``apply:`` section the default settings; a flag wins."""
+    seen = []
+    monkeypatch.setattr("apps.commands.style.stylize", lambda ae, content, styles, **kw: seen.append(kw) or content)
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"out: {files['model']}\napply:\n  method: adain\n  alpha: 0.3\n  size: 20\n"
+                      f"  layers: [layer1, layer2]\n  device: cpu\n")
+    out = tmp_path / "out"
+    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
+                 "--config", str(config), "--quiet"]) == 0
+    assert read_image(out / "cat.png").shape == (3, 13, 20)  # apply.size: the longer side
+    assert seen[-1] | {"weights": None} == {"method": "adain", "alpha": 0.3, "preserve_color": False,
+                                           "layers": ["layer1", "layer2"], "weights": None}
+    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(tmp_path / "o2"),
+                 "--config", str(config), "--method", "wct", "--alpha", "0.9", "--preserve-color",
+                 "--layers", "layer3", "--size", "30", "--quiet"]) == 0
+    assert read_image(tmp_path / "o2" / "cat.png").shape == (3, 20, 30)
+    assert seen[-1] | {"weights": None} == {"method": "wct", "alpha": 0.9, "preserve_color": True,
+                                           "layers": ["layer3"], "weights": None}
+    for flags, fragment in ((["--alpha", "1.5"], "'apply.alpha' in the command-line overrides must be in [0, 1]"),
+                            (["--method", "gram"], "'apply.method'"),
+                            (["--size", "0"], "'apply.size' in the command-line overrides must be >= 1")):
+        code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--config", str(config),
+                     "--out", str(tmp_path / "bad"), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and fragment in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_style_without_a_sub_command_prints_help(capsys):
+    assert main(["style"]) == 2
+    assert "train" in capsys.readouterr().out
+
+
 def test_per_layer_overrides_and_errors(tmp_path):
-    cfg = load_config(TrainDecodersConfig, None, ["train.steps=7", "per_layer.layer1.decoder.channels=8",
+    cfg = load_config(StyleConfig, None, ["train.steps=7", "per_layer.layer1.decoder.channels=8",
                                                   "per_layer.layer2={steps: 3}", f"out={tmp_path}/p.pt"])
     one, two = layer_config(cfg, "layer1"), layer_config(cfg, "layer2")
     assert (one.decoder.channels, one.steps, one.encoder.layer) == (8, 100, "layer1")  # steps: configs/apps/style.yaml
     assert (two.decoder.channels, two.steps, two.encoder.layer) == (cfg.train.decoder.channels, 3, "layer2")
     assert one.out == str(tmp_path / "p_decoders" / "layer1")
-    bad = load_config(TrainDecodersConfig, None, ["per_layer.layer1.decoder.chanels=8"])
+    bad = load_config(StyleConfig, None, ["per_layer.layer1.decoder.chanels=8"])
     with pytest.raises(RFIError, match="per_layer.layer1.*chanels"):
         layer_config(bad, "layer1")
 
 
-def test_cli_train_decoders_writes_a_pyramid_that_stylize_uses(files, tmp_path, capsys):
-    enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
-    save_encoder(enc, tmp_path / "enc.pt")
+def test_cli_style_train_writes_a_pyramid_that_style_apply_uses(files, tmp_path, capsys):
+    save_encoder(tiny_net(), tmp_path / "enc.pt")
     model = tmp_path / "pyr.pt"
-    args = ["train-decoders", "--config", str(CONFIG), "--out", str(model), "--quiet",
+    args = ["style", "train", "--config", str(CONFIG), "--out", str(model), "--quiet",
             f"train.encoder.checkpoint={tmp_path / 'enc.pt'}", "layers=[layer1, layer2]", "per_layer={}",
             "train.steps=2", "train.batch_size=4", "train.data.train_crops=8", "train.data.val_crops=4",
             "train.data.size=16", "train.decoder.channels=8", "train.decoder.min_channels=8", "train.log_every=0"]
@@ -228,7 +263,7 @@ def test_cli_train_decoders_writes_a_pyramid_that_stylize_uses(files, tmp_path, 
     assert main(args) == 2 and "exists" in capsys.readouterr().err  # never overwritten without --resume
     assert main(args + ["--resume"]) == 0  # finished runs are reused
     out = tmp_path / "styled"
-    assert main(["stylize", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
+    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
                  "--model", str(model), "--quiet"]) == 0
     assert read_image(out / "cat.png").shape == (3, 27, 41)
     bad = args[:-1] + ["layers=[layer1, layer9]"]

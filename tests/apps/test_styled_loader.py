@@ -1,4 +1,4 @@
-"""``apps.style.augment.StyledLoader``: background stylisation equals the synchronous pipeline; clean shutdown."""
+"""``apps.style.loader.StyledLoader``: background stylisation equals the synchronous pipeline; clean shutdown."""
 from __future__ import annotations
 
 import threading
@@ -7,22 +7,23 @@ import time
 import pytest
 import torch
 
-from apps.style.augment import StyleAugment, StyledLoader, batch_seed
-from apps.ssl.train import ViewConfig, Views
+from apps.ssl.config import ViewConfig
+from apps.ssl.views import Views
+from apps.style.augment import StyleAugment
+from apps.style.loader import StyledLoader, batch_seed
 from encoders.core.errors import RFIError
-from encoders.nets.models import Encoder
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
+from tests.conftest import tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def style():
-    torch.manual_seed(0)
-    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
-    return StyleAugment(RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)),
-                        p=0.7, alpha=(0.1, 0.3), beta=(0.1, 0.3))
+    encoder = tiny_net()  # seeds torch's generator: the decoder's initial weights follow from it
+    decoder = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
+    return StyleAugment(RobustAutoencoder(encoder, decoder), p=0.7, alpha=(0.1, 0.3), beta=(0.1, 0.3))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def test_background_yields_exactly_the_synchronous_pipeline(style, batches):
 
 
 def test_stops_cleanly_when_the_training_loop_raises(style, batches):
-    with pytest.raises(ValueError, match="training step failed"), StyledLoader(batches * 4, style, prefetch=1) as loader:
+    with (pytest.raises(ValueError, match="training step failed"),
+          StyledLoader(batches * 4, style, prefetch=1) as loader):
         for i, _ in enumerate(loader):
             if i == 1:
                 raise ValueError("training step failed")

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders import RFIError
-from encoders.robust.attacks import default_step_size, pgd
+from encoders.robust.attacks import default_step_size, fgsm_rs, n_fgsm, pgd
 from tests.conftest import tiny_net
 
 
@@ -65,3 +65,25 @@ def test_zero_eps_and_bad_arguments(model, batch):
         pgd(model.logits, x, y, -1.0, 3)
     with pytest.raises(RFIError, match="step size must be a finite number > 0, got -0.1"):
         pgd(model.logits, x, y, 0.5, 3, step_size=-0.1)  # would be an anti-attack
+
+
+@pytest.mark.parametrize("attack", [fgsm_rs, n_fgsm])
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 8 / 255)])
+def test_single_step_attacks_raise_the_loss_and_are_reproducible(model, batch, attack, norm, eps):
+    x, y = batch
+    runs = [attack(model.logits, x, y, eps, norm, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with torch.no_grad():
+        assert F.cross_entropy(model.logits(runs[0]), y) > F.cross_entropy(model.logits(x), y)
+    assert all(p.grad is None for p in model.parameters()) and not runs[0].requires_grad
+
+
+def test_single_step_attacks_refuse_bad_arguments(model, batch):
+    x, y = batch
+    assert torch.equal(fgsm_rs(model.logits, x, y, eps=0.0), x)
+    with pytest.raises(RFIError, match="unknown attack norm 'l1'"):
+        fgsm_rs(model.logits, x, y, 0.5, norm="l1")
+    with pytest.raises(RFIError, match="step size must be a finite number > 0, got -0.1"):
+        n_fgsm(model.logits, x, y, 0.5, step_size=-0.1)
+    with pytest.raises(RFIError, match="N-FGSM noise radius must be a finite number >= 0, got -1"):
+        n_fgsm(model.logits, x, y, 0.5, noise=-1)

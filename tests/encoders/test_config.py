@@ -58,17 +58,25 @@ import encoders.core.config as config_module  # noqa: E402
 from encoders.core.config import (config_path, config_to_dict, merge, parse_overrides, read_yaml,  # noqa: E402
                              shipped_config, shipped_defaults, yaml_dataclass)
 
-CONFIG_MODULES = ["encoders.data.embedded", "encoders.robust.train", "inversion.train", "apps.anomaly.detector", "apps.anomaly.data",
-                  "apps.anomaly.memory", "apps.style.augment", "apps.denoise", "apps.quickstart", "apps.ssl.train",
-                  "apps.style.pyramid"]
 NO_DEFAULTS = {"apps.quickstart.RunSection"}  # a run's two config paths: required, no default to write
 
 
+def _modules():
+    """Every module of the three packages (so a new config class is checked without being listed here)."""
+    import pkgutil
+
+    for package in ("encoders", "inversion", "apps"):
+        root = importlib.import_module(package)
+        yield package
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            yield info.name
+
+
 def _config_classes():
-    for name in CONFIG_MODULES:
+    for name in _modules():
         module = importlib.import_module(name)
         for cls_name, cls in inspect.getmembers(module, dataclasses.is_dataclass):
-            if cls.__module__ == name and cls_name.endswith(("Config", "Section")):
+            if cls.__module__ == name and cls_name.endswith(("Config", "Section", "Flags")):
                 yield f"{name}.{cls_name}", cls
 
 
@@ -96,38 +104,40 @@ def test_every_config_default_is_its_shipped_yaml_value():
 
 def test_app_sections_name_only_real_train_decoder_keys():
     """The ``train:``/``decoder:`` sections of the app YAMLs override train-decoder keys (typos fail)."""
-    from apps.anomaly.detector import AnomalyConfig
-    from apps.denoise import TrainDenoiserConfig
-    from apps.style.pyramid import TrainDecodersConfig
-    assert AnomalyConfig().decoder.encoder.layer == "layer2" and AnomalyConfig().decoder.data.repeat == 8
-    assert TrainDenoiserConfig().train.decoder.skips == ["input", "layer1", "layer2"]
-    assert TrainDecodersConfig().train.steps == read_yaml("configs/apps/style.yaml")["train"]["steps"]
+    from apps.anomaly.config import AnomalyConfig
+    from apps.denoise import DenoiseConfig
+    from apps.style.config import StyleConfig
+    assert AnomalyConfig().train.encoder.layer == "layer2" and AnomalyConfig().train.data.repeat == 8
+    assert DenoiseConfig().train.decoder.skips == ["input", "layer1", "layer2"]
+    assert StyleConfig().train.steps == read_yaml("configs/apps/style.yaml")["train"]["steps"]
 
 
 def test_a_user_file_is_filled_from_the_shipped_yaml(tmp_path):
     """A partial section keeps the shipped keys; a free-form mapping (per_layer) is replaced whole."""
-    from apps.style.pyramid import TrainDecodersConfig, layer_config
+    from apps.style.config import StyleConfig
+    from apps.style.pyramid import layer_config
     from inversion.train import TrainDecoderConfig
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  steps: 5\nper_layer:\n  layer3: {steps: 7}\n")
-    cfg = load_config(TrainDecodersConfig, path, ["train.loss.feature=0.5", "per_layer.layer2.decoder.blocks=2"])
+    cfg = load_config(StyleConfig, path, ["train.loss.feature=0.5", "per_layer.layer2.decoder.blocks=2"])
     shipped = read_yaml("configs/apps/style.yaml")
     assert cfg.train.steps == 5 and cfg.train.loss.feature == 0.5 and cfg.layers == shipped["layers"]
     # the style file's value, not train-decoder's:
-    assert cfg.train.decoder.channels == shipped["train"]["decoder"]["channels"] != TrainDecoderConfig().decoder.channels
+    assert (cfg.train.decoder.channels == shipped["train"]["decoder"]["channels"]
+            != TrainDecoderConfig().decoder.channels)
     assert cfg.per_layer == {"layer3": {"steps": 7}, "layer2": {"decoder": {"blocks": 2}}}
     layer1, layer2, layer3 = (layer_config(cfg, k) for k in ("layer1", "layer2", "layer3"))
     assert (layer1.decoder.channels, layer1.steps, layer1.encoder.layer) == (128, 5, "layer1")
     assert (layer2.decoder.blocks, layer2.decoder.channels, layer2.steps) == (2, 128, 5)
     assert (layer3.steps, layer3.loss.feature, layer3.out.endswith("layer3")) == (7, 0.5, True)
-    assert load_config(TrainDecodersConfig, None, ["per_layer={}"]).per_layer == {}
-    assert load_config(TrainDecodersConfig, None, ["per_layer.layer1.steps=9"]).per_layer["layer1"] == {
+    assert load_config(StyleConfig, None, ["per_layer={}"]).per_layer == {}
+    assert load_config(StyleConfig, None, ["per_layer.layer1.steps=9"]).per_layer["layer1"] == {
         **shipped["per_layer"]["layer1"], "steps": 9}  # one key set, the shipped ones kept
     with pytest.raises(RFIError, match=r"'train.steps' in the command-line overrides must be int"):
-        load_config(TrainDecodersConfig, path, ["train.steps=x"])
+        load_config(StyleConfig, path, ["train.steps=x"])
     with pytest.raises(RFIError, match=r"'train.stepz' in .*mine.yaml"):
         path.write_text("train:\n  stepz: 5\n")
-        load_config(TrainDecodersConfig, path)
+        load_config(StyleConfig, path)
 
 
 def test_merge_and_parse_overrides():
@@ -156,8 +166,8 @@ def test_configs_paths_work_from_any_folder(tmp_path, monkeypatch):
     local.parent.mkdir(parents=True)
     local.write_text("layers: [layer1]\n")
     assert config_path("configs/apps/style.yaml") == Path("configs/apps/style.yaml")
-    from apps.style.pyramid import TrainDecodersConfig
-    assert load_config(TrainDecodersConfig, "configs/apps/style.yaml").layers == ["layer1"]
+    from apps.style.pyramid import StyleConfig
+    assert load_config(StyleConfig, "configs/apps/style.yaml").layers == ["layer1"]
 
 
 def test_yaml_dataclass_refuses_a_missing_key_an_extra_key_and_a_code_default(tmp_path, monkeypatch):
@@ -197,3 +207,64 @@ def test_yaml_dataclass_refuses_a_missing_key_an_extra_key_and_a_code_default(tm
             lr: float
             adv: Adv
     assert config_to_dict(Job())["adv"] == {"eps": 0.25}
+
+
+# ----------------------------------------------------------------------------- the rules a config class declares
+def test_literal_bounded_and_check_are_checked_when_loaded_and_in_code(tmp_path, monkeypatch):
+    """Choices are a Literal, ranges bounded(low=, high=), rules across keys check(): load_config and
+    check_config apply all three, and name the key (or the flag) that breaks them."""
+    from typing import Literal
+
+    from encoders.core.config import FLAGS, bounded, check_config
+
+    (tmp_path / "job.yaml").write_text("mode: fast\nsteps: 10\nwarmup: 2\ntile: null\n")
+    monkeypatch.setattr(config_module, "shipped_config", lambda name: tmp_path / name)
+
+    @yaml_dataclass("job.yaml")
+    class Rules:
+        mode: Literal["fast", "slow"]
+        steps: int = bounded(low=1)
+        warmup: int = bounded(low=0)
+        tile: int | None = bounded(low=1, high=4096)
+
+        def check(self) -> None:
+            if self.warmup > self.steps:
+                raise RFIError(f"warmup ({self.warmup}) must be <= steps ({self.steps})")
+
+    assert load_config(Rules, None, ["tile=256"]).tile == 256
+    with pytest.raises(RFIError, match=r"config key 'mode' in the command-line overrides: 'quick' is not one of"):
+        load_config(Rules, None, ["mode=quick"])
+    with pytest.raises(RFIError, match=r"config key 'tile' .* must be in \[1, 4096\], got 0$"):
+        load_config(Rules, None, ["tile=0"])
+    with pytest.raises(RFIError, match=r"warmup \(20\) must be <= steps \(10\) \(in the command-line overrides\)"):
+        load_config(Rules, None, ["warmup=20"])
+    assert load_config(Rules, None, ["warmup=20", "steps=30"]).warmup == 20  # checked once every key is set
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("warmup: 20\n")
+    with pytest.raises(RFIError, match=rf"must be <= steps .*in {bad}"):
+        load_config(Rules, bad)
+    assert load_config(Rules, bad, ["steps=40"]).steps == 40  # the override fixes what the file breaks
+    with pytest.raises(RFIError, match="^--steps must be >= 1, got 0$"):
+        check_config(Rules(steps=0), FLAGS)
+    with pytest.raises(RFIError, match="must be <= steps"):
+        check_config(Rules(warmup=11))
+    assert check_config(Rules(steps=3)) == Rules(steps=3)
+
+
+@pytest.mark.parametrize("value, low, high, expected", [
+    (25, 0, None, (25.0, 25.0)), ([5, 50], 0, None, (5.0, 50.0)), ((0.2, 0.8), 0, 1, (0.2, 0.8)),
+    ([0.5], 0, 1, (0.5, 0.5)),
+])
+def test_value_range_accepts_one_number_or_a_pair(value, low, high, expected):
+    from encoders.core.config import value_range
+
+    assert value_range(value, "k", low, high) == expected
+
+
+@pytest.mark.parametrize("value", [[-1], [30, 10], [1, 2, 3], ["a"], [True, 2], 2, [0.5, 1.5]])
+def test_value_range_refuses_in_one_line_naming_the_key(value):
+    from encoders.core.config import value_range
+
+    rule = r"^style\.alpha must be one number or a range \[lo, hi\] with 0 <= lo <= hi <= 1,"
+    with pytest.raises(RFIError, match=rule):
+        value_range(value, "style.alpha", 0, 1)

@@ -61,10 +61,28 @@ def test_exception_empty_folder_and_bad_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RFIError, match="no image files"):
         ImageFiles(tmp_path / "empty")
-    with pytest.raises(RFIError, match="valid: embedded"):
+    with pytest.raises(RFIError, match=r"config key 'source' in the config: 'imagenet21k' is not one of \['embedded'"):
         build_dataset(DataConfig(source="imagenet21k", root=str(tmp_path)))
     with pytest.raises(RFIError, match="CIFAR-10 not found"):
         build_dataset(DataConfig(source="cifar10", root=str(tmp_path)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("size=0", "config key 'size' in the command-line overrides must be >= 1, got 0"),
+    ("repeat=0", "config key 'repeat' in the command-line overrides must be >= 1, got 0"),
+    ("crop=centre", "'centre' is not one of ['resized', 'random']"),
+    ("transforms=tf", "'tf' is not one of ['rfi', 'imagenet']"),
+    ("decode=int8", "'int8' is not one of ['float', 'uint8'] (or null)"),
+    ("synthetic_ratio=2", "must be in [0, 1], got 2.0"),
+    ("source=folder", "data.source=folder needs data.root (the folder)"),
+])
+def test_data_config_rules_are_declared_and_named(override, message):
+    from encoders.core.config import load_config
+
+    with pytest.raises(RFIError) as error:
+        load_config(DataConfig, None, [override])
+    assert message in str(error.value)
+    assert load_config(DataConfig, None, ["source=folder", "root=imgs"]).root == "imgs"
 
 
 # ----------------------------------------------------------------------------- streamed folders
@@ -95,6 +113,8 @@ def test_uint8_decode_is_exactly_the_float_decode(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(RFIError, match="bad.png is not a readable image"):
         read_image_uint8(tmp_path / "bad.png")
+    with pytest.raises(RFIError, match="image not found: .*missing.png"):
+        read_image_uint8(tmp_path / "missing.png")
 
 
 def test_uint8_pipeline_crops_before_converting_and_matches_float_where_exact(tmp_path):

@@ -108,7 +108,7 @@ def test_two_gloo_processes_train_one_model_and_resume_mid_epoch(tmp_path):
 
 
 def test_global_batch_is_split_into_equal_rank_slices():
-    from encoders.robust.train import shard_positions
+    from encoders.core.trainer import shard_positions
 
     parts = [shard_positions(300, 64, world=4, rank=r) for r in range(4)]
     assert all(len(p) == 4 * 16 for p in parts)  # 4 whole global batches, the partial one dropped

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from encoders import RFIError
-from encoders.core.imageio import list_images, read_image, write_image
+from encoders.core.imageio import list_images, open_image, read_image, write_image
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16"])
@@ -40,3 +40,24 @@ def test_roundtrip_and_exceptions(tmp_path):
             read_image(tmp_path / name)
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     assert [p.name for p in list_images([tmp_path])] == ["a.png", "cut.png", "text.png"]
+
+
+def test_open_image_is_the_one_place_a_bad_file_becomes_one_line(tmp_path, monkeypatch):
+    write_image(torch.rand(3, 10, 12), tmp_path / "a.png")
+    with open_image(tmp_path / "a.png") as im:
+        assert im.size == (12, 10)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:60])
+    (tmp_path / "text.png").write_text("hello")
+    for name, message in [("cut.png", "is not a readable image"), ("text.png", "cannot identify image file"),
+                          ("missing.png", "image not found")]:
+        with pytest.raises(RFIError, match=message) as error:
+            with open_image(tmp_path / name):
+                pass
+        assert name in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(RFIError, match=r"a\.png is not a readable image \(broken while converting\)"):
+        with open_image(tmp_path / "a.png"):
+            raise OSError("broken while converting")  # raised by the caller inside the block: mapped too
+    monkeypatch.setenv("RFI_MAX_PIXELS", "100")
+    with pytest.raises(RFIError, match=r"a\.png is 12x10 .* RFI_MAX_PIXELS=120"):
+        with open_image(tmp_path / "a.png"):
+            pass

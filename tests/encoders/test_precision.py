@@ -32,9 +32,23 @@ def test_encoder_training_runs_end_to_end_in_mixed_precision(precision, tmp_path
     assert math.isfinite(json.loads((tmp_path / "eval.json").read_text())["clean_loss"])
 
 
-def test_channels_last_training_gives_finite_weights(tmp_path, tiny_cfg):
-    path = train_encoder(tiny_cfg(tmp_path, "channels_last=true", "steps=3", "batch_size=16", "eval.enabled=false",
-                                  "device=cpu"))
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_is_the_memory_format_the_training_step_sees(channels_last, tmp_path, tiny_cfg, monkeypatch):
+    import encoders.robust.train as train
+
+    seen = []
+    forward = train._Logits.forward
+
+    def spy(self, x):  # the batch and the first convolution's weights, as the step's forward pass gets them
+        weight = next(m.weight for m in self.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                     weight.is_contiguous(memory_format=torch.channels_last)))
+        return forward(self, x)
+
+    monkeypatch.setattr(train._Logits, "forward", spy)
+    path = train_encoder(tiny_cfg(tmp_path, f"channels_last={str(channels_last).lower()}", "steps=2", "batch_size=16",
+                                  "eval.enabled=false", "device=cpu"))
+    assert seen == [(channels_last, channels_last)] * 2
     enc = create_encoder(checkpoint=path)
     assert all(torch.isfinite(p).all() for p in enc.parameters())
 

@@ -73,7 +73,7 @@ def test_plain_swin_taps_match_torchvision_and_load_its_state_dict(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "tv.pth")
     enc = create_encoder("swin_v2_t", checkpoint=str(tmp_path / "tv.pth"))  # options read off the weights
     assert enc.config() == {"arch": "swin_v2_t", "num_classes": 7, "width": 1.0, "small_input": False,
-                            "batch_norm": False, "embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4],
+                            "embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4],
                             "window_size": 4, "patch_size": 4, "stochastic_depth": 0.2, "equivariant": False}
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_full_size_torchvision_swin_t_file_loads_with_its_architecture(tmp_path)
     full = tv_swin.swin_t()  # torchvision's definition, random weights (nothing downloads)
     torch.save(full.state_dict(), tmp_path / "swin_t.pth")
     enc = create_encoder("swin_t", checkpoint=str(tmp_path / "swin_t.pth"), layers=["stage4"])
-    assert (enc.swin_options["window_size"], enc.swin_options["depths"], enc.layer_names) == \
+    assert (enc.options["window_size"], enc.options["depths"], enc.layer_names) == \
         (7, [2, 2, 6, 2], ["stage1", "stage2", "stage3", "stage4"])
 
 
@@ -126,11 +126,11 @@ def test_bad_sizes_and_options_are_refused_in_one_line():
         create_encoder("resnet18", width=0.125, equivariant=True)
     with pytest.raises(RFIError, match="window_size: only for swin_t / swin_v2_t, not vgg16"):
         create_encoder("vgg16", window_size=4)
-    with pytest.raises(RFIError, match="downsample='lps' is for CNNs, not swin_t"):
+    with pytest.raises(RFIError, match=r"downsample='lps': only for alexnet / .* / resnet50, not swin_t \(use equi"):
         create_encoder("swin_t", downsample="lps", **TINY)
     with pytest.raises(RFIError, match=r"stage 2 has 32 channels.*num_heads\[1\]=3"):
         create_encoder("swin_t", **{**TINY, "num_heads": [2, 3]})
-    from encoders.nets.swin import encoder_options
+    from encoders.nets.registry import encoder_options
     with pytest.raises(RFIError, match="unknown model.options windows"):
         encoder_options({"windows": 4}, "model.options")
 
@@ -170,7 +170,7 @@ def test_train_encoder_config_builds_and_trains_an_equivariant_swin(tmp_path, ti
                    "model.arch=swin_v2_t", config=config)
     path = train_encoder(cfg)
     enc = load_encoder(path)
-    assert enc.arch == "swin_v2_t" and enc.equivariant and enc.selection == "learned"
+    assert enc.arch == "swin_v2_t" and enc.equivariant and enc.options["selection"] == "learned"
     assert enc.config()["embed_dim"] == 48 and enc.width == 0.125  # the test's width override scales it to 6
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

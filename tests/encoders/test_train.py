@@ -59,14 +59,14 @@ def test_training_writes_checkpoint_metrics_config_and_eval(tmp_path, tiny_cfg):
     assert run.metrics["eval"] == result and run.metrics["val_acc"] == epoch["val_acc"]
 
 
-def test_mixed_batches_keep_the_first_fraction_clean():
+def test_mixed_batches_keep_the_first_fraction_clean(tiny_encoder_net):
     torch.manual_seed(0)
-    enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).train()
+    enc = tiny_encoder_net.train()
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 8, (8,))
-    out = adversarial_batch(enc, x, y, AdvConfig(enabled=True, eps=0.5, steps=2, mix=0.25))
+    out = adversarial_batch(enc, x, y, AdvConfig(enabled=True, eps=0.5, steps=2).training_method(), mix=0.25)
     assert torch.equal(out[:2], x[:2]) and not torch.equal(out[2:], x[2:])
     assert enc.training  # the attack ran in eval mode, the mode is restored
-    assert adversarial_batch(enc, x, y, AdvConfig(enabled=False)) is x
+    assert adversarial_batch(enc, x, y, None) is x
 
 
 def _state(path):
@@ -144,7 +144,7 @@ def test_epoch_order_is_the_former_loaders_order():
     from torch.utils.data import DataLoader
 
     from encoders.core.runtime import progress
-    from encoders.robust.train import epoch_order
+    from encoders.core.trainer import epoch_order
 
     for seed, epoch in ((0, 0), (0, 3), (7, 1)):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -203,7 +203,7 @@ def test_worker_items_are_seeded_by_their_position_in_the_epoch():
     number of workers, nor on where a resumed run restarts)."""
     from torch.utils.data import Dataset
 
-    from encoders.robust.train import _SeededItems, epoch_order
+    from encoders.core.trainer import _SeededItems, epoch_order
 
     class Noisy(Dataset):
         def __len__(self):

@@ -228,12 +228,13 @@ def test_robustness_checkpoint_through_the_commands(foreign, tmp_path, capsys):
 
 
 def test_apps_name_their_arch_key(foreign, tmp_path):
-    from apps.anomaly.detector import AnomalyConfig, fit
+    from apps.anomaly import AnomalyConfig, fit
     from apps.denoise import load_denoiser_config, train_denoiser
-    from apps.style.pyramid import TrainDecodersConfig, check_pyramid_config
+    from apps.style.config import StyleConfig
+    from apps.style.pyramid import check_pyramid_config
 
     _, rob_path = foreign
-    cfg = load_config(TrainDecodersConfig, None, [f"train.encoder.checkpoint={rob_path}", "layers=[layer1,layer2]"])
+    cfg = load_config(StyleConfig, None, [f"train.encoder.checkpoint={rob_path}", "layers=[layer1,layer2]"])
     with pytest.raises(RFIError, match=r"train\.encoder\.arch=resnet50"):
         check_pyramid_config(cfg)
     cfg.train.encoder.arch = "resnet18"

@@ -10,15 +10,11 @@ import torch
 
 from apps.cli import main
 from encoders.core.errors import RFIError
+from encoders.core.optim import lr_scheduler
+from encoders.core.runtime import setup_distributed
 from encoders.core.serialization import load_checkpoint
 from inversion import RobustAutoencoder
-from inversion.train import (
-    DecoderTrainer,
-    OptimSection,
-    _setup_distributed,
-    lr_scheduler,
-    train_decoder,
-)
+from inversion.train import DecoderTrainer, OptimSection, train_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +122,7 @@ def _old_lr_factor(step: int, total: int, cfg: OptimSection) -> float:
 def test_the_lr_scheduler_gives_the_former_learning_rates_exactly(schedule, warmup):
     cfg, total = OptimSection(lr=2e-3, schedule=schedule, warmup_steps=warmup), 40
     opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
-    sched = lr_scheduler(opt, cfg, lambda: total)
+    sched = lr_scheduler(opt, cfg.lr, lambda: total, cfg.warmup_steps, cfg.schedule)
     lrs = []
     for _ in range(total + 2):  # the lr each step uses, then the scheduler moves on
         lrs.append(opt.param_groups[0]["lr"])
@@ -134,7 +130,8 @@ def test_the_lr_scheduler_gives_the_former_learning_rates_exactly(schedule, warm
         sched.step()
     assert lrs == [cfg.lr * _old_lr_factor(s, total, cfg) for s in range(total + 2)]  # bit-identical
     # Rebuilt at a step (an old checkpoint without scheduler state): the same learning rates from there on.
-    rebuilt = lr_scheduler(torch.optim.Adam([torch.zeros(1, requires_grad=True)]), cfg, lambda: total, step=13)
+    rebuilt = lr_scheduler(torch.optim.Adam([torch.zeros(1, requires_grad=True)]), cfg.lr, lambda: total,
+                           cfg.warmup_steps, cfg.schedule, step=13)
     assert rebuilt.get_last_lr() == [lrs[13]] and rebuilt.last_epoch == 13
 
 
@@ -166,7 +163,7 @@ def test_input_transform_corrupts_inputs_but_targets_stay_clean(tiny_config, mon
 
     monkeypatch.setattr(losses.DecoderLoss, "__call__", spy)
     cfg = tiny_config("steps=1", "sample_every=1")
-    trainer = DecoderTrainer(cfg, transform, *_setup_distributed("cpu"))
+    trainer = DecoderTrainer(cfg, transform, *setup_distributed("cpu"))
     trainer.train_step(trainer.train_set[0][0][None].expand(4, -1, -1, -1))
     enc = trainer.encoder
     assert torch.equal(seen["target"], seen["clean"])

@@ -1,34 +1,40 @@
-"""The bad-input suite: each case a careless user (or an attacker) can cause, generated here.
+"""Bad input, from the ``rfi`` command line and the API: each case a careless user (or an attacker) can cause.
 
 Every case asserts the one-line error (or the right result), the exit code, that no input
-changed and that no partial or temporary file remains. Categories: output targets, images,
-checkpoints, concurrent runs, API tensors. Tiny models, no training: the whole file runs in
-seconds.
+changed and that no partial or temporary file remains. Categories: command spellings and
+flag defaults, output targets, images, checkpoints, configs, concurrent runs, API tensors.
+Tiny models: the training cases take a few seconds each.
 """
 from __future__ import annotations
 
+import argparse
 import errno
-import re
-from dataclasses import dataclass, field
 import hashlib
 import os
+import pickle
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from apps.cli import main
-from encoders.core.config import bounded
+from apps.cli import COMMANDS, RENAMED, build_parser, main
+from encoders import create_encoder
+from encoders.core.config import bounded, config_path
 from encoders.core.errors import RFIError
 from encoders.core.files import EXIT_PARTIAL, FileBatch, check_output_folder
 from encoders.core.imageio import read_image
-from encoders.nets.models import Encoder
 from encoders.core.rundir import RunLock
 from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
+from tests.conftest import tiny_net
+from tests.encoders.conftest import ROBUST, TINY, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,19 +58,16 @@ def _one_line_error(capsys) -> str:
 
 @pytest.fixture(scope="module")
 def ae_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
-    ae = RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    ae = RobustAutoencoder(tiny_net(), Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
     return ae.save(tmp_path_factory.mktemp("model") / "ae.pt")
 
 
 @pytest.fixture(scope="module")
 def nan_ae_file(tmp_path_factory) -> Path:
-    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
     dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
     with torch.no_grad():
         dec.tail.weight.fill_(float("nan"))
-    return RobustAutoencoder(enc, dec).save(tmp_path_factory.mktemp("nan") / "ae.pt")
+    return RobustAutoencoder(tiny_net(), dec).save(tmp_path_factory.mktemp("nan") / "ae.pt")
 
 
 # ----------------------------------------------------------------------------- output targets
@@ -86,14 +89,14 @@ def test_augment_refuses_two_inputs_with_one_output_name(ae_file, tmp_path, caps
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["augment", "denoise", "stylize"])
+@pytest.mark.parametrize("command", [["augment"], ["denoise", "apply"], ["style", "apply"]])
 def test_out_naming_a_file_is_one_line_and_writes_nothing(command, ae_file, tmp_path, capsys):
     _png(tmp_path / "in" / "a.png", 0), _png(tmp_path / "in" / "b.png", 1)
     target = tmp_path / "taken.txt"
     target.write_text("user data")
-    extra = {"augment": ["--size", "16"], "denoise": [], "stylize": ["--style", str(tmp_path / "in" / "b.png")]}
+    extra = {"augment": ["--size", "16"], "denoise": [], "style": ["--style", str(tmp_path / "in" / "b.png")]}
     model_flag = ["--model", str(ae_file)]
-    code = main([command, str(tmp_path / "in"), *model_flag, "--out", str(target), *extra[command]])
+    code = main([*command, str(tmp_path / "in"), *model_flag, "--out", str(target), *extra[command[0]]])
     assert code == 2 and "is a file, not a folder" in _one_line_error(capsys)
     assert target.read_text() == "user data"
 
@@ -220,16 +223,14 @@ def test_a_stale_lock_is_replaced(tmp_path):
 def encoder_file(tmp_path_factory) -> Path:
     from encoders.weights.checkpoints import save_encoder
 
-    torch.manual_seed(0)
-    return save_encoder(Encoder("resnet18", num_classes=8, width=0.125, small_input=True),
-                        tmp_path_factory.mktemp("enc") / "enc.pt")
+    return save_encoder(tiny_net(), tmp_path_factory.mktemp("enc") / "enc.pt")
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--eps", "0.5", "--step-size=-0.125"], "step size must be a finite number > 0, got -0.125"),
     (["--eps", "-1"], "eps (attack radius) must be a finite number >= 0, got -1.0"),
     (["--eps", "nan"], "eps (attack radius) must be a finite number >= 0, got nan"),
-    (["--eps", "0.5", "--steps", "0"], "steps (PGD steps) must be >= 1, got 0"),
+    (["--eps", "0.5", "--steps", "0"], "--steps must be >= 1, got 0"),
 ])
 def test_eval_encoder_refuses_attacks_that_print_false_figures(flags, message, encoder_file, tmp_path, capsys):
     out = tmp_path / "e.json"
@@ -245,24 +246,25 @@ def test_eval_encoder_checks_its_output_before_evaluating(encoder_file, tmp_path
     assert code == 2 and "is a file, not a folder" in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lr=-1", "must be > 0"), ("optim.lr=.nan", "must be a finite number"),
-])
-def test_numeric_config_values_are_range_checked(override, message):
-    from encoders.core.config import load_config
-
-    with pytest.raises(RFIError, match=rf"config key 'optim\.lr' in the command-line overrides {message}"):
-        load_config(_Job, None, [override])
-
-
 @dataclass
 class _Optim:
-    lr: float = bounded(0.1, 0, low_open=True)
+    lr: float = bounded(low=0, low_open=True)
 
 
 @dataclass
 class _Job:
-    optim: _Optim = field(default_factory=_Optim)
+    optim: _Optim
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "must be > 0"), ("optim.lr=.nan", "must be a finite number"),
+])
+def test_numeric_config_values_are_range_checked(override, message, tmp_path):
+    from encoders.core.config import load_config
+
+    (tmp_path / "job.yaml").write_text("optim:\n  lr: 0.5\n")
+    with pytest.raises(RFIError, match=rf"config key 'optim\.lr' in the command-line overrides {message}"):
+        load_config(_Job, tmp_path / "job.yaml", [override])
 
 
 def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
@@ -293,8 +295,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     from inversion.decoders import save_decoder
 
     d = tmp_path_factory.mktemp("pair")
-    torch.manual_seed(0)
-    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+    enc = tiny_net()
     dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
     return save_encoder(enc, d / "enc.pt"), save_decoder(dec, d / "dec.pt", enc.config(), train_size=16)
 
@@ -389,7 +390,7 @@ def test_files_passed_in_the_wrong_place_say_what_they_are(pair, ae_file, tmp_pa
     assert main(["invert", str(tmp_path / "a.png"), "--encoder", str(dec), "--decoder", str(dec),
                  "--out", str(tmp_path / "o")]) == 2
     assert "is a decoder file, not an encoder checkpoint" in _one_line_error(capsys)
-    assert main(["denoise", str(tmp_path / "a.png"), "--model", str(enc), "--out", str(tmp_path / "o")]) == 2
+    assert main(["denoise", "apply", str(tmp_path / "a.png"), "--model", str(enc), "--out", str(tmp_path / "o")]) == 2
     err = _one_line_error(capsys)
     assert "it is an encoder checkpoint" in err and "--encoder" not in err
 
@@ -404,8 +405,8 @@ def test_files_passed_in_the_wrong_place_say_what_they_are(pair, ae_file, tmp_pa
     (np.zeros((8, 8, 3), np.uint8), "torch.from_numpy"),
     ((torch.rand(1, 3, 8, 8) * 255).byte(), "got torch.uint8 (divide by 255)"),
 ])
-def test_encoder_inputs_are_checked(x, message):
-    enc = Encoder("resnet18", num_classes=8, width=0.125, small_input=True)
+def test_encoder_inputs_are_checked(x, message, tiny_encoder_net):
+    enc = tiny_encoder_net
     with pytest.raises(RFIError, match=re.escape(message)):
         enc(x)
 
@@ -469,11 +470,31 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, capsys):
     assert ckpt.read_bytes() == before  # a complete run resumes as a no-op
 
 
-def test_sigma_nan_blames_the_flag_not_the_image(ae_file, tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--sigma", "nan"], "config key 'apply.sigma' in the command-line overrides must be a finite number"),
+    (["--sigma", "-5"], "config key 'apply.sigma' in the command-line overrides must be >= 0"),
+    (["--tile", "0"], "config key 'apply.tile' in the command-line overrides must be >= 1"),
+])
+def test_denoise_flags_out_of_range_blame_the_flag_not_the_image(flags, message, ae_file, tmp_path, capsys):
     _png(tmp_path / "a.png")
-    assert main(["denoise", str(tmp_path / "a.png"), "--model", str(ae_file), "--out", str(tmp_path / "o"),
-                 "--sigma", "nan"]) == 2
-    assert "--sigma must be a finite number >= 0" in _one_line_error(capsys)
+    assert main(["denoise", "apply", str(tmp_path / "a.png"), "--model", str(ae_file), "--out",
+                 str(tmp_path / "o"), *flags]) == 2
+    assert message in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["invert", "a.png", "--encoder", "e.pt", "--out", "o", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["invert", "a.png", "--encoder", "e.pt", "--out", "o", "--tile", "0"], "--tile must be >= 1, got 0"),
+    (["invert", "a.png", "--encoder", "e.pt", "--out", "o", "--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["evaluate", "--encoder", "e.pt", "--decoder", "d.pt", "--num", "0"], "--num must be >= 1, got 0"),
+    (["eval-encoder", "--checkpoint", "e.pt", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["shift-consistency", "--encoder", "e.pt", "--max-images", "0"], "--max-images must be >= 1, got 0"),
+])
+def test_flags_out_of_range_are_named_before_any_file_is_read(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # e.pt, d.pt, a.png do not exist: the flag is checked first
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys)
 
 
 @pytest.mark.parametrize("command", [["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml"],
@@ -506,3 +527,208 @@ def test_shift_consistency_checks_its_json_first(encoder_file, tmp_path, capsys)
     (tmp_path / "f").write_text("x")
     assert main(["shift-consistency", "--encoder", str(encoder_file), "--json", str(tmp_path / "f" / "s.json")]) == 2
     assert "is a file, not a folder" in _one_line_error(capsys)
+
+
+# ----------------------------------------------------------------------------- (from the encoder CLI tests)
+def _fails(capsys, argv, *fragments):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("rfi: error: ")]
+    assert len(lines) == 1 and err.endswith(lines[0]), err  # (progress logs may precede it)
+    for fragment in fragments:
+        assert fragment in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture
+def train(tmp_path):
+    """``train(*overrides)``: arguments of a tiny ``rfi train-encoder`` run writing to ``tmp_path/run``."""
+    return lambda *overrides: ["train-encoder", "--config", str(ROBUST), "--out", str(tmp_path / "run"), *TINY,
+                               *overrides]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A tiny standard ResNet-18 trained for 2 epochs on 16-px embedded crops (a few seconds)."""
+    from encoders.robust.train import train_encoder
+
+    out = tmp_path_factory.mktemp("trained")
+    return train_encoder(tiny_config(out, "epochs=2", "data.train_crops=1024", "data.val_crops=256")).path
+
+
+def test_unknown_architecture_lists_the_valid_ones(tmp_path, capsys, train):
+    _fails(capsys, train("model.arch=resnet99"),
+           "unknown architecture 'resnet99'", "alexnet, vgg16, vgg19, resnet18, resnet50")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "w.pt")
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(tmp_path / "w.pt"), "--arch", "vit"],
+           "unknown architecture 'vit'")
+
+
+def test_unknown_layer_lists_the_valid_ones():  # the API's message, as the commands print it
+    valid = r"\(valid: layer1, layer2, layer3, layer4, input\)"
+    with pytest.raises(RFIError, match=r"unknown layer 'layer9' for resnet18 " + valid):
+        create_encoder("resnet18", width=0.125, layers=["layer9"])
+
+
+def test_misspelt_config_key_is_named(tmp_path, capsys, train):
+    _fails(capsys, train("adv.epss=1.0"), "unknown config key 'adv.epss'", "eps")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(train()[2]).read_text().replace("batch_size:", "batchsize:"))
+    _fails(capsys, ["train-encoder", "--config", str(bad)], "unknown config key 'batchsize'", str(bad))
+    _fails(capsys, train("adv.norm=l1"), "adv.norm 'l1'", "l2, linf")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_architecture(trained_checkpoint, tmp_path, capsys):
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(trained_checkpoint), "--arch", "vgg16"],
+           "holds a resnet18 encoder, not vgg16")
+    path = tmp_path / "tv_resnet50.pt"  # a torchvision-style state dict (no RFI metadata)
+    torch.save(tiny_net(arch="resnet50", small_input=False).model.state_dict(), path)
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(path), "--arch", "resnet18"],
+           "does not fit Encoder resnet18", "unexpected keys: model.layer1.0.bn3", "shape mismatch: model.fc.weight")
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(path)], "name its architecture")
+
+
+def test_truncated_and_non_checkpoint_files(trained_checkpoint, tmp_path, capsys):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(trained_checkpoint.read_bytes()[:5000])
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(cut)], str(cut), "not a valid checkpoint")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(text)], str(text), "not a valid checkpoint")
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
+def test_file_that_would_run_code_is_refused_and_never_executed(tmp_path, capsys, container, train):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    obj = {"state_dict": {"w": torch.zeros(1)}, "payload": _Payload(marker)}
+    if container == "torch.save":
+        torch.save(obj, path)
+    else:
+        path.write_bytes(pickle.dumps(obj))
+    _fails(capsys, ["eval-encoder", "--checkpoint", str(path), "--arch", "resnet18"], str(path))
+    (tmp_path / "run").mkdir()
+    shutil.copy(path, tmp_path / "run" / "checkpoint.pt")
+    _fails(capsys, train() + ["--resume"], str(tmp_path / "run" / "checkpoint.pt"))  # also when resuming a run
+    assert not marker.exists()
+
+
+def test_resume_of_a_foreign_file_is_refused(tmp_path, capsys, train):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state_dict": {}}, run / "checkpoint.pt")
+    _fails(capsys, train() + ["--resume"], "not a training checkpoint")
+
+
+def test_empty_or_unreadable_image_folder(tmp_path, capsys, train):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folder = ("data.source=folder", "data.size=16")
+    _fails(capsys, train(*folder, f"data.root={empty}"), "no image files in", str(empty))
+    _fails(capsys, train(*folder, f"data.root={tmp_path / 'nowhere'}"), "image folder not found")
+    broken = tmp_path / "broken"
+    for cls in ("a", "b"):
+        (broken / cls).mkdir(parents=True)
+        for i in range(5):
+            (broken / cls / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _fails(capsys, train(*folder, f"data.root={broken}"), "is not a readable image")
+    _fails(capsys, train("data.source=cifar10", f"data.root={tmp_path}"),
+           "CIFAR-10 not found", "cifar-10-python.tar.gz")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ----------------------------------------------------------------------------- commands, spellings, flag defaults
+@pytest.mark.parametrize("command", [c for c, _, _ in COMMANDS])
+def test_every_command_has_help_from_its_module_in_apps_commands(command, capsys):
+    """Each command's parser comes from ``apps/commands/<command>.py`` and ``--help`` exits 0."""
+    module = dict((c, m) for c, m, _ in COMMANDS)[command]
+    assert module == "apps.commands." + command.replace("-", "_")
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and f"usage: rfi {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--quiet", "anomaly", "score"], ["anomaly", "score", "--quiet"]])
+def test_anomaly_takes_the_common_flags_before_or_after_its_sub_command(argv):
+    args = build_parser(argv).parse_args([*argv, "--model", "m.pt", "--data", "d", "--out", "o"])
+    assert args.quiet is True and args.debug is False and args.anomaly_command == "score"
+
+@pytest.mark.parametrize("argv, new", [
+    (["train-denoiser", "--config", "configs/apps/denoise.yaml"], "'rfi denoise train'"),
+    (["train-decoders", "--config", "configs/apps/style.yaml"], "'rfi style train'"),
+    (["stylize", "a.png", "--style", "b.png", "--out", "o"], "'rfi style apply'"),
+    (["denoise", "a.png", "--model", "m.pt", "--out", "o"], "'rfi denoise apply FILES'"),
+    (["--quiet", "denoise", "photos/", "--out", "o"], "'rfi denoise apply FILES'"),
+])
+def test_an_old_spelling_names_the_new_one_in_one_line(argv, new, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _fails(capsys, argv, new, "is now")
+    assert f"'rfi {argv[argv[0] == '--quiet']}" in line
+    assert not list(tmp_path.iterdir())  # nothing read, nothing written
+    assert set(RENAMED) == {"train-denoiser", "train-decoders", "stylize"}
+
+
+def _device_flags(parser: argparse.ArgumentParser):
+    """Every ``--device`` option of a parser and its sub-commands' parsers."""
+    for action in parser._actions:
+        if "--device" in action.option_strings:
+            yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _device_flags(sub)
+
+
+def _device_keys(data, where=""):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key == "device":
+                yield f"{where}{key}", value
+            yield from _device_keys(value, f"{where}{key}.")
+
+
+def test_every_device_default_is_auto():
+    """One ``--device`` default for every command, ``auto``: read from a config class (the YAML), not argparse."""
+    seen = 0
+    for command, _, _ in COMMANDS:
+        for action in _device_flags(build_parser([command])):
+            seen += 1
+            assert action.default in (None, "auto"), (command, action.default)  # None: the config's key
+            assert "(default: cpu" not in (action.help or ""), command
+    assert seen >= 7
+    for path in sorted(Path(config_path("configs/quickstart.yaml")).parent.rglob("*.yaml")):
+        for key, value in _device_keys(yaml.safe_load(path.read_text())):
+            assert value == "auto", f"{path}: {key}: {value}"
+
+
+@pytest.mark.parametrize("command", [["invert", "a.png", "--encoder", "e", "--out", "o"],
+                                     ["evaluate", "--encoder", "e", "--decoder", "d"],
+                                     ["eval-encoder", "--checkpoint", "c"],
+                                     ["shift-consistency", "--encoder", "e"]])
+def test_flag_defaults_come_from_configs_commands_yaml(command):
+    shipped = yaml.safe_load(config_path("configs/commands.yaml").read_text())[command[0].replace("-", "_")]
+    args = build_parser(command).parse_args(command)
+    assert shipped["device"] == "auto" and {k: getattr(args, k) for k in shipped} == shipped
+
+
+def test_denoise_and_style_apply_read_their_device_from_the_config():
+    from apps.denoise import DenoiseConfig
+    from apps.style.config import StyleConfig
+
+    assert DenoiseConfig().apply.device == StyleConfig().apply.device == "auto"
+    for verb in ("train", "apply"):
+        with pytest.raises(SystemExit) as done:
+            main(["denoise", verb, "--help"])
+        assert done.value.code == 0
