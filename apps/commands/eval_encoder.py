@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         check_attack(eps, flags.steps, args.step_size)
         if masking and eps <= 0:
             raise RFIError(f"--masking-checks need every --eps > 0 (a robustness claim at a radius), got {eps}")
+    if masking and any(a >= b for a, b in zip(flags.sweep, flags.sweep[1:])):
+        raise RFIError(f"--sweep (multiples of eps) must increase, got {flags.sweep}")
     out = json_output(args.json, ckpt_path.with_name(ckpt_path.stem + ".eval.json"))  # before the evaluation
     encoder, train_cfg = _load_encoder(ckpt_path, args.arch)
     twin = None

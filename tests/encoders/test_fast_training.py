@@ -31,7 +31,8 @@ QUICK = ("adv.enabled=true", "eval.enabled=false", "log_every=1")
     (["adv.method=fgsm_rs", "adv.step_size=0"], "adv: step size must be a finite number > 0, got 0"),
     (["adv.method=n_fgsm", "adv.noise=1.5"], "adv.noise (N-FGSM's noise radius k*eps) must be in [0, 2 * adv.eps] = "
                                               "[0, 1], got 1.5"),
-    (["adv.method=n_fgsm", "adv.grad_align=-1"], "config key 'adv.grad_align' in the command-line overrides must be >= 0"),
+    (["adv.method=n_fgsm", "adv.grad_align=-1"],
+     "config key 'adv.grad_align' in the command-line overrides must be >= 0"),
     (["adv.method=free", "adv.replays=4", "adv.mix=0.5"], "adv.mix=0.5 is not available with adv.method=free"),
 ])
 def test_bad_method_settings_are_one_line_naming_the_key(overrides, message):
@@ -47,7 +48,7 @@ def test_method_rules_across_sections_and_disabled_runs():
     cfg.adv.method = "fgsm"  # changed in code: check_config applies the declared choices too
     with pytest.raises(RFIError, match="'fgsm' is not one of"):
         check_config(cfg)
-    # the method's own settings are checked when adversarial training is on
+    # a disabled adv section's method settings are not checked (they are when adv.enabled=true)
     load_config(TrainEncoderConfig, STANDARD, ["adv.method=n_fgsm", "adv.noise=5"])
 
 
@@ -171,3 +172,66 @@ def test_eval_encoder_flags_a_sweep_that_does_not_reach_zero(trained_checkpoint,
     check, = _strict_json(out)["masking"]
     assert code == 0 and check["transfer_acc"] is None and check["possibly_gradient_masked"]
     assert "possibly gradient-masked at eps=0.01: accuracy at the sweep's largest eps" in printed
+
+
+# 256 crops, global batch 64 (32 per process): 4 minibatches per epoch. Free: 12 optimiser steps = 6 minibatches x 2
+# replays, checkpointed after minibatch 5 (mid-epoch 2); the cut run dies after minibatch 6, before saving it.
+DDP_FREE = ("adv.enabled=true", "adv.method=free", "adv.replays=2", "steps=12", "checkpoint_every=5", "device=cpu",
+            "eval.enabled=false", "log_every=2")
+DDP_GRAD_ALIGN = ("adv.enabled=true", "adv.method=n_fgsm", "adv.grad_align=0.2", "steps=2", "device=cpu",
+                  "eval.enabled=false")
+
+
+def _ddp_worker(rank: int, world: int, ports: tuple[int, ...], tmp: str) -> None:
+    """One process of three free-training runs (uninterrupted, killed, resumed) and one N-FGSM + GradAlign run;
+    saves its weights after each."""
+    import os
+
+    from tests.encoders.conftest import tiny_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      RFI_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    import encoders.robust.train as train
+
+    step = train.EncoderTrainer.train_step
+    kill = {"armed": False}
+
+    def dying_step(self, x, y):
+        sums = step(self, x, y)
+        if kill["armed"] and self.step == 6:
+            raise KeyboardInterrupt
+        return sums
+
+    train.EncoderTrainer.train_step = dying_step
+    runs = [("full", DDP_FREE, False, False), ("cut", DDP_FREE, True, False), ("cut", DDP_FREE, False, True),
+            ("align", DDP_GRAD_ALIGN, False, False)]
+    for port, (name, overrides, armed, resume) in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+        kill["armed"] = armed
+        try:
+            result = train.train_encoder(tiny_config(Path(tmp, name), *overrides), resume=resume)
+        except KeyboardInterrupt:
+            step_saved = torch.load(Path(tmp, name, "checkpoint.pt"), weights_only=True)["train"]["step"]
+            Path(tmp, "rec", f"killed{rank}.json").write_text(json.dumps(step_saved))
+            continue
+        torch.save(result.model.state_dict(), Path(tmp, "rec", f"{name}{rank}.pt"))
+
+
+def test_two_gloo_processes_train_free_and_grad_align_and_resume_free_bit_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.ddp import free_ports
+
+    (tmp_path / "rec").mkdir()
+    mp.spawn(_ddp_worker, args=(2, free_ports(4), str(tmp_path)), nprocs=2, join=True)
+    weights = {name: [torch.load(tmp_path / "rec" / f"{name}{r}.pt", weights_only=True) for r in (0, 1)]
+               for name in ("full", "cut", "align")}
+    full = weights["full"][0]
+    for name, (w0, w1) in weights.items():  # one model on both ranks
+        assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), name
+        assert all(torch.isfinite(v).all() for v in w0.values() if v.is_floating_point()), name
+    assert [json.loads((tmp_path / "rec" / f"killed{r}.json").read_text()) for r in (0, 1)] == [5, 5]
+    assert all(torch.equal(weights["cut"][0][k], full[k]) for k in full)  # killed and resumed: bit-identical
+    replays = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["train"]["free_replay"]
+    assert len(replays) == 2 and not torch.equal(replays[0]["delta"], replays[1]["delta"])  # one δ per rank

@@ -43,7 +43,8 @@ def test_training_writes_checkpoint_metrics_config_and_eval(tmp_path, tiny_cfg):
     path = run.path
     assert path == tmp_path / "checkpoint.pt"
     enc = create_encoder(checkpoint=path)
-    assert (enc.arch, enc.num_classes, enc.width, enc.small_input) == ("resnet18", 8 + 9, 0.125, True)  # mixed: photos + synthetic bins
+    # mixed data: 8 photos + 9 synthetic bins
+    assert (enc.arch, enc.num_classes, enc.width, enc.small_input) == ("resnet18", 8 + 9, 0.125, True)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r and "acc" in r for r in records)
     epoch = next(r for r in records if "val_acc" in r)
