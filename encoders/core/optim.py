@@ -46,8 +46,11 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], tota
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
+        # torch's OneCycleLR divides by zero when its warm-up phase ends at step 0, i.e. when
+        # warmup * total_steps == 1 (e.g. 5 steps at warmup 0.2): warm up for 1.5 steps instead.
+        warmup = cfg.warmup if cfg.warmup * total_steps != 1 else 1.5 / total_steps
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                    pct_start=cfg.warmup, cycle_momentum=False)
+                                                    pct_start=warmup, cycle_momentum=False)
     elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     else:
