@@ -1,8 +1,9 @@
-"""Benchmark: plain vs truly shift-equivariant Swin / SwinV2, standard and robust, next to ResNet-18 stride / LPS.
+"""Benchmark: plain vs truly shift-equivariant Swin / SwinV2 / MViTv2 / CvT, standard and robust, next to
+ResNet-18 stride / LPS.
 
 Every row gets the same budget: the same embedded "which photo" crops, epochs and batch size
-(each model with its own shipped recipe: ``configs/encoder/swin_t_tiny_*.yaml`` for the
-transformers, ``configs/encoder/resnet18_*.yaml`` at ``--cnn-width`` for the CNNs), then a
+(each model with its own shipped recipe: ``configs/encoder/{swin_t,mvit_v2,cvt_13}_tiny_*.yaml``
+for the transformers, ``configs/encoder/resnet18_*.yaml`` at ``--cnn-width`` for the CNNs), then a
 decoder for a stride-4 layer (``stage1`` / ``layer3``: 8x8 maps of 32-px crops) with the
 same steps. Measured on held-out validation crops:
 
@@ -26,6 +27,7 @@ equivariant - plain are paired (same seed: same data order).
 Usage:
     OMP_NUM_THREADS=1 python bench/shift_vit.py                  # 3 seeds, all rows
     OMP_NUM_THREADS=1 python bench/shift_vit.py --seeds 1 --models swin_t,swin_t_eq --trainings standard
+    OMP_NUM_THREADS=1 python bench/shift_vit.py --tiny --out /tmp/shift_vit_tiny.json   # smoke run, every row
 
 Prints a table and writes ``bench/results/shift_vit.json`` (``--out``).
 
@@ -73,8 +75,16 @@ MODELS: dict[str, tuple[str, list[str], str]] = {
     "swin_t_eq": ("swin_t_tiny_{t}_equivariant", [], "stage1"),
     "swin_v2_t": ("swin_t_tiny_{t}", ["model.arch=swin_v2_t"], "stage1"),
     "swin_v2_t_eq": ("swin_t_tiny_{t}_equivariant", ["model.arch=swin_v2_t"], "stage1"),
+    "mvit_v2_t": ("mvit_v2_tiny_{t}", [], "stage1"),
+    "mvit_v2_t_eq": ("mvit_v2_tiny_{t}_equivariant", [], "stage1"),
+    "cvt_13": ("cvt_13_tiny_{t}", [], "stage1"),
+    "cvt_13_eq": ("cvt_13_tiny_{t}_equivariant", [], "stage1"),
 }
-PAIRS = (("swin_t_eq", "swin_t"), ("swin_v2_t_eq", "swin_v2_t"), ("resnet18_lps", "resnet18"))
+PAIRS = (("swin_t_eq", "swin_t"), ("swin_v2_t_eq", "swin_v2_t"), ("mvit_v2_t_eq", "mvit_v2_t"),
+         ("cvt_13_eq", "cvt_13"), ("resnet18_lps", "resnet18"))
+# --tiny: a smoke run of every row in seconds each (the pipeline, not the figures)
+TINY = {"seeds": 1, "train_crops": 64, "val_crops": 16, "epochs": 1, "batch_size": 32, "adv_steps": 1,
+        "pgd_steps": 1, "decoder_steps": 2, "decoder_batch": 8, "timing_steps": 1}
 TRAININGS = ("standard", "robust")
 METRICS = ("clean_acc", "pgd_acc", "consistency", "crop_consistency", "psnr", "recon_exact")
 
@@ -102,13 +112,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only combine earlier result files into one table")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--work", help="folder for checkpoints (default: a temporary folder)")
+    p.add_argument("--tiny", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in TINY.items()))
     p.add_argument("--out", default="bench/results/shift_vit.json")
     p.add_argument("--figure", metavar="PNG", help="only draw the shift figure (needs --plain and --equivariant)")
     p.add_argument("--plain", nargs=2, metavar=("ENCODER", "DECODER"), help="--figure: plain autoencoder")
     p.add_argument("--equivariant", nargs=2, metavar=("ENCODER", "DECODER"), help="--figure: equivariant one")
     p.add_argument("--figure-size", type=int, default=64, help="--figure: image size (default 64)")
     p.add_argument("--figure-shift", type=int, nargs=2, default=(5, 3), help="--figure: circular shift (dy, dx)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tiny:
+        vars(args).update(TINY)
+    return args
 
 
 @torch.no_grad()

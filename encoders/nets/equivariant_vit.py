@@ -130,40 +130,57 @@ def _check_multiple(h: int, w: int, multiple: int, where: str) -> None:
 class AdaptiveTokenizer(nn.Module):
     """Adaptive patch embedding: the stride-``p`` patch convolution at every offset, one offset kept.
 
-    The ``p x p`` convolution runs at stride 1 with circular wrap-around (output pixel (u, v)
-    embeds the patch whose top-left corner is (u, v)); its ``p**2`` polyphase components are
-    the patch grids anchored at each offset, and :class:`PhaseSelector` keeps one. Same
-    weights as torchvision's ``nn.Conv2d(3, C, p, p)`` (held as :attr:`proj`).
+    The convolution runs at stride 1 with circular wrap-around and its ``p**2`` polyphase
+    components, the patch grids anchored at each offset, are the candidates; :class:`PhaseSelector`
+    keeps one. By default the kernel is ``p x p`` without padding (Swin's patch embedding: output
+    pixel (u, v) embeds the patch whose top-left corner is (u, v)); ``kernel_size`` and ``padding``
+    give the overlapping strided embeddings of MViTv2 (7x7, stride 4, padding 3) and CvT (7x7,
+    stride 4, padding 2; 3x3, stride 2, padding 1), whose padding wraps around here. Same weights
+    as ``nn.Conv2d(in_channels, embed_dim, kernel_size, p, padding)`` (held as :attr:`proj`).
 
     Args:
         in_channels: image channels.
         embed_dim: token width.
-        patch_size: ``p``.
+        patch_size: ``p``, the stride.
         selection: ``norm`` or ``learned`` (see :class:`PhaseSelector`).
+        kernel_size: the convolution's kernel (default ``p``).
+        padding: zeros the strided convolution would pad at the top and left (wrapped around here).
 
     Shape:
         - Input: (B, in_channels, H, W), H and W multiples of ``p`` (and of :attr:`multiple`).
         - Output: (B, embed_dim, H / p, W / p).
+
+    Example:
+        >>> tok = AdaptiveTokenizer(3, 8, patch_size=2, kernel_size=3, padding=1).eval()
+        >>> x = torch.rand(1, 3, 8, 8)
+        >>> plain = F.conv2d(x, tok.proj.weight, tok.proj.bias, stride=2, padding=1)  # zero padding
+        >>> torch.allclose(tok.candidates(x)[:, 0, :, 1:-1, 1:-1], plain[..., 1:-1, 1:-1], atol=1e-6)
+        True
     """
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, selection: str = "norm"):
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, selection: str = "norm",
+                 kernel_size: int | None = None, padding: int = 0):
         super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, embed_dim, patch_size, patch_size)
+        self.patch_size, self.kernel_size, self.padding = patch_size, kernel_size or patch_size, padding
+        if not 0 <= padding < self.kernel_size:
+            raise RFIError(f"adaptive tokenizer: padding {padding} must be in [0, kernel_size {self.kernel_size})")
+        self.proj = nn.Conv2d(in_channels, embed_dim, self.kernel_size, patch_size, padding)
         self.selector = PhaseSelector(embed_dim, patch_size, selection)
-        self.multiple = patch_size  # the model's required multiple (set by the Swin builder)
+        self.multiple = patch_size  # the model's required multiple (set by the model's builder)
         self.model_name = "adaptive tokenizer"
 
     def candidates(self, x: Tensor) -> Tensor:
-        """The patch embeddings of all ``p**2`` patch grids; grid ``i * p + j`` starts at pixel (i, j).
+        """The embeddings of all ``p**2`` patch grids; grid ``i * p + j`` is the strided convolution of
+        the image circularly shifted by (-i, -j).
 
         Shape: (B, in_channels, H, W) -> (B, p**2, embed_dim, H / p, W / p).
         """
-        p = self.patch_size
-        if p > 1:  # circular wrap on the bottom/right: pixel (u, v) sees the patch starting at (u, v)
-            x = torch.cat([x, x[..., :p - 1, :]], dim=-2)
-            x = torch.cat([x, x[..., :p - 1]], dim=-1)
-        return polyphase(F.conv2d(x, self.proj.weight, self.proj.bias), p)
+        before, after = self.padding, self.kernel_size - 1 - self.padding
+        if before or after:  # circular wrap: pixel (u, v) sees rows/columns u - padding ... u - padding + kernel - 1
+            h, w = x.shape[-2:]
+            x = torch.cat([x[..., h - before:, :]] * bool(before) + [x, x[..., :after, :]], dim=-2)
+            x = torch.cat([x[..., w - before:]] * bool(before) + [x, x[..., :after]], dim=-1)
+        return polyphase(F.conv2d(x, self.proj.weight, self.proj.bias), self.patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_multiple(x.shape[-2], x.shape[-1], self.multiple, self.model_name)
@@ -173,6 +190,35 @@ class AdaptiveTokenizer(nn.Module):
     def weights(self) -> Tensor | None:
         """The (B, p**2) selection weights of the last forward pass."""
         return self.selector.weights
+
+
+def polyphase_anchor(energy: Tensor, period: int) -> Tensor:
+    """The offset of the polyphase component (stride ``period``) of an energy map with the largest sum.
+
+    A circular shift of the map by ``t`` moves the offset by ``t`` (mod ``period``), ties aside.
+
+    Shape: energy (B, H, W), H and W multiples of ``period`` -> (B, 2) integer (row, col) in [0, period).
+
+    Example:
+        >>> e = torch.zeros(1, 8, 8); e[0, 5, 2] = 1.0
+        >>> polyphase_anchor(e, 4).tolist(), polyphase_anchor(e.roll((1, 3), (1, 2)), 4).tolist()
+        ([[1, 2]], [[2, 1]])
+    """
+    b, h, w = energy.shape
+    best = energy.view(b, h // period, period, w // period, period).sum((1, 3)).flatten(1).argmax(1)
+    return torch.stack([best // period, best % period], dim=1)
+
+
+def take_phase(x: Tensor, stride: int, offset: Tensor) -> Tensor:
+    """Each item's polyphase component at its own offset: ``x[b, :, oy::stride, ox::stride]`` (a gather).
+
+    Shape: x (B, C, H, W), H and W multiples of ``stride``; offset (B, 2) integers in [0, stride)
+    -> (B, C, H / stride, W / stride).
+    """
+    if stride == 1:
+        return x
+    index = offset[:, 0] * stride + offset[:, 1]
+    return select_phase(polyphase(x, stride), F.one_hot(index, stride * stride).to(x.dtype))
 
 
 def window_anchor(x: Tensor, window: Sequence[int]) -> Tensor:
@@ -373,3 +419,23 @@ def swin_phases(model: nn.Module, node: str) -> "OrderedDict[str, Tensor]":
             if w is not None:
                 out[name] = w
     return out
+
+
+def tokenizer_phase_names(name: str, tok: AdaptiveTokenizer) -> list[str]:
+    """The stride-2 choices the tokenizer ``name`` stands for (``<name>.level<l>``, finest first; none at stride 1).
+
+    Raises:
+        RFIError: a stride that is not a power of two (no stride-2 decomposition, so no LPU decoder).
+    """
+    p = tok.patch_size
+    if p & (p - 1):
+        raise RFIError(f"patch_size {p} is not a power of two: its phases cannot drive stride-2 decoder "
+                       f"up-sampling (use patch_size 1, 2, 4 or 8)")
+    return [f"{name}.level{level}" for level in range(int(math.log2(p)))]
+
+
+def tokenizer_phases(name: str, tok: AdaptiveTokenizer) -> "OrderedDict[str, Tensor]":
+    """The tokenizer's last choice as stride-2 choices ``{<name>.level<l>: (B, 4) weights}`` (see :func:`_binary_levels`)."""
+    if tok.weights is None or tok.patch_size == 1:
+        return OrderedDict()
+    return OrderedDict((f"{name}.level{level}", w) for level, w in enumerate(_binary_levels(tok.weights, tok.patch_size)))

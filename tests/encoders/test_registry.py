@@ -15,7 +15,7 @@ from encoders.weights.checkpoints import load_encoder, save_encoder
 from encoders.weights.interop import checkpoint_filter_fn, export_robustness, robustness_state_dict
 from tests.conftest import tiny_net
 
-BUILT_IN = ["alexnet", "vgg16", "vgg19", "resnet18", "resnet50", "swin_t", "swin_v2_t"]
+BUILT_IN = ["alexnet", "vgg16", "vgg19", "resnet18", "resnet50", "swin_t", "swin_v2_t", "mvit_v2_t", "cvt_13"]
 
 
 class ToyFamily(EncoderFamily):

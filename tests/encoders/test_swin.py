@@ -122,7 +122,7 @@ def test_bad_sizes_and_options_are_refused_in_one_line():
     with pytest.raises(RFIError, match="multiples of 32"):
         enc(torch.rand(1, 3, 32, 48))
     assert tiny("swin_v2_t", False).logits(torch.rand(1, 3, 40, 36)).shape == (1, 5)  # plain: any size
-    with pytest.raises(RFIError, match="equivariant=True: only for swin_t / swin_v2_t, not resnet18"):
+    with pytest.raises(RFIError, match="equivariant=True: only for swin_t / swin_v2_t / mvit_v2_t / cvt_13, not resnet18"):
         create_encoder("resnet18", width=0.125, equivariant=True)
     with pytest.raises(RFIError, match="window_size: only for swin_t / swin_v2_t, not vgg16"):
         create_encoder("vgg16", window_size=4)
