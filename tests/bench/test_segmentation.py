@@ -1,0 +1,31 @@
+"""Smoke test of bench/segmentation.py --tiny: every row is trained, measured, tabled and written to the JSON."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT))
+    from bench import segmentation
+    return segmentation
+
+
+def test_tiny_run_writes_a_row_per_model(tmp_path, bench, one_thread):
+    out = tmp_path / "segmentation.json"
+    result = bench.main(["--tiny", "--models", "resnet18,resnet18_lps,swin_t,swin_t_eq", "--out", str(out),
+                         "--work", str(tmp_path / "work"), "--figure", str(tmp_path / "shift.png")])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["resnet18", "resnet18_lps", "swin_t", "swin_t_eq"] and result["complete"]
+    for name in ("resnet18_lps", "swin_t_eq"):  # the equivariant rows: exactly consistent under circular shifts
+        assert rows[name]["masc_circular"] == 1.0
+    assert all(0 <= r["miou"] <= 1 and 0 <= r["masc_crop"] <= 1 and r["ms_per_step"] > 0 for r in rows.values())
+    assert (tmp_path / "shift.png").stat().st_size > 0
+    assert "| resnet18_lps | layer3 | 1 |" in bench.table(result["rows"])
