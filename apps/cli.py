@@ -7,13 +7,20 @@ libraries (``encoders``, ``inversion``, the app modules) parse no arguments. Use
 (:class:`~encoders.core.errors.RFIError`) print one line and exit with code 2; ``--debug`` shows
 the traceback instead. A command spelt as it was before a rename (:data:`RENAMED`) gets one
 line naming its new spelling, and exit code 2.
+
+``key=value`` config overrides may stand anywhere after the command, also after its flags
+(``rfi train-encoder --config X steps=2 --out D batch_size=8``): :func:`parse_command_line`
+gathers them. ``SIGTERM`` (``kill``) ends a command as Ctrl-C does, running its clean-ups (run
+locks released, temporary files removed), with exit code 143.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from apps.commands.common import common_flags
@@ -29,6 +36,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("denoise", "apps.commands.denoise", "denoising: train a denoiser on robust features, apply it to images"),
     ("anomaly", "apps.commands.anomaly", "anomaly detection: fit on normal images, score test images"),
     ("style", "apps.commands.style", "style transfer: train a decoder pyramid, apply WCT / AdaIN through it"),
+    ("segment", "apps.commands.segment", "semantic segmentation: train a shift-equivariant segmenter, label images"),
     ("augment", "apps.commands.augment", "write style-augmented views of images (SSL augmentation)"),
     ("ssl", "apps.commands.ssl", "self-supervised pre-training: SimCLR or MoCo v2, with style augmentation"),
     ("shift-consistency", "apps.commands.shift_consistency",
@@ -83,6 +91,35 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, where ``key=value`` words after a command's flags join its ``overrides``.
+
+    argparse fills a ``key=value...`` positional from one run of words only; the words left after
+    a later flag are added to it in order. Anything else left over is an error, as argparse says it.
+
+    Example:
+        >>> argv = ["train-encoder", "--config", "x.yaml", "steps=2", "--out", "d", "batch_size=8"]
+        >>> parse_command_line(build_parser(argv), argv).overrides
+        ['steps=2', 'batch_size=8']
+    """
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in word and not word.startswith("-") for word in extras):
+            args.overrides = [*args.overrides, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+class Terminated(BaseException):
+    """``SIGTERM`` as an exception (like ``KeyboardInterrupt``), so that a killed command cleans up."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rfi`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -91,9 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if old:
         print(f"rfi: error: {old}", file=sys.stderr)
         return 2
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        args = parse_command_line(parser, argv)
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                             format="rfi: %(message)s", stream=sys.stderr, force=True)
         if not getattr(args, "func", None):
@@ -109,6 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rfi: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("rfi: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from torch import Tensor
 from encoders.core.config import bounded, config_to_dict, load_config, value_range, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.rundir import RunDir, TrainResult
-from encoders.core.files import FileBatch
+from encoders.core.files import FileBatch, check_output_file, check_output_folder
 from encoders.core.serialization import atomic_write
 from encoders.weights.checkpoints import load_encoder
 from inversion.autoencoder import RobustAutoencoder
@@ -187,16 +187,18 @@ def train_denoiser(cfg: DenoiseConfig, resume: bool = False) -> TrainResult:
         mode); ``metrics`` the decoder training's (see :func:`inversion.train.train_decoder`).
 
     Raises:
-        RFIError: bad config, missing encoder checkpoint, a finished run in the way.
+        RFIError: bad config, missing encoder checkpoint, a finished run in the way, an output
+            that cannot be written (an empty name, a folder named as ``model``, a read-only place:
+            checked before any work).
     """
     sigma = value_range(cfg.noise.sigma, "noise.sigma", low=0)
     enc = cfg.train.encoder
     if enc.arch is None and Path(enc.checkpoint).is_file():  # a foreign file needs train.encoder.arch=NAME
         load_encoder(enc.checkpoint, arch_key="train.encoder.arch")
-    model_path = model_file(cfg)
-    if not cfg.train.out:
+    if cfg.train.out is None:
         cfg.train.out = "runs/denoise"
-    out = Path(cfg.train.out)
+    out = check_output_folder(cfg.train.out, flag="train.out (--out)")  # before any work, as the model file:
+    model_path = check_output_file(model_file(cfg) if cfg.model is None else cfg.model, flag="model (--model)")
     # The decoder trainer checks its own config on --resume; the noise is ours to check.
     noise_file = out / "noise.yaml"
     noise = {"sigma": list(sigma)}
@@ -234,12 +236,13 @@ def load_denoiser(path: str | os.PathLike,
         0-255 units; empty for a plain autoencoder file, which still loads).
 
     Raises:
-        RFIError: missing, unreadable or non-autoencoder file.
+        RFIError: missing or unreadable file, not an autoencoder file, or one written for another
+            app (a style pyramid, an anomaly model), naming both kinds.
     """
     path = Path(path)
     if not path.is_file():
         raise RFIError(f"denoiser model not found: {path} (train one with rfi denoise train)")
-    model = RobustAutoencoder.load(path, device)  # read once: the noise levels come in its metadata
+    model = RobustAutoencoder.load(path, device, kind=DENOISER_APP)  # read once: the noise levels are in metadata
     info = {k: model.metadata[k] for k in ("app", "sigma", "layer", "config") if k in model.metadata}
     if info.get("app") != DENOISER_APP:
         log.warning("%s is an autoencoder file, but not one written by rfi denoise train", path)

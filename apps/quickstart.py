@@ -30,9 +30,10 @@ from typing import Any, Literal
 
 import torch
 
-from encoders.core.config import bounded, config_path, config_to_dict, load_config, parse_overrides, yaml_dataclass
+from encoders.core.config import (bounded, config_path, config_to_dict, load_config, parse_overrides, referenced_config,
+                                  yaml_dataclass)
 from encoders.core.errors import RFIError
-from encoders.core.files import check_output_folder
+from encoders.core.files import check_output_folder, reported_writes
 from encoders.core.rundir import TrainResult
 from encoders.core.runtime import resolve_device
 from encoders.core.serialization import atomic_write, write_json
@@ -46,7 +47,8 @@ RUN_NAMES = ("standard", "robust")  # column order of the grids: original | stan
 
 @dataclass
 class RunSection:
-    """One encoder config and the decoder config trained on it (paths relative to the quickstart YAML)."""
+    """One encoder config and the decoder config trained on it (paths relative to the quickstart YAML, else to the
+    shipped configs/: see :func:`~encoders.core.config.referenced_config`)."""
 
     encoder: str
     decoder: str
@@ -160,55 +162,58 @@ def run_quickstart(out: str | os.PathLike | None = None, config: str | os.PathLi
     enc_over, dec_over = spec["encoder"], spec["decoder"]
     if spec["eval"]:  # the budget's evaluation settings, then the command line's overrides
         cfg = load_config(QuickstartConfig, config, {**{f"eval.{k}": v for k, v in spec["eval"].items()}, **over})
-    out = Path(out if out is not None else cfg.out)
-    check_output_folder(out)  # a file in the way or a read-only place: one line, before any training
-    runs = {name: getattr(cfg.runs, name) for name in RUN_NAMES}
-    report: dict[str, Any] = {"budget": budget, "config": str(config), "out": str(out), "runs": {}}
-    device = {"device": cfg.device}
-    models: dict[str, RobustAutoencoder] = {}
-    train_sizes = set()
-    steps, total = 0, 2 * len(runs)
-    for name, spec in runs.items():
-        enc_cfg = load_config(TrainEncoderConfig, config.parent / spec.encoder, {**enc_over, **device})
-        steps += 1
-        log.info("[%d/%d] %s encoder", steps, total, name)
-        enc, enc_info = _train("encoder", name, enc_cfg, out / "encoders", force)
-        dec_cfg = load_config(TrainDecoderConfig, config.parent / spec.decoder,
-                              {**dec_over, **device, "encoder.checkpoint": str(enc.path)})
-        steps += 1
-        log.info("[%d/%d] %s decoder for %s", steps, total, name, dec_cfg.encoder.layer)
-        dec, dec_info = _train("decoder", name, dec_cfg, out / "decoders", force, encoder=enc.model)
-        # the trained modules and their metrics come back from the trainers: no checkpoint is read again
-        models[name] = RobustAutoencoder(enc.model, dec.model).to(resolve_device(cfg.device))
-        enc_info["eval"] = enc.metrics.get("eval")
-        dec_info["val_psnr"] = dec.metrics.get("val_psnr")
-        report["runs"][name] = {"encoder": enc_info, "decoder": dec_info, "layer": dec_cfg.encoder.layer,
-                                "adversarial": config_to_dict(enc_cfg)["adv"]}
-        train_sizes.add(int(dec_cfg.data.size))
-    if len(train_sizes) != 1:
-        raise RFIError(f"the decoders were trained at different sizes {sorted(train_sizes)}: the comparison "
-                       f"needs one data.size")
-    train_size = train_sizes.pop()
+    out = out if out is not None else cfg.out
+    check_output_folder(out)  # empty, a file in the way, a long name or a read-only place: one line, before any work
+    out = Path(out)
+    with reported_writes(out):  # a full disk: one line naming the folder
+        runs = {name: getattr(cfg.runs, name) for name in RUN_NAMES}
+        report: dict[str, Any] = {"budget": budget, "config": str(config), "out": str(out), "runs": {}}
+        device = {"device": cfg.device}
+        models: dict[str, RobustAutoencoder] = {}
+        train_sizes = set()
+        steps, total = 0, 2 * len(runs)
+        for name, spec in runs.items():
+            enc_cfg = load_config(TrainEncoderConfig, referenced_config(config, spec.encoder), {**enc_over, **device})
+            steps += 1
+            log.info("[%d/%d] %s encoder", steps, total, name)
+            enc, enc_info = _train("encoder", name, enc_cfg, out / "encoders", force)
+            dec_cfg = load_config(TrainDecoderConfig, referenced_config(config, spec.decoder),
+                                  {**dec_over, **device, "encoder.checkpoint": str(enc.path)})
+            steps += 1
+            log.info("[%d/%d] %s decoder for %s", steps, total, name, dec_cfg.encoder.layer)
+            dec, dec_info = _train("decoder", name, dec_cfg, out / "decoders", force, encoder=enc.model)
+            # the trained modules and their metrics come back from the trainers: no checkpoint is read again
+            models[name] = RobustAutoencoder(enc.model, dec.model).to(resolve_device(cfg.device))
+            enc_info["eval"] = enc.metrics.get("eval")
+            dec_info["val_psnr"] = dec.metrics.get("val_psnr")
+            report["runs"][name] = {"encoder": enc_info, "decoder": dec_info, "layer": dec_cfg.encoder.layer,
+                                    "adversarial": config_to_dict(enc_cfg)["adv"]}
+            train_sizes.add(int(dec_cfg.data.size))
+        if len(train_sizes) != 1:
+            raise RFIError(f"the decoders were trained at different sizes {sorted(train_sizes)}: the comparison "
+                           f"needs one data.size")
+        train_size = train_sizes.pop()
 
-    log.info("evaluating on %d held-out crops per scale at %s x %d px", cfg.eval.num,
-             ", ".join(f"{s}" for s in cfg.eval.scales), train_size)
-    lpips_model, note = lpips_for(cfg.eval.lpips_net, cfg.eval.lpips_weights, resolve_device(cfg.device))
-    t_eval = time.perf_counter()
-    result = compare_autoencoders(models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed,
-                                  lpips_model=lpips_model, lpips_note=note, grid_dir=out, grid_rows=cfg.eval.grid_rows)
-    report["evaluation"] = result
-    if cfg.eval.unseen:  # the same comparison on images no model trained on
-        report["evaluation_unseen"] = compare_autoencoders(
-            models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed, folder=UNSEEN, lpips_model=lpips_model,
-            lpips_note=note, grid_dir=out / "unseen", grid_rows=cfg.eval.grid_rows)
-    report["seconds"] = {"total": time.perf_counter() - t0, "evaluation": time.perf_counter() - t_eval}
-    report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                         "load_average_start": load_start, "load_average_end": os.getloadavg(),
-                         "platform": platform.platform(), "torch": torch.__version__}
-    write_json(report, out / "report.json")
-    text = render_report(report)
-    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
-    return report
+        log.info("evaluating on %d held-out crops per scale at %s x %d px", cfg.eval.num,
+                 ", ".join(f"{s}" for s in cfg.eval.scales), train_size)
+        lpips_model, note = lpips_for(cfg.eval.lpips_net, cfg.eval.lpips_weights, resolve_device(cfg.device))
+        t_eval = time.perf_counter()
+        result = compare_autoencoders(models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed,
+                                      lpips_model=lpips_model, lpips_note=note, grid_dir=out,
+                                      grid_rows=cfg.eval.grid_rows)
+        report["evaluation"] = result
+        if cfg.eval.unseen:  # the same comparison on images no model trained on
+            report["evaluation_unseen"] = compare_autoencoders(
+                models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed, folder=UNSEEN,
+                lpips_model=lpips_model, lpips_note=note, grid_dir=out / "unseen", grid_rows=cfg.eval.grid_rows)
+        report["seconds"] = {"total": time.perf_counter() - t0, "evaluation": time.perf_counter() - t_eval}
+        report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                             "load_average_start": load_start, "load_average_end": os.getloadavg(),
+                             "platform": platform.platform(), "torch": torch.__version__}
+        write_json(report, out / "report.json")
+        text = render_report(report)
+        atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
+        return report
 
 
 def _fmt_acc(ev: dict[str, Any] | None) -> str:

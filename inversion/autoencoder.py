@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.weights.checkpoints import ENCODER_FORMAT, encoder_checkpoint, encoder_from_checkpoint
+from encoders.weights.checkpoints import (ENCODER_FORMAT, encoder_checkpoint, encoder_fingerprint,
+                                          encoder_from_checkpoint)
 from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images
 from encoders.nets.models import Encoder
 from encoders.core.runtime import autocast, check_precision, memory_format
-from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.core.serialization import FORMAT_VERSIONS, check_format, load_checkpoint, save_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
 from inversion.tiling import conv_radius, pad_to_multiple, receptive_radius, tiled_apply
 from inversion.upsample import check_phase_source
@@ -30,6 +31,11 @@ from inversion.upsample import check_phase_source
 AUTOENCODER_FORMAT = "rfi-autoencoder"
 log = logging.getLogger("rfi")
 _STRUCTURE = {"format", "version", "encoder", "decoders", "decoder", "state_dict"}
+MODEL_KINDS = {"denoise": "a denoiser (rfi denoise train)", "style": "a style pyramid (rfi style train)",
+               "anomaly": "an anomaly model (rfi anomaly fit)"}
+"""What an autoencoder file can be written for (see :func:`model_kind`), as messages name it."""
+_FORMAT_NAMES = {ENCODER_FORMAT: "an encoder checkpoint", DECODER_FORMAT: "a decoder checkpoint",
+                 "rfi-anomaly": MODEL_KINDS["anomaly"], "rfi-segmenter": "a segmenter (rfi segment train)"}
 
 
 def _has_tensor(value: Any) -> bool:
@@ -52,6 +58,72 @@ def checkpoint_metadata(ckpt: Mapping[str, Any]) -> dict[str, Any]:
         {'train_size': 32}
     """
     return {k: v for k, v in ckpt.items() if k not in _STRUCTURE and not _has_tensor(v)}
+
+
+def model_kind(ckpt: Mapping[str, Any]) -> str | None:
+    """What an autoencoder file (or its :attr:`RobustAutoencoder.metadata`) was written for: its ``app``
+    (``denoise``, ``style``), ``anomaly`` when it holds an anomaly model's ``anomaly`` section, else
+    ``None`` (a plain autoencoder, usable for any of them).
+
+    Example:
+        >>> model_kind({"app": "denoise", "sigma": [0, 50]}), model_kind({"anomaly": {}}), model_kind({})
+        ('denoise', 'anomaly', None)
+    """
+    if isinstance(ckpt.get("app"), str):
+        return ckpt["app"]
+    return "anomaly" if "anomaly" in ckpt else None
+
+
+def check_pair(decoder_ckpt: Mapping[str, Any], encoder: Encoder, decoder_source: str, encoder_source: str,
+               allow_mismatch: bool = False, fingerprint: str | None = None) -> None:
+    """Refuse to pair a decoder checkpoint with an encoder other than the one it was trained on.
+
+    The decoder records that encoder's settings (``encoder``) and, in files written since RFI
+    records it, the fingerprint of its weights (``encoder_sha256``, see
+    :func:`~encoders.weights.checkpoints.encoder_fingerprint`): the latter catches a standard
+    encoder given a decoder trained on the robust one of the same architecture.
+
+    Args:
+        decoder_ckpt: the decoder's checkpoint dict.
+        encoder: the encoder it is about to be used with.
+        decoder_source: the decoder file, for messages.
+        encoder_source: the encoder file (or a description), for messages.
+        allow_mismatch: accept other settings or weights of the same architecture (a deliberate
+            mismatch, e.g. to measure how a decoder transfers); another architecture is always refused.
+        fingerprint: ``encoder_fingerprint(encoder)`` when the caller has it (computed here when needed).
+
+    Raises:
+        RFIError: one line naming both files and what differs.
+    """
+    trained_on = decoder_ckpt.get("encoder") or {}
+    if not isinstance(trained_on, Mapping):
+        raise RFIError(f"{decoder_source} is a damaged decoder checkpoint (its 'encoder' record is not a mapping)")
+    if trained_on and trained_on.get("arch") != encoder.arch:
+        raise RFIError(f"{decoder_source} was trained for a {trained_on.get('arch')} encoder, not {encoder.arch} "
+                       f"({encoder_source})")
+    if allow_mismatch:
+        return
+    config = {"downsample": "stride", **encoder.config()}  # files record downsample only when it is not stride
+    recorded = {"downsample": "stride", **trained_on} if trained_on else {}
+    differ = [f"{k} {recorded[k]!r} vs {config[k]!r}" for k in sorted(recorded)
+              if k in config and _plain(recorded[k]) != _plain(config[k])]
+    trained_sha256 = decoder_ckpt.get("encoder_sha256")
+    if not differ and trained_sha256 is not None and trained_sha256 != (fingerprint or encoder_fingerprint(encoder)):
+        trained_path = decoder_ckpt.get("encoder_path")
+        differ.append("its weights" + (f"; it was trained on {trained_path}" if trained_path else ""))
+    if differ:
+        raise RFIError(f"{decoder_source} was trained on another {encoder.arch} encoder than {encoder_source} "
+                       f"(differs in {'; '.join(differ)}): use the encoder it was trained on, or pass "
+                       f"--allow-mismatch (Python: allow_mismatch=True) to pair them on purpose")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (settings compare the same before and after a file round trip)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _in_precision(method):
@@ -166,11 +238,20 @@ class RobustAutoencoder(nn.Module):
         """Layers with a decoder, shallow to deep."""
         return [k for k in self.encoder.layer_names if k in self.decoders]
 
-    def _decoder(self, layer: str | None) -> Decoder:
+    @property
+    def kind(self) -> str | None:
+        """What the file it was loaded from was written for (:func:`model_kind` of :attr:`metadata`)."""
+        return model_kind(self.metadata)
+
+    def _layer(self, layer: str | None) -> str:
+        """``layer`` (default: the first decoder's), refused unless a decoder inverts it."""
         layer = layer or self.layer
         if layer not in self.decoders:
             raise RFIError(f"no decoder for layer '{layer}' (have: {', '.join(self.decoders)})")
-        return self.decoders[layer]
+        return layer
+
+    def _decoder(self, layer: str | None) -> Decoder:
+        return self.decoders[self._layer(layer)]
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -206,7 +287,7 @@ class RobustAutoencoder(nn.Module):
             phases: LPS decoders only: the encoder's phases (default: ``features.phases``, set
                 by :meth:`encode`); pass them when decoding features you computed yourself.
         """
-        layer = layer or self.layer
+        layer = self._layer(layer)
         feats = features if isinstance(features, Tensor) else features
         if isinstance(feats, Tensor) and not torch.isfinite(feats).all():
             raise RFIError("features contain NaN or Inf values")
@@ -230,7 +311,7 @@ class RobustAutoencoder(nn.Module):
         Shape:
             (B, 3, H, W) -> (B, 3, H', W'), H' >= H, W' >= W.
         """
-        layer = layer or self.layer
+        layer = self._layer(layer)
         s = self.strides[layer]
         m = self.encoder.size_multiple(layer) if hasattr(self.encoder, "size_multiple") else 1
         if m > 1:
@@ -249,7 +330,7 @@ class RobustAutoencoder(nn.Module):
         """Whether tiles of ``layer``'s encoding and decoding can equal the whole pass exactly:
         a CNN encoder without LPS (whose phase choice is global), a power-of-two stride and a
         decoder that up-samples by exactly that stride."""
-        layer = layer or self.layer
+        layer = self._layer(layer)
         s, dec = self.strides[layer], self._decoder(layer)
         return (self.encoder.family.convolutional and getattr(self.encoder, "downsample", "stride") != "lps"
                 and s & (s - 1) == 0 and getattr(dec, "upsample", "nearest") != "lps" and dec.upsampling == s)
@@ -258,7 +339,7 @@ class RobustAutoencoder(nn.Module):
         """Tile margins for exact tiling: (encoder's receptive-field radius in image pixels,
         measured by :func:`~inversion.tiling.receptive_radius`; decoder's in feature pixels,
         bounded by :func:`~inversion.tiling.conv_radius`). Measured once per layer."""
-        layer = layer or self.layer
+        layer = self._layer(layer)
         cache = self.__dict__.setdefault("_margins", {})
         if layer not in cache:
             p = next(self.encoder.parameters())
@@ -291,7 +372,7 @@ class RobustAutoencoder(nn.Module):
             layer: which decoder's features (default: the first).
             tile: window side in pixels, margins included (default: the square of ``max_pixels``).
         """
-        layer = layer or self.layer
+        layer = self._layer(layer)
         h, w = x.shape[-2:]
         if (tile is None and h * w <= self.max_pixels) or not self.tiles_exactly(layer):
             return self.encode(x, layer)
@@ -313,7 +394,7 @@ class RobustAutoencoder(nn.Module):
         Returns:
             (B, 3, h * s, w * s) images in [0, 1], ``s`` the stride.
         """
-        layer = layer or self.layer
+        layer = self._layer(layer)
         main, s = features[layer], self.strides[layer]
         if (tile is None and main.shape[-2] * main.shape[-1] * s * s <= self.max_pixels) \
                 or not self.tiles_exactly(layer):
@@ -347,7 +428,7 @@ class RobustAutoencoder(nn.Module):
             (B, 3, H, W) -> (B, 3, H, W).
         """
         x = check_images(x, dtype=self._dtype)
-        layer = layer or self.layer
+        layer = self._layer(layer)
         h, w = x.shape[-2:]
         if tile is None and h * w <= self.max_pixels:
             return self._reconstruct_whole(x, layer)
@@ -365,24 +446,44 @@ class RobustAutoencoder(nn.Module):
     def save(self, path: str | os.PathLike, **extra: Any) -> Path:
         """Write one self-contained file (encoder + decoders), atomically."""
         return save_checkpoint({
-            "format": AUTOENCODER_FORMAT, "version": 1,
+            "format": AUTOENCODER_FORMAT, "version": FORMAT_VERSIONS[AUTOENCODER_FORMAT],
             "encoder": encoder_checkpoint(self.encoder),
             "decoders": {k: decoder_checkpoint(d, self.encoder.config()) for k, d in self.decoders.items()},
             **extra}, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "RobustAutoencoder":
-        """Load a file written by :meth:`save` (read once); its extra keys are in :attr:`metadata`."""
-        return cls.from_checkpoint(load_checkpoint(path), str(path), device)
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             kind: str | None = None) -> "RobustAutoencoder":
+        """Load a file written by :meth:`save` (read once); its extra keys are in :attr:`metadata`.
+
+        ``kind``: see :meth:`from_checkpoint`.
+        """
+        return cls.from_checkpoint(load_checkpoint(path), str(path), device, kind)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Mapping[str, Any], source: str = "checkpoint",
-                        device: str | torch.device = "cpu") -> "RobustAutoencoder":
-        """Rebuild from the dict :meth:`save` writes (for callers that already read the file)."""
+                        device: str | torch.device = "cpu", kind: str | None = None) -> "RobustAutoencoder":
+        """Rebuild from the dict :meth:`save` writes (for callers that already read the file).
+
+        Args:
+            ckpt: the file's dict.
+            source: the file, for messages.
+            device: where the modules go.
+            kind: what the caller needs (a key of :data:`MODEL_KINDS`, e.g. ``denoise``): a file
+                written for another kind (:func:`model_kind`) is refused; a plain autoencoder
+                file, which records none, is accepted.
+
+        Raises:
+            RFIError: another kind of file, an unknown format or a newer version, or damaged contents.
+        """
+        check_format(ckpt, source)
+        wanted = MODEL_KINDS.get(kind, kind) if kind else "an RFI autoencoder file (encoder + decoders in one file)"
         if ckpt.get("format") != AUTOENCODER_FORMAT:
-            what = {"rfi-encoder": "an encoder checkpoint", "rfi-decoder": "a decoder checkpoint"}.get(
-                ckpt.get("format"), f"format={ckpt.get('format')!r}")
-            raise RFIError(f"{source} is not an RFI autoencoder file (encoder + decoders in one file): it is {what}")
+            what = _FORMAT_NAMES.get(ckpt.get("format"), f"format={ckpt.get('format')!r}")
+            raise RFIError(f"{source} is not {wanted}: it is {what}")
+        recorded = model_kind(ckpt)
+        if kind is not None and recorded is not None and recorded != kind:
+            raise RFIError(f"{source} is not {wanted}: it is {MODEL_KINDS.get(recorded, recorded)}")
         if not isinstance(ckpt.get("encoder"), Mapping) or not isinstance(ckpt.get("decoders"), Mapping) \
                 or not ckpt["decoders"]:
             raise RFIError(f"{source} is a damaged autoencoder file ('encoder' or 'decoders' missing)")
@@ -395,16 +496,18 @@ class RobustAutoencoder(nn.Module):
     def from_checkpoints(cls, encoder: str | os.PathLike | Encoder,
                          decoders: str | os.PathLike | Sequence[str | os.PathLike],
                          device: str | torch.device = "cpu", arch: str | None = None,
-                         arch_key: str = "--arch") -> "RobustAutoencoder":
+                         arch_key: str = "--arch", allow_mismatch: bool = False) -> "RobustAutoencoder":
         """Build from an encoder checkpoint (or encoder) and one or more decoder checkpoints.
 
         The encoder file may be an RFI, ``robustness``-library or torchvision checkpoint: the
         latter two are rebuilt as the architecture ``arch``, by default the one the decoder
         checkpoints record (``rfi train-decoder`` stores its encoder's configuration).
         Each file is read once; what they record besides the weights is in :attr:`metadata`.
+        Each decoder must have been trained on this encoder (:func:`check_pair`), unless
+        ``allow_mismatch``.
 
         Raises:
-            RFIError: unreadable files, or a decoder that does not fit the encoder.
+            RFIError: unreadable files, a decoder trained on another encoder, or one that does not fit it.
         """
         paths = [decoders] if isinstance(decoders, (str, os.PathLike)) else list(decoders)
         ckpts = []
@@ -416,6 +519,7 @@ class RobustAutoencoder(nn.Module):
                 raise RFIError(f"{p} is not an RFI decoder checkpoint")
             ckpts.append((p, ckpt))
         encoder_meta: dict[str, Any] = {}
+        encoder_source = f"the {encoder.arch} encoder given" if isinstance(encoder, Encoder) else str(encoder)
         if not isinstance(encoder, Encoder):
             enc_ckpt = load_checkpoint(encoder)
             if arch is None and enc_ckpt.get("format") != ENCODER_FORMAT:  # a foreign file: as the decoders record
@@ -426,10 +530,10 @@ class RobustAutoencoder(nn.Module):
             del enc_ckpt
         decs: dict[str, Decoder] = {}
         meta: dict[str, Any] = {}
+        fingerprint = None if allow_mismatch or not any("encoder_sha256" in c for _, c in ckpts) \
+            else encoder_fingerprint(encoder)  # once, for every decoder
         for p, ckpt in ckpts:
-            trained_for = ckpt.get("encoder") or {}
-            if trained_for and trained_for.get("arch") != encoder.arch:
-                raise RFIError(f"{p} was trained for a {trained_for.get('arch')} encoder, not {encoder.arch}")
+            check_pair(ckpt, encoder, str(p), encoder_source, allow_mismatch, fingerprint)
             dec = decoder_from_checkpoint(ckpt, str(p))
             decs[dec.layer] = dec
             meta[dec.layer] = checkpoint_metadata(ckpt)

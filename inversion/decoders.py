@@ -3,11 +3,18 @@
 A :class:`Decoder` has no fully connected layer and no fixed size: trained on 32x32 crops
 it inverts features of any image size (output = input features x stride). Optional skip
 inputs (U-Net style) concatenate shallower encoder features at the matching resolution.
+The same decoder predicts dense maps other than images: ``out_channels`` maps of raw scores
+with ``logits=True`` (e.g. class logits per pixel, :mod:`apps.segment`).
 
 A decoder checkpoint is a plain dict (``weights_only`` safe)::
 
     {"format": "rfi-decoder", "version": 1, "decoder": Decoder.config(), "state_dict": {...},
-     "encoder": Encoder.config(), "train_size": 32, ...extra}
+     "encoder": Encoder.config(), "encoder_sha256": <fingerprint of its weights>, "train_size": 32, ...extra}
+
+``encoder`` and ``encoder_sha256`` record the encoder it was trained on
+(:func:`~encoders.weights.checkpoints.encoder_fingerprint`); ``RobustAutoencoder.from_checkpoints``
+refuses another encoder unless told the mismatch is deliberate. Files without
+``encoder_sha256`` are checked by the encoder's settings only.
 """
 from __future__ import annotations
 
@@ -20,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.weights.checkpoints import build_from_config, load_state_dict_checked
+from encoders.weights.checkpoints import build_from_config, encoder_fingerprint, load_state_dict_checked
 from encoders.nets.downsample import circular_convs
 from encoders.core.errors import RFIError
-from encoders.nets.models import INPUT_TAP
-from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.nets.models import INPUT_TAP, Encoder
+from encoders.core.serialization import FORMAT_VERSIONS, check_format, load_checkpoint, save_checkpoint
 from inversion.upsample import LPU, stage_phases
 
 DECODER_FORMAT = "rfi-decoder"
@@ -119,7 +126,7 @@ class ResidualBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Invert features of stride ``stride`` back to a 3-channel image in [0, 1].
+    """Invert features of stride ``stride`` back to a 3-channel image in [0, 1] (or to ``out_channels`` logit maps).
 
     Architecture: 3x3 conv to ``channels``, ``blocks`` residual blocks, then n stages of
     nearest up-sampling + 3x3 conv (+ ``stage_blocks`` more 3x3 convs; channels halve per
@@ -161,11 +168,14 @@ class Decoder(nn.Module):
         refine_blocks: full-resolution capacity for restoration: a 3x3 conv fusing the last
             stage's output with the ``input`` skip (when present), then this many residual
             blocks at the output resolution, before the tail (0: none, as before).
+        out_channels: channels of the output (3: an image).
+        logits: output the last conv's raw scores (no sigmoid, no clamping), e.g. class logits
+            per pixel for segmentation; not with ``residual``.
 
     Shape:
         - Input: (B, in_channels, h, w), or a mapping ``{layer: tensor, **skips}``.
-        - Output: (B, 3, H, W), values in [0, 1]: ``size`` when given, else set by the
-          skips, else (h * 2^n, w * 2^n), n = round(log2(stride)).
+        - Output: (B, out_channels, H, W), values in [0, 1] unless ``logits``: ``size`` when
+          given, else set by the skips, else (h * 2^n, w * 2^n), n = round(log2(stride)).
 
     Example:
         >>> dec = Decoder(64, stride=4, layer="layer3")
@@ -174,16 +184,24 @@ class Decoder(nn.Module):
         >>> alex = Decoder(256, stride=17, layer="conv5", channels=32)  # AlexNet: 13x13 at 224 px
         >>> tuple(alex(torch.rand(1, 256, 13, 13), size=(224, 224)).shape)
         (1, 3, 224, 224)
+        >>> seg = Decoder(64, stride=4, layer="layer3", out_channels=6, logits=True)  # 6 class-logit maps
+        >>> tuple(seg(torch.rand(1, 64, 8, 8)).shape)
+        (1, 6, 32, 32)
     """
 
     def __init__(self, in_channels: int, stride: int, layer: str = "", channels: int = 128,
                  min_channels: int = 32, blocks: int = 1, skips: Mapping[str, tuple[int, int]] | None = None,
                  padding_mode: str = "reflect", norm: bool = True, upsample: str = "nearest",
                  phase_from: Sequence[str] | None = None, residual: bool = False,
-                 stage_blocks: int = 0, spectral_norm: bool = False, refine_blocks: int = 0):
+                 stage_blocks: int = 0, spectral_norm: bool = False, refine_blocks: int = 0,
+                 out_channels: int = 3, logits: bool = False):
         super().__init__()
         if stride < 1:
             raise RFIError(f"decoder stride must be >= 1, got {stride}")
+        if out_channels < 1 or (residual and (logits or out_channels != 3)):
+            raise RFIError(f"a decoder needs out_channels >= 1 (got {out_channels}); a residual one outputs an "
+                           f"image (out_channels=3, logits=False)")
+        self.out_channels, self.logits = int(out_channels), bool(logits)
         n = max(0, round(math.log2(stride)))
         self.upsample, self.phase_from = upsample, list(phase_from or [])
         if upsample == "lps":
@@ -222,7 +240,7 @@ class Decoder(nn.Module):
             self.refine = nn.Sequential(
                 _conv_block(c + (3 if INPUT_TAP in self.skips else 0), c, padding_mode, norm),
                 *[ResidualBlock(c, padding_mode, norm) for _ in range(self.refine_blocks)])
-        self.tail = nn.Conv2d(c, 3, 3, padding=1, padding_mode=padding_mode)
+        self.tail = nn.Conv2d(c, self.out_channels, 3, padding=1, padding_mode=padding_mode)
         placed = {name for names in self.skip_at.values() for name in names}
         if placed != set(self.skips):
             bad = sorted(set(self.skips) - placed)
@@ -263,6 +281,8 @@ class Decoder(nn.Module):
             cfg["spectral_norm"] = True
         if self.refine_blocks:
             cfg["refine_blocks"] = self.refine_blocks
+        if self.out_channels != 3 or self.logits:
+            cfg.update(out_channels=self.out_channels, logits=self.logits)
         return cfg
 
     def stage_sizes(self, features: Tensor, feats: Mapping[str, Tensor],
@@ -325,29 +345,47 @@ class Decoder(nn.Module):
             x = self.refine(x)
         if self.residual:
             out = (feats[INPUT_TAP] + self.tail(x)).clamp(0, 1)
+        elif self.logits:
+            out = self.tail(x)
         else:
             out = torch.sigmoid(self.tail(x))
         if size is not None and tuple(out.shape[-2:]) != (int(size[0]), int(size[1])):  # stride 1, LPS
-            out = F.interpolate(out, size=(int(size[0]), int(size[1])), mode="bilinear",
-                                align_corners=False).clamp(0, 1)
+            out = F.interpolate(out, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+            out = out if self.logits else out.clamp(0, 1)
         return out
 
 
-def decoder_checkpoint(decoder: Decoder, encoder_config: Mapping[str, Any] | None = None,
+def decoder_checkpoint(decoder: Decoder, encoder: Encoder | Mapping[str, Any] | None = None,
                        **extra: Any) -> dict[str, Any]:
-    """The checkpoint dict of ``decoder``, recording the encoder it was trained for."""
-    return {"format": DECODER_FORMAT, "version": 1, "decoder": decoder.config(),
-            "state_dict": decoder.state_dict(), "encoder": dict(encoder_config or {}), **extra}
+    """The checkpoint dict of ``decoder``, recording the encoder it was trained on.
+
+    Args:
+        decoder: the decoder.
+        encoder: the encoder it was trained on: its settings and the fingerprint of its weights
+            (``encoder_sha256``) are recorded; a mapping (``Encoder.config()``) records the settings only.
+        **extra: more keys (training size, metrics, training state).
+    """
+    if isinstance(encoder, Encoder):
+        extra = {"encoder_sha256": encoder_fingerprint(encoder), **extra}
+        encoder = encoder.config()
+    return {"format": DECODER_FORMAT, "version": FORMAT_VERSIONS[DECODER_FORMAT], "decoder": decoder.config(),
+            "state_dict": decoder.state_dict(), "encoder": dict(encoder or {}), **extra}
 
 
-def save_decoder(decoder: Decoder, path: str | os.PathLike, encoder_config: Mapping[str, Any] | None = None,
+def save_decoder(decoder: Decoder, path: str | os.PathLike, encoder: Encoder | Mapping[str, Any] | None = None,
                  **extra: Any) -> Path:
-    """Atomically write a decoder checkpoint."""
-    return save_checkpoint(decoder_checkpoint(decoder, encoder_config, **extra), path)
+    """Atomically write a decoder checkpoint (see :func:`decoder_checkpoint`)."""
+    return save_checkpoint(decoder_checkpoint(decoder, encoder, **extra), path)
 
 
 def decoder_from_checkpoint(ckpt: Mapping[str, Any], source: str = "checkpoint") -> Decoder:
-    """Rebuild a :class:`Decoder` from a checkpoint dict (see :func:`decoder_checkpoint`)."""
+    """Rebuild a :class:`Decoder` from a checkpoint dict (see :func:`decoder_checkpoint`).
+
+    Raises:
+        RFIError: another kind of file, an unknown format or a newer version, damaged settings, or
+            weights that do not fit.
+    """
+    check_format(ckpt, source)
     if ckpt.get("format") != DECODER_FORMAT:
         hint = {"rfi-encoder": ": it is an encoder checkpoint (pass it as the encoder)",
                 "rfi-autoencoder": ": it is an autoencoder file (pass it as --model)"}.get(ckpt.get("format"), "")

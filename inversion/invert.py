@@ -10,7 +10,10 @@ overwrite inputs, and each is written atomically.
 
 The encoder may be an RFI checkpoint, a ``robustness``-library checkpoint or a torchvision
 state dict; for the last two the architecture comes from ``--arch`` or, by default, from
-the decoder checkpoint (which records the encoder it was trained for).
+the decoder checkpoint (which records the encoder it was trained for). A decoder is used
+only with that encoder (``--allow-mismatch`` pairs others on purpose, see
+:func:`inversion.autoencoder.check_pair`), and a model file with NaN weights is refused as
+it is read (:func:`encoders.core.serialization.load_checkpoint`).
 
 Example:
     rfi invert photos/ --encoder runs/encoders/resnet18_robust/checkpoint.pt \\

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from encoders.core.budget import FLOAT_BYTES, TRAINING_COPIES, check_memory, meta_parameters
 from encoders.core.config import config_to_dict, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.optim import lr_scheduler
@@ -277,13 +278,28 @@ def decoder_capacity(section: DecoderSection, in_channels: int) -> dict[str, Any
 
 def build_decoder(encoder: Encoder, layer: str, section: DecoderSection) -> Decoder:
     """A decoder for ``layer`` of ``encoder`` (channels and stride measured on the encoder;
-    capacity from ``section.preset``, see :func:`decoder_capacity`)."""
+    capacity from ``section.preset``, see :func:`decoder_capacity`).
+
+    Its parameters are first counted on the ``meta`` device: a decoder whose training (weights,
+    gradients, optimiser state) would not fit in memory is refused, naming ``decoder.channels``.
+
+    Raises:
+        RFIError: the decoder is too large for this machine (:func:`~encoders.core.budget.check_memory`).
+    """
     info = encoder.feature_info()
     channels, stride = info[layer]
-    return Decoder(channels, stride, layer, skips={s: info[s] for s in section.skips}, norm=section.norm,
-                   residual=section.residual, refine_blocks=section.refine_blocks,
-                   **decoder_capacity(section, channels),
-                   **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
+    capacity = decoder_capacity(section, channels)
+
+    def build() -> Decoder:
+        return Decoder(channels, stride, layer, skips={s: info[s] for s in section.skips}, norm=section.norm,
+                       residual=section.residual, refine_blocks=section.refine_blocks, **capacity,
+                       **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
+
+    size = meta_parameters(build)
+    check_memory(size * FLOAT_BYTES * TRAINING_COPIES,
+                 f"decoder.channels={capacity['channels']} (a decoder of {size / 1e9:,.1f} G parameters, trained)",
+                 "lower decoder.channels (or decoder.blocks, decoder.preset)")
+    return build()
 
 
 def _images(batch: Any) -> Tensor:

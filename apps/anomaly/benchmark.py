@@ -33,6 +33,7 @@ from PIL import Image
 from apps.anomaly.config import BenchmarkConfig
 from encoders.core.config import check_config
 from encoders.core.errors import RFIError
+from encoders.core.files import check_output_folder, reported_writes
 from encoders.core.imageio import write_image
 from encoders.data.embedded import EMBEDDED_TEXTURES, embedded_image, region
 
@@ -165,7 +166,8 @@ def make_benchmark(out: str | os.PathLike, cfg: BenchmarkConfig | None = None) -
         ``out``, an MVTec AD root (categories ``brick``, ``grass``, ``gravel``).
 
     Raises:
-        RFIError: bad settings, or ``out`` holds something else (never overwritten).
+        RFIError: bad settings, ``out`` holds something else (never overwritten), or cannot be
+            written (checked first; a full disk midway is one line too, nothing left behind).
     """
     cfg = check_config(cfg or BenchmarkConfig(), "the benchmark settings")
     if not cfg.textures:
@@ -184,21 +186,23 @@ def make_benchmark(out: str | os.PathLike, cfg: BenchmarkConfig | None = None) -
                        f"choose another folder or delete it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RFIError(f"{out} exists and is not an embedded benchmark folder: choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        for texture in cfg.textures:
-            _write_texture(tmp, texture, cfg)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
+    check_output_folder(out, flag="benchmark folder")  # read-only, too long a name...: one line, before any work
+    with reported_writes(out, "benchmark folder"):  # a full disk: one line, the temporary tree removed
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            os.replace(tmp, out)
-        except OSError:  # another process made the same benchmark meanwhile
-            if not (out / MANIFEST).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            for texture in cfg.textures:
+                _write_texture(tmp, texture, cfg)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            if out.is_dir():
+                out.rmdir()  # empty (checked above)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process made the same benchmark meanwhile
+                if not (out / MANIFEST).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote the embedded anomaly benchmark (%s) to %s", ", ".join(cfg.textures), out)
     return out
 

@@ -3,14 +3,19 @@
 ``rfi anomaly fit`` (:mod:`apps.anomaly.fitting`) reads every normal image through
 :class:`DecodedImages`: its decoder's training and validation crops (:class:`NormalCrops`), its
 memory bank and its score statistics all come from the one file, at the working resolution
-(:func:`prepare_image`).
+(:func:`prepare_image`). The file lives in a temporary folder next to the model file
+(:func:`decoding_folder`), removed however the fit ends; one left by a fit killed with ``kill -9``
+is removed by the next fit next to the same model file.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +26,7 @@ from torchvision.transforms import v2
 from encoders.core.errors import RFIError
 from encoders.core.imageio import read_image
 from encoders.core.runtime import progress
+from encoders.core.serialization import pid_alive
 from encoders.data.embedded import Split
 
 log = logging.getLogger("rfi")
@@ -31,6 +37,37 @@ def prepare_image(image: Tensor, image_size: int | None) -> Tensor:
     if image_size and min(image.shape[-2:]) != image_size:
         image = v2.functional.resize(image, image_size, antialias=True).clamp(0, 1)
     return image
+
+
+@contextlib.contextmanager
+def decoding_folder(model: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder for the decoded images of the fit that writes ``model``: ``.<stem>_decoded.<pid>.*``
+    next to it.
+
+    It is removed when the block ends, however it ends (an error, Ctrl-C, or ``kill``, which
+    ``rfi`` turns into an exception). The folders of fits killed with ``kill -9`` (whose pid no
+    longer runs) next to the same model file are removed first, with a log line.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> stale = d / ".brick_decoded.4206769.abc"  # above the default pid_max: a fit that was killed
+        >>> stale.mkdir()
+        >>> with decoding_folder(d / "brick.pt") as folder:
+        ...     folder.name.startswith(f".brick_decoded.{os.getpid()}.")
+        True
+        >>> list(d.iterdir())
+        []
+    """
+    model = Path(model)
+    prefix = f".{model.stem}_decoded."
+    for folder in model.parent.glob(prefix + "*"):
+        pid = folder.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            log.info("removing %s, left by a fit that was killed", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}.", dir=model.parent) as tmp:
+        yield Path(tmp)
 
 
 class DecodedImages:

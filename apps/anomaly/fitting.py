@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from apps.anomaly.config import AnomalyConfig
 from apps.anomaly.data import resolve_data
-from apps.anomaly.decoded import DecodedImages, NormalCrops
+from apps.anomaly.decoded import DecodedImages, NormalCrops, decoding_folder
 from apps.anomaly.detector import BATCH_PIXELS, AnomalyDetector
 from apps.anomaly.memory import MemoryBank, default_memory_layers
 from encoders.core.config import check_config, config_to_dict
@@ -53,10 +52,10 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
 
     Every ``cfg.holdout``-th normal image is held out of decoder training (and of the
     memory bank); the score statistics and the threshold are measured on those. Each normal
-    image is decoded once, into a memory-mapped file next to ``out`` (:class:`DecodedImages`,
-    removed at the end): the decoder's random training crops, its validation crops (fixed
-    crops of the held-out images at the same scale, :class:`NormalCrops`), the memory bank and
-    the statistics all read from it. Decoder training (``method`` ``reconstruction`` or
+    image is decoded once, into a memory-mapped file next to ``out`` (:class:`DecodedImages` in a
+    :func:`~apps.anomaly.decoded.decoding_folder`, removed however the fit ends): the decoder's
+    random training crops, its validation crops (fixed crops of the held-out images at the same
+    scale, :class:`NormalCrops`), the memory bank and the statistics all read from it. Decoder training (``method`` ``reconstruction`` or
     ``combined``) runs in ``<out without suffix>_fit/`` (metrics log, sample grids, its
     checkpoint), so a killed fit continues with ``resume=True``; ``memory`` builds the bank
     from the other normal images. The model file is written atomically: a fit killed mid-way
@@ -77,8 +76,8 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
     found = resolve_data(data, cfg.category, cfg.benchmark, "train")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.stem}_decoded.", dir=out.parent) as tmp:
-        normal = DecodedImages(found.train, Path(tmp) / "normal.u8", cfg.image_size)
+    with decoding_folder(out) as tmp:
+        normal = DecodedImages(found.train, tmp / "normal.u8", cfg.image_size)
         if len(normal) < 2:
             raise RFIError(f"{found.root}: need at least 2 readable normal training images, found {len(normal)}")
         train, held = split_normal(range(len(normal)), cfg.holdout)

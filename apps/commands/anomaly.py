@@ -20,8 +20,7 @@ from apps.anomaly.metrics import format_metrics
 from apps.anomaly.scoring import score
 from apps.commands.common import common_flags
 from encoders.core.config import FLAGS, check_config, parse_overrides
-from encoders.core.errors import RFIError
-from encoders.core.files import check_output_folder, partial_exit
+from encoders.core.files import check_output_file, check_output_folder, partial_exit, reported_writes
 from encoders.core.runtime import resolve_device
 
 log = logging.getLogger("rfi")
@@ -74,15 +73,13 @@ def register_anomaly(parser: argparse.ArgumentParser) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     """``rfi anomaly fit``: prints the model file's path."""
-    if Path(args.out).is_dir():
-        raise RFIError(f"--out {args.out} is a folder: name the model file to write "
-                       f"(e.g. {Path(args.out) / 'model.pt'})")
-    check_output_folder(Path(args.out).parent)  # before any training
+    check_output_file(args.out)  # a folder, too long a name, a read-only place: one line before any training
     flags = {"method": args.method} if args.method else {}
     cfg = load_anomaly_config(args.config, {**parse_overrides(args.overrides), **flags})
     if args.category:
         cfg.category = args.category
-    print(fit(cfg, args.data, args.out, resume=args.resume))
+    with reported_writes(Path(args.out).parent):  # a full disk: one line naming the folder
+        print(fit(cfg, args.data, args.out, resume=args.resume))
     return 0
 
 
@@ -104,7 +101,8 @@ def run_score(args: argparse.Namespace) -> int:
     data = resolve_data(args.data, category, bench, "test", args.labels)
     if data.category and det.info.get("category") and data.category != det.info["category"]:
         log.warning("the model was fitted on '%s' but scores '%s'", det.info["category"], data.category)
-    metrics = score(det, data, args.out, flags.batch_size, write_maps=not args.no_maps)
+    with reported_writes(args.out):  # a full disk: one line naming the folder
+        metrics = score(det, data, args.out, flags.batch_size, write_maps=not args.no_maps)
     print(format_metrics(metrics))
     print(f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'metrics.json'}"
           + ("" if args.no_maps else f" and {metrics['images']} heat maps in {Path(args.out) / 'maps'}"))
@@ -113,6 +111,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_make_benchmark(args: argparse.Namespace) -> int:
     """``rfi anomaly make-benchmark``: prints the benchmark folder."""
+    check_output_folder(args.out)  # before the config is read: an empty --out is not the working directory
     cfg = load_anomaly_config(args.config, args.overrides)
     print(make_benchmark(args.out, cfg.benchmark))
     return 0

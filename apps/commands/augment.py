@@ -18,10 +18,11 @@ import torch
 from torchvision.transforms import v2
 
 from apps.style.augment import StyleAugment, load_style_model
+from encoders.core.budget import FLOAT_BYTES, check_memory
 from encoders.core.config import bounded, load_config, value_range, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.files import FileBatch, check_finite
-from encoders.core.imageio import read_image
+from encoders.core.imageio import check_image_side, read_image
 from encoders.core.runtime import progress, resolve_device, save_grid
 
 log = logging.getLogger("rfi")
@@ -124,9 +125,13 @@ def run(args: argparse.Namespace) -> int:
     two inputs never write the same view, unreadable inputs are named and skipped).
     """
     cfg = augment_config(args)
+    check_image_side(cfg.size, "--size")
     device = resolve_device(cfg.device)
     batch_files = FileBatch(args.images, args.out, desc="augment",
                             names=lambda p: [f"{p.stem}_view{k + 1}.png" for k in range(cfg.views)])
+    held = (1 + cfg.views) * len(batch_files.files) * 3 * cfg.size ** 2 * FLOAT_BYTES  # the images and their views
+    check_memory(held, f"--size {cfg.size} with --views {cfg.views} for {len(batch_files.files)} images",
+                 "lower --size or --views, or augment fewer images at a time")
     sheet_path = batch_files.out / "contact_sheet.png"
     if sheet_path.resolve() in {f.resolve() for f in batch_files.files}:
         raise RFIError(f"refusing to overwrite input {sheet_path}: choose an --out folder other than the inputs'")

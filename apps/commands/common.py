@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from encoders.core.config import FLAGS, check_config
-from encoders.core.errors import RFIError
-from encoders.core.files import check_output_folder
+from encoders.core.files import check_output_file, check_output_folder, reported_writes
 from encoders.data.build import DataConfig
 
 T = TypeVar("T")
@@ -107,16 +106,19 @@ def flag_overrides(args: argparse.Namespace, section: str, names: Sequence[str])
 
 def run_training(args: argparse.Namespace, config_class: type, train: Callable[..., Any], runs: str) -> int:
     """The ``run`` of ``rfi train-encoder`` / ``train-decoder``: load the config, pick the output folder
-    (``--out``, else the config's ``out``, else ``<runs>/<config name>``), train, and print the
+    (``--out``, else the config's ``out``, else ``<runs>/<config name>``) and check it, train (a full
+    disk is one line naming the folder: :func:`~encoders.core.files.reported_writes`), and print the
     checkpoint's path on rank 0 (the only line on stdout, for scripts)."""
     from encoders.core.config import load_config
 
     cfg = load_config(config_class, args.config, args.overrides)
-    if args.out:
+    if args.out is not None:
         cfg.out = args.out
     elif not cfg.out:
         cfg.out = str(Path(runs) / Path(args.config).stem)
-    result = train(cfg, resume=args.resume)
+    check_output_folder(cfg.out)  # empty, a file, too long a name, read-only: one line before any work
+    with reported_writes(cfg.out):
+        result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(os.fspath(result.path))
     return 0
@@ -161,10 +163,7 @@ def json_output(flag_value: str | None, default: Path) -> Path:
     """The ``--json OUT`` file (default ``default``), checked writable before any work.
 
     Raises:
-        RFIError: it names a folder, or its folder cannot be written.
+        RFIError: it is empty or names a folder, its name is too long, or its folder cannot be
+            written (see :func:`~encoders.core.files.check_output_file`).
     """
-    out = Path(flag_value) if flag_value else default
-    if out.is_dir():
-        raise RFIError(f"--json {out} is a folder: name a file")
-    check_output_folder(out.parent, flag="--json folder")
-    return out
+    return check_output_file(default if flag_value is None else flag_value, flag="--json")

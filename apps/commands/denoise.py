@@ -19,7 +19,7 @@ import os
 
 from apps.commands.common import add_job_arguments, common_flags, flag_overrides
 from apps.denoise import DEFAULT_CONFIG, denoise_files, load_denoiser, load_denoiser_config, model_file, train_denoiser
-from encoders.core.files import check_output_folder
+from encoders.core.files import check_output_folder, reported_writes
 from encoders.core.runtime import resolve_device
 
 log = logging.getLogger("rfi")
@@ -67,11 +67,12 @@ def register_denoise(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """``rfi denoise train``: train; rank 0 prints the model file's path."""
     cfg = load_denoiser_config(args.config, args.overrides)
-    if args.out:
+    if args.out is not None:
         cfg.train.out = args.out
-    if args.model:
+    if args.model is not None:
         cfg.model = args.model
-    path = train_denoiser(cfg, resume=args.resume)
+    with reported_writes(cfg.train.out or model_file(cfg)):  # a full disk: one line naming the folder
+        path = train_denoiser(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(os.fspath(path))
     return 0

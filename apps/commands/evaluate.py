@@ -74,6 +74,8 @@ def register_evaluate(parser: argparse.ArgumentParser) -> None:
                                        "(e.g. resnet50; default: as each decoder records)")
     parser.add_argument("--decoder", action="append", required=True, metavar="D",
                         help="decoder checkpoint for the preceding --encoder (repeat)")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="pair a --decoder with an encoder other than the one it was trained on (on purpose)")
     parser.add_argument("--names", help="run names for the table and grid columns, e.g. standard,robust "
                                         "(default: the decoders' folder names)")
     add_flag(parser, EvaluateFlags, "scales", "multiples of the training size, separated by commas")
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(flags.out)
     device = resolve_device(flags.device)
     names = run_names(args.decoder, args.names)
-    models = {n: RobustAutoencoder.from_checkpoints(e, d, device=device, arch=args.arch)
+    models = {n: RobustAutoencoder.from_checkpoints(e, d, device=device, arch=args.arch,
+                                                    allow_mismatch=args.allow_mismatch)
               for n, e, d in zip(names, args.encoder, args.decoder)}
     sizes = {d: args.size or ae.metadata["decoders"][ae.layer].get("train_size")
              for d, ae in zip(args.decoder, models.values())}

@@ -51,6 +51,8 @@ def register_invert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder", help="decoder checkpoint (required for --method decoder; "
                                           "with --method optimize it names the layer)")
     parser.add_argument("--out", required=True, help="output folder (one PNG per input, same names)")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="use --decoder with an encoder other than the one it was trained on (on purpose)")
     add_flag(parser, InvertFlags, "method", "decoder (fast) or optimize (gradient descent on pixels)")
     add_flag(parser, InvertFlags, "tile", "decoder: tile side in px for large images (none: whole image up to "
                                           "1 Mpx, else 1024; equal to a whole pass)")
@@ -68,12 +70,14 @@ def inverter(args: argparse.Namespace, flags: InvertFlags, device: torch.device)
     if flags.method == "decoder":
         if not args.decoder:
             raise RFIError("--method decoder needs --decoder D (a decoder checkpoint)")
-        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch)
+        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch,
+                                               allow_mismatch=args.allow_mismatch)
         return lambda x: ae.reconstruct(x, tile=flags.tile)
     from inversion.optimize import invert_by_optimization
 
     if args.decoder:
-        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch)
+        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch,
+                                               allow_mismatch=args.allow_mismatch)
         encoder, layer = ae.encoder, args.layer or ae.layer
     elif args.layer:
         encoder, layer = load_encoder(args.encoder, args.arch).to(device), args.layer

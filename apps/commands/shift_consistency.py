@@ -14,6 +14,7 @@ from pathlib import Path
 
 from apps.commands.common import add_data_arguments, add_flag, checked_flags, data_config, json_output
 from encoders.core.config import bounded, yaml_dataclass
+from encoders.core.files import reported_writes
 from encoders.weights.checkpoints import encoder_from_checkpoint
 from encoders.data.build import build_dataset
 from encoders.core.runtime import resolve_device
@@ -72,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{path}: {encoder.arch} ({kind}) on {data_cfg.source} val, "
           f"{data_cfg.size}px, two random circular shifts per image (seed {flags.seed})")
     print(format_table([result], [path.stem if path.stem != "checkpoint" else path.parent.name]))
-    write_json({"encoder": str(path), "decoder": args.decoder, "downsample": encoder.downsample,
-                "equivariant": bool(getattr(encoder, "equivariant", False)),
-                "data": vars(data_cfg), **result}, out)
+    with reported_writes(out, "--json"):  # a full disk: one line naming the file
+        write_json({"encoder": str(path), "decoder": args.decoder, "downsample": encoder.downsample,
+                    "equivariant": bool(getattr(encoder, "equivariant", False)),
+                    "data": vars(data_cfg), **result}, out)
     print(f"wrote {out}")
     return 0

@@ -24,8 +24,8 @@ from apps.style.transfer import check_weights, resize_longer, stylize
 from apps.style.transforms import METHODS
 from encoders.core.config import load_config
 from encoders.core.errors import RFIError
-from encoders.core.files import FileBatch
-from encoders.core.imageio import read_image
+from encoders.core.files import FileBatch, check_output_file, reported_writes
+from encoders.core.imageio import check_image_side, read_image
 from encoders.core.runtime import resolve_device
 
 APPLY_FLAGS = ("method", "alpha", "preserve_color", "size", "style_size", "layers", "device")
@@ -104,9 +104,11 @@ def register_style(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """``rfi style train``: train every layer's decoder; print the pyramid file's path."""
     cfg = load_config(StyleConfig, args.config, args.overrides)
-    if args.out:
+    if args.out is not None:
         cfg.out = args.out
-    print(train_pyramid(cfg, resume=args.resume).path)
+    check_output_file(cfg.out)  # empty, a folder, too long a name, read-only: one line before any training
+    with reported_writes(cfg.out):  # a full disk: one line naming the file
+        print(train_pyramid(cfg, resume=args.resume).path)
     return 0
 
 
@@ -114,6 +116,8 @@ def run_apply(args: argparse.Namespace) -> int:
     """``rfi style apply``: stylise every content image; the exit code follows :mod:`encoders.core.files`."""
     cfg = load_config(StyleConfig, args.config, flag_overrides(args, "apply", APPLY_FLAGS))
     settings = cfg.apply
+    check_image_side(settings.size, "--size")
+    check_image_side(settings.style_size, "--style-size")
     style_paths = [Path(s) for s in args.style]
     for path in style_paths:
         if not path.is_file():

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,7 +49,6 @@ from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images, list_images, read_image
 from encoders.core.serialization import load_checkpoint
 from inversion.autoencoder import AUTOENCODER_FORMAT, RobustAutoencoder
-from inversion.tiling import pad_to_multiple
 
 log = logging.getLogger("rfi")
 
@@ -232,13 +232,21 @@ class StyleAugment(v2.Transform):
         return next(self.autoencoder.parameters()).device
 
     def _encode(self, x: Tensor) -> dict[str, Tensor]:
-        """Encoder features of images padded (reflect) to a multiple of the decoder's stride."""
-        x = pad_to_multiple(x, self.stride)
+        """Encoder features of images padded to a size the autoencoder takes whole (its ``pad``: a
+        multiple of the stride, at least two strides, so even a 1x1 image is restyled)."""
+        x = self.autoencoder.pad(x, self.layer)
         return self.autoencoder.encode(x.contiguous(memory_format=torch.channels_last), self.layer)
 
     # v2.Transform protocol: make_params draws once per call, transform applies to each image input.
     def check_inputs(self, flat_inputs: list[Any]) -> None:
         images = [x for x in flat_inputs if isinstance(x, tv_tensors.Image) or is_pure_tensor(x)]
+        if not images:
+            given = type(flat_inputs[0]).__name__ if flat_inputs else "nothing"
+            hint = ""
+            if any(isinstance(x, np.ndarray) for x in flat_inputs):
+                hint = (": convert it with torch.from_numpy(a) (an (H, W, 3) uint8 image: "
+                        "torch.from_numpy(a).permute(2, 0, 1)[None] / 255)")
+            raise RFIError(f"StyleAugment takes a torch.Tensor batch (B, 3, H, W) in [0, 1], got {given}{hint}")
         if images and (images[0].dim() != 4 or images[0].shape[0] == 0):
             raise RFIError(f"StyleAugment takes a non-empty batch (B, 3, H, W) in [0, 1], got shape "
                            f"{tuple(images[0].shape)}")

@@ -27,6 +27,9 @@ from inversion.train import TRAIN_ENCODER_HINT, TrainDecoderConfig, train_decode
 
 log = logging.getLogger("rfi")
 
+STYLE_APP = "style"
+"""The ``app`` a pyramid file records (its kind, see :func:`inversion.autoencoder.model_kind`)."""
+
 
 def layer_config(cfg: StyleConfig, layer: str) -> TrainDecoderConfig:
     """The ``rfi train-decoder`` config of one layer: ``cfg.train`` + ``cfg.per_layer[layer]``.
@@ -108,20 +111,21 @@ def train_pyramid(cfg: StyleConfig, resume: bool = False) -> TrainResult:
     model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, [r.path for r in runs.values()],
                                                arch=cfg.train.encoder.arch, arch_key="train.encoder.arch")
     psnrs = {layer: model.metadata["decoders"][layer].get("val_psnr") for layer in runs}
-    model.save(out, app="style", layers=layers, val_psnr=psnrs, config=config_to_dict(cfg))
+    model.save(out, app=STYLE_APP, layers=layers, val_psnr=psnrs, config=config_to_dict(cfg))
     log.info("decoder pyramid (%s) written to %s; validation PSNR %s", ", ".join(layers), out,
              ", ".join(f"{k} {v:.2f} dB" for k, v in psnrs.items() if v is not None))
     return TrainResult(out, model.eval(), {layer: r.metrics for layer, r in runs.items()})
 
 
 def load_pyramid(path: str | os.PathLike, device: str | torch.device = "cpu") -> RobustAutoencoder:
-    """Load a decoder pyramid written by ``rfi style train`` (any autoencoder file works), in eval mode.
+    """Load a decoder pyramid written by ``rfi style train`` (a plain autoencoder file works too), in eval mode.
 
     Raises:
-        RFIError: the file is missing (says how to train one) or not an autoencoder file.
+        RFIError: the file is missing (says how to train one), not an autoencoder file, or one
+            written for another app (a denoiser, an anomaly model), naming both kinds.
     """
     path = Path(path)
     if not path.is_file():
         raise RFIError(f"style model not found: {path} (train one with `rfi style train --config "
                        f"{DEFAULT_CONFIG}` or pass --model PATH)")
-    return RobustAutoencoder.load(path, device=device).eval()
+    return RobustAutoencoder.load(path, device=device, kind=STYLE_APP).eval()

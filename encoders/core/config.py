@@ -346,13 +346,35 @@ def config_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def referenced_config(parent: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """A config file named inside the config file ``parent`` (e.g. the quickstart's run configs).
+
+    A relative ``path`` is relative to ``parent``'s folder when the file is there, else to the
+    shipped ``configs/``, where the defaults that name it live: a user's file that leaves the
+    reference at its default (it changes only the keys it names) still finds the shipped file.
+
+    Example:
+        >>> referenced_config("/tmp/my_quickstart.yaml", "encoder/resnet18_robust.yaml").is_file()
+        True
+    """
+    path = Path(path).expanduser()
+    local = path if path.is_absolute() else Path(parent).parent / path
+    if local.exists() or path.is_absolute():
+        return local
+    shipped = shipped_config(path)
+    return shipped if shipped.is_file() else local
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping (``configs/...`` resolved by :func:`config_path`); a one-line error names a bad file."""
     path = config_path(path)
     if not path.is_file():
         raise RFIError(f"config file not found: {path}")
     try:
-        data = _load_yaml(path.read_text()) or {}
+        data = _load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RFIError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start}): "
+                       f"save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise RFIError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

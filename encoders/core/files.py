@@ -5,15 +5,19 @@ per-input and exit-code policy through :func:`check_finite` and :func:`partial_e
 
 The policy, the same for every command:
 
-- **Before any work**: the output folder is checked (``--out`` must not be a file, must be
-  creatable and writable, and have room when the size is known), and the output names are
+- **Before any work**: the output folder is checked (``--out`` must not be empty or a file, its
+  names not too long for the file system, and it must be creatable and writable, with room when
+  the size is known; :func:`check_output_file` does the same for a command that writes one
+  file), and the output names are
   planned: two inputs that would write the same file, or an output that would replace an
   input, are refused with one line naming both. Nothing is read or written until then.
 - **Per input**: a file that cannot be read, holds NaN/Inf, or whose result is not finite
   (e.g. a model file with NaN weights) is named and skipped; the others are processed.
 - **Writes** are atomic (temp file + rename, see :func:`encoders.core.serialization.atomic_write`);
   a write that fails (disk full, read-only) stops the batch with one line naming the path,
-  since every later write would fail too.
+  since every later write would fail too. Every other writing command (trainings, reports,
+  JSON results) runs its work inside :func:`reported_writes`, which makes such a failure the
+  same one line naming its output.
 - **Exit code**: 0 when every input was written; :data:`EXIT_PARTIAL` (1) when some inputs
   failed and the others were written; 2 (an :class:`~encoders.core.errors.RFIError`) when none
   could be processed or the outputs cannot be written at all.
@@ -31,6 +35,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -38,7 +43,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +58,118 @@ EXIT_PARTIAL = 1
 """Exit code when some inputs failed (each named on stderr) and the others were written."""
 
 
+WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
+                errno.EROFS: "read-only file system"}
+"""The ``errno`` values of a failed write that :func:`write_failure` reports, and how."""
+TEMPORARY_NAME_ROOM = 32
+"""Characters an output file's name must leave free for its temporary name (``.<name>.<pid>.<random>.tmp``)."""
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in words, or ``None`` when ``error`` is not a failed write.
+
+    A failed write is an :class:`OSError` of :data:`WRITE_ERRORS` (``open``/``write``/``close`` of
+    a full disk) or the ``RuntimeError`` of ``torch.save``'s writer on a full disk (``unexpected pos``).
+
+    Example:
+        >>> write_failure(OSError(errno.ENOSPC, "No space left on device"))
+        'disk full'
+        >>> write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))
+        'disk full (the checkpoint writer stopped)'
+        >>> write_failure(ValueError("x")) is None
+        True
+    """
+    if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+        return WRITE_ERRORS[error.errno]
+    if isinstance(error, RuntimeError) and ("unexpected pos" in str(error) or "file write failed" in str(error)):
+        return "disk full (the checkpoint writer stopped)"
+    return None
+
+
+@contextlib.contextmanager
+def reported_writes(target: str | os.PathLike, flag: str = "--out") -> Iterator[None]:
+    """Run a command's work so that a failed write (disk full, quota, read-only) is one line naming its output.
+
+    Atomic writes leave nothing half-written behind, so the line says what to do: free space
+    or choose another output. Any other error passes through unchanged.
+
+    Args:
+        target: the command's output (folder or file), named when the error does not name a file.
+        flag: the option that set it, for the message.
+
+    Raises:
+        RFIError: a write failed (see :func:`write_failure`).
+
+    Example:
+        >>> with reported_writes("runs/x"):  # doctest: +ELLIPSIS
+        ...     raise OSError(errno.ENOSPC, "No space left on device")
+        Traceback (most recent call last):
+        encoders.core.errors.RFIError: cannot write to --out runs/x: disk full; free some space or choose another --out
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        why = write_failure(e)
+        if why is None:
+            raise
+        where = getattr(e, "filename", None) or f"to {flag} {os.fspath(target)}"
+        fix = f"choose another {flag}" if "read-only" in why else f"free some space or choose another {flag}"
+        raise RFIError(f"cannot write {where}: {why}; {fix}") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or the nearest folder above it that exists (a name too long to look up counts as missing)."""
+    def exists(p: Path) -> bool:
+        try:
+            return p.exists()
+        except OSError:  # ENAMETOOLONG
+            return False
+
+    while not exists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_names(path: Path, existing: Path, flag: str, room: int = 0) -> None:
+    """Refuse names in ``path`` (below the folder ``existing``) the file system cannot hold (``room``: kept free
+    in the last name)."""
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer: the common limit
+        name_max = 255
+    parts = path.parts[len(existing.parts):] if existing != path else ()
+    for i, part in enumerate(parts):
+        limit = name_max - (room if i == len(parts) - 1 else 0)
+        if len(os.fsencode(part)) > limit:
+            shown = part if len(part) <= 40 else part[:20] + "..." + part[-12:]
+            raise RFIError(f"{flag} {shown}: the name is {len(os.fsencode(part))} bytes long, more than the "
+                           f"{limit} this file system allows: choose a shorter name")
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out", need_bytes: int = 0) -> Path:
+    """Make sure the file ``path`` can be written (atomically, its folder created), without writing anything.
+
+    Args:
+        path: the file a command will write.
+        flag: the option's name, for messages.
+        need_bytes: see :func:`check_output_folder`.
+
+    Raises:
+        RFIError: empty, an existing folder, a name too long for the file system (with room for
+            its temporary name), or a folder that cannot be written (see :func:`check_output_folder`).
+    """
+    if not os.fspath(path):
+        raise RFIError(f"{flag} is empty: name the file to write")
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if existing == path and path.is_dir():
+        raise RFIError(f"{flag} {path} is a folder: name the file to write (in it or elsewhere)")
+    if existing.is_dir():
+        _check_names(path, existing, flag, room=TEMPORARY_NAME_ROOM)
+    check_output_folder(path.parent, need_bytes, flag=f"{flag} folder")
+    return path
+
+
 def check_output_folder(out: str | os.PathLike, need_bytes: int = 0, flag: str = "--out") -> Path:
     """Make sure files can be written in ``out`` (created at the first write), without writing anything.
 
@@ -62,16 +179,18 @@ def check_output_folder(out: str | os.PathLike, need_bytes: int = 0, flag: str =
         flag: the option's name, for messages.
 
     Raises:
-        RFIError: ``out`` (or a folder above it) is a file, or the nearest existing folder is
-            not writable (read-only file system, permissions) or lacks the free space.
+        RFIError: ``out`` is empty, names too long for the file system, ``out`` (or a folder above
+            it) is a file, or the nearest existing folder is not writable (read-only file system,
+            permissions) or lacks the free space.
     """
+    if not os.fspath(out):
+        raise RFIError(f"{flag} is empty: name a folder (it is created if missing)")
     out = Path(out)
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(out)
     if not existing.is_dir():
         what = f"{flag} {out}" if existing == out else f"{existing} (above {flag} {out})"
         raise RFIError(f"{what} is a file, not a folder: name a folder (it is created if missing)")
+    _check_names(out, existing, flag)
     try:  # a probe file, removed at once: os.access does not see read-only mounts for root
         fd, probe = tempfile.mkstemp(prefix=".rfi-write-test.", dir=existing)
         os.close(fd)
@@ -182,7 +301,7 @@ class FileBatch:
         try:
             write_image(image, dst)
         except OSError as e:
-            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            why = write_failure(e) or e.strerror or str(e)
             raise RFIError(f"cannot write {dst}: {why} ({len(self.written)} file(s) written before)") from None
         self.written.append(dst)
 

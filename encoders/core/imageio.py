@@ -1,7 +1,10 @@
 """Reading and writing image files as tensors in [0, 1].
 
-Grayscale, grayscale+alpha, RGBA, palette and 16-bit images are converted to 8-bit-range
-RGB floats, and each conversion is logged. EXIF orientation is applied (a phone photo comes
+Grayscale, grayscale+alpha, RGBA, palette, 16-bit, 32-bit integer and float images are
+converted to RGB floats in [0, 1], and each conversion is logged. High-depth images are scaled
+by their mode and range (:func:`high_depth_peak`): a float image already in [0, 1] is kept as
+it is, and where the range leaves the scale open (a float image above 1, an integer one at most
+255) the log line says what was assumed. EXIF orientation is applied (a phone photo comes
 out as a viewer shows it). A truncated or non-image file, one of more than
 :func:`max_pixels` pixels (a decompression bomb) or one holding NaN/Inf raises
 :class:`~encoders.core.errors.RFIError` naming the file; every reader of image files opens
@@ -37,6 +40,29 @@ def max_pixels() -> int:
         return int(value) if value else DEFAULT_MAX_PIXELS
     except ValueError:
         raise RFIError(f"RFI_MAX_PIXELS must be a whole number of pixels, got {value!r}") from None
+
+
+def check_image_side(side: int | None, key: str) -> None:
+    """Refuse an image size set by a flag or config key (images resized to ``side`` x ``side`` at most) that
+    holds more than :func:`max_pixels` pixels, the largest image RFI reads from a file.
+
+    Args:
+        side: the side in px (``None``: images keep their size).
+        key: the flag or key, for the message (e.g. ``"--size"``).
+
+    Raises:
+        RFIError: naming ``key``, the pixels and the memory one such image takes as floats.
+
+    Example:
+        >>> check_image_side(60000, "--size")
+        Traceback (most recent call last):
+        encoders.core.errors.RFIError: --size 60000 asks for 60000x60000-px images (3600 Mpx, 43.2 GB as floats), above the limit of 120 Mpx: choose a smaller --size (or set RFI_MAX_PIXELS)
+    """
+    limit = max_pixels()
+    if side is not None and side * side > limit:
+        raise RFIError(f"{key} {side} asks for {side}x{side}-px images ({side * side / 1e6:.0f} Mpx, "
+                       f"{side * side * 3 * 4 / 1e9:.1f} GB as floats), above the limit of {limit / 1e6:.0f} Mpx: "
+                       f"choose a smaller {key} (or set RFI_MAX_PIXELS)")
 
 
 @contextlib.contextmanager
@@ -83,6 +109,42 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
         raise RFIError(f"{path} is not a readable image ({detail})") from None
 
 
+def high_depth_peak(mode: str, low: float, high: float) -> tuple[float, str]:
+    """The value that stands for white in a high-depth grayscale image (:data:`HIGH_DEPTH_MODES`), and why.
+
+    Decided by the mode and the range of the values: 16-bit modes (``I;16*``) are 0-65535; a
+    float image (``F``) within [0, 1] is taken as it is; above 1, a float or 32-bit integer
+    (``I``) image is taken as 0-255 when its values stay within 255, else as 0-65535, and as
+    0-max beyond that. The note says which, and that it was assumed where the range leaves it open.
+
+    Args:
+        mode: the PIL mode.
+        low, high: the smallest and largest pixel value.
+
+    Returns:
+        ``(peak, note)``: divide by ``peak`` for [0, 1]; ``note`` for the log line.
+
+    Example:
+        >>> high_depth_peak("F", 0.0, 0.8)
+        (1.0, 'float values in [0, 1], kept as they are')
+        >>> high_depth_peak("F", 0.0, 200.0)
+        (255.0, 'values up to 200: assumed 0-255')
+    """
+    if mode.startswith("I;16"):
+        peak, note = 65535.0, "16-bit, 0-65535"
+    elif mode == "F" and high <= 1:
+        peak, note = 1.0, "float values in [0, 1], kept as they are"
+    elif high <= 255:
+        peak, note = 255.0, f"values up to {high:g}: assumed 0-255"
+    elif high <= 65535:
+        peak, note = 65535.0, f"values up to {high:g}: assumed 0-65535"
+    else:
+        peak, note = high, f"values up to {high:g}: scaled by their maximum"
+    if low < 0:
+        note += f"; negative values (down to {low:g}) clipped to 0"
+    return peak, note
+
+
 def read_image(path: str | os.PathLike) -> Tensor:
     """Read an image file as an RGB float tensor.
 
@@ -99,11 +161,11 @@ def read_image(path: str | os.PathLike) -> Tensor:
         mode = im.mode
         if mode in HIGH_DEPTH_MODES:
             arr = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
             if not np.isfinite(arr).all():
                 raise RFIError(f"{path} holds NaN or Inf pixel values")
+            peak, note = high_depth_peak(mode, float(arr.min(initial=0)), float(arr.max(initial=0)))
+            log.info("%s: converted %s grayscale to RGB (%s)", path, mode, note)
             arr = np.clip(arr / peak, 0, 1)
-            log.info("%s: converted %s (16-bit/int) grayscale to RGB", path, mode)
             return torch.from_numpy(arr).float().unsqueeze(0).expand(3, -1, -1).contiguous()
         if mode != "RGB":
             note = {"L": "grayscale", "LA": "grayscale+alpha (alpha dropped)", "P": "palette",

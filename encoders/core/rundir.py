@@ -4,7 +4,10 @@
 ``<folder>/.lock`` exclusively (``O_CREAT | O_EXCL``, atomic on local file systems) with the
 owner's pid and host, and removes it when the run ends, however it ends. A second run on the
 same folder gets a one-line error naming the owner. A lock whose process no longer runs on
-this host (a run killed with ``kill -9``) is stale: it is replaced, with a log line.
+this host (a run killed with ``kill -9``) is stale, and so is an empty or unreadable one older
+than :data:`LOCK_WRITE_SECONDS` (a run killed or out of disk space as it wrote it): either is
+replaced, with a log line. A lock that cannot be written (disk full) is removed at once, so no
+empty lock is left behind.
 
 :class:`RunDir` is the rest of a run folder's bookkeeping, used by the training scaffold
 (:class:`encoders.core.trainer.Trainer`) that every trainer subclasses: the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +46,8 @@ from encoders.core.serialization import atomic_write, pid_alive
 
 log = logging.getLogger("rfi")
 LOCK_NAME = ".lock"
+LOCK_WRITE_SECONDS = 10.0
+"""An empty or unreadable lock younger than this may be one being written; older, it is stale."""
 
 
 class RunLock:
@@ -57,12 +63,33 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self.held = self.created = False
 
-    def _owner(self) -> tuple[int, str]:
+    def _owner(self) -> tuple[int, str] | None:
+        """The ``(pid, host)`` written in the lock, or ``None`` when it is empty or unreadable."""
         try:
             pid, host = self.path.read_text().split()[:2]
             return int(pid), host
-        except (OSError, ValueError):
-            return -1, "?"  # being written, or garbage: treated as live unless it is empty and old
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+            return None
+
+    def _check_stale(self) -> None:
+        """Return if the existing lock may be replaced (saying why in the log); raise if a run holds it."""
+        owner = self._owner()
+        if owner is None:
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:  # released meanwhile
+                return
+            if age < LOCK_WRITE_SECONDS:
+                raise RFIError(f"{self.folder} is being locked by another run (its {self.path} is being written): "
+                               f"try again in a moment, or choose another --out")
+            log.warning("replacing the empty or unreadable lock %s (left by a run that could not write it)", self.path)
+            return
+        pid, host = owner
+        if host == socket.gethostname() and pid > 0 and not pid_alive(pid):
+            log.info("removing the stale lock of run %d (no longer running) in %s", pid, self.folder)
+            return
+        raise RFIError(f"{self.folder} is in use by another run (pid {pid} on {host}): wait for it to "
+                       f"finish or choose another --out; if no such run exists, delete {self.path}")
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise :class:`RFIError` naming the run that holds it."""
@@ -79,17 +106,19 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                pid, host = self._owner()
-                if host == socket.gethostname() and pid > 0 and not pid_alive(pid):
-                    log.info("removing the stale lock of run %d (no longer running) in %s", pid, self.folder)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise RFIError(f"{self.folder} is in use by another run (pid {pid} on {host}): wait for it to "
-                               f"finish or choose another --out; if no such run exists, delete {self.path}") from None
+                self._check_stale()
+                self.path.unlink(missing_ok=True)
+                continue
             except OSError as e:
                 raise RFIError(f"cannot write to the run folder {self.folder}: {e.strerror or e}") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            except OSError as e:  # disk full as the lock is written: leave no empty lock behind
+                self.path.unlink(missing_ok=True)
+                if self.created and not any(self.folder.iterdir()):
+                    self.folder.rmdir()
+                raise RFIError(f"cannot write the lock {self.path}: {e.strerror or e}") from None
             self.held = True
             return self
         raise RFIError(f"could not lock {self.folder}: another run keeps taking {self.path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from encoders.core.budget import FLOAT_BYTES, check_memory, meta_parameters
 from encoders.core.errors import RFIError
 from encoders.nets.models import Encoder
 from encoders.weights.checkpoints import load_encoder
@@ -33,7 +34,8 @@ def create_encoder(name: str | None = None, checkpoint: str | os.PathLike | None
 
     Raises:
         RFIError: neither a name nor a checkpoint, an unknown name (listing the valid ones), an
-            option the architecture does not take, or a file that does not fit.
+            option the architecture does not take, a model larger than memory (:func:`check_encoder_size`),
+            or a file that does not fit.
 
     Example:
         >>> import torch
@@ -44,5 +46,35 @@ def create_encoder(name: str | None = None, checkpoint: str | os.PathLike | None
     if checkpoint is None:
         if name is None:
             raise RFIError("create_encoder needs an architecture name or a checkpoint")
+        check_encoder_size(name, **options)
         return Encoder(name, layers=layers, **options)
     return load_encoder(checkpoint, name=name, layers=layers, **options)
+
+
+def check_encoder_size(name: str, **options: Any) -> int:
+    """Count the parameters of ``Encoder(name, **options)`` on the ``meta`` device and refuse what memory cannot hold.
+
+    Args:
+        name: the architecture.
+        **options: as :func:`create_encoder` takes them.
+
+    Returns:
+        The number of parameters.
+
+    Raises:
+        RFIError: ``num_classes`` below 1, or weights larger than the machine's memory, naming the
+            options to lower (:func:`~encoders.core.budget.check_memory`).
+
+    Example:
+        >>> check_encoder_size("resnet18", width=0.125, small_input=True, num_classes=8)
+        176272
+    """
+    if options.get("num_classes") is not None and options["num_classes"] < 1:
+        raise RFIError(f"num_classes must be >= 1, got {options['num_classes']}")
+    size = meta_parameters(lambda: Encoder(name, **options))
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    sizes = [k for k in ("width", "embed_dim", "depths", "num_classes") if k in options]
+    check_memory(size * FLOAT_BYTES, f"create_encoder({name!r}{', ' + given if given else ''}) with "
+                                     f"{size / 1e9:,.1f} G parameters",
+                 f"lower {' or '.join(sizes)}" if sizes else "choose a smaller architecture")
+    return size

@@ -77,7 +77,8 @@ class Encoder(nn.Module):
         RFIError: an unknown architecture, layer or option, or an option this architecture does not take.
 
     Shape:
-        - Input: (B, 3, H, W), values in [0, 1].
+        - Input: (B, 3, H, W), values in [0, 1]; a float batch of another precision than the
+          weights (``float64``) is converted to theirs, an integer batch is refused.
         - Output: ordered dict ``{layer: (B, C_l, H_l, W_l)}``.
 
     Example:
@@ -175,7 +176,8 @@ class Encoder(nn.Module):
         self._extractors.clear()
 
     def forward(self, x: Tensor, layers: Sequence[str] | None = None) -> OrderedDict[str, Tensor]:
-        check_images(x, "encoder input")  # one line for NaN, 0-255 values, (3, H, W), grey or RGBA batches
+        # one line for NaN, 0-255 values, (3, H, W), grey or RGBA batches; float64 etc. to the weights' dtype
+        x = check_images(x, "encoder input", dtype=self._dtype)
         names = tuple(self.check_layers(layers)) if layers is not None else tuple(self.layers)
         deep = tuple(name for name in names if name != INPUT_TAP)
         feats = OrderedDict([(INPUT_TAP, x)] * (INPUT_TAP in names))
@@ -193,9 +195,17 @@ class Encoder(nn.Module):
         return feats
 
     def logits(self, x: Tensor) -> Tensor:
-        """Class scores for images in [0, 1]. Shape: (B, 3, H, W) -> (B, num_classes)."""
+        """Class scores for images in [0, 1] (any float dtype, computed in the weights').
+
+        Shape: (B, 3, H, W) -> (B, num_classes).
+        """
         self._check_size(x)
-        return self.model(self.normalizer(x))
+        return self.model(self.normalizer(x.to(self._dtype) if x.is_floating_point() else x))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The weights' dtype, which inputs of another float dtype (``float64``) are converted to."""
+        return next(self.parameters()).dtype
 
     def _check_size(self, x: Tensor) -> None:
         if self.equivariant:

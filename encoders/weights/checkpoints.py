@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.core.errors import RFIError
-from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.core.serialization import FORMAT_VERSIONS, check_format, content_hash, load_checkpoint, save_checkpoint
 from encoders.nets.models import Encoder
 from encoders.weights.interop import checkpoint_filter_fn, infer_encoder_kwargs
 
@@ -26,8 +26,20 @@ ENCODER_FORMAT = "rfi-encoder"
 
 def encoder_checkpoint(encoder: Encoder, **extra: Any) -> dict[str, Any]:
     """The checkpoint dict of ``encoder`` (weights + constructor arguments) plus ``extra``."""
-    return {"format": ENCODER_FORMAT, "version": 1, "encoder": encoder.config(),
+    return {"format": ENCODER_FORMAT, "version": FORMAT_VERSIONS[ENCODER_FORMAT], "encoder": encoder.config(),
             "state_dict": encoder.state_dict(), **extra}
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """SHA-256 of an encoder's weights (its state dict): what a decoder records of the encoder it was
+    trained on (``encoder_sha256``), so that another encoder of the same architecture is noticed.
+
+    Example:
+        >>> a = Encoder("resnet18", width=0.125, small_input=True, num_classes=4)
+        >>> encoder_fingerprint(a) == encoder_fingerprint(a) != encoder_fingerprint(Encoder(**a.config()))
+        True
+    """
+    return content_hash(encoder.state_dict())
 
 
 def save_encoder(encoder: Encoder, path: str | os.PathLike, **extra: Any) -> Path:
@@ -119,17 +131,20 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | No
             :func:`encoders.weights.interop.infer_encoder_kwargs`).
 
     Raises:
-        RFIError: missing or invalid settings, another architecture than ``name``, a decoder or
-            autoencoder file, a foreign file without ``name``, or weights that do not fit.
+        RFIError: missing or invalid settings, another architecture than ``name``, another RFI file
+            (a decoder, autoencoder, anomaly model...), an unknown format or a newer version, a
+            foreign file without ``name``, or weights that do not fit.
 
     Example:
         >>> enc = Encoder("resnet18", width=0.125, small_input=True, num_classes=4)
         >>> encoder_from_checkpoint(encoder_checkpoint(enc), "memory").arch
         'resnet18'
     """
+    check_format(ckpt, source)
     fmt = ckpt.get("format")
-    if fmt in ("rfi-decoder", "rfi-autoencoder"):
-        what = "a decoder" if fmt == "rfi-decoder" else "an autoencoder (encoder + decoders)"
+    if fmt is not None and fmt != ENCODER_FORMAT:  # another RFI file: a foreign file has no format
+        what = {"rfi-decoder": "a decoder", "rfi-autoencoder": "an autoencoder (encoder + decoders)",
+                "rfi-anomaly": "an anomaly model", "rfi-segmenter": "a segmenter"}.get(fmt, fmt)
         raise RFIError(f"{source} is {what} file, not an encoder checkpoint: pass it where a "
                        f"{'decoder' if fmt == 'rfi-decoder' else 'model'} is asked for")
     if fmt == ENCODER_FORMAT:

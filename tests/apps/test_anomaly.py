@@ -523,3 +523,27 @@ def test_score_batches_hold_a_bounded_number_of_pixels(tiny_model, dummy_mvtec, 
     assert parts["image_auroc"] == pytest.approx(whole["image_auroc"], abs=1e-6)
     assert "histogram" in parts["pixel_method"]
     assert [len(b) for b in det.batches([torch.rand(3, 48, 48)] * 5, 16)] == [2, 2, 1]
+
+
+def test_a_killed_fit_leaves_no_decoded_copy_and_a_later_fit_removes_a_kill_9_one(tmp_path, caplog):
+    import os
+
+    from apps.anomaly.decoded import decoding_folder
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C, or kill (rfi turns SIGTERM into an exception)
+        with decoding_folder(tmp_path / "brick.pt") as folder:
+            (folder / "normal.u8").write_bytes(b"\0" * 1024)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    dead = 2**22 + 12345  # above the default pid_max: a fit killed with kill -9
+    stale = tmp_path / f".brick_decoded.{dead}.x1y2"
+    stale.mkdir()
+    (stale / "normal.u8").write_bytes(b"\0" * 1024)
+    other = tmp_path / f".grass_decoded.{dead}.x1y2"  # another model's: left to its own next fit
+    other.mkdir()
+    live = tmp_path / f".brick_decoded.{os.getppid()}.x1y2"  # a fit still running
+    live.mkdir()
+    with caplog.at_level("INFO", logger="rfi"), decoding_folder(tmp_path / "brick.pt"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, live.name])
+    assert f"removing {stale}, left by a fit that was killed" in caplog.text

@@ -312,3 +312,18 @@ def test_cli_reads_its_config_and_flags_win(ae_file, tmp_path, capsys):
         err = capsys.readouterr().err
         assert fragment in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: API errors
+def test_a_numpy_batch_gets_the_torch_from_numpy_hint(ae):
+    aug = StyleAugment(ae, p=1.0, generator=0)
+    for array in (np.random.rand(2, 3, 8, 8).astype(np.float32), np.zeros((8, 8, 3), np.uint8)):
+        with pytest.raises(RFIError, match=r"got ndarray: convert it with torch\.from_numpy\(a\)"):
+            aug(array)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (4, 4)])
+def test_images_smaller_than_the_encoder_stride_are_restyled(ae, size):
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    out = StyleAugment(ae, p=1.0, generator=0)(x)
+    assert out.shape == x.shape and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1

@@ -239,6 +239,29 @@ def test_eval_encoder_refuses_attacks_that_print_false_figures(flags, message, e
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--masking-checks", "--eps", "0"], "--masking-checks need every --eps > 0"),
+    (["--masking-checks", "--restarts", "0"], "--restarts must be >= 1, got 0"),
+    (["--masking-checks", "--sweep", "1", "-2"], "--sweep must be > 0"),
+    (["--masking-checks", "--sweep", "2", "1"], "--sweep (multiples of eps) must increase, got [2.0, 1.0]"),
+])
+def test_eval_encoder_refuses_masking_checks_that_prove_nothing(flags, message, encoder_file, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    code = main(["eval-encoder", "--checkpoint", str(encoder_file), "--max-images", "4", "--json", str(out), *flags])
+    assert code == 2 and message in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_eval_encoder_twin_must_have_the_same_outputs(encoder_file, tmp_path, capsys):
+    from encoders.weights.checkpoints import save_encoder
+
+    twin = save_encoder(tiny_net(num_classes=5), tmp_path / "twin.pt")
+    code = main(["eval-encoder", "--checkpoint", str(encoder_file), "--twin", str(twin), "--max-images", "4",
+                 "--json", str(tmp_path / "e.json")])
+    error = _one_line_error(capsys)
+    assert code == 2 and "has 5 outputs but" in error and "the twin must be trained on the same task" in error
+
+
 def test_eval_encoder_checks_its_output_before_evaluating(encoder_file, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     code = main(["eval-encoder", "--checkpoint", str(encoder_file), "--max-images", "4",
@@ -732,3 +755,323 @@ def test_denoise_and_style_apply_read_their_device_from_the_config():
         with pytest.raises(SystemExit) as done:
             main(["denoise", verb, "--help"])
         assert done.value.code == 0
+
+
+# ----- issue 21, round 2: models and checkpoints
+@pytest.fixture(scope="module")
+def nan_files(tmp_path_factory) -> dict[str, Path]:
+    """An encoder, a decoder and an autoencoder file whose weights hold NaN (a training that diverged)."""
+    from encoders.weights.checkpoints import save_encoder
+    from inversion.decoders import save_decoder
+
+    d = tmp_path_factory.mktemp("nan_models")
+    enc, dec = tiny_net(), Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
+    with torch.no_grad():
+        enc.model.fc.weight.fill_(float("nan"))
+        dec.tail.weight.fill_(float("nan"))
+    return {"encoder": save_encoder(enc, d / "nan_enc.pt"), "decoder": save_decoder(dec, d / "nan_dec.pt", tiny_net(),
+                                                                                      train_size=16),
+            "model": RobustAutoencoder(tiny_net(), dec).save(d / "nan_ae.pt")}
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["eval-encoder", "--checkpoint", "{encoder}", "--max-images", "2", "--json", "{out}/e.json"], "encoder"),
+    (["shift-consistency", "--encoder", "{encoder}", "--max-images", "2", "--json", "{out}/s.json"], "encoder"),
+    (["invert", "{img}", "--encoder", "{good}", "--decoder", "{decoder}", "--out", "{out}"], "decoder"),
+    (["evaluate", "--encoder", "{good}", "--decoder", "{decoder}", "--num", "2", "--out", "{out}"], "decoder"),
+    (["denoise", "apply", "{img}", "--model", "{model}", "--out", "{out}"], "model"),
+    (["style", "apply", "{img}", "--style", "{img}", "--model", "{model}", "--out", "{out}"], "model"),
+    (["augment", "{img}", "--model", "{model}", "--out", "{out}", "--size", "16", "--styles", "{img_dir}"], "model"),
+    (["anomaly", "score", "--model", "{model}", "--data", "{img_dir}", "--out", "{out}"], "model"),
+])
+def test_every_command_refuses_a_model_with_nan_weights(argv, bad, nan_files, pair, tmp_path, capsys):
+    img = _png(tmp_path / "in" / "a.png")
+    paths = {**nan_files, "good": pair[0], "img": img, "img_dir": img.parent, "out": tmp_path / "out"}
+    assert main([a.format(**paths) for a in argv]) == 2
+    err = _one_line_error(capsys)
+    assert f"{nan_files[bad]} holds NaN or Inf values (first in '" in err and "state_dict/" in err
+    assert not (tmp_path / "out").exists()  # no figure, no JSON, no image
+
+
+def test_a_decoder_from_the_future_or_of_an_unknown_format_is_refused(pair, tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    ckpt = load_checkpoint(pair[1])
+    for name, change, message in (("v99.pt", {"version": 99}, "is an rfi-decoder file of version 99, newer than"),
+                                  ("fmt.pt", {"format": "rfi-gen"}, "has an unknown checkpoint format 'rfi-gen'")):
+        save_checkpoint({**ckpt, **change}, tmp_path / name)
+        assert main(["invert", str(tmp_path / "a.png"), "--encoder", str(pair[0]), "--decoder", str(tmp_path / name),
+                     "--out", str(tmp_path / "o")]) == 2
+        assert f"{tmp_path / name} {message}" in _one_line_error(capsys)
+    save_checkpoint({**load_checkpoint(pair[0]), "format": "rfi-classifier"}, tmp_path / "enc.pt")
+    assert main(["eval-encoder", "--checkpoint", str(tmp_path / "enc.pt"), "--arch", "resnet18"]) == 2
+    assert "unknown checkpoint format 'rfi-classifier'" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_flipped_bit_in_a_decoders_training_size_is_reported(pair, tmp_path, capsys):
+    data = bytearray(pair[1].read_bytes())
+    at = data.index(b"K\x10", data.index(b"train_size"))  # the pickled int 16
+    data[at + 1] = 0x30  # 48: evaluate would measure at 48 px
+    (tmp_path / "dec.pt").write_bytes(bytes(data))
+    assert main(["evaluate", "--encoder", str(pair[0]), "--decoder", str(tmp_path / "dec.pt"), "--num", "2",
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert f"{tmp_path / 'dec.pt'} is corrupt" in _one_line_error(capsys)
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.fixture(scope="module")
+def robust_pair(tmp_path_factory) -> dict[str, Path]:
+    """A decoder trained (recorded) on one encoder, that encoder, and another of the same settings."""
+    from encoders.weights.checkpoints import save_encoder
+    from inversion.decoders import save_decoder
+
+    d = tmp_path_factory.mktemp("mismatch")
+    robust, standard = tiny_net(seed=0), tiny_net(seed=1)
+    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
+    return {"robust": save_encoder(robust, d / "robust.pt"), "standard": save_encoder(standard, d / "standard.pt"),
+            "decoder": save_decoder(dec, d / "dec.pt", robust, train_size=16, encoder_path=str(d / "robust.pt"))}
+
+
+@pytest.mark.parametrize("command", ["invert", "evaluate"])
+def test_a_decoder_with_another_encoder_needs_allow_mismatch(command, robust_pair, tmp_path, capsys):
+    _png(tmp_path / "a.png", size=(32, 32))
+    out = tmp_path / "o"
+    argv = {"invert": ["invert", str(tmp_path / "a.png"), "--encoder", str(robust_pair["standard"])],
+            "evaluate": ["evaluate", "--encoder", str(robust_pair["standard"]), "--num", "2", "--scales", "1"]}[command]
+    argv += ["--decoder", str(robust_pair["decoder"]), "--out", str(out)]
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert f"{robust_pair['decoder']} was trained on another resnet18 encoder than {robust_pair['standard']}" in err
+    assert f"it was trained on {robust_pair['robust']}" in err and "--allow-mismatch" in err
+    assert not out.exists()
+    assert main([*argv, "--allow-mismatch"]) == 0  # the deliberate mismatch
+    capsys.readouterr()
+    argv[argv.index(str(robust_pair["standard"]))] = str(robust_pair["robust"])
+    assert main([*argv[:-1], str(tmp_path / "o2")]) == 0  # the pair it was trained as
+
+
+@pytest.fixture(scope="module")
+def app_models(tmp_path_factory) -> dict[str, Path]:
+    """Autoencoder files as ``rfi style train``, ``rfi denoise train`` and ``rfi anomaly fit`` record them."""
+    from apps.anomaly.detector import AnomalyDetector, ScoreConfig
+
+    d = tmp_path_factory.mktemp("kinds")
+    ae = RobustAutoencoder(tiny_net(), Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    return {"style": ae.save(d / "pyramid.pt", app="style"), "denoise": ae.save(d / "denoiser.pt", app="denoise"),
+            "anomaly": AnomalyDetector(ae, ScoreConfig(), image_size=16, stats={}, threshold=1.0).save(d / "anom.pt")}
+
+
+@pytest.mark.parametrize("command, model, message", [
+    (["style", "apply"], "denoise", "is not a style pyramid (rfi style train): it is a denoiser (rfi denoise train)"),
+    (["denoise", "apply"], "style", "is not a denoiser (rfi denoise train): it is a style pyramid (rfi style train)"),
+    (["denoise", "apply"], "anomaly", "is not a denoiser (rfi denoise train): it is an anomaly model"),
+])
+def test_a_model_file_of_another_kind_is_refused_naming_both(command, model, message, app_models, tmp_path, capsys):
+    img = _png(tmp_path / "in" / "a.png")
+    extra = ["--style", str(img)] if command[0] == "style" else []
+    assert main([*command, str(img), "--model", str(app_models[model]), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert f"{app_models[model]} {message}" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+# ----- issue 21, round 2: files, disks, sizes, flags
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every file write fails as on a full disk: ``Path.write_text``/``write_bytes`` and PIL's ``save`` with
+    ``ENOSPC``, ``torch.save`` with the ``RuntimeError`` its writer raises then (seen on a full tmpfs)."""
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def torch_save(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    for owner, name in [(Path, "write_text"), (Path, "write_bytes"), (Image.Image, "save")]:
+        monkeypatch.setattr(owner, name, enospc)
+    monkeypatch.setattr(torch, "save", torch_save)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name == ".lock"
+            or "_decoded." in p.name]
+
+
+_FULL_DISK = {
+    "train-encoder": lambda t, pair: ["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml", "--out",
+                                      str(t / "out"), "data.train_crops=16", "data.val_crops=8", "data.size=16",
+                                      "batch_size=8", "steps=1", "eval.enabled=false", "model.width=0.125"],
+    "train-decoder": lambda t, pair: ["train-decoder", "--config", "configs/decoder/resnet18_robust_layer3.yaml",
+                                      "--out", str(t / "out"), f"encoder.checkpoint={pair[0]}", "steps=1",
+                                      "data.size=16", "data.train_crops=8", "data.val_crops=4", "batch_size=4"],
+    "denoise train": lambda t, pair: ["denoise", "train", "--out", str(t / "out"),
+                                      f"train.encoder.checkpoint={pair[0]}", "train.steps=1", "train.data.size=16", "train.data.train_crops=8",
+                                      "train.data.val_crops=4", "train.batch_size=4"],
+    "style train": lambda t, pair: ["style", "train", "--out", str(t / "out" / "pyramid.pt"), "train.steps=1",
+                                    f"train.encoder.checkpoint={pair[0]}", "layers=[layer1]", "train.data.size=16",
+                                    "train.data.train_crops=8", "train.data.val_crops=4", "train.batch_size=4"],
+    "quickstart": lambda t, pair: ["quickstart", "--budget", "tiny", "--out", str(t / "out")],
+    "shift-consistency --json": lambda t, pair: ["shift-consistency", "--encoder", str(pair[0]), "--max-images", "2",
+                                                 "--json", str(t / "out" / "s.json")],
+    "anomaly make-benchmark": lambda t, pair: ["anomaly", "make-benchmark", "--out", str(t / "out"),
+                                               "benchmark.size=32", "benchmark.train=2", "benchmark.test_good=1",
+                                               "benchmark.test_defect=1"],
+}
+
+
+def _last_line_error(capsys) -> str:
+    """The one error line, last (a training logs its progress above it), and no traceback."""
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "error" in line or "Traceback" in line] == lines[-1:], lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", sorted(_FULL_DISK))
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(command, pair, full_disk, tmp_path, capsys):
+    assert main(_FULL_DISK[command](tmp_path, pair)) == 2
+    err = _last_line_error(capsys)
+    assert "disk full" in err and str(tmp_path / "out") in err and "free some space" in err, err
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_while_scoring_is_one_line(tiny_model, dummy_mvtec, full_disk, tmp_path, capsys):
+    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(dummy_mvtec / "widget"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = _last_line_error(capsys)
+    assert "disk full" in err and str(tmp_path / "out") in err
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_empty_lock_left_by_a_full_disk_no_longer_refuses_every_later_run(tmp_path, capsys):
+    from encoders.core.rundir import LOCK_WRITE_SECONDS
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / ".lock").write_bytes(b"")  # what a full disk left as an older RFI took the lock
+    old = (run / ".lock").stat().st_mtime - LOCK_WRITE_SECONDS - 1
+    os.utime(run / ".lock", (old, old))
+    assert _tiny_encoder_run(tmp_path, "steps=1", "adv.enabled=false") == 0
+    assert "replacing the empty or unreadable lock" in capsys.readouterr().err
+    assert not (run / ".lock").exists() and (run / "checkpoint.pt").is_file()
+
+
+def test_sizes_from_the_api_are_bounded_before_allocating(monkeypatch):
+    monkeypatch.setattr("encoders.core.budget.memory_bytes", lambda: 8 * 10**9)
+    with pytest.raises(RFIError, match=r"create_encoder\('resnet50', width=64\) with 96\.2 G parameters needs about "
+                                       r"384\.7 GB, more than the 8\.0 GB of memory of this machine: lower width"):
+        create_encoder("resnet50", width=64)
+    with pytest.raises(RFIError, match="num_classes must be >= 1, got 0"):
+        create_encoder("resnet18", num_classes=0)
+
+
+def test_a_decoder_too_large_for_memory_is_refused_naming_its_key(pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("encoders.core.budget.memory_bytes", lambda: 8 * 10**9)
+    code = main(["train-decoder", "--config", "configs/decoder/resnet18_robust_layer3.yaml", "--out",
+                 str(tmp_path / "d"), f"encoder.checkpoint={pair[0]}", "steps=1", "decoder.channels=200000"])
+    err = _one_line_error(capsys)
+    assert code == 2 and "decoder.channels=200000" in err and "lower decoder.channels" in err and "GB" in err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("command", [["augment", "--size", "60000"],
+                                     ["style", "apply", "--size", "60000", "--style", "{in}/a.png"],
+                                     ["style", "apply", "--style-size", "60000", "--style", "{in}/a.png"]])
+def test_an_image_size_beyond_memory_is_refused_before_any_image_is_read(command, ae_file, tmp_path, capsys):
+    _png(tmp_path / "in" / "a.png")
+    argv = [a.replace("{in}", str(tmp_path / "in")) for a in command]
+    assert main([*argv[:2 if argv[0] == "style" else 1], str(tmp_path / "in"), *argv[2 if argv[0] == "style" else 1:],
+                 "--model", str(ae_file), "--out", str(tmp_path / "o")]) == 2
+    assert "60000x60000-px images (3600 Mpx, 43.2 GB as floats)" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_augment_refuses_views_that_would_not_fit_in_memory(ae_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("encoders.core.budget.memory_bytes", lambda: 10**8)
+    _png(tmp_path / "in" / "a.png")
+    assert main(["augment", str(tmp_path / "in"), "--model", str(ae_file), "--out", str(tmp_path / "o"),
+                 "--size", "4000", "--views", "4"]) == 2
+    assert "--size 4000 with --views 4 for 1 images needs about" in _one_line_error(capsys)
+
+
+def test_denoise_train_checks_its_model_file_before_training(pair, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    code = main(["denoise", "train", "--out", str(tmp_path / "run"), "--model", str(tmp_path / "taken"),
+                 f"train.encoder.checkpoint={pair[0]}", "train.steps=1"])
+    assert code == 2 and "model (--model) " in (err := _one_line_error(capsys)) and "is a folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+_LONG = "x" * 300
+
+
+@pytest.mark.parametrize("command", [
+    ["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml", "--out", "{t}/" + _LONG, "steps=1"],
+    ["quickstart", "--budget", "tiny", "--out", "{t}/" + _LONG],
+    ["anomaly", "fit", "--data", "embedded", "--out", "{t}/" + _LONG + ".pt"],
+    ["anomaly", "fit", "--data", "embedded", "--out", "{t}/" + "m" * 240 + ".pt"],  # fits, its temporary name not
+    ["anomaly", "make-benchmark", "--out", "{t}/" + _LONG],
+    ["invert", "{t}/in", "--encoder", "e.pt", "--out", "{t}/deep/" + _LONG],
+    ["shift-consistency", "--encoder", "e.pt", "--json", "{t}/" + _LONG + ".json"],
+])
+def test_a_name_too_long_for_the_file_system_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _png(tmp_path / "in" / "a.png")
+    assert main([a.replace("{t}", str(tmp_path)) for a in command]) == 2
+    assert "this file system allows: choose a shorter name" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("command", [
+    ["invert", "{t}/in", "--encoder", "e.pt", "--decoder", "d.pt", "--out", ""],
+    ["augment", "{t}/in", "--out", ""],
+    ["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml", "--out", "", "steps=1"],
+    ["anomaly", "make-benchmark", "--out", ""],
+    ["anomaly", "fit", "--data", "embedded", "--out", ""],
+    ["shift-consistency", "--encoder", "e.pt", "--json", ""],
+])
+def test_an_empty_out_is_refused_not_taken_as_the_working_folder(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _png(tmp_path / "in" / "a.png")
+    assert main([a.replace("{t}", str(tmp_path)) for a in command]) == 2
+    assert "is empty: name" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_make_benchmark_onto_a_read_only_mount_is_one_line(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("encoders.core.files.tempfile.mkstemp", refuse)
+    assert main(["anomaly", "make-benchmark", "--out", str(tmp_path / "bench")]) == 2
+    assert "cannot write to --out" in (err := _one_line_error(capsys)) and "Read-only file system" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overrides_may_follow_the_flags(tmp_path, capsys):
+    code = main(["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml", "steps=1", "--out",
+                 str(tmp_path / "r"), "batch_size=0"])  # the override after --out is read (and checked)
+    assert code == 2 and "batch_size must be >= 1, got 0" in _one_line_error(capsys)
+    with pytest.raises(SystemExit) as done:  # anything else left over is argparse's usage error, as before
+        main(["train-encoder", "--config", "configs/encoder/resnet18_robust.yaml", "--out", str(tmp_path),
+              "steps=1", "--bogus"])
+    assert done.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_users_quickstart_file_changes_only_the_keys_it_names(tmp_path, monkeypatch):
+    import apps.quickstart
+
+    (tmp_path / "mine.yaml").write_text("eval:\n  num: 4\n")
+    seen = []
+
+    def stop(kind, name, cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise RFIError("stop here")
+
+    monkeypatch.setattr(apps.quickstart, "_train", stop)
+    with pytest.raises(RFIError, match="stop here"):  # the run configs were found (the shipped ones) and loaded
+        apps.quickstart.run_quickstart(tmp_path / "out", tmp_path / "mine.yaml")
+    assert seen[0].model.arch == "resnet18"
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_bytes(b"eval:\n  num: \xff4\n")
+    assert main(["quickstart", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.yaml is not UTF-8 text (byte 0xff at position 13): save it as UTF-8" in _one_line_error(capsys)

@@ -268,3 +268,21 @@ def test_value_range_refuses_in_one_line_naming_the_key(value):
     rule = r"^style\.alpha must be one number or a range \[lo, hi\] with 0 <= lo <= hi <= 1,"
     with pytest.raises(RFIError, match=rule):
         value_range(value, "style.alpha", 0, 1)
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("eval:\n  num: 4  # r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(RFIError, match=r"latin1\.yaml is not UTF-8 text \(byte 0xe9 at position 19\): save it as"):
+        read_yaml(path)
+
+
+def test_a_config_named_inside_a_users_config_falls_back_to_the_shipped_one(tmp_path):
+    from encoders.core.config import referenced_config, shipped_config
+
+    user = tmp_path / "my_quickstart.yaml"
+    assert referenced_config(user, "encoder/resnet18_robust.yaml") == shipped_config("encoder/resnet18_robust.yaml")
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "resnet18_robust.yaml").write_text("epochs: 1\n")
+    assert referenced_config(user, "encoder/resnet18_robust.yaml") == tmp_path / "encoder" / "resnet18_robust.yaml"
+    assert referenced_config(user, "encoder/mine.yaml") == tmp_path / "encoder" / "mine.yaml"  # named as not found

@@ -61,3 +61,35 @@ def test_open_image_is_the_one_place_a_bad_file_becomes_one_line(tmp_path, monke
     with pytest.raises(RFIError, match=r"a\.png is 12x10 .* RFI_MAX_PIXELS=120"):
         with open_image(tmp_path / "a.png"):
             pass
+
+
+@pytest.mark.parametrize("values, expected, note", [
+    ([0.0, 0.25, 1.0], [0.0, 0.25, 1.0], "float values in [0, 1], kept as they are"),
+    ([0.0, 51.0, 200.0], [0.0, 0.2, 200 / 255], "values up to 200: assumed 0-255"),
+    ([0.0, 13107.0, 40000.0], [0.0, 0.2, 40000 / 65535], "values up to 40000: assumed 0-65535"),
+])
+def test_float_images_are_scaled_by_their_range_and_say_what_was_assumed(values, expected, note, tmp_path,
+                                                                         caplog):
+    arr = np.array([values] * 2, dtype=np.float32)
+    Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
+    with caplog.at_level("INFO", logger="rfi"):
+        x = read_image(tmp_path / "f.tif")
+    torch.testing.assert_close(x[1, 0], torch.tensor(expected))  # a [0, 1] float TIFF is not divided by 255
+    assert f"converted F grayscale to RGB ({note})" in caplog.text
+
+
+def test_integer_images_within_255_are_taken_as_8_bit_and_say_so(tmp_path, caplog):
+    Image.fromarray(np.array([[0, 51, 255]], dtype=np.int32), mode="I").save(tmp_path / "i.tif")
+    with caplog.at_level("INFO", logger="rfi"):
+        x = read_image(tmp_path / "i.tif")
+    torch.testing.assert_close(x[0, 0], torch.tensor([0.0, 0.2, 1.0]))
+    assert "assumed 0-255" in caplog.text
+
+
+def test_an_image_size_above_the_pixel_limit_names_the_flag():
+    from encoders.core.imageio import check_image_side
+
+    check_image_side(None, "--size")
+    check_image_side(1000, "--size")
+    with pytest.raises(RFIError, match=r"--size 60000 asks for 60000x60000-px images \(3600 Mpx, 43\.2 GB"):
+        check_image_side(60000, "--size")

@@ -97,3 +97,11 @@ def test_input_gradient_through_a_feature_tap_is_the_model_paths():
     (expected,) = torch.autograd.grad(model_path_output(enc, "relu2_1", x).sum(), x)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, expected)
+
+
+def test_float64_input_is_computed_in_the_weights_dtype(tiny_encoder_net):
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    feats = tiny_encoder_net(x)
+    assert all(v.dtype == torch.float32 for v in feats.values())
+    torch.testing.assert_close(feats["layer3"], tiny_encoder_net(x.float())["layer3"])
+    assert tiny_encoder_net.logits(x).dtype == torch.float32

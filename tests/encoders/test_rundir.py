@@ -78,3 +78,48 @@ def test_train_result_stands_for_its_path(tmp_path):
     result = TrainResult(path, torch.nn.Linear(1, 1), {"loss": 0.1})
     assert os.fspath(result) == str(path) and str(result) == str(path) and Path(result) == path
     assert torch.load(result, weights_only=True) == {"x": 1}
+
+
+def test_an_empty_lock_older_than_a_write_is_stale_and_replaced(tmp_path, caplog):
+    from encoders.core.rundir import LOCK_WRITE_SECONDS, RunLock
+
+    lock = tmp_path / ".lock"
+    lock.write_bytes(b"")  # a run that ran out of disk space as it wrote its lock (an older RFI left these)
+    with pytest.raises(RFIError, match="is being locked by another run"):  # young: perhaps being written now
+        RunLock(tmp_path).acquire()
+    old = lock.stat().st_mtime - LOCK_WRITE_SECONDS - 1
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger="rfi"), RunLock(tmp_path) as held:
+        assert held.held and lock.read_text().split()[0] == str(os.getpid())
+    assert "replacing the empty or unreadable lock" in caplog.text and not lock.exists()
+    lock.write_bytes(b"\xff\xfe garbage")
+    os.utime(lock, (old, old))
+    with RunLock(tmp_path) as held:
+        assert held.held
+
+
+def test_a_full_disk_as_the_lock_is_written_leaves_no_lock(tmp_path, monkeypatch):
+    import errno
+
+    from encoders.core import rundir
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fdopen", FullDisk)
+    with pytest.raises(RFIError, match=r"cannot write the lock .*\.lock: No space left on device"):
+        rundir.RunLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "run").exists()  # neither the lock nor the folder it made
+    monkeypatch.undo()
+    with rundir.RunLock(tmp_path / "run") as held:  # the next run is not refused
+        assert held.held

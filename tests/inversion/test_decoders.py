@@ -1,6 +1,8 @@
 """The fully convolutional ``Decoder`` and the ``RobustAutoencoder`` core (multiscale, tiling, fit checks)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ from inversion import (
     load_decoder,
     save_decoder,
 )
+from encoders.weights.checkpoints import encoder_fingerprint, save_encoder
+from inversion.autoencoder import model_kind
 from inversion.decoders import decoder_from_checkpoint
 from tests.conftest import tiny_net
 
@@ -156,8 +160,10 @@ def test_encoder_decoder_fit_is_checked(encoder, tmp_path, tiny_encoder_path, ti
     with pytest.raises(RFIError, match="trained for a vgg16 encoder"):
         RobustAutoencoder.from_checkpoints(tiny_encoder_path, tmp_path / "vgg_decoder.pt")
     wide = create_encoder("resnet18", width=0.25, small_input=True, num_classes=8)
-    with pytest.raises(RFIError, match="do not fit"):
+    with pytest.raises(RFIError, match=r"trained on another resnet18 encoder .*differs in width 0.125 vs 0.25"):
         RobustAutoencoder.from_checkpoints(wide, tiny_decoder_path)
+    with pytest.raises(RFIError, match="do not fit"):  # a deliberate mismatch still has to fit
+        RobustAutoencoder.from_checkpoints(wide, tiny_decoder_path, allow_mismatch=True)
 
 
 def test_bad_images_are_refused_and_files_round_trip(encoder, tmp_path):
@@ -173,3 +179,52 @@ def test_bad_images_are_refused_and_files_round_trip(encoder, tmp_path):
     again = RobustAutoencoder.load(tmp_path / "ae.pt")
     x = torch.rand(1, 3, 24, 24)
     assert torch.equal(again.reconstruct(x), ae.reconstruct(x))
+
+
+# ----------------------------------------------------------------------------- issue 21: pairs, kinds, layers
+def test_a_decoder_records_its_encoder_and_refuses_another(encoder, tmp_path):
+    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
+    path = save_decoder(dec, tmp_path / "d.pt", encoder, encoder_path="runs/robust/checkpoint.pt")
+    assert load_decoder(path)[1]["encoder_sha256"] == encoder_fingerprint(encoder)
+    other = tiny_net(seed=1)  # the same settings, other weights: a "standard" encoder for a "robust" decoder
+    save_encoder(other, tmp_path / "standard.pt")
+    with pytest.raises(RFIError, match=r"d.pt was trained on another resnet18 encoder than .*standard.pt \(differs "
+                                       r"in its weights; it was trained on runs/robust/checkpoint.pt\): "
+                                       r".*--allow-mismatch"):
+        RobustAutoencoder.from_checkpoints(tmp_path / "standard.pt", path)
+    assert RobustAutoencoder.from_checkpoints(tmp_path / "standard.pt", path, allow_mismatch=True).layer == "layer3"
+    assert RobustAutoencoder.from_checkpoints(encoder, path).layer == "layer3"
+    settings_only = save_decoder(dec, tmp_path / "old.pt", encoder.config())  # as files written before
+    assert "encoder_sha256" not in load_decoder(settings_only)[1]
+    assert RobustAutoencoder.from_checkpoints(other, settings_only).layer == "layer3"
+
+
+def test_a_decoder_with_nan_weights_is_refused(tmp_path):
+    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8)
+    with torch.no_grad():
+        dec.tail.bias.fill_(float("inf"))
+    with pytest.raises(RFIError, match=r"d.pt holds NaN or Inf values \(first in 'state_dict/tail.bias'\)"):
+        load_decoder(save_decoder(dec, tmp_path / "d.pt"))
+
+
+@pytest.mark.parametrize("recorded, wanted, message", [
+    ({"app": "style"}, "denoise", "is not a denoiser (rfi denoise train): it is a style pyramid (rfi style train)"),
+    ({"app": "denoise"}, "style", "is not a style pyramid (rfi style train): it is a denoiser (rfi denoise train)"),
+    ({"anomaly": {"threshold": 1.0}}, "denoise", "is not a denoiser (rfi denoise train): it is an anomaly model"),
+])
+def test_a_model_file_of_another_kind_is_refused(recorded, wanted, message, encoder, tmp_path):
+    ae = RobustAutoencoder(encoder, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    path = ae.save(tmp_path / "m.pt", **recorded)
+    with pytest.raises(RFIError, match=re.escape(f"m.pt {message}")):
+        RobustAutoencoder.load(path, kind=wanted)
+    assert RobustAutoencoder.load(path).kind == model_kind(recorded)
+    assert RobustAutoencoder.load(ae.save(tmp_path / "plain.pt"), kind=wanted).kind is None  # a plain file serves any
+
+
+def test_an_unknown_layer_names_the_decoders_it_has(encoder):
+    ae = RobustAutoencoder(encoder, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
+    for call in (lambda: ae.reconstruct(torch.rand(1, 3, 16, 16), layer="layer1"),
+                 lambda: ae.reconstruct(torch.rand(1, 3, 16, 16), layer="layer1", tile=8),
+                 lambda: ae.pad(torch.rand(1, 3, 16, 16), layer="layer1")):
+        with pytest.raises(RFIError, match=r"no decoder for layer 'layer1' \(have: layer3\)"):
+            call()
