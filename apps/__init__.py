@@ -2,6 +2,7 @@
 style augmentation). Public classes are imported on first use, so ``import apps`` (and every
 ``rfi`` command) stays light.
 """
+
 from importlib import import_module
 
 _LAZY = {"StyleAugment": "apps.style.augment", "MultiView": "apps.style.multiview"}

@@ -13,6 +13,7 @@ line naming its new spelling, and exit code 2.
 gathers them. ``SIGTERM`` (``kill``) ends a command as Ctrl-C does, running its clean-ups (run
 locks released, temporary files removed), with exit code 143.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from apps.commands.common import common_flags
 from encoders.core.errors import RFIError
@@ -39,8 +40,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("segment", "apps.commands.segment", "semantic segmentation: train a shift-equivariant segmenter, label images"),
     ("augment", "apps.commands.augment", "write style-augmented views of images (SSL augmentation)"),
     ("ssl", "apps.commands.ssl", "self-supervised pre-training: SimCLR or MoCo v2, with style augmentation"),
-    ("shift-consistency", "apps.commands.shift_consistency",
-     "shift consistency / equivariance of encoders and autoencoders"),
+    (
+        "shift-consistency",
+        "apps.commands.shift_consistency",
+        "shift consistency / equivariance of encoders and autoencoders",
+    ),
     ("weights", "apps.commands.weights", "model zoo: list / fetch public robust and torchvision checkpoints"),
 )
 
@@ -79,8 +83,9 @@ def renamed_command(argv: Sequence[str]) -> str | None:
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The full parser; only the module of the command named in ``argv`` is imported."""
-    parser = argparse.ArgumentParser(prog="rfi", parents=[common_flags()],
-                                     description="RFI: robust feature inversion toolkit")
+    parser = argparse.ArgumentParser(
+        prog="rfi", parents=[common_flags()], description="RFI: robust feature inversion toolkit"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, module, help_text in COMMANDS:
@@ -105,7 +110,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     args, extras = parser.parse_known_args(argv)
     if extras:
         if isinstance(getattr(args, "overrides", None), list) and all(
-                "=" in word and not word.startswith("-") for word in extras):
+            "=" in word and not word.startswith("-") for word in extras
+        ):
             args.overrides = [*args.overrides, *extras]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
@@ -133,8 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(argv)
         args = parse_command_line(parser, argv)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                            format="rfi: %(message)s", stream=sys.stderr, force=True)
+        logging.basicConfig(
+            level=logging.WARNING if args.quiet else logging.INFO,
+            format="rfi: %(message)s",
+            stream=sys.stderr,
+            force=True,
+        )
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -21,12 +21,14 @@ Example:
     >>> bool(y.min() >= 0 and y.max() <= 1), tuple(y.shape)
     (True, (2, 3, 16, 16))
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -34,8 +36,8 @@ from torch import Tensor
 
 from encoders.core.config import bounded, config_to_dict, load_config, value_range, yaml_dataclass
 from encoders.core.errors import RFIError
-from encoders.core.rundir import RunDir, TrainResult
 from encoders.core.files import FileBatch, check_output_file, check_output_folder
+from encoders.core.rundir import RunDir, TrainResult
 from encoders.core.serialization import atomic_write
 from encoders.weights.checkpoints import load_encoder
 from inversion.autoencoder import RobustAutoencoder
@@ -205,29 +207,43 @@ def train_denoiser(cfg: DenoiseConfig, resume: bool = False) -> TrainResult:
     if resume and noise_file.is_file():
         old = yaml.safe_load(noise_file.read_text())
         if old != noise:
-            raise RFIError(f"cannot resume {out}: it was trained with noise {old}, not {noise} "
-                           f"(use the same noise.sigma or another --out)")
+            raise RFIError(
+                f"cannot resume {out}: it was trained with noise {old}, not {noise} "
+                f"(use the same noise.sigma or another --out)"
+            )
     else:  # before noise.yaml is written: a run in the way is an error
         RunDir(out, CHECKPOINT_NAME).has_checkpoint(resume)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 writes files
     if main_process:
         atomic_write(noise_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(noise)))
     kind = f"sigma {sigma[0]:g}" if sigma[0] == sigma[1] else f"blind, sigma {sigma[0]:g}-{sigma[1]:g}"
-    log.info("training a denoiser (%s) on %s of %s, skips %s", kind, cfg.train.encoder.layer,
-             cfg.train.encoder.checkpoint, list(cfg.train.decoder.skips) or "none")
+    log.info(
+        "training a denoiser (%s) on %s of %s, skips %s",
+        kind,
+        cfg.train.encoder.layer,
+        cfg.train.encoder.checkpoint,
+        list(cfg.train.decoder.skips) or "none",
+    )
     decoder = train_decoder(cfg.train, resume=resume, input_transform=GaussianNoise(sigma))
-    model = RobustAutoencoder.from_checkpoints(enc.checkpoint, decoder.path, arch=enc.arch,
-                                               arch_key="train.encoder.arch")
+    model = RobustAutoencoder.from_checkpoints(
+        enc.checkpoint, decoder.path, arch=enc.arch, arch_key="train.encoder.arch"
+    )
     if main_process:
-        model.save(model_path, app=DENOISER_APP, sigma=list(sigma), layer=model.layer,
-                   config={"noise": noise, "train": config_to_dict(cfg.train)})
+        model.save(
+            model_path,
+            app=DENOISER_APP,
+            sigma=list(sigma),
+            layer=model.layer,
+            config={"noise": noise, "train": config_to_dict(cfg.train)},
+        )
         log.info("denoiser written to %s", model_path)
     return TrainResult(model_path, model.eval(), decoder.metrics)
 
 
 # ----------------------------------------------------------------------------- using a denoiser
-def load_denoiser(path: str | os.PathLike,
-                  device: str | torch.device = "cpu") -> tuple[RobustAutoencoder, dict[str, Any]]:
+def load_denoiser(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[RobustAutoencoder, dict[str, Any]]:
     """Load a model file written by ``rfi denoise train``.
 
     Returns:
@@ -249,9 +265,15 @@ def load_denoiser(path: str | os.PathLike,
     return model.eval(), info
 
 
-def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                  sigma: float | None = None, tile: int | None = None, seed: int = 0,
-                  save_noisy: bool = False) -> int:
+def denoise_files(
+    model: RobustAutoencoder,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    sigma: float | None = None,
+    tile: int | None = None,
+    seed: int = 0,
+    save_noisy: bool = False,
+) -> int:
     """Denoise image files into ``out`` as PNGs with the same names (the policy of :mod:`encoders.core.files`).
 
     Args:
@@ -277,8 +299,7 @@ def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike],
     if sigma is not None:
         value_range(sigma, "sigma (0-255 units)", low=0)
     noisy = sigma is not None and save_noisy
-    batch = FileBatch(inputs, out, names=lambda p: [f"{p.stem}.png"] + [f"noisy/{p.stem}.png"] * noisy,
-                      desc="denoise")
+    batch = FileBatch(inputs, out, names=lambda p: [f"{p.stem}.png"] + [f"noisy/{p.stem}.png"] * noisy, desc="denoise")
     device = next(model.parameters()).device
     index = {src: i for i, src in enumerate(batch.files)}
 
@@ -289,8 +310,13 @@ def denoise_files(model: RobustAutoencoder, inputs: Sequence[str | os.PathLike],
             x = add_noise(clean, sigma, torch.Generator(device=device).manual_seed(seed + index[src]))
         y = model.reconstruct(x, tile=tile)
         if sigma is not None:
-            log.info("%s: noisy %.2f dB -> denoised %.2f dB (sigma %g)", src.name,
-                     float(psnr(clean, x)), float(psnr(clean, y)), sigma)
+            log.info(
+                "%s: noisy %.2f dB -> denoised %.2f dB (sigma %g)",
+                src.name,
+                float(psnr(clean, x)),
+                float(psnr(clean, y)),
+                sigma,
+            )
         return [y[0], x[0]] if noisy else [y[0]]
 
     return batch.run(process)

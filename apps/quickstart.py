@@ -15,6 +15,7 @@ Example:
     rfi quickstart --out runs/quickstart            # 8-26 minutes on 2 idle CPU cores (machine-dependent)
     rfi quickstart --out /tmp/qs --budget tiny      # a smoke test of a few seconds
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,15 @@ from typing import Any, Literal
 
 import torch
 
-from encoders.core.config import (bounded, config_path, config_to_dict, load_config, parse_overrides, referenced_config,
-                                  yaml_dataclass)
+from encoders.core.config import (
+    bounded,
+    config_path,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    referenced_config,
+    yaml_dataclass,
+)
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder, reported_writes
 from encoders.core.rundir import TrainResult
@@ -116,8 +124,9 @@ def _config_hash(cfg: Any) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _train(kind: str, name: str, cfg: Any, root: Path, force: bool,
-           encoder: Any = None) -> tuple[TrainResult, dict[str, Any]]:
+def _train(
+    kind: str, name: str, cfg: Any, root: Path, force: bool, encoder: Any = None
+) -> tuple[TrainResult, dict[str, Any]]:
     """Train (or reuse) one run under ``root/<name>-<config hash>``; returns the trainer's result
     (checkpoint, trained module, metrics) and a summary. ``encoder``: a decoder's trained encoder, in memory."""
     out = root / f"{name}-{_config_hash(cfg)}"
@@ -138,8 +147,13 @@ def _train(kind: str, name: str, cfg: Any, root: Path, force: bool,
     return result, {"path": str(result.path), "cached": cached, "seconds": time.perf_counter() - start}
 
 
-def run_quickstart(out: str | os.PathLike | None = None, config: str | os.PathLike = DEFAULT_CONFIG,
-                   budget: str | None = None, overrides: tuple[str, ...] = (), force: bool = False) -> dict[str, Any]:
+def run_quickstart(
+    out: str | os.PathLike | None = None,
+    config: str | os.PathLike = DEFAULT_CONFIG,
+    budget: str | None = None,
+    overrides: tuple[str, ...] = (),
+    force: bool = False,
+) -> dict[str, Any]:
     """Train (or reuse) both encoders and decoders, evaluate them, write the report; returns ``report.json``'s content.
 
     Args:
@@ -177,8 +191,11 @@ def run_quickstart(out: str | os.PathLike | None = None, config: str | os.PathLi
             steps += 1
             log.info("[%d/%d] %s encoder", steps, total, name)
             enc, enc_info = _train("encoder", name, enc_cfg, out / "encoders", force)
-            dec_cfg = load_config(TrainDecoderConfig, referenced_config(config, spec.decoder),
-                                  {**dec_over, **device, "encoder.checkpoint": str(enc.path)})
+            dec_cfg = load_config(
+                TrainDecoderConfig,
+                referenced_config(config, spec.decoder),
+                {**dec_over, **device, "encoder.checkpoint": str(enc.path)},
+            )
             steps += 1
             log.info("[%d/%d] %s decoder for %s", steps, total, name, dec_cfg.encoder.layer)
             dec, dec_info = _train("decoder", name, dec_cfg, out / "decoders", force, encoder=enc.model)
@@ -186,30 +203,62 @@ def run_quickstart(out: str | os.PathLike | None = None, config: str | os.PathLi
             models[name] = RobustAutoencoder(enc.model, dec.model).to(resolve_device(cfg.device))
             enc_info["eval"] = enc.metrics.get("eval")
             dec_info["val_psnr"] = dec.metrics.get("val_psnr")
-            report["runs"][name] = {"encoder": enc_info, "decoder": dec_info, "layer": dec_cfg.encoder.layer,
-                                    "adversarial": config_to_dict(enc_cfg)["adv"]}
+            report["runs"][name] = {
+                "encoder": enc_info,
+                "decoder": dec_info,
+                "layer": dec_cfg.encoder.layer,
+                "adversarial": config_to_dict(enc_cfg)["adv"],
+            }
             train_sizes.add(int(dec_cfg.data.size))
         if len(train_sizes) != 1:
-            raise RFIError(f"the decoders were trained at different sizes {sorted(train_sizes)}: the comparison "
-                           f"needs one data.size")
+            raise RFIError(
+                f"the decoders were trained at different sizes {sorted(train_sizes)}: the comparison "
+                f"needs one data.size"
+            )
         train_size = train_sizes.pop()
 
-        log.info("evaluating on %d held-out crops per scale at %s x %d px", cfg.eval.num,
-                 ", ".join(f"{s}" for s in cfg.eval.scales), train_size)
+        log.info(
+            "evaluating on %d held-out crops per scale at %s x %d px",
+            cfg.eval.num,
+            ", ".join(f"{s}" for s in cfg.eval.scales),
+            train_size,
+        )
         lpips_model, note = lpips_for(cfg.eval.lpips_net, cfg.eval.lpips_weights, resolve_device(cfg.device))
         t_eval = time.perf_counter()
-        result = compare_autoencoders(models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed,
-                                      lpips_model=lpips_model, lpips_note=note, grid_dir=out,
-                                      grid_rows=cfg.eval.grid_rows)
+        result = compare_autoencoders(
+            models,
+            cfg.eval.scales,
+            train_size,
+            cfg.eval.num,
+            cfg.eval.seed,
+            lpips_model=lpips_model,
+            lpips_note=note,
+            grid_dir=out,
+            grid_rows=cfg.eval.grid_rows,
+        )
         report["evaluation"] = result
         if cfg.eval.unseen:  # the same comparison on images no model trained on
             report["evaluation_unseen"] = compare_autoencoders(
-                models, cfg.eval.scales, train_size, cfg.eval.num, cfg.eval.seed, folder=UNSEEN,
-                lpips_model=lpips_model, lpips_note=note, grid_dir=out / "unseen", grid_rows=cfg.eval.grid_rows)
+                models,
+                cfg.eval.scales,
+                train_size,
+                cfg.eval.num,
+                cfg.eval.seed,
+                folder=UNSEEN,
+                lpips_model=lpips_model,
+                lpips_note=note,
+                grid_dir=out / "unseen",
+                grid_rows=cfg.eval.grid_rows,
+            )
         report["seconds"] = {"total": time.perf_counter() - t0, "evaluation": time.perf_counter() - t_eval}
-        report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                             "load_average_start": load_start, "load_average_end": os.getloadavg(),
-                             "platform": platform.platform(), "torch": torch.__version__}
+        report["machine"] = {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        }
         write_json(report, out / "report.json")
         text = render_report(report)
         atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
@@ -225,34 +274,55 @@ def _fmt_acc(ev: dict[str, Any] | None) -> str:
 def render_report(report: dict[str, Any]) -> str:
     """``report.md``: what was trained, the PSNR/SSIM/LPIPS table, the robust-minus-standard gap, the grids."""
     ev = report["evaluation"]
-    lines = ["# RFI quickstart report", "",
-             f"Budget `{report['budget']}` ({report['config']}); total {report['seconds']['total'] / 60:.1f} min "
-             f"on {report['machine']['cpus']} CPUs (load average {report['machine']['load_average_start'][0]:.1f} "
-             f"at start).", "", "## Encoders and decoders", "",
-             "| run | encoder training | clean acc | PGD acc | decoder | decoder val PSNR (dB) | time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# RFI quickstart report",
+        "",
+        f"Budget `{report['budget']}` ({report['config']}); total {report['seconds']['total'] / 60:.1f} min "
+        f"on {report['machine']['cpus']} CPUs (load average {report['machine']['load_average_start'][0]:.1f} "
+        f"at start).",
+        "",
+        "## Encoders and decoders",
+        "",
+        "| run | encoder training | clean acc | PGD acc | decoder | decoder val PSNR (dB) | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in report["runs"].items():
         adv = r["adversarial"]
-        kind = (f"PGD {adv['norm']} eps={adv['eps']:g}, {adv['steps']} steps" if adv["enabled"] else "standard")
+        kind = f"PGD {adv['norm']} eps={adv['eps']:g}, {adv['steps']} steps" if adv["enabled"] else "standard"
         secs = r["encoder"]["seconds"] + r["decoder"]["seconds"]
         cached = " (cached)" if r["encoder"]["cached"] and r["decoder"]["cached"] else ""
         vp = r["decoder"]["val_psnr"]
-        lines.append(f"| {name} | {kind} | {_fmt_acc(r['encoder']['eval'])} | {r['layer']} | "
-                     f"{'n/a' if vp is None else f'{vp:.2f}'} | {secs / 60:.1f} min{cached} |")
+        lines.append(
+            f"| {name} | {kind} | {_fmt_acc(r['encoder']['eval'])} | {r['layer']} | "
+            f"{'n/a' if vp is None else f'{vp:.2f}'} | {secs / 60:.1f} min{cached} |"
+        )
     pgd = next((r["encoder"]["eval"] for r in report["runs"].values() if r["encoder"]["eval"]), None)
     if pgd:
-        lines += ["", f"PGD accuracy: {pgd['steps']}-step {pgd['norm']} attack, eps={pgd['eps']:g}, on "
-                      f"{pgd['images']} validation crops."]
-    lines += _evaluation_section(f"held-out crops of the embedded photos ({ev['num']} per scale, training size "
-                                 f"{ev['train_size']} px)", ev, Path("."))
+        lines += [
+            "",
+            f"PGD accuracy: {pgd['steps']}-step {pgd['norm']} attack, eps={pgd['eps']:g}, on "
+            f"{pgd['images']} validation crops.",
+        ]
+    lines += _evaluation_section(
+        f"held-out crops of the embedded photos ({ev['num']} per scale, training size {ev['train_size']} px)",
+        ev,
+        Path("."),
+    )
     if report.get("evaluation_unseen"):
         unseen = report["evaluation_unseen"]
         held = {(n, r["scale"]): r["psnr"] for n, rs in ev["models"].items() for r in rs}
-        gaps = [f"{n} {r['scale']}x {held[n, r['scale']] - r['psnr']:+.2f} dB" for n, rs in unseen["models"].items()
-                for r in rs if (n, r["scale"]) in held]
-        lines += _evaluation_section(f"unseen images ({unseen['num']} crops per scale of images no model "
-                                     f"trained on, encoders/data/unseen.py)", unseen, Path("unseen"),
-                                     f"Held-out minus unseen PSNR: {', '.join(gaps)}.")
+        gaps = [
+            f"{n} {r['scale']}x {held[n, r['scale']] - r['psnr']:+.2f} dB"
+            for n, rs in unseen["models"].items()
+            for r in rs
+            if (n, r["scale"]) in held
+        ]
+        lines += _evaluation_section(
+            f"unseen images ({unseen['num']} crops per scale of images no model trained on, encoders/data/unseen.py)",
+            unseen,
+            Path("unseen"),
+            f"Held-out minus unseen PSNR: {', '.join(gaps)}.",
+        )
     return "\n".join(lines)
 
 
@@ -262,12 +332,19 @@ def _evaluation_section(title: str, ev: dict[str, Any], grid_folder: Path, note:
     lines = ["", f"## Inversion on {title}", "", format_table(ev), ""]
     rows = {n: {r["scale"]: r for r in rs} for n, rs in ev["models"].items()}
     if set(RUN_NAMES) <= set(rows):
-        gaps = [f"{s}x: {rows['robust'][s]['psnr'] - rows['standard'][s]['psnr']:+.2f} dB"
-                for s in sorted(rows["robust"]) if s in rows["standard"]]
+        gaps = [
+            f"{s}x: {rows['robust'][s]['psnr'] - rows['standard'][s]['psnr']:+.2f} dB"
+            for s in sorted(rows["robust"])
+            if s in rows["standard"]
+        ]
         lines += [f"Robust minus standard PSNR: {', '.join(gaps)}.", ""]
     lines += [note, ""] if note else []
     lines += [ev["lpips"] + ".", ""]
     for scale, path in ev["grids"].items():
-        lines += [f"### {scale}: original | {' | '.join(ev['models'])}", "",
-                  f"![{scale} grid]({(grid_folder / Path(path).name).as_posix()})", ""]
+        lines += [
+            f"### {scale}: original | {' | '.join(ev['models'])}",
+            "",
+            f"![{scale} grid]({(grid_folder / Path(path).name).as_posix()})",
+            "",
+        ]
     return lines

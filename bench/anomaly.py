@@ -23,6 +23,7 @@ killed run keeps what it measured.
 Needs the two encoder checkpoints (``rfi train-encoder --config configs/encoder/resnet18_robust.yaml``
 and ``..._standard.yaml``), or ``--robust`` / ``--standard`` paths.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,11 +49,13 @@ from apps.anomaly.detector import AnomalyDetector  # noqa: E402
 from apps.anomaly.fitting import fit, split_normal  # noqa: E402
 from apps.anomaly.metrics import image_metrics, pixel_metrics  # noqa: E402
 from encoders.core.errors import RFIError  # noqa: E402
-from encoders.core.serialization import write_json  # noqa: E402
 from encoders.core.imageio import read_image  # noqa: E402
+from encoders.core.serialization import write_json  # noqa: E402
 
-ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
-            "standard": "runs/encoders/resnet18_standard/checkpoint.pt"}
+ENCODERS = {
+    "robust": "runs/encoders/resnet18_robust/checkpoint.pt",
+    "standard": "runs/encoders/resnet18_standard/checkpoint.pt",
+}
 METHODS = ("reconstruction", "memory (robust)", "memory (standard)", "combined")
 GOAL = 0.95
 
@@ -60,7 +63,7 @@ GOAL = 0.95
 class PeakRSS:
     """Peak growth of this process's resident memory (MiB) while the block runs (psutil, every 10 ms)."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         import psutil
 
         self._proc = psutil.Process()
@@ -78,7 +81,7 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
-        self.mib = (self.peak - self.start) / 2 ** 20
+        self.mib = (self.peak - self.start) / 2**20
 
 
 def evaluate(det: AnomalyDetector, data) -> dict[str, Any]:
@@ -93,13 +96,17 @@ def evaluate(det: AnomalyDetector, data) -> dict[str, Any]:
     masks = [ground_truth_mask(t, tuple(m.shape[-2:])) for t, m in zip(items, maps)]
 
     def metrics(keep: list[int]) -> dict[str, float | None]:
-        return {"image_auroc": image_metrics([items[i].label for i in keep], [scores[i] for i in keep])["auroc"],
-                "pixel_auroc": pixel_metrics([masks[i] for i in keep], [maps[i, 0] for i in keep])["auroc"]}
+        return {
+            "image_auroc": image_metrics([items[i].label for i in keep], [scores[i] for i in keep])["auroc"],
+            "pixel_auroc": pixel_metrics([masks[i] for i in keep], [maps[i, 0] for i in keep])["auroc"],
+        }
 
     good = [i for i, t in enumerate(items) if t.label == 0]
     out = metrics(list(range(len(items))))
-    out["per_defect"] = {d: metrics(good + [i for i, t in enumerate(items) if t.defect == d])
-                         for d in sorted({t.defect for t in items if t.label == 1})}
+    out["per_defect"] = {
+        d: metrics(good + [i for i, t in enumerate(items) if t.defect == d])
+        for d in sorted({t.defect for t in items if t.label == 1})
+    }
     out.update(score_ms_per_image=ms, score_peak_mib=mem.mib, maps=maps)
     return out
 
@@ -119,8 +126,9 @@ def pct(v: float | None) -> str:
     return "  n/a" if v is None else f"{100 * v:5.1f}"
 
 
-def example_figure(dets: dict[str, dict[str, AnomalyDetector]], cfg: AnomalyConfig, path: str,
-                   defect: str = "cut_paste") -> Path:
+def example_figure(
+    dets: dict[str, dict[str, AnomalyDetector]], cfg: AnomalyConfig, path: str, defect: str = "cut_paste"
+) -> Path:
     """Rows = textures; columns: input | ground truth | reconstruction map | memory (robust) map."""
     import torch.nn.functional as F
 
@@ -149,11 +157,22 @@ def summarise(runs: list[dict], draws: list[int], categories: list[str]) -> dict
                 rs = [r for r in runs if r["draw"] == draw and r["category"] == cat and r["method"] == m]
                 if not rs:
                     continue
-                row = {k: median([r[k] for r in rs]) for k in ("image_auroc", "pixel_auroc", "fit_s", "fit_peak_mib",
-                                                                "score_ms_per_image", "score_peak_mib")}
+                row = {
+                    k: median([r[k] for r in rs])
+                    for k in (
+                        "image_auroc",
+                        "pixel_auroc",
+                        "fit_s",
+                        "fit_peak_mib",
+                        "score_ms_per_image",
+                        "score_peak_mib",
+                    )
+                }
                 row["seeds"] = len(rs)
-                row["per_defect"] = {d: {k: median([r["per_defect"][d][k] for r in rs])
-                                         for k in ("image_auroc", "pixel_auroc")} for d in rs[0]["per_defect"]}
+                row["per_defect"] = {
+                    d: {k: median([r["per_defect"][d][k] for r in rs]) for k in ("image_auroc", "pixel_auroc")}
+                    for d in rs[0]["per_defect"]
+                }
                 table.setdefault(f"draw {draw}", {}).setdefault(cat, {})[m] = row
     return table
 
@@ -176,22 +195,33 @@ def format_table(table: dict[str, Any], categories: list[str]) -> str:
             lines.append(f"{cat:<9}" + "".join(f" | {c:>22}" for c in cells))
             defects = next(iter(cats[cat].values()))["per_defect"]
             for d in defects:
-                cells = [f"{pct(cats[cat][m]['per_defect'][d]['image_auroc'])} / "
-                         f"{pct(cats[cat][m]['per_defect'][d]['pixel_auroc'])}" if m in cats[cat] else "-" for m in METHODS]
+                cells = [
+                    f"{pct(cats[cat][m]['per_defect'][d]['image_auroc'])} / "
+                    f"{pct(cats[cat][m]['per_defect'][d]['pixel_auroc'])}"
+                    if m in cats[cat]
+                    else "-"
+                    for m in METHODS
+                ]
                 lines.append(f"  {d:<7}" + "".join(f" | {c:>22}" for c in cells))
-        lines.append(f"{'mean img':<9}" + "".join(
-            f" | {pct(statistics.fmean(v)) if v else '  n/a':>22}" for v in means.values()))
+        lines.append(
+            f"{'mean img':<9}" + "".join(f" | {pct(statistics.fmean(v)) if v else '  n/a':>22}" for v in means.values())
+        )
         cells = []
         for m in METHODS:
             rows = [cats[c][m] for c in categories if c in cats and m in cats[c]]
-            cells.append(f"{median([r['fit_s'] for r in rows]) or 0:.0f} s, {median([r['fit_peak_mib'] for r in rows]) or 0:.0f} MiB"
-                         if rows else "-")
+            fit_s = median([r["fit_s"] for r in rows]) or 0 if rows else 0
+            peak = median([r["fit_peak_mib"] for r in rows]) or 0 if rows else 0
+            cells.append(f"{fit_s:.0f} s, {peak:.0f} MiB" if rows else "-")
         lines.append(f"{'fit':<9}" + "".join(f" | {c:>22}" for c in cells))
         cells = []
         for m in METHODS:
             rows = [cats[c][m] for c in categories if c in cats and m in cats[c]]
-            cells.append(f"{median([r['score_ms_per_image'] for r in rows]) or 0:.1f} ms, "
-                         f"{median([r['score_peak_mib'] for r in rows]) or 0:.0f} MiB" if rows else "-")
+            cells.append(
+                f"{median([r['score_ms_per_image'] for r in rows]) or 0:.1f} ms, "
+                f"{median([r['score_peak_mib'] for r in rows]) or 0:.0f} MiB"
+                if rows
+                else "-"
+            )
         lines.append(f"{'score':<9}" + "".join(f" | {c:>22}" for c in cells))
         lines.append("")
     return "\n".join(lines)
@@ -205,11 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--categories", nargs="+", help="textures (default: the config's benchmark.textures)")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="benchmark.seed values (default 0 1)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model (train.seed, memory.seed)")
-    parser.add_argument("--first-seed", type=int, default=0,
-                        help="seeds are first-seed .. first-seed + seeds - 1 (to spread seeds over processes; "
-                             "merge the JSONs with --merge)")
-    parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="only merge the runs of these result files into --out and print the table")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds are first-seed .. first-seed + seeds - 1 (to spread seeds over processes; "
+        "merge the JSONs with --merge)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="only merge the runs of these result files into --out and print the table",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--work", help="folder for models (default: a temporary folder)")
     parser.add_argument("--out", default="bench/results/anomaly.json")
@@ -226,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         draws = sorted({r["draw"] for r in runs})
         categories = [c for c in parts[0]["categories"] if any(r["category"] == c for r in runs)]
         table = summarise(runs, draws, categories)
-        merged = {**parts[0], "command": command, "merged_from": [p["command"] for p in parts], "draws": draws,
-                  "partial": any(p["partial"] for p in parts), "table": table, "runs": runs,
-                  "seeds": sorted({r["seed"] for r in runs})}
+        merged = {
+            **parts[0],
+            "command": command,
+            "merged_from": [p["command"] for p in parts],
+            "draws": draws,
+            "partial": any(p["partial"] for p in parts),
+            "table": table,
+            "runs": runs,
+            "seeds": sorted({r["seed"] for r in runs}),
+        }
         write_json(merged, args.out)
         print(format_table(table, categories))
         print(f"wrote {args.out}")
@@ -238,52 +283,93 @@ def main(argv: list[str] | None = None) -> int:
         encoders = {"robust": args.robust, "standard": args.standard}
         for name, path in encoders.items():
             if not Path(path).is_file():
-                raise RFIError(f"{name} encoder checkpoint not found: {path} (train it with: rfi train-encoder "
-                               f"--config configs/encoder/resnet18_{name}.yaml, or pass --{name} PATH)")
+                raise RFIError(
+                    f"{name} encoder checkpoint not found: {path} (train it with: rfi train-encoder "
+                    f"--config configs/encoder/resnet18_{name}.yaml, or pass --{name} PATH)"
+                )
         categories = args.categories or list(base.benchmark.textures)
         work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-"))
         runs: list[dict[str, Any]] = []
         figure_dets: dict[str, dict[str, AnomalyDetector]] = {}
 
-        def record(draw: int, cat: str, seed: int, method: str, det: AnomalyDetector, fit_s: float,
-                   fit_mib: float, data) -> None:
+        def record(
+            draw: int, cat: str, seed: int, method: str, det: AnomalyDetector, fit_s: float, fit_mib: float, data
+        ) -> None:
             res = evaluate(det, data)
             res.pop("maps")
-            runs.append({"draw": draw, "category": cat, "seed": seed, "method": method, "fit_s": fit_s,
-                         "fit_peak_mib": fit_mib, **res, "bank": det.info.get("memory_bank")})
-            print(f"draw {draw} {cat:<7} seed {seed} {method:<18} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
-                  f"{pct(res['pixel_auroc'])}  (fit {fit_s:.0f} s, {fit_mib:.0f} MiB; score "
-                  f"{res['score_ms_per_image']:.1f} ms/img; load {os.getloadavg()[0]:.1f})", flush=True)
+            runs.append(
+                {
+                    "draw": draw,
+                    "category": cat,
+                    "seed": seed,
+                    "method": method,
+                    "fit_s": fit_s,
+                    "fit_peak_mib": fit_mib,
+                    **res,
+                    "bank": det.info.get("memory_bank"),
+                }
+            )
+            print(
+                f"draw {draw} {cat:<7} seed {seed} {method:<18} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
+                f"{pct(res['pixel_auroc'])}  (fit {fit_s:.0f} s, {fit_mib:.0f} MiB; score "
+                f"{res['score_ms_per_image']:.1f} ms/img; load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
             if draw == args.draws[0] and seed == args.first_seed:
                 figure_dets.setdefault(cat, {})[method] = det
             write(partial=True)
 
         def write(partial: bool) -> dict[str, Any]:
             table = summarise(runs, args.draws, categories)
-            result = {"command": command, "config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-                      "draws": args.draws, "categories": categories, "encoders": encoders,
-                      "benchmark": vars(base.benchmark), "partial": partial, "table": table, "runs": runs,
-                      "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                  "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                                  "cpu_count": os.cpu_count(), "load_avg_before": load_before,
-                                  "load_avg_now": os.getloadavg()}}
+            result = {
+                "command": command,
+                "config": args.config,
+                "overrides": args.overrides,
+                "seeds": args.seeds,
+                "draws": args.draws,
+                "categories": categories,
+                "encoders": encoders,
+                "benchmark": vars(base.benchmark),
+                "partial": partial,
+                "table": table,
+                "runs": runs,
+                "machine": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "cpu": platform.processor(),
+                    "cpu_count": os.cpu_count(),
+                    "load_avg_before": load_before,
+                    "load_avg_now": os.getloadavg(),
+                },
+            }
             write_json(json.loads(json.dumps(result, default=str)), args.out)
             return result
 
         for draw in args.draws:
             for cat in categories:
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
-                    common = [*args.overrides, f"benchmark.seed={draw}", f"category={cat}", f"train.seed={seed}",
-                              f"memory.seed={seed}"]
+                    common = [
+                        *args.overrides,
+                        f"benchmark.seed={draw}",
+                        f"category={cat}",
+                        f"train.seed={seed}",
+                        f"memory.seed={seed}",
+                    ]
                     cfg = load_anomaly_config(args.config, [*common, f"encoder={encoders['robust']}"])
                     data = resolve_data("embedded", cat, cfg.benchmark, "test")
                     folder = work / f"draw{draw}" / f"seed{seed}"
                     models: dict[str, AnomalyDetector] = {}
                     fit_info: dict[str, tuple[float, float]] = {}
-                    jobs = [("reconstruction", "robust", "reconstruction"), ("memory (robust)", "robust", "memory"),
-                            ("memory (standard)", "standard", "memory")]
+                    jobs = [
+                        ("reconstruction", "robust", "reconstruction"),
+                        ("memory (robust)", "robust", "memory"),
+                        ("memory (standard)", "standard", "memory"),
+                    ]
                     for name, enc, method in jobs:
-                        if name not in args.methods and not (name != "memory (standard)" and "combined" in args.methods):
+                        if name not in args.methods and not (
+                            name != "memory (standard)" and "combined" in args.methods
+                        ):
                             continue
                         c = load_anomaly_config(args.config, [*common, f"encoder={encoders[enc]}", f"method={method}"])
                         with PeakRSS() as mem:
@@ -298,8 +384,15 @@ def main(argv: list[str] | None = None) -> int:
                         rec, memr = models["reconstruction"], models["memory (robust)"]
                         with PeakRSS() as mem:
                             start = time.perf_counter()
-                            det = AnomalyDetector(rec.ae, cfg.score, cfg.image_size, info=dict(memr.info),
-                                                  memory=memr.memory, method="combined", combined=cfg.combined)
+                            det = AnomalyDetector(
+                                rec.ae,
+                                cfg.score,
+                                cfg.image_size,
+                                info=dict(memr.info),
+                                memory=memr.memory,
+                                method="combined",
+                                combined=cfg.combined,
+                            )
                             det.calibrate(held_out(cfg, cat), cfg.batch_size)
                             cal_s = time.perf_counter() - start
                         fit_s = fit_info["reconstruction"][0] + fit_info["memory (robust)"][0] + cal_s
@@ -319,16 +412,26 @@ def main(argv: list[str] | None = None) -> int:
             vals = [cats[c][m]["image_auroc"] for c in categories if c in cats and m in cats[c]]
             if vals:
                 ok = all(v is not None and v >= GOAL for v in vals)
-                verdict.append(f"{draw} {m}: image AUROC >= {100 * GOAL:.0f}% on every texture: "
-                               f"{'met' if ok else 'NOT met'}")
-        rs = [(cats[c]["memory (robust)"]["image_auroc"], cats[c]["memory (standard)"]["image_auroc"])
-              for c in categories if c in cats and "memory (robust)" in cats[c] and "memory (standard)" in cats[c]]
+                verdict.append(
+                    f"{draw} {m}: image AUROC >= {100 * GOAL:.0f}% on every texture: {'met' if ok else 'NOT met'}"
+                )
+        rs = [
+            (cats[c]["memory (robust)"]["image_auroc"], cats[c]["memory (standard)"]["image_auroc"])
+            for c in categories
+            if c in cats and "memory (robust)" in cats[c] and "memory (standard)" in cats[c]
+        ]
         if rs:
-            verdict.append(f"{draw} memory: robust >= standard on every texture: "
-                           f"{'yes' if all(r >= s for r, s in rs) else 'NO'} "
-                           f"({', '.join(f'{pct(r).strip()} vs {pct(s).strip()}' for r, s in rs)})")
+            verdict.append(
+                f"{draw} memory: robust >= standard on every texture: "
+                f"{'yes' if all(r >= s for r, s in rs) else 'NO'} "
+                f"({', '.join(f'{pct(r).strip()} vs {pct(s).strip()}' for r, s in rs)})"
+            )
     print("\n".join(verdict))
-    if args.figure and figure_dets and all({"reconstruction", "memory (robust)"} <= set(d) for d in figure_dets.values()):
+    if (
+        args.figure
+        and figure_dets
+        and all({"reconstruction", "memory (robust)"} <= set(d) for d in figure_dets.values())
+    ):
         figure_cfg = load_anomaly_config(args.config, [*args.overrides, f"benchmark.seed={args.draws[0]}"])
         print(f"wrote {example_figure(figure_dets, figure_cfg, args.figure)}")
     print(f"wrote {args.out}")

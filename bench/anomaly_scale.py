@@ -30,6 +30,7 @@ recorded around each phase.
 
 Prints a table and writes ``bench/results/anomaly_scale.json`` (``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,13 +94,19 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def run_phase(tree: Path, argv: list[str], threads: int, timeout: float, mem_gb: float, work: Path,
-              child: str = CHILD) -> dict[str, Any]:
+def run_phase(
+    tree: Path, argv: list[str], threads: int, timeout: float, mem_gb: float, work: Path, child: str = CHILD
+) -> dict[str, Any]:
     """Run ``child`` (default: ``rfi <argv>``) from ``tree`` in a fresh process; its time, peak RSS and exit status."""
     result_file = work / f"result_{time.monotonic_ns()}.json"
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "RFI_CACHE_DIR": str(work / "cache")}
-    limit = int(mem_gb * 2 ** 30)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "RFI_CACHE_DIR": str(work / "cache"),
+    }
+    limit = int(mem_gb * 2**30)
 
     def limits() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -107,18 +114,33 @@ def run_phase(tree: Path, argv: list[str], threads: int, timeout: float, mem_gb:
     before = load()
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", child, str(result_file), *argv], cwd=tree, env=env,
-                              preexec_fn=limits, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", child, str(result_file), *argv],
+            cwd=tree,
+            env=env,
+            preexec_fn=limits,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {timeout:.0f} s", "seconds": None, "peak_mib": None,
-                "load": [before, load()]}
+        return {
+            "status": f"timed out after {timeout:.0f} s",
+            "seconds": None,
+            "peak_mib": None,
+            "load": [before, load()],
+        }
     wall = time.perf_counter() - start
     out: dict[str, Any] = {"load": [before, load()], "wall_s": round(wall, 1)}
     if result_file.is_file():
         r = json.loads(result_file.read_text())
-        out.update(status="ok" if r["rc"] == 0 else f"exit {r['rc']}", seconds=round(r["seconds"], 1),
-                   cpu_s=round(r["cpu_s"], 1), peak_mib=round(r["peak_mib"]),
-                   **{k: v for k, v in r.items() if k == "pixel_auroc"})
+        out.update(
+            status="ok" if r["rc"] == 0 else f"exit {r['rc']}",
+            seconds=round(r["seconds"], 1),
+            cpu_s=round(r["cpu_s"], 1),
+            peak_mib=round(r["peak_mib"]),
+            **{k: v for k, v in r.items() if k == "pixel_auroc"},
+        )
     else:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
         memory = "MemoryError" in proc.stderr or "bad_alloc" in proc.stderr or "DefaultCPUAllocator" in proc.stderr
@@ -159,21 +181,47 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="rfi-anomaly-scale-"))
     before_tree = work / "before"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before_tree), args.before], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before_tree), args.before],
+        check=True,
+        capture_output=True,
+    )
     trees = {"after": ROOT, "before": before_tree}
     results: dict[str, Any] = {
-        "command": "python bench/anomaly_scale.py " + " ".join(sys.argv[1:]), "size": args.size,
-        "train_images": args.train, "test_images": args.test_good + 3 * args.test_defect,
-        "decoder_steps": args.steps, "pixel_maps": args.pixel_maps,
-        "before": args.before, "threads": args.threads, "mem_limit_gib": args.mem_gb, "timeout_s": args.timeout,
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "phases": {}}
+        "command": "python bench/anomaly_scale.py " + " ".join(sys.argv[1:]),
+        "size": args.size,
+        "train_images": args.train,
+        "test_images": args.test_good + 3 * args.test_defect,
+        "decoder_steps": args.steps,
+        "pixel_maps": args.pixel_maps,
+        "before": args.before,
+        "threads": args.threads,
+        "mem_limit_gib": args.mem_gb,
+        "timeout_s": args.timeout,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "phases": {},
+    }
     try:
         bench = work / "data"
-        made = run_phase(ROOT, ["anomaly", "make-benchmark", "--out", str(bench), f"benchmark.size={args.size}",
-                                f"benchmark.train={args.train}", f"benchmark.test_good={args.test_good}",
-                                f"benchmark.test_defect={args.test_defect}", "benchmark.textures=[brick]"],
-                         args.threads, args.timeout, args.mem_gb, work)
+        made = run_phase(
+            ROOT,
+            [
+                "anomaly",
+                "make-benchmark",
+                "--out",
+                str(bench),
+                f"benchmark.size={args.size}",
+                f"benchmark.train={args.train}",
+                f"benchmark.test_good={args.test_good}",
+                f"benchmark.test_defect={args.test_defect}",
+                "benchmark.textures=[brick]",
+            ],
+            args.threads,
+            args.timeout,
+            args.mem_gb,
+            work,
+        )
         if made["status"] != "ok":
             sys.exit(f"make-benchmark failed: {made['status']}")
         data = str(bench / "brick")
@@ -182,26 +230,53 @@ def main() -> None:
             section = "train" if name == "after" else "decoder"  # the decoder-training section's name in each tree
             fit_args = [f"encoder={encoder}", f"{section}.steps={args.steps}", "device=cpu", f"{section}.device=cpu"]
             results["phases"][f"fit {name}"] = run_phase(
-                trees[name], ["anomaly", "fit", "--data", data, "--out", str(model), *fit_args],
-                args.threads, args.timeout, args.mem_gb, work)
+                trees[name],
+                ["anomaly", "fit", "--data", data, "--out", str(model), *fit_args],
+                args.threads,
+                args.timeout,
+                args.mem_gb,
+                work,
+            )
             print(f"fit {name}: {results['phases'][f'fit {name}']}", flush=True)
         results["decoder_max_abs_difference"] = decoder_difference(work)
         model = work / "after" / "model.pt"
         for name in ("after", "before"):
             results["phases"][f"score {name}"] = run_phase(
-                trees[name], ["anomaly", "score", "--model", str(model), "--data", data, "--out",
-                              str(work / name / "scores"), "--device", "cpu"],
-                args.threads, args.timeout, args.mem_gb, work)
+                trees[name],
+                [
+                    "anomaly",
+                    "score",
+                    "--model",
+                    str(model),
+                    "--data",
+                    data,
+                    "--out",
+                    str(work / name / "scores"),
+                    "--device",
+                    "cpu",
+                ],
+                args.threads,
+                args.timeout,
+                args.mem_gb,
+                work,
+            )
             metrics = work / name / "scores" / "metrics.json"
             if metrics.is_file():
                 m = json.loads(metrics.read_text())
                 results["phases"][f"score {name}"].update(
-                    {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "pixel_f1", "pixel_method")})
+                    {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "pixel_f1", "pixel_method")}
+                )
             print(f"score {name}: {results['phases'][f'score {name}']}", flush=True)
         for name in ("after", "before") if args.pixel_maps else ():
             results["phases"][f"pixels {name}"] = run_phase(
-                trees[name], [str(args.pixel_maps), str(args.size)], args.threads, args.timeout, args.mem_gb, work,
-                PIXEL_CHILD)
+                trees[name],
+                [str(args.pixel_maps), str(args.size)],
+                args.threads,
+                args.timeout,
+                args.mem_gb,
+                work,
+                PIXEL_CHILD,
+            )
             print(f"pixels {name}: {results['phases'][f'pixels {name}']}", flush=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before_tree)], capture_output=True)
@@ -212,9 +287,11 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for k, r in results["phases"].items():
-        print(f"{k:<14} {r['status'][:10]:<10} {r['seconds'] if r['seconds'] is not None else '-':>7} "
-              f"{r.get('cpu_s', '-'):>7} {r['peak_mib'] if r['peak_mib'] is not None else '-':>9}  "
-              f"{r['load'][0][0]} -> {r['load'][1][0]}")
+        print(
+            f"{k:<14} {r['status'][:10]:<10} {r['seconds'] if r['seconds'] is not None else '-':>7} "
+            f"{r.get('cpu_s', '-'):>7} {r['peak_mib'] if r['peak_mib'] is not None else '-':>9}  "
+            f"{r['load'][0][0]} -> {r['load'][1][0]}"
+        )
     print(f"wrote {args.out}")
 
 

@@ -11,9 +11,9 @@ pixel L1 + feature loss, Adam) for one epoch over the same crops:
   the same :class:`inversion.decoders.Decoder`, the same L1 + relative feature loss and Adam.
 
 Sample grids are off in both (``sample_every=0``); the per-epoch validation and checkpoint
-of the ``rfi`` run are outside the timed window. Each measurement runs in a fresh process; its peak memory is counted from after the
-photos are loaded (peak RSS, ``VmHWM`` reset through ``/proc/self/clear_refs``, on CPU;
-``torch.cuda.max_memory_allocated`` on GPU), so it covers model set-up and training.
+of the ``rfi`` run are outside the timed window. Each measurement runs in a fresh process; its
+peak memory is counted from after the photos are loaded (peak RSS, ``VmHWM`` reset through
+``/proc/self/clear_refs``, on CPU; ``torch.cuda.max_memory_allocated`` on GPU), so it covers model set-up and training.
 Variants are interleaved and repeated, and the table reports medians.
 
 The encoder is the config's checkpoint when it exists; otherwise a randomly initialised
@@ -24,6 +24,7 @@ Usage:
     python bench/decoder_training.py                      # about 2 minutes on 2 CPU cores
     python bench/decoder_training.py --crops 4096 --repeats 5 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from encoders.core.runtime import peak_memory_mib, reset_peak_memory  # noqa: E402  (after the path is set)
+
 VARIANTS = ("rfi", "plain")
 DEFAULT_CONFIG = "configs/decoder/resnet18_robust_layer3.yaml"
 
@@ -49,10 +51,22 @@ def _config(args: argparse.Namespace, out: str | None = None):
 
     steps = args.crops // args.batch_size
     encoder = [f"encoder.checkpoint={args.encoder}"] if args.encoder else []
-    return load_config(TrainDecoderConfig, ROOT / args.config, [
-        *encoder, f"data.train_crops={args.crops}", "data.val_crops=64",
-        f"batch_size={args.batch_size}", "epochs=1", "steps=0", "sample_every=0", f"log_every={steps}",
-        f"device={args.device}", f"out={out or 'unused'}"])
+    return load_config(
+        TrainDecoderConfig,
+        ROOT / args.config,
+        [
+            *encoder,
+            f"data.train_crops={args.crops}",
+            "data.val_crops=64",
+            f"batch_size={args.batch_size}",
+            "epochs=1",
+            "steps=0",
+            "sample_every=0",
+            f"log_every={steps}",
+            f"device={args.device}",
+            f"out={out or 'unused'}",
+        ],
+    )
 
 
 def _current_memory_mib(device) -> float:
@@ -61,7 +75,7 @@ def _current_memory_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
     try:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+        line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("VmRSS"))
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         return 0.0
@@ -72,8 +86,8 @@ def _prepare(cfg):
 
     Returns the device and the memory in use at that point (imports + photos: the baseline).
     """
-    from encoders.data.build import build_dataset
     from encoders.core.runtime import resolve_device
+    from encoders.data.build import build_dataset
 
     build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     device = resolve_device(cfg.device)
@@ -100,8 +114,8 @@ def _plain(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from encoders.weights.checkpoints import load_encoder
     from encoders.data.build import build_dataset
+    from encoders.weights.checkpoints import load_encoder
     from inversion.decoders import Decoder
 
     cfg = _config(args)
@@ -111,8 +125,9 @@ def _plain(args: argparse.Namespace) -> dict:
     encoder = load_encoder(cfg.encoder.checkpoint).eval().requires_grad_(False).to(device)
     channels, stride = encoder.feature_info()[layer]
     d = cfg.decoder
-    decoder = Decoder(channels, stride, layer, d.channels, d.min_channels, d.blocks,
-                      padding_mode=d.padding_mode, norm=d.norm).to(device)
+    decoder = Decoder(
+        channels, stride, layer, d.channels, d.min_channels, d.blocks, padding_mode=d.padding_mode, norm=d.norm
+    ).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     loader = DataLoader(build_dataset(cfg.data, "train"), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     seen, start = 0, time.perf_counter()
@@ -122,8 +137,9 @@ def _plain(args: argparse.Namespace) -> dict:
             target = encoder(x, layers=[layer])[layer]
         rec = decoder(target)
         feat = encoder(rec, layers=[layer])[layer]
-        loss = (cfg.loss.pixel * F.l1_loss(rec, x)
-                + cfg.loss.feature * (feat - target).pow(2).sum() / target.pow(2).sum())
+        loss = (
+            cfg.loss.pixel * F.l1_loss(rec, x) + cfg.loss.feature * (feat - target).pow(2).sum() / target.pow(2).sum()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -143,9 +159,24 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _run_child(args: argparse.Namespace, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--config", args.config, "--encoder", args.encoder,
-           "--crops", str(args.crops), "--batch-size", str(args.batch_size), "--device", args.device,
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--config",
+        args.config,
+        "--encoder",
+        args.encoder,
+        "--crops",
+        str(args.crops),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RFI_NO_PROGRESS="1"), cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"{variant} failed:\n{proc.stderr}")
@@ -166,8 +197,10 @@ def _encoder_for(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
     torch.manual_seed(0)
     encoder = create_encoder("resnet18", width=0.25, small_input=True, num_classes=8)
     random_path = str(save_encoder(encoder, Path(tmp) / "random_encoder.pt"))
-    return random_path, (f"randomly initialised resnet18 width 0.25 (no checkpoint at {cfg.encoder.checkpoint}; "
-                         f"speed does not depend on the weights)")
+    return random_path, (
+        f"randomly initialised resnet18 width 0.25 (no checkpoint at {cfg.encoder.checkpoint}; "
+        f"speed does not depend on the weights)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,34 +230,58 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):  # interleaved, so drifting machine load hits both variants alike
             for v in VARIANTS:
                 samples[v].append(_run_child(args, v))
-                print(f"repeat {r + 1}/{args.repeats} {v:<6} {samples[v][-1]['images_per_s']:8.1f} images/s",
-                      file=sys.stderr)
-    rows = {v: {"images_per_s": statistics.median(s["images_per_s"] for s in samples[v]),
-                "peak_mib": statistics.median(s["peak_mib"] for s in samples[v]),
-                "training_mib": statistics.median(s["training_mib"] for s in samples[v]),
-                "samples": samples[v]} for v in VARIANTS}
+                print(
+                    f"repeat {r + 1}/{args.repeats} {v:<6} {samples[v][-1]['images_per_s']:8.1f} images/s",
+                    file=sys.stderr,
+                )
+    rows = {
+        v: {
+            "images_per_s": statistics.median(s["images_per_s"] for s in samples[v]),
+            "peak_mib": statistics.median(s["peak_mib"] for s in samples[v]),
+            "training_mib": statistics.median(s["training_mib"] for s in samples[v]),
+            "samples": samples[v],
+        }
+        for v in VARIANTS
+    }
     cfg = _config(args)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     if device == "auto":
         device = "cpu"
-    report = {"setup": {"config": args.config, "encoder": encoder_note, "layer": cfg.encoder.layer,
-                        "decoder": {"channels": cfg.decoder.channels, "min_channels": cfg.decoder.min_channels,
-                                    "blocks": cfg.decoder.blocks},
-                        "loss": f"pixel {cfg.loss.pixel_type} {cfg.loss.pixel:g} + feature {cfg.loss.feature:g}",
-                        "data": f"{args.crops} embedded {cfg.data.size}px crops, 1 epoch",
-                        "batch_size": args.batch_size, "device": device,
-                        "threads": args.threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                        "load_avg_before": load, "load_avg_after": os.getloadavg(), "repeats": args.repeats},
-              "training": rows}
+    report = {
+        "setup": {
+            "config": args.config,
+            "encoder": encoder_note,
+            "layer": cfg.encoder.layer,
+            "decoder": {
+                "channels": cfg.decoder.channels,
+                "min_channels": cfg.decoder.min_channels,
+                "blocks": cfg.decoder.blocks,
+            },
+            "loss": f"pixel {cfg.loss.pixel_type} {cfg.loss.pixel:g} + feature {cfg.loss.feature:g}",
+            "data": f"{args.crops} embedded {cfg.data.size}px crops, 1 epoch",
+            "batch_size": args.batch_size,
+            "device": device,
+            "threads": args.threads or torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_avg_before": load,
+            "load_avg_after": os.getloadavg(),
+            "repeats": args.repeats,
+        },
+        "training": rows,
+    }
     memory = "peak GPU MiB" if device.startswith("cuda") else "peak RSS MiB"
     extra = "above baseline"
     print(f"\nDecoder training, {cfg.encoder.layer} decoder of {report['setup']['encoder']}")
-    print(f"{report['setup']['data']}, batch {args.batch_size}, {report['setup']['loss']}, {device}, "
-          f"{report['setup']['threads']} threads (median of {args.repeats}; load avg {load[0]:.1f})")
+    print(
+        f"{report['setup']['data']}, batch {args.batch_size}, {report['setup']['loss']}, {device}, "
+        f"{report['setup']['threads']} threads (median of {args.repeats}; load avg {load[0]:.1f})"
+    )
     print(f"{'variant':<8} {'images/s':>9} {'vs plain':>9} {memory:>13} {extra:>15}")
     for v in VARIANTS:
-        print(f"{v:<8} {rows[v]['images_per_s']:>9.1f} {rows[v]['images_per_s'] / rows['plain']['images_per_s']:>8.2f}x "
-              f"{rows[v]['peak_mib']:>13.0f} {rows[v]['training_mib']:>15.0f}")
+        print(
+            f"{v:<8} {rows[v]['images_per_s']:>9.1f} {rows[v]['images_per_s'] / rows['plain']['images_per_s']:>8.2f}x "
+            f"{rows[v]['peak_mib']:>13.0f} {rows[v]['training_mib']:>15.0f}"
+        )
     print("(baseline: the process after imports and loading the photos, the same for both variants)")
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(args.json, lambda t: Path(t).write_text(text))

@@ -33,9 +33,11 @@ Usage:
     python bench/denoise.py --fixed                  # one model per sigma (3x the budget)
     python bench/denoise.py --set train.decoder.skips=[layer1]   # any denoise train override
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -44,22 +46,28 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from skimage.restoration import (  # noqa: E402
+    denoise_bilateral,
+    denoise_nl_means,
+    denoise_tv_chambolle,
+    denoise_wavelet,
+    estimate_sigma,
+)
 from torch import nn  # noqa: E402
-from skimage.restoration import (denoise_bilateral, denoise_nl_means, denoise_tv_chambolle,  # noqa: E402
-                                 denoise_wavelet, estimate_sigma)
 
 from apps.denoise import add_noise, load_denoiser, load_denoiser_config, train_denoiser  # noqa: E402
-from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, embedded_image, region  # noqa: E402
 from encoders.core.runtime import save_grid  # noqa: E402
 from encoders.core.serialization import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
+from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, embedded_image, region  # noqa: E402
 from inversion.metrics import psnr, ssim  # noqa: E402
 
 log = logging.getLogger("rfi")
@@ -74,20 +82,28 @@ def _nlm(noisy: np.ndarray, sigma: float, h_factor: float, given: bool) -> np.nd
     s = sigma / 255 if given else float(estimate_sigma(noisy, channel_axis=-1, average_sigmas=True))
     if s <= 0:
         return noisy
-    return denoise_nl_means(noisy, h=h_factor * s, sigma=s, fast_mode=True, patch_size=5, patch_distance=6,
-                            channel_axis=-1)
+    return denoise_nl_means(
+        noisy, h=h_factor * s, sigma=s, fast_mode=True, patch_size=5, patch_distance=6, channel_axis=-1
+    )
 
 
 CLASSICAL: dict[str, tuple[Classical, list[Any]]] = {
     "nlm (sigma est.)": (lambda y, s, k: _nlm(y, s, k, given=False), [0.3, 0.45, 0.6, 0.8, 1.0]),
     "nlm (sigma given)": (lambda y, s, k: _nlm(y, s, k, given=True), [0.3, 0.45, 0.6, 0.8, 1.0]),
-    "tv chambolle": (lambda y, s, w: denoise_tv_chambolle(y, weight=w, channel_axis=-1),
-                     [0.02, 0.04, 0.06, 0.09, 0.13, 0.18, 0.25]),
-    "wavelet bayes": (lambda y, s, wav: denoise_wavelet(y, method="BayesShrink", mode="soft", wavelet=wav,
-                                                        channel_axis=-1, convert2ycbcr=True, rescale_sigma=True),
-                      ["db1", "db2", "sym4", "coif1"]),
-    "bilateral": (lambda y, s, p: denoise_bilateral(y, sigma_color=p[0], sigma_spatial=p[1], channel_axis=-1),
-                  [(c, sp) for sp in (1.5, 3.0, 5.0) for c in (0.02, 0.05, 0.1, 0.2)]),
+    "tv chambolle": (
+        lambda y, s, w: denoise_tv_chambolle(y, weight=w, channel_axis=-1),
+        [0.02, 0.04, 0.06, 0.09, 0.13, 0.18, 0.25],
+    ),
+    "wavelet bayes": (
+        lambda y, s, wav: denoise_wavelet(
+            y, method="BayesShrink", mode="soft", wavelet=wav, channel_axis=-1, convert2ycbcr=True, rescale_sigma=True
+        ),
+        ["db1", "db2", "sym4", "coif1"],
+    ),
+    "bilateral": (
+        lambda y, s, p: denoise_bilateral(y, sigma_color=p[0], sigma_spatial=p[1], channel_axis=-1),
+        [(c, sp) for sp in (1.5, 3.0, 5.0) for c in (0.02, 0.05, 0.1, 0.2)],
+    ),
 }
 
 
@@ -101,12 +117,15 @@ def to_tensor(a: np.ndarray) -> torch.Tensor:
 
 def noisy_images(clean: list[torch.Tensor], sigma: float, seed: int) -> list[torch.Tensor]:
     """The same noisy images for every method: image i at sigma s uses seed (seed, s, i)."""
-    return [add_noise(x, sigma, torch.Generator().manual_seed((seed * 1009 + int(sigma * 10)) * 101 + i))
-            for i, x in enumerate(clean)]
+    return [
+        add_noise(x, sigma, torch.Generator().manual_seed((seed * 1009 + int(sigma * 10)) * 101 + i))
+        for i, x in enumerate(clean)
+    ]
 
 
-def tune_classical(sigmas: list[float], crops: int, seed: int,
-                   names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def tune_classical(
+    sigmas: list[float], crops: int, seed: int, names: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
     """Per method and sigma, the grid value with the best mean PSNR on noisy training-region crops."""
     tune = EmbeddedCrops("train", 96, crops, seed=seed + 17)
     clean = [tune[i][0] for i in range(len(tune))]
@@ -125,11 +144,12 @@ def tune_classical(sigmas: list[float], crops: int, seed: int,
 
 
 # ----------------------------------------------------------------------------- timing
-def run_timed(fn: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor],
-              repeats: int) -> tuple[list[torch.Tensor], float]:
+def run_timed(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor], repeats: int
+) -> tuple[list[torch.Tensor], float]:
     """Outputs of ``fn`` on each image and the median over ``repeats`` passes of ms per image."""
     times, outs = [], []
-    for r in range(repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         result = [fn(x) for x in images]
         times.append((time.perf_counter() - start) * 1000 / len(images))
@@ -142,8 +162,10 @@ def ours_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- BM3D
-BM3D_MISSING = ("bm3d is not installed: the BM3D column is skipped (pip install 'robust-inversion[bench]', "
-                "or pip install bm3d; free for non-commercial use only, see docs/denoise.md)")
+BM3D_MISSING = (
+    "bm3d is not installed: the BM3D column is skipped (pip install 'robust-inversion[bench]', "
+    "or pip install bm3d; free for non-commercial use only, see docs/denoise.md)"
+)
 
 
 def bm3d_fn(sigma: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -192,8 +214,15 @@ def train_dncnn(args: argparse.Namespace, seed: int) -> tuple[DnCNN, dict[str, A
     t = cfg.train
     out = Path(args.workdir) / f"dncnn_d{args.dncnn_depth}_w{args.dncnn_width}_{args.steps}steps_seed{seed}.pt"
     net = DnCNN(args.dncnn_depth, args.dncnn_width)
-    info = {"steps": args.steps, "batch_size": t.batch_size, "crop": t.data.size, "crops": t.data.train_crops,
-            "sigma": list(cfg.noise.sigma), "lr": args.dncnn_lr, "params": sum(p.numel() for p in net.parameters())}
+    info = {
+        "steps": args.steps,
+        "batch_size": t.batch_size,
+        "crop": t.data.size,
+        "crops": t.data.train_crops,
+        "sigma": list(cfg.noise.sigma),
+        "lr": args.dncnn_lr,
+        "params": sum(p.numel() for p in net.parameters()),
+    }
     if out.is_file():
         net.load_state_dict(load_checkpoint(out)["state_dict"])
         return net.eval(), {**info, "file": str(out), "train_seconds_this_run": 0.0}
@@ -207,10 +236,10 @@ def train_dncnn(args: argparse.Namespace, seed: int) -> tuple[DnCNN, dict[str, A
     net.train()
     order = torch.randperm(len(data), generator=gen)
     for step in range(args.steps):
-        idx = order[(step * t.batch_size) % len(data):][:t.batch_size]
+        idx = order[(step * t.batch_size) % len(data) :][: t.batch_size]
         if len(idx) < t.batch_size:
             order = torch.randperm(len(data), generator=gen)
-            idx = order[:t.batch_size]
+            idx = order[: t.batch_size]
         clean = torch.stack([data[int(i)][0] for i in idx])
         noisy = add_noise(clean, cfg.noise.sigma, gen)
         loss = (net(noisy) - clean).pow(2).mean()  # the same L2 pixel loss as our denoiser
@@ -241,8 +270,16 @@ def get_model(args: argparse.Namespace, kind: str, sigma: float | None, seed: in
     key.update(Path(args.config).read_bytes())  # so does a changed config
     tag += "_" + key.hexdigest()[:8]
     out = Path(args.workdir) / tag
-    overrides = [noise, f"train.steps={args.steps}", f"train.encoder.checkpoint={encoder}", f"train.seed={seed}",
-                 f"train.out={out}", f"train.device={args.device}", "train.sample_every=0", *args.set]
+    overrides = [
+        noise,
+        f"train.steps={args.steps}",
+        f"train.encoder.checkpoint={encoder}",
+        f"train.seed={seed}",
+        f"train.out={out}",
+        f"train.device={args.device}",
+        "train.sample_every=0",
+        *args.set,
+    ]
     cfg = load_denoiser_config(args.config, overrides)
     start = time.perf_counter()
     path = train_denoiser(cfg, resume=True)
@@ -255,11 +292,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sigmas", type=float, nargs="+", default=[15, 25, 50])
     p.add_argument("--config", default=str(ROOT / "configs/apps/denoise.yaml"))
-    p.add_argument("--steps", type=int, default=400,
-                   help="training steps per trained model (ours and DnCNN; default 400)")
+    p.add_argument(
+        "--steps", type=int, default=400, help="training steps per trained model (ours and DnCNN; default 400)"
+    )
     p.add_argument("--seeds", type=int, default=3, help="training seeds per trained method (medians reported)")
-    p.add_argument("--train-sigma", type=float, nargs=2, default=[0, 55], metavar=("LO", "HI"),
-                   help="noise range of the blind denoisers (ours and DnCNN)")
+    p.add_argument(
+        "--train-sigma",
+        type=float,
+        nargs=2,
+        default=[0, 55],
+        metavar=("LO", "HI"),
+        help="noise range of the blind denoisers (ours and DnCNN)",
+    )
     p.add_argument("--fixed", action="store_true", help="one denoiser per sigma instead of one blind model")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more denoise train overrides")
     p.add_argument("--robust-encoder", default="runs/encoders/resnet18_robust/checkpoint.pt")
@@ -272,21 +316,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dncnn-depth", type=int, default=17)
     p.add_argument("--dncnn-width", type=int, default=64)
     p.add_argument("--dncnn-lr", type=float, default=1e-3)
-    p.add_argument("--classical", nargs="+", default=list(CLASSICAL), choices=list(CLASSICAL),
-                   help="scikit-image methods to run (default: all)")
+    p.add_argument(
+        "--classical",
+        nargs="+",
+        default=list(CLASSICAL),
+        choices=list(CLASSICAL),
+        help="scikit-image methods to run (default: all)",
+    )
     p.add_argument("--workdir", default="runs/bench/denoise")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per method (median reported)")
     p.add_argument("--tune-crops", type=int, default=16, help="training-region crops for classical tuning")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the whole run (default 1: same as scikit-image's single-threaded "
-                        "denoisers, and robust to a shared machine; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the whole run (default 1: same as scikit-image's single-threaded "
+        "denoisers, and robust to a shared machine; 0 = torch's default)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench/results/denoise.json"))
-    p.add_argument("--example", default=str(ROOT / "docs/img/denoise_comparison.png"),
-                   help="figure noisy | ours | BM3D | DnCNN | clean ('' to skip)")
+    p.add_argument(
+        "--example",
+        default=str(ROOT / "docs/img/denoise_comparison.png"),
+        help="figure noisy | ours | BM3D | DnCNN | clean ('' to skip)",
+    )
     p.add_argument("--example-sigma", type=float, default=None, help="noise level of the figure (default: middle)")
     return p.parse_args(argv)
+
+
+def _classical(fn: Callable, sigma: float, param: Any, x: torch.Tensor) -> torch.Tensor:
+    """A scikit-image denoiser ``fn(image, sigma, param)`` on a (3, H, W) tensor."""
+    return to_tensor(fn(to_numpy(x), sigma, param))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -310,15 +371,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_info: dict[str, Any] = {}
     for seed in seeds:  # seeds one after the other, so a killed run has whole seeds
         for kind in kinds:
-            for sigma in (sigmas if args.fixed else [None]):
+            for sigma in sigmas if args.fixed else [None]:
                 path, info = get_model(args, kind, sigma, seed)
                 model, meta = load_denoiser(path, args.device)
-                for s in (sigmas if sigma is None else [sigma]):
+                for s in sigmas if sigma is None else [sigma]:
                     models.setdefault(f"ours ({kind})", {}).setdefault(seed, {})[s] = model
                 params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoders."))
                 model_info[f"{kind} seed {seed}" + (f" sigma {sigma:g}" if sigma is not None else "")] = {
-                    "file": str(path), "trained_sigma": meta.get("sigma"), "decoder_params": params,
-                    "steps": (meta.get("config") or {}).get("train", {}).get("steps"), **info}
+                    "file": str(path),
+                    "trained_sigma": meta.get("sigma"),
+                    "decoder_params": params,
+                    "steps": (meta.get("config") or {}).get("train", {}).get("steps"),
+                    **info,
+                }
                 log.info("ours (%s) seed %d ready (%.0f s so far)", kind, seed, time.perf_counter() - t0)
         if not args.no_dncnn:
             net, info = train_dncnn(args, seed)
@@ -338,13 +403,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rep = {
             "command": "python bench/denoise.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "images": {n: list(c.shape[1:]) for n, c in zip(names, clean)},
-            "sigmas": sigmas, "seed": args.seed, "seeds": seeds, "steps": args.steps, "models": model_info,
-            "classical_params": tuned, "bm3d": "bm3d " + _version("bm3d") if have_bm3d else None,
-            "results": results, "partial": partial,
-            "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                    "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "load_avg_before": load_before, "load_avg_now": os.getloadavg(),
-                    "seconds": time.perf_counter() - t0}}
+            "sigmas": sigmas,
+            "seed": args.seed,
+            "seeds": seeds,
+            "steps": args.steps,
+            "models": model_info,
+            "classical_params": tuned,
+            "bm3d": "bm3d " + _version("bm3d") if have_bm3d else None,
+            "results": results,
+            "partial": partial,
+            "env": {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "device": args.device,
+                "cpu": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "load_avg_before": load_before,
+                "load_avg_now": os.getloadavg(),
+                "seconds": time.perf_counter() - t0,
+            },
+        }
         atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(rep, indent=2, default=str) + "\n"))
         return rep
 
@@ -364,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.classical:
             fn, _ = CLASSICAL[name]
             param = tuned[name][str(sigma)]
-            methods[name] = {0: (lambda f, s, p: lambda x: to_tensor(f(to_numpy(x), s, p)))(fn, sigma, param)}
+            methods[name] = {0: functools.partial(_classical, fn, sigma, param)}
         row: dict[str, Any] = {}
         for name, by_seed in {"noisy input": {0: lambda x: x}, **methods}.items():
             per_seed = {}
@@ -373,33 +451,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     outs, ms = run_timed(fn, noisy, 1 if name in ("noisy input", "bm3d") else args.repeats)
                 p = [float(psnr(o[None], c[None])) for o, c in zip(outs, clean)]
                 s = [float(ssim(o[None], c[None])) for o, c in zip(outs, clean)]
-                per_seed[seed] = {"psnr": statistics.fmean(p), "ssim": statistics.fmean(s), "ms_per_image": ms,
-                                  "psnr_per_image": dict(zip(names, p))}
+                per_seed[seed] = {
+                    "psnr": statistics.fmean(p),
+                    "ssim": statistics.fmean(s),
+                    "ms_per_image": ms,
+                    "psnr_per_image": dict(zip(names, p)),
+                }
                 if sigma == mid and seed == 0:
                     example[name] = outs
-            row[name] = {"psnr": statistics.median(v["psnr"] for v in per_seed.values()),
-                         "ssim": statistics.median(v["ssim"] for v in per_seed.values()),
-                         "ms_per_image": None if name == "noisy input" else
-                         statistics.median(v["ms_per_image"] for v in per_seed.values()),
-                         "seeds": len(per_seed), "per_seed": per_seed}
-            log.info("sigma %g  %-20s PSNR %6.2f  SSIM %.4f  %s (%d seed(s))", sigma, name, row[name]["psnr"],
-                     row[name]["ssim"], "" if name == "noisy input" else f"{row[name]['ms_per_image']:8.1f} ms/img",
-                     len(per_seed))
+            row[name] = {
+                "psnr": statistics.median(v["psnr"] for v in per_seed.values()),
+                "ssim": statistics.median(v["ssim"] for v in per_seed.values()),
+                "ms_per_image": None
+                if name == "noisy input"
+                else statistics.median(v["ms_per_image"] for v in per_seed.values()),
+                "seeds": len(per_seed),
+                "per_seed": per_seed,
+            }
+            log.info(
+                "sigma %g  %-20s PSNR %6.2f  SSIM %.4f  %s (%d seed(s))",
+                sigma,
+                name,
+                row[name]["psnr"],
+                row[name]["ssim"],
+                "" if name == "noisy input" else f"{row[name]['ms_per_image']:8.1f} ms/img",
+                len(per_seed),
+            )
         classical = {k: v for k, v in row.items() if k in CLASSICAL}
         best = max(classical, key=lambda k: classical[k]["psnr"]) if classical else None
         ours = row["ours (robust)"]["psnr"]
         rivals = {k: row[k]["psnr"] for k in ("bm3d", "dncnn", best) if k in row}
-        results[f"{sigma:g}"] = {"methods": row, "best_classical": best,
-                                 "ours_robust_minus": {k: ours - v for k, v in rivals.items()},
-                                 "ours_robust_ahead_of_all": all(ours > v for v in rivals.values())}
+        results[f"{sigma:g}"] = {
+            "methods": row,
+            "best_classical": best,
+            "ours_robust_minus": {k: ours - v for k, v in rivals.items()},
+            "ours_robust_ahead_of_all": all(ours > v for v in rivals.values()),
+        }
         report(partial=True)
 
     rep = report(partial=False)
     print_table(rep)
     print(f"\nwrote {args.out}")
     if args.example:
-        cols = ["noisy input", "ours (robust)", *(["bm3d"] if "bm3d" in example else []),
-                *(["dncnn"] if "dncnn" in example else [])]
+        cols = [
+            "noisy input",
+            "ours (robust)",
+            *(["bm3d"] if "bm3d" in example else []),
+            *(["dncnn"] if "dncnn" in example else []),
+        ]
         write_example(example, clean, names, cols, args.example)
         print(f"wrote {args.example} (sigma {mid:g}: {' | '.join(cols)} | clean)")
     return rep
@@ -414,14 +513,21 @@ def _version(pkg: str) -> str:
         return "?"
 
 
-def write_example(outs: dict[str, list[torch.Tensor]], clean: list[torch.Tensor], names: list[str],
-                  cols: list[str], path: str, show: tuple[str, ...] = ("astronaut", "chelsea", "coffee"),
-                  size: tuple[int, int] = (128, 128)) -> None:
+def write_example(
+    outs: dict[str, list[torch.Tensor]],
+    clean: list[torch.Tensor],
+    names: list[str],
+    cols: list[str],
+    path: str,
+    show: tuple[str, ...] = ("astronaut", "chelsea", "coffee"),
+    size: tuple[int, int] = (128, 128),
+) -> None:
     """Rows = images (a centre crop); columns = ``cols`` (e.g. noisy | ours | BM3D | DnCNN), then clean."""
+
     def crop(x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         top, left = (h - size[0]) // 2, (w - size[1]) // 2
-        return x[:, top:top + size[0], left:left + size[1]]
+        return x[:, top : top + size[0], left : left + size[1]]
 
     idx = [names.index(n) for n in show]
     columns = [torch.stack([crop(outs[k][i]) for i in idx]) for k in cols]
@@ -445,8 +551,10 @@ def print_table(report: dict[str, Any]) -> None:
     for s in sigmas:
         r = report["results"][s]
         diffs = ", ".join(f"{k} {v:+.2f} dB" for k, v in r["ours_robust_minus"].items())
-        print(f"sigma {s}: ours (robust) minus: {diffs} -> "
-              f"{'ahead of all' if r['ours_robust_ahead_of_all'] else 'NOT ahead of all'}")
+        print(
+            f"sigma {s}: ours (robust) minus: {diffs} -> "
+            f"{'ahead of all' if r['ours_robust_ahead_of_all'] else 'NOT ahead of all'}"
+        )
 
 
 if __name__ == "__main__":

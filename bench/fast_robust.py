@@ -41,6 +41,7 @@ Usage:
 
 Prints a markdown table and writes ``bench/results/fast_robust.json`` (``--tiny``: in the workdir).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,23 +91,48 @@ ROWS: dict[str, list[str]] = {
 SETS = {"held-out": None, "unseen": "unseen"}
 
 BUDGETS: dict[str, dict[str, Any]] = {
-    "default": {"encoder": [], "decoder": ["sample_every=0"],
-                "eval": {"images": 256, "restarts": 2, "sweep_steps": 20, "scales": [1, 4], "num": 100}},
-    "small": {"encoder": ["epochs=3"], "decoder": ["epochs=2", "sample_every=0"],
-              "eval": {"images": 256, "restarts": 2, "sweep_steps": 20, "scales": [1, 4], "num": 100}},
-    "tiny": {"encoder": ["data.size=16", "data.train_crops=256", "data.val_crops=64", "model.width=0.125",
-                         "steps=4", "batch_size=64"],
-             "decoder": ["data.size=16", "data.train_crops=128", "data.val_crops=16", "batch_size=16", "steps=2",
-                         "decoder.channels=16", "decoder.min_channels=8", "sample_every=0"],
-             "eval": {"images": 8, "restarts": 1, "sweep_steps": 3, "scales": [1, 4], "num": 4}},
+    "default": {
+        "encoder": [],
+        "decoder": ["sample_every=0"],
+        "eval": {"images": 256, "restarts": 2, "sweep_steps": 20, "scales": [1, 4], "num": 100},
+    },
+    "small": {
+        "encoder": ["epochs=3"],
+        "decoder": ["epochs=2", "sample_every=0"],
+        "eval": {"images": 256, "restarts": 2, "sweep_steps": 20, "scales": [1, 4], "num": 100},
+    },
+    "tiny": {
+        "encoder": [
+            "data.size=16",
+            "data.train_crops=256",
+            "data.val_crops=64",
+            "model.width=0.125",
+            "steps=4",
+            "batch_size=64",
+        ],
+        "decoder": [
+            "data.size=16",
+            "data.train_crops=128",
+            "data.val_crops=16",
+            "batch_size=16",
+            "steps=2",
+            "decoder.channels=16",
+            "decoder.min_channels=8",
+            "sample_every=0",
+        ],
+        "eval": {"images": 8, "restarts": 1, "sweep_steps": 3, "scales": [1, 4], "num": 4},
+    },
 }
 ENCODER_FIXED = ["eval.enabled=false", "log_every=0", "device=cpu"]  # evaluated below, on every row alike
 
 
 # ----------------------------------------------------------------------------- training
 def encoder_config(row: str, seed: int, out: Path, budget: dict[str, Any], extra: list[str]) -> TrainEncoderConfig:
-    return load_config(TrainEncoderConfig, ENCODER,
-                       [*budget["encoder"], *ENCODER_FIXED, *ROWS[row], f"seed={seed}", f"out={out}", *extra])
+    return load_config(
+        TrainEncoderConfig,
+        ENCODER,
+        [*budget["encoder"], *ENCODER_FIXED, *ROWS[row], f"seed={seed}", f"out={out}", *extra],
+    )
 
 
 def train_timed(cfg: TrainEncoderConfig, folder: Path) -> dict[str, Any]:
@@ -132,10 +158,18 @@ def train_timed(cfg: TrainEncoderConfig, folder: Path) -> dict[str, Any]:
         encoder_training.EncoderTrainer.train_step = real_step
     total_cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
     epochs = cfg.epochs if cfg.steps <= 0 else cfg.steps * cfg.batch_size / len(build_dataset(cfg.data, "train"))
-    timing = {"step_cpu_s": step_cpu[0], "run_cpu_s": total_cpu, "wall_s": wall, "epochs": epochs,
-              "step_cpu_s_per_epoch": step_cpu[0] / epochs, "run_cpu_s_per_epoch": total_cpu / epochs,
-              "val_acc": result.metrics.get("val_acc"), "probe": result.metrics.get("probe"),
-              "overfitting_warning": result.metrics.get("overfitting_warning"), "threads": torch.get_num_threads()}
+    timing = {
+        "step_cpu_s": step_cpu[0],
+        "run_cpu_s": total_cpu,
+        "wall_s": wall,
+        "epochs": epochs,
+        "step_cpu_s_per_epoch": step_cpu[0] / epochs,
+        "run_cpu_s_per_epoch": total_cpu / epochs,
+        "val_acc": result.metrics.get("val_acc"),
+        "probe": result.metrics.get("probe"),
+        "overfitting_warning": result.metrics.get("overfitting_warning"),
+        "threads": torch.get_num_threads(),
+    }
     write_json(timing, timing_path)
     return timing
 
@@ -144,12 +178,28 @@ def train_row(row: str, seed: int, root: Path, budget: dict[str, Any], args: arg
     folder = root / row / f"seed{seed}"
     cfg = encoder_config(row, seed, folder / "encoder", budget, args.set)
     timing = train_timed(cfg, folder)
-    decoder_cfg = load_config(TrainDecoderConfig, DECODER,
-                              [*budget["decoder"], f"seed={seed}", f"encoder.checkpoint={cfg.out}/checkpoint.pt",
-                               f"out={folder / 'decoder'}", "device=cpu", *args.set_decoder])
+    decoder_cfg = load_config(
+        TrainDecoderConfig,
+        DECODER,
+        [
+            *budget["decoder"],
+            f"seed={seed}",
+            f"encoder.checkpoint={cfg.out}/checkpoint.pt",
+            f"out={folder / 'decoder'}",
+            "device=cpu",
+            *args.set_decoder,
+        ],
+    )
     decoder = train_decoder(decoder_cfg, resume=True)
-    return {"encoder": Path(cfg.out) / "checkpoint.pt", "decoder": decoder.path, "timing": timing,
-            "train_size": decoder_cfg.data.size, "eps": cfg.adv.eps, "norm": cfg.adv.norm, "data": cfg.data}
+    return {
+        "encoder": Path(cfg.out) / "checkpoint.pt",
+        "decoder": decoder.path,
+        "timing": timing,
+        "train_size": decoder_cfg.data.size,
+        "eps": cfg.adv.eps,
+        "norm": cfg.adv.norm,
+        "data": cfg.data,
+    }
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -164,16 +214,30 @@ def evaluate_row(run: dict[str, Any], twin: Path | None, ev: dict[str, Any]) -> 
     encoder = create_encoder(checkpoint=run["encoder"]).eval()
     twin_encoder = create_encoder(checkpoint=twin).eval() if twin is not None else None
     val = build_dataset(run["data"], "val")
-    checks = masking_checks(encoder, val, run["eps"], run["norm"], twin_encoder, ev["restarts"],
-                            sweep_steps=ev["sweep_steps"], max_images=ev["images"])
+    checks = masking_checks(
+        encoder,
+        val,
+        run["eps"],
+        run["norm"],
+        twin_encoder,
+        ev["restarts"],
+        sweep_steps=ev["sweep_steps"],
+        max_images=ev["images"],
+    )
     model = RobustAutoencoder.from_checkpoints(run["encoder"], run["decoder"], device="cpu")
     psnr = {}
     for name, folder in SETS.items():
         res = compare_autoencoders({"m": model}, ev["scales"], run["train_size"], ev["num"], 0, folder)
         psnr.update({f"{name} {r['scale']}x": r["psnr"] for r in res["models"]["m"]})
-    result = {"clean_acc": checks["clean_acc"], "pgd10_acc": checks["pgd10_acc"], "pgd50_acc": checks["pgd50_acc"],
-              "masking_flags": checks["masking_flags"], "sweep": checks["sweep"],
-              "transfer_acc": checks["transfer_acc"], "psnr": psnr}
+    result = {
+        "clean_acc": checks["clean_acc"],
+        "pgd10_acc": checks["pgd10_acc"],
+        "pgd50_acc": checks["pgd50_acc"],
+        "masking_flags": checks["masking_flags"],
+        "sweep": checks["sweep"],
+        "transfer_acc": checks["transfer_acc"],
+        "psnr": psnr,
+    }
     write_json({"key": key, "result": result}, cache)
     return result
 
@@ -186,9 +250,15 @@ def _spread(values: list[float]) -> dict[str, Any]:
 def metrics_of(r: dict[str, Any]) -> dict[str, float]:
     """The figures compared across rows, from one row's per-seed result."""
     t = r["timing"]
-    return {"step_cpu_s": t["step_cpu_s"], "step_cpu_s_per_epoch": t["step_cpu_s_per_epoch"],
-            "run_cpu_s": t["run_cpu_s"], "clean_acc": r["clean_acc"], "pgd10_acc": r["pgd10_acc"],
-            "pgd50_acc": r["pgd50_acc"], **{f"psnr {k}": v for k, v in r["psnr"].items()}}
+    return {
+        "step_cpu_s": t["step_cpu_s"],
+        "step_cpu_s_per_epoch": t["step_cpu_s_per_epoch"],
+        "run_cpu_s": t["run_cpu_s"],
+        "clean_acc": r["clean_acc"],
+        "pgd10_acc": r["pgd10_acc"],
+        "pgd50_acc": r["pgd50_acc"],
+        **{f"psnr {k}": v for k, v in r["psnr"].items()},
+    }
 
 
 def summarize(results: dict[str, dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
@@ -203,8 +273,11 @@ def summarize(results: dict[str, dict[str, Any]], seeds: list[int]) -> dict[str,
             "minus_pgd3": {k: _spread([v[k] - r[k] for v, r in zip(values, ref)]) for k in names},
             "cpu_ratio": _spread([v["step_cpu_s"] / r["step_cpu_s"] for v, r in zip(values, ref)]),
             "masking_flags": sorted({f for s in seeds for f in per_seed[str(s)]["masking_flags"]}),
-            "overfitting_warnings": [per_seed[str(s)]["timing"]["overfitting_warning"] for s in seeds
-                                     if per_seed[str(s)]["timing"]["overfitting_warning"]],
+            "overfitting_warnings": [
+                per_seed[str(s)]["timing"]["overfitting_warning"]
+                for s in seeds
+                if per_seed[str(s)]["timing"]["overfitting_warning"]
+            ],
         }
     for row, s in rows.items():
         s["goal"] = goal(s, ref, row)
@@ -221,8 +294,9 @@ def goal(s: dict[str, Any], ref: list[dict[str, float]], row: str) -> dict[str, 
         if margins[key] < 0:
             unit = " points" if key.endswith("acc") else " dB"
             scale = 100 if key.endswith("acc") else 1
-            misses.append(f"{key} {scale * s['minus_pgd3'][key]['median']:+.2f}{unit} vs PGD-3 "
-                          f"(allowed -{scale * allowed:.2f})")
+            misses.append(
+                f"{key} {scale * s['minus_pgd3'][key]['median']:+.2f}{unit} vs PGD-3 (allowed -{scale * allowed:.2f})"
+            )
     ratio = s["cpu_ratio"]["median"]
     margins["cpu_ratio"] = 0.5 - ratio
     if ratio > 0.5:
@@ -235,26 +309,50 @@ def goal(s: dict[str, Any], ref: list[dict[str, float]], row: str) -> dict[str, 
 def print_table(rep: dict[str, Any]) -> None:
     s, seeds = rep["summary"], rep["seeds"]
     psnr_keys = [k for k in next(iter(s.values()))["median"] if k.startswith("psnr ")]
-    head = (["method", "CPU s (steps)", "CPU s / epoch", "x PGD-3", "clean acc", "PGD-10 acc", "PGD-50 acc",
-             "PGD-50 - PGD-3 [min, max]"] + [f"PSNR {k[5:]}" for k in psnr_keys]
-            + ["PSNR held-out 1x - PGD-3", "masking flags"])
-    print(f"\nFast adversarial training, budget {rep['budget']}: medians over {len(seeds)} seed(s) {seeds}; "
-          f"CPU = process CPU time of the training steps ({rep['env']['threads']} threads)\n")
+    head = (
+        [
+            "method",
+            "CPU s (steps)",
+            "CPU s / epoch",
+            "x PGD-3",
+            "clean acc",
+            "PGD-10 acc",
+            "PGD-50 acc",
+            "PGD-50 - PGD-3 [min, max]",
+        ]
+        + [f"PSNR {k[5:]}" for k in psnr_keys]
+        + ["PSNR held-out 1x - PGD-3", "masking flags"]
+    )
+    print(
+        f"\nFast adversarial training, budget {rep['budget']}: medians over {len(seeds)} seed(s) {seeds}; "
+        f"CPU = process CPU time of the training steps ({rep['env']['threads']} threads)\n"
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row, r in s.items():
         m, d = r["median"], r["minus_pgd3"]
         psnr_diff = d.get("psnr held-out 1x")
-        cells = [row, f"{m['step_cpu_s']:.1f}", f"{m['step_cpu_s_per_epoch']:.1f}", f"{r['cpu_ratio']['median']:.2f}",
-                 f"{100 * m['clean_acc']:.1f}%", f"{100 * m['pgd10_acc']:.1f}%", f"{100 * m['pgd50_acc']:.1f}%",
-                 f"{100 * d['pgd50_acc']['median']:+.1f} [{100 * d['pgd50_acc']['min']:+.1f}, "
-                 f"{100 * d['pgd50_acc']['max']:+.1f}]"]
+        cells = [
+            row,
+            f"{m['step_cpu_s']:.1f}",
+            f"{m['step_cpu_s_per_epoch']:.1f}",
+            f"{r['cpu_ratio']['median']:.2f}",
+            f"{100 * m['clean_acc']:.1f}%",
+            f"{100 * m['pgd10_acc']:.1f}%",
+            f"{100 * m['pgd50_acc']:.1f}%",
+            f"{100 * d['pgd50_acc']['median']:+.1f} [{100 * d['pgd50_acc']['min']:+.1f}, "
+            f"{100 * d['pgd50_acc']['max']:+.1f}]",
+        ]
         cells += [f"{m[k]:.2f}" for k in psnr_keys]
-        cells += [f"{psnr_diff['median']:+.2f} [{psnr_diff['min']:+.2f}, {psnr_diff['max']:+.2f}]" if psnr_diff
-                  else "-", str(len(r["masking_flags"]))]
+        cells += [
+            f"{psnr_diff['median']:+.2f} [{psnr_diff['min']:+.2f}, {psnr_diff['max']:+.2f}]" if psnr_diff else "-",
+            str(len(r["masking_flags"])),
+        ]
         print("| " + " | ".join(cells) + " |")
-    print("\nGoal: a method that matches PGD-3's PGD-50 accuracy and its decoders' PSNR within the seed spread at "
-          "<= 0.5x its CPU time, with no masking flag.")
+    print(
+        "\nGoal: a method that matches PGD-3's PGD-50 accuracy and its decoders' PSNR within the seed spread at "
+        "<= 0.5x its CPU time, with no masking flag."
+    )
     for row, r in s.items():
         if row in NOT_CANDIDATES:
             continue
@@ -270,12 +368,21 @@ def print_table(rep: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", choices=["default", "small"], default="default",
-                   help="default: the quickstart's encoder/decoder budgets; small: half")
+    p.add_argument(
+        "--budget",
+        choices=["default", "small"],
+        default="default",
+        help="default: the quickstart's encoder/decoder budgets; small: half",
+    )
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny models, a few steps (seconds)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds, paired across rows (default 3; --tiny: 2)")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
-                   help="methods to train (pgd3, the reference, is always added)")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        default=list(ROWS),
+        help="methods to train (pgd3, the reference, is always added)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more overrides of every encoder config")
     p.add_argument("--set-decoder", nargs="*", default=[], metavar="key=value", help="more decoder overrides")
     p.add_argument("--workdir", default="runs/bench/fast_robust")
@@ -305,20 +412,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {row: {} for row in rows}
     for i, seed in enumerate(seeds):
         for row in rows:
-            twin = (runs[REFERENCE][str(seed)]["encoder"] if row != REFERENCE
-                    else runs[REFERENCE][str(seeds[(i + 1) % len(seeds)])]["encoder"] if len(seeds) > 1 else None)
+            twin = (
+                runs[REFERENCE][str(seed)]["encoder"]
+                if row != REFERENCE
+                else runs[REFERENCE][str(seeds[(i + 1) % len(seeds)])]["encoder"]
+                if len(seeds) > 1
+                else None
+            )
             run = runs[row][str(seed)]
-            results[row][str(seed)] = {**evaluate_row(run, twin, budget["eval"]), "timing": run["timing"],
-                                       "twin": str(twin) if twin is not None else None}
-    rep = {"command": "python bench/fast_robust.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "budget": name, "overrides": {"rows": {r: ROWS[r] for r in rows}, **budget}, "seeds": seeds,
-           "workdir": str(workdir), "results": results, "summary": summarize(results, seeds),
-           "env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                   "load_avg_before": load_before, "load_avg_now": os.getloadavg(),
-                   "seconds": time.perf_counter() - t0}}
-    out = Path(args.out) if args.out else (workdir / "fast_robust_tiny.json" if args.tiny
-                                           else ROOT / "bench/results/fast_robust.json")
+            results[row][str(seed)] = {
+                **evaluate_row(run, twin, budget["eval"]),
+                "timing": run["timing"],
+                "twin": str(twin) if twin is not None else None,
+            }
+    rep = {
+        "command": "python bench/fast_robust.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "budget": name,
+        "overrides": {"rows": {r: ROWS[r] for r in rows}, **budget},
+        "seeds": seeds,
+        "workdir": str(workdir),
+        "results": results,
+        "summary": summarize(results, seeds),
+        "env": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_avg_before": load_before,
+            "load_avg_now": os.getloadavg(),
+            "seconds": time.perf_counter() - t0,
+        },
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else (workdir / "fast_robust_tiny.json" if args.tiny else ROOT / "bench/results/fast_robust.json")
+    )
     write_json(rep, out)
     print_table(rep)
     print(f"\nwrote {out} ({rep['env']['seconds']:.0f} s)")

@@ -24,6 +24,7 @@ Usage:
     nice -n 10 python bench/folder_loading.py                  # about a minute on 2 CPU cores
     python bench/folder_loading.py --images 200 --workers 0 1 --repeats 5 --formats jpg png mixed
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,10 @@ from encoders.core.serialization import write_json  # noqa: E402  (after the pat
 
 
 def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: int = 0, fmt: str = "mixed") -> Path:
-    """``n`` photos of ``size`` (H, W) in 4 class folders: ``fmt`` ``jpg`` (quality 90), ``png`` or ``mixed`` (half each)."""
+    """``n`` photos of ``size`` (H, W) in 4 class folders.
+
+    ``fmt``: ``jpg`` (quality 90), ``png`` or ``mixed`` (half each).
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -55,8 +59,13 @@ def make_folder(root: Path, n: int, size: tuple[int, int] = (375, 500), seed: in
         ch, cw = min(h, int(size[0] * 1.2)), min(w, int(size[1] * 1.2))
         top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
         left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-        crop = F.interpolate(photo[None, :, top:top + ch, left:left + cw], size=size, mode="bilinear",
-                             antialias=True, align_corners=False)[0]
+        crop = F.interpolate(
+            photo[None, :, top : top + ch, left : left + cw],
+            size=size,
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0]
         arr = (crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         ext = fmt if fmt != "mixed" else ("jpg" if i % 2 == 0 else "png")
         path = root / f"class{i % 4}" / f"{i:06d}.{ext}"
@@ -79,9 +88,14 @@ def images_per_s(root: Path, decode: str, workers: int, batch_size: int = 32, se
     from encoders.data.folders import ImageFiles
 
     ds = ImageFiles(root, "train", 224, transforms="imagenet", decode=decode)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed),
-                        worker_init_fn=lambda _: torch.set_num_threads(1))
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=lambda _: torch.set_num_threads(1),
+    )
     start, cpu = time.perf_counter(), _cpu_seconds()
     seen = 0
     it = iter(loader)
@@ -105,21 +119,35 @@ def listing(root: Path, n: int) -> dict:
     start = time.perf_counter()
     ds = ImageFiles(root, "train", 224, transforms="imagenet")
     seconds = time.perf_counter() - start
-    return {"files": n, "seconds": seconds, "train_items": len(ds),
-            "file_list_mb": (ds._paths.nbytes + ds._labels.nbytes) / 2**20}
+    return {
+        "files": n,
+        "seconds": seconds,
+        "train_items": len(ds),
+        "file_list_mb": (ds._paths.nbytes + ds._labels.nbytes) / 2**20,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--workers", type=int, nargs="+",
-                        help="DataLoader worker counts (default: 0 and RFI's default, min(8, CPUs - 1))")
-    parser.add_argument("--formats", nargs="+", default=["mixed"], choices=["jpg", "png", "mixed"],
-                        help="one folder per entry: all JPEG, all PNG, or half of each")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        help="DataLoader worker counts (default: 0 and RFI's default, min(8, CPUs - 1))",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=["mixed"],
+        choices=["jpg", "png", "mixed"],
+        help="one folder per entry: all JPEG, all PNG, or half of each",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--list-files", type=int, default=100_000, help="0: skip the listing measurement")
-    parser.add_argument("--folder", help="use/keep the generated photos here, one sub-folder per format "
-                        "(default: a temporary folder)")
+    parser.add_argument(
+        "--folder", help="use/keep the generated photos here, one sub-folder per format (default: a temporary folder)"
+    )
     parser.add_argument("--json", default=str(ROOT / "bench/results/folder_loading.json"))
     args = parser.parse_args(argv)
 
@@ -147,8 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
                         wall, cpu = images_per_s(root, decode, workers, seed=rep)
                         runs.setdefault(key, []).append(wall)
                         cpu_runs.setdefault(key, []).append(cpu)
-                        print(f"repeat {rep + 1}: {fmt:5s} decode={decode:5s} workers={workers}: {wall:.1f} images/s, "
-                              f"{cpu:.1f} images per CPU-second", file=sys.stderr)
+                        print(
+                            f"repeat {rep + 1}: {fmt:5s} decode={decode:5s} workers={workers}: {wall:.1f} images/s, "
+                            f"{cpu:.1f} images per CPU-second",
+                            file=sys.stderr,
+                        )
         listed = listing(Path(tmp) / "many", args.list_files) if args.list_files else None
 
     rows = []
@@ -156,23 +187,47 @@ def main(argv: list[str] | None = None) -> dict:
         for workers in args.workers:
             before, after = (statistics.median(runs[f"{fmt}/{d}/{workers}"]) for d in ("float", "uint8"))
             cpu_before, cpu_after = (statistics.median(cpu_runs[f"{fmt}/{d}/{workers}"]) for d in ("float", "uint8"))
-            rows.append({"format": fmt, "workers": workers, "before_images_per_s": before, "after_images_per_s": after,
-                         "speedup": after / before, "before_images_per_cpu_s": cpu_before,
-                         "after_images_per_cpu_s": cpu_after, "cpu_speedup": cpu_after / cpu_before})
-    result = {"images": args.images, "image_size": "500x375", "formats": args.formats,
-              "transforms": "imagenet train: RandomResizedCrop(224) + RandomHorizontalFlip",
-              "repeats": args.repeats, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-              "torch_threads": 1, "rows": rows, "runs": runs, "cpu_runs": cpu_runs, "listing": listed}
-    print("\n| files | DataLoader workers | images/s before (float decode) | after (uint8 decode) | speed-up "
-          "| images per CPU-second before | after | speed-up |")
+            rows.append(
+                {
+                    "format": fmt,
+                    "workers": workers,
+                    "before_images_per_s": before,
+                    "after_images_per_s": after,
+                    "speedup": after / before,
+                    "before_images_per_cpu_s": cpu_before,
+                    "after_images_per_cpu_s": cpu_after,
+                    "cpu_speedup": cpu_after / cpu_before,
+                }
+            )
+    result = {
+        "images": args.images,
+        "image_size": "500x375",
+        "formats": args.formats,
+        "transforms": "imagenet train: RandomResizedCrop(224) + RandomHorizontalFlip",
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "torch_threads": 1,
+        "rows": rows,
+        "runs": runs,
+        "cpu_runs": cpu_runs,
+        "listing": listed,
+    }
+    print(
+        "\n| files | DataLoader workers | images/s before (float decode) | after (uint8 decode) | speed-up "
+        "| images per CPU-second before | after | speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['format']} | {r['workers']} | {r['before_images_per_s']:.1f} | {r['after_images_per_s']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['before_images_per_cpu_s']:.1f} | {r['after_images_per_cpu_s']:.1f} | "
-              f"{r['cpu_speedup']:.2f}x |")
+        print(
+            f"| {r['format']} | {r['workers']} | {r['before_images_per_s']:.1f} | {r['after_images_per_s']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['before_images_per_cpu_s']:.1f} | {r['after_images_per_cpu_s']:.1f} | "
+            f"{r['cpu_speedup']:.2f}x |"
+        )
     if listed:
-        print(f"\nlisting {listed['files']} files: {listed['seconds']:.2f} s, "
-              f"file list {listed['file_list_mb']:.1f} MiB")
+        print(
+            f"\nlisting {listed['files']} files: {listed['seconds']:.2f} s, file list {listed['file_list_mb']:.1f} MiB"
+        )
     print(f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in result['load_avg'])}")
     write_json(result, args.json)
     return result

@@ -42,6 +42,7 @@ Usage:
 Runs are kept in ``--workdir`` (one folder per budget), so a killed run resumes and a
 finished one is reused. Prints tables and writes ``bench/results/generalization.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,13 +96,35 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "eval": {"scales": [1, 4], "num": 100, "denoise_size": 128, "denoise_num": 16, "tune_crops": 8},
     },
     "tiny": {
-        "encoder": ["data.size=16", "data.train_crops=256", "data.val_crops=64", "model.width=0.125", "steps=3",
-                    "batch_size=32", "eval.enabled=false"],
-        "decoder": ["data.size=16", "data.train_crops=128", "data.val_crops=16", "batch_size=16", "steps=3",
-                    "decoder.channels=16", "decoder.min_channels=8", "sample_every=0"],
-        "denoiser": ["train.data.size=16", "train.data.train_crops=64", "train.data.val_crops=8",
-                     "train.batch_size=8", "train.steps=3", "train.decoder.channels=16",
-                     "train.decoder.min_channels=8", "train.sample_every=0"],
+        "encoder": [
+            "data.size=16",
+            "data.train_crops=256",
+            "data.val_crops=64",
+            "model.width=0.125",
+            "steps=3",
+            "batch_size=32",
+            "eval.enabled=false",
+        ],
+        "decoder": [
+            "data.size=16",
+            "data.train_crops=128",
+            "data.val_crops=16",
+            "batch_size=16",
+            "steps=3",
+            "decoder.channels=16",
+            "decoder.min_channels=8",
+            "sample_every=0",
+        ],
+        "denoiser": [
+            "train.data.size=16",
+            "train.data.train_crops=64",
+            "train.data.val_crops=8",
+            "train.batch_size=8",
+            "train.steps=3",
+            "train.decoder.channels=16",
+            "train.decoder.min_channels=8",
+            "train.sample_every=0",
+        ],
         "eval": {"scales": [1], "num": 8, "denoise_size": 32, "denoise_num": 4, "tune_crops": 2},
     },
 }
@@ -109,20 +132,33 @@ BUDGETS: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- training
 def _encoder_cfg(kind: str, data: str, seed: int, out: Path, budget: dict[str, Any], extra: list[str]):
-    return load_config(TrainEncoderConfig, ROOT / f"configs/encoder/resnet18_{kind}.yaml",
-                       [*budget["encoder"], *DATA[data], f"seed={seed}", f"out={out}", *extra])
+    return load_config(
+        TrainEncoderConfig,
+        ROOT / f"configs/encoder/resnet18_{kind}.yaml",
+        [*budget["encoder"], *DATA[data], f"seed={seed}", f"out={out}", *extra],
+    )
 
 
 def _decoder_cfg(kind: str, data: str, seed: int, encoder: Path, out: Path, budget: dict[str, Any], extra: list[str]):
-    return load_config(TrainDecoderConfig, ROOT / f"configs/decoder/resnet18_{kind}_layer3.yaml",
-                       [*budget["decoder"], *DATA[data], f"seed={seed}", f"encoder.checkpoint={encoder}",
-                        f"out={out}", *extra])
+    return load_config(
+        TrainDecoderConfig,
+        ROOT / f"configs/decoder/resnet18_{kind}_layer3.yaml",
+        [*budget["decoder"], *DATA[data], f"seed={seed}", f"encoder.checkpoint={encoder}", f"out={out}", *extra],
+    )
 
 
 def _denoiser_cfg(data: str, seed: int, encoder: Path, out: Path, budget: dict[str, Any], extra: list[str]):
-    return load_denoiser_config(ROOT / "configs/apps/denoise.yaml",
-                                [*budget["denoiser"], *(f"train.{o}" for o in DATA[data]), f"train.seed={seed}",
-                                 f"train.encoder.checkpoint={encoder}", f"train.out={out}", *extra])
+    return load_denoiser_config(
+        ROOT / "configs/apps/denoise.yaml",
+        [
+            *budget["denoiser"],
+            *(f"train.{o}" for o in DATA[data]),
+            f"train.seed={seed}",
+            f"train.encoder.checkpoint={encoder}",
+            f"train.out={out}",
+            *extra,
+        ],
+    )
 
 
 def train_all(data: str, seed: int, root: Path, budget: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -135,13 +171,15 @@ def train_all(data: str, seed: int, root: Path, budget: dict[str, Any], args: ar
         runs["val_acc_" + kind] = enc.metrics.get("val_acc")
         runs["seconds_this_run"][f"encoder_{kind}"] = time.perf_counter() - start
         start = time.perf_counter()
-        dec = train_decoder(_decoder_cfg(kind, data, seed, enc.path, root / f"decoder_{kind}", budget, args.set),
-                            resume=True)
+        dec = train_decoder(
+            _decoder_cfg(kind, data, seed, enc.path, root / f"decoder_{kind}", budget, args.set), resume=True
+        )
         runs[f"decoder_{kind}"] = dec.path
         runs["seconds_this_run"][f"decoder_{kind}"] = time.perf_counter() - start
     start = time.perf_counter()
-    den = train_denoiser(_denoiser_cfg(data, seed, runs["encoder_robust"], root / "denoiser", budget,
-                                       args.set_denoiser), resume=True)
+    den = train_denoiser(
+        _denoiser_cfg(data, seed, runs["encoder_robust"], root / "denoiser", budget, args.set_denoiser), resume=True
+    )
     runs["denoiser"] = den.path
     runs["seconds_this_run"]["denoiser"] = time.perf_counter() - start
     return runs
@@ -150,8 +188,9 @@ def train_all(data: str, seed: int, root: Path, budget: dict[str, Any], args: ar
 # ----------------------------------------------------------------------------- evaluation
 def eval_inversion(runs: dict[str, Any], train_size: int, ev: dict[str, Any], device: str) -> dict[str, Any]:
     """PSNR per kind, set and scale: ``{kind: {set: {"1x": psnr}}}``."""
-    models = {k: RobustAutoencoder.from_checkpoints(runs[f"encoder_{k}"], runs[f"decoder_{k}"], device=device)
-              for k in KINDS}
+    models = {
+        k: RobustAutoencoder.from_checkpoints(runs[f"encoder_{k}"], runs[f"decoder_{k}"], device=device) for k in KINDS
+    }
     out: dict[str, Any] = {k: {} for k in KINDS}
     for name, folder in SETS.items():
         res = compare_autoencoders(models, ev["scales"], train_size, ev["num"], 0, folder)
@@ -162,8 +201,9 @@ def eval_inversion(runs: dict[str, Any], train_size: int, ev: dict[str, Any], de
 
 def denoise_images(ev: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
     """The clean evaluation crops per set (held-out regions, unseen images)."""
-    return {name: list(held_out_images(ev["denoise_size"], ev["denoise_num"], 0, folder))
-            for name, folder in SETS.items()}
+    return {
+        name: list(held_out_images(ev["denoise_size"], ev["denoise_num"], 0, folder)) for name, folder in SETS.items()
+    }
 
 
 def _mean_psnr(outs: list[torch.Tensor], clean: list[torch.Tensor]) -> float:
@@ -177,12 +217,15 @@ def eval_denoiser(path: Path, clean: dict[str, list[torch.Tensor]], sigmas: list
     model, _ = load_denoiser(path, device)
     fn = ours_fn(model)
     with torch.no_grad():
-        return {name: {f"{s:g}": _mean_psnr([fn(y.to(device)).cpu() for y in noisy_images(c, s, 0)], c)
-                       for s in sigmas} for name, c in clean.items()}
+        return {
+            name: {f"{s:g}": _mean_psnr([fn(y.to(device)).cpu() for y in noisy_images(c, s, 0)], c) for s in sigmas}
+            for name, c in clean.items()
+        }
 
 
-def eval_baselines(clean: dict[str, list[torch.Tensor]], sigmas: list[float], tune_crops: int,
-                   use_bm3d: bool) -> dict[str, Any]:
+def eval_baselines(
+    clean: dict[str, list[torch.Tensor]], sigmas: list[float], tune_crops: int, use_bm3d: bool
+) -> dict[str, Any]:
     """Noisy input, NLM (tuned on training-region crops) and BM3D: ``{method: {set: {sigma: psnr}}}``."""
     fn, _ = CLASSICAL[NLM]
     tuned = tune_classical(sigmas, tune_crops, 0, [NLM])[NLM]
@@ -222,41 +265,57 @@ def summarize(results: dict[str, Any], seeds: list[int], ev: dict[str, Any], sig
     """Medians over seeds and paired per-seed differences."""
     inv, den, base = results["inversion"], results["denoise"], results["baselines"]
     scales = [f"{s}x" for s in ev["scales"]]
-    s: dict[str, Any] = {"inversion": {}, "robust_minus_standard": {}, "mixed_minus_photos": {},
-                         "held_out_minus_unseen": {}, "denoise": {}, "denoise_mixed_minus_photos": {},
-                         "denoise_minus_nlm": {}}
+    s: dict[str, Any] = {
+        "inversion": {},
+        "robust_minus_standard": {},
+        "mixed_minus_photos": {},
+        "held_out_minus_unseen": {},
+        "denoise": {},
+        "denoise_mixed_minus_photos": {},
+        "denoise_minus_nlm": {},
+    }
     for data in DATA:
         per = [inv[data][str(k)] for k in seeds]
         for kind in KINDS:
             for name in SETS:
                 for sc in scales:
-                    s["inversion"].setdefault(data, {}).setdefault(kind, {}).setdefault(name, {})[sc] = \
-                        _summary(_collect(per, kind, name, sc))
+                    s["inversion"].setdefault(data, {}).setdefault(kind, {}).setdefault(name, {})[sc] = _summary(
+                        _collect(per, kind, name, sc)
+                    )
             for sc in scales:
                 s["held_out_minus_unseen"].setdefault(data, {}).setdefault(kind, {})[sc] = _summary(
-                    _diff(_collect(per, kind, "held-out", sc), _collect(per, kind, "unseen", sc)))
+                    _diff(_collect(per, kind, "held-out", sc), _collect(per, kind, "unseen", sc))
+                )
         for name in SETS:
             for sc in scales:
                 s["robust_minus_standard"].setdefault(data, {}).setdefault(name, {})[sc] = _summary(
-                    _diff(_collect(per, "robust", name, sc), _collect(per, "standard", name, sc)))
+                    _diff(_collect(per, "robust", name, sc), _collect(per, "standard", name, sc))
+                )
         dper = [den[data][str(k)] for k in seeds]
         for name in SETS:
             for sg in (f"{x:g}" for x in sigmas):
                 ours = _collect(dper, name, sg)
                 s["denoise"].setdefault(data, {}).setdefault(name, {})[sg] = _summary(ours)
                 s["denoise_minus_nlm"].setdefault(data, {}).setdefault(name, {})[sg] = _summary(
-                    [v - base[NLM][name][sg] for v in ours])
+                    [v - base[NLM][name][sg] for v in ours]
+                )
     for kind in KINDS:
         for name in SETS:
             for sc in scales:
-                s["mixed_minus_photos"].setdefault(kind, {}).setdefault(name, {})[sc] = _summary(_diff(
-                    _collect([inv["mixed"][str(k)] for k in seeds], kind, name, sc),
-                    _collect([inv["photos"][str(k)] for k in seeds], kind, name, sc)))
+                s["mixed_minus_photos"].setdefault(kind, {}).setdefault(name, {})[sc] = _summary(
+                    _diff(
+                        _collect([inv["mixed"][str(k)] for k in seeds], kind, name, sc),
+                        _collect([inv["photos"][str(k)] for k in seeds], kind, name, sc),
+                    )
+                )
     for name in SETS:
         for sg in (f"{x:g}" for x in sigmas):
-            s["denoise_mixed_minus_photos"].setdefault(name, {})[sg] = _summary(_diff(
-                _collect([den["mixed"][str(k)] for k in seeds], name, sg),
-                _collect([den["photos"][str(k)] for k in seeds], name, sg)))
+            s["denoise_mixed_minus_photos"].setdefault(name, {})[sg] = _summary(
+                _diff(
+                    _collect([den["mixed"][str(k)] for k in seeds], name, sg),
+                    _collect([den["photos"][str(k)] for k in seeds], name, sg),
+                )
+            )
     s["goals"] = goals(s, sigmas, scales)
     return s
 
@@ -271,9 +330,12 @@ def goals(s: dict[str, Any], sigmas: list[float], scales: list[str]) -> dict[str
                 g[f"denoiser_ahead_of_nlm_unseen_sigma{sg}"] = s["denoise_minus_nlm"][data]["unseen"][sg]["median"] > 0
         rms = s["robust_minus_standard"][data]
         g["robust_gain_unseen_at_least_held_out"] = {
-            sc: rms["unseen"][sc]["median"] >= rms["held-out"][sc]["median"] for sc in scales}
-        g["gap_at_most_2db"] = {kind: {sc: abs(v[sc]["median"]) <= 2.0 for sc in scales}
-                                for kind, v in s["held_out_minus_unseen"][data].items()}
+            sc: rms["unseen"][sc]["median"] >= rms["held-out"][sc]["median"] for sc in scales
+        }
+        g["gap_at_most_2db"] = {
+            kind: {sc: abs(v[sc]["median"]) <= 2.0 for sc in scales}
+            for kind, v in s["held_out_minus_unseen"][data].items()
+        }
         out[data] = g
     return out
 
@@ -285,8 +347,9 @@ def print_tables(rep: dict[str, Any]) -> None:
     print(f"{'train data':<10} {'encoder / difference':<24}" + "".join(f"{c:>14}" for c in cols))
 
     def line(data: str, label: str, table: dict[str, Any]) -> None:  # table: {set: {scale: summary}}
-        print(f"{data:<10} {label:<24}" + "".join(f"{table[n][f'{sc}x']['median']:>14.2f}"
-                                                  for sc in scales for n in SETS))
+        print(
+            f"{data:<10} {label:<24}" + "".join(f"{table[n][f'{sc}x']['median']:>14.2f}" for sc in scales for n in SETS)
+        )
 
     for data in DATA:
         for kind in KINDS:
@@ -294,18 +357,24 @@ def print_tables(rep: dict[str, Any]) -> None:
         line(data, "robust - standard", s["robust_minus_standard"][data])
     for kind in KINDS:
         line("", f"mixed - photos ({kind})", s["mixed_minus_photos"][kind])
-    print(f"\nDenoising PSNR (dB) on {rep['eval']['denoise_num']} crops of {rep['eval']['denoise_size']} px; "
-          f"ours: median over seeds")
+    print(
+        f"\nDenoising PSNR (dB) on {rep['eval']['denoise_num']} crops of {rep['eval']['denoise_size']} px; "
+        f"ours: median over seeds"
+    )
     dcols = [f"{n} s{sg:g}" for n in SETS for sg in sigmas]
     print(f"{'method':<28}" + "".join(f"{c:>14}" for c in dcols))
     base = rep["baselines"]
     for method in [m for m in base if m != "nlm_h_factor"]:
         print(f"{method:<28}" + "".join(f"{base[method][n][f'{sg:g}']:>14.2f}" for n in SETS for sg in sigmas))
     for data in DATA:
-        print(f"{'ours (' + data + ')':<28}"
-              + "".join(f"{s['denoise'][data][n][f'{sg:g}']['median']:>14.2f}" for n in SETS for sg in sigmas))
-    print(f"{'ours: mixed - photos':<28}" + "".join(
-        f"{s['denoise_mixed_minus_photos'][n][f'{sg:g}']['median']:>14.2f}" for n in SETS for sg in sigmas))
+        print(
+            f"{'ours (' + data + ')':<28}"
+            + "".join(f"{s['denoise'][data][n][f'{sg:g}']['median']:>14.2f}" for n in SETS for sg in sigmas)
+        )
+    print(
+        f"{'ours: mixed - photos':<28}"
+        + "".join(f"{s['denoise_mixed_minus_photos'][n][f'{sg:g}']['median']:>14.2f}" for n in SETS for sg in sigmas)
+    )
     print("\nGoals (on medians):")
     for data, g in s["goals"].items():
         print(f"  {data}: {g}")
@@ -336,35 +405,64 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     from encoders.data.synthetic import SyntheticImages
 
     start = time.perf_counter()
-    sets = [_encoder_cfg("robust", "mixed", 0, root, budget, args.set).data,
-            _denoiser_cfg("mixed", 0, root, root, budget, args.set_denoiser).train.data]
+    sets = [
+        _encoder_cfg("robust", "mixed", 0, root, budget, args.set).data,
+        _denoiser_cfg("mixed", 0, root, root, budget, args.set_denoiser).train.data,
+    ]
     for d in sets:  # the synthetic part of the encoders' and decoders' set, then of the denoisers'
         SyntheticImages("train", d.size, round(d.train_crops * d.synthetic_ratio), d.seed)
     synth_s = time.perf_counter() - start
     encs = {}
     for kind in KINDS:
-        encs[kind] = timed(f"encoder_{kind}", lambda out, st, k=kind: _encoder_cfg(
-            k, "mixed", 0, out, {**budget, "encoder": with_steps(budget["encoder"], "steps", st)}, args.set),
-            lambda c: train_encoder(c))
-        timed(f"decoder_{kind}", lambda out, st, k=kind: _decoder_cfg(
-            k, "mixed", 0, encs[k], out, {**budget, "decoder": with_steps(budget["decoder"], "steps", st)}, args.set),
-            lambda c: train_decoder(c))
-    timed("denoiser", lambda out, st: _denoiser_cfg(
-        "mixed", 0, encs["robust"], out, {**budget, "denoiser": with_steps(budget["denoiser"], "train.steps", st)},
-        args.set_denoiser), lambda c: train_denoiser(c))
+        encs[kind] = timed(
+            f"encoder_{kind}",
+            lambda out, st, k=kind: _encoder_cfg(
+                k, "mixed", 0, out, {**budget, "encoder": with_steps(budget["encoder"], "steps", st)}, args.set
+            ),
+            lambda c: train_encoder(c),
+        )
+        timed(
+            f"decoder_{kind}",
+            lambda out, st, k=kind: _decoder_cfg(
+                k, "mixed", 0, encs[k], out, {**budget, "decoder": with_steps(budget["decoder"], "steps", st)}, args.set
+            ),
+            lambda c: train_decoder(c),
+        )
+    timed(
+        "denoiser",
+        lambda out, st: _denoiser_cfg(
+            "mixed",
+            0,
+            encs["robust"],
+            out,
+            {**budget, "denoiser": with_steps(budget["denoiser"], "train.steps", st)},
+            args.set_denoiser,
+        ),
+        lambda c: train_denoiser(c),
+    )
     steps = {f"encoder_{k}": _steps(budget["encoder"], "steps") for k in KINDS}
     steps.update({f"decoder_{k}": _steps(budget["decoder"], "steps") for k in KINDS})
     steps["denoiser"] = _steps(budget["denoiser"], "train.steps")
     train_s = sum(per_step[k] * steps[k] for k in steps) * len(DATA) * args.seeds
     total = train_s + synth_s
-    rep = {"seconds_per_step": per_step, "steps": steps, "synthetic_generation_s": synth_s,
-           "projected_training_s": train_s, "projected_total_s_without_eval": total,
-           "load_avg": os.getloadavg(), "threads": torch.get_num_threads()}
+    rep = {
+        "seconds_per_step": per_step,
+        "steps": steps,
+        "synthetic_generation_s": synth_s,
+        "projected_training_s": train_s,
+        "projected_total_s_without_eval": total,
+        "load_avg": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+    }
     print(f"\nseconds per step: {', '.join(f'{k} {v:.3f}' for k, v in per_step.items())}")
-    print(f"synthetic images ({' + '.join(f'{round(d.train_crops * d.synthetic_ratio)} at {d.size} px' for d in sets)}): "
-          f"{synth_s:.0f} s")
-    print(f"projected full run ({args.seeds} seeds x {len(DATA)} training sets): training {train_s / 60:.1f} min "
-          f"+ generation {synth_s / 60:.1f} min, plus evaluation (load average now {os.getloadavg()[0]:.1f})")
+    print(
+        f"synthetic images ({' + '.join(f'{round(d.train_crops * d.synthetic_ratio)} at {d.size} px' for d in sets)}): "
+        f"{synth_s:.0f} s"
+    )
+    print(
+        f"projected full run ({args.seeds} seeds x {len(DATA)} training sets): training {train_s / 60:.1f} min "
+        f"+ generation {synth_s / 60:.1f} min, plus evaluation (load average now {os.getloadavg()[0]:.1f})"
+    )
     shutil.rmtree(root, ignore_errors=True)
     return rep
 
@@ -381,17 +479,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--estimate-steps", type=int, default=10, help="extra steps timed per job (default 10)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds (default 3; --tiny: 2)")
     p.add_argument("--sigmas", type=float, nargs="+", default=[15, 25, 50])
-    p.add_argument("--set", nargs="*", default=[], metavar="key=value",
-                   help="more overrides of the encoder and decoder configs (both)")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="more overrides of the encoder and decoder configs (both)",
+    )
     p.add_argument("--set-denoiser", nargs="*", default=[], metavar="key=value", help="more train-denoiser overrides")
-    p.add_argument("--train-only", choices=DATA, help="train (or resume) this training set's runs for every seed and "
-                                                      "stop: two such processes fill two cores; a plain call evaluates")
+    p.add_argument(
+        "--train-only",
+        choices=DATA,
+        help="train (or resume) this training set's runs for every seed and "
+        "stop: two such processes fill two cores; a plain call evaluates",
+    )
     p.add_argument("--no-bm3d", action="store_true", help="skip BM3D")
     p.add_argument("--workdir", default="runs/bench/generalization")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default=None, help="JSON (default bench/results/generalization.json; --tiny: in the "
-                                               "workdir; --estimate: bench/results/generalization_estimate.json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON (default bench/results/generalization.json; --tiny: in the "
+        "workdir; --estimate: bench/results/generalization_estimate.json)",
+    )
     return p.parse_args(argv)
 
 
@@ -425,22 +536,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in seeds:  # whole seeds one after the other: a killed run keeps finished seeds' folders
         for data in DATA:
             runs = train_all(data, seed, workdir / data / f"seed{seed}", budget, args)
-            results["runs"].setdefault(data, {})[str(seed)] = {k: str(v) if isinstance(v, Path) else v
-                                                              for k, v in runs.items()}
+            results["runs"].setdefault(data, {})[str(seed)] = {
+                k: str(v) if isinstance(v, Path) else v for k, v in runs.items()
+            }
             results["inversion"].setdefault(data, {})[str(seed)] = eval_inversion(runs, train_size, ev, args.device)
-            results["denoise"].setdefault(data, {})[str(seed)] = eval_denoiser(runs["denoiser"], clean, args.sigmas,
-                                                                             args.device)
+            results["denoise"].setdefault(data, {})[str(seed)] = eval_denoiser(
+                runs["denoiser"], clean, args.sigmas, args.device
+            )
             log.info("%s seed %d done (%.0f s so far)", data, seed, time.perf_counter() - t0)
     results["baselines"] = eval_baselines(clean, args.sigmas, ev["tune_crops"], use_bm3d)
-    rep = {"command": "python bench/generalization.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "budget": name, "overrides": {k: budget[k] for k in ("encoder", "decoder", "denoiser")},
-           "eval": ev, "sigmas": args.sigmas, "seeds": seeds, "workdir": str(workdir), **results,
-           "summary": summarize(results, seeds, ev, args.sigmas),
-           "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                   "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                   "load_avg_before": load_before, "load_avg_now": os.getloadavg(),
-                   "seconds": time.perf_counter() - t0}}
-    out = args.out or (workdir / "generalization_tiny.json" if args.tiny else ROOT / "bench/results/generalization.json")
+    rep = {
+        "command": "python bench/generalization.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "budget": name,
+        "overrides": {k: budget[k] for k in ("encoder", "decoder", "denoiser")},
+        "eval": ev,
+        "sigmas": args.sigmas,
+        "seeds": seeds,
+        "workdir": str(workdir),
+        **results,
+        "summary": summarize(results, seeds, ev, args.sigmas),
+        "env": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_avg_before": load_before,
+            "load_avg_now": os.getloadavg(),
+            "seconds": time.perf_counter() - t0,
+        },
+    }
+    out = args.out or (
+        workdir / "generalization_tiny.json" if args.tiny else ROOT / "bench/results/generalization.json"
+    )
     write_json(rep, out)
     print_tables(rep)
     print(f"\nwrote {out} ({rep['env']['seconds']:.0f} s)")

@@ -27,6 +27,7 @@ Usage:
     nice -n 10 python bench/real_size.py                       # ResNet-50 then AlexNet, 1 thread
     python bench/real_size.py --archs resnet50 --repeats 3 --steps 2 --batch-size 4 --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # for gpu_check; appended: bench/encoders.py must not shadow the package
 from encoders.core.runtime import peak_memory_mib  # noqa: E402  (after the path is set)
 from encoders.core.serialization import write_json  # noqa: E402
+
 JOBS = ("encoder", "decoder", "inversion")
 
 
@@ -64,28 +66,73 @@ def child(args: argparse.Namespace) -> None:
     baseline = peak_memory_mib()
     load_before = os.getloadavg()
     if args.job == "encoder":
-        result = gpu_check.encoder_job(args.arch, "fp32", "cpu", sizes, data, work / "enc", args.batch_size,
-                                       args.steps, 0, args.warmup)
+        result = gpu_check.encoder_job(
+            args.arch, "fp32", "cpu", sizes, data, work / "enc", args.batch_size, args.steps, 0, args.warmup
+        )
     elif args.job == "decoder":
-        result = gpu_check.decoder_job(args.arch, "fp32", "cpu", sizes, data, encoder_ckpt, work / "dec",
-                                       args.batch_size, args.steps, 0, warmup=args.warmup)
+        result = gpu_check.decoder_job(
+            args.arch,
+            "fp32",
+            "cpu",
+            sizes,
+            data,
+            encoder_ckpt,
+            work / "dec",
+            args.batch_size,
+            args.steps,
+            0,
+            warmup=args.warmup,
+        )
     else:
-        result = gpu_check.inversion_job("fp32", "cpu", encoder_ckpt, Path(args.decoder_checkpoint), 224, 224,
-                                         batch_size=args.batch_size, repeats=3)
+        result = gpu_check.inversion_job(
+            "fp32", "cpu", encoder_ckpt, Path(args.decoder_checkpoint), 224, 224, batch_size=args.batch_size, repeats=3
+        )
     result.pop("checkpoint", None)
-    print(json.dumps({**result, "peak_rss_mib": peak_memory_mib(), "baseline_rss_mib": baseline,
-                      "threads": torch.get_num_threads(), "load_before": load_before, "load_after": os.getloadavg()}))
+    print(
+        json.dumps(
+            {
+                **result,
+                "peak_rss_mib": peak_memory_mib(),
+                "baseline_rss_mib": baseline,
+                "threads": torch.get_num_threads(),
+                "load_before": load_before,
+                "load_after": os.getloadavg(),
+            }
+        )
+    )
 
 
-def run_child(args: argparse.Namespace, job: str, arch: str, data: Path, encoder_ckpt: Path,
-              decoder_ckpt: Path | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", job, "--arch", arch, "--data", str(data),
-           "--encoder-checkpoint", str(encoder_ckpt), "--threads", str(args.threads),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+def run_child(
+    args: argparse.Namespace, job: str, arch: str, data: Path, encoder_ckpt: Path, decoder_ckpt: Path | None
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        job,
+        "--arch",
+        arch,
+        "--data",
+        str(data),
+        "--encoder-checkpoint",
+        str(encoder_ckpt),
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     if decoder_ckpt is not None:
         cmd += ["--decoder-checkpoint", str(decoder_ckpt)]
-    env = {**os.environ, "RFI_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "RFI_NO_PROGRESS": "1",
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -132,8 +179,19 @@ def main(argv: list[str] | None = None) -> dict:
                 for job in args.jobs:
                     if job == "inversion" and decoder_ckpt is None:
                         # a decoder checkpoint to invert with: one short run, outside the timings
-                        r = gpu_check.decoder_job(arch, "fp32", "cpu", gpu_check.FULL, data, encoder_ckpt,
-                                                  tmp / f"dec-{arch}", args.batch_size, 1, 0, warmup=0)
+                        r = gpu_check.decoder_job(
+                            arch,
+                            "fp32",
+                            "cpu",
+                            gpu_check.FULL,
+                            data,
+                            encoder_ckpt,
+                            tmp / f"dec-{arch}",
+                            args.batch_size,
+                            1,
+                            0,
+                            warmup=0,
+                        )
                         decoder_ckpt = Path(r["checkpoint"]) if "checkpoint" in r else None
                         if decoder_ckpt is None:
                             rows.setdefault((arch, job), []).append({"error": r.get("skipped", "no decoder")})
@@ -148,20 +206,40 @@ def main(argv: list[str] | None = None) -> dict:
         if not ok:
             table.append({"arch": arch, "job": job, "error": runs[-1]["error"]})
             continue
-        table.append({"arch": arch, "job": job, "runs": len(ok),
-                      "images_per_s": statistics.median(r["images_per_s"] for r in ok),
-                      "images_per_s_min_max": [min(r["images_per_s"] for r in ok), max(r["images_per_s"] for r in ok)],
-                      "images_per_cpu_s": statistics.median(r["images_per_cpu_s"] for r in ok),
-                      "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok),
-                      "baseline_rss_mib": statistics.median(r["baseline_rss_mib"] for r in ok),
-                      "load": [ok[0]["load_before"][0], ok[-1]["load_after"][0]]})
-    result = {"threads": args.threads, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
-              "cpus": os.cpu_count(), "load_start": load_start, "load_end": os.getloadavg(),
-              "seconds": time.time() - start, "rows": table, "runs": {f"{a}/{j}": v for (a, j), v in rows.items()}}
-    labels = {"encoder": "encoder training (robust, L2 PGD-3)", "decoder": "decoder training",
-              "inversion": "inversion (encoder + decoder)"}
-    print("\n| model | job | images/s (median, min-max) | images per CPU-second | peak RSS MiB (after imports) "
-          "| load avg (1 min) |")
+        table.append(
+            {
+                "arch": arch,
+                "job": job,
+                "runs": len(ok),
+                "images_per_s": statistics.median(r["images_per_s"] for r in ok),
+                "images_per_s_min_max": [min(r["images_per_s"] for r in ok), max(r["images_per_s"] for r in ok)],
+                "images_per_cpu_s": statistics.median(r["images_per_cpu_s"] for r in ok),
+                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok),
+                "baseline_rss_mib": statistics.median(r["baseline_rss_mib"] for r in ok),
+                "load": [ok[0]["load_before"][0], ok[-1]["load_after"][0]],
+            }
+        )
+    result = {
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "load_start": load_start,
+        "load_end": os.getloadavg(),
+        "seconds": time.time() - start,
+        "rows": table,
+        "runs": {f"{a}/{j}": v for (a, j), v in rows.items()},
+    }
+    labels = {
+        "encoder": "encoder training (robust, L2 PGD-3)",
+        "decoder": "decoder training",
+        "inversion": "inversion (encoder + decoder)",
+    }
+    print(
+        "\n| model | job | images/s (median, min-max) | images per CPU-second | peak RSS MiB (after imports) "
+        "| load avg (1 min) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in table:
         job = labels[r["job"]] + (f" ({gpu_check.LAYERS[r['arch']]})" if r["job"] != "encoder" else "")
@@ -169,8 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {r['arch']} | {job} | failed: {r['error'][:120]} | | | |")
             continue
         lo, hi = r["images_per_s_min_max"]
-        print(f"| {r['arch']} | {job} | {r['images_per_s']:.2f} ({lo:.2f}-{hi:.2f}) | {r['images_per_cpu_s']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} ({r['baseline_rss_mib']:.0f}) | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
+        print(
+            f"| {r['arch']} | {job} | {r['images_per_s']:.2f} ({lo:.2f}-{hi:.2f}) | {r['images_per_cpu_s']:.2f} | "
+            f"{r['peak_rss_mib']:.0f} ({r['baseline_rss_mib']:.0f}) | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
+        )
     write_json(result, args.json)
     return result
 

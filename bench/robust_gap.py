@@ -9,6 +9,7 @@ from the gaps this writes to ``bench/results/robust_gap.json``.
 Usage:
     OMP_NUM_THREADS=1 python bench/robust_gap.py --seeds 0 1 2 3   # 4-8 min per seed on one thread of a busy CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "robust_gap.json"
-SMALL = ("data.size=16", "data.train_crops=4096", "data.val_crops=512", "model.width=0.125", "epochs=4",
-         "eval.enabled=false", "device=cpu")
+SMALL = (
+    "data.size=16",
+    "data.train_crops=4096",
+    "data.val_crops=512",
+    "model.width=0.125",
+    "epochs=4",
+    "eval.enabled=false",
+    "device=cpu",
+)
 
 
 def measure(out: Path, seed: int) -> dict[str, dict[str, float]]:
@@ -35,8 +43,11 @@ def measure(out: Path, seed: int) -> dict[str, dict[str, float]]:
 
     results = {}
     for name in ("robust", "standard"):
-        cfg = load_config(TrainEncoderConfig, ROOT / "configs" / "encoder" / f"resnet18_{name}.yaml",
-                          [*SMALL, f"seed={seed}", f"out={Path(out) / name}"])
+        cfg = load_config(
+            TrainEncoderConfig,
+            ROOT / "configs" / "encoder" / f"resnet18_{name}.yaml",
+            [*SMALL, f"seed={seed}", f"out={Path(out) / name}"],
+        )
         enc = create_encoder(checkpoint=str(train_encoder(cfg)))
         r = evaluate_encoder(enc, build_dataset(cfg.data, "val"), eps=cfg.adv.eps, steps=10, norm="l2")
         results[name] = {"clean_acc": r["clean_acc"], "pgd_acc": r["pgd_acc"]}
@@ -59,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         runs[str(seed)] = {**r, "gap": gap, "seconds": time.perf_counter() - start}
         print(f"seed {seed}: robust {r['robust']}, standard {r['standard']}, gap {gap:.3f}", flush=True)
     gaps = [r["gap"] for r in runs.values()]
-    summary = {"setup": {"overrides": list(SMALL), "pgd": "L2, 10 steps, training eps", "threads": torch.get_num_threads()},
-               "seeds": runs, "gap_min": min(gaps), "gap_max": max(gaps)}
+    summary = {
+        "setup": {"overrides": list(SMALL), "pgd": "L2, 10 steps, training eps", "threads": torch.get_num_threads()},
+        "seeds": runs,
+        "gap_min": min(gaps),
+        "gap_max": max(gaps),
+    }
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"gap over seeds {args.seeds}: {min(gaps):.3f} .. {max(gaps):.3f} -> {args.out}")
     return 0

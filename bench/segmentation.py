@@ -29,6 +29,7 @@ Usage:
 
 Prints a markdown table and writes ``bench/results/segmentation.json`` (``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,7 @@ from apps.segment.config import SegmentConfig  # noqa: E402
 from apps.segment.metrics import evaluate_segmenter  # noqa: E402
 from apps.segment.model import load_segmenter  # noqa: E402
 from apps.segment.train import SegmenterTrainer, train_segmenter  # noqa: E402
+from bench.shift import interleaved_ms  # noqa: E402  (round-robin timing)
 from encoders import list_encoders  # noqa: E402
 from encoders.core.config import load_config  # noqa: E402
 from encoders.core.runtime import setup_distributed  # noqa: E402
@@ -60,12 +62,22 @@ from encoders.data.scenes import SceneSegmentation  # noqa: E402
 from encoders.nets.registry import encoder_family  # noqa: E402
 from encoders.robust.train import TrainEncoderConfig, train_encoder  # noqa: E402
 from encoders.weights.checkpoints import load_encoder  # noqa: E402
-from bench.shift import interleaved_ms  # noqa: E402  (round-robin timing)
 
 CNN_LAYER = ("layer3", ["layer1", "layer2"])
 PLAIN_SWINS = {"swin_t": [], "swin_v2_t": ["model.arch=swin_v2_t"]}
-TINY = dict(seeds=1, encoder_epochs=1, train_crops=16, encoder_batch=8, size=64, train_items=8, val_items=4,
-            steps=2, batch_size=4, max_crop_shift=16, timing_steps=1)
+TINY = dict(
+    seeds=1,
+    encoder_epochs=1,
+    train_crops=16,
+    encoder_batch=8,
+    size=64,
+    train_items=8,
+    val_items=4,
+    steps=2,
+    batch_size=4,
+    max_crop_shift=16,
+    timing_steps=1,
+)
 
 
 def rows() -> dict[str, tuple[str, list[str]]]:
@@ -115,8 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny sizes and budgets, one seed")
     p.add_argument("--work", help="folder for checkpoints (default: a temporary folder)")
     p.add_argument("--out", default="bench/results/segmentation.json")
-    p.add_argument("--figure", nargs="?", const="docs/img/segmentation_shift.png", metavar="PNG",
-                   help="also draw the shift figure (default path: %(const)s)")
+    p.add_argument(
+        "--figure",
+        nargs="?",
+        const="docs/img/segmentation_shift.png",
+        metavar="PNG",
+        help="also draw the shift figure (default path: %(const)s)",
+    )
     p.add_argument("--figure-shift", type=int, nargs=2, default=(5, 3), help="--figure: circular shift (dy, dx)")
     args = p.parse_args(argv)
     if args.tiny:
@@ -128,11 +145,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def encoder_config(args: argparse.Namespace, row: str, seed: int, out: Path) -> TrainEncoderConfig:
     config, overrides = rows()[row]
     cnn = row.startswith("resnet")
-    return load_config(TrainEncoderConfig, ROOT / "configs" / "encoder" / config, [
-        *overrides, *([f"model.width={args.cnn_width}"] if cnn else []), "data.size=32",
-        f"data.train_crops={args.train_crops}", "data.val_crops=16", f"epochs={args.encoder_epochs}",
-        f"batch_size={args.encoder_batch}", "adv.enabled=false", "eval.enabled=false", f"seed={seed}",
-        "device=cpu", f"out={out}"])
+    return load_config(
+        TrainEncoderConfig,
+        ROOT / "configs" / "encoder" / config,
+        [
+            *overrides,
+            *([f"model.width={args.cnn_width}"] if cnn else []),
+            "data.size=32",
+            f"data.train_crops={args.train_crops}",
+            "data.val_crops=16",
+            f"epochs={args.encoder_epochs}",
+            f"batch_size={args.encoder_batch}",
+            "adv.enabled=false",
+            "eval.enabled=false",
+            f"seed={seed}",
+            "device=cpu",
+            f"out={out}",
+        ],
+    )
 
 
 def segment_config(args: argparse.Namespace, row: str, encoder_path: Path, seed: int, out: Path) -> SegmentConfig:
@@ -140,14 +170,28 @@ def segment_config(args: argparse.Namespace, row: str, encoder_path: Path, seed:
         layer, skips = CNN_LAYER
     else:
         taps = load_encoder(encoder_path).layer_names
-        layer, skips = taps[min(1, len(taps) - 1)], taps[:min(1, len(taps) - 1)]
-    return load_config(SegmentConfig, None, [
-        f"train.encoder.checkpoint={encoder_path}", f"train.encoder.layer={layer}", f"train.decoder.skips={skips}",
-        f"train.finetune={not args.frozen}", f"train.data.size={args.size}",
-        f"train.data.train_items={args.train_items}",
-        f"train.data.val_items={args.val_items}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
-        f"train.eval.images={args.val_items}", f"train.eval.max_crop_shift={args.max_crop_shift}",
-        f"train.log_every={max(1, args.steps // 5)}", f"train.seed={seed}", "train.device=cpu", f"train.out={out}"])
+        layer, skips = taps[min(1, len(taps) - 1)], taps[: min(1, len(taps) - 1)]
+    return load_config(
+        SegmentConfig,
+        None,
+        [
+            f"train.encoder.checkpoint={encoder_path}",
+            f"train.encoder.layer={layer}",
+            f"train.decoder.skips={skips}",
+            f"train.finetune={not args.frozen}",
+            f"train.data.size={args.size}",
+            f"train.data.train_items={args.train_items}",
+            f"train.data.val_items={args.val_items}",
+            f"train.steps={args.steps}",
+            f"train.batch_size={args.batch_size}",
+            f"train.eval.images={args.val_items}",
+            f"train.eval.max_crop_shift={args.max_crop_shift}",
+            f"train.log_every={max(1, args.steps // 5)}",
+            f"train.seed={seed}",
+            "train.device=cpu",
+            f"train.out={out}",
+        ],
+    )
 
 
 def step_function(cfg: SegmentConfig):
@@ -166,9 +210,15 @@ def train(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str
     t1 = time.perf_counter()
     cfg = segment_config(args, row, Path(encoder.path), seed, run / "segment")
     result = train_segmenter(cfg)
-    return {"seed": seed, "layer": cfg.train.encoder.layer, "encoder": str(encoder.path), "model": str(result.path),
-            "equivariant_decoder": result.model.decoder.upsample == "lps", "encoder_train_s": t1 - t0,
-            "segmenter_train_s": time.perf_counter() - t1}
+    return {
+        "seed": seed,
+        "layer": cfg.train.encoder.layer,
+        "encoder": str(encoder.path),
+        "model": str(result.path),
+        "equivariant_decoder": result.model.decoder.upsample == "lps",
+        "encoder_train_s": t1 - t0,
+        "segmenter_train_s": time.perf_counter() - t1,
+    }
 
 
 def evaluate(args: argparse.Namespace, trained: dict[str, dict[str, Any]], seed: int) -> None:
@@ -177,16 +227,27 @@ def evaluate(args: argparse.Namespace, trained: dict[str, dict[str, Any]], seed:
     multiple = max(m.size_multiple for m in models.values())
     val = SceneSegmentation("val", args.size, args.val_items, 0)
     for row, model in models.items():
-        r = evaluate_segmenter(model.predict, val, len(model.classes), max_crop_shift=args.max_crop_shift,
-                               size_multiple=multiple, seed=seed)
+        r = evaluate_segmenter(
+            model.predict,
+            val,
+            len(model.classes),
+            max_crop_shift=args.max_crop_shift,
+            size_multiple=multiple,
+            seed=seed,
+        )
         trained[row].update({k: r[k] for k in ("miou", "masc_circular", "masc_crop", "pixel_acc", "crop_size")})
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], ms: dict[str, float]) -> list[dict[str, Any]]:
     out = []
     for row, results in runs.items():
-        summary: dict[str, Any] = {"model": row, "seeds": len(results), "ms_per_step": ms.get(row),
-                                   "layer": results[0]["layer"], "per_seed": results}
+        summary: dict[str, Any] = {
+            "model": row,
+            "seeds": len(results),
+            "ms_per_step": ms.get(row),
+            "layer": results[0]["layer"],
+            "per_seed": results,
+        }
         for key in ("miou", "masc_circular", "masc_crop", "pixel_acc"):
             values = [r[key] for r in results]
             summary[key] = statistics.mean(values)
@@ -197,12 +258,16 @@ def summarise(runs: dict[str, list[dict[str, Any]]], ms: dict[str, float]) -> li
 
 def table(summary: list[dict[str, Any]]) -> str:
     pm = lambda r, k: f"{100 * r[k]:.2f} ± {100 * r[k + '_sd']:.2f}"  # noqa: E731
-    lines = ["| model | layer | seeds | mIoU % | circular mASC % | crop mASC % | ms / step |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | layer | seeds | mIoU % | circular mASC % | crop mASC % | ms / step |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in summary:
         step = "–" if r["ms_per_step"] is None else f"{r['ms_per_step']:.0f}"
-        lines.append(f"| {r['model']} | {r['layer']} | {r['seeds']} | {pm(r, 'miou')} | {pm(r, 'masc_circular')} | "
-                     f"{pm(r, 'masc_crop')} | {step} |")
+        lines.append(
+            f"| {r['model']} | {r['layer']} | {r['seeds']} | {pm(r, 'miou')} | {pm(r, 'masc_circular')} | "
+            f"{pm(r, 'masc_crop')} | {step} |"
+        )
     return "\n".join(lines)
 
 
@@ -219,13 +284,16 @@ def figure(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> P
     x = val[0][0][None]
     shift = tuple(args.figure_shift)
     xs = x.roll(shift, (2, 3))
-    panels = [("image x", x[0].permute(1, 2, 0)), (f"T x (circular shift {shift[0]}, {shift[1]} px)",
-                                                   xs[0].permute(1, 2, 0))]
+    panels = [
+        ("image x", x[0].permute(1, 2, 0)),
+        (f"T x (circular shift {shift[0]}, {shift[1]} px)", xs[0].permute(1, 2, 0)),
+    ]
     for name in (plain, equivariant):
         model = load_segmenter(runs[name][-1]["model"])
         differ = model.predict(xs)[0] != model.predict(x)[0].roll(shift, (0, 1))
-        panels.append((f"{name}: seg(T x) != T seg(x)\n{100 * differ.float().mean():.1f}% of pixels (white)",
-                       differ.float()))
+        panels.append(
+            (f"{name}: seg(T x) != T seg(x)\n{100 * differ.float().mean():.1f}% of pixels (white)", differ.float())
+        )
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.8))
     for ax, (title, img) in zip(axes, panels):
         ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -256,8 +324,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ms: dict[str, float] = {}
 
     def write(complete: bool) -> dict[str, Any]:
-        result = {"config": vars(args), "rows": summarise(runs, ms), "complete": complete,
-                  "total_s": time.perf_counter() - start, "torch": torch.__version__, "threads": args.threads}
+        result = {
+            "config": vars(args),
+            "rows": summarise(runs, ms),
+            "complete": complete,
+            "total_s": time.perf_counter() - start,
+            "torch": torch.__version__,
+            "threads": args.threads,
+        }
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
         return result
 
@@ -268,13 +342,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             evaluate(args, trained, seed)
             for row, r in trained.items():
                 runs.setdefault(row, []).append(r)
-                print(f"  {row:<14} seed {seed}: mIoU {100 * r['miou']:.1f}%, circular mASC "
-                      f"{100 * r['masc_circular']:.2f}%, crop mASC {100 * r['masc_crop']:.2f}% "
-                      f"({r['encoder_train_s'] + r['segmenter_train_s']:.0f} s)", flush=True)
+                print(
+                    f"  {row:<14} seed {seed}: mIoU {100 * r['miou']:.1f}%, circular mASC "
+                    f"{100 * r['masc_circular']:.2f}%, crop mASC {100 * r['masc_crop']:.2f}% "
+                    f"({r['encoder_train_s'] + r['segmenter_train_s']:.0f} s)",
+                    flush=True,
+                )
             write(complete=False)
         if args.timing_steps > 0:
-            cfgs = {row: segment_config(args, row, Path(runs[row][0]["encoder"]), 0, work / "timing" / row)
-                    for row in names}
+            cfgs = {
+                row: segment_config(args, row, Path(runs[row][0]["encoder"]), 0, work / "timing" / row) for row in names
+            }
             ms = interleaved_ms({row: step_function(c) for row, c in cfgs.items()}, args.timing_steps, warmup=1)
         if args.figure:
             figure(runs, args)

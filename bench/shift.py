@@ -27,6 +27,7 @@ Usage:
 Prints a table and writes ``bench/results/shift.json`` (``--out``). With ``--seeds N`` every
 figure is the median over N seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,11 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.core.config import load_config  # noqa: E402
+from encoders.core.runtime import setup_distributed  # noqa: E402
+from encoders.core.serialization import atomic_write  # noqa: E402
 from encoders.data.build import DataConfig  # noqa: E402
 from encoders.data.embedded import EmbeddedCrops  # noqa: E402
 from encoders.robust.evaluate import evaluate_encoder  # noqa: E402
-from encoders.core.runtime import setup_distributed  # noqa: E402
-from encoders.core.serialization import atomic_write  # noqa: E402
 from encoders.robust.shift import shift_consistency  # noqa: E402
 from encoders.robust.train import EncoderTrainer, TrainEncoderConfig, train_encoder  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
@@ -79,8 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-channels", type=int, default=32, help="decoder width (default 32)")
     p.add_argument("--decoder-batch", type=int, default=32, help="decoder batch size (default 32)")
     p.add_argument("--eval-images", type=int, default=500, help="validation images for every metric")
-    p.add_argument("--timing-steps", type=int, default=8,
-                   help="timed training steps of each configuration, interleaved (median; default 8)")
+    p.add_argument(
+        "--timing-steps",
+        type=int,
+        default=8,
+        help="timed training steps of each configuration, interleaved (median; default 8)",
+    )
     p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1, report medians")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models on shared cores)")
     p.add_argument("--work", help="folder for the runs' checkpoints (default: a temporary folder)")
@@ -89,21 +94,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def encoder_config(args: argparse.Namespace, method: str, training: str, seed: int, out: Path) -> TrainEncoderConfig:
-    return load_config(TrainEncoderConfig, None, [
-        f"model.arch={args.arch}", f"model.width={args.width}", "model.small_input=true",
-        f"model.downsample={method}", f"data.size={args.size}", f"data.train_crops={args.train_crops}",
-        f"data.val_crops={args.val_crops}", f"epochs={args.epochs}", f"batch_size={args.batch_size}",
-        f"adv.enabled={training == 'robust'}", f"adv.eps={args.eps}", f"adv.steps={args.adv_steps}",
-        "eval.enabled=false", f"seed={seed}", "device=cpu", f"out={out}"])
+    return load_config(
+        TrainEncoderConfig,
+        None,
+        [
+            f"model.arch={args.arch}",
+            f"model.width={args.width}",
+            "model.small_input=true",
+            f"model.downsample={method}",
+            f"data.size={args.size}",
+            f"data.train_crops={args.train_crops}",
+            f"data.val_crops={args.val_crops}",
+            f"epochs={args.epochs}",
+            f"batch_size={args.batch_size}",
+            f"adv.enabled={training == 'robust'}",
+            f"adv.eps={args.eps}",
+            f"adv.steps={args.adv_steps}",
+            "eval.enabled=false",
+            f"seed={seed}",
+            "device=cpu",
+            f"out={out}",
+        ],
+    )
 
 
 def decoder_config(args: argparse.Namespace, encoder_path: Path, seed: int, out: Path) -> TrainDecoderConfig:
-    return load_config(TrainDecoderConfig, None, [
-        f"encoder.checkpoint={encoder_path}", f"encoder.layer={LAYER}", f"decoder.channels={args.decoder_channels}",
-        f"decoder.min_channels={max(8, args.decoder_channels // 2)}", f"data.size={args.size}",
-        f"data.train_crops={args.train_crops}", f"data.val_crops={min(args.val_crops, 128)}",
-        f"steps={args.decoder_steps}", f"batch_size={args.decoder_batch}", "sample_every=0",
-        f"log_every={max(1, args.decoder_steps // 10)}", f"seed={seed}", "device=cpu", f"out={out}"])
+    return load_config(
+        TrainDecoderConfig,
+        None,
+        [
+            f"encoder.checkpoint={encoder_path}",
+            f"encoder.layer={LAYER}",
+            f"decoder.channels={args.decoder_channels}",
+            f"decoder.min_channels={max(8, args.decoder_channels // 2)}",
+            f"data.size={args.size}",
+            f"data.train_crops={args.train_crops}",
+            f"data.val_crops={min(args.val_crops, 128)}",
+            f"steps={args.decoder_steps}",
+            f"batch_size={args.decoder_batch}",
+            "sample_every=0",
+            f"log_every={max(1, args.decoder_steps // 10)}",
+            f"seed={seed}",
+            "device=cpu",
+            f"out={out}",
+        ],
+    )
 
 
 def _first_batch(dataset, batch_size: int) -> Any:
@@ -149,26 +184,46 @@ def measure(args: argparse.Namespace, method: str, training: str, seed: int, wor
     dec_path = train_decoder(dec_cfg).path
     t2 = time.perf_counter()
     val = EmbeddedCrops("val", args.size, args.val_crops, DataConfig().seed)
-    attack = evaluate_encoder(encoder, val, eps=args.eps, steps=args.pgd_steps, norm="l2",
-                              max_images=args.eval_images, batch_size=250, seed=seed)
+    attack = evaluate_encoder(
+        encoder,
+        val,
+        eps=args.eps,
+        steps=args.pgd_steps,
+        norm="l2",
+        max_images=args.eval_images,
+        batch_size=250,
+        seed=seed,
+    )
     ae = RobustAutoencoder.from_checkpoints(encoder, dec_path)
-    shift = shift_consistency(encoder, val, LAYER, ae.reconstruct, max_images=args.eval_images, batch_size=100,
-                              seed=seed)
-    return {"clean_acc": attack["clean_acc"], "pgd_acc": attack["pgd_acc"], "consistency": shift["consistency"],
-            "feature_equiv_error": shift["feature_equiv_error"], "psnr": shift["psnr"],
-            "recon_equiv_error": shift["recon_equiv_error"], "recon_exact": shift["recon_exact"],
-            "encoder_train_s": t1 - t0, "decoder_train_s": t2 - t1}, (cfg, dec_cfg)
+    shift = shift_consistency(
+        encoder, val, LAYER, ae.reconstruct, max_images=args.eval_images, batch_size=100, seed=seed
+    )
+    return {
+        "clean_acc": attack["clean_acc"],
+        "pgd_acc": attack["pgd_acc"],
+        "consistency": shift["consistency"],
+        "feature_equiv_error": shift["feature_equiv_error"],
+        "psnr": shift["psnr"],
+        "recon_equiv_error": shift["recon_equiv_error"],
+        "recon_exact": shift["recon_exact"],
+        "encoder_train_s": t1 - t0,
+        "decoder_train_s": t2 - t1,
+    }, (cfg, dec_cfg)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'method':<9} {'training':<9} {'clean':>6} {'PGD':>6} {'consist.':>8} {'feat err':>9} "
-            f"{'PSNR dB':>7} {'rec err':>8} {'exact':>6} {'enc ms/step':>11} {'dec ms/step':>11}")
+    head = (
+        f"{'method':<9} {'training':<9} {'clean':>6} {'PGD':>6} {'consist.':>8} {'feat err':>9} "
+        f"{'PSNR dB':>7} {'rec err':>8} {'exact':>6} {'enc ms/step':>11} {'dec ms/step':>11}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<9} {r['training']:<9} {100 * r['clean_acc']:>5.1f}% {100 * r['pgd_acc']:>5.1f}% "
-                     f"{100 * r['consistency']:>7.1f}% {r['feature_equiv_error']:>9.2e} {r['psnr']:>7.2f} "
-                     f"{r['recon_equiv_error']:>8.1e} {100 * r['recon_exact']:>5.1f}% {r['encoder_step_ms']:>11.1f} "
-                     f"{r['decoder_step_ms']:>11.1f}")
+        lines.append(
+            f"{r['method']:<9} {r['training']:<9} {100 * r['clean_acc']:>5.1f}% {100 * r['pgd_acc']:>5.1f}% "
+            f"{100 * r['consistency']:>7.1f}% {r['feature_equiv_error']:>9.2e} {r['psnr']:>7.2f} "
+            f"{r['recon_equiv_error']:>8.1e} {100 * r['recon_exact']:>5.1f}% {r['encoder_step_ms']:>11.1f} "
+            f"{r['decoder_step_ms']:>11.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -182,14 +237,20 @@ def goal(rows: list[dict[str, Any]]) -> list[str]:
         lps, ref = by["lps"], by["stride"]
         # Paired by seed (same data order and initial weights apart from the sampling layers):
         # the median of per-seed differences, and their range.
-        diffs = {k: [scale * (a[k] - b[k]) for a, b in zip(lps["per_seed"], ref["per_seed"])]
-                 for k, scale in (("clean_acc", 100), ("pgd_acc", 100), ("psnr", 1))}
+        diffs = {
+            k: [scale * (a[k] - b[k]) for a, b in zip(lps["per_seed"], ref["per_seed"])]
+            for k, scale in (("clean_acc", 100), ("pgd_acc", 100), ("psnr", 1))
+        }
         d_acc, d_pgd, d_psnr = (statistics.median(diffs[k]) for k in ("clean_acc", "pgd_acc", "psnr"))
-        spread = ", ".join(f"{k} {min(v):+.1f}..{max(v):+.1f}" for k, v in diffs.items()) if len(diffs["psnr"]) > 1 else ""
+        spread = (
+            ", ".join(f"{k} {min(v):+.1f}..{max(v):+.1f}" for k, v in diffs.items()) if len(diffs["psnr"]) > 1 else ""
+        )
         ok = lps["consistency"] == 1.0 and d_acc >= -1.0 and d_psnr >= -0.5
-        out.append(f"{training}: LPS consistency {100 * lps['consistency']:.1f}%, clean acc {d_acc:+.1f} pt, "
-                   f"PGD acc {d_pgd:+.1f} pt, PSNR {d_psnr:+.2f} dB vs stride (median of per-seed differences"
-                   f"{'; range ' + spread if spread else ''}) -> goal {'met' if ok else 'NOT met'}")
+        out.append(
+            f"{training}: LPS consistency {100 * lps['consistency']:.1f}%, clean acc {d_acc:+.1f} pt, "
+            f"PGD acc {d_pgd:+.1f} pt, PSNR {d_psnr:+.2f} dB vs stride (median of per-seed differences"
+            f"{'; range ' + spread if spread else ''}) -> goal {'met' if ok else 'NOT met'}"
+        )
     return out
 
 
@@ -214,9 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                     result, cfgs = measure(args, method, training, seed, work)
                     runs.append(result)
                     configs.setdefault((method, training), cfgs)
-                    print(f"  {method:<9} {training:<9} seed {seed}: clean {100 * result['clean_acc']:.1f}%, "
-                          f"consistency {100 * result['consistency']:.1f}%, PSNR {result['psnr']:.2f} dB "
-                          f"({time.perf_counter() - t:.0f} s)", flush=True)
+                    print(
+                        f"  {method:<9} {training:<9} seed {seed}: clean {100 * result['clean_acc']:.1f}%, "
+                        f"consistency {100 * result['consistency']:.1f}%, PSNR {result['psnr']:.2f} dB "
+                        f"({time.perf_counter() - t:.0f} s)",
+                        flush=True,
+                    )
                 row = {"method": method, "training": training, "seeds": args.seeds}
                 row.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
                 row["per_seed"] = [{k: r[k] for k in ("clean_acc", "pgd_acc", "consistency", "psnr")} for r in runs]
@@ -232,8 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(checks))
     total = time.perf_counter() - start
     print(f"total {total:.0f} s ({args.threads} thread(s))")
-    result = {"config": vars(args), "layer": LAYER, "rows": rows, "goal": checks, "total_s": total,
-              "torch": torch.__version__, "threads": args.threads}
+    result = {
+        "config": vars(args),
+        "layer": LAYER,
+        "rows": rows,
+        "goal": checks,
+        "total_s": total,
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))

@@ -37,6 +37,7 @@ autoencoder's reconstruction is from commuting with the shift)::
     python bench/shift_vit.py --figure docs/img/equivariant_vit_shift.png \
         --plain ENC.pt DEC.pt --equivariant ENC.pt DEC.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,17 +56,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders.weights.checkpoints import load_encoder  # noqa: E402
+from bench.shift import encoder_step, interleaved_ms  # noqa: E402  (the trainer's real step, timed round-robin)
 from encoders.core.config import load_config  # noqa: E402
-from encoders.data.embedded import EmbeddedCrops  # noqa: E402
-from encoders.robust.evaluate import evaluate_encoder  # noqa: E402
-from encoders.nets.models import Encoder  # noqa: E402
 from encoders.core.serialization import atomic_write  # noqa: E402
+from encoders.data.embedded import EmbeddedCrops  # noqa: E402
+from encoders.nets.models import Encoder  # noqa: E402
+from encoders.robust.evaluate import evaluate_encoder  # noqa: E402
 from encoders.robust.shift import shift_consistency  # noqa: E402
 from encoders.robust.train import TrainEncoderConfig, train_encoder  # noqa: E402
+from encoders.weights.checkpoints import load_encoder  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 from inversion.train import TrainDecoderConfig, train_decoder  # noqa: E402
-from bench.shift import encoder_step, interleaved_ms  # noqa: E402  (the trainer's real step, timed round-robin)
 
 # row name -> (encoder config stem without the training, overrides, decoder layer)
 MODELS: dict[str, tuple[str, list[str], str]] = {
@@ -80,11 +81,26 @@ MODELS: dict[str, tuple[str, list[str], str]] = {
     "cvt_13": ("cvt_13_tiny_{t}", [], "stage1"),
     "cvt_13_eq": ("cvt_13_tiny_{t}_equivariant", [], "stage1"),
 }
-PAIRS = (("swin_t_eq", "swin_t"), ("swin_v2_t_eq", "swin_v2_t"), ("mvit_v2_t_eq", "mvit_v2_t"),
-         ("cvt_13_eq", "cvt_13"), ("resnet18_lps", "resnet18"))
+PAIRS = (
+    ("swin_t_eq", "swin_t"),
+    ("swin_v2_t_eq", "swin_v2_t"),
+    ("mvit_v2_t_eq", "mvit_v2_t"),
+    ("cvt_13_eq", "cvt_13"),
+    ("resnet18_lps", "resnet18"),
+)
 # --tiny: a smoke run of every row in seconds each (the pipeline, not the figures)
-TINY = {"seeds": 1, "train_crops": 64, "val_crops": 16, "epochs": 1, "batch_size": 32, "adv_steps": 1,
-        "pgd_steps": 1, "decoder_steps": 2, "decoder_batch": 8, "timing_steps": 1}
+TINY = {
+    "seeds": 1,
+    "train_crops": 64,
+    "val_crops": 16,
+    "epochs": 1,
+    "batch_size": 32,
+    "adv_steps": 1,
+    "pgd_steps": 1,
+    "decoder_steps": 2,
+    "decoder_batch": 8,
+    "timing_steps": 1,
+}
 TRAININGS = ("standard", "robust")
 METRICS = ("clean_acc", "pgd_acc", "consistency", "crop_consistency", "psnr", "recon_exact")
 
@@ -141,8 +157,9 @@ def figure(args: argparse.Namespace) -> None:
     for name, (enc, dec) in (("plain", args.plain), ("equivariant", args.equivariant)):
         ae = RobustAutoencoder.from_checkpoints(enc, dec)
         diff = (ae.reconstruct(xs) - ae.reconstruct(x).roll(shift, (2, 3))).abs()
-        panels.append((f"{name} Swin: |D(E(Tx)) - T D(E(x))|\nmax {diff.max():.2e} (shown x4)",
-                       (4 * diff[0]).clamp(0, 1)))
+        panels.append(
+            (f"{name} Swin: |D(E(Tx)) - T D(E(x))|\nmax {diff.max():.2e} (shown x4)", (4 * diff[0]).clamp(0, 1))
+        )
         print(f"{name}: largest pixel difference {diff.max():.3e}, mean {diff.mean():.3e}")
     fig, axes = plt.subplots(1, 4, figsize=(13, 4.0))
     for ax, (title, img) in zip(axes, panels):
@@ -158,20 +175,50 @@ def figure(args: argparse.Namespace) -> None:
 def encoder_config(args: argparse.Namespace, model: str, training: str, seed: int, out: Path) -> TrainEncoderConfig:
     stem, overrides, _ = MODELS[model]
     cnn = model.startswith("resnet")
-    return load_config(TrainEncoderConfig, ROOT / "configs" / "encoder" / f"{stem.format(t=training)}.yaml", [
-        *overrides, *([f"model.width={args.cnn_width}"] if cnn else []), f"data.size={args.size}",
-        f"data.train_crops={args.train_crops}", f"data.val_crops={args.val_crops}", f"epochs={args.epochs}",
-        f"batch_size={args.batch_size}", f"adv.eps={args.eps}", f"adv.steps={args.adv_steps}",
-        "eval.enabled=false", f"seed={seed}", "device=cpu", f"out={out}"])
+    return load_config(
+        TrainEncoderConfig,
+        ROOT / "configs" / "encoder" / f"{stem.format(t=training)}.yaml",
+        [
+            *overrides,
+            *([f"model.width={args.cnn_width}"] if cnn else []),
+            f"data.size={args.size}",
+            f"data.train_crops={args.train_crops}",
+            f"data.val_crops={args.val_crops}",
+            f"epochs={args.epochs}",
+            f"batch_size={args.batch_size}",
+            f"adv.eps={args.eps}",
+            f"adv.steps={args.adv_steps}",
+            "eval.enabled=false",
+            f"seed={seed}",
+            "device=cpu",
+            f"out={out}",
+        ],
+    )
 
 
-def decoder_config(args: argparse.Namespace, model: str, encoder_path: Path, seed: int, out: Path) -> TrainDecoderConfig:
-    return load_config(TrainDecoderConfig, None, [
-        f"encoder.checkpoint={encoder_path}", f"encoder.layer={MODELS[model][2]}", "decoder.channels=32",
-        "decoder.min_channels=16", f"data.size={args.size}", f"data.train_crops={args.train_crops}",
-        f"data.val_crops={min(args.val_crops, 128)}", f"steps={args.decoder_steps}",
-        f"batch_size={args.decoder_batch}", "sample_every=0", f"log_every={max(1, args.decoder_steps // 5)}",
-        f"seed={seed}", "device=cpu", f"out={out}"])
+def decoder_config(
+    args: argparse.Namespace, model: str, encoder_path: Path, seed: int, out: Path
+) -> TrainDecoderConfig:
+    return load_config(
+        TrainDecoderConfig,
+        None,
+        [
+            f"encoder.checkpoint={encoder_path}",
+            f"encoder.layer={MODELS[model][2]}",
+            "decoder.channels=32",
+            "decoder.min_channels=16",
+            f"data.size={args.size}",
+            f"data.train_crops={args.train_crops}",
+            f"data.val_crops={min(args.val_crops, 128)}",
+            f"steps={args.decoder_steps}",
+            f"batch_size={args.decoder_batch}",
+            "sample_every=0",
+            f"log_every={max(1, args.decoder_steps // 5)}",
+            f"seed={seed}",
+            "device=cpu",
+            f"out={out}",
+        ],
+    )
 
 
 @torch.no_grad()
@@ -183,8 +230,10 @@ def crop_shift_consistency(encoder: Encoder, regions: torch.Tensor, size: int, s
     b = torch.randint(span + 1, (len(regions), 2), generator=g)
     same = (a == b).all(1)
     b[same] = (b[same] + 1) % (span + 1)  # always a real shift
-    crop = lambda offsets: torch.stack([r[:, i:i + size, j:j + size]  # noqa: E731
-                                        for r, (i, j) in zip(regions, offsets.tolist())])
+
+    def crop(offsets: torch.Tensor) -> torch.Tensor:
+        return torch.stack([r[:, i : i + size, j : j + size] for r, (i, j) in zip(regions, offsets.tolist())])
+
     encoder.eval()
     agree = 0
     for start in range(0, len(regions), 100):
@@ -203,18 +252,34 @@ def measure(args: argparse.Namespace, model: str, training: str, seed: int, work
     t2 = time.perf_counter()
     encoder = load_encoder(enc_path)
     val = EmbeddedCrops("val", args.size, args.val_crops, 0)
-    attack = evaluate_encoder(encoder, val, eps=args.eps, steps=args.pgd_steps, norm="l2",
-                              max_images=args.val_crops, batch_size=100, seed=seed)
+    attack = evaluate_encoder(
+        encoder,
+        val,
+        eps=args.eps,
+        steps=args.pgd_steps,
+        norm="l2",
+        max_images=args.val_crops,
+        batch_size=100,
+        seed=seed,
+    )
     ae = RobustAutoencoder.from_checkpoints(encoder, dec_path)
     layer = MODELS[model][2]
     shift = shift_consistency(encoder, val, layer, ae.reconstruct, batch_size=100, seed=seed)
     big = EmbeddedCrops("val", args.size + args.max_crop_shift, args.val_crops, 0)
     regions = torch.stack([big[i][0] for i in range(len(big))])
-    return {"clean_acc": attack["clean_acc"], "pgd_acc": attack["pgd_acc"], "consistency": shift["consistency"],
-            "crop_consistency": crop_shift_consistency(encoder, regions, args.size, seed),
-            "feature_equiv_error": shift["feature_equiv_error"], "psnr": shift["psnr"],
-            "recon_equiv_error": shift["recon_equiv_error"], "recon_exact": shift["recon_exact"],
-            "encoder_train_s": t1 - t0, "decoder_train_s": t2 - t1, "layer": layer}
+    return {
+        "clean_acc": attack["clean_acc"],
+        "pgd_acc": attack["pgd_acc"],
+        "consistency": shift["consistency"],
+        "crop_consistency": crop_shift_consistency(encoder, regions, args.size, seed),
+        "feature_equiv_error": shift["feature_equiv_error"],
+        "psnr": shift["psnr"],
+        "recon_equiv_error": shift["recon_equiv_error"],
+        "recon_exact": shift["recon_exact"],
+        "encoder_train_s": t1 - t0,
+        "decoder_train_s": t2 - t1,
+        "layer": layer,
+    }
 
 
 def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -238,8 +303,13 @@ def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> tuple[list[d
             if not n:
                 continue
             parts = []
-            for k, scale, unit in (("clean_acc", 100, "pt"), ("pgd_acc", 100, "pt"), ("consistency", 100, "pt"),
-                                   ("crop_consistency", 100, "pt"), ("psnr", 1, "dB")):
+            for k, scale, unit in (
+                ("clean_acc", 100, "pt"),
+                ("pgd_acc", 100, "pt"),
+                ("consistency", 100, "pt"),
+                ("crop_consistency", 100, "pt"),
+                ("psnr", 1, "dB"),
+            ):
                 d = [scale * (a[sd][k] - b[sd][k]) for sd in common]
                 parts.append(f"{k} {statistics.mean(d):+.1f} {unit} [{', '.join(f'{v:+.1f}' for v in d)}]")
             lines.append(f"{training}: {new} - {old} over {n} paired seed(s): " + "; ".join(parts))
@@ -247,15 +317,19 @@ def summarise(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> tuple[list[d
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'model':<13} {'training':<9} {'seeds':>5} {'clean':>12} {'PGD-10':>12} {'circ. cons.':>12} "
-            f"{'crop cons.':>12} {'PSNR dB':>12} {'rec exact':>9} {'rec err':>8} {'ms/step':>8}")
+    head = (
+        f"{'model':<13} {'training':<9} {'seeds':>5} {'clean':>12} {'PGD-10':>12} {'circ. cons.':>12} "
+        f"{'crop cons.':>12} {'PSNR dB':>12} {'rec exact':>9} {'rec err':>8} {'ms/step':>8}"
+    )
     lines = [head, "-" * len(head)]
     pm = lambda r, k, s=100: f"{s * r[k]:.1f}±{s * r[k + '_sd']:.1f}"  # noqa: E731
     for r in rows:
-        lines.append(f"{r['model']:<13} {r['training']:<9} {r['seeds']:>5} {pm(r, 'clean_acc'):>12} "
-                     f"{pm(r, 'pgd_acc'):>12} {pm(r, 'consistency'):>12} {pm(r, 'crop_consistency'):>12} "
-                     f"{pm(r, 'psnr', 1):>12} {100 * r['recon_exact']:>8.1f}% {r['recon_equiv_error']:>8.1e} "
-                     f"{r.get('encoder_step_ms') or float('nan'):>8.0f}")
+        lines.append(
+            f"{r['model']:<13} {r['training']:<9} {r['seeds']:>5} {pm(r, 'clean_acc'):>12} "
+            f"{pm(r, 'pgd_acc'):>12} {pm(r, 'consistency'):>12} {pm(r, 'crop_consistency'):>12} "
+            f"{pm(r, 'psnr', 1):>12} {100 * r['recon_exact']:>8.1f}% {r['recon_equiv_error']:>8.1e} "
+            f"{r.get('encoder_step_ms') or float('nan'):>8.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -302,8 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         seeds = []
 
     def write(rows: list[dict[str, Any]], lines: list[str], complete: bool) -> None:
-        result = {"config": vars(args), "rows": rows, "paired": lines, "complete": complete,
-                  "total_s": time.perf_counter() - start, "torch": torch.__version__, "threads": args.threads}
+        result = {
+            "config": vars(args),
+            "rows": rows,
+            "paired": lines,
+            "complete": complete,
+            "total_s": time.perf_counter() - start,
+            "torch": torch.__version__,
+            "threads": args.threads,
+        }
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 
     with tempfile.TemporaryDirectory(prefix="rfi-bench-shift-vit-") as tmp:
@@ -314,10 +395,13 @@ def main(argv: list[str] | None = None) -> int:
                     t = time.perf_counter()
                     r = {**measure(args, model, training, seed, work), "seed": seed}
                     runs.setdefault((model, training), []).append(r)
-                    print(f"  {model:<13} {training:<9} seed {seed}: clean {100 * r['clean_acc']:.1f}%, PGD "
-                          f"{100 * r['pgd_acc']:.1f}%, circ {100 * r['consistency']:.1f}%, crop "
-                          f"{100 * r['crop_consistency']:.1f}%, PSNR {r['psnr']:.2f} dB, exact "
-                          f"{100 * r['recon_exact']:.0f}% ({time.perf_counter() - t:.0f} s)", flush=True)
+                    print(
+                        f"  {model:<13} {training:<9} seed {seed}: clean {100 * r['clean_acc']:.1f}%, PGD "
+                        f"{100 * r['pgd_acc']:.1f}%, circ {100 * r['consistency']:.1f}%, crop "
+                        f"{100 * r['crop_consistency']:.1f}%, PSNR {r['psnr']:.2f} dB, exact "
+                        f"{100 * r['recon_exact']:.0f}% ({time.perf_counter() - t:.0f} s)",
+                        flush=True,
+                    )
                     write(*summarise(runs), complete=False)
         if args.timing_steps > 0 and not args.merge:
             print(f"  timing {args.timing_steps} interleaved rounds ...", flush=True)

@@ -28,6 +28,7 @@ Usage:
     python bench/style.py                       # default: 3 images, sizes 256 512, 3 repeats
     python bench/style.py --repeats 5 --images 6 --sizes 256 512 1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,18 @@ from encoders.core.serialization import atomic_write, load_checkpoint  # noqa: E
 from encoders.data.embedded import embedded_image  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 
-PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "retina"), ("coffee", "stereo_motorcycle"),
-         ("rocket", "immunohistochemistry"), ("stereo_motorcycle", "retina"), ("chelsea", "hubble_deep_field"))
-ENCODERS = {"robust": "runs/encoders/resnet18_robust/checkpoint.pt",
-            "standard": "runs/encoders/resnet18_standard/checkpoint.pt"}
+PAIRS = (
+    ("chelsea", "immunohistochemistry"),
+    ("astronaut", "retina"),
+    ("coffee", "stereo_motorcycle"),
+    ("rocket", "immunohistochemistry"),
+    ("stereo_motorcycle", "retina"),
+    ("chelsea", "hubble_deep_field"),
+)
+ENCODERS = {
+    "robust": "runs/encoders/resnet18_robust/checkpoint.pt",
+    "standard": "runs/encoders/resnet18_standard/checkpoint.pt",
+}
 BUDGET_FREE = ("out", "runs", "apply")  # config keys that may differ between the two pyramids (not training)
 
 
@@ -66,10 +75,14 @@ def ensure_pyramid(kind: str, path: Path, config: str, overrides: list[str]) -> 
     """Train the pyramid at ``path`` on the default ``kind`` encoder if missing; True if trained."""
     if path.is_file():
         return False
-    print(f"[bench] no {kind} pyramid at {path}: training one with {config} on {ENCODERS[kind]} "
-          f"(a few minutes on 2 CPU cores)", flush=True)
-    cfg = load_config(StyleConfig, ROOT / config,
-                      [f"train.encoder.checkpoint={ENCODERS[kind]}", f"out={path}", *overrides])
+    print(
+        f"[bench] no {kind} pyramid at {path}: training one with {config} on {ENCODERS[kind]} "
+        f"(a few minutes on 2 CPU cores)",
+        flush=True,
+    )
+    cfg = load_config(
+        StyleConfig, ROOT / config, [f"train.encoder.checkpoint={ENCODERS[kind]}", f"out={path}", *overrides]
+    )
     train_pyramid(cfg, resume=True)
     return True
 
@@ -93,8 +106,14 @@ def gram(f: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def losses(judge: RobustAutoencoder, out: torch.Tensor, content: torch.Tensor, style: torch.Tensor,
-           content_layer: str, style_layers: list[str]) -> tuple[float, float]:
+def losses(
+    judge: RobustAutoencoder,
+    out: torch.Tensor,
+    content: torch.Tensor,
+    style: torch.Tensor,
+    content_layer: str,
+    style_layers: list[str],
+) -> tuple[float, float]:
     """(relative content loss, relative style loss) of ``out`` in ``judge``'s feature space."""
     layers = sorted({content_layer, *style_layers}, key=judge.encoder.layer_names.index)
     fo, fc, fs = (judge.features(x, layers) for x in (out, content, style))
@@ -118,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--robust", default="runs/style/pyramid.pt", help="robust pyramid (trained if missing)")
     p.add_argument("--standard", default="runs/style/pyramid_standard.pt", help="standard pyramid (trained if missing)")
     p.add_argument("--config", default="configs/apps/style.yaml", help="config for pyramids that must be trained")
-    p.add_argument("--train-overrides", nargs="*", default=[], metavar="key=value",
-                   help="overrides for pyramids that must be trained, e.g. train.steps=400")
+    p.add_argument(
+        "--train-overrides",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="overrides for pyramids that must be trained, e.g. train.steps=400",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="longer side in px")
     p.add_argument("--methods", nargs="+", default=["wct", "adain"], choices=["wct", "adain"])
     p.add_argument("--images", type=int, default=3, help=f"content/style pairs (at most {len(PAIRS)})")
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]  # the cores are shared: record how busy they were
-    pairs = PAIRS[:max(1, min(args.images, len(PAIRS)))]
+    pairs = PAIRS[: max(1, min(args.images, len(PAIRS)))]
 
     paths = {"robust": Path(args.robust), "standard": Path(args.standard)}
     trained = {k: ensure_pyramid(k, paths[k], args.config, args.train_overrides) for k in paths}
@@ -148,32 +172,50 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     grid_cols: dict[str, list[torch.Tensor]] = {"content": [], "style": [], "standard": [], "robust": []}
     for size in args.sizes:
-        images = [(resize_longer(embedded_image(c), size)[None], resize_longer(embedded_image(s), size)[None])
-                  for c, s in pairs]
+        images = [
+            (resize_longer(embedded_image(c), size)[None], resize_longer(embedded_image(s), size)[None])
+            for c, s in pairs
+        ]
 
         def judged(outs: list[torch.Tensor], images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
             rec: dict[str, float] = {}
             for jname, judge in models.items():
-                vals = [losses(judge, o, c, s, args.content_layer, args.style_layers)
-                        for o, (c, s) in zip(outs, images)]
+                vals = [
+                    losses(judge, o, c, s, args.content_layer, args.style_layers) for o, (c, s) in zip(outs, images)
+                ]
                 tag = jname[0].upper()
                 rec[f"content_{tag}"] = statistics.mean(v[0] for v in vals)
                 rec[f"style_{tag}"] = statistics.mean(v[1] for v in vals)
             return rec
 
-        rows.append({"size": size, "pyramid": "-", "method": "content image", "ms": None,
-                     **judged([c for c, _ in images], images)})
+        rows.append(
+            {
+                "size": size,
+                "pyramid": "-",
+                "method": "content image",
+                "ms": None,
+                **judged([c for c, _ in images], images),
+            }
+        )
         for name, ae in models.items():
             outs = [stylize(ae, c, s, alpha=0.0) for c, s in images]
             rows.append({"size": size, "pyramid": name, "method": "reconstruction", "ms": None, **judged(outs, images)})
             for method in args.methods:
                 ms, outs = [], []
                 for c, s in images:
-                    ms.append(time_ms(functools.partial(stylize, ae, c, s, method=method, alpha=args.alpha),
-                                      args.repeats))
+                    ms.append(
+                        time_ms(functools.partial(stylize, ae, c, s, method=method, alpha=args.alpha), args.repeats)
+                    )
                     outs.append(stylize(ae, c, s, method=method, alpha=args.alpha))
-                rows.append({"size": size, "pyramid": name, "method": method, "ms": statistics.median(ms),
-                             **judged(outs, images)})
+                rows.append(
+                    {
+                        "size": size,
+                        "pyramid": name,
+                        "method": method,
+                        "ms": statistics.median(ms),
+                        **judged(outs, images),
+                    }
+                )
                 print(f"[bench] {size}px {name} {method}: {statistics.median(ms):.0f} ms/image", flush=True)
                 if size == min(args.sizes) and method == args.methods[0]:
                     grid_cols[name] = outs
@@ -184,18 +226,40 @@ def main(argv: list[str] | None = None) -> int:
     cols = ("size", "pyramid", "method", "ms", "content_R", "style_R", "content_S", "style_S")
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        cells = ["-" if r[c] is None else f"{r[c]:.0f}" if c == "ms" else f"{r[c]:.3f}" if isinstance(r[c], float)
-                 else str(r[c]) for c in cols]
+        cells = [
+            "-"
+            if r[c] is None
+            else f"{r[c]:.0f}"
+            if c == "ms"
+            else f"{r[c]:.3f}"
+            if isinstance(r[c], float)
+            else str(r[c])
+            for c in cols
+        ]
         print("| " + " | ".join(cells) + " |")
 
-    result = {"rows": rows, "pairs": [list(p) for p in pairs], "sizes": args.sizes, "methods": args.methods,
-              "repeats": args.repeats, "alpha": args.alpha, "content_layer": args.content_layer,
-              "style_layers": args.style_layers, "threads": torch.get_num_threads(),
-              "models": {k: str(v) for k, v in paths.items()}, "trained_by_bench": trained,
-              "same_budget": same_budget, "device": "cpu", "torch": torch.__version__,
-              "load_average": [load_start, os.getloadavg()[0]], "cpu_count": os.cpu_count()}
-    print(f"\n{torch.get_num_threads()} torch thread(s); load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+    result = {
+        "rows": rows,
+        "pairs": [list(p) for p in pairs],
+        "sizes": args.sizes,
+        "methods": args.methods,
+        "repeats": args.repeats,
+        "alpha": args.alpha,
+        "content_layer": args.content_layer,
+        "style_layers": args.style_layers,
+        "threads": torch.get_num_threads(),
+        "models": {k: str(v) for k, v in paths.items()},
+        "trained_by_bench": trained,
+        "same_budget": same_budget,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "load_average": [load_start, os.getloadavg()[0]],
+        "cpu_count": os.cpu_count(),
+    }
+    print(
+        f"\n{torch.get_num_threads()} torch thread(s); load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores"
+    )
     out = Path(args.out)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print(f"\nwrote {out}")
@@ -207,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_grid(cols: dict[str, list[torch.Tensor]], path: Path) -> None:
     """Rows of content | style | standard | robust: the centre square of each image, 256 x 256."""
+
     def square(t: torch.Tensor) -> torch.Tensor:
         side = min(t.shape[-2:])
         return resize_longer(center_crop(t, [side, side]), 256)

@@ -17,6 +17,7 @@ Usage:
     OMP_NUM_THREADS=1 python bench/style_augment.py                      # about a minute
     OMP_NUM_THREADS=1 python bench/style_augment.py --encoder E.pt --decoder D.pt --repeats 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apps.style.augment import StyleAugment, load_style_model  # noqa: E402  (after the path is set)
 from bench.tiling import build  # noqa: E402
-from encoders.data.embedded import EmbeddedCrops  # noqa: E402
 from encoders.core.serialization import write_json  # noqa: E402
+from encoders.data.embedded import EmbeddedCrops  # noqa: E402
 from inversion.metrics import psnr  # noqa: E402
 
 
@@ -59,10 +60,15 @@ def main(argv: list[str] | None = None) -> dict:
     trained = bool(args.encoder and args.decoder)
     model = load_style_model([args.encoder, args.decoder]) if trained else build()
     variants = {"before (full resolution)": None, **{f"after (work_size={w})": w for w in args.work_sizes}}
-    augs = {name: StyleAugment(model, p=1.0, alpha=(0.5, 1.0), beta=(0.5, 1.0), work_size=w, generator=0)
-            for name, w in variants.items()}
-    x = torch.stack([img for img, _ in EmbeddedCrops("train", args.size, args.batch_size)]) if trained else torch.rand(
-        args.batch_size, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    augs = {
+        name: StyleAugment(model, p=1.0, alpha=(0.5, 1.0), beta=(0.5, 1.0), work_size=w, generator=0)
+        for name, w in variants.items()
+    }
+    x = (
+        torch.stack([img for img, _ in EmbeddedCrops("train", args.size, args.batch_size)])
+        if trained
+        else torch.rand(args.batch_size, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    )
     load_before = os.getloadavg()
     for aug in augs.values():  # warm-up: oneDNN picks its kernels on the first call
         images_per_s(aug, x[:4])
@@ -78,22 +84,42 @@ def main(argv: list[str] | None = None) -> dict:
         for name, aug in augs.items():
             fidelity[name] = float(psnr(aug.stylize(x, params), reference).mean()) if aug.work_size else None
     base = statistics.median(runs["before (full resolution)"])
-    rows = [{"variant": name, "work_size": variants[name], "images_per_s": statistics.median(r),
-             "min": min(r), "max": max(r), "speedup": statistics.median(r) / base,
-             "psnr_vs_full_resolution": fidelity.get(name)} for name, r in runs.items()]
-    result = {"size": args.size, "batch_size": args.batch_size, "p": 1.0, "threads": args.threads,
-              "weights": "trained" if trained else "random", "repeats": args.repeats,
-              "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "rows": rows}
-    print(f"\nStyleAugment at {args.size} px, batch {args.batch_size}, p=1, {args.threads} thread(s), "
-          f"median of {args.repeats}:")
+    rows = [
+        {
+            "variant": name,
+            "work_size": variants[name],
+            "images_per_s": statistics.median(r),
+            "min": min(r),
+            "max": max(r),
+            "speedup": statistics.median(r) / base,
+            "psnr_vs_full_resolution": fidelity.get(name),
+        }
+        for name, r in runs.items()
+    ]
+    result = {
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "p": 1.0,
+        "threads": args.threads,
+        "weights": "trained" if trained else "random",
+        "repeats": args.repeats,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "rows": rows,
+    }
+    print(
+        f"\nStyleAugment at {args.size} px, batch {args.batch_size}, p=1, {args.threads} thread(s), "
+        f"median of {args.repeats}:"
+    )
     print("| variant | images/s (min-max) | x before |" + (" PSNR vs full resolution (dB) |" if trained else ""))
     print("|---|---|---|" + ("---|" if trained else ""))
     for r in rows:
         extra = ""
         if trained:
             extra = " - |" if r["psnr_vs_full_resolution"] is None else f" {r['psnr_vs_full_resolution']:.2f} |"
-        print(f"| {r['variant']} | {r['images_per_s']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | "
-              f"{r['speedup']:.2f}x |{extra}")
+        print(
+            f"| {r['variant']} | {r['images_per_s']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | {r['speedup']:.2f}x |{extra}"
+        )
     print(f"load average (1 min): {load_before[0]:.2f} before, {result['load_avg_after'][0]:.2f} after")
     write_json(result, args.out)
     return result

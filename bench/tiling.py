@@ -16,14 +16,15 @@ round by round, median of ``--runs``:
 
 Peak memory is the largest resident-set growth over the process's size before the call
 (sampled every 5 ms). Wall time and the process's CPU time (``time.process_time``; on a
-shared machine the wall time mostly measures the other jobs) are both reported. Threads are pinned with ``--threads`` (default 1) and the machine's
-load average is recorded before and after.
+shared machine the wall time mostly measures the other jobs) are both reported. Threads are
+pinned with ``--threads`` (default 1) and the machine's load average is recorded before and after.
 
     python bench/tiling.py                      # 4000x3000, 3 runs, 1 thread
     python bench/tiling.py --size 2000x1500 --runs 3 --threads 1
 
 Prints a table and writes ``bench/results/tiling.json`` (``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,16 @@ def build() -> RobustAutoencoder:
     torch.manual_seed(0)
     enc = create_encoder("resnet18", width=0.25, small_input=True, num_classes=9)
     info = enc.feature_info()
-    dec = Decoder(info["layer3"][0], info["layer3"][1], "layer3", channels=64, min_channels=32, blocks=1,
-                  padding_mode="reflect", norm=True)
+    dec = Decoder(
+        info["layer3"][0],
+        info["layer3"][1],
+        "layer3",
+        channels=64,
+        min_channels=32,
+        blocks=1,
+        padding_mode="reflect",
+        norm=True,
+    )
     return RobustAutoencoder(enc, dec).eval()
 
 
@@ -123,32 +132,56 @@ def main() -> None:
             cpus[name].append(cpu)
             peaks[name].append(peak)
             outputs[name] = out
-            print(f"run {r + 1}/{args.runs} {name}: {seconds:.1f} s ({cpu:.1f} CPU s), peak +{peak / 2**30:.2f} GiB", flush=True)
+            print(
+                f"run {r + 1}/{args.runs} {name}: {seconds:.1f} s ({cpu:.1f} CPU s), peak +{peak / 2**30:.2f} GiB",
+                flush=True,
+            )
     load_after = os.getloadavg()
     ref = times.get("whole")  # wall time depends on the load; CPU time (one thread) much less
     rows = []
     for name in methods:
-        row = {"method": name, "median_s": statistics.median(times[name]), "runs_s": times[name],
-               "median_cpu_s": statistics.median(cpus[name]), "runs_cpu_s": cpus[name],
-               "peak_rss_gib": max(peaks[name]) / 2**30}
+        row = {
+            "method": name,
+            "median_s": statistics.median(times[name]),
+            "runs_s": times[name],
+            "median_cpu_s": statistics.median(cpus[name]),
+            "runs_cpu_s": cpus[name],
+            "peak_rss_gib": max(peaks[name]) / 2**30,
+        }
         if ref:
             row["vs_whole"] = row["median_s"] / statistics.median(ref)
             row["cpu_vs_whole"] = row["median_cpu_s"] / statistics.median(cpus["whole"])
             row["max_abs_diff_vs_whole"] = float((outputs[name] - outputs["whole"]).abs().max())
         rows.append(row)
-    print(f"\nreconstruct {w}x{h}, ResNet-18 (w 0.25, 3x3 stem) layer3 + decoder (64 ch), {args.threads} thread(s); "
-          f"margins: encoder {enc_margin} px, decoder {dec_margin} feature px; load {load_before[0]:.1f} -> "
-          f"{load_after[0]:.1f}")
-    print(f"{'method':<10} | {'median s':>9} | {'x whole':>7} | {'CPU s':>7} | {'x whole':>7} | {'peak GiB':>8} | "
-          f"{'max |diff|':>10}")
+    print(
+        f"\nreconstruct {w}x{h}, ResNet-18 (w 0.25, 3x3 stem) layer3 + decoder (64 ch), {args.threads} thread(s); "
+        f"margins: encoder {enc_margin} px, decoder {dec_margin} feature px; load {load_before[0]:.1f} -> "
+        f"{load_after[0]:.1f}"
+    )
+    print(
+        f"{'method':<10} | {'median s':>9} | {'x whole':>7} | {'CPU s':>7} | {'x whole':>7} | {'peak GiB':>8} | "
+        f"{'max |diff|':>10}"
+    )
     for row in rows:
-        print(f"{row['method']:<10} | {row['median_s']:9.1f} | {row.get('vs_whole', math.nan):7.2f} | "
-              f"{row['median_cpu_s']:7.1f} | {row.get('cpu_vs_whole', math.nan):7.2f} | "
-              f"{row['peak_rss_gib']:8.2f} | {row.get('max_abs_diff_vs_whole', math.nan):10.2e}")
-    write_json({"size": [w, h], "runs": args.runs, "threads": args.threads, "loadavg_before": load_before,
-                "loadavg_after": load_after, "margins": {"encoder_px": enc_margin, "decoder_feature_px": dec_margin},
-                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows},
-               Path(args.out))
+        print(
+            f"{row['method']:<10} | {row['median_s']:9.1f} | {row.get('vs_whole', math.nan):7.2f} | "
+            f"{row['median_cpu_s']:7.1f} | {row.get('cpu_vs_whole', math.nan):7.2f} | "
+            f"{row['peak_rss_gib']:8.2f} | {row.get('max_abs_diff_vs_whole', math.nan):10.2e}"
+        )
+    write_json(
+        {
+            "size": [w, h],
+            "runs": args.runs,
+            "threads": args.threads,
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+            "margins": {"encoder_px": enc_margin, "decoder_feature_px": dec_margin},
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "rows": rows,
+        },
+        Path(args.out),
+    )
     print(f"wrote {args.out}")
 
 

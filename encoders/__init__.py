@@ -1,4 +1,5 @@
 """Standard and adversarially robust encoders with named feature taps."""
+
 from encoders.core.errors import RFIError
 from encoders.nets.factory import create_encoder
 from encoders.nets.models import Encoder

@@ -3,6 +3,7 @@
 This is the one object the apps use: ``encode`` (images -> features), ``decode``
 (features -> images) and ``reconstruct`` (both, with overlapping tiles for large images).
 """
+
 from __future__ import annotations
 
 import functools
@@ -10,20 +11,25 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.weights.checkpoints import (ENCODER_FORMAT, encoder_checkpoint, encoder_fingerprint,
-                                          encoder_from_checkpoint)
 from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images
-from encoders.nets.models import Encoder
 from encoders.core.runtime import autocast, check_precision, memory_format
 from encoders.core.serialization import FORMAT_VERSIONS, check_format, load_checkpoint, save_checkpoint
+from encoders.nets.models import Encoder
+from encoders.weights.checkpoints import (
+    ENCODER_FORMAT,
+    encoder_checkpoint,
+    encoder_fingerprint,
+    encoder_from_checkpoint,
+)
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
 from inversion.tiling import conv_radius, pad_to_multiple, receptive_radius, tiled_apply
 from inversion.upsample import check_phase_source
@@ -31,11 +37,18 @@ from inversion.upsample import check_phase_source
 AUTOENCODER_FORMAT = "rfi-autoencoder"
 log = logging.getLogger("rfi")
 _STRUCTURE = {"format", "version", "encoder", "decoders", "decoder", "state_dict"}
-MODEL_KINDS = {"denoise": "a denoiser (rfi denoise train)", "style": "a style pyramid (rfi style train)",
-               "anomaly": "an anomaly model (rfi anomaly fit)"}
+MODEL_KINDS = {
+    "denoise": "a denoiser (rfi denoise train)",
+    "style": "a style pyramid (rfi style train)",
+    "anomaly": "an anomaly model (rfi anomaly fit)",
+}
 """What an autoencoder file can be written for (see :func:`model_kind`), as messages name it."""
-_FORMAT_NAMES = {ENCODER_FORMAT: "an encoder checkpoint", DECODER_FORMAT: "a decoder checkpoint",
-                 "rfi-anomaly": MODEL_KINDS["anomaly"], "rfi-segmenter": "a segmenter (rfi segment train)"}
+_FORMAT_NAMES = {
+    ENCODER_FORMAT: "an encoder checkpoint",
+    DECODER_FORMAT: "a decoder checkpoint",
+    "rfi-anomaly": MODEL_KINDS["anomaly"],
+    "rfi-segmenter": "a segmenter (rfi segment train)",
+}
 
 
 def _has_tensor(value: Any) -> bool:
@@ -74,8 +87,14 @@ def model_kind(ckpt: Mapping[str, Any]) -> str | None:
     return "anomaly" if "anomaly" in ckpt else None
 
 
-def check_pair(decoder_ckpt: Mapping[str, Any], encoder: Encoder, decoder_source: str, encoder_source: str,
-               allow_mismatch: bool = False, fingerprint: str | None = None) -> None:
+def check_pair(
+    decoder_ckpt: Mapping[str, Any],
+    encoder: Encoder,
+    decoder_source: str,
+    encoder_source: str,
+    allow_mismatch: bool = False,
+    fingerprint: str | None = None,
+) -> None:
     """Refuse to pair a decoder checkpoint with an encoder other than the one it was trained on.
 
     The decoder records that encoder's settings (``encoder``) and, in files written since RFI
@@ -99,22 +118,29 @@ def check_pair(decoder_ckpt: Mapping[str, Any], encoder: Encoder, decoder_source
     if not isinstance(trained_on, Mapping):
         raise RFIError(f"{decoder_source} is a damaged decoder checkpoint (its 'encoder' record is not a mapping)")
     if trained_on and trained_on.get("arch") != encoder.arch:
-        raise RFIError(f"{decoder_source} was trained for a {trained_on.get('arch')} encoder, not {encoder.arch} "
-                       f"({encoder_source})")
+        raise RFIError(
+            f"{decoder_source} was trained for a {trained_on.get('arch')} encoder, not {encoder.arch} "
+            f"({encoder_source})"
+        )
     if allow_mismatch:
         return
     config = {"downsample": "stride", **encoder.config()}  # files record downsample only when it is not stride
     recorded = {"downsample": "stride", **trained_on} if trained_on else {}
-    differ = [f"{k} {recorded[k]!r} vs {config[k]!r}" for k in sorted(recorded)
-              if k in config and _plain(recorded[k]) != _plain(config[k])]
+    differ = [
+        f"{k} {recorded[k]!r} vs {config[k]!r}"
+        for k in sorted(recorded)
+        if k in config and _plain(recorded[k]) != _plain(config[k])
+    ]
     trained_sha256 = decoder_ckpt.get("encoder_sha256")
     if not differ and trained_sha256 is not None and trained_sha256 != (fingerprint or encoder_fingerprint(encoder)):
         trained_path = decoder_ckpt.get("encoder_path")
         differ.append("its weights" + (f"; it was trained on {trained_path}" if trained_path else ""))
     if differ:
-        raise RFIError(f"{decoder_source} was trained on another {encoder.arch} encoder than {encoder_source} "
-                       f"(differs in {'; '.join(differ)}): use the encoder it was trained on, or pass "
-                       f"--allow-mismatch (Python: allow_mismatch=True) to pair them on purpose")
+        raise RFIError(
+            f"{decoder_source} was trained on another {encoder.arch} encoder than {encoder_source} "
+            f"(differs in {'; '.join(differ)}): use the encoder it was trained on, or pass "
+            f"--allow-mismatch (Python: allow_mismatch=True) to pair them on purpose"
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -131,7 +157,7 @@ def _in_precision(method):
     ``channels_last`` settings; the result comes back in the input's dtype."""
 
     @functools.wraps(method)
-    def wrapped(self: "RobustAutoencoder", x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def wrapped(self: RobustAutoencoder, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.precision == "fp32" and not self.channels_last:
             return method(self, x, *args, **kwargs)
         dtype = x.dtype
@@ -175,8 +201,13 @@ class RobustAutoencoder(nn.Module):
         (1, 3, 45, 70)
     """
 
-    def __init__(self, encoder: Encoder, decoders: Decoder | Mapping[str, Decoder],
-                 max_pixels: int = 1024 * 1024, metadata: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoders: Decoder | Mapping[str, Decoder],
+        max_pixels: int = 1024 * 1024,
+        metadata: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         self.metadata: dict[str, Any] = dict(metadata or {})
         if isinstance(decoders, Decoder):
@@ -191,19 +222,23 @@ class RobustAutoencoder(nn.Module):
         info = encoder.feature_info()
         for layer, dec in self.decoders.items():
             if layer not in encoder.layer_names:
-                raise RFIError(f"decoder is for layer '{layer}', which {encoder.arch} does not have "
-                               f"(valid: {', '.join(encoder.layer_names)})")
+                raise RFIError(
+                    f"decoder is for layer '{layer}', which {encoder.arch} does not have "
+                    f"(valid: {', '.join(encoder.layer_names)})"
+                )
             for name in dec.input_layers:
                 channels = info.get(name, (None,))[0]
                 expect = dec.in_channels if name == layer else dec.skips[name][0]
                 if channels != expect:
-                    raise RFIError(f"decoder for '{layer}' expects {expect} channels at '{name}', but the "
-                                   f"{encoder.arch} encoder gives {channels}: encoder and decoder do not fit")
+                    raise RFIError(
+                        f"decoder for '{layer}' expects {expect} channels at '{name}', but the "
+                        f"{encoder.arch} encoder gives {channels}: encoder and decoder do not fit"
+                    )
             if getattr(dec, "upsample", "nearest") == "lps":
                 check_phase_source(encoder, layer, dec.phase_from)
         self.strides = {k: info[k][1] for k in self.decoders}
 
-    def set_precision(self, precision: str = "fp32", channels_last: bool = False) -> "RobustAutoencoder":
+    def set_precision(self, precision: str = "fp32", channels_last: bool = False) -> RobustAutoencoder:
         """Compute precision and memory format for :meth:`reconstruct` and :meth:`autocast`.
 
         Args:
@@ -228,7 +263,7 @@ class RobustAutoencoder(nn.Module):
         :meth:`encode` / :meth:`decode` themselves (``with ae.autocast(): ...``; fp32: a no-op)."""
         return autocast(next(self.parameters()).device, self.precision)
 
-    def train(self, mode: bool = True) -> "RobustAutoencoder":  # the encoder always stays in eval mode
+    def train(self, mode: bool = True) -> RobustAutoencoder:  # the encoder always stays in eval mode
         super().train(mode)
         self.encoder.eval()
         return self
@@ -257,7 +292,7 @@ class RobustAutoencoder(nn.Module):
     def _dtype(self) -> torch.dtype:
         return next(self.encoder.parameters()).dtype
 
-    def encode(self, x: Tensor, layer: str | None = None) -> "OrderedDict[str, Tensor]":
+    def encode(self, x: Tensor, layer: str | None = None) -> OrderedDict[str, Tensor]:
         """Features that the decoder of ``layer`` (default: the first) needs: its layer, then skips.
 
         For an LPS encoder the result also carries the chosen phases (``.phases``, see
@@ -271,12 +306,17 @@ class RobustAutoencoder(nn.Module):
             out = type(feats)(out, feats.phases)
         return out
 
-    def features(self, x: Tensor, layers: Sequence[str]) -> "OrderedDict[str, Tensor]":
+    def features(self, x: Tensor, layers: Sequence[str]) -> OrderedDict[str, Tensor]:
         """Encoder features at any ``layers`` (no decoder needed)."""
         return self.encoder(check_images(x, dtype=self._dtype), layers=layers)
 
-    def decode(self, features: Tensor | Mapping[str, Tensor], layer: str | None = None,
-               size: tuple[int, int] | None = None, phases: Mapping[str, Tensor] | None = None) -> Tensor:
+    def decode(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        layer: str | None = None,
+        size: tuple[int, int] | None = None,
+        phases: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
         """Images from features of ``layer`` (a tensor, or the mapping :meth:`encode` returns).
 
         Args:
@@ -332,8 +372,13 @@ class RobustAutoencoder(nn.Module):
         decoder that up-samples by exactly that stride."""
         layer = self._layer(layer)
         s, dec = self.strides[layer], self._decoder(layer)
-        return (self.encoder.family.convolutional and getattr(self.encoder, "downsample", "stride") != "lps"
-                and s & (s - 1) == 0 and getattr(dec, "upsample", "nearest") != "lps" and dec.upsampling == s)
+        return (
+            self.encoder.family.convolutional
+            and getattr(self.encoder, "downsample", "stride") != "lps"
+            and s & (s - 1) == 0
+            and getattr(dec, "upsample", "nearest") != "lps"
+            and dec.upsampling == s
+        )
 
     def margins(self, layer: str | None = None) -> tuple[int, int]:
         """Tile margins for exact tiling: (encoder's receptive-field radius in image pixels,
@@ -343,8 +388,13 @@ class RobustAutoencoder(nn.Module):
         cache = self.__dict__.setdefault("_margins", {})
         if layer not in cache:
             p = next(self.encoder.parameters())
-            enc = receptive_radius(lambda t: self.encoder(t, layers=[layer]), 3, size=max(128, 8 * self.strides[layer]),
-                                   device=p.device, dtype=p.dtype)
+            enc = receptive_radius(
+                lambda t: self.encoder(t, layers=[layer]),
+                3,
+                size=max(128, 8 * self.strides[layer]),
+                device=p.device,
+                dtype=p.dtype,
+            )
             cache[layer] = (enc, conv_radius(self._decoder(layer)))
         return cache[layer]
 
@@ -357,12 +407,16 @@ class RobustAutoencoder(nn.Module):
         side = math.isqrt(self.max_pixels) if tile is None else tile
         if side < smallest:
             if tile is not None:
-                log.info("tile %d px is below the receptive field of %s's encoder and decoder: using %d px",
-                         tile, layer, smallest)
+                log.info(
+                    "tile %d px is below the receptive field of %s's encoder and decoder: using %d px",
+                    tile,
+                    layer,
+                    smallest,
+                )
             side = smallest
         return side - side % s
 
-    def encode_tiled(self, x: Tensor, layer: str | None = None, tile: int | None = None) -> "OrderedDict[str, Tensor]":
+    def encode_tiled(self, x: Tensor, layer: str | None = None, tile: int | None = None) -> OrderedDict[str, Tensor]:
         """:meth:`encode` in overlapping tiles (:func:`~inversion.tiling.tiled_apply`), equal to
         the whole pass, when ``x`` has more than ``max_pixels`` pixels per image or ``tile`` is
         given; otherwise (or when :meth:`tiles_exactly` is false) a plain :meth:`encode`.
@@ -376,12 +430,17 @@ class RobustAutoencoder(nn.Module):
         h, w = x.shape[-2:]
         if (tile is None and h * w <= self.max_pixels) or not self.tiles_exactly(layer):
             return self.encode(x, layer)
-        feats = tiled_apply(lambda t: self.encode(t, layer), x, self._tile_side(tile, layer),
-                            self.margins(layer)[0], align=self.strides[layer], batch_pixels=self.max_pixels)
+        feats = tiled_apply(
+            lambda t: self.encode(t, layer),
+            x,
+            self._tile_side(tile, layer),
+            self.margins(layer)[0],
+            align=self.strides[layer],
+            batch_pixels=self.max_pixels,
+        )
         return OrderedDict(feats)
 
-    def decode_tiled(self, features: Mapping[str, Tensor], layer: str | None = None,
-                     tile: int | None = None) -> Tensor:
+    def decode_tiled(self, features: Mapping[str, Tensor], layer: str | None = None, tile: int | None = None) -> Tensor:
         """:meth:`decode` in overlapping tiles with the decoder's receptive field as margin, so
         the result equals a whole decode (the decoder is convolutional, its BatchNorm in eval
         mode); tiles when the output has more than ``max_pixels`` pixels or ``tile`` is given.
@@ -396,16 +455,23 @@ class RobustAutoencoder(nn.Module):
         """
         layer = self._layer(layer)
         main, s = features[layer], self.strides[layer]
-        if (tile is None and main.shape[-2] * main.shape[-1] * s * s <= self.max_pixels) \
-                or not self.tiles_exactly(layer):
+        if (tile is None and main.shape[-2] * main.shape[-1] * s * s <= self.max_pixels) or not self.tiles_exactly(
+            layer
+        ):
             return self.decode(features, layer)
-        return tiled_apply(lambda f: self.decode(f, layer), features, self._tile_side(tile, layer) // s,
-                           self.margins(layer)[1], batch_pixels=self.max_pixels // (s * s))
+        return tiled_apply(
+            lambda f: self.decode(f, layer),
+            features,
+            self._tile_side(tile, layer) // s,
+            self.margins(layer)[1],
+            batch_pixels=self.max_pixels // (s * s),
+        )
 
     @torch.no_grad()
     @_in_precision
-    def reconstruct(self, x: Tensor, layer: str | None = None, tile: int | None = None,
-                    overlap: int | None = None) -> Tensor:
+    def reconstruct(
+        self, x: Tensor, layer: str | None = None, tile: int | None = None, overlap: int | None = None
+    ) -> Tensor:
         """Encode and decode, same size out as in; large images go through overlapping tiles.
 
         Tiles run in batches of up to ``max_pixels`` pixels. By default they are *exact*: the
@@ -439,21 +505,34 @@ class RobustAutoencoder(nn.Module):
         s = self.strides[layer]
         tile = max(s, (tile or math.isqrt(self.max_pixels)) // s * s)
         overlap = min(tile // 4 if overlap is None else overlap, tile - s)
-        return tiled_apply(lambda t: self._reconstruct_whole(t, layer), x, tile, overlap // 2, align=s,
-                           batch_pixels=self.max_pixels, blend=True)
+        return tiled_apply(
+            lambda t: self._reconstruct_whole(t, layer),
+            x,
+            tile,
+            overlap // 2,
+            align=s,
+            batch_pixels=self.max_pixels,
+            blend=True,
+        )
 
     # ----------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, **extra: Any) -> Path:
         """Write one self-contained file (encoder + decoders), atomically."""
-        return save_checkpoint({
-            "format": AUTOENCODER_FORMAT, "version": FORMAT_VERSIONS[AUTOENCODER_FORMAT],
-            "encoder": encoder_checkpoint(self.encoder),
-            "decoders": {k: decoder_checkpoint(d, self.encoder.config()) for k, d in self.decoders.items()},
-            **extra}, path)
+        return save_checkpoint(
+            {
+                "format": AUTOENCODER_FORMAT,
+                "version": FORMAT_VERSIONS[AUTOENCODER_FORMAT],
+                "encoder": encoder_checkpoint(self.encoder),
+                "decoders": {k: decoder_checkpoint(d, self.encoder.config()) for k, d in self.decoders.items()},
+                **extra,
+            },
+            path,
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-             kind: str | None = None) -> "RobustAutoencoder":
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", kind: str | None = None
+    ) -> RobustAutoencoder:
         """Load a file written by :meth:`save` (read once); its extra keys are in :attr:`metadata`.
 
         ``kind``: see :meth:`from_checkpoint`.
@@ -461,8 +540,13 @@ class RobustAutoencoder(nn.Module):
         return cls.from_checkpoint(load_checkpoint(path), str(path), device, kind)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Mapping[str, Any], source: str = "checkpoint",
-                        device: str | torch.device = "cpu", kind: str | None = None) -> "RobustAutoencoder":
+    def from_checkpoint(
+        cls,
+        ckpt: Mapping[str, Any],
+        source: str = "checkpoint",
+        device: str | torch.device = "cpu",
+        kind: str | None = None,
+    ) -> RobustAutoencoder:
         """Rebuild from the dict :meth:`save` writes (for callers that already read the file).
 
         Args:
@@ -484,19 +568,31 @@ class RobustAutoencoder(nn.Module):
         recorded = model_kind(ckpt)
         if kind is not None and recorded is not None and recorded != kind:
             raise RFIError(f"{source} is not {wanted}: it is {MODEL_KINDS.get(recorded, recorded)}")
-        if not isinstance(ckpt.get("encoder"), Mapping) or not isinstance(ckpt.get("decoders"), Mapping) \
-                or not ckpt["decoders"]:
+        if (
+            not isinstance(ckpt.get("encoder"), Mapping)
+            or not isinstance(ckpt.get("decoders"), Mapping)
+            or not ckpt["decoders"]
+        ):
             raise RFIError(f"{source} is a damaged autoencoder file ('encoder' or 'decoders' missing)")
         encoder = encoder_from_checkpoint(ckpt["encoder"], f"{source} (encoder)")
-        decoders = {k: decoder_from_checkpoint(d, f"{source} (decoder {k})") if isinstance(d, Mapping) else
-                    decoder_from_checkpoint({}, f"{source} (decoder {k})") for k, d in ckpt["decoders"].items()}
+        decoders = {
+            k: decoder_from_checkpoint(d, f"{source} (decoder {k})")
+            if isinstance(d, Mapping)
+            else decoder_from_checkpoint({}, f"{source} (decoder {k})")
+            for k, d in ckpt["decoders"].items()
+        }
         return cls(encoder, decoders, metadata=checkpoint_metadata(ckpt)).to(device)
 
     @classmethod
-    def from_checkpoints(cls, encoder: str | os.PathLike | Encoder,
-                         decoders: str | os.PathLike | Sequence[str | os.PathLike],
-                         device: str | torch.device = "cpu", arch: str | None = None,
-                         arch_key: str = "--arch", allow_mismatch: bool = False) -> "RobustAutoencoder":
+    def from_checkpoints(
+        cls,
+        encoder: str | os.PathLike | Encoder,
+        decoders: str | os.PathLike | Sequence[str | os.PathLike],
+        device: str | torch.device = "cpu",
+        arch: str | None = None,
+        arch_key: str = "--arch",
+        allow_mismatch: bool = False,
+    ) -> RobustAutoencoder:
         """Build from an encoder checkpoint (or encoder) and one or more decoder checkpoints.
 
         The encoder file may be an RFI, ``robustness``-library or torchvision checkpoint: the
@@ -523,19 +619,21 @@ class RobustAutoencoder(nn.Module):
         if not isinstance(encoder, Encoder):
             enc_ckpt = load_checkpoint(encoder)
             if arch is None and enc_ckpt.get("format") != ENCODER_FORMAT:  # a foreign file: as the decoders record
-                arch = next(((c.get("encoder") or {}).get("arch") for _, c in ckpts
-                             if (c.get("encoder") or {}).get("arch")), None)
+                arch = next(
+                    ((c.get("encoder") or {}).get("arch") for _, c in ckpts if (c.get("encoder") or {}).get("arch")),
+                    None,
+                )
             encoder_meta = checkpoint_metadata(enc_ckpt)
             encoder = encoder_from_checkpoint(enc_ckpt, str(encoder), arch, arch_key=arch_key)
             del enc_ckpt
         decs: dict[str, Decoder] = {}
         meta: dict[str, Any] = {}
-        fingerprint = None if allow_mismatch or not any("encoder_sha256" in c for _, c in ckpts) \
-            else encoder_fingerprint(encoder)  # once, for every decoder
+        fingerprint = (
+            None if allow_mismatch or not any("encoder_sha256" in c for _, c in ckpts) else encoder_fingerprint(encoder)
+        )  # once, for every decoder
         for p, ckpt in ckpts:
             check_pair(ckpt, encoder, str(p), encoder_source, allow_mismatch, fingerprint)
             dec = decoder_from_checkpoint(ckpt, str(p))
             decs[dec.layer] = dec
             meta[dec.layer] = checkpoint_metadata(ckpt)
         return cls(encoder, decs, metadata={"encoder": encoder_meta, "decoders": meta}).to(device)
-

@@ -16,30 +16,37 @@ A decoder checkpoint is a plain dict (``weights_only`` safe)::
 refuses another encoder unless told the mismatch is deliberate. Files without
 ``encoder_sha256`` are checked by the encoder's settings only.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.weights.checkpoints import build_from_config, encoder_fingerprint, load_state_dict_checked
-from encoders.nets.downsample import circular_convs
 from encoders.core.errors import RFIError
-from encoders.nets.models import INPUT_TAP, Encoder
 from encoders.core.serialization import FORMAT_VERSIONS, check_format, load_checkpoint, save_checkpoint
+from encoders.nets.downsample import circular_convs
+from encoders.nets.models import INPUT_TAP, Encoder
+from encoders.weights.checkpoints import build_from_config, encoder_fingerprint, load_state_dict_checked
 from inversion.upsample import LPU, stage_phases
 
 DECODER_FORMAT = "rfi-decoder"
 
 
 DECODER_PRESETS = ("cpu", "paper")
-CPU_PRESET: dict[str, Any] = {"channels": 64, "min_channels": 32, "blocks": 1, "stage_blocks": 0,
-                              "spectral_norm": False}
+CPU_PRESET: dict[str, Any] = {
+    "channels": 64,
+    "min_channels": 32,
+    "blocks": 1,
+    "stage_blocks": 0,
+    "spectral_norm": False,
+}
 """The ``cpu`` preset (the default of ``rfi train-decoder``): small and fast, trained in minutes on a CPU."""
 
 
@@ -67,8 +74,13 @@ def decoder_preset(name: str, in_channels: int) -> dict[str, Any]:
     if name == "cpu":
         return dict(CPU_PRESET)
     if name == "paper":
-        return {"channels": min(512, max(256, int(in_channels))), "min_channels": 32, "blocks": 2,
-                "stage_blocks": 1, "spectral_norm": True}
+        return {
+            "channels": min(512, max(256, int(in_channels))),
+            "min_channels": 32,
+            "blocks": 2,
+            "stage_blocks": 1,
+            "spectral_norm": True,
+        }
     raise RFIError(f"unknown decoder preset '{name}' (decoder.preset; valid: {', '.join(DECODER_PRESETS)})")
 
 
@@ -119,7 +131,8 @@ class ResidualBlock(nn.Module):
         self.body = nn.Sequential(
             _conv_block(channels, channels, padding_mode, norm),
             nn.Conv2d(channels, channels, 3, padding=1, padding_mode=padding_mode, bias=not norm),
-            nn.BatchNorm2d(channels) if norm else nn.Identity())
+            nn.BatchNorm2d(channels) if norm else nn.Identity(),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.relu(x + self.body(x))
@@ -189,26 +202,44 @@ class Decoder(nn.Module):
         (1, 6, 32, 32)
     """
 
-    def __init__(self, in_channels: int, stride: int, layer: str = "", channels: int = 128,
-                 min_channels: int = 32, blocks: int = 1, skips: Mapping[str, tuple[int, int]] | None = None,
-                 padding_mode: str = "reflect", norm: bool = True, upsample: str = "nearest",
-                 phase_from: Sequence[str] | None = None, residual: bool = False,
-                 stage_blocks: int = 0, spectral_norm: bool = False, refine_blocks: int = 0,
-                 out_channels: int = 3, logits: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        stride: int,
+        layer: str = "",
+        channels: int = 128,
+        min_channels: int = 32,
+        blocks: int = 1,
+        skips: Mapping[str, tuple[int, int]] | None = None,
+        padding_mode: str = "reflect",
+        norm: bool = True,
+        upsample: str = "nearest",
+        phase_from: Sequence[str] | None = None,
+        residual: bool = False,
+        stage_blocks: int = 0,
+        spectral_norm: bool = False,
+        refine_blocks: int = 0,
+        out_channels: int = 3,
+        logits: bool = False,
+    ):
         super().__init__()
         if stride < 1:
             raise RFIError(f"decoder stride must be >= 1, got {stride}")
         if out_channels < 1 or (residual and (logits or out_channels != 3)):
-            raise RFIError(f"a decoder needs out_channels >= 1 (got {out_channels}); a residual one outputs an "
-                           f"image (out_channels=3, logits=False)")
+            raise RFIError(
+                f"a decoder needs out_channels >= 1 (got {out_channels}); a residual one outputs an "
+                f"image (out_channels=3, logits=False)"
+            )
         self.out_channels, self.logits = int(out_channels), bool(logits)
         n = max(0, round(math.log2(stride)))
         self.upsample, self.phase_from = upsample, list(phase_from or [])
         if upsample == "lps":
             if len(self.phase_from) != n or padding_mode != "circular":
-                raise RFIError(f"an upsample=lps decoder of stride {stride} needs phase_from naming {n} encoder LPD "
-                               f"layers (got {len(self.phase_from)}) and padding_mode='circular' (got "
-                               f"'{padding_mode}'): build it with inversion.upsample.polyphase_options(encoder, layer)")
+                raise RFIError(
+                    f"an upsample=lps decoder of stride {stride} needs phase_from naming {n} encoder LPD "
+                    f"layers (got {len(self.phase_from)}) and padding_mode='circular' (got "
+                    f"'{padding_mode}'): build it with inversion.upsample.polyphase_options(encoder, layer)"
+                )
         elif upsample != "nearest" or self.phase_from:
             raise RFIError(f"unknown decoder upsample '{upsample}' (valid: nearest, lps; phase_from only with lps)")
         self.in_channels, self.stride, self.layer = in_channels, stride, layer
@@ -218,12 +249,14 @@ class Decoder(nn.Module):
         self.stage_blocks, self.spectral_norm = int(stage_blocks), bool(spectral_norm)
         if residual and self.skips.get(INPUT_TAP) != (3, 1):
             raise RFIError(f"a residual decoder needs the '{INPUT_TAP}' skip (the image, 3 channels, stride 1)")
-        self.head = nn.Sequential(_conv_block(in_channels, channels, padding_mode, norm),
-                                  *[ResidualBlock(channels, padding_mode, norm) for _ in range(blocks)])
+        self.head = nn.Sequential(
+            _conv_block(in_channels, channels, padding_mode, norm),
+            *[ResidualBlock(channels, padding_mode, norm) for _ in range(blocks)],
+        )
         self.up = nn.ModuleList()
         self.stages = nn.ModuleList()
         self.skip_at: dict[int, list[str]] = {}  # stage -> skips concatenated before its conv
-        c, s = channels, 2 ** n
+        c, s = channels, 2**n
         for i in range(n):
             self.up.append(LPU(2) if upsample == "lps" else nn.Upsample(scale_factor=2, mode="nearest"))
             s //= 2
@@ -231,15 +264,19 @@ class Decoder(nn.Module):
             if here:
                 self.skip_at[i] = here
             cout = max(min_channels, c // 2)
-            self.stages.append(nn.Sequential(
-                *_conv_block(c + sum(self.skips[k][0] for k in here), cout, padding_mode, norm),
-                *[_conv_block(cout, cout, padding_mode, norm) for _ in range(self.stage_blocks)]))
+            self.stages.append(
+                nn.Sequential(
+                    *_conv_block(c + sum(self.skips[k][0] for k in here), cout, padding_mode, norm),
+                    *[_conv_block(cout, cout, padding_mode, norm) for _ in range(self.stage_blocks)],
+                )
+            )
             c = cout
         self.refine_blocks = int(refine_blocks)
         if self.refine_blocks > 0:  # created only then, so older checkpoints keep their keys
             self.refine = nn.Sequential(
                 _conv_block(c + (3 if INPUT_TAP in self.skips else 0), c, padding_mode, norm),
-                *[ResidualBlock(c, padding_mode, norm) for _ in range(self.refine_blocks)])
+                *[ResidualBlock(c, padding_mode, norm) for _ in range(self.refine_blocks)],
+            )
         self.tail = nn.Conv2d(c, self.out_channels, 3, padding=1, padding_mode=padding_mode)
         placed = {name for names in self.skip_at.values() for name in names}
         if placed != set(self.skips):
@@ -267,10 +304,17 @@ class Decoder(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, as stored in checkpoints."""
-        cfg = {"in_channels": self.in_channels, "stride": self.stride, "layer": self.layer,
-               "channels": self.channels, "min_channels": self.min_channels, "blocks": self.blocks,
-               "skips": {k: list(v) for k, v in self.skips.items()},
-               "padding_mode": self.padding_mode, "norm": self.norm}
+        cfg = {
+            "in_channels": self.in_channels,
+            "stride": self.stride,
+            "layer": self.layer,
+            "channels": self.channels,
+            "min_channels": self.min_channels,
+            "blocks": self.blocks,
+            "skips": {k: list(v) for k, v in self.skips.items()},
+            "padding_mode": self.padding_mode,
+            "norm": self.norm,
+        }
         if self.upsample != "nearest":  # only then, so default configs stay as they were
             cfg.update(upsample=self.upsample, phase_from=list(self.phase_from))
         if self.residual:
@@ -285,21 +329,25 @@ class Decoder(nn.Module):
             cfg.update(out_channels=self.out_channels, logits=self.logits)
         return cfg
 
-    def stage_sizes(self, features: Tensor, feats: Mapping[str, Tensor],
-                    size: Sequence[int] | None) -> list[tuple[int, int]] | None:
+    def stage_sizes(
+        self, features: Tensor, feats: Mapping[str, Tensor], size: Sequence[int] | None
+    ) -> list[tuple[int, int]] | None:
         """(H, W) after each up-sampling stage, or ``None`` for plain x2 stages.
 
         Anchors: each skip's resolution at its stage and ``size`` at the last stage; the
         other stages grow geometrically between them (see :func:`stage_sizes`).
         """
         n = len(self.up)
-        anchors: dict[int, tuple[int, int]] = {i: tuple(feats[names[0]].shape[-2:])
-                                               for i, names in self.skip_at.items()}
+        anchors: dict[int, tuple[int, int]] = {
+            i: tuple(feats[names[0]].shape[-2:]) for i, names in self.skip_at.items()
+        }
         if size is not None and n:
             size = (int(size[0]), int(size[1]))
             if n - 1 in anchors and anchors[n - 1] != size:
-                raise RFIError(f"decoder for '{self.layer}': output size {size} differs from its stride-1 skip "
-                               f"{self.skip_at[n - 1]} of size {anchors[n - 1]}")
+                raise RFIError(
+                    f"decoder for '{self.layer}': output size {size} differs from its stride-1 skip "
+                    f"{self.skip_at[n - 1]} of size {anchors[n - 1]}"
+                )
             anchors[n - 1] = size
         if not anchors:
             return None
@@ -308,8 +356,12 @@ class Decoder(nn.Module):
         ws = stage_sizes(w, n, {i: a[1] for i, a in anchors.items()})
         return list(zip(hs, ws))
 
-    def forward(self, features: Tensor | Mapping[str, Tensor],
-                phases: Mapping[str, Tensor] | None = None, size: Sequence[int] | None = None) -> Tensor:
+    def forward(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        phases: Mapping[str, Tensor] | None = None,
+        size: Sequence[int] | None = None,
+    ) -> Tensor:
         """Decode ``features`` to images of ``size`` (H, W) (default: see the class).
 
         ``phases``: LPS decoders only, default ``features.phases`` (see LPU).
@@ -340,8 +392,9 @@ class Decoder(nn.Module):
             if INPUT_TAP in self.skips and feats[INPUT_TAP].shape[-2:] == x.shape[-2:]:
                 x = torch.cat([x, feats[INPUT_TAP]], dim=1)
             elif INPUT_TAP in self.skips:
-                x = torch.cat([x, F.interpolate(feats[INPUT_TAP], size=x.shape[-2:], mode="bilinear",
-                                                align_corners=False)], dim=1)
+                x = torch.cat(
+                    [x, F.interpolate(feats[INPUT_TAP], size=x.shape[-2:], mode="bilinear", align_corners=False)], dim=1
+                )
             x = self.refine(x)
         if self.residual:
             out = (feats[INPUT_TAP] + self.tail(x)).clamp(0, 1)
@@ -355,8 +408,9 @@ class Decoder(nn.Module):
         return out
 
 
-def decoder_checkpoint(decoder: Decoder, encoder: Encoder | Mapping[str, Any] | None = None,
-                       **extra: Any) -> dict[str, Any]:
+def decoder_checkpoint(
+    decoder: Decoder, encoder: Encoder | Mapping[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
     """The checkpoint dict of ``decoder``, recording the encoder it was trained on.
 
     Args:
@@ -368,12 +422,19 @@ def decoder_checkpoint(decoder: Decoder, encoder: Encoder | Mapping[str, Any] | 
     if isinstance(encoder, Encoder):
         extra = {"encoder_sha256": encoder_fingerprint(encoder), **extra}
         encoder = encoder.config()
-    return {"format": DECODER_FORMAT, "version": FORMAT_VERSIONS[DECODER_FORMAT], "decoder": decoder.config(),
-            "state_dict": decoder.state_dict(), "encoder": dict(encoder or {}), **extra}
+    return {
+        "format": DECODER_FORMAT,
+        "version": FORMAT_VERSIONS[DECODER_FORMAT],
+        "decoder": decoder.config(),
+        "state_dict": decoder.state_dict(),
+        "encoder": dict(encoder or {}),
+        **extra,
+    }
 
 
-def save_decoder(decoder: Decoder, path: str | os.PathLike, encoder: Encoder | Mapping[str, Any] | None = None,
-                 **extra: Any) -> Path:
+def save_decoder(
+    decoder: Decoder, path: str | os.PathLike, encoder: Encoder | Mapping[str, Any] | None = None, **extra: Any
+) -> Path:
     """Atomically write a decoder checkpoint (see :func:`decoder_checkpoint`)."""
     return save_checkpoint(decoder_checkpoint(decoder, encoder, **extra), path)
 
@@ -387,8 +448,10 @@ def decoder_from_checkpoint(ckpt: Mapping[str, Any], source: str = "checkpoint")
     """
     check_format(ckpt, source)
     if ckpt.get("format") != DECODER_FORMAT:
-        hint = {"rfi-encoder": ": it is an encoder checkpoint (pass it as the encoder)",
-                "rfi-autoencoder": ": it is an autoencoder file (pass it as --model)"}.get(ckpt.get("format"), "")
+        hint = {
+            "rfi-encoder": ": it is an encoder checkpoint (pass it as the encoder)",
+            "rfi-autoencoder": ": it is an autoencoder file (pass it as --model)",
+        }.get(ckpt.get("format"), "")
         raise RFIError(f"{source} is not an RFI decoder checkpoint (format={ckpt.get('format')!r}){hint}")
     if not isinstance(ckpt.get("decoder"), Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise RFIError(f"{source} is a damaged decoder checkpoint ('decoder' settings or 'state_dict' missing)")

@@ -17,6 +17,7 @@ normalisation (Miyato et al., 2018) of every convolution and linear layer
 (``torch.nn.utils.parametrizations.spectral_norm``), as the robust-inversion paper's
 discriminator uses.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -65,7 +66,7 @@ class PatchDiscriminator(nn.Module):
         mods: list[nn.Module] = []
         c_in, c = 3, channels
         for i in range(layers):
-            c = channels * min(2 ** i, 8)
+            c = channels * min(2**i, 8)
             mods += _down(c_in, c)
             c_in = c
         mods += [nn.Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(c, 1, 3, padding=1)]
@@ -110,11 +111,22 @@ class DeePSiMDiscriminator(nn.Module):
         super().__init__()
         self.feature_channels, self.channels, self.spectral_norm = feature_channels, channels, bool(spectral_norm)
         c = channels
-        self.image = nn.Sequential(*_down(3, c), *_down(c, 2 * c), *_down(2 * c, 4 * c), *_down(4 * c, 8 * c),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.feature = nn.Sequential(nn.Conv2d(feature_channels, 4 * c, 1), nn.LeakyReLU(0.2, inplace=True),
-                                     nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.LeakyReLU(0.2, inplace=True),
-                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.image = nn.Sequential(
+            *_down(3, c),
+            *_down(c, 2 * c),
+            *_down(2 * c, 4 * c),
+            *_down(4 * c, 8 * c),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.feature = nn.Sequential(
+            nn.Conv2d(feature_channels, 4 * c, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Linear(12 * c, 4 * c), nn.LeakyReLU(0.2, inplace=True), nn.Linear(4 * c, 1))
         if self.spectral_norm:
             _spectral(self)
@@ -131,8 +143,7 @@ class DeePSiMDiscriminator(nn.Module):
         return self.head(torch.cat([self.image(images * 2 - 1), self.feature(features)], dim=1))
 
 
-def build_discriminator(kind: str, feature_channels: int, channels: int = 64,
-                        spectral_norm: bool = False) -> nn.Module:
+def build_discriminator(kind: str, feature_channels: int, channels: int = 64, spectral_norm: bool = False) -> nn.Module:
     """A discriminator by name: ``deepsim`` (image + features) or ``patch`` (PatchGAN).
 
     Example:

@@ -21,11 +21,12 @@ Example:
     rfi invert photos/ --encoder imagenet_l2_3_0.pt --arch resnet50 \\
         --decoder runs/decoders/resnet50_layer4/decoder.pt --out inverted/
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,8 +37,12 @@ from encoders.core.imageio import check_images
 log = logging.getLogger("rfi")
 
 
-def invert_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 invert: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> int:
+def invert_files(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    invert: Callable[[Tensor], Tensor],
+    device: torch.device | str = "cpu",
+) -> int:
     """Invert image files one by one into ``out/<stem>.png`` (the policy of :mod:`encoders.core.files`).
 
     Args:

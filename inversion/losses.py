@@ -5,9 +5,10 @@ has a weight in the config and a weight of 0 switches it off (and skips its comp
 Targets are always the *clean* images: when the decoder's input was corrupted (e.g. noise
 for denoising), it learns to reconstruct the clean image from the corrupted features.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -89,8 +90,9 @@ def generator_loss(fake_logits: Tensor, kind: str = "hinge", reduction: str = "m
     raise RFIError(f"unknown GAN loss '{kind}' (valid: {', '.join(GAN_LOSSES)})")
 
 
-def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "hinge",
-                       reduction: str = "mean") -> Tensor:
+def discriminator_loss(
+    real_logits: Tensor, fake_logits: Tensor, kind: str = "hinge", reduction: str = "mean"
+) -> Tensor:
     """Discriminator loss: real images should score high, reconstructions low.
 
     hinge: ``mean(relu(1 - D(x))) + mean(relu(1 + D(x̂)))``; non-saturating (binary
@@ -138,10 +140,20 @@ class DecoderLoss:
         ['feature', 'pixel', 'total']
     """
 
-    def __init__(self, encoder: Encoder, layer: str, pixel: float = 1.0, feature: float = 0.0,
-                 lpips: float = 0.0, adversarial: float = 0.0, pixel_type: str = "l1",
-                 lpips_model: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 gan_loss: str = "hinge", reduction: str = "mean"):
+    def __init__(
+        self,
+        encoder: Encoder,
+        layer: str,
+        pixel: float = 1.0,
+        feature: float = 0.0,
+        lpips: float = 0.0,
+        adversarial: float = 0.0,
+        pixel_type: str = "l1",
+        lpips_model: nn.Module | None = None,
+        discriminator: nn.Module | None = None,
+        gan_loss: str = "hinge",
+        reduction: str = "mean",
+    ):
         weights = {"pixel": pixel, "feature": feature, "lpips": lpips, "adversarial": adversarial}
         bad = [f"{k}={v}" for k, v in weights.items() if not v >= 0]
         if bad:
@@ -168,8 +180,9 @@ class DecoderLoss:
         """Names of the terms with a non-zero weight."""
         return [k for k, w in self.weights.items() if w > 0]
 
-    def __call__(self, output: Tensor, target: Tensor, condition: Tensor | None = None,
-                target_features: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self, output: Tensor, target: Tensor, condition: Tensor | None = None, target_features: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its terms (unweighted, detached) for a batch of reconstructions.
 
         Args:
@@ -188,8 +201,9 @@ class DecoderLoss:
             if target_features is None:
                 with torch.no_grad():
                     target_features = self.encoder(target, layers=[self.layer])[self.layer]
-            terms["feature"] = feature_loss(self.encoder(output, layers=[self.layer])[self.layer], target_features,
-                                            self.reduction)
+            terms["feature"] = feature_loss(
+                self.encoder(output, layers=[self.layer])[self.layer], target_features, self.reduction
+            )
             total = total + w["feature"] * terms["feature"]
         if w["lpips"] > 0:
             terms["lpips"] = _reduce(self.lpips_model(output, target, normalize=True), self.reduction)
@@ -206,8 +220,9 @@ class DecoderLoss:
         terms["total"] = total.detach()
         return total, terms
 
-    def discriminator_step_loss(self, real: Tensor, fake: Tensor, condition: Tensor | None,
-                                discriminator: nn.Module | None = None) -> Tensor:
+    def discriminator_step_loss(
+        self, real: Tensor, fake: Tensor, condition: Tensor | None, discriminator: nn.Module | None = None
+    ) -> Tensor:
         """The discriminator's loss on clean images vs (detached) reconstructions.
 
         Real and fake go through ``discriminator`` (default: the loss's own; pass its DDP

@@ -12,6 +12,7 @@ Example:
     >>> psnr(x, y).shape, ssim(x, y).shape
     (torch.Size([2]), torch.Size([2]))
 """
+
 from __future__ import annotations
 
 import kornia
@@ -26,11 +27,13 @@ MAX_PSNR = 100.0
 
 def _check_pair(x: Tensor, y: Tensor, min_size: int = 1) -> None:
     if x.shape != y.shape or x.dim() != 4:
-        raise RFIError(f"metrics need two (B, C, H, W) batches of the same shape, got "
-                       f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise RFIError(
+            f"metrics need two (B, C, H, W) batches of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if min(x.shape[-2:]) < min_size:
-        raise RFIError(f"images of {x.shape[-2]}x{x.shape[-1]} px are too small for this metric "
-                       f"(need at least {min_size} px)")
+        raise RFIError(
+            f"images of {x.shape[-2]}x{x.shape[-1]} px are too small for this metric (need at least {min_size} px)"
+        )
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
@@ -80,6 +83,8 @@ def lpips_distance(x: Tensor, y: Tensor, model, batch_size: int = 32) -> Tensor:
     """
     _check_pair(x, y)
     device = next(model.parameters()).device
-    out = [model(a.to(device).float(), b.to(device).float(), normalize=True).flatten()
-           for a, b in zip(x.split(batch_size), y.split(batch_size))]
+    out = [
+        model(a.to(device).float(), b.to(device).float(), normalize=True).flatten()
+        for a, b in zip(x.split(batch_size), y.split(batch_size))
+    ]
     return torch.cat(out).cpu()

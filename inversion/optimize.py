@@ -18,25 +18,28 @@ Example:
     >>> tuple(rec.shape), bool(rec.min() >= 0 and rec.max() <= 1)
     ((1, 3, 32, 32), True)
 """
+
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import kornia
 import torch
 from torch import Tensor
 
 from encoders.core.errors import RFIError
-from encoders.nets.models import Encoder
-from encoders.core.runtime import progress as progress_bar
 from encoders.core.imageio import check_images
+from encoders.core.runtime import progress as progress_bar
+from encoders.nets.models import Encoder
 
 Init = Literal["noise", "mean"]
 NOISE = 0.1  # half-width of the uniform noise added to the mean colour by init="noise"
 
 
-def _initial_logits(shape: tuple[int, ...], encoder: Encoder, init: Init, generator: torch.Generator | None,
-                    device: torch.device) -> Tensor:
+def _initial_logits(
+    shape: tuple[int, ...], encoder: Encoder, init: Init, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     mean = encoder.normalizer.new_mean.detach().to(device).view(1, 3, 1, 1).expand(shape).clone()
     if init == "noise":
         u = torch.rand(shape, generator=generator, device="cpu" if generator is None else generator.device)
@@ -46,10 +49,18 @@ def _initial_logits(shape: tuple[int, ...], encoder: Encoder, init: Init, genera
     return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
 
 
-def invert_by_optimization(encoder: Encoder, target: Tensor | Mapping[str, Tensor], layer: str,
-                           steps: int = 300, lr: float = 0.2, tv_weight: float = 0.05,
-                           init: Init = "noise", generator: torch.Generator | None = None,
-                           size: tuple[int, int] | None = None, progress: bool = False) -> Tensor:
+def invert_by_optimization(
+    encoder: Encoder,
+    target: Tensor | Mapping[str, Tensor],
+    layer: str,
+    steps: int = 300,
+    lr: float = 0.2,
+    tv_weight: float = 0.05,
+    init: Init = "noise",
+    generator: torch.Generator | None = None,
+    size: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Find images whose ``layer`` features match the target's.
 
     Args:
@@ -105,8 +116,10 @@ def invert_by_optimization(encoder: Encoder, target: Tensor | Mapping[str, Tenso
             x = torch.sigmoid(z)
             out = encoder(x, layers=[layer])[layer]
             if out.shape != feats.shape:
-                raise RFIError(f"images of {size[0]}x{size[1]} give '{layer}' features of shape "
-                               f"{tuple(out.shape)}, not the target's {tuple(feats.shape)}: pass size=")
+                raise RFIError(
+                    f"images of {size[0]}x{size[1]} give '{layer}' features of shape "
+                    f"{tuple(out.shape)}, not the target's {tuple(feats.shape)}: pass size="
+                )
             loss = (out - feats).pow(2).flatten(1).sum(1) / norm
             if tv_weight:
                 loss = loss + tv_weight * kornia.losses.total_variation(x, reduction="mean").mean(1)

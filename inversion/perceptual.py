@@ -14,6 +14,7 @@ Example:
     >>> if ok:
     ...     model = load_lpips("alex")
 """
+
 from __future__ import annotations
 
 import os
@@ -53,14 +54,15 @@ def _find_backbone(net: str, weights: str | os.PathLike | None) -> Path:
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise RFIError(f"LPIPS backbone weights not found: {path} (download {backbone_url(net)} "
-                           f"and pass its path)")
+            raise RFIError(f"LPIPS backbone weights not found: {path} (download {backbone_url(net)} and pass its path)")
         return path
     path = backbone_cache_path(net)
     if not path.is_file():
-        raise RFIError(f"LPIPS ({net}) needs torchvision's ImageNet backbone weights, not found locally: "
-                       f"download {backbone_url(net)} to {path}, or point --lpips-weights "
-                       f"(lpips_weights= in configs) at a copy")
+        raise RFIError(
+            f"LPIPS ({net}) needs torchvision's ImageNet backbone weights, not found locally: "
+            f"download {backbone_url(net)} to {path}, or point --lpips-weights "
+            f"(lpips_weights= in configs) at a copy"
+        )
     return path
 
 
@@ -77,8 +79,7 @@ def lpips_status(net: str = "alex", weights: str | os.PathLike | None = None) ->
     return True, f"LPIPS ({_check_net(net)}) backbone: {path}"
 
 
-def load_lpips(net: str = "alex", weights: str | os.PathLike | None = None,
-               device: str | torch.device = "cpu"):
+def load_lpips(net: str = "alex", weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """Build ``lpips.LPIPS`` from local files only.
 
     Args:
@@ -111,8 +112,10 @@ def load_lpips(net: str = "alex", weights: str | os.PathLike | None = None,
         _, index, param = key.split(".")
         source = f"features.{index}.{param}"
         if source not in state or state[source].shape != own[key].shape:
-            raise RFIError(f"{path} is not torchvision's {net} ImageNet state dict (missing or misshapen "
-                           f"'{source}'); download {backbone_url(net)}")
+            raise RFIError(
+                f"{path} is not torchvision's {net} ImageNet state dict (missing or misshapen "
+                f"'{source}'); download {backbone_url(net)}"
+            )
         mapped[key] = state[source]
     model.net.load_state_dict(mapped, strict=True)
     return model.eval().requires_grad_(False).to(device)

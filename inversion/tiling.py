@@ -29,10 +29,11 @@ Example:
     ...     torch.allclose(y, conv(x), atol=1e-5)
     True
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -104,9 +105,14 @@ def tile_positions(length: int, tile: int, overlap: int, align: int = 1) -> list
     return starts
 
 
-def receptive_radius(fn: Callable[[Tensor], TensorOrMap], channels: int, size: int = 128,
-                     max_size: int = 2048, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                     ) -> int:
+def receptive_radius(
+    fn: Callable[[Tensor], TensorOrMap],
+    channels: int,
+    size: int = 128,
+    max_size: int = 2048,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> int:
     """Receptive-field radius of ``fn`` in input pixels, measured from the gradient support.
 
     The sum of one central output pixel is back-propagated to a random input (two images, so a
@@ -137,8 +143,13 @@ def receptive_radius(fn: Callable[[Tensor], TensorOrMap], channels: int, size: i
         support = x.grad.abs().sum((0, 1)) > 0
         rows, cols = support.any(1).nonzero().flatten(), support.any(0).nonzero().flatten()
         sy, sx = size / y.shape[-2], size / y.shape[-1]  # input pixels per output pixel
-        radius = max(math.ceil(cy * sy) - int(rows.min()), int(rows.max()) - (math.ceil((cy + 1) * sy) - 1),
-                     math.ceil(cx * sx) - int(cols.min()), int(cols.max()) - (math.ceil((cx + 1) * sx) - 1), 0)
+        radius = max(
+            math.ceil(cy * sy) - int(rows.min()),
+            int(rows.max()) - (math.ceil((cy + 1) * sy) - 1),
+            math.ceil(cx * sx) - int(cols.min()),
+            int(cols.max()) - (math.ceil((cx + 1) * sx) - 1),
+            0,
+        )
         inside = rows.min() > 0 and cols.min() > 0 and rows.max() < size - 1 and cols.max() < size - 1
         if inside:
             return radius
@@ -167,7 +178,7 @@ def _ramp(size: int, start: int, end: int, device: torch.device) -> Tensor:
     if start > 0:
         w[:start] = (torch.arange(start, device=device) + 0.5) / start
     if end > 0:
-        w[size - end:] = torch.minimum(w[size - end:], (torch.arange(end, device=device).flip(0) + 0.5) / end)
+        w[size - end :] = torch.minimum(w[size - end :], (torch.arange(end, device=device).flip(0) + 0.5) / end)
     return w
 
 
@@ -178,8 +189,10 @@ def _axis(length: int, tile: int, margin: int, align: int) -> tuple[int, list[tu
         return length, [(0, 0, length, 0, 0)]
     core = tile - 2 * margin
     if core < align:
-        raise RFIError(f"tile of {tile} px leaves no room inside its {margin}-px margins: use a tile of at least "
-                       f"{2 * margin + align} px")
+        raise RFIError(
+            f"tile of {tile} px leaves no room inside its {margin}-px margins: use a tile of at least "
+            f"{2 * margin + align} px"
+        )
     n = math.ceil((length - 2 * margin) / core)
     # the smallest window that keeps n windows (the work beyond the image is then only the margins)
     size = min(tile, math.ceil(math.ceil((length + 2 * margin * (n - 1)) / n) / align) * align)
@@ -190,8 +203,15 @@ def _axis(length: int, tile: int, margin: int, align: int) -> tuple[int, list[tu
     return size, list(zip(starts, cuts, cuts[1:], before, after))
 
 
-def tiled_apply(fn: Callable[[TensorOrMap], TensorOrMap], x: TensorOrMap, tile: int, margin: int,
-                align: int = 1, batch_pixels: int | None = None, blend: bool = False) -> TensorOrMap:
+def tiled_apply(
+    fn: Callable[[TensorOrMap], TensorOrMap],
+    x: TensorOrMap,
+    tile: int,
+    margin: int,
+    align: int = 1,
+    batch_pixels: int | None = None,
+    blend: bool = False,
+) -> TensorOrMap:
     """Apply ``fn`` to overlapping windows of ``x`` in batches and stitch the outputs.
 
     Args:
@@ -227,8 +247,9 @@ def tiled_apply(fn: Callable[[TensorOrMap], TensorOrMap], x: TensorOrMap, tile: 
         True
     """
     if tile < 1 or margin < 0 or align < 1:
-        raise RFIError(f"tile must be >= 1 px, margin >= 0 and align >= 1; got tile={tile}, margin={margin}, "
-                       f"align={align}")
+        raise RFIError(
+            f"tile must be >= 1 px, margin >= 0 and align >= 1; got tile={tile}, margin={margin}, align={align}"
+        )
     grid = next(iter(x.values())) if isinstance(x, Mapping) else x
     h, w = grid.shape[-2:]
     margin = math.ceil(margin / align) * align
@@ -243,33 +264,37 @@ def tiled_apply(fn: Callable[[TensorOrMap], TensorOrMap], x: TensorOrMap, tile: 
 
     def cut(t: Tensor, top: int, left: int) -> Tensor:
         r = t.shape[-1] // w
-        return t[..., top * r:(top + th) * r, left * r:(left + tw) * r]
+        return t[..., top * r : (top + th) * r, left * r : (left + tw) * r]
 
     for i in range(0, len(windows), per_call):
-        group = windows[i:i + per_call]
+        group = windows[i : i + per_call]
         if isinstance(x, Mapping):
             inp: TensorOrMap = {k: torch.cat([cut(v, r[0], c[0]) for r, c in group]) for k, v in x.items()}
         else:
             inp = torch.cat([cut(x, r[0], c[0]) for r, c in group])
         res = fn(inp)
-        for k, y in (res.items() if isinstance(res, Mapping) else [("", res)]):
+        for k, y in res.items() if isinstance(res, Mapping) else [("", res)]:
             sy, sx = y.shape[-2] / th, y.shape[-1] / tw  # output pixels per input pixel
             if k not in out:
                 out[k] = y.new_zeros(b, y.shape[1], round(h * sy), round(w * sx))
                 weight[k] = y.new_zeros(1, 1, *out[k].shape[-2:])
             for j, ((top, r0, r1, up, down), (left, c0, c1, lt, rt)) in enumerate(group):
-                part = y[j * b:(j + 1) * b]
+                part = y[j * b : (j + 1) * b]
                 if blend:  # linear ramps over the whole overlap with each neighbour
-                    win = (_ramp(part.shape[-2], round(up * sy), round(down * sy), y.device)[:, None]
-                           * _ramp(part.shape[-1], round(lt * sx), round(rt * sx), y.device)[None, :])
+                    win = (
+                        _ramp(part.shape[-2], round(up * sy), round(down * sy), y.device)[:, None]
+                        * _ramp(part.shape[-1], round(lt * sx), round(rt * sx), y.device)[None, :]
+                    )
                     ys = slice(round(top * sy), round(top * sy) + part.shape[-2])
                     xs = slice(round(left * sx), round(left * sx) + part.shape[-1])
                     out[k][..., ys, xs] += part * win
                     weight[k][..., ys, xs] += win
                 else:
-                    out[k][..., round(r0 * sy):round(r1 * sy), round(c0 * sx):round(c1 * sx)] = \
-                        part[..., round((r0 - top) * sy):round((r1 - top) * sy),
-                             round((c0 - left) * sx):round((c1 - left) * sx)]
+                    out[k][..., round(r0 * sy) : round(r1 * sy), round(c0 * sx) : round(c1 * sx)] = part[
+                        ...,
+                        round((r0 - top) * sy) : round((r1 - top) * sy),
+                        round((c0 - left) * sx) : round((c1 - left) * sx),
+                    ]
     if blend:
         out = {k: v / weight[k].clamp_min(1e-8) for k, v in out.items()}
     return out[""] if set(out) == {""} else out

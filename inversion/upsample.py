@@ -28,17 +28,19 @@ Example:
     >>> bool((dec(enc(shift(x), layers=["layer3"])) - shift(dec(enc(x, layers=["layer3"])))).abs().max() < 1e-5)
     True
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.nets.downsample import hard_choice, phase_path, select_phase
 from encoders.core.errors import RFIError
+from encoders.nets.downsample import hard_choice, phase_path, select_phase
 
 log = logging.getLogger("rfi")
 
@@ -69,8 +71,7 @@ class LPU(nn.Module):
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         s = self.stride
         if weights.shape != (x.shape[0], s * s):
-            raise RFIError(f"LPU expects phase weights of shape ({x.shape[0]}, {s * s}), "
-                           f"got {tuple(weights.shape)}")
+            raise RFIError(f"LPU expects phase weights of shape ({x.shape[0]}, {s * s}), got {tuple(weights.shape)}")
         held = F.interpolate(x, scale_factor=s, mode="nearest")
         index = hard_choice(weights)
         if index is not None:  # one phase per image: roll each group of images sharing a phase
@@ -119,30 +120,39 @@ def polyphase_options(encoder: nn.Module, layer: str, padding_mode: str = "circu
     if node is None:
         raise RFIError(f"unknown layer '{layer}' for {encoder.arch} (valid: {', '.join(encoder.taps)})")
     if padding_mode != "circular":
-        log.info("decoder for an LPS encoder: padding_mode '%s' -> 'circular' (needed for exact shift "
-                 "equivariance)", padding_mode)
+        log.info(
+            "decoder for an LPS encoder: padding_mode '%s' -> 'circular' (needed for exact shift equivariance)",
+            padding_mode,
+        )
     return {"upsample": "lps", "phase_from": _phase_path(encoder, layer)[::-1], "padding_mode": "circular"}
 
 
 def check_phase_source(encoder: nn.Module, layer: str, phase_from: Sequence[str]) -> None:
     """Refuse an LPS decoder whose ``phase_from`` is not the LPD path of ``layer`` in ``encoder``."""
     if not _phased(encoder):
-        raise RFIError(f"the decoder for '{layer}' uses polyphase up-sampling (upsample=lps) and needs an "
-                       f"encoder built with downsample='lps' (or an equivariant=True Swin), not "
-                       f"'{getattr(encoder, 'downsample', 'stride')}'")
+        raise RFIError(
+            f"the decoder for '{layer}' uses polyphase up-sampling (upsample=lps) and needs an "
+            f"encoder built with downsample='lps' (or an equivariant=True Swin), not "
+            f"'{getattr(encoder, 'downsample', 'stride')}'"
+        )
     expected = _phase_path(encoder, layer)[::-1]
     if list(phase_from) != expected:
-        raise RFIError(f"the decoder for '{layer}' takes phases from {list(phase_from)}, but this encoder's "
-                       f"LPD layers before '{layer}' are {expected}: encoder and decoder do not fit")
+        raise RFIError(
+            f"the decoder for '{layer}' takes phases from {list(phase_from)}, but this encoder's "
+            f"LPD layers before '{layer}' are {expected}: encoder and decoder do not fit"
+        )
 
 
-def stage_phases(features: Tensor | Mapping[str, Tensor], phases: Mapping[str, Tensor] | None,
-                 phase_from: Sequence[str], layer: str) -> list[Tensor]:
+def stage_phases(
+    features: Tensor | Mapping[str, Tensor], phases: Mapping[str, Tensor] | None, phase_from: Sequence[str], layer: str
+) -> list[Tensor]:
     """The weights for each LPU stage, from ``phases`` or the features' ``phases`` attribute."""
     phases = phases if phases is not None else getattr(features, "phases", None)
     missing = [name for name in phase_from if not phases or name not in phases]
     if missing:
-        raise RFIError(f"the decoder for '{layer}' uses polyphase up-sampling and needs the phases the LPS "
-                       f"encoder chose ({', '.join(missing)} missing): decode the features the encoder returned "
-                       f"(RobustAutoencoder.encode / Encoder.forward), or pass phases=features.phases")
+        raise RFIError(
+            f"the decoder for '{layer}' uses polyphase up-sampling and needs the phases the LPS "
+            f"encoder chose ({', '.join(missing)} missing): decode the features the encoder returned "
+            f"(RobustAutoencoder.encode / Encoder.forward), or pass phases=features.phases"
+        )
     return [phases[name] for name in phase_from]

@@ -1,10 +1,12 @@
 """Fixtures for the whole suite: torch on one thread, no progress bars, logging restored, a tiny encoder."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """What the two DDP tests share: free ports for the process groups and a record of the files a rank writes."""
+
 from __future__ import annotations
 
 import socket

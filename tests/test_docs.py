@@ -1,4 +1,5 @@
 """The docs a newcomer navigates: every relative link and #anchor in README.md and docs/*.md resolves."""
+
 from __future__ import annotations
 
 import re

@@ -6,6 +6,7 @@ standard :mod:`doctest` runner (no option flags; an example opts in with ``# doc
 and the like). Examples that train or need downloads are marked ``# doctest: +SKIP``. The examples
 run from the repository root (some read ``configs/...``), on one thread, after ``torch.manual_seed(0)``.
 """
+
 from __future__ import annotations
 
 import doctest

@@ -6,6 +6,7 @@ dependencies come from there, whether that is the system Python, a virtualenv or
 the commands must read `configs/...` from the installed package data while the working
 directory is an empty temporary folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def _see_running_environment(python: Path, env: dict[str, str]) -> None:
     checkout's editable-install hook stays out and the venv's own copy is imported first.
     """
     paths = [*site.getsitepackages(), site.getusersitepackages()]
-    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                   python.parent, env).stdout.strip()
+    purelib = _run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], python.parent, env
+    ).stdout.strip()
     Path(purelib, "_running_environment.pth").write_text("\n".join(p for p in paths if Path(p).is_dir()) + "\n")
 
 
@@ -56,20 +58,45 @@ def test_wheel_in_a_fresh_venv_finds_its_configs_from_another_folder(tmp_path):
             shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(ROOT / name, src / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", str(tmp_path / "wheel"), str(src)], tmp_path, env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(src),
+        ],
+        tmp_path,
+        env,
+    )
     wheel = next((tmp_path / "wheel").glob("robust_inversion-*.whl"))
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
     python, rfi = venv / "bin" / "python", venv / "bin" / "rfi"
     _see_running_environment(python, env)
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
-         tmp_path, env)
+    _run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+        tmp_path,
+        env,
+    )
 
     work = tmp_path / "elsewhere"  # no configs/ here: every configs/... path must come from the installed package
     work.mkdir()
-    where = _run([str(python), "-c", "import apps, configs, encoders, inversion; "
-                  "print('\\n'.join(m.__file__ for m in (apps, configs, encoders, inversion)))"], work, env)
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import apps, configs, encoders, inversion; "
+            "print('\\n'.join(m.__file__ for m in (apps, configs, encoders, inversion)))",
+        ],
+        work,
+        env,
+    )
     site = venv.resolve()
     for path in where.stdout.split():
         assert Path(path).resolve().is_relative_to(site), f"{path} is not the installed copy"
@@ -88,9 +115,34 @@ def test_wheel_in_a_fresh_venv_finds_its_configs_from_another_folder(tmp_path):
     for i in range(2):
         write_image(torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(i)), images / f"img{i}.png")
     robust = report["runs"]["robust"]
-    _run([str(rfi), "augment", "images", "--out", "views", "--config", "configs/apps/augment.yaml", "--views", "1",
-          "--size", "16", "--encoder", robust["encoder"]["path"], "--decoder", robust["decoder"]["path"]], work, env)
+    _run(
+        [
+            str(rfi),
+            "augment",
+            "images",
+            "--out",
+            "views",
+            "--config",
+            "configs/apps/augment.yaml",
+            "--views",
+            "1",
+            "--size",
+            "16",
+            "--encoder",
+            robust["encoder"]["path"],
+            "--decoder",
+            robust["decoder"]["path"],
+        ],
+        work,
+        env,
+    )
     assert sorted(p.name for p in (work / "views").glob("*_view1.png")) == ["img0_view1.png", "img1_view1.png"]
-    missing = subprocess.run([str(rfi), "augment", "images", "--out", "v2", "--config", "configs/apps/nope.yaml"],
-                             cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [str(rfi), "augment", "images", "--out", "v2", "--config", "configs/apps/nope.yaml"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2 and "config file not found: configs/apps/nope.yaml" in missing.stderr

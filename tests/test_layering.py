@@ -7,6 +7,7 @@ function still ties the two modules together, so cycles are looked for among all
 except those under ``if TYPE_CHECKING:`` (which never run). ``encoders.core`` is the ground
 floor of the ground floor: it imports nothing else of RFI.
 """
+
 from __future__ import annotations
 
 import ast
@@ -80,7 +81,7 @@ def test_layers_point_one_way():
     bad = []
     for module, tree in TREES.items():
         banned = LOWER.get(module.split(".")[0], set())
-        for target, names, line in imports(tree, module):
+        for target, _names, line in imports(tree, module):
             if target.split(".")[0] in banned:
                 bad.append(f"{_where(module, line)}: {module} imports {target}")
     assert not bad, "imports against apps -> inversion -> encoders:\n" + "\n".join(bad)
@@ -88,8 +89,13 @@ def test_layers_point_one_way():
 
 def test_libraries_parse_no_arguments():
     """Argument parsing lives in apps/ (apps/commands/): encoders/ and inversion/ never import argparse."""
-    bad = [f"{_where(m, line)}: {m} imports argparse" for m, tree in TREES.items()
-           if m.split(".")[0] in LIBRARIES for target, _, line in imports(tree, m) if target == "argparse"]
+    bad = [
+        f"{_where(m, line)}: {m} imports argparse"
+        for m, tree in TREES.items()
+        if m.split(".")[0] in LIBRARIES
+        for target, _, line in imports(tree, m)
+        if target == "argparse"
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -105,8 +111,10 @@ def _resolve(target: str, names: list[str]) -> list[str]:
 
 def module_graph(trees: dict[str, ast.Module] | None = None) -> dict[str, set[str]]:
     """Import edges between our modules, imports inside functions included (``TYPE_CHECKING`` excluded)."""
-    return {m: {t for target, names, _ in imports(tree, m, runtime_only=True) for t in _resolve(target, names)
-                if t != m} for m, tree in (TREES if trees is None else trees).items()}
+    return {
+        m: {t for target, names, _ in imports(tree, m, runtime_only=True) for t in _resolve(target, names) if t != m}
+        for m, tree in (TREES if trees is None else trees).items()
+    }
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -156,15 +164,22 @@ def test_a_cycle_through_a_function_level_import_is_found():
     a, b = next(m for m in MODULES if m.startswith("inversion.")), next(m for m in MODULES if m.startswith("apps."))
     deferred = {a: ast.parse(f"import os\ndef f():\n    import {b}\n"), b: ast.parse(f"from {a} import x\n")}
     assert find_cycles(module_graph(deferred)) == [sorted([a, b])]
-    typing_only = {a: ast.parse(f"from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import {b}\n"),
-                   b: ast.parse(f"from {a} import x\n")}
+    typing_only = {
+        a: ast.parse(f"from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import {b}\n"),
+        b: ast.parse(f"from {a} import x\n"),
+    }
     assert find_cycles(module_graph(typing_only)) == []
 
 
 def test_core_imports_nothing_else_of_rfi():
     """``encoders.core`` (config, errors, files, image IO, run folders, runtime) stands on its own."""
-    bad = [f"{_where(m, line)}: {m} imports {target}" for m, tree in TREES.items() if m.startswith("encoders.core")
-           for target, _, line in imports(tree, m) if _ours(target) and not target.startswith("encoders.core")]
+    bad = [
+        f"{_where(m, line)}: {m} imports {target}"
+        for m, tree in TREES.items()
+        if m.startswith("encoders.core")
+        for target, _, line in imports(tree, m)
+        if _ours(target) and not target.startswith("encoders.core")
+    ]
     assert not bad, "encoders.core imports the rest of RFI:\n" + "\n".join(bad)
 
 
@@ -197,11 +212,16 @@ def private_uses(tree: ast.Module, module: str) -> list[str]:
 
 
 def test_private_uses_are_found():
-    tree = ast.parse("from encoders.robust.train import _Trainer\nimport inversion.train as t\nt._DecoderTrainer\n"
-                     "from encoders import data\ndata._x\nimport os\nos._exit\n")
+    tree = ast.parse(
+        "from encoders.robust.train import _Trainer\nimport inversion.train as t\nt._DecoderTrainer\n"
+        "from encoders import data\ndata._x\nimport os\nos._exit\n"
+    )
     module = next(iter(MODULES))
     assert [b.split(": ", 1)[1] for b in private_uses(tree, module)] == [
-        "from encoders.robust.train import _Trainer", "t._DecoderTrainer", "data._x"]
+        "from encoders.robust.train import _Trainer",
+        "t._DecoderTrainer",
+        "data._x",
+    ]
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.split(".")[0] == "bench"))

@@ -1,4 +1,5 @@
 """The tree stays clean under ruff (lint, import order, format) as configured in pyproject.toml."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,4 +15,5 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ruff_is_clean(command):
     result = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, f"ruff {' '.join(command)} . (fix: ruff check --fix . && ruff format .):\n" + (
-        result.stdout[-4000:] + result.stderr[-2000:])
+        result.stdout[-4000:] + result.stderr[-2000:]
+    )

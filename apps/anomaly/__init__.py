@@ -8,11 +8,18 @@ memory bank), :mod:`~apps.anomaly.detector` (:class:`AnomalyDetector`),
 :mod:`~apps.anomaly.metrics` (AUROC, F1), :mod:`~apps.anomaly.fitting` (:func:`fit`) and
 :mod:`~apps.anomaly.scoring` (:func:`score`). The names below are imported on first use.
 """
+
 from importlib import import_module
 
-_LAZY = {"AnomalyConfig": "apps.anomaly.config", "load_anomaly_config": "apps.anomaly.config",
-         "AnomalyDetector": "apps.anomaly.detector", "fit": "apps.anomaly.fitting", "score": "apps.anomaly.scoring",
-         "load_anomaly_data": "apps.anomaly.data", "make_benchmark": "apps.anomaly.benchmark"}
+_LAZY = {
+    "AnomalyConfig": "apps.anomaly.config",
+    "load_anomaly_config": "apps.anomaly.config",
+    "AnomalyDetector": "apps.anomaly.detector",
+    "fit": "apps.anomaly.fitting",
+    "score": "apps.anomaly.scoring",
+    "load_anomaly_data": "apps.anomaly.data",
+    "make_benchmark": "apps.anomaly.benchmark",
+}
 
 __all__ = list(_LAZY)
 

@@ -15,6 +15,7 @@ Example:
     >>> len(data.train), len(data.test), data.has_masks
     (4, 5, True)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,7 @@ def _rng(cfg: BenchmarkConfig, texture: str, *key: int) -> np.random.Generator:
 def _crop(area: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     top = int(rng.integers(0, area.shape[0] - size + 1))
     left = int(rng.integers(0, area.shape[1] - size + 1))
-    return area[top:top + size, left:left + size].copy()
+    return area[top : top + size, left : left + size].copy()
 
 
 def _scratch(img: np.ndarray, rng: np.random.Generator, area: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,8 +72,9 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, area: np.ndarray) -> tup
     dy, dx = np.sin(angle) * length / 2, np.cos(angle) * length / 2
     bend = rng.uniform(-0.25, 0.25) * length
     pts = [(cy - dy, cx - dx), (cy + bend * np.cos(angle), cx - bend * np.sin(angle)), (cy + dy, cx + dx)]
-    (r0, c0), (r1, c1), (r2, c2) = [(int(round(np.clip(r, 0, s - 1))), int(round(np.clip(c, 0, s - 1))))
-                                    for r, c in pts]
+    (r0, c0), (r1, c1), (r2, c2) = [
+        (int(round(np.clip(r, 0, s - 1))), int(round(np.clip(c, 0, s - 1)))) for r, c in pts
+    ]
     rr, cc = bezier_curve(r0, c0, r1, c1, r2, c2, weight=1.0, shape=(s, s))
     m[rr, cc] = True
     m = dilation(m, disk(max(1, int(round(s / 48 * rng.uniform(0.8, 1.3)))))).astype(bool)
@@ -107,15 +109,20 @@ def _cut_paste(img: np.ndarray, rng: np.random.Generator, area: np.ndarray) -> t
     ph, pw = (rng.uniform(0.18, 0.32, 2) * s).astype(int).clip(4)
     zoom = rng.choice([0.5, 2.0])
     src = _crop(area, int(max(ph, pw) / zoom) + 1, rng)
-    patch = np.asarray(Image.fromarray((src * 255).astype(np.uint8)).resize(
-        (int(max(ph, pw)), int(max(ph, pw))), Image.BILINEAR), dtype=np.float32) / 255
+    patch = (
+        np.asarray(
+            Image.fromarray((src * 255).astype(np.uint8)).resize((int(max(ph, pw)), int(max(ph, pw))), Image.BILINEAR),
+            dtype=np.float32,
+        )
+        / 255
+    )
     patch = np.rot90(patch, k=int(rng.integers(1, 4)))[:ph, :pw]
     gain = rng.uniform(0.65, 0.8) if rng.random() < 0.5 else rng.uniform(1.25, 1.45)
     top, left = int(rng.integers(0, s - ph + 1)), int(rng.integers(0, s - pw + 1))
     out = img.copy()
-    out[top:top + ph, left:left + pw] = (patch * gain).clip(0, 1)
+    out[top : top + ph, left : left + pw] = (patch * gain).clip(0, 1)
     m = np.zeros((s, s), bool)
-    m[top:top + ph, left:left + pw] = True
+    m[top : top + ph, left : left + pw] = True
     return out, m
 
 
@@ -128,8 +135,9 @@ def _texture_areas(texture: str, size: int = 0) -> tuple[np.ndarray, np.ndarray]
     img = embedded_image(texture)
     factor = -(-size // min(region(img, "val").shape[-2:]))
     if factor > 1:
-        img = torch.nn.functional.interpolate(img[None], scale_factor=factor, mode="bilinear",
-                                              align_corners=False)[0].clamp(0, 1)
+        img = torch.nn.functional.interpolate(img[None], scale_factor=factor, mode="bilinear", align_corners=False)[
+            0
+        ].clamp(0, 1)
     return tuple(region(img, split).permute(1, 2, 0).numpy().astype(np.float32) for split in ("train", "val"))
 
 
@@ -182,8 +190,10 @@ def make_benchmark(out: str | os.PathLike, cfg: BenchmarkConfig | None = None) -
         if old == manifest:
             return out
         diff = sorted(k for k in manifest if not isinstance(old, dict) or old.get(k) != manifest[k])
-        raise RFIError(f"{out} holds an embedded benchmark made with other settings ({', '.join(diff)}): "
-                       f"choose another folder or delete it")
+        raise RFIError(
+            f"{out} holds an embedded benchmark made with other settings ({', '.join(diff)}): "
+            f"choose another folder or delete it"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RFIError(f"{out} exists and is not an embedded benchmark folder: choose another folder")
     check_output_folder(out, flag="benchmark folder")  # read-only, too long a name...: one line, before any work

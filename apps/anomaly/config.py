@@ -16,10 +16,12 @@ Example:
     Traceback (most recent call last):
     encoders.core.errors.RFIError: config key 'decoder.steps' in the command-line overrides is now 'train.steps'
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from encoders.core.config import bounded, config_path, load_config, parse_overrides, read_yaml, yaml_dataclass
 from encoders.core.errors import RFIError
@@ -65,8 +67,9 @@ class ScoreConfig:
         if self.pixel_weight + self.feature_weight <= 0:
             raise RFIError("score.pixel_weight and score.feature_weight are both 0: give one a weight > 0")
         if self.feature_weight > 0 and not self.feature_layers:
-            raise RFIError("score.feature_layers is empty but score.feature_weight > 0: "
-                           "name layers or set the weight to 0")
+            raise RFIError(
+                "score.feature_layers is empty but score.feature_weight > 0: name layers or set the weight to 0"
+            )
 
 
 @yaml_dataclass("apps/anomaly.yaml", "combined")
@@ -175,8 +178,9 @@ def _check_renamed(data: Mapping[str, Any], source: str) -> None:
         raise RFIError(f"config key '{old}' in {source} is now '{new}'")
 
 
-def load_anomaly_config(path: str | os.PathLike | None = DEFAULT_CONFIG,
-                        overrides: Sequence[str] | Mapping[str, Any] = ()) -> AnomalyConfig:
+def load_anomaly_config(
+    path: str | os.PathLike | None = DEFAULT_CONFIG, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> AnomalyConfig:
     """The config of ``rfi anomaly``: the shipped defaults, then ``path``, then ``key=value`` overrides.
 
     Raises:

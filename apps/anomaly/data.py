@@ -20,14 +20,15 @@ Example:
     >>> data.layout, len(data.train), sorted({t.defect for t in data.test})
     ('mvtec', 4, ['color_blob', 'cut_paste', 'good', 'scratch'])
 """
+
 from __future__ import annotations
 
 import csv
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -78,13 +79,19 @@ class AnomalyData:
 def _images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                  and not f.name.startswith("."))
+    return sorted(
+        f
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+    )
 
 
 def _is_category(path: Path) -> bool:
-    return (path / "train" / "good").is_dir() or (path / "ground_truth").is_dir() or (
-        (path / "test").is_dir() and (path / "test" / "good").is_dir() and not (path / "normal").is_dir())
+    return (
+        (path / "train" / "good").is_dir()
+        or (path / "ground_truth").is_dir()
+        or ((path / "test").is_dir() and (path / "test" / "good").is_dir() and not (path / "normal").is_dir())
+    )
 
 
 def mvtec_categories(root: str | os.PathLike) -> list[str]:
@@ -134,8 +141,11 @@ def _mvtec_test(cat: Path) -> tuple[list[TestImage], bool]:
     has_masks = gt_dir.is_dir()
     items: list[TestImage] = []
     problems: list[str] = []
-    defects = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")) \
-        if test_dir.is_dir() else []
+    defects = (
+        sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if test_dir.is_dir()
+        else []
+    )
     masks_used: set[Path] = set()
     for defect in defects:
         for img in _images(test_dir / defect):
@@ -153,8 +163,10 @@ def _mvtec_test(cat: Path) -> tuple[list[TestImage], bool]:
             masks_used.add(mask)
             si, sm = _size(img), _size(mask)
             if si and sm and si != sm:
-                problems.append(f"ground_truth/{defect}/{mask.name} is {sm[0]}x{sm[1]} but its image "
-                                f"test/{name}{img.suffix} is {si[0]}x{si[1]}")
+                problems.append(
+                    f"ground_truth/{defect}/{mask.name} is {sm[0]}x{sm[1]} but its image "
+                    f"test/{name}{img.suffix} is {si[0]}x{si[1]}"
+                )
                 continue
             if si and sm is None:
                 problems.append(f"ground_truth/{defect}/{mask.name} is not a readable image")
@@ -164,8 +176,9 @@ def _mvtec_test(cat: Path) -> tuple[list[TestImage], bool]:
         for mask in sorted(gt_dir.rglob("*")):
             if mask.is_file() and mask.suffix.lower() in IMAGE_EXTENSIONS and mask not in masks_used:
                 stem = mask.stem[:-5] if mask.stem.endswith("_mask") else mask.stem
-                problems.append(f"{mask.relative_to(cat)} matches no test image "
-                                f"(expected test/{mask.parent.name}/{stem}.png)")
+                problems.append(
+                    f"{mask.relative_to(cat)} matches no test image (expected test/{mask.parent.name}/{stem}.png)"
+                )
     if problems:
         raise RFIError(f"{cat}: {len(problems)} mask(s) do not match their images: {_listing(problems)}")
     return items, has_masks
@@ -195,8 +208,10 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
             elif value in ANOMALOUS_NAMES:
                 labels[name] = 1
             else:
-                raise RFIError(f"{path}:{i}: label {row[1].strip()!r} for {name!r} is not 0/1 "
-                               f"(or good/normal vs anomaly/bad/defect)")
+                raise RFIError(
+                    f"{path}:{i}: label {row[1].strip()!r} for {name!r} is not 0/1 "
+                    f"(or good/normal vs anomaly/bad/defect)"
+                )
     if not labels:
         raise RFIError(f"{path} holds no 'name,label' rows")
     return labels
@@ -224,18 +239,21 @@ def _folder_test(test_dir: Path, labels_file: Path | None) -> list[TestImage]:
             label, defect = None, ""
         items.append(TestImage(f, name, label, defect))
     if labels is not None:
-        known = {k for it in items for k in (it.path.relative_to(test_dir).as_posix(), it.path.name, it.name,
-                                               it.path.stem)}
+        known = {
+            k for it in items for k in (it.path.relative_to(test_dir).as_posix(), it.path.name, it.name, it.path.stem)
+        }
         stray = [k for k in labels if k not in known]
         if unlabelled or stray:
-            parts = ([f"no label for {_listing(unlabelled)}"] if unlabelled else []) + \
-                    ([f"labels for missing images {_listing(stray)}"] if stray else [])
+            parts = ([f"no label for {_listing(unlabelled)}"] if unlabelled else []) + (
+                [f"labels for missing images {_listing(stray)}"] if stray else []
+            )
             raise RFIError(f"{labels_file} does not match {test_dir}: " + "; ".join(parts))
     return items
 
 
-def load_anomaly_data(path: str | os.PathLike, category: str | None = None,
-                      labels: str | os.PathLike | None = None, need: str = "both") -> AnomalyData:
+def load_anomaly_data(
+    path: str | os.PathLike, category: str | None = None, labels: str | os.PathLike | None = None, need: str = "both"
+) -> AnomalyData:
     """Find normal training images and test images in an MVTec AD tree or plain folders.
 
     Args:
@@ -259,8 +277,7 @@ def load_anomaly_data(path: str | os.PathLike, category: str | None = None,
     if cats:
         if category is None:
             if len(cats) > 1:
-                raise RFIError(f"{root} holds several MVTec categories: choose one with --category "
-                               f"({', '.join(cats)})")
+                raise RFIError(f"{root} holds several MVTec categories: choose one with --category ({', '.join(cats)})")
             category = cats[0]
         if category not in cats:
             raise RFIError(f"no category '{category}' in {root} (found: {', '.join(cats)})")
@@ -271,8 +288,10 @@ def load_anomaly_data(path: str | os.PathLike, category: str | None = None,
         if need in ("train", "both"):
             data.train = _images(root / "train" / "good")
             if not data.train:
-                raise RFIError(f"category '{category}' has no normal training images "
-                               f"(expected image files in {root / 'train' / 'good'})")
+                raise RFIError(
+                    f"category '{category}' has no normal training images "
+                    f"(expected image files in {root / 'train' / 'good'})"
+                )
         if need in ("test", "both"):
             if labels is not None:
                 raise RFIError("--labels is for plain folders; the MVTec layout labels images by test/<defect>/")
@@ -298,8 +317,13 @@ def load_anomaly_data(path: str | os.PathLike, category: str | None = None,
     return data
 
 
-def resolve_data(path: str | os.PathLike, category: str | None, benchmark: BenchmarkConfig, need: str,
-                 labels: str | os.PathLike | None = None) -> AnomalyData:
+def resolve_data(
+    path: str | os.PathLike,
+    category: str | None,
+    benchmark: BenchmarkConfig,
+    need: str,
+    labels: str | os.PathLike | None = None,
+) -> AnomalyData:
     """:func:`load_anomaly_data`, with ``embedded`` meaning the generated benchmark (:func:`embedded_benchmark`)."""
     if str(path) == "embedded":
         path = embedded_benchmark(benchmark)

@@ -7,6 +7,7 @@ memory bank and its score statistics all come from the one file, at the working 
 (:func:`decoding_folder`), removed however the fit ends; one left by a fit killed with ``kill -9``
 is removed by the next fit next to the same model file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ def decoding_folder(model: str | os.PathLike) -> Iterator[Path]:
     model = Path(model)
     prefix = f".{model.stem}_decoded."
     for folder in model.parent.glob(prefix + "*"):
-        pid = folder.name[len(prefix):].split(".")[0]
+        pid = folder.name[len(prefix) :].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             log.info("removing %s, left by a fit that was killed", folder)
             shutil.rmtree(folder, ignore_errors=True)
@@ -133,7 +134,7 @@ class DecodedImages:
         if self._data is None:
             self._data = np.memmap(self.file, dtype=np.uint8, mode="c")
         offset, shape = self._index[i]
-        return torch.from_numpy(self._data[offset:offset + int(np.prod(shape))].reshape(shape))
+        return torch.from_numpy(self._data[offset : offset + int(np.prod(shape))].reshape(shape))
 
     def image(self, i: int) -> Tensor:
         """Image ``i`` as a (3, H, W) float tensor in [0, 1] (a copy)."""
@@ -160,16 +161,18 @@ class NormalCrops(Dataset):
     Shape: items are (3, size, size) float32 in [0, 1].
     """
 
-    def __init__(self, images: DecodedImages, indices: Sequence[int], split: Split, size: int, repeat: int = 1,
-                 seed: int = 0):
+    def __init__(
+        self, images: DecodedImages, indices: Sequence[int], split: Split, size: int, repeat: int = 1, seed: int = 0
+    ):
         if split not in ("train", "val"):
             raise RFIError(f"unknown split '{split}' (valid: train, val)")
         if not indices:
             raise RFIError(f"no images for the {split} crops")
         self.images, self.indices, self.split = images, list(indices), split
         self.size, self.repeat, self.seed = size, repeat, seed
-        self.transform = v2.Compose([v2.RandomCrop(size, pad_if_needed=True, padding_mode="reflect"),
-                                     v2.RandomHorizontalFlip()])
+        self.transform = v2.Compose(
+            [v2.RandomCrop(size, pad_if_needed=True, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+        )
 
     def __len__(self) -> int:
         return len(self.indices) * self.repeat
@@ -186,4 +189,4 @@ class NormalCrops(Dataset):
             x = v2.functional.pad(x, [0, 0, max(s - w, 0), max(s - h, 0)], padding_mode="reflect")
             _, h, w = x.shape
         top, left = (int(v) for v in np.random.default_rng([self.seed, i]).integers(0, [h - s + 1, w - s + 1]))
-        return x[:, top:top + s, left:left + s].float().div(255)
+        return x[:, top : top + s, left : left + s].float().div(255)

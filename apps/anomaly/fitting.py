@@ -6,14 +6,16 @@ others (``method`` ``reconstruction`` / ``combined``) and/or builds a memory ban
 (``memory`` / ``combined``), measures the score statistics and the threshold on the held-out
 images (:meth:`~apps.anomaly.detector.AnomalyDetector.calibrate`) and writes the model file.
 """
+
 from __future__ import annotations
 
 import copy
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -55,10 +57,10 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
     image is decoded once, into a memory-mapped file next to ``out`` (:class:`DecodedImages` in a
     :func:`~apps.anomaly.decoded.decoding_folder`, removed however the fit ends): the decoder's
     random training crops, its validation crops (fixed crops of the held-out images at the same
-    scale, :class:`NormalCrops`), the memory bank and the statistics all read from it. Decoder training (``method`` ``reconstruction`` or
-    ``combined``) runs in ``<out without suffix>_fit/`` (metrics log, sample grids, its
-    checkpoint), so a killed fit continues with ``resume=True``; ``memory`` builds the bank
-    from the other normal images. The model file is written atomically: a fit killed mid-way
+    scale, :class:`NormalCrops`), the memory bank and the statistics all read from it. Decoder
+    training (``method`` ``reconstruction`` or ``combined``) runs in ``<out without suffix>_fit/``
+    (metrics log, sample grids, its checkpoint), so a killed fit continues with ``resume=True``;
+    ``memory`` builds the bank from the other normal images. The model file is written atomically: a fit killed mid-way
     leaves no half-written ``out``.
 
     Returns:
@@ -69,8 +71,10 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
     """
     cfg = check_config(cfg)
     if not Path(cfg.encoder).is_file():
-        raise RFIError(f"encoder checkpoint not found: {cfg.encoder} (train it with: rfi train-encoder --config "
-                       f"configs/encoder/resnet18_robust.yaml, or set encoder=PATH)")
+        raise RFIError(
+            f"encoder checkpoint not found: {cfg.encoder} (train it with: rfi train-encoder --config "
+            f"configs/encoder/resnet18_robust.yaml, or set encoder=PATH)"
+        )
     if cfg.arch is None:  # a robustness-library / torchvision file needs arch=NAME: say so before training
         load_encoder(cfg.encoder, arch_key="arch")
     found = resolve_data(data, cfg.category, cfg.benchmark, "train")
@@ -81,14 +85,23 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
         if len(normal) < 2:
             raise RFIError(f"{found.root}: need at least 2 readable normal training images, found {len(normal)}")
         train, held = split_normal(range(len(normal)), cfg.holdout)
-        info = {"category": found.category, "layout": found.layout, "data": str(data),
-                "benchmark": asdict(cfg.benchmark) if str(data) == "embedded" else None,
-                "fit": config_to_dict(cfg), "train_images": len(train)}
+        info = {
+            "category": found.category,
+            "layout": found.layout,
+            "data": str(data),
+            "benchmark": asdict(cfg.benchmark) if str(data) == "embedded" else None,
+            "fit": config_to_dict(cfg),
+            "train_images": len(train),
+        }
         device = resolve_device(cfg.device)
         if cfg.method == "memory":
             encoder = load_encoder(cfg.encoder, cfg.arch, arch_key="arch").to(device).eval().requires_grad_(False)
-            log.info("building a memory bank from %d normal images of %s (%d held out for the score statistics)",
-                     len(train), found.category or found.root, len(held))
+            log.info(
+                "building a memory bank from %d normal images of %s (%d held out for the score statistics)",
+                len(train),
+                found.category or found.root,
+                len(held),
+            )
             return _finish(cfg, None, encoder, normal, train, held, info, out)
         dcfg = copy.deepcopy(cfg.train)
         dcfg.data.source, dcfg.data.root = "folder", str(found.root)  # a record: the crops come from `normal`
@@ -96,13 +109,20 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
         dcfg.encoder.checkpoint = cfg.encoder
         dcfg.encoder.arch = cfg.arch or dcfg.encoder.arch
         dcfg.out = str(out.with_name(out.stem + "_fit") / "decoder")
-        crops = (NormalCrops(normal, train, "train", dcfg.data.size, dcfg.data.repeat),
-                 NormalCrops(normal, held, "val", dcfg.data.size, dcfg.data.repeat, seed=dcfg.seed))
-        log.info("fitting on %d normal images of %s (%d held out for the score statistics)", len(train),
-                 found.category or found.root, len(held))
+        crops = (
+            NormalCrops(normal, train, "train", dcfg.data.size, dcfg.data.repeat),
+            NormalCrops(normal, held, "val", dcfg.data.size, dcfg.data.repeat, seed=dcfg.seed),
+        )
+        log.info(
+            "fitting on %d normal images of %s (%d held out for the score statistics)",
+            len(train),
+            found.category or found.root,
+            len(held),
+        )
         decoder_path = train_decoder(dcfg, resume=resume, datasets=crops).path
-        ae = RobustAutoencoder.from_checkpoints(cfg.encoder, decoder_path, device=device, arch=cfg.arch,
-                                                arch_key="arch")
+        ae = RobustAutoencoder.from_checkpoints(
+            cfg.encoder, decoder_path, device=device, arch=cfg.arch, arch_key="arch"
+        )
         return _finish(cfg, ae, ae.encoder, normal, train, held, info, out)
 
 
@@ -119,8 +139,16 @@ class _Subset(Sequence[Tensor]):
         return self.images.image(self.indices[i])
 
 
-def _finish(cfg: AnomalyConfig, ae: RobustAutoencoder | None, encoder: Encoder, normal: DecodedImages,
-            train: Sequence[int], held: Sequence[int], info: dict[str, Any], out: Path) -> Path:
+def _finish(
+    cfg: AnomalyConfig,
+    ae: RobustAutoencoder | None,
+    encoder: Encoder,
+    normal: DecodedImages,
+    train: Sequence[int],
+    held: Sequence[int],
+    info: dict[str, Any],
+    out: Path,
+) -> Path:
     """Build the memory bank (if the method uses one), calibrate on the held-out images, save."""
     if cfg.method == "reconstruction":
         layers = [*ae.decoders[ae.layer].input_layers, *(cfg.score.feature_layers if cfg.score.feature_weight else [])]
@@ -131,18 +159,39 @@ def _finish(cfg: AnomalyConfig, ae: RobustAutoencoder | None, encoder: Encoder, 
     for i in (*train, *held):
         _, h, w = normal.shape(i)
         if min(h, w) < min_side:
-            raise RFIError(f"{normal.paths[i]}: {h}x{w} px is smaller than the encoder allows "
-                           f"({min_side} px per side for {', '.join(layers)}): use larger images or image_size")
+            raise RFIError(
+                f"{normal.paths[i]}: {h}x{w} px is smaller than the encoder allows "
+                f"({min_side} px per side for {', '.join(layers)}): use larger images or image_size"
+            )
     memory = None
     if cfg.method != "reconstruction":
-        memory = MemoryBank.fit(encoder, _Subset(normal, train), cfg.memory, cfg.batch_size, count=len(train),
-                                max_pixels=BATCH_PIXELS)
-        info["memory_bank"] = {"patches": memory.patches, "kept": int(memory.bank.shape[0]), "dims": memory.dims,
-                               "layers": memory.layers, "mib": memory.bank.numel() * 4 / 2 ** 20}
-        log.info("memory bank: %d of %d patches (%d dims, %.1f MiB)", memory.bank.shape[0], memory.patches,
-                 memory.dims, info["memory_bank"]["mib"])
-    det = AnomalyDetector(ae, cfg.score, cfg.image_size, info=info, memory=memory, method=cfg.method,
-                          encoder=encoder, combined=cfg.combined)
+        memory = MemoryBank.fit(
+            encoder, _Subset(normal, train), cfg.memory, cfg.batch_size, count=len(train), max_pixels=BATCH_PIXELS
+        )
+        info["memory_bank"] = {
+            "patches": memory.patches,
+            "kept": int(memory.bank.shape[0]),
+            "dims": memory.dims,
+            "layers": memory.layers,
+            "mib": memory.bank.numel() * 4 / 2**20,
+        }
+        log.info(
+            "memory bank: %d of %d patches (%d dims, %.1f MiB)",
+            memory.bank.shape[0],
+            memory.patches,
+            memory.dims,
+            info["memory_bank"]["mib"],
+        )
+    det = AnomalyDetector(
+        ae,
+        cfg.score,
+        cfg.image_size,
+        info=info,
+        memory=memory,
+        method=cfg.method,
+        encoder=encoder,
+        combined=cfg.combined,
+    )
     cal = det.calibrate(_Subset(normal, held), cfg.batch_size)
     det.info["normal_scores"] = cal["normal_scores"]
     det.save(out)

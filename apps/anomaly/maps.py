@@ -3,6 +3,7 @@
 Every map here is a (B, 1, H, W) tensor, higher = more anomalous; the detector
 (:mod:`apps.anomaly.detector`) combines them.
 """
+
 from __future__ import annotations
 
 import numpy as np

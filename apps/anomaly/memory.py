@@ -28,10 +28,12 @@ Example:
     >>> tuple(bank.maps(enc, torch.rand(1, 3, 16, 16)).shape)
     (1, 1, 16, 16)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,7 @@ def default_memory_layers(encoder: Any) -> list[str]:
         if all(p in names for p in pair):
             return list(pair)
     mid = max(1, len(names) // 2)
-    return names[mid - 1:mid + 1]
+    return names[mid - 1 : mid + 1]
 
 
 @torch.no_grad()
@@ -94,8 +96,9 @@ def patch_features(encoder: Any, x: Tensor, layers: Sequence[str], pool: int = 3
     return torch.cat(out, dim=1)
 
 
-def greedy_coreset(x: Tensor, n: int, projection: int = 128, generator: torch.Generator | None = None,
-                   show_progress: bool = False) -> Tensor:
+def greedy_coreset(
+    x: Tensor, n: int, projection: int = 128, generator: torch.Generator | None = None, show_progress: bool = False
+) -> Tensor:
     """Indices of ``n`` rows of ``x`` chosen by greedy k-center selection (PatchCore's coreset).
 
     Starting from one random row, repeatedly add the row farthest from everything chosen so
@@ -134,7 +137,7 @@ def greedy_coreset(x: Tensor, n: int, projection: int = 128, generator: torch.Ge
     sq = x.pow(2).sum(1)
     dist = (sq - 2 * x @ x[first] + sq[first]).clamp_min_(0)  # squared distance to the chosen set
     steps = range(1, n)
-    for i in (progress(steps, desc="coreset", unit="pt") if show_progress else steps):
+    for i in progress(steps, desc="coreset", unit="pt") if show_progress else steps:
         j = int(torch.argmax(dist))
         chosen[i] = j
         torch.minimum(dist, (sq - 2 * x @ x[j] + sq[j]).clamp_min_(0), out=dist)
@@ -159,9 +162,17 @@ class MemoryBank:
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, encoder: Any, images: Iterable[Tensor], config: MemoryConfig, batch_size: int = 16,
-            device: torch.device | str | None = None, progress_bar: bool = True,
-            count: int | None = None, max_pixels: int | None = None) -> "MemoryBank":
+    def fit(
+        cls,
+        encoder: Any,
+        images: Iterable[Tensor],
+        config: MemoryConfig,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        progress_bar: bool = True,
+        count: int | None = None,
+        max_pixels: int | None = None,
+    ) -> MemoryBank:
         """Collect the patch features of ``images`` (batched) and keep the greedy coreset.
 
         Args:
@@ -191,8 +202,9 @@ class MemoryBank:
             f = patch_features(encoder, torch.stack(batch).to(device), layers, config.pool).cpu()
             f = f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1])  # (B, h*w, D)
             if config.patches_per_image is not None and config.patches_per_image < f.shape[1]:
-                keep = torch.stack([torch.randperm(f.shape[1], generator=gen)[:config.patches_per_image]
-                                    for _ in range(f.shape[0])])
+                keep = torch.stack(
+                    [torch.randperm(f.shape[1], generator=gen)[: config.patches_per_image] for _ in range(f.shape[0])]
+                )
                 f = torch.gather(f, 1, keep[..., None].expand(-1, -1, f.shape[2]))
             f = f.reshape(-1, f.shape[-1])
             if not checked and count:  # estimate the whole bank from the first batch, before filling memory
@@ -204,9 +216,10 @@ class MemoryBank:
             chunks.append(f)
 
         batch: list[Tensor] = []
-        for img in (progress(images, desc="memory bank", unit="img", total=count) if progress_bar else images):
-            full = len(batch) == batch_size or (max_pixels is not None and
-                                                (len(batch) + 1) * img.shape[-2] * img.shape[-1] > max_pixels)
+        for img in progress(images, desc="memory bank", unit="img", total=count) if progress_bar else images:
+            full = len(batch) == batch_size or (
+                max_pixels is not None and (len(batch) + 1) * img.shape[-2] * img.shape[-1] > max_pixels
+            )
             if batch and (full or batch[0].shape != img.shape):
                 flush(batch)
                 batch = []
@@ -224,13 +237,14 @@ class MemoryBank:
     @staticmethod
     def _check_size(patches: float, dims: int, images: int, config: MemoryConfig) -> None:
         """Refuse patch features over ``config.max_mb``: say how big and what to set."""
-        mb = patches * dims * 4 / 2 ** 20
+        mb = patches * dims * 4 / 2**20
         if mb > config.max_mb:
-            fit = max(1, int(config.max_mb * 2 ** 20 / 4 / dims / max(images, 1) / 2))
+            fit = max(1, int(config.max_mb * 2**20 / 4 / dims / max(images, 1) / 2))
             raise RFIError(
                 f"the memory bank would hold {int(patches):,} patches x {dims} dims = {mb:,.0f} MiB before the "
                 f"coreset (over memory.max_mb={config.max_mb:g}): set memory.patches_per_image={fit} (random "
-                f"patches per image), a smaller image_size, or a larger memory.max_mb")
+                f"patches per image), a smaller image_size, or a larger memory.max_mb"
+            )
 
     @property
     def dims(self) -> int:
@@ -247,7 +261,7 @@ class MemoryBank:
         """
         bank = self.bank.to(queries.device)
         k = min(self.config.neighbours, bank.shape[0])
-        rows = max(1, int(self.config.chunk_mb * 2 ** 20 / 4 / bank.shape[0]))
+        rows = max(1, int(self.config.chunk_mb * 2**20 / 4 / bank.shape[0]))
         out = []
         for q in queries.float().split(rows):
             d = torch.cdist(q, bank)
@@ -264,8 +278,9 @@ class MemoryBank:
         f = patch_features(encoder, x, self.layers, self.config.pool)
         b, d, h, w = f.shape
         if d != self.dims:
-            raise RFIError(f"the encoder gives {d}-dim patch features at {self.layers}, "
-                           f"the memory bank holds {self.dims}")
+            raise RFIError(
+                f"the encoder gives {d}-dim patch features at {self.layers}, the memory bank holds {self.dims}"
+            )
         dist = self.distances(f.permute(0, 2, 3, 1).reshape(-1, d)).reshape(b, 1, h, w)
         dist = F.interpolate(dist, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return smooth(dist, self.config.sigma)
@@ -275,10 +290,13 @@ class MemoryBank:
         """What the model file stores (tensors and plain values only)."""
         from dataclasses import asdict
 
-        return {"bank": self.bank.contiguous(), "layers": list(self.layers), "config": asdict(self.config),
-                "patches": self.patches}
+        return {
+            "bank": self.bank.contiguous(),
+            "layers": list(self.layers),
+            "config": asdict(self.config),
+            "patches": self.patches,
+        }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "MemoryBank":
+    def from_state(cls, state: dict[str, Any]) -> MemoryBank:
         return cls(state["bank"], state["layers"], MemoryConfig(**state["config"]), state.get("patches"))
-

@@ -4,9 +4,11 @@
 histogram (:class:`PixelMetrics`), so their memory does not grow with the number of images.
 An undefined metric (a test set of one class) is ``None`` with a note saying why, never NaN.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -36,10 +38,16 @@ def image_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, A
     n1 = int(y.sum())
     n0 = len(y) - n1
     if n0 == 0 or n1 == 0:
-        what = "no images" if len(y) == 0 else (f"all {len(y)} are normal" if n1 == 0 else f"all {len(y)} are anomalous")
-        return {"auroc": None, "f1": None, "threshold": None,
-                "note": f"AUROC undefined: the labelled test set has a single class ({what}); "
-                        f"it needs both normal and anomalous images"}
+        what = (
+            "no images" if len(y) == 0 else (f"all {len(y)} are normal" if n1 == 0 else f"all {len(y)} are anomalous")
+        )
+        return {
+            "auroc": None,
+            "f1": None,
+            "threshold": None,
+            "note": f"AUROC undefined: the labelled test set has a single class ({what}); "
+            f"it needs both normal and anomalous images",
+        }
     precision, recall, thresholds = precision_recall_curve(y, s)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
@@ -48,9 +56,11 @@ def image_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, A
 
 PIXEL_BINS = 1 << 20
 """Bins of the streaming pixel metrics (:class:`PixelMetrics`): float32 scores cut to their top 20 bits."""
-PIXEL_METHOD = ("streaming histogram: 2^20 bins, float32 scores truncated to sign, exponent and 11 mantissa "
-                "bits (bin width at most 2^-11 of the value); AUROC (Mann-Whitney) and best F1 exact for the "
-                "binned scores, pixels sharing a bin counted as ties")
+PIXEL_METHOD = (
+    "streaming histogram: 2^20 bins, float32 scores truncated to sign, exponent and 11 mantissa "
+    "bits (bin width at most 2^-11 of the value); AUROC (Mann-Whitney) and best F1 exact for the "
+    "binned scores, pixels sharing a bin counted as ties"
+)
 """How :func:`apps.anomaly.scoring.score` computes pixel AUROC and F1 (``metrics.json`` key ``pixel_method``)."""
 
 
@@ -99,11 +109,18 @@ class PixelMetrics:
         neg, pos = self.counts[:PIXEL_BINS].astype(np.float64), self.counts[PIXEL_BINS:].astype(np.float64)
         n0, n1 = neg.sum(), pos.sum()
         if n0 == 0 or n1 == 0:
-            what = "no pixels" if n0 + n1 == 0 else (f"all {n0 + n1:.0f} are normal" if n1 == 0
-                                                     else f"all {n0 + n1:.0f} are anomalous")
-            return {"auroc": None, "f1": None, "threshold": None,
-                    "note": f"AUROC undefined: the ground truth has a single class ({what}); "
-                            f"it needs both normal and anomalous pixels"}
+            what = (
+                "no pixels"
+                if n0 + n1 == 0
+                else (f"all {n0 + n1:.0f} are normal" if n1 == 0 else f"all {n0 + n1:.0f} are anomalous")
+            )
+            return {
+                "auroc": None,
+                "f1": None,
+                "threshold": None,
+                "note": f"AUROC undefined: the ground truth has a single class ({what}); "
+                f"it needs both normal and anomalous pixels",
+            }
         below = np.cumsum(neg) - neg  # normal pixels in lower bins
         auroc = float((pos * (below + 0.5 * neg)).sum() / (n0 * n1))
         tp, fp = np.cumsum(pos[::-1])[::-1], np.cumsum(neg[::-1])[::-1]  # flagged when in bin >= b
@@ -130,14 +147,20 @@ def pixel_metrics(masks: Iterable[Tensor], maps: Iterable[Tensor]) -> dict[str, 
 
 def format_metrics(m: dict[str, Any]) -> str:
     """The metrics of :func:`apps.anomaly.scoring.score` as a text table (AUROC / F1 in %; ``n/a`` where undefined)."""
+
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}"
 
-    head = f"{'category':<12} {'images':>6} {'normal':>6} {'anomalous':>9} {'image AUROC':>11} " \
-           f"{'pixel AUROC':>11} {'image F1':>8} {'pixel F1':>8}"
-    lines = [head, "-" * len(head),
-             f"{str(m.get('category') or '-'):<12} {m['images']:>6} {m['normal']:>6} {m['anomalous']:>9} "
-             f"{pct(m['image_auroc']):>11} {pct(m['pixel_auroc']):>11} {pct(m['image_f1']):>8} {pct(m['pixel_f1']):>8}"]
+    head = (
+        f"{'category':<12} {'images':>6} {'normal':>6} {'anomalous':>9} {'image AUROC':>11} "
+        f"{'pixel AUROC':>11} {'image F1':>8} {'pixel F1':>8}"
+    )
+    lines = [
+        head,
+        "-" * len(head),
+        f"{str(m.get('category') or '-'):<12} {m['images']:>6} {m['normal']:>6} {m['anomalous']:>9} "
+        f"{pct(m['image_auroc']):>11} {pct(m['pixel_auroc']):>11} {pct(m['image_f1']):>8} {pct(m['pixel_f1']):>8}",
+    ]
     for d, v in (m.get("per_defect") or {}).items():
         lines.append(f"  {d:<20} image AUROC {pct(v):>6}")
     lines += [f"note: {n}" for n in m.get("notes", [])]

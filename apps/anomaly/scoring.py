@@ -5,6 +5,7 @@ writes ``scores.csv`` (one row per image), ``maps/<name>.png`` (heat-map overlay
 ``metrics.json`` (image AUROC, pixel AUROC where masks exist, F1 at the best threshold, per
 defect type; :mod:`apps.anomaly.metrics`). Unreadable images are skipped and named.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,9 @@ from encoders.core.serialization import atomic_write, write_json
 log = logging.getLogger("rfi")
 
 
-def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch_size: int = 16,
-          write_maps: bool = True) -> dict[str, Any]:
+def score(
+    det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch_size: int = 16, write_maps: bool = True
+) -> dict[str, Any]:
     """Score every test image of ``data``; write ``scores.csv``, ``maps/`` and ``metrics.json`` to ``out``.
 
     An image that cannot be read, holds NaN/Inf, is too small for the encoder or gets a map that
@@ -64,15 +66,24 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
         scores = det.image_scores(maps)
         for (item, img, _), amap, s in zip(batch, maps, scores):
             if not (torch.isfinite(amap).all() and torch.isfinite(s)):
-                fail(item, RFIError(f"the anomaly map of {item.path} holds NaN or Inf values "
-                                    f"(is the model file corrupt?)"))
+                fail(
+                    item,
+                    RFIError(f"the anomaly map of {item.path} holds NaN or Inf values (is the model file corrupt?)"),
+                )
                 continue
             rel = f"maps/{item.name}.png"
             if write_maps:
                 write_image(det.overlay(img, amap), out / rel)
-            rows.append({"name": item.name, "defect": item.defect, "label": "" if item.label is None else item.label,
-                         "score": f"{float(s):.6g}", "anomalous": int(det.threshold is not None and float(s) > det.threshold),
-                         "map": rel if write_maps else ""})
+            rows.append(
+                {
+                    "name": item.name,
+                    "defect": item.defect,
+                    "label": "" if item.label is None else item.label,
+                    "score": f"{float(s):.6g}",
+                    "anomalous": int(det.threshold is not None and float(s) > det.threshold),
+                    "map": rel if write_maps else "",
+                }
+            )
             if data.has_masks and item.label is not None:
                 try:
                     pixels.update(ground_truth_mask(item, tuple(amap.shape[-2:])), amap[0])
@@ -109,9 +120,16 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
     scores = [float(r["score"]) for r in labelled]
     notes: list[str] = []
     metrics: dict[str, Any] = {
-        "category": data.category, "data": str(data.root), "images": len(rows), "skipped": skipped, "failed": failed,
-        "normal": labels.count(0), "anomalous": labels.count(1), "unlabelled": len(rows) - len(labelled),
-        "model_threshold": det.threshold}
+        "category": data.category,
+        "data": str(data.root),
+        "images": len(rows),
+        "skipped": skipped,
+        "failed": failed,
+        "normal": labels.count(0),
+        "anomalous": labels.count(1),
+        "unlabelled": len(rows) - len(labelled),
+        "model_threshold": det.threshold,
+    }
     if labelled:
         im = image_metrics(labels, scores)
         metrics.update(image_auroc=im["auroc"], image_f1=im["f1"], image_f1_threshold=im["threshold"])
@@ -120,8 +138,13 @@ def score(det: AnomalyDetector, data: AnomalyData, out: str | os.PathLike, batch
         defects = sorted({r["defect"] for r in labelled if r["label"] == 1})
         if labels.count(0) and len(defects) > 1:
             metrics["per_defect"] = {
-                d: image_metrics(*zip(*[(int(r["label"]), float(r["score"])) for r in labelled
-                                        if r["label"] == 0 or r["defect"] == d]))["auroc"] for d in defects}
+                d: image_metrics(
+                    *zip(
+                        *[(int(r["label"]), float(r["score"])) for r in labelled if r["label"] == 0 or r["defect"] == d]
+                    )
+                )["auroc"]
+                for d in defects
+            }
     else:
         metrics.update(image_auroc=None, image_f1=None)
         notes.append("no labels: image metrics not computed (give a labels CSV or test/good + test/<defect> folders)")

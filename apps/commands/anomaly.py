@@ -4,6 +4,7 @@ Example:
     rfi anomaly fit --data embedded --category brick --out runs/anomaly/brick.pt
     rfi anomaly score --model runs/anomaly/brick.pt --data embedded --out runs/anomaly/brick_scores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,37 +34,60 @@ def register_anomaly(parser: argparse.ArgumentParser) -> None:
     common = [common_flags(suppress=True)]  # also accepted after the sub-command
 
     p = sub.add_parser("fit", parents=common, help="train on normal images only; write one model file")
-    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with normal/ (+ test/), "
-                                                 "a folder of normal images, or 'embedded'")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="MVTec AD root or category, a folder with normal/ (+ test/), a folder of normal images, or 'embedded'",
+    )
     p.add_argument("--out", required=True, help="the model file to write (e.g. runs/anomaly/brick.pt)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     p.add_argument("--category", help="category of an MVTec root with several (e.g. brick for --data embedded)")
-    p.add_argument("--method", help=f"{' | '.join(typing.get_args(Method))}: a decoder, a PatchCore-style memory "
-                                    f"bank of patch features, or both (the config key 'method', default "
-                                    f"{defaults.method})")
+    p.add_argument(
+        "--method",
+        help=f"{' | '.join(typing.get_args(Method))}: a decoder, a PatchCore-style memory "
+        f"bank of patch features, or both (the config key 'method', default "
+        f"{defaults.method})",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted decoder training")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. encoder=runs/encoders/resnet18_standard/checkpoint.pt "
-                        "train.steps=400 score.sigma=4")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. encoder=runs/encoders/resnet18_standard/checkpoint.pt "
+        "train.steps=400 score.sigma=4",
+    )
     p.set_defaults(func=run_fit)
 
     p = sub.add_parser("score", parents=common, help="score test images: CSV, heat-map PNGs, metrics")
     p.add_argument("--model", required=True, help="a model file written by 'rfi anomaly fit'")
-    p.add_argument("--data", required=True, help="MVTec AD root or category, a folder with test/ (+ labels.csv), "
-                                                 "a folder of test images, or 'embedded'")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="MVTec AD root or category, a folder with test/ (+ labels.csv), a folder of test images, or 'embedded'",
+    )
     p.add_argument("--out", required=True, help="output folder: scores.csv, maps/, metrics.json")
     p.add_argument("--category", help="category of an MVTec root (default: the model's)")
     p.add_argument("--labels", help="CSV 'name,label' (0 normal, 1 anomalous) for a plain test folder")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                   help=f"images per batch, at most 1 Mpx of them (1024-px images go one at a time; default "
-                        f"{defaults.batch_size}, the config's batch_size)")
-    p.add_argument("--device", default=defaults.device,
-                   help=f"auto, cpu, cuda, cuda:1 ... (default {defaults.device}, the config's device)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"images per batch, at most 1 Mpx of them (1024-px images go one at a time; default "
+        f"{defaults.batch_size}, the config's batch_size)",
+    )
+    p.add_argument(
+        "--device",
+        default=defaults.device,
+        help=f"auto, cpu, cuda, cuda:1 ... (default {defaults.device}, the config's device)",
+    )
     p.add_argument("--no-maps", action="store_true", help="do not write heat-map PNGs")
     p.set_defaults(func=run_score)
 
-    p = sub.add_parser("make-benchmark", parents=common,
-                       help="write the embedded benchmark (textures with synthetic defects) in MVTec AD layout")
+    p = sub.add_parser(
+        "make-benchmark",
+        parents=common,
+        help="write the embedded benchmark (textures with synthetic defects) in MVTec AD layout",
+    )
     p.add_argument("--out", required=True, help="destination folder, e.g. data/embedded_mvtec")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config whose benchmark: section is used")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. benchmark.size=96 benchmark.seed=1")
@@ -104,8 +128,10 @@ def run_score(args: argparse.Namespace) -> int:
     with reported_writes(args.out):  # a full disk: one line naming the folder
         metrics = score(det, data, args.out, flags.batch_size, write_maps=not args.no_maps)
     print(format_metrics(metrics))
-    print(f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'metrics.json'}"
-          + ("" if args.no_maps else f" and {metrics['images']} heat maps in {Path(args.out) / 'maps'}"))
+    print(
+        f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'metrics.json'}"
+        + ("" if args.no_maps else f" and {metrics['images']} heat maps in {Path(args.out) / 'maps'}")
+    )
     return partial_exit(metrics["failed"])
 
 

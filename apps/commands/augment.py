@@ -7,6 +7,7 @@ Example:
     rfi augment photos/ --out views/ --views 4 --model runs/style/pyramid.pt
     rfi augment photos/ --out views/ --styles styles/ --p 1 --alpha 0.5,1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,8 +86,7 @@ def float_pair(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected lo,hi (e.g. 0.5,1), got {text!r}") from None
 
 
-FLAGS = ("views", "model", "encoder", "decoder", "styles", "p", "alpha", "beta", "seed", "size", "batch_size",
-         "device")
+FLAGS = ("views", "model", "encoder", "decoder", "styles", "p", "alpha", "beta", "seed", "size", "batch_size", "device")
 """The flags that set the :class:`AugmentConfig` key of the same name."""
 
 
@@ -99,15 +99,17 @@ def register_augment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="autoencoder file (RobustAutoencoder.save) (config: model)")
     parser.add_argument("--encoder", help="encoder checkpoint (with --decoder), instead of --model")
     parser.add_argument("--decoder", help="decoder checkpoint (with --encoder)")
-    parser.add_argument("--styles", help="style image folder, or 'batch': styles from the other images "
-                                         "(config: styles)")
+    parser.add_argument(
+        "--styles", help="style image folder, or 'batch': styles from the other images (config: styles)"
+    )
     parser.add_argument("--p", type=float, help="probability that a view is restyled (config: p)")
     parser.add_argument("--alpha", type=float_pair, help="feature-space blend range lo,hi (config: alpha)")
     parser.add_argument("--beta", type=float_pair, help="pixel-space blend range lo,hi (config: beta)")
     parser.add_argument("--seed", type=int, help="random seed (config: seed)")
     parser.add_argument("--size", type=int, help="resize + centre-crop images to SIZE x SIZE (config: size)")
-    parser.add_argument("--batch-size", type=int, dest="batch_size", help="images restyled together "
-                                                                          "(config: batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, dest="batch_size", help="images restyled together (config: batch_size)"
+    )
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config: device)")
     parser.set_defaults(func=run)
 
@@ -127,11 +129,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = augment_config(args)
     check_image_side(cfg.size, "--size")
     device = resolve_device(cfg.device)
-    batch_files = FileBatch(args.images, args.out, desc="augment",
-                            names=lambda p: [f"{p.stem}_view{k + 1}.png" for k in range(cfg.views)])
-    held = (1 + cfg.views) * len(batch_files.files) * 3 * cfg.size ** 2 * FLOAT_BYTES  # the images and their views
-    check_memory(held, f"--size {cfg.size} with --views {cfg.views} for {len(batch_files.files)} images",
-                 "lower --size or --views, or augment fewer images at a time")
+    batch_files = FileBatch(
+        args.images, args.out, desc="augment", names=lambda p: [f"{p.stem}_view{k + 1}.png" for k in range(cfg.views)]
+    )
+    held = (1 + cfg.views) * len(batch_files.files) * 3 * cfg.size**2 * FLOAT_BYTES  # the images and their views
+    check_memory(
+        held,
+        f"--size {cfg.size} with --views {cfg.views} for {len(batch_files.files)} images",
+        "lower --size or --views, or augment fewer images at a time",
+    )
     sheet_path = batch_files.out / "contact_sheet.png"
     if sheet_path.resolve() in {f.resolve() for f in batch_files.files}:
         raise RFIError(f"refusing to overwrite input {sheet_path}: choose an --out folder other than the inputs'")
@@ -146,13 +152,22 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         return batch_files.finish()
     if cfg.styles == "batch" and len(files) < 2:
-        raise RFIError(f"styles from the batch need at least 2 images, {' '.join(args.images)} holds "
-                       f"{len(files)} readable: pass --styles DIR")
+        raise RFIError(
+            f"styles from the batch need at least 2 images, {' '.join(args.images)} holds "
+            f"{len(files)} readable: pass --styles DIR"
+        )
     images = torch.stack(loaded)
     model = cfg.model or ((cfg.encoder, cfg.decoder) if cfg.encoder else None)
-    aug = StyleAugment(load_style_model(model, device), p=cfg.p, alpha=cfg.alpha, beta=cfg.beta,
-                       styles=cfg.styles, generator=cfg.seed, style_size=cfg.style_size,
-                       work_size=cfg.work_size)
+    aug = StyleAugment(
+        load_style_model(model, device),
+        p=cfg.p,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        styles=cfg.styles,
+        generator=cfg.seed,
+        style_size=cfg.style_size,
+        work_size=cfg.work_size,
+    )
     # Batches are split evenly, so none is a batch of one (which styles='batch' refuses).
     n_batches = math.ceil(len(files) / cfg.batch_size)
     views = torch.empty(cfg.views, *images.shape)

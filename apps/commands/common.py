@@ -1,12 +1,14 @@
 """Argument helpers shared by several ``rfi`` commands (the libraries below ``apps/`` parse no arguments)."""
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from encoders.core.config import FLAGS, check_config
 from encoders.core.files import check_output_file, check_output_folder, reported_writes
@@ -29,8 +31,13 @@ def common_flags(suppress: bool = False) -> argparse.ArgumentParser:
     return common
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, config: str | None, overrides_example: str,
-                      out_help: str, resume_help: str = "continue the run in the output folder") -> None:
+def add_job_arguments(
+    parser: argparse.ArgumentParser,
+    config: str | None,
+    overrides_example: str,
+    out_help: str,
+    resume_help: str = "continue the run in the output folder",
+) -> None:
     """The arguments every training command shares: ``--config``, ``key=value`` overrides, ``--resume``, ``--out``.
 
     Args:
@@ -83,8 +90,9 @@ def add_flag(parser: argparse.ArgumentParser, flags: type, name: str, help: str,
         kwargs.setdefault("type", inner[0])
     default = getattr(flags(), name)
     shown = "none" if default is None else "%(default)s"
-    parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
-                        help=f"{help} (default: {shown})", **kwargs)
+    parser.add_argument(
+        "--" + name.replace("_", "-"), dest=name, default=default, help=f"{help} (default: {shown})", **kwargs
+    )
 
 
 def checked_flags(flags: type[T], args: argparse.Namespace) -> T:
@@ -126,14 +134,18 @@ def run_training(args: argparse.Namespace, config_class: type, train: Callable[.
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--data SOURCE`` and ``--size PX`` of the commands that measure an encoder (see :func:`data_config`)."""
-    parser.add_argument("--data", metavar="SOURCE",
-                        help="validation data: 'embedded', an image folder, or 'cifar10:ROOT' "
-                             "(default: the data the encoder was trained on, else embedded)")
+    parser.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="validation data: 'embedded', an image folder, or 'cifar10:ROOT' "
+        "(default: the data the encoder was trained on, else embedded)",
+    )
     parser.add_argument("--size", type=int, help="image size (default: the training size, else 32 or 128)")
 
 
-def data_config(spec: str | None, size: int | None, train_data: Mapping[str, Any] | None,
-                small_input: bool) -> DataConfig:
+def data_config(
+    spec: str | None, size: int | None, train_data: Mapping[str, Any] | None, small_input: bool
+) -> DataConfig:
     """The data of ``--data SOURCE --size PX``; by default the data the encoder was trained on.
 
     Args:
@@ -151,7 +163,7 @@ def data_config(spec: str | None, size: int | None, train_data: Mapping[str, Any
     elif spec in (None, "embedded"):
         cfg = DataConfig(size=32 if small_input else 128)
     elif spec.startswith("cifar10:"):
-        cfg = DataConfig(source="cifar10", root=spec[len("cifar10:"):], size=32)
+        cfg = DataConfig(source="cifar10", root=spec[len("cifar10:") :], size=32)
     else:
         cfg = DataConfig(source="folder", root=spec, size=32 if small_input else 224)
     if size:

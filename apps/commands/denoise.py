@@ -11,6 +11,7 @@ Example:
     rfi denoise apply noisy/ --out clean/
     rfi denoise apply photos/ --model runs/denoise/denoiser.pt --out demo/ --sigma 25 --save-noisy
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,28 +37,44 @@ def register_denoise(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="denoise_command", metavar="SUBCOMMAND")
     common = [common_flags(suppress=True)]  # also accepted after the sub-command
 
-    p = sub.add_parser("train", parents=common, help="train a denoiser: a decoder from noisy images' robust "
-                                                     "features to the clean images",
-                       description="Train a denoising decoder on robust features and write one model file.")
-    add_job_arguments(p, DEFAULT_CONFIG, "noise.sigma=25 'noise.sigma=[5,50]' train.steps=2000 "
-                                         "train.encoder.checkpoint=PATH 'train.decoder.skips=[input,layer1]'",
-                      "training folder (default: train.out of the config)")
+    p = sub.add_parser(
+        "train",
+        parents=common,
+        help="train a denoiser: a decoder from noisy images' robust features to the clean images",
+        description="Train a denoising decoder on robust features and write one model file.",
+    )
+    add_job_arguments(
+        p,
+        DEFAULT_CONFIG,
+        "noise.sigma=25 'noise.sigma=[5,50]' train.steps=2000 "
+        "train.encoder.checkpoint=PATH 'train.decoder.skips=[input,layer1]'",
+        "training folder (default: train.out of the config)",
+    )
     p.add_argument("--model", help="model file to write (default: model of the config, else <out>/denoiser.pt)")
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser("apply", parents=common, help="denoise image files with a trained denoiser",
-                       description="Denoise image files (PNG outputs, same names). Flags override the "
-                                   "config's apply: section.")
+    p = sub.add_parser(
+        "apply",
+        parents=common,
+        help="denoise image files with a trained denoiser",
+        description="Denoise image files (PNG outputs, same names). Flags override the config's apply: section.",
+    )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="output folder (PNG files, same names as the inputs)")
-    p.add_argument("--model", help="denoiser file (default: model of the config, where rfi denoise train "
-                                   "writes it)")
+    p.add_argument("--model", help="denoiser file (default: model of the config, where rfi denoise train writes it)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    p.add_argument("--sigma", type=float, help="DEMO: first add Gaussian noise of this level (0-255 units) to the "
-                                               "inputs, then denoise (config: apply.sigma)")
+    p.add_argument(
+        "--sigma",
+        type=float,
+        help="DEMO: first add Gaussian noise of this level (0-255 units) to the "
+        "inputs, then denoise (config: apply.sigma)",
+    )
     p.add_argument("--seed", type=int, help="seed of the --sigma noise (config: apply.seed)")
-    p.add_argument("--save-noisy", action=argparse.BooleanOptionalAction,
-                   help="with --sigma: also write <out>/noisy/<name>.png (config: apply.save_noisy)")
+    p.add_argument(
+        "--save-noisy",
+        action=argparse.BooleanOptionalAction,
+        help="with --sigma: also write <out>/noisy/<name>.png (config: apply.save_noisy)",
+    )
     p.add_argument("--tile", type=int, help="tile side in px for large images (config: apply.tile)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config: apply.device)")
     p.set_defaults(func=run_apply)
@@ -87,7 +104,9 @@ def run_apply(args: argparse.Namespace) -> int:
     if settings.sigma is not None and "sigma" in info:
         lo, hi = info["sigma"]
         if not lo <= settings.sigma <= hi:
-            log.warning("--sigma %g is outside the noise range this model was trained for [%g, %g]",
-                        settings.sigma, lo, hi)
-    return denoise_files(model, args.inputs, args.out, settings.sigma, settings.tile, settings.seed,
-                         settings.save_noisy)
+            log.warning(
+                "--sigma %g is outside the noise range this model was trained for [%g, %g]", settings.sigma, lo, hi
+            )
+    return denoise_files(
+        model, args.inputs, args.out, settings.sigma, settings.tile, settings.seed, settings.save_noisy
+    )

@@ -10,10 +10,12 @@ Example:
     rfi invert photos/ --encoder imagenet_l2_3_0.pt --arch resnet50 \\
         --decoder runs/decoders/resnet50_layer4/decoder.pt --out inverted/
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -23,8 +25,8 @@ from encoders.core.config import bounded, yaml_dataclass
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder
 from encoders.core.runtime import resolve_device
-from inversion.autoencoder import RobustAutoencoder
 from encoders.weights.checkpoints import load_encoder
+from inversion.autoencoder import RobustAutoencoder
 from inversion.invert import invert_files
 
 
@@ -44,18 +46,31 @@ class InvertFlags:
 def register_invert(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi invert``."""
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
-    parser.add_argument("--encoder", required=True, help="encoder checkpoint: RFI, robustness-library or "
-                                                         "torchvision file")
-    parser.add_argument("--arch", help="the encoder's architecture (e.g. resnet50) when --encoder is a "
-                                       "robustness-library or torchvision file (default: as the decoder records)")
-    parser.add_argument("--decoder", help="decoder checkpoint (required for --method decoder; "
-                                          "with --method optimize it names the layer)")
+    parser.add_argument(
+        "--encoder", required=True, help="encoder checkpoint: RFI, robustness-library or torchvision file"
+    )
+    parser.add_argument(
+        "--arch",
+        help="the encoder's architecture (e.g. resnet50) when --encoder is a "
+        "robustness-library or torchvision file (default: as the decoder records)",
+    )
+    parser.add_argument(
+        "--decoder",
+        help="decoder checkpoint (required for --method decoder; with --method optimize it names the layer)",
+    )
     parser.add_argument("--out", required=True, help="output folder (one PNG per input, same names)")
-    parser.add_argument("--allow-mismatch", action="store_true",
-                        help="use --decoder with an encoder other than the one it was trained on (on purpose)")
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="use --decoder with an encoder other than the one it was trained on (on purpose)",
+    )
     add_flag(parser, InvertFlags, "method", "decoder (fast) or optimize (gradient descent on pixels)")
-    add_flag(parser, InvertFlags, "tile", "decoder: tile side in px for large images (none: whole image up to "
-                                          "1 Mpx, else 1024; equal to a whole pass)")
+    add_flag(
+        parser,
+        InvertFlags,
+        "tile",
+        "decoder: tile side in px for large images (none: whole image up to 1 Mpx, else 1024; equal to a whole pass)",
+    )
     parser.add_argument("--layer", help="optimize: encoder layer to match (default: the decoder's)")
     add_flag(parser, InvertFlags, "steps", "optimize: Adam steps (about 1000 match the decoder's PSNR)")
     add_flag(parser, InvertFlags, "lr", "optimize: step size on the logits")
@@ -70,14 +85,16 @@ def inverter(args: argparse.Namespace, flags: InvertFlags, device: torch.device)
     if flags.method == "decoder":
         if not args.decoder:
             raise RFIError("--method decoder needs --decoder D (a decoder checkpoint)")
-        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch,
-                                               allow_mismatch=args.allow_mismatch)
+        ae = RobustAutoencoder.from_checkpoints(
+            args.encoder, args.decoder, device=device, arch=args.arch, allow_mismatch=args.allow_mismatch
+        )
         return lambda x: ae.reconstruct(x, tile=flags.tile)
     from inversion.optimize import invert_by_optimization
 
     if args.decoder:
-        ae = RobustAutoencoder.from_checkpoints(args.encoder, args.decoder, device=device, arch=args.arch,
-                                               allow_mismatch=args.allow_mismatch)
+        ae = RobustAutoencoder.from_checkpoints(
+            args.encoder, args.decoder, device=device, arch=args.arch, allow_mismatch=args.allow_mismatch
+        )
         encoder, layer = ae.encoder, args.layer or ae.layer
     elif args.layer:
         encoder, layer = load_encoder(args.encoder, args.arch).to(device), args.layer
@@ -85,8 +102,9 @@ def inverter(args: argparse.Namespace, flags: InvertFlags, device: torch.device)
         raise RFIError("--method optimize needs --layer NAME (or a --decoder, whose layer is used)")
     encoder.check_layers([layer])
     generator = torch.Generator(device=device).manual_seed(flags.seed)
-    return lambda x: invert_by_optimization(encoder, x, layer, steps=flags.steps, lr=flags.lr,
-                                            tv_weight=flags.tv_weight, generator=generator, progress=True)
+    return lambda x: invert_by_optimization(
+        encoder, x, layer, steps=flags.steps, lr=flags.lr, tv_weight=flags.tv_weight, generator=generator, progress=True
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ Example:
     rfi quickstart --out runs/quickstart            # 8-26 minutes on 2 idle CPU cores (machine-dependent)
     rfi quickstart --out /tmp/qs --budget tiny      # a smoke test of a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,15 @@ from inversion.evaluate import format_table
 def register_quickstart(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi quickstart``."""
     parser.add_argument("--out", help="output folder (default: out of the config)")
-    parser.add_argument("--budget", help="a budget of the config: default (8-26 min on 2 idle CPU cores, "
-                                         "by machine), small (about 40 %% of that), tiny (a smoke test)")
+    parser.add_argument(
+        "--budget",
+        help="a budget of the config: default (8-26 min on 2 idle CPU cores, "
+        "by machine), small (about 40 %% of that), tiny (a smoke test)",
+    )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="quickstart YAML (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="quickstart config overrides, e.g. eval.num=50 device=cpu")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="quickstart config overrides, e.g. eval.num=50 device=cpu"
+    )
     parser.add_argument("--force", action="store_true", help="retrain even if cached runs exist")
     parser.set_defaults(func=run)
 

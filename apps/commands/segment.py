@@ -13,6 +13,7 @@ Example:
         train.encoder.layer=stage1 'train.decoder.skips=[]'
     rfi segment apply photos/ --out labels/ --overlay
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,25 +40,39 @@ def register_segment(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="segment_command", metavar="SUBCOMMAND")
     common = [common_flags(suppress=True)]  # also accepted after the sub-command
 
-    p = sub.add_parser("train", parents=common, help="train a segmenter: class logits at the input size from an "
-                                                     "encoder layer, shift-equivariant with LPS / equivariant encoders",
-                       description="Train a segmenter (cross-entropy, frozen or fine-tuned encoder) and write one "
-                                   "model file.")
-    add_job_arguments(p, DEFAULT_CONFIG, "train.steps=200 train.encoder.checkpoint=PATH train.finetune=true "
-                                         "train.data.source=voc train.data.root=VOC2012",
-                      "training folder (default: train.out of the config)")
+    p = sub.add_parser(
+        "train",
+        parents=common,
+        help="train a segmenter: class logits at the input size from an "
+        "encoder layer, shift-equivariant with LPS / equivariant encoders",
+        description="Train a segmenter (cross-entropy, frozen or fine-tuned encoder) and write one model file.",
+    )
+    add_job_arguments(
+        p,
+        DEFAULT_CONFIG,
+        "train.steps=200 train.encoder.checkpoint=PATH train.finetune=true "
+        "train.data.source=voc train.data.root=VOC2012",
+        "training folder (default: train.out of the config)",
+    )
     p.add_argument("--model", help="model file to write (default: model of the config, else <out>/segmenter.pt)")
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser("apply", parents=common, help="write the label map of image files (palette PNGs)",
-                       description="Segment image files: <out>/<name>.png holds each pixel's class index (VOC "
-                                   "colours). Flags override the config's apply: section.")
+    p = sub.add_parser(
+        "apply",
+        parents=common,
+        help="write the label map of image files (palette PNGs)",
+        description="Segment image files: <out>/<name>.png holds each pixel's class index (VOC "
+        "colours). Flags override the config's apply: section.",
+    )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="output folder (PNG label maps, same names as the inputs)")
     p.add_argument("--model", help="segmenter file (default: model of the config, where rfi segment train writes it)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    p.add_argument("--overlay", action=argparse.BooleanOptionalAction,
-                   help="also write <out>/<name>_overlay.png, the image tinted with its labels (config: apply.overlay)")
+    p.add_argument(
+        "--overlay",
+        action=argparse.BooleanOptionalAction,
+        help="also write <out>/<name>_overlay.png, the image tinted with its labels (config: apply.overlay)",
+    )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config: apply.device)")
     p.set_defaults(func=run_apply)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])

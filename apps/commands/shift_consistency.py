@@ -7,6 +7,7 @@ application layer: :mod:`encoders.robust.shift` only takes a ``reconstruct`` cal
 Example:
     rfi shift-consistency --encoder runs/encoders/lps/checkpoint.pt --decoder runs/decoders/lps/decoder.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,11 @@ from pathlib import Path
 from apps.commands.common import add_data_arguments, add_flag, checked_flags, data_config, json_output
 from encoders.core.config import bounded, yaml_dataclass
 from encoders.core.files import reported_writes
-from encoders.weights.checkpoints import encoder_from_checkpoint
-from encoders.data.build import build_dataset
 from encoders.core.runtime import resolve_device
 from encoders.core.serialization import load_checkpoint, write_json
+from encoders.data.build import build_dataset
 from encoders.robust.shift import format_table, shift_consistency
+from encoders.weights.checkpoints import encoder_from_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 
 
@@ -36,11 +37,15 @@ class ShiftConsistencyFlags:
 def register_shift_consistency(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi shift-consistency``."""
     parser.add_argument("--encoder", required=True, metavar="E", help="RFI encoder checkpoint")
-    parser.add_argument("--decoder", metavar="D", help="decoder checkpoint for the encoder: also measure "
-                                                       "the autoencoder's reconstruction equivariance")
+    parser.add_argument(
+        "--decoder",
+        metavar="D",
+        help="decoder checkpoint for the encoder: also measure the autoencoder's reconstruction equivariance",
+    )
     add_data_arguments(parser)
-    parser.add_argument("--layer", help="layer of the feature equivariance error (default: the decoder's, "
-                                        "else the deepest)")
+    parser.add_argument(
+        "--layer", help="layer of the feature equivariance error (default: the decoder's, else the deepest)"
+    )
     add_flag(parser, ShiftConsistencyFlags, "max_images", "use at most this many images")
     add_flag(parser, ShiftConsistencyFlags, "batch_size", "images per batch")
     add_flag(parser, ShiftConsistencyFlags, "seed", "seed of the random shifts")
@@ -66,16 +71,30 @@ def run(args: argparse.Namespace) -> int:
     if args.decoder:
         ae = RobustAutoencoder.from_checkpoints(encoder, args.decoder, device=device)
         reconstruct, layer = ae.reconstruct, layer or ae.layer
-    result = shift_consistency(encoder, dataset, layer, reconstruct, flags.max_images, flags.batch_size,
-                               flags.seed, device)
-    kind = f"equivariant={getattr(encoder, 'equivariant', False)}" if "equivariant" in encoder.family.options \
+    result = shift_consistency(
+        encoder, dataset, layer, reconstruct, flags.max_images, flags.batch_size, flags.seed, device
+    )
+    kind = (
+        f"equivariant={getattr(encoder, 'equivariant', False)}"
+        if "equivariant" in encoder.family.options
         else f"downsample={encoder.downsample}"
-    print(f"{path}: {encoder.arch} ({kind}) on {data_cfg.source} val, "
-          f"{data_cfg.size}px, two random circular shifts per image (seed {flags.seed})")
+    )
+    print(
+        f"{path}: {encoder.arch} ({kind}) on {data_cfg.source} val, "
+        f"{data_cfg.size}px, two random circular shifts per image (seed {flags.seed})"
+    )
     print(format_table([result], [path.stem if path.stem != "checkpoint" else path.parent.name]))
     with reported_writes(out, "--json"):  # a full disk: one line naming the file
-        write_json({"encoder": str(path), "decoder": args.decoder, "downsample": encoder.downsample,
-                    "equivariant": bool(getattr(encoder, "equivariant", False)),
-                    "data": vars(data_cfg), **result}, out)
+        write_json(
+            {
+                "encoder": str(path),
+                "decoder": args.decoder,
+                "downsample": encoder.downsample,
+                "equivariant": bool(getattr(encoder, "equivariant", False)),
+                "data": vars(data_cfg),
+                **result,
+            },
+            out,
+        )
     print(f"wrote {out}")
     return 0

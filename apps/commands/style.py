@@ -10,6 +10,7 @@ Example:
     rfi style apply photo.jpg --style starry.jpg --out styled/ --alpha 0.8
     rfi style apply photos/ --style a.jpg --style b.jpg --weights 0.7,0.3 --out mixed/ --preserve-color
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,30 +70,49 @@ def register_style(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="style_command", metavar="SUBCOMMAND")
     common = [common_flags(suppress=True)]  # also accepted after the sub-command
 
-    p = sub.add_parser("train", parents=common, help="train a decoder pyramid: one decoder per encoder layer",
-                       description="Train a decoder pyramid (one rfi train-decoder run per layer) and write it "
-                                   "as one model file.")
-    add_job_arguments(p, DEFAULT_CONFIG, "train.steps=100 'layers=[layer1,layer2,layer3]' "
-                                         "train.encoder.checkpoint=PATH per_layer.layer1.steps=50",
-                      "pyramid model file (default: out of the config)", "continue (or reuse) the per-layer runs")
+    p = sub.add_parser(
+        "train",
+        parents=common,
+        help="train a decoder pyramid: one decoder per encoder layer",
+        description="Train a decoder pyramid (one rfi train-decoder run per layer) and write it as one model file.",
+    )
+    add_job_arguments(
+        p,
+        DEFAULT_CONFIG,
+        "train.steps=100 'layers=[layer1,layer2,layer3]' train.encoder.checkpoint=PATH per_layer.layer1.steps=50",
+        "pyramid model file (default: out of the config)",
+        "continue (or reuse) the per-layer runs",
+    )
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser("apply", parents=common, help="stylise images through a decoder pyramid (WCT / AdaIN)",
-                       description="Stylise images coarse-to-fine through a decoder pyramid. Flags override "
-                                   "the config's apply: section.")
+    p = sub.add_parser(
+        "apply",
+        parents=common,
+        help="stylise images through a decoder pyramid (WCT / AdaIN)",
+        description="Stylise images coarse-to-fine through a decoder pyramid. Flags override "
+        "the config's apply: section.",
+    )
     p.add_argument("contents", nargs="+", metavar="CONTENT", help="content images and/or folders of images")
-    p.add_argument("--style", action="append", required=True, metavar="STYLE",
-                   help="style image; repeat for several (blended with --weights, else one output each)")
-    p.add_argument("--weights", help="comma-separated weights of the styles, e.g. 0.7,0.3: blend them into one "
-                                     "output per content")
+    p.add_argument(
+        "--style",
+        action="append",
+        required=True,
+        metavar="STYLE",
+        help="style image; repeat for several (blended with --weights, else one output each)",
+    )
+    p.add_argument(
+        "--weights", help="comma-separated weights of the styles, e.g. 0.7,0.3: blend them into one output per content"
+    )
     p.add_argument("--out", required=True, help="output folder (PNG files)")
-    p.add_argument("--model", help="decoder pyramid file (default: out of the config, where rfi style train "
-                                   "writes it)")
+    p.add_argument("--model", help="decoder pyramid file (default: out of the config, where rfi style train writes it)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     p.add_argument("--method", help=f"feature transform: {' or '.join(METHODS)} (config: apply.method)")
     p.add_argument("--alpha", type=float, help="content-style trade-off in [0, 1] (config: apply.alpha)")
-    p.add_argument("--preserve-color", action=argparse.BooleanOptionalAction,
-                   help="keep the content's colours (config: apply.preserve_color)")
+    p.add_argument(
+        "--preserve-color",
+        action=argparse.BooleanOptionalAction,
+        help="keep the content's colours (config: apply.preserve_color)",
+    )
     p.add_argument("--size", type=int, help="resize contents so the longer side is SIZE px (config: apply.size)")
     p.add_argument("--style-size", type=int, help="longer side of the styles in px (config: apply.style_size)")
     p.add_argument("--layers", type=comma_list, help="comma-separated pyramid layers to use (config: apply.layers)")
@@ -126,9 +146,13 @@ def run_apply(args: argparse.Namespace) -> int:
     if weights is not None:
         check_weights(weights, len(style_paths))
     separate = weights is None and len(style_paths) > 1
-    batch = FileBatch(args.contents, args.out, protect=style_paths, desc="style apply",
-                      names=lambda c: [f"{c.stem}_{s.stem}.png" for s in style_paths] if separate
-                      else [f"{c.stem}.png"])
+    batch = FileBatch(
+        args.contents,
+        args.out,
+        protect=style_paths,
+        desc="style apply",
+        names=lambda c: [f"{c.stem}_{s.stem}.png" for s in style_paths] if separate else [f"{c.stem}.png"],
+    )
     styles = [read_image(p) for p in style_paths]
     device = resolve_device(settings.device)
     ae = load_pyramid(args.model or cfg.out, device)
@@ -137,9 +161,18 @@ def run_apply(args: argparse.Namespace) -> int:
     def process(path: Path, image: Tensor) -> list[Tensor]:
         content = resize_longer(image, settings.size).to(device)
         side = settings.style_size or max(content.shape[-2:])
-        return [stylize(ae, content, [resize_longer(styles[i], side) for i in group],
-                        weights=[weights[i] for i in group] if weights else None, method=settings.method,
-                        alpha=settings.alpha, preserve_color=settings.preserve_color, layers=settings.layers)
-                for group in groups]
+        return [
+            stylize(
+                ae,
+                content,
+                [resize_longer(styles[i], side) for i in group],
+                weights=[weights[i] for i in group] if weights else None,
+                method=settings.method,
+                alpha=settings.alpha,
+                preserve_color=settings.preserve_color,
+                layers=settings.layers,
+            )
+            for group in groups
+        ]
 
     return batch.run(process)

@@ -4,6 +4,7 @@ Example:
     rfi train-decoder --config configs/decoder/resnet18_robust_layer3.yaml epochs=2
     torchrun --standalone --nproc_per_node 2 -m apps.cli train-decoder --config ...   # DDP
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,12 @@ from inversion.train import TrainDecoderConfig, train_decoder
 
 def register_train_decoder(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi train-decoder``: ``--config``, ``key=value`` overrides, ``--out``, ``--resume``."""
-    add_job_arguments(parser, None, "epochs=2 loss.feature=0.5 encoder.layer=layer2",
-                      "output folder (default: runs/decoders/<config name>)")
+    add_job_arguments(
+        parser,
+        None,
+        "epochs=2 loss.feature=0.5 encoder.layer=layer2",
+        "output folder (default: runs/decoders/<config name>)",
+    )
     parser.set_defaults(func=run)
 
 

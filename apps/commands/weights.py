@@ -5,6 +5,7 @@ Example:
     rfi weights fetch imagenet_l2_3_0     # -> ~/.cache/torch/hub/checkpoints/imagenet_l2_3_0.pt
     rfi weights fetch torchvision_alexnet --dest weights/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,13 +17,19 @@ from encoders.weights import zoo
 def register_weights(parser: argparse.ArgumentParser) -> None:
     """Add ``list`` and ``fetch`` to the ``weights`` command's parser."""
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = sub.add_parser("list", help="the checkpoints the zoo knows, with URL, hash check and local status",
-                        description="List the zoo's checkpoints (nothing is downloaded).")
+    ls = sub.add_parser(
+        "list",
+        help="the checkpoints the zoo knows, with URL, hash check and local status",
+        description="List the zoo's checkpoints (nothing is downloaded).",
+    )
     ls.add_argument("--dest", help="folder to look in (default: torch hub cache, torch.hub.get_dir()/checkpoints)")
     ls.add_argument("--json", action="store_true", help="print JSON (one object per entry) instead of a table")
-    fetch = sub.add_parser("fetch", help="download checkpoints (atomic, hash-checked) into the torch hub cache",
-                           description="Download zoo checkpoints: a temporary file is renamed into place only "
-                                       "after its SHA-256 is checked (published hash) or recorded (first fetch).")
+    fetch = sub.add_parser(
+        "fetch",
+        help="download checkpoints (atomic, hash-checked) into the torch hub cache",
+        description="Download zoo checkpoints: a temporary file is renamed into place only "
+        "after its SHA-256 is checked (published hash) or recorded (first fetch).",
+    )
     fetch.add_argument("names", nargs="+", metavar="NAME", help="zoo names (see `rfi weights list`)")
     fetch.add_argument("--dest", help="destination folder (default: torch hub cache)")
     fetch.add_argument("--force", action="store_true", help="download again even if a verified copy is present")
@@ -39,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             check = f"prefix {r['sha256']}" if r["sha256"] else "recorded on fetch"
             print(f"{r['name']:<22} {r['arch']:<9} {r['dataset']:<9} {check:<18} {r['status']:<23} {r['description']}")
-        print(f"\nfiles go to {zoo.destination(zoo.entries()[0], args.dest).parent} "
-              f"(fetch: rfi weights fetch NAME; URLs: rfi weights list --json)")
+        print(
+            f"\nfiles go to {zoo.destination(zoo.entries()[0], args.dest).parent} "
+            f"(fetch: rfi weights fetch NAME; URLs: rfi weights list --json)"
+        )
         return 0
     for name in args.names:  # unknown names fail before anything downloads
         zoo.get_entry(name)

@@ -1,9 +1,10 @@
 """``rfi segment apply``: label maps of image files, as palette PNGs of class indices (and overlays)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -45,8 +46,9 @@ class LabelBatch(FileBatch):
         self.written.append(dst)
 
 
-def segment_files(model: Segmenter, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                  with_overlay: bool = False) -> int:
+def segment_files(
+    model: Segmenter, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, with_overlay: bool = False
+) -> int:
     """Write ``<out>/<name>.png`` (the label map: a palette PNG of class indices, VOC colours) for each input image.
 
     Args:
@@ -61,8 +63,9 @@ def segment_files(model: Segmenter, inputs: Sequence[str | os.PathLike], out: st
     Raises:
         RFIError: no readable input, or outputs that cannot be written.
     """
-    batch = LabelBatch(inputs, out, names=lambda p: [f"{p.stem}.png"] + [f"{p.stem}_overlay.png"] * with_overlay,
-                       desc="segment")
+    batch = LabelBatch(
+        inputs, out, names=lambda p: [f"{p.stem}.png"] + [f"{p.stem}_overlay.png"] * with_overlay, desc="segment"
+    )
     device = next(model.parameters()).device
 
     def process(src: Path, image: Tensor) -> list[Tensor]:

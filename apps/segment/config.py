@@ -15,6 +15,7 @@ Example:
     Traceback (most recent call last):
     encoders.core.errors.RFIError: train.data.source=voc needs train.data.root (the VOC folder) (in ...)
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The labelled images a segmenter trains and is measured on: the ``train.data`` section's dataset."""
+
 from __future__ import annotations
 
 from torch.utils.data import Dataset
@@ -24,7 +25,9 @@ def segmentation_dataset(cfg: SegmentDataConfig, split: Split) -> Dataset:
     """
     if cfg.source == "scenes":
         if cfg.num_classes not in (None, len(SCENE_CLASSES)):
-            raise RFIError(f"train.data.num_classes={cfg.num_classes}: the scenes have {len(SCENE_CLASSES)} "
-                           f"classes (set it to null)")
+            raise RFIError(
+                f"train.data.num_classes={cfg.num_classes}: the scenes have {len(SCENE_CLASSES)} "
+                f"classes (set it to null)"
+            )
         return SceneSegmentation(split, cfg.size, cfg.train_items if split == "train" else cfg.val_items, cfg.seed)
     return VOCSegmentation(cfg.root, split, cfg.size, cfg.num_classes or len(VOC_CLASSES), cfg.resize)

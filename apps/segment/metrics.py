@@ -19,9 +19,11 @@ Example:
     >>> class_iou(conf).tolist(), round(mean_iou(conf), 4)
     ([0.5, 0.6666666865348816, 1.0], 0.7222)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,7 +42,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
         raise RFIError(f"predictions {tuple(pred.shape)} and labels {tuple(target.shape)} differ in shape")
     keep = target != ignore_index
     index = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(index.cpu(), minlength=num_classes ** 2).view(num_classes, num_classes)
+    return torch.bincount(index.cpu(), minlength=num_classes**2).view(num_classes, num_classes)
 
 
 def class_iou(confusion: Tensor) -> Tensor:
@@ -109,16 +111,21 @@ def crop_agreement(pred_a: Tensor, pred_b: Tensor, offset_a: Tensor, offset_b: T
         bottom, right = min(ya, yb) + h, min(xa, xb) + w
         if bottom <= top or right <= left:
             raise RFIError(f"crops at {ya, xa} and {yb, xb} of size {h}x{w} do not overlap")
-        out.append((a[top - ya:bottom - ya, left - xa:right - xa] == b[top - yb:bottom - yb, left - xb:right - xb])
-                   .float().mean())
+        out.append(
+            (a[top - ya : bottom - ya, left - xa : right - xa] == b[top - yb : bottom - yb, left - xb : right - xb])
+            .float()
+            .mean()
+        )
     return torch.stack(out)
 
 
 def distinct_offsets(n: int, span_y: int, span_x: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Two (n, 2) offsets, uniform in ``[0, span_y) x [0, span_x)`` and never equal (a real shift each)."""
+
     def draw() -> Tensor:
-        return torch.stack([torch.randint(span_y, (n,), generator=generator),
-                            torch.randint(span_x, (n,), generator=generator)], 1)
+        return torch.stack(
+            [torch.randint(span_y, (n,), generator=generator), torch.randint(span_x, (n,), generator=generator)], 1
+        )
 
     a, b = draw(), draw()
     same = (a == b).all(1)
@@ -127,10 +134,27 @@ def distinct_offsets(n: int, span_y: int, span_x: int, generator: torch.Generato
 
 
 @torch.no_grad()
-def evaluate_segmenter(predict: Callable[[Tensor], Tensor], dataset: Dataset, num_classes: int,
-                       max_images: int | None = None, max_crop_shift: int = 16, size_multiple: int = 1,
-                       batch_size: int = 16, seed: int = 0,
-                       device: torch.device | str = "cpu") -> dict[str, Any]:
+def _rolled(x: Tensor, offsets: Tensor) -> Tensor:
+    """Each image of ``x`` circularly shifted by its (dy, dx) row of ``offsets``."""
+    return torch.stack([xi.roll(tuple(o), (-2, -1)) for xi, o in zip(x, offsets.tolist())])
+
+
+def _cropped(x: Tensor, offsets: Tensor, size: int) -> Tensor:
+    """Each image of ``x`` cropped to ``size`` x ``size`` at its (top, left) row of ``offsets``."""
+    return torch.stack([xi[:, i : i + size, j : j + size] for xi, (i, j) in zip(x, offsets.tolist())])
+
+
+def evaluate_segmenter(
+    predict: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    num_classes: int,
+    max_images: int | None = None,
+    max_crop_shift: int = 16,
+    size_multiple: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
     """mIoU, pixel accuracy and circular and crop mASC of a segmenter on a labelled set.
 
     Args:
@@ -168,18 +192,24 @@ def evaluate_segmenter(predict: Callable[[Tensor], Tensor], dataset: Dataset, nu
         if crop_size is None:
             crop_size = (min(h, w) - max_crop_shift) // size_multiple * size_multiple
             if crop_size < size_multiple:
-                raise RFIError(f"{h}x{w} images are too small for crop shifts of up to {max_crop_shift} px with crops "
-                               f"of a multiple of {size_multiple} px (lower train.eval.max_crop_shift)")
+                raise RFIError(
+                    f"{h}x{w} images are too small for crop shifts of up to {max_crop_shift} px with crops "
+                    f"of a multiple of {size_multiple} px (lower train.eval.max_crop_shift)"
+                )
         confusion += confusion_matrix(predict(x).cpu(), y, num_classes)
         a, b = distinct_offsets(len(x), h, w, g)
-        shifted = lambda o: torch.stack([xi.roll(tuple(oi), (-2, -1)) for xi, oi in zip(x, o.tolist())])  # noqa: E731
-        circular.append(circular_agreement(predict(shifted(a)).cpu(), predict(shifted(b)).cpu(), a, b))
+        circular.append(circular_agreement(predict(_rolled(x, a)).cpu(), predict(_rolled(x, b)).cpu(), a, b))
         a, b = distinct_offsets(len(x), h - crop_size + 1, w - crop_size + 1, g)
-        cropped = lambda o: torch.stack([xi[:, i:i + crop_size, j:j + crop_size]  # noqa: E731
-                                         for xi, (i, j) in zip(x, o.tolist())])
-        crop.append(crop_agreement(predict(cropped(a)).cpu(), predict(cropped(b)).cpu(), a, b))
+        crop.append(
+            crop_agreement(predict(_cropped(x, a, crop_size)).cpu(), predict(_cropped(x, b, crop_size)).cpu(), a, b)
+        )
     iou = class_iou(confusion)
-    return {"images": n, "miou": mean_iou(confusion), "pixel_acc": pixel_accuracy(confusion),
-            "class_iou": [None if v != v else float(v) for v in iou.tolist()],
-            "masc_circular": float(torch.cat(circular).mean()), "masc_crop": float(torch.cat(crop).mean()),
-            "crop_size": crop_size}
+    return {
+        "images": n,
+        "miou": mean_iou(confusion),
+        "pixel_acc": pixel_accuracy(confusion),
+        "class_iou": [None if v != v else float(v) for v in iou.tolist()],
+        "masc_circular": float(torch.cat(circular).mean()),
+        "masc_crop": float(torch.cat(crop).mean()),
+        "crop_size": crop_size,
+    }

@@ -15,12 +15,14 @@ labelled 255 left out. A run writes to ``train.out``:
   every epoch, the evaluation at the end;
 - ``config.yaml``: the resolved ``train:`` section.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +48,17 @@ from inversion.train import decoder_capacity, load_frozen_encoder
 
 log = logging.getLogger("rfi")
 
-RESUME_FREE_KEYS = ("out", "device", "num_workers", "log_every", "checkpoint_every", "deterministic", "eval",
-                    "epochs", "steps")
+RESUME_FREE_KEYS = (
+    "out",
+    "device",
+    "num_workers",
+    "log_every",
+    "checkpoint_every",
+    "deterministic",
+    "eval",
+    "epochs",
+    "steps",
+)
 """``train:`` keys that may differ between a run and its ``--resume`` (a run may also be extended)."""
 MODEL_KEYS = ("encoder_path", "layer", "train_size", "val_miou", "eval", "config")
 """What a model file written apart from its run (``model: PATH``) keeps of the run's checkpoint besides the weights."""
@@ -71,18 +82,36 @@ class SegmenterTrainer(Trainer):
     checkpoint_name = CHECKPOINT_NAME
     resume_free_keys = RESUME_FREE_KEYS
 
-    def __init__(self, cfg: SegmentTrainConfig, ctx: DistContext, device: torch.device,
-                 datasets: tuple[Dataset, Dataset] | None = None):
+    def __init__(
+        self,
+        cfg: SegmentTrainConfig,
+        ctx: DistContext,
+        device: torch.device,
+        datasets: tuple[Dataset, Dataset] | None = None,
+    ):
         encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips)
         encoder.check_input_size(cfg.data.size, "train.data.size")
-        train_set, self.val_set = datasets or (segmentation_dataset(cfg.data, "train"),
-                                               segmentation_dataset(cfg.data, "val"))
+        train_set, self.val_set = datasets or (
+            segmentation_dataset(cfg.data, "train"),
+            segmentation_dataset(cfg.data, "val"),
+        )
         super().__init__(cfg, ctx, device, run_folder(cfg), train_set, resolve_num_workers(cfg.num_workers, train_set))
         d = cfg.decoder
-        self.segmenter = self.module = build_segmenter(
-            encoder, cfg.encoder.layer, train_set.classes, d.skips, cfg.finetune, d.padding_mode, norm=d.norm,
-            refine_blocks=d.refine_blocks, **decoder_capacity(d, encoder.feature_info()[cfg.encoder.layer][0]),
-        ).to(device).train()  # a fine-tuned encoder trains in train mode, a frozen one stays in eval mode
+        self.segmenter = self.module = (
+            build_segmenter(
+                encoder,
+                cfg.encoder.layer,
+                train_set.classes,
+                d.skips,
+                cfg.finetune,
+                d.padding_mode,
+                norm=d.norm,
+                refine_blocks=d.refine_blocks,
+                **decoder_capacity(d, encoder.feature_info()[cfg.encoder.layer][0]),
+            )
+            .to(device)
+            .train()
+        )  # a fine-tuned encoder trains in train mode, a frozen one stays in eval mode
         o = cfg.optim
         groups = [{"params": list(self.segmenter.decoder.parameters()), "lr": o.lr}]
         if cfg.finetune:
@@ -92,8 +121,9 @@ class SegmenterTrainer(Trainer):
         self.rebuild_scheduler()
         self.ddp: torch.nn.Module = self.segmenter
         if ctx.world > 1:
-            self.ddp = DistributedDataParallel(self.segmenter, device_ids=[device.index] if device.type == "cuda"
-                                               else None)
+            self.ddp = DistributedDataParallel(
+                self.segmenter, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.val_miou: float | None = None
         self.evaluation: dict[str, Any] | None = None
 
@@ -108,23 +138,33 @@ class SegmenterTrainer(Trainer):
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, o.warmup_steps, o.schedule),
-            last_epoch=self.step - 1)
+            self.optimizer,
+            lambda s: lr_factor(s, self.total_steps, o.warmup_steps, o.schedule),
+            last_epoch=self.step - 1,
+        )
 
     def describe(self) -> str:
         cfg = self.cfg
         params = sum(p.numel() for p in self.segmenter.decoder.parameters())
         kind = "LPU (phase-equivariant)" if self.segmenter.decoder.upsample == "lps" else "nearest"
-        return (f"training a {self.num_classes}-class segmenter on {cfg.encoder.layer} of {cfg.encoder.checkpoint} "
-                f"({'fine-tuned' if cfg.finetune else 'frozen'} encoder; decoder {params / 1e6:.2f}M parameters, "
-                f"{kind} up-sampling) on {len(self.train_set)} {cfg.data.source} images of {cfg.data.size} px, "
-                f"{self.total_steps} steps of {cfg.batch_size} -> {self.out}")
+        return (
+            f"training a {self.num_classes}-class segmenter on {cfg.encoder.layer} of {cfg.encoder.checkpoint} "
+            f"({'fine-tuned' if cfg.finetune else 'frozen'} encoder; decoder {params / 1e6:.2f}M parameters, "
+            f"{kind} up-sampling) on {len(self.train_set)} {cfg.data.source} images of {cfg.data.size} px, "
+            f"{self.total_steps} steps of {cfg.batch_size} -> {self.out}"
+        )
 
     def checkpoint(self, train: dict[str, Any]) -> dict[str, Any]:
-        return segmenter_checkpoint(self.segmenter, encoder_path=str(self.cfg.encoder.checkpoint),
-                                    layer=self.cfg.encoder.layer, train_size=self.cfg.data.size,
-                                    val_miou=self.val_miou, eval=self.evaluation, config=config_to_dict(self.cfg),
-                                    train=train)
+        return segmenter_checkpoint(
+            self.segmenter,
+            encoder_path=str(self.cfg.encoder.checkpoint),
+            layer=self.cfg.encoder.layer,
+            train_size=self.cfg.data.size,
+            val_miou=self.val_miou,
+            eval=self.evaluation,
+            config=config_to_dict(self.cfg),
+            train=train,
+        )
 
     def training_state(self, ckpt: dict[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
         if ckpt.get("format") != SEGMENTER_FORMAT or "train" not in ckpt:
@@ -162,8 +202,13 @@ class SegmenterTrainer(Trainer):
         if self.ctx.main:
             self.val_miou = self.validate()
             self.metrics.write(step=self.step, epoch=epoch + 1, val_miou=self.val_miou)
-            self.info("epoch %d (step %d/%d): validation mIoU %.1f%%", epoch + 1, self.step, self.total_steps,
-                      100 * self.val_miou)
+            self.info(
+                "epoch %d (step %d/%d): validation mIoU %.1f%%",
+                epoch + 1,
+                self.step,
+                self.total_steps,
+                100 * self.val_miou,
+            )
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -181,25 +226,41 @@ class SegmenterTrainer(Trainer):
             return
         e = self.cfg.eval
         self.segmenter.eval()
-        self.evaluation = evaluate_segmenter(self.segmenter.predict, self.val_set, self.num_classes, e.images,
-                                             e.max_crop_shift, self.segmenter.size_multiple, self.cfg.batch_size,
-                                             e.seed, self.device)
+        self.evaluation = evaluate_segmenter(
+            self.segmenter.predict,
+            self.val_set,
+            self.num_classes,
+            e.images,
+            e.max_crop_shift,
+            self.segmenter.size_multiple,
+            self.cfg.batch_size,
+            e.seed,
+            self.device,
+        )
         self.metrics.write(step=self.step, **{k: v for k, v in self.evaluation.items() if k != "class_iou"})
-        self.info("validation (%d images): mIoU %.1f%%, circular mASC %.2f%%, crop mASC %.2f%%",
-                  self.evaluation["images"], 100 * self.evaluation["miou"], 100 * self.evaluation["masc_circular"],
-                  100 * self.evaluation["masc_crop"])
+        self.info(
+            "validation (%d images): mIoU %.1f%%, circular mASC %.2f%%, crop mASC %.2f%%",
+            self.evaluation["images"],
+            100 * self.evaluation["miou"],
+            100 * self.evaluation["masc_circular"],
+            100 * self.evaluation["masc_crop"],
+        )
         if self.saved is not None:  # the final checkpoint, now with its evaluation
             self.saved["eval"] = self.evaluation
             save_checkpoint(self.saved, self.ckpt_path)
 
     def result(self) -> TrainResult:
         """The checkpoint, the segmenter (eval mode) and ``step``, ``val_miou``, the evaluation, the last log line."""
-        return TrainResult(self.ckpt_path, self.segmenter.eval(),
-                           {**self.last_log, "step": self.step, "val_miou": self.val_miou, **(self.evaluation or {})})
+        return TrainResult(
+            self.ckpt_path,
+            self.segmenter.eval(),
+            {**self.last_log, "step": self.step, "val_miou": self.val_miou, **(self.evaluation or {})},
+        )
 
 
-def train_segmenter(cfg: SegmentConfig, resume: bool = False,
-                    datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
+def train_segmenter(
+    cfg: SegmentConfig, resume: bool = False, datasets: tuple[Dataset, Dataset] | None = None
+) -> TrainResult:
     """Train a segmenter as ``cfg.train`` says and write the model file :func:`~apps.segment.config.model_file`.
 
     Runs on one process, or on each process of a ``torchrun`` job (DDP).
@@ -219,8 +280,9 @@ def train_segmenter(cfg: SegmentConfig, resume: bool = False,
         RFIError: bad config values, a missing encoder checkpoint, layer or data, or a checkpoint in the way.
     """
     train = check_config(cfg.train)
-    result = run_trainer(lambda ctx, device: SegmenterTrainer(train, ctx, device, datasets), train.device,
-                         train.precision, resume)
+    result = run_trainer(
+        lambda ctx, device: SegmenterTrainer(train, ctx, device, datasets), train.device, train.precision, resume
+    )
     path = model_file(cfg)
     if path.resolve() != Path(result.path).resolve() and int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes
         run = load_checkpoint(result.path)

@@ -12,6 +12,7 @@ Example:
     >>> cfg = load_config(SSLConfig, "configs/apps/ssl.yaml", ["method=mocov2", "steps=2"])
     >>> result = run_ssl(cfg)  # doctest: +SKIP
 """
+
 from apps.ssl.config import SSLConfig
 from apps.ssl.methods import MoCo, SimCLR
 from apps.ssl.probes import linear_probe

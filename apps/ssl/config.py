@@ -12,6 +12,7 @@ Example:
     >>> cfg.moco.queue // cfg.batch_size
     8
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,6 @@ from encoders.core.optim import OptimConfig
 Method = Literal["simclr", "mocov2"]
 StylePosition = Literal["before_crop", "after_crop", "after_jitter"]
 ProbeTask = Literal["photo", "photo_grey", "texture"]  # described in apps.ssl.probes.PROBE_TASKS
-
 
 
 @yaml_dataclass("apps/ssl.yaml", "data")
@@ -165,17 +165,19 @@ class SSLConfig:
         if self.epochs < 1 and self.steps < 1:
             raise RFIError(f"epochs or steps must be >= 1, got epochs={self.epochs}, steps={self.steps}")
         if self.data.view_size > self.data.crop_size:
-            raise RFIError(f"data.view_size must be <= data.crop_size={self.data.crop_size}, "
-                           f"got {self.data.view_size}")
+            raise RFIError(f"data.view_size must be <= data.crop_size={self.data.crop_size}, got {self.data.view_size}")
         if self.method == "mocov2":
             m = self.moco
             if m.queue % self.batch_size:
-                raise RFIError(f"moco.queue must be a positive multiple of batch_size={self.batch_size}, "
-                               f"got {m.queue}")
+                raise RFIError(f"moco.queue must be a positive multiple of batch_size={self.batch_size}, got {m.queue}")
             if self.batch_size % m.bn_splits:
                 raise RFIError(f"moco.bn_splits must divide batch_size={self.batch_size}, got {m.bn_splits}")
-        for key, value in (("views.crop_scale", self.views.crop_scale), ("views.crop_ratio", self.views.crop_ratio),
-                           ("style.alpha", self.style.alpha), ("style.beta", self.style.beta)):
+        for key, value in (
+            ("views.crop_scale", self.views.crop_scale),
+            ("views.crop_ratio", self.views.crop_ratio),
+            ("style.alpha", self.style.alpha),
+            ("style.beta", self.style.beta),
+        ):
             value_range(value, key)  # one number or [lo, hi] with lo <= hi (the bounds are the fields' own)
         s = self.style
         if s.enabled and s.styles != "batch":

@@ -12,6 +12,7 @@
 Both embed images with the globally pooled features of one layer of an
 :class:`encoders.Encoder` (:class:`SSLModel`), so the trained backbone is an RFI encoder.
 """
+
 from __future__ import annotations
 
 import copy
@@ -100,8 +101,14 @@ class SimCLR(SSLModel):
         True
     """
 
-    def __init__(self, backbone: Encoder, layer: str | None = None, proj_dim: int = 64,
-                 hidden_dim: int | None = None, temperature: float = 0.2):
+    def __init__(
+        self,
+        backbone: Encoder,
+        layer: str | None = None,
+        proj_dim: int = 64,
+        hidden_dim: int | None = None,
+        temperature: float = 0.2,
+    ):
         super().__init__(backbone, layer, proj_dim, hidden_dim)
         self.temperature = temperature
 
@@ -133,9 +140,18 @@ class MoCo(SSLModel):
         4
     """
 
-    def __init__(self, backbone: Encoder, layer: str | None = None, proj_dim: int = 64,
-                 hidden_dim: int | None = None, queue_size: int = 4096, momentum: float = 0.99,
-                 temperature: float = 0.2, symmetric: bool = False, bn_splits: int = 1):
+    def __init__(
+        self,
+        backbone: Encoder,
+        layer: str | None = None,
+        proj_dim: int = 64,
+        hidden_dim: int | None = None,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        temperature: float = 0.2,
+        symmetric: bool = False,
+        bn_splits: int = 1,
+    ):
         super().__init__(backbone, layer, proj_dim, hidden_dim)
         self.momentum, self.temperature, self.symmetric, self.bn_splits = momentum, temperature, symmetric, bn_splits
         self.key_backbone = copy.deepcopy(self.backbone)
@@ -184,7 +200,10 @@ class MoCo(SSLModel):
     @torch.no_grad()
     def keys(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Unit keys of the key encoder; with ``bn_splits`` > 1 the batch is shuffled first (shuffle BN)."""
-        key_fn = lambda c: self.key_head(self.key_backbone(c)[self.layer].mean(dim=(2, 3)))
+
+        def key_fn(c: Tensor) -> Tensor:
+            return self.key_head(self.key_backbone(c)[self.layer].mean(dim=(2, 3)))
+
         if self.bn_splits <= 1:
             return F.normalize(key_fn(x), dim=1)
         perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
@@ -220,5 +239,6 @@ def build_model(cfg: SSLConfig) -> SimCLR | MoCo:
     if cfg.method == "simclr":
         return SimCLR(backbone, m.layer, m.proj_dim, m.hidden_dim, cfg.temperature)
     c = cfg.moco
-    return MoCo(backbone, m.layer, m.proj_dim, m.hidden_dim, c.queue, c.momentum, cfg.temperature, c.symmetric,
-                c.bn_splits)
+    return MoCo(
+        backbone, m.layer, m.proj_dim, m.hidden_dim, c.queue, c.momentum, cfg.temperature, c.symmetric, c.bn_splits
+    )

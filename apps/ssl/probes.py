@@ -7,6 +7,7 @@ validation pixel was seen by the probe. :data:`PROBE_TASKS` lists the tasks: one
 solved by colour statistics, two are not (histogram-equalised grey crops, :func:`grey_equalised`);
 :func:`colour_statistics` gives the features of that floor.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,14 +24,14 @@ from encoders.data.unseen import unseen_image
 
 PROBE_TASKS: dict[ProbeTask, str] = {
     "photo": "8-way 'which photo': colour crops of the embedded photos (encoders.data.embedded.EMBEDDED_PHOTOS: "
-             "astronaut, chelsea, coffee, rocket, hubble_deep_field, immunohistochemistry, retina, "
-             "stereo_motorcycle), the SSL training photos, probed on held-out regions",
+    "astronaut, chelsea, coffee, rocket, hubble_deep_field, immunohistochemistry, retina, "
+    "stereo_motorcycle), the SSL training photos, probed on held-out regions",
     "photo_grey": "the same 8-way task on grey crops, each histogram-equalised (grey_equalised): every crop has "
-                  "the same grey-level histogram and no colour, so colour statistics are at chance; only "
-                  "structure is left",
+    "the same grey-level histogram and no colour, so colour statistics are at chance; only "
+    "structure is left",
     "texture": "8-way grey texture/scene task never seen in SSL training: scikit-image's textures brick, grass, "
-               "gravel and the unseen grey images camera, coins, moon, page, text (encoders.data.unseen; used for "
-               "evaluation only), crops histogram-equalised as photo_grey",
+    "gravel and the unseen grey images camera, coins, moon, page, text (encoders.data.unseen; used for "
+    "evaluation only), crops histogram-equalised as photo_grey",
 }
 """Linear-probe tasks: name -> what it is. Every task trains its probe on crops of the first 2/3
 of each image (:func:`encoders.data.embedded.region`) and scores it on crops of the last third."""
@@ -82,8 +83,10 @@ def probe_data(task: str, split: Split, size: int, num: int, seed: int = 0) -> t
         x = torch.stack([data[i][0] for i in range(len(data))])
         y = data.labels.clone()
         return (grey_equalised(x) if task == "photo_grey" else x), y
-    regions = [region(embedded_image(n) if n in ("brick", "grass", "gravel") else unseen_image(n), split)
-               for n in TEXTURE_IMAGES]
+    regions = [
+        region(embedded_image(n) if n in ("brick", "grass", "gravel") else unseen_image(n), split)
+        for n in TEXTURE_IMAGES
+    ]
     g = torch.Generator().manual_seed(seed * 2 + (split == "val"))
     y = torch.arange(num) % len(regions)
     u = torch.rand(num, 2, generator=g)
@@ -91,7 +94,7 @@ def probe_data(task: str, split: Split, size: int, num: int, seed: int = 0) -> t
     for label, (a, b) in zip(y.tolist(), u.tolist()):
         r = regions[label]
         top, left = int(a * (r.shape[1] - size + 1)), int(b * (r.shape[2] - size + 1))
-        crops.append(r[:, top:top + size, left:left + size])
+        crops.append(r[:, top : top + size, left : left + size])
     return grey_equalised(torch.stack(crops)), y
 
 
@@ -116,8 +119,9 @@ def embed(model: SSLModel, x: Tensor, batch_size: int = 256) -> Tensor:
     """
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model.embed(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [model.embed(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    )
 
 
 def fit_probe(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], C: float = 1.0) -> float:

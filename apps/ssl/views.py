@@ -7,6 +7,7 @@ a resumed run continues bit-identically, the views can be made in a background t
 and jitter as one without. StyleAugment (:func:`build_style`) sits where ``style.position``
 says (:meth:`Views.stages`).
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,15 @@ class Views:
         y0 = torch.rand(b, generator=g) * (h - ch)
         flip = torch.rand(b, generator=g) < c.flip_p
         x1, y1 = x0 + cw - 1, y0 + ch - 1
-        boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
-                             torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
+        boxes = torch.stack(
+            [
+                torch.stack([x0, y0], -1),
+                torch.stack([x1, y0], -1),
+                torch.stack([x1, y1], -1),
+                torch.stack([x0, y1], -1),
+            ],
+            1,
+        )
         out = crop_and_resize(x, boxes.to(x.device, x.dtype), (self.size, self.size), align_corners=True)
         return torch.where(flip.to(x.device).view(-1, 1, 1, 1), out.flip(-1), out)
 
@@ -118,5 +126,12 @@ def build_style(cfg: StyleConfig, device: torch.device) -> StyleAugment | None:
     if not cfg.enabled:
         return None
     model = cfg.model or ((cfg.encoder, cfg.decoder) if cfg.encoder else None)
-    return StyleAugment(load_style_model(model, device), p=cfg.p, alpha=cfg.alpha, beta=cfg.beta, styles=cfg.styles,
-                        style_size=cfg.style_size, work_size=cfg.work_size).to(device)
+    return StyleAugment(
+        load_style_model(model, device),
+        p=cfg.p,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        styles=cfg.styles,
+        style_size=cfg.style_size,
+        work_size=cfg.work_size,
+    ).to(device)

@@ -15,6 +15,7 @@ Example:
     Traceback (most recent call last):
     encoders.core.errors.RFIError: config key 'apply.alpha' in the command-line overrides must be in [0, 1], got 2.0
 """
+
 from __future__ import annotations
 
 from typing import Any

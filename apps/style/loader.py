@@ -5,6 +5,7 @@ Every random draw of a batch comes from generators seeded by :func:`batch_seed` 
 index, stream), so the background pipeline yields exactly what the synchronous one does, and
 a resumed run continues exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,7 @@ def batch_seed(seed: int, index: int, stream: int = 0) -> int:
         >>> batch_seed(0, 5) == batch_seed(0, 5), batch_seed(0, 5) != batch_seed(0, 6)
         (True, True)
     """
-    return ((seed * 1_000_003 + index) * 1_009 + stream) % (2 ** 63)
+    return ((seed * 1_000_003 + index) * 1_009 + stream) % (2**63)
 
 
 def _with_generator(style: StyleAugment, generator: torch.Generator) -> StyleAugment:
@@ -124,10 +125,21 @@ class StyledLoader:
         True
     """
 
-    def __init__(self, loader: Any, style_augment: StyleAugment | None = None, *,
-                 before: BatchTransform | None = None, after: BatchTransform | None = None, views: int = 1,
-                 seed: int = 0, start: int = 0, prefetch: int = 2, background: bool = True,
-                 device: str | torch.device | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        loader: Any,
+        style_augment: StyleAugment | None = None,
+        *,
+        before: BatchTransform | None = None,
+        after: BatchTransform | None = None,
+        views: int = 1,
+        seed: int = 0,
+        start: int = 0,
+        prefetch: int = 2,
+        background: bool = True,
+        device: str | torch.device | None = None,
+        threads: int | None = None,
+    ):
         if prefetch < 1 or views < 1:
             raise RFIError(f"StyledLoader needs prefetch >= 1 and views >= 1, got prefetch={prefetch}, views={views}")
         self.loader, self.style, self.before, self.after = loader, style_augment, before, after
@@ -145,8 +157,10 @@ class StyledLoader:
         """Views of one batch (what the loader yields for batch number ``index``)."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(images, Tensor) or images.dim() != 4:
-            raise RFIError(f"StyledLoader batches must be (B, 3, H, W) image tensors (or tuples starting with "
-                           f"one), got {type(images).__name__}")
+            raise RFIError(
+                f"StyledLoader batches must be (B, 3, H, W) image tensors (or tuples starting with "
+                f"one), got {type(images).__name__}"
+            )
         if self.device is not None:
             images = images.to(self.device, non_blocking=True)
         out, spent = [], 0.0
@@ -173,8 +187,9 @@ class StyledLoader:
         self._warm_up()
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        self._thread = threading.Thread(target=self._work, args=(self._queue, self._stop), daemon=True,
-                                        name="StyledLoader")
+        self._thread = threading.Thread(
+            target=self._work, args=(self._queue, self._stop), daemon=True, name="StyledLoader"
+        )
         self._thread.start()
         return self._consume(self._queue, self._thread)
 

@@ -3,6 +3,7 @@
 Any batch transform works (a :class:`~apps.style.augment.StyleAugment`, a torchvision v2
 pipeline, kornia's ``AugmentationSequential``); it is the lightly-style multi-view wrapper.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -34,8 +35,9 @@ class MultiView(nn.Module):
         [(3, 3, 8, 8), (3, 3, 8, 8)]
     """
 
-    def __init__(self, transforms: Callable[[Tensor], Tensor] | Sequence[Callable[[Tensor], Tensor]],
-                 views: int | None = None):
+    def __init__(
+        self, transforms: Callable[[Tensor], Tensor] | Sequence[Callable[[Tensor], Tensor]], views: int | None = None
+    ):
         super().__init__()
         if callable(transforms):
             transforms = [transforms] * (2 if views is None else views)

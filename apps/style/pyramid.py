@@ -8,6 +8,7 @@ several layers of one (robust) encoder, saved as one model file
 reads it back for :func:`apps.style.transfer.stylize`. The settings are
 :class:`~apps.style.config.StyleConfig` (``configs/apps/style.yaml``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,17 +70,22 @@ def check_pyramid_config(cfg: StyleConfig) -> list[str]:
         raise RFIError(f"layers: {', '.join(dup)} listed twice")
     path = Path(cfg.train.encoder.checkpoint)
     if not path.is_file():
-        raise RFIError(f"encoder checkpoint not found: {path} (train.encoder.checkpoint); train one with "
-                       f"`{TRAIN_ENCODER_HINT}` or set train.encoder.checkpoint=PATH")
+        raise RFIError(
+            f"encoder checkpoint not found: {path} (train.encoder.checkpoint); train one with "
+            f"`{TRAIN_ENCODER_HINT}` or set train.encoder.checkpoint=PATH"
+        )
     encoder = load_encoder(path, cfg.train.encoder.arch, arch_key="train.encoder.arch")
     bad = [k for k in cfg.layers if k not in encoder.layer_names]
     if bad:
-        raise RFIError(f"layers: {encoder.arch} in {cfg.train.encoder.checkpoint} has no layer "
-                       f"{', '.join(bad)} (valid: {', '.join(encoder.layer_names)})")
+        raise RFIError(
+            f"layers: {encoder.arch} in {cfg.train.encoder.checkpoint} has no layer "
+            f"{', '.join(bad)} (valid: {', '.join(encoder.layer_names)})"
+        )
     stray = sorted(set(cfg.per_layer) - set(encoder.layer_names))
     if stray:
-        raise RFIError(f"per_layer: {encoder.arch} has no layer {', '.join(stray)} "
-                       f"(valid: {', '.join(encoder.layer_names)})")
+        raise RFIError(
+            f"per_layer: {encoder.arch} has no layer {', '.join(stray)} (valid: {', '.join(encoder.layer_names)})"
+        )
     return [k for k in encoder.layer_names if k in cfg.layers]
 
 
@@ -105,15 +111,29 @@ def train_pyramid(cfg: StyleConfig, resume: bool = False) -> TrainResult:
     configs = {layer: layer_config(cfg, layer) for layer in layers}  # every layer checked before training
     runs = {}
     for i, (layer, layer_cfg) in enumerate(configs.items()):
-        log.info("pyramid decoder %d/%d: %s (%s steps) -> %s", i + 1, len(configs), layer,
-                 layer_cfg.steps or f"{layer_cfg.epochs} epochs of", layer_cfg.out)
+        log.info(
+            "pyramid decoder %d/%d: %s (%s steps) -> %s",
+            i + 1,
+            len(configs),
+            layer,
+            layer_cfg.steps or f"{layer_cfg.epochs} epochs of",
+            layer_cfg.out,
+        )
         runs[layer] = train_decoder(layer_cfg, resume=resume)
-    model = RobustAutoencoder.from_checkpoints(cfg.train.encoder.checkpoint, [r.path for r in runs.values()],
-                                               arch=cfg.train.encoder.arch, arch_key="train.encoder.arch")
+    model = RobustAutoencoder.from_checkpoints(
+        cfg.train.encoder.checkpoint,
+        [r.path for r in runs.values()],
+        arch=cfg.train.encoder.arch,
+        arch_key="train.encoder.arch",
+    )
     psnrs = {layer: model.metadata["decoders"][layer].get("val_psnr") for layer in runs}
     model.save(out, app=STYLE_APP, layers=layers, val_psnr=psnrs, config=config_to_dict(cfg))
-    log.info("decoder pyramid (%s) written to %s; validation PSNR %s", ", ".join(layers), out,
-             ", ".join(f"{k} {v:.2f} dB" for k, v in psnrs.items() if v is not None))
+    log.info(
+        "decoder pyramid (%s) written to %s; validation PSNR %s",
+        ", ".join(layers),
+        out,
+        ", ".join(f"{k} {v:.2f} dB" for k, v in psnrs.items() if v is not None),
+    )
     return TrainResult(out, model.eval(), {layer: r.metrics for layer, r in runs.items()})
 
 
@@ -126,6 +146,8 @@ def load_pyramid(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """
     path = Path(path)
     if not path.is_file():
-        raise RFIError(f"style model not found: {path} (train one with `rfi style train --config "
-                       f"{DEFAULT_CONFIG}` or pass --model PATH)")
+        raise RFIError(
+            f"style model not found: {path} (train one with `rfi style train --config "
+            f"{DEFAULT_CONFIG}` or pass --model PATH)"
+        )
     return RobustAutoencoder.load(path, device=device, kind=STYLE_APP).eval()

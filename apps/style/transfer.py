@@ -20,6 +20,7 @@ Example:
     >>> tuple(out.shape), bool(out.min() >= 0 and out.max() <= 1)
     ((1, 3, 37, 50), True)
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,13 @@ def resize_longer(image: Tensor, size: int | None) -> Tensor:
         return image
     batched = image.dim() == 4
     x = image if batched else image[None]
-    x = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
-                      antialias=True, align_corners=False).clamp(0, 1)
+    x = F.interpolate(
+        x,
+        size=(max(1, round(h * scale)), max(1, round(w * scale))),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    ).clamp(0, 1)
     return x if batched else x[0]
 
 
@@ -98,9 +104,17 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
 
 
 @torch.no_grad()
-def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Tensor],
-            weights: Sequence[float] | None = None, method: Method = "wct", alpha: float = 1.0,
-            preserve_color: bool = False, layers: Sequence[str] | None = None, tile: int | None = None) -> Tensor:
+def stylize(
+    ae: RobustAutoencoder,
+    content: Tensor,
+    styles: Tensor | Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    method: Method = "wct",
+    alpha: float = 1.0,
+    preserve_color: bool = False,
+    layers: Sequence[str] | None = None,
+    tile: int | None = None,
+) -> Tensor:
     """Restyle ``content`` coarse-to-fine through a decoder pyramid.
 
     For each layer, deepest first: encode the current image, transform its features towards
@@ -152,11 +166,16 @@ def stylize(ae: RobustAutoencoder, content: Tensor, styles: Tensor | Sequence[Te
         layers = ae.encoder.check_layers(list(layers))
         missing = [k for k in layers if k not in ae.decoders]
         if missing:
-            raise RFIError(f"no decoder for layer(s) {', '.join(missing)} in this pyramid "
-                           f"(have: {', '.join(ae.layers)})")
+            raise RFIError(
+                f"no decoder for layer(s) {', '.join(missing)} in this pyramid (have: {', '.join(ae.layers)})"
+            )
     deepest = max(ae.strides[k] for k in layers)  # tiny styles are padded so every map has >= 2x2 values
-    style_feats = [ae.features(s if min(s.shape[-2:]) >= 2 * deepest else
-                               pad_to_multiple(s, deepest, min_size=2 * deepest), layers) for s in styles]
+    style_feats = [
+        ae.features(
+            s if min(s.shape[-2:]) >= 2 * deepest else pad_to_multiple(s, deepest, min_size=2 * deepest), layers
+        )
+        for s in styles
+    ]
     h, w = x.shape[-2:]
     out = x
     for layer in reversed(layers):  # deepest first

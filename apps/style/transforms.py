@@ -5,6 +5,7 @@ Both act on encoder feature maps (B, C, H, W); style transfer decodes the result
 maintained library exposes these as plain tensor functions (kornia has none; the
 reference implementations are research scripts), so they are written here.
 """
+
 from __future__ import annotations
 
 from typing import Literal, get_args
@@ -85,8 +86,9 @@ def wct(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float 
     return a * out + (1 - a) * content
 
 
-def blend_styles(content: Tensor, styles: list[Tensor], weights: list[float], method: Method = "adain",
-                 alpha: float | Tensor = 1.0) -> Tensor:
+def blend_styles(
+    content: Tensor, styles: list[Tensor], weights: list[float], method: Method = "adain", alpha: float | Tensor = 1.0
+) -> Tensor:
     """Restyle ``content`` towards several styles: the weighted mix of each single-style result.
 
     Args:
@@ -105,8 +107,9 @@ def blend_styles(content: Tensor, styles: list[Tensor], weights: list[float], me
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if len(weights) != len(styles) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"need one non-negative weight per style, not all zero: {len(styles)} styles, "
-                         f"weights {list(weights)}")
+        raise ValueError(
+            f"need one non-negative weight per style, not all zero: {len(styles)} styles, weights {list(weights)}"
+        )
     fn = adain if method == "adain" else wct
     total = float(sum(weights))
     out = torch.zeros_like(content)

@@ -12,13 +12,14 @@ Example:
     1001000
     >>> check_memory(10 * memory_bytes(), "a 'width' of 64", "lower width")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    encoders.core.errors.RFIError: a 'width' of 64 needs about ... GB, more than the ... GB of memory of this machine: lower width
+    encoders.core.errors.RFIError: a 'width' of 64 needs about ... GB, more than the ... GB of memory ...
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ def memory_bytes() -> int:
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return 2 ** 62
+        return 2**62
     try:
         limit = CGROUP_LIMIT.read_text().strip()
     except OSError:
@@ -68,5 +69,7 @@ def check_memory(need_bytes: float, what: str, fix: str) -> None:
     """
     have = memory_bytes()
     if need_bytes > have:
-        raise RFIError(f"{what} needs about {need_bytes / 1e9:,.1f} GB, more than the {have / 1e9:,.1f} GB of "
-                       f"memory of this machine: {fix}")
+        raise RFIError(
+            f"{what} needs about {need_bytes / 1e9:,.1f} GB, more than the {have / 1e9:,.1f} GB of "
+            f"memory of this machine: {fix}"
+        )

@@ -26,6 +26,7 @@ Example:
     >>> load_config(Job, None, ["lr=0.01", "epochs=3"])
     Job(epochs=3, lr=0.01)
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,9 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -53,9 +55,11 @@ class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's
 
 _StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _load_yaml(text: str) -> Any:
@@ -85,8 +89,9 @@ def bounded(*, low: float | None = None, high: float | None = None, low_open: bo
     return dataclasses.field(metadata={"range": (low, high, low_open)})
 
 
-def value_range(value: float | Sequence[float], key: str, low: float | None = None,
-                high: float | None = None) -> tuple[float, float]:
+def value_range(
+    value: float | Sequence[float], key: str, low: float | None = None, high: float | None = None
+) -> tuple[float, float]:
     """A range given as one number or ``[lo, hi]``: ``25`` -> ``(25.0, 25.0)``; checks ``low <= lo <= hi <= high``.
 
     Args:
@@ -133,18 +138,18 @@ class _Source:
 FLAGS = "command-line flags"  # the source of check_config(..., source=FLAGS): keys are named as flags
 
 
-def _src(source: "_Source | str", name: str) -> str:
+def _src(source: _Source | str, name: str) -> str:
     return source.of(name) if isinstance(source, _Source) else source
 
 
-def _key(source: "_Source | str", name: str) -> str:
+def _key(source: _Source | str, name: str) -> str:
     """How an error names a key: ``config key 'a.b' in FILE``, or ``--batch-size`` for command-line flags."""
     if source == FLAGS:
         return "--" + name.replace("_", "-")
     return f"config key '{name}' in {_src(source, name)}"
 
 
-def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name: str, source: "_Source | str") -> None:
+def _check_range(value: Any, spec: tuple[float | None, float | None, bool], name: str, source: _Source | str) -> None:
     low, high, low_open = spec
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if v is None or not isinstance(v, (int, float)):
@@ -167,8 +172,9 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str", base: Any = None,
-           rules: bool = True) -> Any:
+def _build(
+    cls: type, data: dict[str, Any], where: str, source: _Source | str, base: Any = None, rules: bool = True
+) -> Any:
     """``cls`` from ``data``; keys ``data`` leaves out come from ``base`` (an instance), else the field defaults.
 
     A section (a dataclass field) given in ``data`` is built the same way on top of the value
@@ -185,8 +191,10 @@ def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str",
     for key, value in data.items():
         name = f"{where}{key}"
         if key not in fields:
-            raise RFIError(f"unknown config key '{name}' in {_src(source, name)} "
-                           f"(valid keys{' under ' + where[:-1] if where else ''}: {', '.join(fields)})")
+            raise RFIError(
+                f"unknown config key '{name}' in {_src(source, name)} "
+                f"(valid keys{' under ' + where[:-1] if where else ''}: {', '.join(fields)})"
+            )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -212,7 +220,7 @@ def _build(cls: type, data: dict[str, Any], where: str, source: "_Source | str",
     return cfg
 
 
-def _coerce(value: Any, hint: Any, name: str, source: "_Source | str") -> Any:
+def _coerce(value: Any, hint: Any, name: str, source: _Source | str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if value is None:
@@ -373,8 +381,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
-        raise RFIError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start}): "
-                       f"save it as UTF-8") from None
+        raise RFIError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start}): save it as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise RFIError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -385,7 +394,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 _SHIPPED_DEFAULTS: dict[type, tuple[str, str | None]] = {}  # class -> (file under configs/, section)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shipped_yaml(path: Path) -> dict[str, Any]:
     return read_yaml(path)  # parsed once per process; callers get copies (see _section)
 
@@ -429,13 +438,15 @@ def yaml_dataclass(name: str, section: str | None = None) -> Callable[[type[T]],
         >>> Weights()
         Weights(reconstruction=1.0, memory=1.0)
     """
+
     def wrap(cls: type[T]) -> type[T]:
         where = f"{section}." if section else ""
         source = f"configs/{name}"
         data = _section(name, section)
         hints = typing.get_type_hints(cls)
-        names = [n for n in cls.__dict__.get("__annotations__", {})
-                 if typing.get_origin(hints[n]) is not typing.ClassVar]
+        names = [
+            n for n in cls.__dict__.get("__annotations__", {}) if typing.get_origin(hints[n]) is not typing.ClassVar
+        ]
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise RFIError(f"unknown config key '{where}{unknown[0]}' in {source} (valid keys: {', '.join(names)})")
@@ -445,16 +456,20 @@ def yaml_dataclass(name: str, section: str | None = None) -> Callable[[type[T]],
                 raise RFIError(f"{source} has no default for config key '{key}' of {cls.__name__}")
             written = cls.__dict__.get(fname, dataclasses.MISSING)
             metadata = written.metadata if isinstance(written, dataclasses.Field) else {}
-            if (written.default is not dataclasses.MISSING or written.default_factory is not dataclasses.MISSING
-                    if isinstance(written, dataclasses.Field) else written is not dataclasses.MISSING):
+            if (
+                written.default is not dataclasses.MISSING or written.default_factory is not dataclasses.MISSING
+                if isinstance(written, dataclasses.Field)
+                else written is not dataclasses.MISSING
+            ):
                 raise RFIError(f"{cls.__name__}.{fname} has a default in code: write it in {source} ('{key}') only")
             hint, value = hints[fname], data[fname]
             if dataclasses.is_dataclass(hint):
                 if not isinstance(value, dict):
                     raise RFIError(f"config key '{key}' in {source} must be a mapping, got {value!r}")
                 _build(hint, value, f"{key}.", source)  # checked now, not at first use
-                made = dataclasses.field(default_factory=functools.partial(_build, hint, value, f"{key}.", source),
-                                         metadata=metadata)
+                made = dataclasses.field(
+                    default_factory=functools.partial(_build, hint, value, f"{key}.", source), metadata=metadata
+                )
             else:
                 value = _coerce(value, hint, key, source)
                 if "range" in metadata:
@@ -471,8 +486,9 @@ def yaml_dataclass(name: str, section: str | None = None) -> Callable[[type[T]],
     return wrap
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None,
-                overrides: Sequence[str] | Mapping[str, Any] = ()) -> T:
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> T:
     """Build the dataclass ``cls``: its shipped defaults, then the file ``path``, then the overrides.
 
     The file changes only the keys it names: a section (a nested dataclass) it gives in part

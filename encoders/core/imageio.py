@@ -10,13 +10,15 @@ out as a viewer shows it). A truncated or non-image file, one of more than
 :class:`~encoders.core.errors.RFIError` naming the file; every reader of image files opens
 them with :func:`open_image`, which does that. Writes are atomic (temp file + rename).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,15 +56,17 @@ def check_image_side(side: int | None, key: str) -> None:
         RFIError: naming ``key``, the pixels and the memory one such image takes as floats.
 
     Example:
-        >>> check_image_side(60000, "--size")
+        >>> check_image_side(60000, "--size")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        encoders.core.errors.RFIError: --size 60000 asks for 60000x60000-px images (3600 Mpx, 43.2 GB as floats), above the limit of 120 Mpx: choose a smaller --size (or set RFI_MAX_PIXELS)
+        encoders.core.errors.RFIError: --size 60000 asks for 60000x60000-px images (3600 Mpx, 43.2 GB as floats), ...
     """
     limit = max_pixels()
     if side is not None and side * side > limit:
-        raise RFIError(f"{key} {side} asks for {side}x{side}-px images ({side * side / 1e6:.0f} Mpx, "
-                       f"{side * side * 3 * 4 / 1e9:.1f} GB as floats), above the limit of {limit / 1e6:.0f} Mpx: "
-                       f"choose a smaller {key} (or set RFI_MAX_PIXELS)")
+        raise RFIError(
+            f"{key} {side} asks for {side}x{side}-px images ({side * side / 1e6:.0f} Mpx, "
+            f"{side * side * 3 * 4 / 1e9:.1f} GB as floats), above the limit of {limit / 1e6:.0f} Mpx: "
+            f"choose a smaller {key} (or set RFI_MAX_PIXELS)"
+        )
 
 
 @contextlib.contextmanager
@@ -98,8 +102,10 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > limit:
-                raise RFIError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} Mpx), above the limit of {limit / 1e6:.0f} Mpx "
-                               f"(a decompression bomb?); to read it anyway set RFI_MAX_PIXELS={w * h}")
+                raise RFIError(
+                    f"{path} is {w}x{h} ({w * h / 1e6:.0f} Mpx), above the limit of {limit / 1e6:.0f} Mpx "
+                    f"(a decompression bomb?); to read it anyway set RFI_MAX_PIXELS={w * h}"
+                )
             im.load()
             yield ImageOps.exif_transpose(im)
     except FileNotFoundError:
@@ -168,9 +174,15 @@ def read_image(path: str | os.PathLike) -> Tensor:
             arr = np.clip(arr / peak, 0, 1)
             return torch.from_numpy(arr).float().unsqueeze(0).expand(3, -1, -1).contiguous()
         if mode != "RGB":
-            note = {"L": "grayscale", "LA": "grayscale+alpha (alpha dropped)", "P": "palette",
-                    "PA": "palette+alpha (alpha dropped)", "RGBA": "RGBA (alpha dropped)",
-                    "1": "1-bit", "CMYK": "CMYK"}.get(mode, mode)
+            note = {
+                "L": "grayscale",
+                "LA": "grayscale+alpha (alpha dropped)",
+                "P": "palette",
+                "PA": "palette+alpha (alpha dropped)",
+                "RGBA": "RGBA (alpha dropped)",
+                "1": "1-bit",
+                "CMYK": "CMYK",
+            }.get(mode, mode)
             log.info("%s: converted %s to RGB", path, note)
             im = im.convert("RGB")
         arr = np.asarray(im, dtype=np.uint8)
@@ -195,23 +207,33 @@ def check_images(x: Any, name: str = "images", dtype: torch.dtype | None = None)
     Example:
         >>> check_images(torch.rand(2, 3, 8, 8, dtype=torch.float64), dtype=torch.float32).dtype
         torch.float32
-        >>> check_images(torch.rand(3, 8, 8))
+        >>> check_images(torch.rand(3, 8, 8))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        encoders.core.errors.RFIError: images must be a (B, 3, H, W) batch, got (3, 8, 8): add a batch dimension (x[None])
+        encoders.core.errors.RFIError: images must be a (B, 3, H, W) batch, got (3, 8, 8): add a batch ...
     """
     if not isinstance(x, Tensor):
-        raise RFIError(f"{name} must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(x).__name__}"
-                       + (" (use torch.from_numpy(a).permute(2, 0, 1)[None] / 255 for an (H, W, 3) uint8 array)"
-                          if isinstance(x, np.ndarray) else ""))
+        raise RFIError(
+            f"{name} must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(x).__name__}"
+            + (
+                " (use torch.from_numpy(a).permute(2, 0, 1)[None] / 255 for an (H, W, 3) uint8 array)"
+                if isinstance(x, np.ndarray)
+                else ""
+            )
+        )
     if x.dim() != 4 or x.shape[1] != 3:
-        hint = ": add a batch dimension (x[None])" if x.dim() == 3 and x.shape[0] == 3 else (
-            ": give 3 channels (RGB; x.expand(-1, 3, -1, -1) for grey)" if x.dim() == 4 else "")
+        hint = (
+            ": add a batch dimension (x[None])"
+            if x.dim() == 3 and x.shape[0] == 3
+            else (": give 3 channels (RGB; x.expand(-1, 3, -1, -1) for grey)" if x.dim() == 4 else "")
+        )
         raise RFIError(f"{name} must be a (B, 3, H, W) batch, got {tuple(x.shape)}{hint}")
     if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
         raise RFIError(f"{name} is empty: got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise RFIError(f"{name} must be floating point in [0, 1], got {x.dtype}"
-                       + (" (divide by 255)" if x.dtype == torch.uint8 else ""))
+        raise RFIError(
+            f"{name} must be floating point in [0, 1], got {x.dtype}"
+            + (" (divide by 255)" if x.dtype == torch.uint8 else "")
+        )
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
     if not torch.isfinite(x).all():
@@ -219,8 +241,9 @@ def check_images(x: Any, name: str = "images", dtype: torch.dtype | None = None)
     lo, hi = torch.aminmax(x.detach())
     lo, hi = float(lo), float(hi)
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise RFIError(f"{name} must have values in [0, 1], got [{lo:.3g}, {hi:.3g}]"
-                       + (" (divide by 255)" if hi > 2 else ""))
+        raise RFIError(
+            f"{name} must have values in [0, 1], got [{lo:.3g}, {hi:.3g}]" + (" (divide by 255)" if hi > 2 else "")
+        )
     return x
 
 
@@ -230,7 +253,7 @@ def to_uint8(image: Tensor) -> np.ndarray:
         raise ValueError(f"expected (C, H, W), got {tuple(image.shape)}")
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
-    return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    return image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def write_image(image: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
@@ -250,8 +273,11 @@ def list_images(paths: Iterable[str | os.PathLike], recursive: bool = False) -> 
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir())
-                           if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                f
+                for f in (p.rglob("*") if recursive else p.iterdir())
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not found:
                 raise RFIError(f"no image files in folder {p} (looked for {', '.join(IMAGE_EXTENSIONS)})")
             out.extend(found)

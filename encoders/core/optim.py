@@ -11,10 +11,12 @@ Example:
     >>> type(opt).__name__, sched.get_last_lr() == [OptimConfig().lr]
     ('AdamW', True)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 
@@ -37,20 +39,23 @@ class OptimConfig:
     warmup: float
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], total_steps: int
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    cfg: OptimConfig, params: Iterable[torch.nn.Parameter], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The optimizer of ``cfg`` over ``params`` and its per-step scheduler spanning ``total_steps``."""
     if cfg.name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                              weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
         # torch's OneCycleLR divides by zero when its warm-up phase ends at step 0, i.e. when
         # warmup * total_steps == 1 (e.g. 5 steps at warmup 0.2): warm up for 1.5 steps instead.
         warmup = cfg.warmup if cfg.warmup * total_steps != 1 else 1.5 / total_steps
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                    pct_start=warmup, cycle_momentum=False)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=warmup, cycle_momentum=False
+        )
     elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     else:
@@ -58,8 +63,9 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], tota
     return opt, sched
 
 
-def lr_factor(step: int, total: int, warmup_steps: int = 0, schedule: Literal["cosine", "constant"] = "cosine"
-              ) -> float:
+def lr_factor(
+    step: int, total: int, warmup_steps: int = 0, schedule: Literal["cosine", "constant"] = "cosine"
+) -> float:
     """The learning rate at ``step`` of ``total`` as a fraction of the peak: linear warm-up over
     ``warmup_steps``, then cosine decay to 0 at ``total`` (or ``constant``); see :func:`lr_scheduler`.
 
@@ -75,9 +81,14 @@ def lr_factor(step: int, total: int, warmup_steps: int = 0, schedule: Literal["c
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, lr: float, total: Callable[[], int], warmup_steps: int = 0,
-                 schedule: Literal["cosine", "constant"] = "cosine", step: int = 0
-                 ) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    total: Callable[[], int],
+    warmup_steps: int = 0,
+    schedule: Literal["cosine", "constant"] = "cosine",
+    step: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """:func:`lr_factor` as a ``torch.optim.lr_scheduler.LambdaLR`` stepped once per training step.
 
     Args:
@@ -95,5 +106,6 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, lr: float, total: Callable[[]
     """
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total(), warmup_steps, schedule),
-                                             last_epoch=step - 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total(), warmup_steps, schedule), last_epoch=step - 1
+    )

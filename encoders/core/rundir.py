@@ -26,16 +26,18 @@ Example:
     >>> RunLock(folder).acquire().held
     True
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 from torch import nn
@@ -80,18 +82,22 @@ class RunLock:
             except FileNotFoundError:  # released meanwhile
                 return
             if age < LOCK_WRITE_SECONDS:
-                raise RFIError(f"{self.folder} is being locked by another run (its {self.path} is being written): "
-                               f"try again in a moment, or choose another --out")
+                raise RFIError(
+                    f"{self.folder} is being locked by another run (its {self.path} is being written): "
+                    f"try again in a moment, or choose another --out"
+                )
             log.warning("replacing the empty or unreadable lock %s (left by a run that could not write it)", self.path)
             return
         pid, host = owner
         if host == socket.gethostname() and pid > 0 and not pid_alive(pid):
             log.info("removing the stale lock of run %d (no longer running) in %s", pid, self.folder)
             return
-        raise RFIError(f"{self.folder} is in use by another run (pid {pid} on {host}): wait for it to "
-                       f"finish or choose another --out; if no such run exists, delete {self.path}")
+        raise RFIError(
+            f"{self.folder} is in use by another run (pid {pid} on {host}): wait for it to "
+            f"finish or choose another --out; if no such run exists, delete {self.path}"
+        )
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock or raise :class:`RFIError` naming the run that holds it."""
         if not self.enabled or self.held:
             return self
@@ -131,11 +137,12 @@ class RunLock:
             if self.created and not any(self.folder.iterdir()):
                 self.folder.rmdir()
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
@@ -180,8 +187,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], free: Iterable[str] = (),
-                   defaults: Mapping[str, Any] | None = None) -> list[str]:
+def config_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], free: Iterable[str] = (), defaults: Mapping[str, Any] | None = None
+) -> list[str]:
     """The dotted keys in which two (nested) configs differ, sorted.
 
     Args:
@@ -199,8 +207,7 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], free: Iterabl
     old, new, defaults = flatten(old), flatten(new), flatten(defaults or {})
     free = tuple(free)
     is_free = lambda k: any(k == f or k.startswith(f + ".") for f in free)  # noqa: E731
-    return [k for k in sorted(set(old) | set(new))
-            if not is_free(k) and old.get(k, defaults.get(k)) != new.get(k)]
+    return [k for k in sorted(set(old) | set(new)) if not is_free(k) and old.get(k, defaults.get(k)) != new.get(k)]
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -211,7 +218,7 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
         >>> step_seed(0, 5, 1), step_seed(1, 0)
         (20496, 4099012297)
     """
-    return ((seed * 1_000_003 + step) * 4099 + rank) % (2 ** 63)
+    return ((seed * 1_000_003 + step) * 4099 + rank) % (2**63)
 
 
 @dataclass
@@ -259,7 +266,7 @@ class RunDir:
         >>> _ = run.checkpoint.write_bytes(b"")
         >>> run.has_checkpoint(resume=False)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        encoders.core.errors.RFIError: /tmp/.../checkpoint.pt exists: pass --resume to continue that run, or choose another --out
+        encoders.core.errors.RFIError: /tmp/.../checkpoint.pt exists: pass --resume to continue that run, ...
     """
 
     def __init__(self, folder: str | os.PathLike, checkpoint: str = "checkpoint.pt", main: bool = True):
@@ -278,13 +285,20 @@ class RunDir:
             raise RFIError(f"{self.checkpoint} exists: pass --resume to continue that run, or choose another --out")
         return True
 
-    def check_resume(self, old: Mapping[str, Any], new: Mapping[str, Any], free: Iterable[str] = (),
-                     defaults: Mapping[str, Any] | None = None) -> None:
+    def check_resume(
+        self,
+        old: Mapping[str, Any],
+        new: Mapping[str, Any],
+        free: Iterable[str] = (),
+        defaults: Mapping[str, Any] | None = None,
+    ) -> None:
         """Raise :class:`RFIError` naming the keys in which the resumed config differs (see :func:`config_changes`)."""
         changed = config_changes(old, new, free, defaults)
         if changed:
-            raise RFIError(f"cannot resume {self.checkpoint}: the config differs in {', '.join(changed)} "
-                           f"(use the run's {self.config_path} or another --out)")
+            raise RFIError(
+                f"cannot resume {self.checkpoint}: the config differs in {', '.join(changed)} "
+                f"(use the run's {self.config_path} or another --out)"
+            )
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         """Write the resolved config to ``config.yaml`` (atomically)."""

@@ -24,6 +24,7 @@ temporary files of processes that no longer run.
 
 :func:`write_json` refuses NaN and Inf, which JSON cannot hold, naming the key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,9 @@ import math
 import os
 import pickle
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -43,9 +45,15 @@ CHECKSUM_KEY = "checksum_sha256"
 """Where :func:`save_checkpoint` records :func:`content_hash` (tensors and settings)."""
 TENSOR_HASH_KEY = "content_sha256"
 """Where files written before :data:`CHECKSUM_KEY` existed record :func:`tensor_hash` (tensors only)."""
-FORMAT_VERSIONS: dict[str, int] = {"rfi-encoder": 1, "rfi-decoder": 1, "rfi-autoencoder": 1, "rfi-anomaly": 1,
-                                   "rfi-segmenter": 1}
-"""The checkpoint formats RFI writes (their ``format`` key), each with the ``version`` it writes, the newest it reads."""
+FORMAT_VERSIONS: dict[str, int] = {
+    "rfi-encoder": 1,
+    "rfi-decoder": 1,
+    "rfi-autoencoder": 1,
+    "rfi-anomaly": 1,
+    "rfi-segmenter": 1,
+}
+"""The checkpoint formats RFI writes (their ``format`` key), each with the ``version`` it writes
+(the newest it reads)."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -62,7 +70,7 @@ def pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(path: Path) -> None:
     """Delete ``.<name>.<pid>.*.tmp`` files next to ``path`` left by processes that were killed."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2:].split(".")
+        parts = tmp.name[len(path.name) + 2 :].split(".")
         if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not pid_alive(int(parts[0])):
             tmp.unlink(missing_ok=True)
 
@@ -212,15 +220,19 @@ def check_format(ckpt: Mapping[str, Any], source: str) -> None:
         return
     fmt = ckpt["format"]
     if not isinstance(fmt, str) or fmt not in FORMAT_VERSIONS:
-        raise RFIError(f"{source} has an unknown checkpoint format {fmt!r} (RFI reads {', '.join(FORMAT_VERSIONS)}, "
-                       f"and robustness-library or torchvision files, which have no format): a file of another "
-                       f"program, or of a newer RFI")
+        raise RFIError(
+            f"{source} has an unknown checkpoint format {fmt!r} (RFI reads {', '.join(FORMAT_VERSIONS)}, "
+            f"and robustness-library or torchvision files, which have no format): a file of another "
+            f"program, or of a newer RFI"
+        )
     version = ckpt.get("version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise RFIError(f"{source} has an invalid {fmt} version {version!r} (a damaged file)")
     if version > FORMAT_VERSIONS[fmt]:
-        raise RFIError(f"{source} is an {fmt} file of version {version}, newer than this RFI reads "
-                       f"({FORMAT_VERSIONS[fmt]}): upgrade RFI (pip install -U robust-inversion)")
+        raise RFIError(
+            f"{source} is an {fmt} file of version {version}, newer than this RFI reads "
+            f"({FORMAT_VERSIONS[fmt]}): upgrade RFI (pip install -U robust-inversion)"
+        )
 
 
 def non_finite_tensor(obj: Any) -> str | None:
@@ -231,8 +243,11 @@ def non_finite_tensor(obj: Any) -> str | None:
         'state_dict/b'
     """
     for key, x in _leaves(obj):
-        if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) \
-                and not bool(torch.isfinite(x).all()):
+        if (
+            isinstance(x, torch.Tensor)
+            and (x.is_floating_point() or x.is_complex())
+            and not bool(torch.isfinite(x).all())
+        ):
             return key.lstrip("/")
     return None
 
@@ -260,18 +275,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if "GLOBAL" in str(e) or "Unsupported global" in str(e):  # it names a Python class or function
             raise RFIError(
                 f"refused to load {path}: it holds Python objects that would run code on load "
-                f"(only tensors and plain containers are accepted)") from None
+                f"(only tensors and plain containers are accepted)"
+            ) from None
         # Any other weights_only failure: not pickle data a checkpoint can hold (e.g. a text file).
-        detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")),
-                      "unpickling failed")
+        detail = next(
+            (line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")),
+            "unpickling failed",
+        )
         raise RFIError(f"{path} is not a valid checkpoint ({detail})") from None
     except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, struct.error, ...)
         detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise RFIError(f"{path} is not a valid checkpoint (truncated, corrupt or not a checkpoint: {detail})") from None
     if not isinstance(obj, dict):
         raise RFIError(f"{path} is not a checkpoint dictionary (found {type(obj).__name__})")
-    corrupt = (f"{path} is corrupt: its content does not match the checksum written with it "
-               f"(a changed or damaged file); use a backup or retrain")
+    corrupt = (
+        f"{path} is corrupt: its content does not match the checksum written with it "
+        f"(a changed or damaged file); use a backup or retrain"
+    )
     if CHECKSUM_KEY in obj:
         if content_hash(obj) != obj[CHECKSUM_KEY]:
             raise RFIError(corrupt)
@@ -281,6 +301,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     check_format(obj, str(path))
     bad = non_finite_tensor(obj)
     if bad is not None:
-        raise RFIError(f"{path} holds NaN or Inf values (first in '{bad}'): a training that diverged or a damaged "
-                       f"file, which would give false figures; retrain, or use an earlier checkpoint")
+        raise RFIError(
+            f"{path} holds NaN or Inf values (first in '{bad}'): a training that diverged or a damaged "
+            f"file, which would give false figures; retrain, or use an earlier checkpoint"
+        )
     return obj

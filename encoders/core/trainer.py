@@ -52,12 +52,14 @@ Example:
     >>> run_trainer(lambda ctx, device: Mean(Job(), ctx, device, Path(tempfile.mkdtemp())), "cpu").metrics
     {'step': 4}
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,8 +69,17 @@ from torch.utils.data import DataLoader, Dataset
 from encoders.core.config import config_to_dict
 from encoders.core.errors import RFIError
 from encoders.core.rundir import RunDir, TrainResult, lock_for_run, step_seed
-from encoders.core.runtime import (DistContext, MetricsLog, check_precision, grad_scaler, progress, rng_state,
-                                   seed_everything, set_rng_state, setup_distributed)
+from encoders.core.runtime import (
+    DistContext,
+    MetricsLog,
+    check_precision,
+    grad_scaler,
+    progress,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+)
 from encoders.core.serialization import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("rfi")
@@ -93,8 +104,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-def shard_positions(n: int, batch_size: int, world: int = 1, rank: int = 0, skip: int = 0,
-                    drop_last: bool = False) -> list[int]:
+def shard_positions(
+    n: int, batch_size: int, world: int = 1, rank: int = 0, skip: int = 0, drop_last: bool = False
+) -> list[int]:
     """Positions (in the epoch's order) this rank trains on, from global batch ``skip`` on.
 
     Global batch ``i`` is positions ``[i * batch_size, (i + 1) * batch_size)``; rank ``r`` of
@@ -133,7 +145,7 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         pos = self.positions[i]
-        torch.manual_seed((self.base + pos) % (2 ** 63))  # in a worker process: its own RNG
+        torch.manual_seed((self.base + pos) % (2**63))  # in a worker process: its own RNG
         return self.dataset[int(self.order[pos])]
 
 
@@ -176,15 +188,17 @@ class Trainer:
     drop_last = True
     """One process also drops an epoch's last, partial batch (several processes always do)."""
 
-    def __init__(self, cfg: Any, ctx: DistContext, device: torch.device, out: Path, train_set: Dataset,
-                 num_workers: int = 0):
+    def __init__(
+        self, cfg: Any, ctx: DistContext, device: torch.device, out: Path, train_set: Dataset, num_workers: int = 0
+    ):
         self.cfg, self.ctx, self.device, self.out = cfg, ctx, device, Path(out)
         self.run_dir = RunDir(self.out, self.checkpoint_name, ctx.main)
         self.ckpt_path = self.run_dir.checkpoint
         self.train_set, self.num_workers = train_set, num_workers
         if cfg.batch_size % ctx.world:
-            raise RFIError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the "
-                           f"{ctx.world} processes")
+            raise RFIError(
+                f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {ctx.world} processes"
+            )
         self.local_batch = cfg.batch_size // ctx.world
         n = len(train_set)
         whole = self.drop_last or ctx.world > 1
@@ -256,8 +270,10 @@ class Trainer:
     def rebuild_scheduler(self) -> None:
         """Make ``self.scheduler`` for ``self.step`` of ``self.total_steps``, for a checkpoint without
         scheduler state or with another number of steps (an extended run)."""
-        raise RFIError(f"{self.ckpt_path} holds no scheduler state for a run of {self.total_steps} steps: "
-                       f"cannot resume it (choose another --out)")
+        raise RFIError(
+            f"{self.ckpt_path} holds no scheduler state for a run of {self.total_steps} steps: "
+            f"cannot resume it (choose another --out)"
+        )
 
     def describe(self) -> str:
         """The log line that says what the run trains."""
@@ -294,8 +310,14 @@ class Trainer:
             dataset, sampler = _SeededItems(self.train_set, order, positions, cfg.seed, epoch), None
         else:
             dataset, sampler = self.train_set, order[positions].tolist()
-        return DataLoader(dataset, batch_size=self.local_batch, sampler=sampler, num_workers=self.num_workers,
-                          generator=g, pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=self.local_batch,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            generator=g,
+            pin_memory=self.device.type == "cuda",
+        )
 
     # ------------------------------------------------------------------ state
     def _add(self, sums: dict[str, Tensor], values: Mapping[str, Tensor | float]) -> None:
@@ -312,19 +334,28 @@ class Trainer:
 
     def _restart(self, totals: Mapping[str, float]) -> dict[str, Tensor]:
         """Restored sums: rank 0 carries the totals, the other ranks start from 0."""
-        return {k: torch.tensor(v if self.ctx.main else 0.0, dtype=torch.float64, device=self.device)
-                for k, v in totals.items()}
+        return {
+            k: torch.tensor(v if self.ctx.main else 0.0, dtype=torch.float64, device=self.device)
+            for k, v in totals.items()
+        }
 
     def save(self) -> None:
         """Write the checkpoint (rank 0) with everything ``--resume`` needs (collective)."""
         window, epoch_sums = self._totals(self.window), self._totals(self.epoch_sums)
         rngs = self.ctx.all_gather(rng_state())
         if self.ctx.main:
-            train = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
-                     "complete": self.step >= self.total_steps, "world_size": self.ctx.world,
-                     **{key: opt.state_dict() for key, opt in self.optimizers.items()},
-                     "scheduler": self.scheduler.state_dict(), "rng": rngs[0],
-                     "log_window": {"steps": self.window_steps, "sums": window}, "epoch_sums": epoch_sums}
+            train = {
+                "step": self.step,
+                "epoch": self.step // self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "complete": self.step >= self.total_steps,
+                "world_size": self.ctx.world,
+                **{key: opt.state_dict() for key, opt in self.optimizers.items()},
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rngs[0],
+                "log_window": {"steps": self.window_steps, "sums": window},
+                "epoch_sums": epoch_sums,
+            }
             if self.ctx.world > 1:
                 train["rng_ranks"] = rngs
             if self.scaler.is_enabled():
@@ -337,8 +368,9 @@ class Trainer:
         """Load the checkpoint being resumed (after checking that its config is the run's); returns it."""
         ckpt = load_checkpoint(self.ckpt_path)
         train, config = self.training_state(ckpt)
-        self.run_dir.check_resume(config, config_to_dict(self.cfg), self.resume_free_keys,
-                                  config_to_dict(type(self.cfg)()))
+        self.run_dir.check_resume(
+            config, config_to_dict(self.cfg), self.resume_free_keys, config_to_dict(type(self.cfg)())
+        )
         self.load_payload(ckpt)
         for key, opt in self.optimizers.items():
             opt.load_state_dict(train[key])
@@ -353,8 +385,11 @@ class Trainer:
         if len(rngs) == self.ctx.world:
             set_rng_state(rngs[self.ctx.rank])
         else:
-            self.info("resuming a %d-process run on %d processes: data order and random draws change from here on",
-                      len(rngs), self.ctx.world)
+            self.info(
+                "resuming a %d-process run on %d processes: data order and random draws change from here on",
+                len(rngs),
+                self.ctx.world,
+            )
             set_rng_state(train["rng"])
             if self.ctx.world > 1:
                 torch.manual_seed(step_seed(self.cfg.seed, self.step, self.ctx.rank + 1))
@@ -370,8 +405,10 @@ class Trainer:
         self.last_log = {"lr": lr, "images_per_s": images / max(seconds, 1e-9), **values}
         self.metrics.write(step=self.step, epoch=epoch + 1, **self.last_log)
         if self.bar is not None:
-            self.bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()},
-                                  "img/s": f"{self.last_log['images_per_s']:.0f}"}, refresh=False)
+            self.bar.set_postfix(
+                {**{k: f"{v:.4f}" for k, v in values.items()}, "img/s": f"{self.last_log['images_per_s']:.0f}"},
+                refresh=False,
+            )
         self.window, self.window_steps = {}, 0
 
     def run(self, resume: bool) -> TrainResult:
@@ -383,8 +420,14 @@ class Trainer:
             if self.step >= self.total_steps and self.finished(ckpt):
                 self.info("%s is already complete (%d steps)", self.ckpt_path, self.step)
                 return self.result()
-            self.info("resuming %s at step %d of %d (epoch %d of %d)", self.ckpt_path, self.step, self.total_steps,
-                      self.step // self.steps_per_epoch + 1, self.epochs)
+            self.info(
+                "resuming %s at step %d of %d (epoch %d of %d)",
+                self.ckpt_path,
+                self.step,
+                self.total_steps,
+                self.step // self.steps_per_epoch + 1,
+                self.epochs,
+            )
         elif ctx.world > 1:
             torch.manual_seed(step_seed(cfg.seed, 0, ctx.rank + 1))  # each rank its own random draws
         ctx.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
@@ -433,8 +476,9 @@ class Trainer:
         return self.result()
 
 
-def run_trainer(build: Callable[[DistContext, torch.device], Trainer], device: str, precision: str = "fp32",
-                resume: bool = False) -> TrainResult:
+def run_trainer(
+    build: Callable[[DistContext, torch.device], Trainer], device: str, precision: str = "fp32", resume: bool = False
+) -> TrainResult:
     """Run a trainer as every ``train_*`` function does: on this process of a (possibly one-process) DDP
     job, with its folder locked (:func:`~encoders.core.rundir.lock_for_run`).
 

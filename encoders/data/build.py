@@ -1,4 +1,5 @@
 """The ``data:`` section of a config and the dataset it names (embedded, mixed, folder, CIFAR-10)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -58,9 +59,18 @@ def build_dataset(cfg: DataConfig, split: Split = "train", size: int | None = No
     if cfg.source == "embedded":
         return EmbeddedCrops(split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed)
     if cfg.source == "mixed":
-        return MixedCrops(split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed,
-                          cfg.synthetic_ratio)
+        return MixedCrops(
+            split, size, cfg.train_crops if split == "train" else cfg.val_crops, cfg.seed, cfg.synthetic_ratio
+        )
     if cfg.source == "folder":
-        return ImageFiles(cfg.root, split, size, resize=cfg.resize, crop=cfg.crop, repeat=cfg.repeat,
-                          transforms=cfg.transforms, decode=cfg.decode)
+        return ImageFiles(
+            cfg.root,
+            split,
+            size,
+            resize=cfg.resize,
+            crop=cfg.crop,
+            repeat=cfg.repeat,
+            transforms=cfg.transforms,
+            decode=cfg.decode,
+        )
     return cifar10(cfg.root, split, cfg.download)

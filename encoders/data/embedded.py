@@ -6,6 +6,7 @@ scikit-image's wheel. Each photo is resized to a short side of 384 px and split 
 validation crops, so no validation pixel is ever seen in training. The labelled task is
 "which photo does this crop come from" (8 classes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,14 +19,22 @@ from torch.utils.data import Dataset
 
 from encoders.core.errors import RFIError
 
-EMBEDDED_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-                   "immunohistochemistry", "retina", "stereo_motorcycle")
+EMBEDDED_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+)
 EMBEDDED_TEXTURES = ("brick", "grass", "gravel")
 TRAIN_FRACTION = 2 / 3
 Split = Literal["train", "val"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def embedded_image(name: str, short_side: int = 384) -> Tensor:
     """One of scikit-image's shipped images as (3, H, W) in [0, 1], short side resized to ``short_side``."""
     import skimage.data
@@ -40,8 +49,9 @@ def embedded_image(name: str, short_side: int = 384) -> Tensor:
     h, w = img.shape[1:]
     scale = short_side / min(h, w)
     if scale != 1:
-        img = F.interpolate(img[None], size=(round(h * scale), round(w * scale)), mode="bilinear",
-                            antialias=True, align_corners=False)[0].clamp(0, 1)
+        img = F.interpolate(
+            img[None], size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True, align_corners=False
+        )[0].clamp(0, 1)
     return img.contiguous()
 
 
@@ -77,15 +87,22 @@ class EmbeddedCrops(LabelledDataset):
     Shape: items are ``(image (3, size, size) in [0, 1], label int)``.
     """
 
-    def __init__(self, split: Split = "train", size: int = 32, num: int = 12000, seed: int = 0,
-                 photos: tuple[str, ...] = EMBEDDED_PHOTOS):
+    def __init__(
+        self,
+        split: Split = "train",
+        size: int = 32,
+        num: int = 12000,
+        seed: int = 0,
+        photos: tuple[str, ...] = EMBEDDED_PHOTOS,
+    ):
         self.split, self.size = split, size
         self.classes = list(photos)
         self.regions = [region(embedded_image(p), split) for p in photos]
         for name, r in zip(photos, self.regions):
             if min(r.shape[1:]) < size:
-                raise RFIError(f"crop size {size} is larger than the {split} region of '{name}' "
-                               f"({r.shape[1]}x{r.shape[2]})")
+                raise RFIError(
+                    f"crop size {size} is larger than the {split} region of '{name}' ({r.shape[1]}x{r.shape[2]})"
+                )
         g = torch.Generator().manual_seed(seed * 2 + (split == "val"))
         labels = torch.arange(num) % len(photos)
         u = torch.rand(num, 2, generator=g)
@@ -99,4 +116,4 @@ class EmbeddedCrops(LabelledDataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         label = int(self.labels[i])
         top, left = self.positions[i].tolist()
-        return self.regions[label][:, top:top + self.size, left:left + self.size].clone(), label
+        return self.regions[label][:, top : top + self.size, left : left + self.size].clone(), label

@@ -3,6 +3,7 @@
 Folder images are streamed by DataLoader workers (:func:`default_num_workers`), decoded as
 8-bit pixels where the transforms allow it, with the standard ImageNet transforms or RFI's.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,6 @@ from torchvision.transforms import v2
 from encoders.core.errors import RFIError
 from encoders.core.imageio import HIGH_DEPTH_MODES, IMAGE_EXTENSIONS, open_image, read_image
 from encoders.data.embedded import LabelledDataset, Split
-
 
 Transforms = Literal["rfi", "imagenet"]
 Decode = Literal["float", "uint8"]
@@ -144,9 +144,17 @@ class ImageFiles(LabelledDataset):
 
     streamed = True  # read from disk item by item (see default_num_workers)
 
-    def __init__(self, root: str | os.PathLike, split: Split = "train", size: int = 32,
-                 resize: int | None = None, crop: str = "resized", repeat: int = 1,
-                 transforms: str = "rfi", decode: str | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: Split = "train",
+        size: int = 32,
+        resize: int | None = None,
+        crop: str = "resized",
+        repeat: int = 1,
+        transforms: str = "rfi",
+        decode: str | None = None,
+    ):
         root = Path(root)
         if not root.is_dir():
             raise RFIError(f"image folder not found: {root}")
@@ -200,10 +208,12 @@ class ImageFiles(LabelledDataset):
         if split == "val":
             return v2.Compose([*(pre or [v2.Resize(size, antialias=True)]), v2.CenterCrop(size)])
         if crop == "random":
-            return v2.Compose([*pre, v2.RandomCrop(size, pad_if_needed=True, padding_mode="reflect"),
-                               v2.RandomHorizontalFlip()])
-        return v2.Compose([*pre, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
-                           v2.RandomHorizontalFlip()])
+            return v2.Compose(
+                [*pre, v2.RandomCrop(size, pad_if_needed=True, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+            )
+        return v2.Compose(
+            [*pre, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        )
 
     @property
     def items(self) -> list[tuple[Path, int]]:
@@ -232,11 +242,17 @@ def cifar10(root: str | os.PathLike, split: Split = "train", download: bool = Fa
     from torchvision.datasets import CIFAR10
 
     try:
-        ds = CIFAR10(str(root), train=split == "train", download=download,
-                     transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]))
+        ds = CIFAR10(
+            str(root),
+            train=split == "train",
+            download=download,
+            transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]),
+        )
     except RuntimeError:
-        raise RFIError(f"CIFAR-10 not found under {root}: download "
-                       f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it there "
-                       f"(or set data.download=true where the machine is online)") from None
+        raise RFIError(
+            f"CIFAR-10 not found under {root}: download "
+            f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it there "
+            f"(or set data.download=true where the machine is online)"
+        ) from None
     ds.num_classes = 10
     return ds

@@ -24,6 +24,7 @@ Example:
     >>> torch.equal(labels, scene(32, seed=0, index=3)[1])
     True
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,7 +82,7 @@ def class_texture(label: int, size: int, rng: np.random.Generator, split: Split 
     photo = region(embedded_image(name), split)
     top = int(rng.integers(0, photo.shape[1] - size + 1))
     left = int(rng.integers(0, photo.shape[2] - size + 1))
-    crop = photo[:, top:top + size, left:left + size].permute(1, 2, 0).numpy()
+    crop = photo[:, top : top + size, left : left + size].permute(1, 2, 0).numpy()
     mean = crop.mean()
     crop = mean + (crop - mean) * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
     return np.clip(crop, 0, 1).astype(np.float32)

@@ -34,6 +34,7 @@ Example:
     >>> torch.equal(x, synthetic_image(0, size=32, seed=0))
     True
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,8 @@ from skimage import draw
 from skimage.transform import downscale_local_mean
 from torch import Tensor
 
-from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, LabelledDataset, embedded_image, region
 from encoders.core.errors import RFIError
+from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, LabelledDataset, embedded_image, region
 
 DEAD_LEAVES_EXPONENTS = ((2.0, 2.6), (2.6, 3.3), (3.3, 4.0))
 """Bins of the dead-leaves radius exponent (one class each): large, medium (natural, 3), small discs."""
@@ -90,9 +91,16 @@ def power_law_radii(rng: np.random.Generator, n: int, exponent: float, rmin: flo
     return (a + u * (b - a)) ** (1 / (1 - exponent))
 
 
-def dead_leaves(size: int, rng: np.random.Generator, exponent: float = 3.0, rmin: float = 0.03,
-                rmax: float = 0.5, palette: np.ndarray | None = None, batch: int = 64,
-                max_discs: int = 4096) -> np.ndarray:
+def dead_leaves(
+    size: int,
+    rng: np.random.Generator,
+    exponent: float = 3.0,
+    rmin: float = 0.03,
+    rmax: float = 0.5,
+    palette: np.ndarray | None = None,
+    batch: int = 64,
+    max_discs: int = 4096,
+) -> np.ndarray:
     """A dead-leaves image: opaque discs stacked front to back until the plane is covered.
 
     The first disc drawn lies on top (the classic "dead leaves" order). Edges are
@@ -170,7 +178,7 @@ def power_law_noise(size: int, rng: np.random.Generator, alpha: float, channels:
     """
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]
-    f = np.sqrt(fy ** 2 + fx ** 2)
+    f = np.sqrt(fy**2 + fx**2)
     f[0, 0] = np.inf  # no DC
     amp = f ** (-alpha / 2)
     spec = np.fft.rfft2(rng.standard_normal((channels, size, size)))
@@ -180,8 +188,9 @@ def power_law_noise(size: int, rng: np.random.Generator, alpha: float, channels:
     return field.astype(np.float32)
 
 
-def noise_texture(size: int, rng: np.random.Generator, alpha: float, palette: np.ndarray | None = None,
-                  contrast: float = 1.0) -> np.ndarray:
+def noise_texture(
+    size: int, rng: np.random.Generator, alpha: float, palette: np.ndarray | None = None, contrast: float = 1.0
+) -> np.ndarray:
     """A coloured 1/f^alpha texture: one luminance field blends two palette colours, two weaker fields add chroma.
 
     Args:
@@ -206,7 +215,8 @@ def noise_texture(size: int, rng: np.random.Generator, alpha: float, palette: np
 
 
 def _gradient(rr: np.ndarray, cc: np.ndarray, rng: np.random.Generator, palette: np.ndarray | None) -> np.ndarray:
-    """Colours (len(rr), 3) of a linear gradient between two palette colours, along a random direction, at pixels (rr, cc)."""
+    """Colours (len(rr), 3) at pixels (rr, cc) of a linear gradient between two palette colours,
+    along a random direction."""
     theta = rng.uniform(0, 2 * np.pi)
     t = np.cos(theta) * cc + np.sin(theta) * rr
     t = (t - t.min()) / (np.ptp(t) + 1e-12) if t.size else t
@@ -214,8 +224,13 @@ def _gradient(rr: np.ndarray, cc: np.ndarray, rng: np.random.Generator, palette:
     return (c0 + t[:, None].astype(np.float32) * (c1 - c0)).astype(np.float32)
 
 
-def random_shapes(size: int, rng: np.random.Generator, kind: str = "polygons",
-                  palette: np.ndarray | None = None, count: tuple[int, int] = (3, 9)) -> np.ndarray:
+def random_shapes(
+    size: int,
+    rng: np.random.Generator,
+    kind: str = "polygons",
+    palette: np.ndarray | None = None,
+    count: tuple[int, int] = (3, 9),
+) -> np.ndarray:
     """Shapes of one ``kind`` with gradient fills over a low-contrast 1/f texture.
 
     Rasterised by :mod:`skimage.draw` (``polygon``, ``ellipse``; lines are thin rotated
@@ -256,7 +271,9 @@ def random_shapes(size: int, rng: np.random.Generator, kind: str = "polygons",
             half, width = rng.uniform(0.15, 0.6) * n, rng.uniform(0.5, 1.5) * SUPERSAMPLE
             theta = rng.uniform(0, np.pi)
             d, p = np.array([np.sin(theta), np.cos(theta)]), np.array([np.cos(theta), -np.sin(theta)])
-            corners = np.array([(cy, cx) + s * half * d + t * width * p for s, t in ((-1, -1), (-1, 1), (1, 1), (1, -1))])
+            corners = np.array(
+                [(cy, cx) + s * half * d + t * width * p for s, t in ((-1, -1), (-1, 1), (1, 1), (1, -1))]
+            )
             rr, cc = draw.polygon(corners[:, 0], corners[:, 1], shape)
         img[rr, cc] = _gradient(rr, cc, rng, palette)
     return downscale_local_mean(img, (SUPERSAMPLE, SUPERSAMPLE, 1)).astype(np.float32)
@@ -266,8 +283,9 @@ def _bin_value(rng: np.random.Generator, bins: tuple[tuple[float, float], ...], 
     return float(rng.uniform(*bins[k]))
 
 
-def synthetic_image(label: int, size: int = 32, seed: int = 0, index: int = 0,
-                    palette: np.ndarray | None = None) -> Tensor:
+def synthetic_image(
+    label: int, size: int = 32, seed: int = 0, index: int = 0, palette: np.ndarray | None = None
+) -> Tensor:
     """The synthetic image of class ``label`` (see :data:`SYNTHETIC_CLASSES`), a pure function of its arguments.
 
     Args:

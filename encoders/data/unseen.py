@@ -29,6 +29,7 @@ Example:
     >>> tuple(x.shape), float(x.min()) >= 0, float(x.max()) <= 1
     ((3, 427, 640), True, True)
 """
+
 from __future__ import annotations
 
 import os
@@ -62,10 +63,15 @@ def _matplotlib(name: str) -> Path:
 
 
 UNSEEN_IMAGES = {
-    "china": (_sklearn, "china.jpg"), "flower": (_sklearn, "flower.jpg"),
+    "china": (_sklearn, "china.jpg"),
+    "flower": (_sklearn, "flower.jpg"),
     "grace_hopper": (_matplotlib, "grace_hopper.jpg"),
-    "camera": (_skimage, "camera.png"), "coins": (_skimage, "coins.png"), "moon": (_skimage, "moon.png"),
-    "page": (_skimage, "page.png"), "text": (_skimage, "text.png"), "cell": (_skimage, "cell.png"),
+    "camera": (_skimage, "camera.png"),
+    "coins": (_skimage, "coins.png"),
+    "moon": (_skimage, "moon.png"),
+    "page": (_skimage, "page.png"),
+    "text": (_skimage, "text.png"),
+    "cell": (_skimage, "cell.png"),
     "clock_motion": (_skimage, "clock_motion.png"),
 }
 """Name -> (package locator, file name) of every unseen image."""
@@ -134,7 +140,7 @@ class UnseenCrops(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         k, top, left = self.crops[i]
-        return self.images[k][:, top:top + self.size, left:left + self.size], k
+        return self.images[k][:, top : top + self.size, left : left + self.size], k
 
 
 def unseen_folder(out: str | os.PathLike) -> Path:

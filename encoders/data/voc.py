@@ -18,6 +18,7 @@ Example:
     >>> voc_palette()[:9]  # background black, aeroplane dark red, bicycle dark green
     [0, 0, 0, 128, 0, 0, 0, 128, 0]
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,29 @@ from encoders.data.embedded import LabelledDataset, Split
 
 log = logging.getLogger("rfi")
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 """The 21 VOC classes, in label order."""
 IGNORE_INDEX = 255
 """The label of pixels that count in no loss and no metric (VOC's object borders)."""
@@ -73,15 +94,15 @@ def read_label_png(path: str | os.PathLike) -> Tensor:
     try:
         with Image.open(path) as img:
             if img.mode not in ("P", "L"):
-                raise RFIError(f"{path} is not a class-index PNG (palette or grey image of class indices), "
-                               f"but mode {img.mode}")
+                raise RFIError(
+                    f"{path} is not a class-index PNG (palette or grey image of class indices), but mode {img.mode}"
+                )
             return torch.from_numpy(np.array(img, dtype=np.int64))
     except OSError as e:
         raise RFIError(f"cannot read label image {path}: {e}") from None
 
 
-def write_label_png(labels: Tensor | np.ndarray, path: str | os.PathLike,
-                    palette: list[int] | None = None) -> Path:
+def write_label_png(labels: Tensor | np.ndarray, path: str | os.PathLike, palette: list[int] | None = None) -> Path:
     """Atomically write (H, W) class indices in [0, 255] as a palette PNG (colours: ``palette``, default VOC's).
 
     Example:
@@ -122,15 +143,23 @@ class VOCSegmentation(LabelledDataset):
         RFIError: the root or the split file is missing, or no usable image is left.
     """
 
-    def __init__(self, root: str | os.PathLike, split: Split = "train", size: int = 256,
-                 num_classes: int = len(VOC_CLASSES), resize: int | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: Split = "train",
+        size: int = 256,
+        num_classes: int = len(VOC_CLASSES),
+        resize: int | None = None,
+    ):
         self.root, self.split, self.size, self.resize = Path(root), split, size, resize
         if not self.root.is_dir():
             raise RFIError(f"VOC folder not found: {self.root} (data.root)")
         ids_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not ids_file.is_file():
-            raise RFIError(f"{ids_file} is missing: a VOC tree lists its {split} images there (one id per line; "
-                           f"data.root={self.root})")
+            raise RFIError(
+                f"{ids_file} is missing: a VOC tree lists its {split} images there (one id per line; "
+                f"data.root={self.root})"
+            )
         self.classes = list(VOC_CLASSES[:num_classes]) + [f"class_{k}" for k in range(len(VOC_CLASSES), num_classes)]
         self.items: list[tuple[Path, Path]] = []
         skipped: list[str] = []
@@ -143,11 +172,13 @@ class VOCSegmentation(LabelledDataset):
                 skipped.append(str(e))
                 log.warning("skipped %s", e)
         if not self.items:
-            raise RFIError(f"no usable image in {ids_file} ({len(skipped)} skipped"
-                           f"{', first: ' + skipped[0] if skipped else ''})")
+            raise RFIError(
+                f"no usable image in {ids_file} ({len(skipped)} skipped{', first: ' + skipped[0] if skipped else ''})"
+            )
         if skipped:
-            log.warning("%s: %d of %d images skipped (named above)", ids_file, len(skipped),
-                        len(skipped) + len(self.items))
+            log.warning(
+                "%s: %d of %d images skipped (named above)", ids_file, len(skipped), len(skipped) + len(self.items)
+            )
 
     def _check(self, name: str, num_classes: int) -> tuple[Path, Path]:
         """The (image, mask) files of ``name``, or a one-line :class:`RFIError` saying why it cannot be used."""
@@ -163,8 +194,10 @@ class VOCSegmentation(LabelledDataset):
                 raise RFIError(f"{mask} is {labels.shape[1]}x{labels.shape[0]}, its image {img.size[0]}x{img.size[1]}")
         bad = labels[(labels >= num_classes) & (labels != IGNORE_INDEX)]
         if bad.numel():
-            raise RFIError(f"{mask} has class {int(bad.max())}, but data.num_classes is {num_classes} "
-                           f"(classes 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+            raise RFIError(
+                f"{mask} has class {int(bad.max())}, but data.num_classes is {num_classes} "
+                f"(classes 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)"
+            )
         return image, mask
 
     def __len__(self) -> int:
@@ -177,8 +210,9 @@ class VOCSegmentation(LabelledDataset):
             h, w = labels.shape
             scale = self.resize / min(h, w)
             shape = (max(1, round(h * scale)), max(1, round(w * scale)))
-            image = F.interpolate(image[None], size=shape, mode="bilinear", antialias=True,
-                                  align_corners=False)[0].clamp(0, 1)
+            image = F.interpolate(image[None], size=shape, mode="bilinear", antialias=True, align_corners=False)[
+                0
+            ].clamp(0, 1)
             labels = F.interpolate(labels[None, None].float(), size=shape, mode="nearest")[0, 0].long()
         pad_h, pad_w = max(0, self.size - labels.shape[0]), max(0, self.size - labels.shape[1])
         if pad_h or pad_w:
@@ -189,8 +223,8 @@ class VOCSegmentation(LabelledDataset):
             top, left = int(torch.randint(h - self.size + 1, ())), int(torch.randint(w - self.size + 1, ()))
         else:
             top, left = (h - self.size) // 2, (w - self.size) // 2
-        image = image[:, top:top + self.size, left:left + self.size]
-        labels = labels[top:top + self.size, left:left + self.size]
+        image = image[:, top : top + self.size, left : left + self.size]
+        labels = labels[top : top + self.size, left : left + self.size]
         if self.split == "train" and bool(torch.rand(()) < 0.5):
             image, labels = image.flip(-1), labels.flip(-1)
         return image.contiguous(), labels.contiguous()

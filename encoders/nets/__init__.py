@@ -5,4 +5,5 @@ transformers); a new architecture is a new module here, imported on the line bel
 :class:`encoders.nets.models.Encoder` taps any of them at named layers;
 :func:`encoders.create_encoder` builds or loads one by name.
 """
+
 from encoders.nets import alexnet, vgg, resnet, swin, mvit, cvt  # noqa: F401, I001  (each module registers its family)

@@ -13,10 +13,12 @@ Example:
     >>> tuple(enc(torch.rand(1, 3, 32, 32))["conv5"].shape)
     (1, 32, 8, 8)
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models import AlexNet
@@ -27,9 +29,15 @@ from encoders.nets.registry import Built, EncoderFamily, register_encoder, scale
 
 def classifier_head(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
     """The AlexNet / VGG classifier with torchvision's structure (and state-dict keys)."""
-    return nn.Sequential(nn.Dropout(), nn.Linear(in_features, hidden), nn.ReLU(True),
-                         nn.Dropout(), nn.Linear(hidden, hidden), nn.ReLU(True),
-                         nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Dropout(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(True),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 @register_encoder
@@ -49,11 +57,20 @@ class AlexNetFamily(EncoderFamily):
             else:
                 stem, pool = nn.Conv2d(3, c[0], 11, 4, 2), (lambda: nn.MaxPool2d(3, 2))
             model.features = nn.Sequential(
-                stem, nn.ReLU(True), pool(),
-                nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(True), pool(),
-                nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(True),
-                nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(True),
-                nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(True), pool())
+                stem,
+                nn.ReLU(True),
+                pool(),
+                nn.Conv2d(c[0], c[1], 5, padding=2),
+                nn.ReLU(True),
+                pool(),
+                nn.Conv2d(c[1], c[2], 3, padding=1),
+                nn.ReLU(True),
+                nn.Conv2d(c[2], c[3], 3, padding=1),
+                nn.ReLU(True),
+                nn.Conv2d(c[3], c[4], 3, padding=1),
+                nn.ReLU(True),
+                pool(),
+            )
             hidden = scaled(4096, width)
             if small_input:
                 model.avgpool = nn.AdaptiveAvgPool2d(1)

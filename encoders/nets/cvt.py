@@ -30,11 +30,13 @@ Example:
     >>> {k: tuple(v.shape) for k, v in enc(torch.rand(1, 3, 32, 32)).items()}
     {'stage1': (1, 16, 8, 8), 'stage2': (1, 48, 4, 4)}
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
@@ -45,8 +47,13 @@ from encoders.nets.downsample import CircularConv2d, polyphase, select_phase
 from encoders.nets.registry import Built, EncoderFamily, register_encoder, scaled
 
 # CvT-13: widths 64-192-384, depths 1-2-10, heads 1-3-6, MLP ratio 4, stochastic depth 0.1.
-CVT_DEFAULTS: dict[str, Any] = {"embed_dim": 64, "depths": [1, 2, 10], "num_heads": [1, 3, 6], "patch_size": 4,
-                                "stochastic_depth": 0.1}
+CVT_DEFAULTS: dict[str, Any] = {
+    "embed_dim": 64,
+    "depths": [1, 2, 10],
+    "num_heads": [1, 3, 6],
+    "patch_size": 4,
+    "stochastic_depth": 0.1,
+}
 CVT_OPTIONS = tuple(CVT_DEFAULTS)
 STAGE_WIDTHS = (1, 3, 6)  # CvT-13's stage widths relative to the first (64, 192, 384)
 KV_STRIDE = 2
@@ -62,21 +69,25 @@ def resolve_options(options: Mapping[str, Any], width: float = 1.0) -> dict[str,
     opts = {k: (CVT_DEFAULTS[k] if options.get(k) is None else options[k]) for k in CVT_OPTIONS}
     opts["depths"], opts["num_heads"] = [int(d) for d in opts["depths"]], [int(h) for h in opts["num_heads"]]
     if len(opts["depths"]) != len(opts["num_heads"]) or not 1 <= len(opts["depths"]) <= len(STAGE_WIDTHS):
-        raise RFIError(f"cvt_13: depths {opts['depths']} and num_heads {opts['num_heads']} must have the same "
-                       f"length, 1 to {len(STAGE_WIDTHS)} (one entry per stage)")
+        raise RFIError(
+            f"cvt_13: depths {opts['depths']} and num_heads {opts['num_heads']} must have the same "
+            f"length, 1 to {len(STAGE_WIDTHS)} (one entry per stage)"
+        )
     if min(opts["depths"]) < 1 or opts["patch_size"] < 1:
         raise RFIError("cvt_13: depths and patch_size must be >= 1")
     for i, (dim, heads) in enumerate(zip(stage_widths(opts, width), opts["num_heads"])):
         if heads < 1 or dim % heads:
-            raise RFIError(f"cvt_13: stage {i + 1} has {dim} channels (embed_dim x {STAGE_WIDTHS[i]}), not "
-                           f"divisible by num_heads[{i}]={heads}")
+            raise RFIError(
+                f"cvt_13: stage {i + 1} has {dim} channels (embed_dim x {STAGE_WIDTHS[i]}), not "
+                f"divisible by num_heads[{i}]={heads}"
+            )
     return opts
 
 
 def stage_widths(opts: Mapping[str, Any], width: float = 1.0) -> list[int]:
     """The channels of each stage: ``embed_dim`` (times ``width``) times CvT-13's ratios."""
     dim = scaled(int(opts["embed_dim"]), width)
-    return [dim * r for r in STAGE_WIDTHS[:len(opts["depths"])]]
+    return [dim * r for r in STAGE_WIDTHS[: len(opts["depths"])]]
 
 
 def size_multiple(opts: Mapping[str, Any]) -> int:
@@ -89,9 +100,11 @@ def check_image_size(h: int, w: int, arch: str, opts: Mapping[str, Any]) -> None
     m = size_multiple(opts)
     if h % m or w % m:
         up = lambda v: math.ceil(v / m) * m  # noqa: E731
-        raise RFIError(f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
-                       f"multiples of {m} (last stage stride {m // KV_STRIDE} x key/value stride {KV_STRIDE}), "
-                       f"e.g. {up(h)}x{up(w)}")
+        raise RFIError(
+            f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
+            f"multiples of {m} (last stage stride {m // KV_STRIDE} x key/value stride {KV_STRIDE}), "
+            f"e.g. {up(h)}x{up(w)}"
+        )
 
 
 def depthwise(dim: int, stride: int, circular: bool) -> nn.Conv2d:
@@ -246,13 +259,14 @@ class CvT(nn.Module):
         return self.head(self.norm(x.flatten(2).transpose(1, 2)).mean(1))
 
 
-def cvt_features(model: nn.Module, x: Tensor, taps: Mapping[str, str],
-                 names: Sequence[str] | None = None) -> "OrderedDict[str, Tensor]":
+def cvt_features(
+    model: nn.Module, x: Tensor, taps: Mapping[str, str], names: Sequence[str] | None = None
+) -> OrderedDict[str, Tensor]:
     """Run the stages up to the deepest requested one; the stage outputs (B, C, H, W), in the order of ``names``."""
     names = list(taps) if names is None else list(names)
     index = {name: int(taps[name].split(".")[1]) for name in names}
     feats: dict[str, Tensor] = {}
-    for i, stage in enumerate(model.stages[:max(index.values()) + 1]):
+    for i, stage in enumerate(model.stages[: max(index.values()) + 1]):
         x = stage(x)
         feats.update({name: x for name, n in index.items() if n == i})
     return OrderedDict((name, feats[name]) for name in names)
@@ -266,7 +280,7 @@ def phase_names(model: nn.Module, node: str) -> list[str]:
     return names + [f"stages.{i}.0.proj" for i in range(1, n + 1)]
 
 
-def cvt_phases(model: nn.Module, node: str) -> "OrderedDict[str, Tensor]":
+def cvt_phases(model: nn.Module, node: str) -> OrderedDict[str, Tensor]:
     """The phases the adaptive token embeddings before ``node`` chose in the last forward pass."""
     out = ev.tokenizer_phases("stages.0.0.proj", model.stages[0][0].proj)
     for name in phase_names(model, node):
@@ -286,8 +300,16 @@ class CvTFamily(EncoderFamily):
     classifier = "head"
     convolutional = False
 
-    def build(self, arch: str, num_classes: int, width: float, small_input: bool, equivariant: bool = False,
-              selection: Literal["norm", "learned"] = "norm", **options: Any) -> Built:
+    def build(
+        self,
+        arch: str,
+        num_classes: int,
+        width: float,
+        small_input: bool,
+        equivariant: bool = False,
+        selection: Literal["norm", "learned"] = "norm",
+        **options: Any,
+    ) -> Built:
         """``small_input`` changes nothing (``patch_size`` sets the first embedding's stride)."""
         opts = resolve_options(options, width)
         if selection != "norm" and not equivariant:
@@ -300,8 +322,9 @@ class CvTFamily(EncoderFamily):
             stride, kernel, pad = (p, 2 * p - 1, p // 2) if i == 0 else (2, 3, 1)  # CvT: 7/4/2, then 3/2/1
             if equivariant:
                 proj = ev.AdaptiveTokenizer(c_in, dim, stride, selection, kernel_size=kernel, padding=pad)
-                proj.multiple, proj.model_name = (size_multiple(opts), f"equivariant {arch}") if i == 0 else \
-                    (stride, proj.model_name)
+                proj.multiple, proj.model_name = (
+                    (size_multiple(opts), f"equivariant {arch}") if i == 0 else (stride, proj.model_name)
+                )
             else:
                 proj = nn.Conv2d(c_in, dim, kernel, stride, pad)
             blocks = []

@@ -31,11 +31,13 @@ Example:
     >>> torch.equal(enc.logits(x).argmax(1), enc.logits(x.roll((5, -3), (2, 3))).argmax(1))
     True
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Iterable, Literal, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +88,11 @@ def check_divisible(x: Tensor, stride: int, name: str, totals: tuple[int, int] |
     h, w = x.shape[-2:]
     if h % stride or w % stride:
         hint = f"{totals[1]} ({totals[0]} up to this layer)" if totals else "the encoder's total stride"
-        raise RFIError(f"polyphase down-sampling at '{name or 'LPD'}' needs a height and width divisible by "
-                       f"{stride}, got {h}x{w} there: use images whose height and width are multiples of "
-                       f"{hint}; padding would break the exact shift invariance")
+        raise RFIError(
+            f"polyphase down-sampling at '{name or 'LPD'}' needs a height and width divisible by "
+            f"{stride}, got {h}x{w} there: use images whose height and width are multiples of "
+            f"{hint}; padding would break the exact shift invariance"
+        )
 
 
 class CircularConv2d(nn.Conv2d):
@@ -112,10 +116,18 @@ class CircularConv2d(nn.Conv2d):
         return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "CircularConv2d":
+    def from_conv(cls, conv: nn.Conv2d) -> CircularConv2d:
         """A circular copy of ``conv`` (same weights)."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None)
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+        )
         new.load_state_dict(conv.state_dict())
         return new.to(conv.weight.device, conv.weight.dtype)
 
@@ -123,8 +135,11 @@ class CircularConv2d(nn.Conv2d):
 def circular_convs(model: nn.Module, all_padded: bool = False) -> nn.Module:
     """Replace (in place) the ``nn.Conv2d`` layers that pad circularly (or, with ``all_padded``,
     every padded one) by :class:`CircularConv2d` with the same weights; returns ``model``."""
-    names = [name for name, m in model.named_modules() if type(m) is nn.Conv2d and any(p > 0 for p in m.padding)
-             and (all_padded or m.padding_mode == "circular")]
+    names = [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Conv2d and any(p > 0 for p in m.padding) and (all_padded or m.padding_mode == "circular")
+    ]
     for name in names:
         parent, _, child = name.rpartition(".")
         module = model.get_submodule(parent)
@@ -168,8 +183,11 @@ class LPD(nn.Module):
         self.totals = (stride, stride)  # model's down-sampling up to here, and in all (set by the conversion)
         # The last conv has one output channel: a mean over C output channels of a linear
         # layer equals one linear output, so this is the paper's conv-ReLU-conv-mean, cheaper.
-        self.score = nn.Sequential(CircularConv2d(channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
-                                   CircularConv2d(hidden, 1, 3, padding=1))
+        self.score = nn.Sequential(
+            CircularConv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            CircularConv2d(hidden, 1, 3, padding=1),
+        )
         self.weights: Tensor | None = None
 
     def logits(self, components: Tensor) -> Tensor:
@@ -238,7 +256,7 @@ class PhasedFeatures(OrderedDict):
         self.phases: OrderedDict[str, Tensor] = OrderedDict(phases or {})
 
 
-def lpd_modules(model: nn.Module) -> "OrderedDict[str, LPD]":
+def lpd_modules(model: nn.Module) -> OrderedDict[str, LPD]:
     """The model's :class:`LPD` layers by name, in execution (= definition) order."""
     return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, LPD))
 
@@ -320,11 +338,16 @@ class Downsampler:
         """``conv`` at stride 1 ('same' size) followed by the down-sampling layer."""
         s = self.stride(conv)
         k, p = conv.kernel_size, conv.padding
-        if isinstance(p, str) or any(kk % 2 == 0 or pp != (kk - 1) // 2 for kk, pp in zip(k, p)) \
-                or conv.dilation != (1, 1):
-            raise RFIError(f"cannot use downsample='{self.mode}' at layer '{name}': its {k[0]}x{k[1]} "
-                           f"stride-{s} convolution with padding {p} has no size-preserving stride-1 form "
-                           f"(for AlexNet use small_input=True)")
+        if (
+            isinstance(p, str)
+            or any(kk % 2 == 0 or pp != (kk - 1) // 2 for kk, pp in zip(k, p))
+            or conv.dilation != (1, 1)
+        ):
+            raise RFIError(
+                f"cannot use downsample='{self.mode}' at layer '{name}': its {k[0]}x{k[1]} "
+                f"stride-{s} convolution with padding {p} has no size-preserving stride-1 form "
+                f"(for AlexNet use small_input=True)"
+            )
         conv.stride = (1, 1)
         return nn.Sequential(conv, self.down(conv.out_channels, s))
 
@@ -339,9 +362,11 @@ class Downsampler:
     def sequential(self, model: nn.Module, small_input: bool) -> None:
         """VGG / AlexNet: strided layers of ``model.features``, replaced at the same index (taps keep names)."""
         if self.mode == "lps" and not small_input:
-            raise RFIError("cannot use downsample='lps' with this head: layer 'classifier' flattens a fixed "
-                           "spatial grid (avgpool to 7x7 / 6x6), which no circular shift leaves unchanged; "
-                           "use small_input=True (global average pooling)")
+            raise RFIError(
+                "cannot use downsample='lps' with this head: layer 'classifier' flattens a fixed "
+                "spatial grid (avgpool to 7x7 / 6x6), which no circular shift leaves unchanged; "
+                "use small_input=True (global average pooling)"
+            )
         channels = 3
         for i, m in enumerate(list(model.features)):
             if isinstance(m, nn.Conv2d):
@@ -360,8 +385,9 @@ class Downsampler:
                 total *= m.stride
                 m.name, m.totals = name, (total, overall)
             elif isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and self.stride(m) > 1:
-                raise RFIError(f"cannot use downsample='{self.mode}' at layer '{name}': no rule converts "
-                               f"this {type(m).__name__}")
+                raise RFIError(
+                    f"cannot use downsample='{self.mode}' at layer '{name}': no rule converts this {type(m).__name__}"
+                )
         if self.mode == "lps":  # exact equivariance needs circular padding everywhere
             circular_convs(model, all_padded=True)
 
@@ -388,8 +414,9 @@ def convert_downsampling(model: nn.Module, mode: str, rewrite: Callable[[Downsam
     return model
 
 
-def encoder_phases(model: nn.Module, node: str) -> "OrderedDict[str, Tensor]":
+def encoder_phases(model: nn.Module, node: str) -> OrderedDict[str, Tensor]:
     """The selection weights the LPD layers before ``node`` chose in the model's last forward pass."""
     modules = lpd_modules(model)
-    return OrderedDict((name, modules[name].weights) for name in phase_path(model, node)
-                       if modules[name].weights is not None)
+    return OrderedDict(
+        (name, modules[name].weights) for name in phase_path(model, node) if modules[name].weights is not None
+    )

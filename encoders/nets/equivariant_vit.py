@@ -34,20 +34,26 @@ Example:
     >>> any(torch.allclose(y_shift, y.roll((a, b), (2, 3)), atol=1e-6) for a in range(4) for b in range(4))
     True
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.swin_transformer import (PatchMerging, PatchMergingV2, ShiftedWindowAttention,
-                                                 ShiftedWindowAttentionV2, _patch_merging_pad)
+from torchvision.models.swin_transformer import (
+    PatchMerging,
+    PatchMergingV2,
+    ShiftedWindowAttention,
+    ShiftedWindowAttentionV2,
+    _patch_merging_pad,
+)
 
-from encoders.nets.downsample import LPD, polyphase, select_phase
 from encoders.core.errors import RFIError
+from encoders.nets.downsample import LPD, polyphase, select_phase
 
 SELECTIONS = ("norm", "learned")
 
@@ -123,8 +129,10 @@ class PhaseSelector(nn.Module):
 
 def _check_multiple(h: int, w: int, multiple: int, where: str) -> None:
     if h % multiple or w % multiple:
-        raise RFIError(f"{where}: got a {h}x{w} input, whose height and width must be multiples of {multiple} "
-                       f"(padding or cropping would break the exact shift equivariance)")
+        raise RFIError(
+            f"{where}: got a {h}x{w} input, whose height and width must be multiples of {multiple} "
+            f"(padding or cropping would break the exact shift equivariance)"
+        )
 
 
 class AdaptiveTokenizer(nn.Module):
@@ -158,8 +166,15 @@ class AdaptiveTokenizer(nn.Module):
         True
     """
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, selection: str = "norm",
-                 kernel_size: int | None = None, padding: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        embed_dim: int,
+        patch_size: int,
+        selection: str = "norm",
+        kernel_size: int | None = None,
+        padding: int = 0,
+    ):
         super().__init__()
         self.patch_size, self.kernel_size, self.padding = patch_size, kernel_size or patch_size, padding
         if not 0 <= padding < self.kernel_size:
@@ -178,8 +193,8 @@ class AdaptiveTokenizer(nn.Module):
         before, after = self.padding, self.kernel_size - 1 - self.padding
         if before or after:  # circular wrap: pixel (u, v) sees rows/columns u - padding ... u - padding + kernel - 1
             h, w = x.shape[-2:]
-            x = torch.cat([x[..., h - before:, :]] * bool(before) + [x, x[..., :after, :]], dim=-2)
-            x = torch.cat([x[..., w - before:]] * bool(before) + [x, x[..., :after]], dim=-1)
+            x = torch.cat([x[..., h - before :, :]] * bool(before) + [x, x[..., :after, :]], dim=-2)
+            x = torch.cat([x[..., w - before :]] * bool(before) + [x, x[..., :after]], dim=-1)
         return polyphase(F.conv2d(x, self.proj.weight, self.proj.bias), self.patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -320,8 +335,9 @@ class _AdaptiveMerge:
 
     def forward(self, x: Tensor) -> Tensor:
         _check_multiple(x.shape[-3], x.shape[-2], 2, self.model_name)
-        candidates = torch.stack([self._merge(x.roll((-i, -j), (1, 2)) if i or j else x)
-                                  for i in (0, 1) for j in (0, 1)], dim=1)  # (B, 4, H/2, W/2, 2C), at (i, j)
+        candidates = torch.stack(
+            [self._merge(x.roll((-i, -j), (1, 2)) if i or j else x) for i in (0, 1) for j in (0, 1)], dim=1
+        )  # (B, 4, H/2, W/2, 2C), at (i, j)
         return self._finish(self.selector(candidates.permute(0, 1, 4, 2, 3)).permute(0, 2, 3, 1))
 
     @property
@@ -398,14 +414,16 @@ def phase_names(model: nn.Module, node: str) -> list[str]:
     if isinstance(tok, AdaptiveTokenizer) and tok.patch_size > 1:
         p = tok.patch_size
         if p & (p - 1):
-            raise RFIError(f"patch_size {p} is not a power of two: its phases cannot drive stride-2 decoder "
-                           f"up-sampling (use patch_size 1, 2, 4 or 8)")
+            raise RFIError(
+                f"patch_size {p} is not a power of two: its phases cannot drive stride-2 decoder "
+                f"up-sampling (use patch_size 1, 2, 4 or 8)"
+            )
         names += [f"features.0.0.level{level}" for level in range(int(math.log2(p)))]
     names += [f"features.{i}" for i in range(1, n) if isinstance(model.features[i], _AdaptiveMerge)]
     return names
 
 
-def swin_phases(model: nn.Module, node: str) -> "OrderedDict[str, Tensor]":
+def swin_phases(model: nn.Module, node: str) -> OrderedDict[str, Tensor]:
     """The phases the adaptive modules before ``node`` chose in the last forward pass (see :func:`phase_names`)."""
     out: OrderedDict[str, Tensor] = OrderedDict()
     names = phase_names(model, node)
@@ -429,13 +447,18 @@ def tokenizer_phase_names(name: str, tok: AdaptiveTokenizer) -> list[str]:
     """
     p = tok.patch_size
     if p & (p - 1):
-        raise RFIError(f"patch_size {p} is not a power of two: its phases cannot drive stride-2 decoder "
-                       f"up-sampling (use patch_size 1, 2, 4 or 8)")
+        raise RFIError(
+            f"patch_size {p} is not a power of two: its phases cannot drive stride-2 decoder "
+            f"up-sampling (use patch_size 1, 2, 4 or 8)"
+        )
     return [f"{name}.level{level}" for level in range(int(math.log2(p)))]
 
 
-def tokenizer_phases(name: str, tok: AdaptiveTokenizer) -> "OrderedDict[str, Tensor]":
-    """The tokenizer's last choice as stride-2 choices ``{<name>.level<l>: (B, 4) weights}`` (see :func:`_binary_levels`)."""
+def tokenizer_phases(name: str, tok: AdaptiveTokenizer) -> OrderedDict[str, Tensor]:
+    """The tokenizer's last choice as stride-2 choices ``{<name>.level<l>: (B, 4) weights}``
+    (see :func:`_binary_levels`)."""
     if tok.weights is None or tok.patch_size == 1:
         return OrderedDict()
-    return OrderedDict((f"{name}.level{level}", w) for level, w in enumerate(_binary_levels(tok.weights, tok.patch_size)))
+    return OrderedDict(
+        (f"{name}.level{level}", w) for level, w in enumerate(_binary_levels(tok.weights, tok.patch_size))
+    )

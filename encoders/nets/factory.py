@@ -4,10 +4,12 @@ Names are those of the registry (:func:`encoders.nets.registry.list_encoders`); 
 RFI encoder checkpoints, ``robustness``-library checkpoints or torchvision state dicts
 (:mod:`encoders.weights.checkpoints`).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from encoders.core.budget import FLOAT_BYTES, check_memory, meta_parameters
 from encoders.core.errors import RFIError
@@ -15,8 +17,12 @@ from encoders.nets.models import Encoder
 from encoders.weights.checkpoints import load_encoder
 
 
-def create_encoder(name: str | None = None, checkpoint: str | os.PathLike | None = None,
-                   layers: Sequence[str] | None = None, **options: Any) -> Encoder:
+def create_encoder(
+    name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    layers: Sequence[str] | None = None,
+    **options: Any,
+) -> Encoder:
     """Build an encoder, optionally loading weights from a checkpoint file.
 
     Args:
@@ -74,7 +80,9 @@ def check_encoder_size(name: str, **options: Any) -> int:
     size = meta_parameters(lambda: Encoder(name, **options))
     given = ", ".join(f"{k}={v!r}" for k, v in options.items())
     sizes = [k for k in ("width", "embed_dim", "depths", "num_classes") if k in options]
-    check_memory(size * FLOAT_BYTES, f"create_encoder({name!r}{', ' + given if given else ''}) with "
-                                     f"{size / 1e9:,.1f} G parameters",
-                 f"lower {' or '.join(sizes)}" if sizes else "choose a smaller architecture")
+    check_memory(
+        size * FLOAT_BYTES,
+        f"create_encoder({name!r}{', ' + given if given else ''}) with {size / 1e9:,.1f} G parameters",
+        f"lower {' or '.join(sizes)}" if sizes else "choose a smaller architecture",
+    )
     return size

@@ -7,11 +7,13 @@ returns an ordered dict of feature maps at named layers (built on
 gives class scores (for training and attacks). The network itself comes from its
 family in :mod:`encoders.nets.registry`.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +21,15 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images
-from encoders.nets.downsample import (DOWNSAMPLING, Downsampling, PhasedFeatures, convert_downsampling,
-                                      encoder_phases, leaf_modules, phase_path)
+from encoders.nets.downsample import (
+    DOWNSAMPLING,
+    Downsampling,
+    PhasedFeatures,
+    convert_downsampling,
+    encoder_phases,
+    leaf_modules,
+    phase_path,
+)
 from encoders.nets.registry import EncoderFamily, architectures_with, encoder_family, family_options
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,8 +96,16 @@ class Encoder(nn.Module):
         {'layer3': (2, 64, 8, 8)}
     """
 
-    def __init__(self, arch: str, num_classes: int = 1000, width: float = 1.0, small_input: bool = False,
-                 layers: Sequence[str] | None = None, downsample: Downsampling = "stride", **options: Any):
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int = 1000,
+        width: float = 1.0,
+        small_input: bool = False,
+        layers: Sequence[str] | None = None,
+        downsample: Downsampling = "stride",
+        **options: Any,
+    ):
         super().__init__()
         family = encoder_family(arch)
         if width <= 0:
@@ -98,8 +115,9 @@ class Encoder(nn.Module):
             raise RFIError(f"unknown downsample '{downsample}' (valid: {', '.join(DOWNSAMPLING)})")
         if downsample != "stride" and family.downsample_layers is None:
             hint = " (use equivariant=True)" if "equivariant" in family.options else ""
-            raise RFIError(f"downsample='{downsample}': only for {' / '.join(architectures_with('downsample'))}, "
-                           f"not {arch}{hint}")
+            raise RFIError(
+                f"downsample='{downsample}': only for {' / '.join(architectures_with('downsample'))}, not {arch}{hint}"
+            )
         built = family.build(arch, num_classes, width, small_input, **options)
         if downsample != "stride":
             convert_downsampling(built.model, downsample, partial(family.downsample_layers, small_input=small_input))
@@ -133,14 +151,21 @@ class Encoder(nn.Module):
             layers = [layers]
         bad = [name for name in layers if name not in self.taps and name != INPUT_TAP]
         if bad or not layers:
-            raise RFIError(f"unknown layer {', '.join(map(repr, bad)) or '(none given)'} for {self.arch} "
-                           f"(valid: {', '.join(self.taps)}, {INPUT_TAP})")
+            raise RFIError(
+                f"unknown layer {', '.join(map(repr, bad)) or '(none given)'} for {self.arch} "
+                f"(valid: {', '.join(self.taps)}, {INPUT_TAP})"
+            )
         return [INPUT_TAP] * (INPUT_TAP in layers) + [name for name in self.taps if name in layers]
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (without ``layers``), as stored in checkpoints."""
-        cfg = {"arch": self.arch, "num_classes": self.num_classes, "width": self.width,
-               "small_input": self.small_input, **self.options}
+        cfg = {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "small_input": self.small_input,
+            **self.options,
+        }
         if self.downsample != "stride":  # only then, so default configs stay as they were
             cfg["downsample"] = self.downsample
         return cfg
@@ -166,7 +191,8 @@ class Encoder(nn.Module):
             if self.downsample != "stride":  # LPD/BlurPool run as opaque leaves (LPD records its phase)
                 kwargs["tracer_kwargs"] = {"leaf_modules": leaf_modules(self.downsample)}
             self._extractors[layers] = create_feature_extractor(
-                self.model, return_nodes={self.taps[name]: name for name in layers}, **kwargs)
+                self.model, return_nodes={self.taps[name]: name for name in layers}, **kwargs
+            )
         extractor = self._extractors[layers]
         extractor.train(self.training)
         return extractor
@@ -212,15 +238,16 @@ class Encoder(nn.Module):
             self.family.check_image_size(x.shape[-2], x.shape[-1], self.arch, self.options)
 
     @torch.no_grad()
-    def feature_info(self, size: int | None = None) -> "OrderedDict[str, tuple[int, int]]":
+    def feature_info(self, size: int | None = None) -> OrderedDict[str, tuple[int, int]]:
         """``{layer: (channels, stride)}`` measured with one probe forward pass at ``size`` px."""
         size = size or (64 if self.small_input else 224)
         size = -(-size // self.size_multiple()) * self.size_multiple()
         was_training = self.training
         self.eval()
         p = next(self.parameters())
-        feats = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype),
-                     layers=[INPUT_TAP, *self.layer_names])
+        feats = self(
+            torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), layers=[INPUT_TAP, *self.layer_names]
+        )
         self.train(was_training)
         return OrderedDict((k, (v.shape[1], size // v.shape[-1])) for k, v in feats.items())
 

@@ -34,11 +34,13 @@ Example:
     >>> {k: tuple(v.shape) for k, v in enc(torch.rand(1, 3, 32, 32)).items()}
     {'stage1': (1, 16, 8, 8), 'stage2': (1, 32, 4, 4)}
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +54,14 @@ from encoders.nets.registry import Built, EncoderFamily, register_encoder, scale
 
 # timm's mvitv2_tiny (depths 1-2-5-2, embed 96, heads doubling from 1, kv pooled at stride 4 in
 # stage 1, 224-px relative-position tables); stochastic depth 0.1 as the MViTv2 paper trains it.
-MVIT_DEFAULTS: dict[str, Any] = {"embed_dim": 96, "depths": [1, 2, 5, 2], "num_heads": [1, 2, 4, 8],
-                                 "patch_size": 4, "img_size": 224, "stochastic_depth": 0.1}
+MVIT_DEFAULTS: dict[str, Any] = {
+    "embed_dim": 96,
+    "depths": [1, 2, 5, 2],
+    "num_heads": [1, 2, 4, 8],
+    "patch_size": 4,
+    "img_size": 224,
+    "stochastic_depth": 0.1,
+}
 MVIT_OPTIONS = tuple(MVIT_DEFAULTS)
 KV_STRIDE = 4  # timm's stride_kv_adaptive: K/V pooled at stride 4 in stage 1, halved with every query pooling
 
@@ -68,22 +76,29 @@ def resolve_options(options: Mapping[str, Any], width: float = 1.0) -> dict[str,
     opts["depths"], opts["num_heads"] = [int(d) for d in opts["depths"]], [int(h) for h in opts["num_heads"]]
     dim = scaled(opts["embed_dim"], width)
     if len(opts["depths"]) != len(opts["num_heads"]) or not opts["depths"]:
-        raise RFIError(f"mvit_v2_t: depths {opts['depths']} and num_heads {opts['num_heads']} must have the same, "
-                       f"non-zero length (one entry per stage)")
+        raise RFIError(
+            f"mvit_v2_t: depths {opts['depths']} and num_heads {opts['num_heads']} must have the same, "
+            f"non-zero length (one entry per stage)"
+        )
     if min(opts["depths"]) < 1 or opts["patch_size"] < 1:
         raise RFIError("mvit_v2_t: depths and patch_size must be >= 1")
     for i, heads in enumerate(opts["num_heads"]):
-        if heads < 1 or (dim * 2 ** i) % heads:
-            raise RFIError(f"mvit_v2_t: stage {i + 1} has {dim * 2 ** i} channels (embed_dim {dim} x 2^{i}), not "
-                           f"divisible by num_heads[{i}]={heads}")
+        if heads < 1 or (dim * 2**i) % heads:
+            raise RFIError(
+                f"mvit_v2_t: stage {i + 1} has {dim * 2**i} channels (embed_dim {dim} x 2^{i}), not "
+                f"divisible by num_heads[{i}]={heads}"
+            )
     if opts["img_size"] < total_stride(opts):
-        raise RFIError(f"mvit_v2_t: img_size {opts['img_size']} is smaller than the total stride "
-                       f"{total_stride(opts)}; its relative-position tables need at least one token per stage")
+        raise RFIError(
+            f"mvit_v2_t: img_size {opts['img_size']} is smaller than the total stride "
+            f"{total_stride(opts)}; its relative-position tables need at least one token per stage"
+        )
     return opts
 
 
 def strides(opts: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """(query stride, key/value stride) of each stage, as timm derives them (query pooled in every stage but the first)."""
+    """(query stride, key/value stride) of each stage, as timm derives them (query pooled in
+    every stage but the first)."""
     out, kv = [], KV_STRIDE
     for i in range(len(opts["depths"])):
         q = 1 if i == 0 else 2
@@ -113,16 +128,20 @@ def check_image_size(h: int, w: int, arch: str, opts: Mapping[str, Any]) -> None
     m = size_multiple(opts)
     if h % m or w % m:
         up = lambda v: math.ceil(v / m) * m  # noqa: E731
-        raise RFIError(f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
-                       f"multiples of {m} (the largest pooling stride it reaches), e.g. {up(h)}x{up(w)}")
+        raise RFIError(
+            f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
+            f"multiples of {m} (the largest pooling stride it reaches), e.g. {up(h)}x{up(w)}"
+        )
     check_table_size(h, w, arch, opts["img_size"])
 
 
 def check_table_size(h: int, w: int, arch: str, img_size: int) -> None:
     """Refuse (one line) an image larger than the ``img_size`` the relative-position tables were built for."""
     if max(h, w) > img_size:
-        raise RFIError(f"image size {h}x{w} is larger than the img_size {img_size} the relative-position tables of "
-                       f"this {arch} were built for: build it with img_size >= {max(h, w)} (model.options.img_size)")
+        raise RFIError(
+            f"image size {h}x{w} is larger than the img_size {img_size} the relative-position tables of "
+            f"this {arch} were built for: build it with img_size >= {max(h, w)} (model.options.img_size)"
+        )
 
 
 def to_map(tokens: Tensor, size: Sequence[int]) -> Tensor:
@@ -167,8 +186,9 @@ def circular_stride1(conv: nn.Conv2d | None) -> nn.Module | None:
     return new
 
 
-def circular_distances(q_len: int, k_len: int, q_stride: int, k_stride: int, q_offset: Tensor, k_offset: Tensor,
-                       size: int, table: int) -> Tensor:
+def circular_distances(
+    q_len: int, k_len: int, q_stride: int, k_stride: int, q_offset: Tensor, k_offset: Tensor, size: int, table: int
+) -> Tensor:
     """Indices into a relative-position table: circular displacements between query and key pixels.
 
     Query ``n`` sits at ``q_stride * n + q_offset``, key ``m`` at ``k_stride * m + k_offset`` (in
@@ -209,21 +229,31 @@ class AdaptivePoolingAttention(nn.Module):
     def __init__(self, attn: MultiScaleAttention):
         super().__init__()
         if attn.mode != "conv" or attn.has_cls_token or attn.rel_pos_type != "spatial":
-            raise RFIError("adaptive pooling attention needs timm's mode='conv', no class token and spatial "
-                           "relative positions")
+            raise RFIError(
+                "adaptive pooling attention needs timm's mode='conv', no class token and spatial relative positions"
+            )
         self.num_heads, self.dim_out, self.scale = attn.num_heads, attn.dim_out, attn.scale
         self.residual_pooling = attn.residual_pooling
         self.stride_q, self.stride_kv = stride_of(attn.pool_q), stride_of(attn.pool_k)
         if max(self.stride_q, self.stride_kv) % min(self.stride_q, self.stride_kv):
-            raise RFIError(f"adaptive pooling attention: query stride {self.stride_q} and key/value stride "
-                           f"{self.stride_kv} must divide one another")
+            raise RFIError(
+                f"adaptive pooling attention: query stride {self.stride_q} and key/value stride "
+                f"{self.stride_kv} must divide one another"
+            )
         self.qkv, self.proj = attn.qkv, attn.proj
         self.pool_q, self.pool_k, self.pool_v = (circular_stride1(c) for c in (attn.pool_q, attn.pool_k, attn.pool_v))
         self.norm_q, self.norm_k, self.norm_v = attn.norm_q, attn.norm_k, attn.norm_v
         self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
 
-    def _pool(self, t: Tensor, pool: nn.Module | None, norm: nn.Module | None, stride: int, size: Sequence[int],
-              offset: Tensor) -> tuple[Tensor, list[int]]:
+    def _pool(
+        self,
+        t: Tensor,
+        pool: nn.Module | None,
+        norm: nn.Module | None,
+        stride: int,
+        size: Sequence[int],
+        offset: Tensor,
+    ) -> tuple[Tensor, list[int]]:
         """(B, heads, N, d) -> pooled (B, heads, N', d) at ``offset`` (B, 2), and its grid size."""
         if pool is None:
             return t, list(size)
@@ -243,10 +273,12 @@ class AdaptivePoolingAttention(nn.Module):
         v, _ = self._pool(v, self.pool_v, self.norm_v, self.stride_kv, feat_size, kv_off)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         (qh, qw), (kh, kw) = q_size, k_size
-        idx_h = circular_distances(qh, kh, self.stride_q, self.stride_kv, q_off[:, 0], kv_off[:, 0], feat_size[0],
-                                   self.rel_pos_h.shape[0])
-        idx_w = circular_distances(qw, kw, self.stride_q, self.stride_kv, q_off[:, 1], kv_off[:, 1], feat_size[1],
-                                   self.rel_pos_w.shape[0])
+        idx_h = circular_distances(
+            qh, kh, self.stride_q, self.stride_kv, q_off[:, 0], kv_off[:, 0], feat_size[0], self.rel_pos_h.shape[0]
+        )
+        idx_w = circular_distances(
+            qw, kw, self.stride_q, self.stride_kv, q_off[:, 1], kv_off[:, 1], feat_size[1], self.rel_pos_w.shape[0]
+        )
         r_q = q.reshape(b, self.num_heads, qh, qw, -1)
         rel_h = torch.einsum("byhwc,bhkc->byhwk", r_q, self.rel_pos_h[idx_h])
         rel_w = torch.einsum("byhwc,bwkc->byhwk", r_q, self.rel_pos_w[idx_w])
@@ -283,8 +315,9 @@ class AdaptiveMultiScaleBlock(nn.Module):
         pool = block.shortcut_pool_attn
         if pool is not None:  # MaxPool2d(s + 1, s, (s + 1) // 2) -> the same window at stride 1, wrapped
             k, pad = pool.kernel_size[0], pool.padding[0]
-            self.shortcut_pool_attn = nn.Sequential(nn.CircularPad2d((pad, k - 1 - pad, pad, k - 1 - pad)),
-                                                    nn.MaxPool2d(k, 1))
+            self.shortcut_pool_attn = nn.Sequential(
+                nn.CircularPad2d((pad, k - 1 - pad, pad, k - 1 - pad)), nn.MaxPool2d(k, 1)
+            )
         else:
             self.shortcut_pool_attn = None
         self.period = max(self.attn.stride_q, self.attn.stride_kv)
@@ -317,8 +350,9 @@ class AdaptiveMultiScaleBlock(nn.Module):
         return state
 
 
-def mvit_features(model: nn.Module, x: Tensor, taps: Mapping[str, str],
-                  names: Sequence[str] | None = None) -> "OrderedDict[str, Tensor]":
+def mvit_features(
+    model: nn.Module, x: Tensor, taps: Mapping[str, str], names: Sequence[str] | None = None
+) -> OrderedDict[str, Tensor]:
     """Run the patch embedding and the stages up to the deepest requested one; the stages as (B, C, H, W) maps.
 
     Args:
@@ -332,7 +366,7 @@ def mvit_features(model: nn.Module, x: Tensor, taps: Mapping[str, str],
     index = {name: int(taps[name].split(".")[1]) for name in names}
     feats: dict[str, Tensor] = {}
     x, size = model.patch_embed(x)
-    for i, stage in enumerate(model.stages[:max(index.values()) + 1]):
+    for i, stage in enumerate(model.stages[: max(index.values()) + 1]):
         x, size = stage(x, size)
         feats.update({name: to_map(x, size) for name, n in index.items() if n == i})
     return OrderedDict((name, feats[name]) for name in names)
@@ -344,12 +378,15 @@ def phase_names(model: nn.Module, node: str) -> list[str]:
     n = int(node.split(".")[1])
     names = ev.tokenizer_phase_names("patch_embed", model.patch_embed)
     for i in range(n + 1):
-        names += [f"stages.{i}.blocks.{j}" for j, blk in enumerate(model.stages[i].blocks)
-                  if isinstance(blk, AdaptiveMultiScaleBlock) and blk.attn.stride_q > 1]
+        names += [
+            f"stages.{i}.blocks.{j}"
+            for j, blk in enumerate(model.stages[i].blocks)
+            if isinstance(blk, AdaptiveMultiScaleBlock) and blk.attn.stride_q > 1
+        ]
     return names
 
 
-def mvit_phases(model: nn.Module, node: str) -> "OrderedDict[str, Tensor]":
+def mvit_phases(model: nn.Module, node: str) -> OrderedDict[str, Tensor]:
     """The phases the adaptive modules before ``node`` chose in the last forward pass (see :func:`phase_names`)."""
     out = ev.tokenizer_phases("patch_embed", model.patch_embed)
     for name in phase_names(model, node):
@@ -397,20 +434,34 @@ class MViTFamily(EncoderFamily):
     classifier = "head.fc"
     convolutional = False
 
-    def build(self, arch: str, num_classes: int, width: float, small_input: bool, equivariant: bool = False,
-              selection: Literal["norm", "learned"] = "norm", **options: Any) -> Built:
+    def build(
+        self,
+        arch: str,
+        num_classes: int,
+        width: float,
+        small_input: bool,
+        equivariant: bool = False,
+        selection: Literal["norm", "learned"] = "norm",
+        **options: Any,
+    ) -> Built:
         """``small_input`` changes nothing (``patch_size`` sets the stem's stride); ``selection`` is the tokenizer's
         (the pooling anchors are energy-based, as Swin's window anchors)."""
         opts = resolve_options(options, width)
         if selection != "norm" and not equivariant:
             raise RFIError(f"selection='{selection}' needs equivariant=True")
         dim, p, n = scaled(opts["embed_dim"], width), opts["patch_size"], len(opts["depths"])
-        cfg = MultiScaleVitCfg(depths=tuple(opts["depths"]), embed_dim=dim, num_heads=tuple(opts["num_heads"]),
-                               stride_q=tuple((q, q) for q, _ in strides(opts)), stride_kv_adaptive=None,
-                               stride_kv=tuple((kv, kv) for _, kv in strides(opts)),
-                               patch_kernel=(2 * p - 1,) * 2, patch_stride=(p, p), patch_padding=(p - 1,) * 2)
-        model = MViT(cfg, img_size=opts["img_size"], num_classes=num_classes,
-                     drop_path_rate=opts["stochastic_depth"])
+        cfg = MultiScaleVitCfg(
+            depths=tuple(opts["depths"]),
+            embed_dim=dim,
+            num_heads=tuple(opts["num_heads"]),
+            stride_q=tuple((q, q) for q, _ in strides(opts)),
+            stride_kv_adaptive=None,
+            stride_kv=tuple((kv, kv) for _, kv in strides(opts)),
+            patch_kernel=(2 * p - 1,) * 2,
+            patch_stride=(p, p),
+            patch_padding=(p - 1,) * 2,
+        )
+        model = MViT(cfg, img_size=opts["img_size"], num_classes=num_classes, drop_path_rate=opts["stochastic_depth"])
         if equivariant:
             tok = AdaptivePatchEmbed(3, dim, p, selection, kernel_size=2 * p - 1, padding=p - 1)
             with torch.no_grad():  # timm's initialisation of the patch convolution

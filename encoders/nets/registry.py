@@ -19,11 +19,13 @@ Example:
     ...
     encoders.core.errors.RFIError: unknown architecture 'resnet19' (valid: alexnet, vgg16, vgg19, resnet18, ...)
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -113,8 +115,10 @@ class EncoderFamily:
         """Equivariant networks: refuse (one line) an image size they cannot take."""
         m = self.size_multiple(options)
         if h % m or w % m:
-            raise RFIError(f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
-                           f"multiples of {m}, e.g. {-(-h // m) * m}x{-(-w // m) * m}")
+            raise RFIError(
+                f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
+                f"multiples of {m}, e.g. {-(-h // m) * m}x{-(-w // m) * m}"
+            )
 
     def phase_names(self, model: nn.Module, node: str) -> list[str]:
         """Equivariant networks: names of the stride-2 phase choices made before module ``node``, shallow first."""
@@ -129,7 +133,7 @@ def rename_prefix(key: str, prefixes: Mapping[str, str]) -> str:
     """``key`` with its first matching prefix of ``{old: new}`` replaced (unchanged if none matches)."""
     for old, new in prefixes.items():
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -144,8 +148,10 @@ def register_encoder(family: type[EncoderFamily]) -> type[EncoderFamily]:
     clash = [k for k, v in family.options.items() if k in defaults and defaults[k] != v]
     for name in family.architectures:
         old = _FAMILIES.get(name)
-        if old is not None and (type(old).__module__, type(old).__qualname__) != (family.__module__,
-                                                                                 family.__qualname__):
+        if old is not None and (type(old).__module__, type(old).__qualname__) != (
+            family.__module__,
+            family.__qualname__,
+        ):
             raise ValueError(f"architecture '{name}' is registered by {type(old).__qualname__} already")
     if clash:
         raise ValueError(f"{family.__qualname__}: option(s) {', '.join(clash)} have another default in another family")

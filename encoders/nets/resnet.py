@@ -11,10 +11,12 @@ Example:
     >>> {k: tuple(v.shape) for k, v in enc(torch.rand(1, 3, 32, 32)).items()}["layer4"]
     (1, 128, 4, 4)
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models import ResNet
@@ -23,8 +25,7 @@ from torchvision.models import resnet as tv_resnet
 from encoders.nets.downsample import Downsampler, SamePhase
 from encoders.nets.registry import Built, EncoderFamily, register_encoder, scaled
 
-RESNETS = {"resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
-           "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3])}
+RESNETS = {"resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]), "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3])}
 """Architecture -> (torchvision block, blocks per stage)."""
 
 

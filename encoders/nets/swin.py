@@ -16,12 +16,14 @@ Example:
     >>> {k: tuple(v.shape) for k, v in enc(torch.rand(1, 3, 16, 16)).items()}
     {'stage1': (1, 16, 8, 8), 'stage2': (1, 32, 4, 4)}
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,17 +44,34 @@ class SwinVariant(NamedTuple):
 
 
 SWIN_VARIANTS = {
-    "swin_t": SwinVariant(tv_swin.SwinTransformerBlock, tv_swin.PatchMerging,
-                          ev.AdaptiveShiftedWindowAttention, ev.AdaptivePatchMerging),
-    "swin_v2_t": SwinVariant(tv_swin.SwinTransformerBlockV2, tv_swin.PatchMergingV2,
-                             ev.AdaptiveShiftedWindowAttentionV2, ev.AdaptivePatchMergingV2),
+    "swin_t": SwinVariant(
+        tv_swin.SwinTransformerBlock, tv_swin.PatchMerging, ev.AdaptiveShiftedWindowAttention, ev.AdaptivePatchMerging
+    ),
+    "swin_v2_t": SwinVariant(
+        tv_swin.SwinTransformerBlockV2,
+        tv_swin.PatchMergingV2,
+        ev.AdaptiveShiftedWindowAttentionV2,
+        ev.AdaptivePatchMergingV2,
+    ),
 }
 # torchvision's swin_t / swin_v2_t hyper-parameters (stochastic depth as there).
 SWIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "swin_t": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
-               "patch_size": 4, "stochastic_depth": 0.2},
-    "swin_v2_t": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 8,
-                  "patch_size": 4, "stochastic_depth": 0.2},
+    "swin_t": {
+        "embed_dim": 96,
+        "depths": [2, 2, 6, 2],
+        "num_heads": [3, 6, 12, 24],
+        "window_size": 7,
+        "patch_size": 4,
+        "stochastic_depth": 0.2,
+    },
+    "swin_v2_t": {
+        "embed_dim": 96,
+        "depths": [2, 2, 6, 2],
+        "num_heads": [3, 6, 12, 24],
+        "window_size": 8,
+        "patch_size": 4,
+        "stochastic_depth": 0.2,
+    },
 }
 SWIN_OPTIONS = ("embed_dim", "depths", "num_heads", "window_size", "patch_size", "stochastic_depth")
 
@@ -69,14 +88,18 @@ def resolve_options(arch: str, options: Mapping[str, Any], width: float = 1.0) -
     opts["depths"], opts["num_heads"] = [int(d) for d in opts["depths"]], [int(h) for h in opts["num_heads"]]
     dim = scaled(opts["embed_dim"], width)
     if len(opts["depths"]) != len(opts["num_heads"]) or not opts["depths"]:
-        raise RFIError(f"{arch}: depths {opts['depths']} and num_heads {opts['num_heads']} must have the same, "
-                       f"non-zero length (one entry per stage)")
+        raise RFIError(
+            f"{arch}: depths {opts['depths']} and num_heads {opts['num_heads']} must have the same, "
+            f"non-zero length (one entry per stage)"
+        )
     if min(opts["depths"]) < 1 or opts["window_size"] < 1 or opts["patch_size"] < 1:
         raise RFIError(f"{arch}: depths, window_size and patch_size must be >= 1")
     for i, heads in enumerate(opts["num_heads"]):
-        if heads < 1 or (dim * 2 ** i) % heads:
-            raise RFIError(f"{arch}: stage {i + 1} has {dim * 2 ** i} channels (embed_dim {dim} x 2^{i}), not "
-                           f"divisible by num_heads[{i}]={heads}")
+        if heads < 1 or (dim * 2**i) % heads:
+            raise RFIError(
+                f"{arch}: stage {i + 1} has {dim * 2**i} channels (embed_dim {dim} x 2^{i}), not "
+                f"divisible by num_heads[{i}]={heads}"
+            )
     return opts
 
 
@@ -90,8 +113,9 @@ def size_multiple(opts: Mapping[str, Any]) -> int:
     return total_stride(opts) * int(opts["window_size"])
 
 
-def swin_features(model: nn.Module, x: Tensor, taps: Mapping[str, str],
-                  names: Sequence[str] | None = None) -> "OrderedDict[str, Tensor]":
+def swin_features(
+    model: nn.Module, x: Tensor, taps: Mapping[str, str], names: Sequence[str] | None = None
+) -> OrderedDict[str, Tensor]:
     """Run ``model.features`` up to the deepest requested stage; the stages as (B, C, H, W) maps.
 
     Args:
@@ -119,9 +143,11 @@ def check_image_size(h: int, w: int, arch: str, opts: Mapping[str, Any]) -> None
     m = size_multiple(opts)
     if h % m or w % m:
         up = lambda v: math.ceil(v / m) * m  # noqa: E731
-        raise RFIError(f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
-                       f"multiples of {m} (total stride {total_stride(opts)} x window {opts['window_size']}), "
-                       f"e.g. {up(h)}x{up(w)}")
+        raise RFIError(
+            f"image size {h}x{w} does not fit the equivariant {arch}: height and width must be "
+            f"multiples of {m} (total stride {total_stride(opts)} x window {opts['window_size']}), "
+            f"e.g. {up(h)}x{up(w)}"
+        )
 
 
 def infer_swin_options(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -170,8 +196,16 @@ class SwinFamily(EncoderFamily):
     classifier = "head"
     convolutional = False
 
-    def build(self, arch: str, num_classes: int, width: float, small_input: bool, equivariant: bool = False,
-              selection: Literal["norm", "learned"] = "norm", **options: Any) -> Built:
+    def build(
+        self,
+        arch: str,
+        num_classes: int,
+        width: float,
+        small_input: bool,
+        equivariant: bool = False,
+        selection: Literal["norm", "learned"] = "norm",
+        **options: Any,
+    ) -> Built:
         """``small_input`` changes nothing (``patch_size`` sets the stem's stride)."""
         opts = resolve_options(arch, options, width)
         variant = SWIN_VARIANTS[arch]
@@ -183,10 +217,17 @@ class SwinFamily(EncoderFamily):
         elif selection != "norm":
             raise RFIError(f"selection='{selection}' needs equivariant=True")
         p, w = opts["patch_size"], opts["window_size"]
-        model = tv_swin.SwinTransformer(patch_size=[p, p], embed_dim=dim, depths=opts["depths"],
-                                        num_heads=opts["num_heads"], window_size=[w, w],
-                                        stochastic_depth_prob=opts["stochastic_depth"], num_classes=num_classes,
-                                        block=block, downsample_layer=merge)
+        model = tv_swin.SwinTransformer(
+            patch_size=[p, p],
+            embed_dim=dim,
+            depths=opts["depths"],
+            num_heads=opts["num_heads"],
+            window_size=[w, w],
+            stochastic_depth_prob=opts["stochastic_depth"],
+            num_classes=num_classes,
+            block=block,
+            downsample_layer=merge,
+        )
         if equivariant:
             tok = ev.AdaptiveTokenizer(3, dim, p, selection)
             plain = model.features[0][0]

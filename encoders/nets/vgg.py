@@ -12,10 +12,12 @@ Example:
     >>> tuple(enc(torch.rand(1, 3, 32, 32))["relu3_1"].shape)
     (1, 32, 8, 8)
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models import VGG
@@ -37,8 +39,9 @@ class VGGFamily(EncoderFamily):
     options = {"batch_norm": False}
     classifier = "classifier.6"
 
-    def build(self, arch: str, num_classes: int, width: float, small_input: bool, batch_norm: bool = False,
-              **options: Any) -> Built:
+    def build(
+        self, arch: str, num_classes: int, width: float, small_input: bool, batch_norm: bool = False, **options: Any
+    ) -> Built:
         cfg = [v if v == "M" else scaled(v, width) for v in VGG_LAYERS[arch]]
         model = VGG(tv_vgg.make_layers(cfg, batch_norm=batch_norm), num_classes=num_classes)
         last = [v for v in cfg if v != "M"][-1]

@@ -37,11 +37,13 @@ fp16 the loss is multiplied by :data:`FP16_LOSS_SCALE` before the backward pass,
 input gradients do not underflow to zero (the step is invariant to that factor), and a
 step whose gradient overflows (Inf/NaN) is recomputed in fp32.
 """
+
 from __future__ import annotations
 
 import math
 import typing
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +105,9 @@ def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
     return (x + project_to_ball(x_adv - x, eps, norm)).clamp(0, 1)
 
 
-def _randn(like: Tensor, generator: torch.Generator | None, uniform: bool = False,
-           shape: tuple[int, ...] | None = None) -> Tensor:
+def _randn(
+    like: Tensor, generator: torch.Generator | None, uniform: bool = False, shape: tuple[int, ...] | None = None
+) -> Tensor:
     """Standard normal (or uniform in [0, 1)) values shaped as ``like`` (or ``shape``) with its dtype and device,
     drawn on the generator's device."""
     device = generator.device if generator is not None else like.device
@@ -187,9 +190,18 @@ def check_attack(eps: float, steps: int, step_size: float | None = None, min_ste
         raise RFIError(f"step size must be a finite number > 0, got {step_size}")
 
 
-def pgd(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, steps: int,
-        step_size: float | None = None, norm: str = "l2", random_start: bool = True,
-        generator: torch.Generator | None = None, precision: str = "fp32") -> Tensor:
+def pgd(
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float | None = None,
+    norm: str = "l2",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+) -> Tensor:
     """Untargeted PGD: images within ``eps`` of ``x`` that maximise the cross-entropy on ``y``.
 
     The caller chooses the model's mode: attack in ``eval()`` mode (as the ``robustness``
@@ -243,9 +255,16 @@ def pgd(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, 
     return x_adv.detach().to(dtype)
 
 
-def fgsm_rs(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, norm: str = "l2",
-            step_size: float | None = None, generator: torch.Generator | None = None,
-            precision: str = "fp32") -> Tensor:
+def fgsm_rs(
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "l2",
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+) -> Tensor:
     """FGSM with a random start (Wong, Rice & Kolter 2020): one ascent step from a uniform point of the ε-ball.
 
     The start is drawn uniformly in the ε-ball (:func:`uniform_in_ball`) and clamped to
@@ -292,9 +311,17 @@ def fgsm_rs(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: flo
     return x_adv.to(dtype)
 
 
-def n_fgsm(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, norm: str = "l2",
-           step_size: float | None = None, noise: float | None = None, generator: torch.Generator | None = None,
-           precision: str = "fp32") -> Tensor:
+def n_fgsm(
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "l2",
+    step_size: float | None = None,
+    noise: float | None = None,
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+) -> Tensor:
     """N-FGSM (de Jorge et al. 2022): one ascent step from strong noise, *not* projected back onto the ε-ball.
 
     Noise is drawn uniformly in the ball of radius ``noise`` (default ``2 * eps``, the
@@ -345,8 +372,9 @@ def n_fgsm(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: floa
     return x_adv.to(dtype)
 
 
-def input_gradient(model_fn: Callable[[Tensor], Tensor], x_adv: Tensor, y: Tensor, precision: str = "fp32",
-                   create_graph: bool = False) -> Tensor:
+def input_gradient(
+    model_fn: Callable[[Tensor], Tensor], x_adv: Tensor, y: Tensor, precision: str = "fp32", create_graph: bool = False
+) -> Tensor:
     """d(summed cross-entropy)/d(x_adv): the model's forward under autocast, the loss in fp32 (or fp64).
 
     Under fp16 the loss is scaled by :data:`FP16_LOSS_SCALE` (and the gradient unscaled);
@@ -375,7 +403,7 @@ def input_gradient(model_fn: Callable[[Tensor], Tensor], x_adv: Tensor, y: Tenso
     loss = F.cross_entropy(logits, y, reduction="sum")  # sum: per-sample gradients unscaled
     if precision == "fp16":
         loss = loss * FP16_LOSS_SCALE
-    grad, = torch.autograd.grad(loss, x_adv, create_graph=create_graph)
+    (grad,) = torch.autograd.grad(loss, x_adv, create_graph=create_graph)
     if precision != "fp16":
         return grad
     if not torch.isfinite(grad).all():  # overflow: this gradient in fp32

@@ -16,10 +16,12 @@ Example:
     >>> sorted(r)[:3], r["images"]
     (['clean_acc', 'clean_loss', 'eps'], 16)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +48,19 @@ def _evenly_spaced(dataset: Dataset, batch_size: int, max_images: int | None) ->
     return dataset, n
 
 
-def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int, norm: str = "l2",
-                     step_size: float | None = None, batch_size: int = 256, max_images: int | None = None,
-                     random_start: bool = True, seed: int = 0,
-                     device: torch.device | str | None = None) -> dict[str, Any]:
+def evaluate_encoder(
+    encoder: Encoder,
+    dataset: Dataset,
+    eps: float,
+    steps: int,
+    norm: str = "l2",
+    step_size: float | None = None,
+    batch_size: int = 256,
+    max_images: int | None = None,
+    random_start: bool = True,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
     """Clean accuracy and accuracy under an untargeted PGD attack (see :func:`encoders.robust.attacks.pgd`).
 
     The encoder is evaluated in ``eval()`` mode (its previous mode is restored).
@@ -98,14 +109,23 @@ def evaluate_encoder(encoder: Encoder, dataset: Dataset, eps: float, steps: int,
         totals["clean_loss"] += F.cross_entropy(clean, y, reduction="sum").item()
         totals["pgd_loss"] += F.cross_entropy(adv, y, reduction="sum").item()
     encoder.train(was_training)
-    return {"clean_acc": totals["clean_correct"] / n, "pgd_acc": totals["pgd_correct"] / n,
-            "clean_loss": totals["clean_loss"] / n, "pgd_loss": totals["pgd_loss"] / n,
-            "eps": float(eps), "norm": norm, "steps": int(steps), "step_size": float(step_size),
-            "random_start": bool(random_start), "images": n}
+    return {
+        "clean_acc": totals["clean_correct"] / n,
+        "pgd_acc": totals["pgd_correct"] / n,
+        "clean_loss": totals["clean_loss"] / n,
+        "pgd_loss": totals["pgd_loss"] / n,
+        "eps": float(eps),
+        "norm": norm,
+        "steps": int(steps),
+        "step_size": float(step_size),
+        "random_start": bool(random_start),
+        "images": n,
+    }
 
 
-def _worst_case_correct(model_fn, x: Tensor, y: Tensor, eps: float, steps: int, norm: str, restarts: int,
-                        generator: torch.Generator) -> Tensor:
+def _worst_case_correct(
+    model_fn, x: Tensor, y: Tensor, eps: float, steps: int, norm: str, restarts: int, generator: torch.Generator
+) -> Tensor:
     """Which images stay correctly classified under every one of ``restarts`` randomly started PGD runs."""
     correct = torch.ones_like(y, dtype=torch.bool)
     for _ in range(restarts):
@@ -115,11 +135,22 @@ def _worst_case_correct(model_fn, x: Tensor, y: Tensor, eps: float, steps: int, 
     return correct
 
 
-def masking_checks(encoder: Encoder, dataset: Dataset, eps: float, norm: str = "l2", twin: Encoder | None = None,
-                   restarts: int = 5, sweep: Sequence[float] = (0.5, 1, 2, 4, 8), sweep_steps: int = 20,
-                   near_zero: float = 0.05, tolerance: float | None = None, batch_size: int = 256,
-                   max_images: int | None = None, seed: int = 0,
-                   device: torch.device | str | None = None) -> dict[str, Any]:
+def masking_checks(
+    encoder: Encoder,
+    dataset: Dataset,
+    eps: float,
+    norm: str = "l2",
+    twin: Encoder | None = None,
+    restarts: int = 5,
+    sweep: Sequence[float] = (0.5, 1, 2, 4, 8),
+    sweep_steps: int = 20,
+    near_zero: float = 0.05,
+    tolerance: float | None = None,
+    batch_size: int = 256,
+    max_images: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
     """The checks a reviewer asks for before believing an encoder's PGD accuracy (Athalye, Carlini & Wagner 2018).
 
     Gradient masking (a loss surface whose gradients mislead the attack, as single-step
@@ -174,8 +205,10 @@ def masking_checks(encoder: Encoder, dataset: Dataset, eps: float, norm: str = "
     check_attack(eps, sweep_steps)
     sweep = [float(f) for f in sweep]
     if eps <= 0 or restarts < 1 or not sweep or sweep[0] <= 0 or any(a >= b for a, b in zip(sweep, sweep[1:])):
-        raise RFIError(f"masking checks need eps > 0, restarts >= 1 and a positive, increasing sweep, got eps={eps}, "
-                       f"restarts={restarts}, sweep={sweep}")
+        raise RFIError(
+            f"masking checks need eps > 0, restarts >= 1 and a positive, increasing sweep, got eps={eps}, "
+            f"restarts={restarts}, sweep={sweep}"
+        )
     if not 0 <= near_zero <= 1:
         raise RFIError(f"near_zero is an accuracy in [0, 1], got {near_zero}")
     dataset, n = _evenly_spaced(dataset, batch_size, max_images)
@@ -192,21 +225,31 @@ def masking_checks(encoder: Encoder, dataset: Dataset, eps: float, norm: str = "
         with torch.no_grad():
             counts["clean"] += (encoder.logits(x).argmax(1) == y).sum().item()
         for steps in (10, 50):
-            counts[f"pgd{steps}"] += _worst_case_correct(encoder.logits, x, y, eps, steps, norm, restarts,
-                                                         generator).sum().item()
+            counts[f"pgd{steps}"] += (
+                _worst_case_correct(encoder.logits, x, y, eps, steps, norm, restarts, generator).sum().item()
+            )
         for i, factor in enumerate(sweep):
-            counts["sweep"][i] += _worst_case_correct(encoder.logits, x, y, factor * eps, sweep_steps, norm, 1,
-                                                      generator).sum().item()
+            counts["sweep"][i] += (
+                _worst_case_correct(encoder.logits, x, y, factor * eps, sweep_steps, norm, 1, generator).sum().item()
+            )
         if twin is not None:
             x_twin = pgd(twin.logits, x, y, eps, 50, norm=norm, generator=generator)
             with torch.no_grad():
                 counts["transfer"] += (encoder.logits(x_twin).argmax(1) == y).sum().item()
     for m, mode in zip(models, modes):
         m.train(mode)
-    result = {"clean_acc": counts["clean"] / n, "pgd10_acc": counts["pgd10"] / n, "pgd50_acc": counts["pgd50"] / n,
-              "sweep": [{"eps": f * eps, "acc": c / n} for f, c in zip(sweep, counts["sweep"])],
-              "transfer_acc": counts["transfer"] / n if twin is not None else None,
-              "eps": float(eps), "norm": norm, "restarts": restarts, "tolerance": tolerance, "images": n}
+    result = {
+        "clean_acc": counts["clean"] / n,
+        "pgd10_acc": counts["pgd10"] / n,
+        "pgd50_acc": counts["pgd50"] / n,
+        "sweep": [{"eps": f * eps, "acc": c / n} for f, c in zip(sweep, counts["sweep"])],
+        "transfer_acc": counts["transfer"] / n if twin is not None else None,
+        "eps": float(eps),
+        "norm": norm,
+        "restarts": restarts,
+        "tolerance": tolerance,
+        "images": n,
+    }
     result["masking_flags"] = _masking_flags(result, near_zero)
     return result
 
@@ -215,28 +258,43 @@ def _masking_flags(r: dict[str, Any], near_zero: float) -> list[str]:
     """The reasons to doubt the figures of :func:`masking_checks` (its rules 1-4)."""
     flags, tol = [], r["tolerance"]
     if r["pgd50_acc"] < r["pgd10_acc"] - tol:
-        flags.append(f"PGD-50 accuracy ({r['pgd50_acc']:.1%}) is below PGD-10's ({r['pgd10_acc']:.1%}) by more than "
-                     f"the {tol:.1%} noise: 10 steps had not converged; report PGD-50")
+        flags.append(
+            f"PGD-50 accuracy ({r['pgd50_acc']:.1%}) is below PGD-10's ({r['pgd10_acc']:.1%}) by more than "
+            f"the {tol:.1%} noise: 10 steps had not converged; report PGD-50"
+        )
     last = r["sweep"][-1]
     if last["acc"] > near_zero:
-        flags.append(f"accuracy at the sweep's largest eps ({last['eps']:g}) is {last['acc']:.1%}, not near zero "
-                     f"(<= {near_zero:.1%}): a ball that large defeats any classifier, so the attack is failing "
-                     "(gradient masking)")
+        flags.append(
+            f"accuracy at the sweep's largest eps ({last['eps']:g}) is {last['acc']:.1%}, not near zero "
+            f"(<= {near_zero:.1%}): a ball that large defeats any classifier, so the attack is failing "
+            "(gradient masking)"
+        )
     for a, b in zip(r["sweep"], r["sweep"][1:]):
         if b["acc"] > a["acc"] + tol:
-            flags.append(f"accuracy rises with eps, from {a['acc']:.1%} at eps={a['eps']:g} to {b['acc']:.1%} at "
-                         f"eps={b['eps']:g} (beyond the {tol:.1%} noise): a larger ball cannot make a model more "
-                         "robust, so the attack is failing")
+            flags.append(
+                f"accuracy rises with eps, from {a['acc']:.1%} at eps={a['eps']:g} to {b['acc']:.1%} at "
+                f"eps={b['eps']:g} (beyond the {tol:.1%} noise): a larger ball cannot make a model more "
+                "robust, so the attack is failing"
+            )
     white_box = min(r["pgd10_acc"], r["pgd50_acc"])
     if r["transfer_acc"] is not None and r["transfer_acc"] < white_box - tol:
-        flags.append(f"a transfer attack from the twin model leaves {r['transfer_acc']:.1%} accuracy, below the "
-                     f"white-box {white_box:.1%} by more than the {tol:.1%} noise: the model's own gradients "
-                     "mislead PGD (gradient masking)")
+        flags.append(
+            f"a transfer attack from the twin model leaves {r['transfer_acc']:.1%} accuracy, below the "
+            f"white-box {white_box:.1%} by more than the {tol:.1%} noise: the model's own gradients "
+            "mislead PGD (gradient masking)"
+        )
     return flags
 
 
-def overfitting_probe(encoder: Encoder, x: Tensor, y: Tensor, method: AdvMethod, pgd_steps: int = 10,
-                      seed: int = 0, precision: str = "fp32") -> dict[str, float]:
+def overfitting_probe(
+    encoder: Encoder,
+    x: Tensor,
+    y: Tensor,
+    method: AdvMethod,
+    pgd_steps: int = 10,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> dict[str, float]:
     """Accuracy on one fixed batch, clean, under the training attack and under PGD: a cheap overfitting watch.
 
     Call it on the same held-out batch at regular points of a run (e.g. every epoch) and
@@ -264,17 +322,22 @@ def overfitting_probe(encoder: Encoder, x: Tensor, y: Tensor, method: AdvMethod,
     was_training = encoder.training
     encoder.eval()
     x, y = x.to(next(encoder.parameters()).device), y.to(next(encoder.parameters()).device)
-    batches = {"clean_acc": x, "train_attack_acc": method.examples(encoder.logits, x, y, generator, precision),
-               "pgd_acc": pgd(encoder.logits, x, y, method.eps, pgd_steps, norm=method.norm, generator=generator,
-                              precision=precision)}
+    batches = {
+        "clean_acc": x,
+        "train_attack_acc": method.examples(encoder.logits, x, y, generator, precision),
+        "pgd_acc": pgd(
+            encoder.logits, x, y, method.eps, pgd_steps, norm=method.norm, generator=generator, precision=precision
+        ),
+    }
     with torch.no_grad():
         result = {key: (encoder.logits(batch).argmax(1) == y).float().mean().item() for key, batch in batches.items()}
     encoder.train(was_training)
     return result
 
 
-def overfitting_warning(history: Sequence[Mapping[str, float]], drop: float = 0.2,
-                        tolerance: float = 0.05) -> str | None:
+def overfitting_warning(
+    history: Sequence[Mapping[str, float]], drop: float = 0.2, tolerance: float = 0.05
+) -> str | None:
     """One line warning of catastrophic overfitting in a run's :func:`overfitting_probe` records, or ``None``.
 
     The rule: let ``best`` be the (first) record with the highest ``pgd_acc`` and ``last``
@@ -305,10 +368,12 @@ def overfitting_warning(history: Sequence[Mapping[str, float]], drop: float = 0.
     best = max(range(len(history)), key=lambda i: (history[i]["pgd_acc"], -i))
     first, last = history[best], history[-1]
     if first["pgd_acc"] - last["pgd_acc"] > drop and last["train_attack_acc"] >= first["train_attack_acc"] - tolerance:
-        return (f"catastrophic overfitting: PGD accuracy fell from {first['pgd_acc']:.1%} (probe {best + 1}) to "
-                f"{last['pgd_acc']:.1%} (probe {len(history)}) while the training attack's accuracy went from "
-                f"{first['train_attack_acc']:.1%} to {last['train_attack_acc']:.1%}; the model beats only its own "
-                f"attack: train with n_fgsm or grad_align, or a smaller step, or keep probe {best + 1}'s weights")
+        return (
+            f"catastrophic overfitting: PGD accuracy fell from {first['pgd_acc']:.1%} (probe {best + 1}) to "
+            f"{last['pgd_acc']:.1%} (probe {len(history)}) while the training attack's accuracy went from "
+            f"{first['train_attack_acc']:.1%} to {last['train_attack_acc']:.1%}; the model beats only its own "
+            f"attack: train with n_fgsm or grad_align, or a smaller step, or keep probe {best + 1}'s weights"
+        )
     return None
 
 
@@ -317,6 +382,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = f"{'norm':<5} {'eps':>8} {'steps':>5} {'step size':>9} {'images':>6} {'clean acc':>9} {'PGD acc':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['norm']:<5} {r['eps']:>8.4g} {r['steps']:>5d} {r['step_size']:>9.3g} {r['images']:>6d} "
-                     f"{100 * r['clean_acc']:>8.1f}% {100 * r['pgd_acc']:>7.1f}%")
+        lines.append(
+            f"{r['norm']:<5} {r['eps']:>8.4g} {r['steps']:>5d} {r['step_size']:>9.3g} {r['images']:>6d} "
+            f"{100 * r['clean_acc']:>8.1f}% {100 * r['pgd_acc']:>7.1f}%"
+        )
     return "\n".join(lines)

@@ -47,20 +47,32 @@ How a trainer uses this module (``method = AdvMethod(...)`` once, from its confi
   times: ``x_adv = replay.perturb(x)``, forward (train mode) and ``loss.backward()``,
   ``replay.update(x_adv)``, optimizer step. ``replay.state_dict()`` belongs in the checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from encoders.core.errors import RFIError
-from encoders.robust.attacks import (Norm, ascent_direction, check_norm, default_step_size, fgsm_rs, input_gradient,
-                                     n_fgsm, pgd, project_to_ball, uniform_in_ball)
+from encoders.robust.attacks import (
+    Norm,
+    ascent_direction,
+    check_norm,
+    default_step_size,
+    fgsm_rs,
+    input_gradient,
+    n_fgsm,
+    pgd,
+    project_to_ball,
+    uniform_in_ball,
+)
 
 Method = Literal["pgd", "fgsm_rs", "free", "n_fgsm"]
 METHODS = typing.get_args(Method)
@@ -68,8 +80,17 @@ GRAD_ALIGN_METHODS = ("fgsm_rs", "n_fgsm")
 """The methods ``grad_align`` applies to (single-step attacks; free training has no separate attack step)."""
 
 
-def check_method(method: str, norm: str, eps: float, step_size: float | None = None, noise: float | None = None,
-                 replays: int = 1, grad_align: float = 0.0, steps: int | None = None, section: str = "adv") -> None:
+def check_method(
+    method: str,
+    norm: str,
+    eps: float,
+    step_size: float | None = None,
+    noise: float | None = None,
+    replays: int = 1,
+    grad_align: float = 0.0,
+    steps: int | None = None,
+    section: str = "adv",
+) -> None:
     """Refuse adversarial-training settings no run could use, in one line naming the config key.
 
     ``noise`` (N-FGSM only), ``replays`` (free only) and ``grad_align`` (FGSM-RS and N-FGSM
@@ -103,12 +124,16 @@ def check_method(method: str, norm: str, eps: float, step_size: float | None = N
     if method not in METHODS:
         raise RFIError(f"unknown {key}method '{method}' (valid: {', '.join(METHODS)})")
     check_norm(norm, key=f"{key}norm")
-    misplaced = {"noise": (noise is not None, ("n_fgsm",)), "replays": (replays != 1, ("free",)),
-                 "grad_align": (grad_align != 0, GRAD_ALIGN_METHODS)}
+    misplaced = {
+        "noise": (noise is not None, ("n_fgsm",)),
+        "replays": (replays != 1, ("free",)),
+        "grad_align": (grad_align != 0, GRAD_ALIGN_METHODS),
+    }
     for name, (given, owners) in misplaced.items():
         if given and method not in owners:
-            raise RFIError(f"{key}{name} is for {' or '.join(f'{key}method={m}' for m in owners)}, "
-                           f"not {key}method={method}")
+            raise RFIError(
+                f"{key}{name} is for {' or '.join(f'{key}method={m}' for m in owners)}, not {key}method={method}"
+            )
     if not math.isfinite(eps) or eps < 0:
         raise RFIError(f"{key}eps (attack radius) must be a finite number >= 0, got {eps}")
     if step_size is not None and (not math.isfinite(step_size) or step_size <= 0):
@@ -118,8 +143,9 @@ def check_method(method: str, norm: str, eps: float, step_size: float | None = N
     if replays < 1:
         raise RFIError(f"{key}replays (free training's replays of each minibatch) must be >= 1, got {replays}")
     if noise is not None and not (math.isfinite(noise) and 0 <= noise <= 2 * eps):
-        raise RFIError(f"{key}noise (N-FGSM's noise radius k*eps) must be in [0, 2 * {key}eps] = "
-                       f"[0, {2 * eps:.4g}], got {noise}")
+        raise RFIError(
+            f"{key}noise (N-FGSM's noise radius k*eps) must be in [0, 2 * {key}eps] = [0, {2 * eps:.4g}], got {noise}"
+        )
     if not math.isfinite(grad_align) or grad_align < 0:
         raise RFIError(f"{key}grad_align (GradAlign's weight) must be a finite number >= 0, got {grad_align}")
 
@@ -151,8 +177,9 @@ class AdvMethod:
     grad_align: float = 0.0
 
     def __post_init__(self) -> None:
-        check_method(self.method, self.norm, self.eps, self.step_size, self.noise, self.replays, self.grad_align,
-                     self.steps)
+        check_method(
+            self.method, self.norm, self.eps, self.step_size, self.noise, self.replays, self.grad_align, self.steps
+        )
 
     @property
     def step(self) -> float:
@@ -163,8 +190,14 @@ class AdvMethod:
             return default_step_size(self.eps, self.steps)
         return 1.25 * self.eps if self.method == "fgsm_rs" else self.eps
 
-    def examples(self, model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
-                 generator: torch.Generator | None = None, precision: str = "fp32") -> Tensor:
+    def examples(
+        self,
+        model_fn: Callable[[Tensor], Tensor],
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None = None,
+        precision: str = "fp32",
+    ) -> Tensor:
         """The method's adversarial examples for a batch (the model's mode is the caller's: eval for training).
 
         For ``free`` (whose training perturbs through :meth:`replay` instead) this is what
@@ -186,8 +219,9 @@ class AdvMethod:
             - x: (B, C, H, W); y: (B,); output: (B, C, H, W).
         """
         if self.method == "pgd":
-            return pgd(model_fn, x, y, self.eps, self.steps, self.step, self.norm, self.random_start, generator,
-                       precision)
+            return pgd(
+                model_fn, x, y, self.eps, self.steps, self.step, self.norm, self.random_start, generator, precision
+            )
         if self.method == "fgsm_rs":
             return fgsm_rs(model_fn, x, y, self.eps, self.norm, self.step, generator, precision)
         if self.method == "n_fgsm":
@@ -263,8 +297,9 @@ class FreeReplay:
             return
         n = grad.shape[0]
         with torch.no_grad():
-            self.delta[:n] = project_to_ball(self.delta[:n] + self.step * ascent_direction(grad, self.norm),
-                                             self.eps, self.norm)
+            self.delta[:n] = project_to_ball(
+                self.delta[:n] + self.step * ascent_direction(grad, self.norm), self.eps, self.norm
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """δ, for a checkpoint (resuming without it restarts free training's perturbation from zero)."""
@@ -275,8 +310,15 @@ class FreeReplay:
         self.delta = state["delta"]
 
 
-def grad_align_penalty(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float, norm: str = "l2",
-                       generator: torch.Generator | None = None, precision: str = "fp32") -> Tensor:
+def grad_align_penalty(
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "l2",
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+) -> Tensor:
     """GradAlign's regulariser (Andriushchenko & Flammarion 2020): batch mean of ``1 - cos(∇x ℓ(x), ∇x ℓ(x + η))``.
 
     ``η`` is drawn uniformly in the ε-ball (:func:`~encoders.robust.attacks.uniform_in_ball`;
@@ -314,8 +356,10 @@ def grad_align_penalty(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tenso
     check_norm(norm)
     x = x.detach()
     x_noisy = (x + uniform_in_ball(x, eps, norm, generator)).clamp(0, 1)
-    grads = [input_gradient(model_fn, point.clone().requires_grad_(True), y, precision, create_graph=True).flatten(1)
-             for point in (x, x_noisy)]
+    grads = [
+        input_gradient(model_fn, point.clone().requires_grad_(True), y, precision, create_graph=True).flatten(1)
+        for point in (x, x_noisy)
+    ]
     defined = (grads[0].norm(dim=1) > 0) & (grads[1].norm(dim=1) > 0)
     if not defined.any():
         return grads[0].sum() * 0

@@ -1,4 +1,6 @@
-"""Shift consistency and equivariance of encoders and autoencoders (``rfi shift-consistency``: :mod:`apps.commands.shift_consistency`).
+"""Shift consistency and equivariance of encoders and autoencoders.
+
+The command is ``rfi shift-consistency`` (:mod:`apps.commands.shift_consistency`).
 
 Every image is circularly shifted by two random offsets ``a`` and ``b`` (uniform over all
 offsets, as in the LPS paper) and the model sees both copies:
@@ -25,17 +27,19 @@ Example:
     >>> r["consistency"], r["feature_equiv_error"] < 1e-5
     (1.0, True)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from encoders.core.errors import RFIError
-from encoders.nets.models import Encoder
 from encoders.core.runtime import progress
+from encoders.nets.models import Encoder
 
 EXACT_TOL = 1e-5
 
@@ -47,8 +51,9 @@ def circular_shift(x: Tensor, offsets: Tensor) -> Tensor:
 
 def random_offsets(n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
     """``n`` offsets (dy, dx) uniform over all circular shifts of a ``height`` x ``width`` image."""
-    return torch.stack([torch.randint(height, (n,), generator=generator),
-                        torch.randint(width, (n,), generator=generator)], dim=1)
+    return torch.stack(
+        [torch.randint(height, (n,), generator=generator), torch.randint(width, (n,), generator=generator)], dim=1
+    )
 
 
 def feature_equivariance_error(fa: Tensor, fb: Tensor) -> Tensor:
@@ -69,10 +74,16 @@ def feature_equivariance_error(fa: Tensor, fb: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def shift_consistency(encoder: Encoder, dataset: Dataset, layer: str | None = None,
-                      reconstruct: Callable[[Tensor], Tensor] | None = None, max_images: int | None = None,
-                      batch_size: int = 64, seed: int = 0,
-                      device: torch.device | str | None = None) -> dict[str, Any]:
+def shift_consistency(
+    encoder: Encoder,
+    dataset: Dataset,
+    layer: str | None = None,
+    reconstruct: Callable[[Tensor], Tensor] | None = None,
+    max_images: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
     """Shift consistency of ``encoder`` (eval mode) and, with ``reconstruct``, equivariance of an autoencoder.
 
     Args:
@@ -121,8 +132,13 @@ def shift_consistency(encoder: Encoder, dataset: Dataset, layer: str | None = No
             sums["recon"] += err.sum().item()
             sums["exact"] += (err <= EXACT_TOL).sum().item()
     encoder.train(was_training)
-    result = {"images": n, "accuracy": sums["correct"] / n, "consistency": sums["consistent"] / n,
-              "layer": layer, "feature_equiv_error": sums["feature"] / n}
+    result = {
+        "images": n,
+        "accuracy": sums["correct"] / n,
+        "consistency": sums["consistent"] / n,
+        "layer": layer,
+        "feature_equiv_error": sums["feature"] / n,
+    }
     if reconstruct is not None:
         result.update(psnr=sums["psnr"] / n, recon_equiv_error=sums["recon"] / n, recon_exact=sums["exact"] / n)
     return result
@@ -137,8 +153,10 @@ def format_table(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
         head += f" {'PSNR dB':>7} {'recon equiv err':>15} {'exact':>6}"
     lines = [head, "-" * len(head)]
     for name, r in zip(names, rows):
-        line = (f"{name:<{width}} {r['images']:>6d} {100 * r['accuracy']:>5.1f}% {100 * r['consistency']:>10.1f}% "
-                f"{r['layer']:>8} {r['feature_equiv_error']:>15.2e}")
+        line = (
+            f"{name:<{width}} {r['images']:>6d} {100 * r['accuracy']:>5.1f}% {100 * r['consistency']:>10.1f}% "
+            f"{r['layer']:>8} {r['feature_equiv_error']:>15.2e}"
+        )
         if "psnr" in r:
             line += f" {r['psnr']:>7.2f} {r['recon_equiv_error']:>15.2e} {100 * r['recon_exact']:>5.1f}%"
         elif recon:

@@ -6,12 +6,14 @@ An RFI encoder checkpoint is a plain dict (loadable with ``weights_only=True``):
      "encoder": {"arch": ..., "num_classes": ..., "width": ..., "small_input": ..., <family options>},
      "state_dict": {...}, ...extra metadata (training state, metrics)}
 """
+
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +28,13 @@ ENCODER_FORMAT = "rfi-encoder"
 
 def encoder_checkpoint(encoder: Encoder, **extra: Any) -> dict[str, Any]:
     """The checkpoint dict of ``encoder`` (weights + constructor arguments) plus ``extra``."""
-    return {"format": ENCODER_FORMAT, "version": FORMAT_VERSIONS[ENCODER_FORMAT], "encoder": encoder.config(),
-            "state_dict": encoder.state_dict(), **extra}
+    return {
+        "format": ENCODER_FORMAT,
+        "version": FORMAT_VERSIONS[ENCODER_FORMAT],
+        "encoder": encoder.config(),
+        "state_dict": encoder.state_dict(),
+        **extra,
+    }
 
 
 def encoder_fingerprint(encoder: nn.Module) -> str:
@@ -58,8 +65,11 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor],
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                 if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != own[k].shape]
+    misshapen = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != own[k].shape
+    ]
     if missing or unexpected or misshapen:
         parts = []
         if missing:
@@ -68,8 +78,10 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor],
             parts.append(f"unexpected keys: {_names(unexpected)}")
         if misshapen:
             parts.append(f"shape mismatch: {_names(misshapen, 3)}")
-        raise RFIError(f"{source} does not fit {type(module).__name__}"
-                       f"{' ' + module.arch if hasattr(module, 'arch') else ''}: " + "; ".join(parts))
+        raise RFIError(
+            f"{source} does not fit {type(module).__name__}"
+            f"{' ' + module.arch if hasattr(module, 'arch') else ''}: " + "; ".join(parts)
+        )
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -104,14 +116,21 @@ def build_from_config(cls: Callable[..., nn.Module], config: Any, source: str, *
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
         raise RFIError(f"{source}: invalid {name} settings ({type(e).__name__}: {e})") from None
     if size > MAX_PARAMETERS:
-        raise RFIError(f"{source}: its {name} settings ask for {size / 1e9:.1f} G parameters (more than "
-                       f"{MAX_PARAMETERS / 1e9:.0f} G): a damaged file?")
+        raise RFIError(
+            f"{source}: its {name} settings ask for {size / 1e9:.1f} G parameters (more than "
+            f"{MAX_PARAMETERS / 1e9:.0f} G): a damaged file?"
+        )
     return cls(**config, **extra)
 
 
-def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | None = None,
-                            layers: Sequence[str] | None = None, arch_key: str = "--arch",
-                            **kwargs: Any) -> Encoder:
+def encoder_from_checkpoint(
+    ckpt: Mapping[str, Any],
+    source: str,
+    name: str | None = None,
+    layers: Sequence[str] | None = None,
+    arch_key: str = "--arch",
+    **kwargs: Any,
+) -> Encoder:
     """Build the encoder of a checkpoint dict: the one place encoders are built from checkpoints.
 
     The dict is an RFI encoder checkpoint (see :func:`encoder_checkpoint`), a ``robustness``-library
@@ -143,10 +162,16 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | No
     check_format(ckpt, source)
     fmt = ckpt.get("format")
     if fmt is not None and fmt != ENCODER_FORMAT:  # another RFI file: a foreign file has no format
-        what = {"rfi-decoder": "a decoder", "rfi-autoencoder": "an autoencoder (encoder + decoders)",
-                "rfi-anomaly": "an anomaly model", "rfi-segmenter": "a segmenter"}.get(fmt, fmt)
-        raise RFIError(f"{source} is {what} file, not an encoder checkpoint: pass it where a "
-                       f"{'decoder' if fmt == 'rfi-decoder' else 'model'} is asked for")
+        what = {
+            "rfi-decoder": "a decoder",
+            "rfi-autoencoder": "an autoencoder (encoder + decoders)",
+            "rfi-anomaly": "an anomaly model",
+            "rfi-segmenter": "a segmenter",
+        }.get(fmt, fmt)
+        raise RFIError(
+            f"{source} is {what} file, not an encoder checkpoint: pass it where a "
+            f"{'decoder' if fmt == 'rfi-decoder' else 'model'} is asked for"
+        )
     if fmt == ENCODER_FORMAT:
         if not isinstance(ckpt.get("state_dict"), Mapping):
             raise RFIError(f"{source} is an RFI encoder checkpoint without weights ('state_dict' missing)")
@@ -158,8 +183,10 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | No
         return encoder.eval()
     if name is None:
         example = f"{arch_key} resnet50" if arch_key.startswith("-") else f"{arch_key}=resnet50"
-        raise RFIError(f"{source} is not an RFI encoder checkpoint (a robustness-library or torchvision file?): "
-                       f"name its architecture with {arch_key} (e.g. {example})")
+        raise RFIError(
+            f"{source} is not an RFI encoder checkpoint (a robustness-library or torchvision file?): "
+            f"name its architecture with {arch_key} (e.g. {example})"
+        )
     state = checkpoint_filter_fn(ckpt, name, source)
     for key, value in infer_encoder_kwargs(state, name).items():  # num_classes, width, small_input, ...
         kwargs.setdefault(key, value)
@@ -170,8 +197,13 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, name: str | No
     return encoder.eval()
 
 
-def load_encoder(path: str | os.PathLike, name: str | None = None,
-                 layers: Sequence[str] | None = None, arch_key: str = "--arch", **kwargs: Any) -> Encoder:
+def load_encoder(
+    path: str | os.PathLike,
+    name: str | None = None,
+    layers: Sequence[str] | None = None,
+    arch_key: str = "--arch",
+    **kwargs: Any,
+) -> Encoder:
     """Load an encoder from an RFI, ``robustness``-library or torchvision checkpoint file.
 
     Reads the file once (:func:`encoders.core.serialization.load_checkpoint`) and builds the encoder

@@ -14,11 +14,13 @@ Example:
     >>> infer_encoder_kwargs(state, "resnet18")
     {'num_classes': 8, 'width': 0.125, 'small_input': True}
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -57,13 +59,13 @@ def checkpoint_filter_fn(ckpt: Mapping[str, Any], arch: str, source: str = "chec
         ours = {}
         for k, v in tensors.items():
             if k.startswith(_ROBUSTNESS_MODEL):
-                ours["model." + k[len(_ROBUSTNESS_MODEL):]] = v
+                ours["model." + k[len(_ROBUSTNESS_MODEL) :]] = v
             elif k.startswith(_ROBUSTNESS_NORMALIZER):
-                ours["normalizer." + k[len(_ROBUSTNESS_NORMALIZER):]] = v
+                ours["normalizer." + k[len(_ROBUSTNESS_NORMALIZER) :]] = v
             elif not k.startswith(_ROBUSTNESS_ATTACKER):
                 ours[k] = v  # left as is: reported as unexpected when loaded
     else:
-        tensors = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in tensors.items()}
         ours = {k if k.startswith(("model.", "normalizer.")) else "model." + k: v for k, v in tensors.items()}
     return family.checkpoint_filter_fn(ours)
 

@@ -18,13 +18,14 @@ Example:
     >>> rb = import_robustness()  # doctest: +SKIP
     >>> model = attacker_model(rb.imagenet_models.resnet18(num_classes=8))  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import functools
 import importlib
 import sys
 import types
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from encoders.nets.models import IMAGENET_MEAN, IMAGENET_STD, Encoder
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_robustness() -> types.SimpleNamespace:
     """Import the library with the shims above.
 
@@ -54,8 +55,9 @@ def import_robustness() -> types.SimpleNamespace:
 
     if not torch.cuda.is_available():
         attacker.AttackerModel.cuda = lambda self, *args, **kwargs: self  # shim 2: nowhere to move it
-    return types.SimpleNamespace(attacker=attacker, datasets=datasets, imagenet_models=imagenet_models,
-                                 model_utils=model_utils, helpers=helpers)
+    return types.SimpleNamespace(
+        attacker=attacker, datasets=datasets, imagenet_models=imagenet_models, model_utils=model_utils, helpers=helpers
+    )
 
 
 class _StayOnDevice(Tensor):
@@ -65,12 +67,12 @@ class _StayOnDevice(Tensor):
         return self.as_subclass(Tensor)
 
 
-def imagenet_dataset(num_classes: int = 1000, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD):
+def imagenet_dataset(
+    num_classes: int = 1000, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+):
     """The library's ``ImageNet`` dataset object (no files are read) with the given classes and normalisation."""
     rb = import_robustness()
-    return rb.datasets.ImageNet("/nonexistent", num_classes=num_classes,
-                                mean=torch.tensor(mean), std=torch.tensor(std))
+    return rb.datasets.ImageNet("/nonexistent", num_classes=num_classes, mean=torch.tensor(mean), std=torch.tensor(std))
 
 
 def attacker_model(classifier: nn.Module, dataset=None) -> nn.Module:
@@ -97,8 +99,17 @@ def encoder_attacker_model(encoder: Encoder) -> nn.Module:
     return attacker_model(encoder.model, imagenet_dataset(encoder.num_classes, mean, std))
 
 
-def robustness_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, step_size: float,
-                   norm: str = "l2", random_start: bool = True, use_best: bool = False) -> Tensor:
+def robustness_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str = "l2",
+    random_start: bool = True,
+    use_best: bool = False,
+) -> Tensor:
     """The library's PGD (``AttackerModel(..., make_adv=True)``) on images in [0, 1].
 
     Args:
@@ -110,7 +121,16 @@ def robustness_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: in
         The adversarial images, detached.
     """
     constraint = {"l2": "2", "linf": "inf"}[norm]
-    _, x_adv = model(x, y, make_adv=True, constraint=constraint, eps=eps, step_size=step_size,
-                     iterations=steps, random_start=random_start, use_best=use_best,
-                     orig_input=x.detach().as_subclass(_StayOnDevice))
+    _, x_adv = model(
+        x,
+        y,
+        make_adv=True,
+        constraint=constraint,
+        eps=eps,
+        step_size=step_size,
+        iterations=steps,
+        random_start=random_start,
+        use_best=use_best,
+        orig_input=x.detach().as_subclass(_StayOnDevice),
+    )
     return x_adv.detach()

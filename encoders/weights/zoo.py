@@ -26,6 +26,7 @@ Example:
     'alexnet-owt-7be5be79.pth'
     >>> path = fetch("imagenet_l2_3_0")  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,30 +100,71 @@ def _torchvision(name: str, enum: str, arch: str, description: str) -> ZooEntry:
 
 def _build_entries() -> dict[str, ZooEntry]:
     rb = [
-        _robustness("imagenet_l2_3_0", "https://www.dropbox.com/s/knf4uimlqsi1yz8/imagenet_l2_3_0.pt?dl=0",
-                    "imagenet", "ResNet-50, L2 PGD training eps 3.0 (clean 57.90%, L2 eps 3.0: 35.16%)"),
-        _robustness("imagenet_linf_4", "https://www.dropbox.com/s/axfuary2w1cnyrg/imagenet_linf_4.pt?dl=0",
-                    "imagenet", "ResNet-50, Linf PGD training eps 4/255 (clean 62.42%, Linf 4/255: 33.58%)"),
-        _robustness("imagenet_linf_8", "https://www.dropbox.com/s/yxn15a9zklz3s8q/imagenet_linf_8.pt?dl=0",
-                    "imagenet", "ResNet-50, Linf PGD training eps 8/255 (clean 47.91%, Linf 8/255: 19.63%)"),
-        _robustness("cifar_nat", "https://www.dropbox.com/s/yhpp4yws7sgi6lj/cifar_nat.pt?dl=0",
-                    "cifar10", "CIFAR ResNet-50, standard training (clean 95.25%)"),
-        _robustness("cifar_l2_0_25", "https://www.dropbox.com/s/2qsp7pt6t7uo71w/cifar_l2_0_25.pt?dl=0",
-                    "cifar10", "CIFAR ResNet-50, L2 eps 0.25 (clean 92.77%, L2 0.25: 81.21%)"),
-        _robustness("cifar_l2_0_5", "https://www.dropbox.com/s/1zazwjfzee7c8i4/cifar_l2_0_5.pt?dl=0",
-                    "cifar10", "CIFAR ResNet-50, L2 eps 0.5 (clean 90.83%, L2 0.5: 70.17%)"),
-        _robustness("cifar_l2_1_0", "https://www.dropbox.com/s/s2x7thisiqxz095/cifar_l2_1_0.pt?dl=0",
-                    "cifar10", "CIFAR ResNet-50, L2 eps 1.0 (clean 81.62%, L2 1.0: 52.72%)"),
-        _robustness("cifar_linf_8", "https://www.dropbox.com/s/c9qlt1lbdnu9tlo/cifar_linf_8.pt?dl=0",
-                    "cifar10", "CIFAR ResNet-50, Linf eps 8/255 (clean 87.03%, Linf 8/255: 53.49%)"),
+        _robustness(
+            "imagenet_l2_3_0",
+            "https://www.dropbox.com/s/knf4uimlqsi1yz8/imagenet_l2_3_0.pt?dl=0",
+            "imagenet",
+            "ResNet-50, L2 PGD training eps 3.0 (clean 57.90%, L2 eps 3.0: 35.16%)",
+        ),
+        _robustness(
+            "imagenet_linf_4",
+            "https://www.dropbox.com/s/axfuary2w1cnyrg/imagenet_linf_4.pt?dl=0",
+            "imagenet",
+            "ResNet-50, Linf PGD training eps 4/255 (clean 62.42%, Linf 4/255: 33.58%)",
+        ),
+        _robustness(
+            "imagenet_linf_8",
+            "https://www.dropbox.com/s/yxn15a9zklz3s8q/imagenet_linf_8.pt?dl=0",
+            "imagenet",
+            "ResNet-50, Linf PGD training eps 8/255 (clean 47.91%, Linf 8/255: 19.63%)",
+        ),
+        _robustness(
+            "cifar_nat",
+            "https://www.dropbox.com/s/yhpp4yws7sgi6lj/cifar_nat.pt?dl=0",
+            "cifar10",
+            "CIFAR ResNet-50, standard training (clean 95.25%)",
+        ),
+        _robustness(
+            "cifar_l2_0_25",
+            "https://www.dropbox.com/s/2qsp7pt6t7uo71w/cifar_l2_0_25.pt?dl=0",
+            "cifar10",
+            "CIFAR ResNet-50, L2 eps 0.25 (clean 92.77%, L2 0.25: 81.21%)",
+        ),
+        _robustness(
+            "cifar_l2_0_5",
+            "https://www.dropbox.com/s/1zazwjfzee7c8i4/cifar_l2_0_5.pt?dl=0",
+            "cifar10",
+            "CIFAR ResNet-50, L2 eps 0.5 (clean 90.83%, L2 0.5: 70.17%)",
+        ),
+        _robustness(
+            "cifar_l2_1_0",
+            "https://www.dropbox.com/s/s2x7thisiqxz095/cifar_l2_1_0.pt?dl=0",
+            "cifar10",
+            "CIFAR ResNet-50, L2 eps 1.0 (clean 81.62%, L2 1.0: 52.72%)",
+        ),
+        _robustness(
+            "cifar_linf_8",
+            "https://www.dropbox.com/s/c9qlt1lbdnu9tlo/cifar_linf_8.pt?dl=0",
+            "cifar10",
+            "CIFAR ResNet-50, Linf eps 8/255 (clean 87.03%, Linf 8/255: 53.49%)",
+        ),
     ]
     tv = [
-        _torchvision("torchvision_alexnet", "AlexNet_Weights", "alexnet",
-                     "standard AlexNet (LPIPS 'alex' backbone; non-robust baseline)"),
-        _torchvision("torchvision_vgg16", "VGG16_Weights", "vgg16",
-                     "standard VGG-16 (LPIPS 'vgg' backbone; non-robust baseline)"),
-        _torchvision("torchvision_resnet50", "ResNet50_Weights", "resnet50",
-                     "standard ResNet-50 (the eps = 0 row of the robustness tables)"),
+        _torchvision(
+            "torchvision_alexnet",
+            "AlexNet_Weights",
+            "alexnet",
+            "standard AlexNet (LPIPS 'alex' backbone; non-robust baseline)",
+        ),
+        _torchvision(
+            "torchvision_vgg16", "VGG16_Weights", "vgg16", "standard VGG-16 (LPIPS 'vgg' backbone; non-robust baseline)"
+        ),
+        _torchvision(
+            "torchvision_resnet50",
+            "ResNet50_Weights",
+            "resnet50",
+            "standard ResNet-50 (the eps = 0 row of the robustness tables)",
+        ),
     ]
     return {e.name: e for e in rb + tv}
 
@@ -188,8 +230,13 @@ def _recorded(path: Path) -> str | None:
 def _record(entry: ZooEntry, path: Path, digest: str) -> Path:
     from encoders.core.serialization import atomic_write  # imports torch: only when writing
 
-    record = {"name": entry.name, "url": entry.url, "sha256": digest, "bytes": path.stat().st_size,
-              "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+        "name": entry.name,
+        "url": entry.url,
+        "sha256": digest,
+        "bytes": path.stat().st_size,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return atomic_write(record_path(path), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
 
 
@@ -220,8 +267,10 @@ def verify(entry: ZooEntry, path: str | os.PathLike) -> str:
     if expected is None:
         _record(entry, path, digest)
     elif not digest.startswith(expected):
-        raise RFIError(f"{path}: SHA-256 {digest[:16]}... does not match {expected[:16]}... {where} "
-                       f"(a corrupt or different file: delete it and run `rfi weights fetch {entry.name}`)")
+        raise RFIError(
+            f"{path}: SHA-256 {digest[:16]}... does not match {expected[:16]}... {where} "
+            f"(a corrupt or different file: delete it and run `rfi weights fetch {entry.name}`)"
+        )
     return digest
 
 
@@ -240,8 +289,11 @@ def _download(entry: ZooEntry, tmp: str, show_progress: bool, timeout: float) ->
     with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
         size = response.headers.get("Content-Length")
         total = int(size) if size and size.isdigit() else None
-        bar = (progress(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.name)
-               if show_progress else tqdm(total=total, disable=True))
+        bar = (
+            progress(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.name)
+            if show_progress
+            else tqdm(total=total, disable=True)
+        )
         try:
             for chunk in iter(lambda: response.read(_CHUNK), b""):
                 f.write(chunk)
@@ -252,8 +304,13 @@ def _download(entry: ZooEntry, tmp: str, show_progress: bool, timeout: float) ->
     return digest.hexdigest()
 
 
-def fetch(entry: ZooEntry | str, dest: str | os.PathLike | None = None, force: bool = False,
-          show_progress: bool = True, timeout: float = 60.0) -> Path:
+def fetch(
+    entry: ZooEntry | str,
+    dest: str | os.PathLike | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
     """Download ``entry`` (a name or a :class:`ZooEntry`) unless a verified copy is already there.
 
     The download goes to a temporary file in the destination folder and is renamed into
@@ -295,8 +352,10 @@ def fetch(entry: ZooEntry | str, dest: str | os.PathLike | None = None, force: b
             reason = getattr(e, "reason", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise RFIError(f"could not download {entry.name} ({reason}): {offline_hint(entry, dest)}") from None
         if expected and not digest.startswith(expected):
-            raise RFIError(f"refused {entry.url}: SHA-256 {digest[:16]}... does not match {expected[:16]}... "
-                           f"{where} (nothing was written)")
+            raise RFIError(
+                f"refused {entry.url}: SHA-256 {digest[:16]}... does not match {expected[:16]}... "
+                f"{where} (nothing was written)"
+            )
 
     atomic_write(path, download_checked)
     if expected is None:
@@ -319,8 +378,9 @@ def resolve(spec: str | os.PathLike, dest: str | os.PathLike | None = None) -> P
     entry = get_entry(text)
     path = destination(entry, dest)
     if not path.is_file():
-        raise RFIError(f"{entry.name} is not downloaded: run `rfi weights fetch {entry.name}`, or "
-                       f"{offline_hint(entry, dest)}")
+        raise RFIError(
+            f"{entry.name} is not downloaded: run `rfi weights fetch {entry.name}`, or {offline_hint(entry, dest)}"
+        )
     verify(entry, path)
     return path
 
@@ -335,5 +395,9 @@ def status(entry: ZooEntry, dest: str | os.PathLike | None = None) -> str:
 
 def as_dict(entry: ZooEntry, dest: str | os.PathLike | None = None) -> dict:
     """The entry as a plain dict, with its destination and status (for ``rfi weights list --json``)."""
-    return {**asdict(entry), "hash_check": entry.hash_check, "destination": str(destination(entry, dest)),
-            "status": status(entry, dest)}
+    return {
+        **asdict(entry),
+        "hash_check": entry.hash_check,
+        "destination": str(destination(entry, dest)),
+        "status": status(entry, dest),
+    }

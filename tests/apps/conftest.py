@@ -4,6 +4,7 @@ The dummy tree follows anomalib's dummy-dataset idea: small synthetic images (48
 stripes + noise) for two categories, with anomalous test images carrying a drawn defect
 and its ground-truth mask, in the MVTec AD layout.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +20,23 @@ SIZE = 48
 DUMMY_CATEGORIES = {"widget": (10, 3, {"blot": 3, "crack": 2}), "gadget": (4, 2, {"blot": 2})}
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "apps" / "anomaly.yaml"
 # The shipped config shrunk to a fit of a few seconds: 16-px crops, a 16-channel decoder, 6 steps.
-TINY_FIT = ["train.steps=6", "train.batch_size=8", "train.data.size=16", "train.data.repeat=2",
-            "train.decoder.channels=16", "train.decoder.min_channels=8", "train.sample_every=0",
-            "train.log_every=2", "train.device=cpu", "device=cpu", "batch_size=4",
-            "benchmark.train=6", "benchmark.test_good=3", "benchmark.test_defect=2", "benchmark.size=32"]
+TINY_FIT = [
+    "train.steps=6",
+    "train.batch_size=8",
+    "train.data.size=16",
+    "train.data.repeat=2",
+    "train.decoder.channels=16",
+    "train.decoder.min_channels=8",
+    "train.sample_every=0",
+    "train.log_every=2",
+    "train.device=cpu",
+    "device=cpu",
+    "batch_size=4",
+    "benchmark.train=6",
+    "benchmark.test_good=3",
+    "benchmark.test_defect=2",
+    "benchmark.size=32",
+]
 
 
 def _normal(rng: np.random.Generator) -> np.ndarray:
@@ -36,10 +50,10 @@ def _defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.nd
     mask = np.zeros((SIZE, SIZE), bool)
     top, left = rng.integers(4, SIZE - 16, 2)
     if kind == "blot":
-        mask[top:top + 10, left:left + 10] = True
+        mask[top : top + 10, left : left + 10] = True
         img[mask] = [0.9, 0.1, 0.1]
     else:
-        mask[top:top + 12, left:left + 2] = True
+        mask[top : top + 12, left : left + 2] = True
         img[mask] = 0.0
     return img, mask
 

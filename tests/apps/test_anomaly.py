@@ -1,4 +1,5 @@
 """Anomaly detection: data layouts, the embedded benchmark, scoring, metrics and the CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -216,8 +217,9 @@ def test_exception_the_old_decoder_section_names_its_new_spelling(tmp_path):
     """``decoder:`` is ``train:`` now (as in the denoise and style configs): the old key fails in one line."""
     with pytest.raises(RFIError) as e:
         load_anomaly_config(None, ["decoder.decoder.channels=16"])
-    assert str(e.value) == ("config key 'decoder.decoder.channels' in the command-line overrides is now "
-                            "'train.decoder.channels'")
+    assert str(e.value) == (
+        "config key 'decoder.decoder.channels' in the command-line overrides is now 'train.decoder.channels'"
+    )
     mine = tmp_path / "mine.yaml"
     mine.write_text("decoder:\n  steps: 5\n")
     with pytest.raises(RFIError, match=r"config key 'decoder.steps' in .*mine.yaml is now 'train.steps'$"):
@@ -232,17 +234,50 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_fit_and_score_end_to_end(dummy_mvtec, dummy_categories, tiny_encoder, anomaly_config, tiny_fit,
-                                  tmp_path, capsys):
+def test_fit_and_score_end_to_end(
+    dummy_mvtec, dummy_categories, tiny_encoder, anomaly_config, tiny_fit, tmp_path, capsys
+):
     model = tmp_path / "m" / "widget.pt"
-    assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--category", "widget", "--out", str(model),
-                 "--config", str(anomaly_config), *tiny_fit, f"encoder={tiny_encoder}"]) == 0
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                str(dummy_mvtec),
+                "--category",
+                "widget",
+                "--out",
+                str(model),
+                "--config",
+                str(anomaly_config),
+                *tiny_fit,
+                f"encoder={tiny_encoder}",
+            ]
+        )
+        == 0
+    )
     ckpt = torch.load(model, weights_only=True)  # one self-contained, safe file
     assert ckpt["anomaly"]["category"] == "widget" and ckpt["anomaly"]["stats"]
     out = tmp_path / "scored"
     # the model's category is picked from the root
-    assert main(["anomaly", "score", "--model", str(model), "--data", str(dummy_mvtec), "--out", str(out),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "anomaly",
+                "score",
+                "--model",
+                str(model),
+                "--data",
+                str(dummy_mvtec),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "image AUROC" in printed and "widget" in printed
     rows = _read_csv(out / "scores.csv")
@@ -271,10 +306,31 @@ def test_fit_and_score_end_to_end(dummy_mvtec, dummy_categories, tiny_encoder, a
 def test_fit_and_score_the_embedded_benchmark(tiny_encoder, anomaly_config, tiny_fit, tmp_path, monkeypatch):
     monkeypatch.setenv("RFI_CACHE_DIR", str(tmp_path / "cache"))
     model = tmp_path / "grass.pt"
-    assert main(["anomaly", "fit", "--data", "embedded", "--category", "grass", "--out", str(model),
-                 "--config", str(anomaly_config), *tiny_fit, f"encoder={tiny_encoder}"]) == 0
-    assert main(["anomaly", "score", "--model", str(model), "--data", "embedded", "--out", str(tmp_path / "s"),
-                 "--no-maps"]) == 0
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                "embedded",
+                "--category",
+                "grass",
+                "--out",
+                str(model),
+                "--config",
+                str(anomaly_config),
+                *tiny_fit,
+                f"encoder={tiny_encoder}",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["anomaly", "score", "--model", str(model), "--data", "embedded", "--out", str(tmp_path / "s"), "--no-maps"]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "s/metrics.json").read_text())
     assert m["category"] == "grass" and m["images"] == 3 + 3 * 2 and m["pixel_auroc"] is not None
     assert not (tmp_path / "s/maps").exists()
@@ -285,8 +341,7 @@ def test_exception_single_class_test_set_through_the_cli(tiny_model, dummy_mvtec
     for d in ("blot", "crack"):
         shutil.rmtree(cat / "test" / d)
         shutil.rmtree(cat / "ground_truth" / d)
-    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(cat), "--out",
-                 str(tmp_path / "s")]) == 0
+    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(cat), "--out", str(tmp_path / "s")]) == 0
     printed = capsys.readouterr().out
     assert "n/a" in printed and "AUROC undefined" in printed and "all 3 are normal" in printed
     text = (tmp_path / "s/metrics.json").read_text()
@@ -298,16 +353,20 @@ def test_exception_corrupt_images_are_skipped_by_name(tiny_model, dummy_mvtec, t
     data = (cat / "test/good/001.png").read_bytes()
     (cat / "test/good/001.png").write_bytes(data[: len(data) // 3])  # truncated
     (cat / "test/blot/002.png").write_bytes(b"not an image")
-    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(cat), "--out",
-                 str(tmp_path / "s")]) == EXIT_PARTIAL  # as invert/denoise/stylize/augment: some failed, rest written
+    assert (
+        main(["anomaly", "score", "--model", str(tiny_model), "--data", str(cat), "--out", str(tmp_path / "s")])
+        == EXIT_PARTIAL
+    )  # as invert/denoise/stylize/augment: some failed, rest written
     captured = capsys.readouterr()
-    summary = captured.err[captured.err.index("rfi: 2 input(s) failed"):].splitlines()
+    summary = captured.err[captured.err.index("rfi: 2 input(s) failed") :].splitlines()
     assert len(summary) == 3 and "test/blot/002.png" in summary[1] and "test/good/001.png" in summary[2]
     names = {r["name"] for r in _read_csv(tmp_path / "s/scores.csv")}
     assert "good/001" not in names and "blot/002" not in names and "good/000" in names
     m = json.loads((tmp_path / "s/metrics.json").read_text())
     assert m["skipped"] == ["blot/002", "good/001"] and m["image_auroc"] is not None
-    assert [f.startswith(str(cat / p)) for f, p in zip(m["failed"], ["test/blot/002.png", "test/good/001.png"])] == [True] * 2
+    assert [f.startswith(str(cat / p)) for f, p in zip(m["failed"], ["test/blot/002.png", "test/good/001.png"])] == [
+        True
+    ] * 2
 
 
 def test_exception_nan_image_is_skipped_and_all_failed_exits_2(tiny_model, dummy_mvtec, tmp_path, capsys):
@@ -338,8 +397,10 @@ def test_a_killed_score_run_leaves_no_half_written_files(tiny_model, dummy_mvtec
 
     monkeypatch.setattr(scoring, "write_image", write_then_die)
     out = tmp_path / "s"
-    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(dummy_mvtec / "widget"),
-                 "--out", str(out)]) == 130
+    assert (
+        main(["anomaly", "score", "--model", str(tiny_model), "--data", str(dummy_mvtec / "widget"), "--out", str(out)])
+        == 130
+    )
     assert not (out / "scores.csv").exists() and not (out / "metrics.json").exists()
     written = sorted(p for p in out.rglob("*") if p.is_file())
     assert written == sorted(calls)  # only complete PNGs, no temporary files
@@ -348,26 +409,115 @@ def test_a_killed_score_run_leaves_no_half_written_files(tiny_model, dummy_mvtec
 
 
 def test_exception_cli_bad_inputs(tiny_model, tiny_encoder, dummy_mvtec, anomaly_config, tmp_path, capsys):
-    assert main(["anomaly", "score", "--model", str(tiny_encoder), "--data", str(dummy_mvtec), "--out",
-                 str(tmp_path / "s")]) == 2
+    assert (
+        main(
+            ["anomaly", "score", "--model", str(tiny_encoder), "--data", str(dummy_mvtec), "--out", str(tmp_path / "s")]
+        )
+        == 2
+    )
     assert "is not an anomaly model" in capsys.readouterr().err
-    assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--out", str(tmp_path / "m.pt"), "--config",
-                 str(anomaly_config), "encoder=/nope/enc.pt"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                str(dummy_mvtec),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--config",
+                str(anomaly_config),
+                "encoder=/nope/enc.pt",
+            ]
+        )
+        == 2
+    )
     assert "encoder checkpoint not found: /nope/enc.pt" in capsys.readouterr().err
-    assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--out", str(tmp_path / "m.pt"), "--config",
-                 str(anomaly_config), f"encoder={tiny_encoder}"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                str(dummy_mvtec),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--config",
+                str(anomaly_config),
+                f"encoder={tiny_encoder}",
+            ]
+        )
+        == 2
+    )
     assert "several MVTec categories" in capsys.readouterr().err
-    assert main(["anomaly", "fit", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.pt"),
-                 "--config", str(anomaly_config), f"encoder={tiny_encoder}"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--config",
+                str(anomaly_config),
+                f"encoder={tiny_encoder}",
+            ]
+        )
+        == 2
+    )
     assert "data folder not found" in capsys.readouterr().err
-    assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--out", str(tmp_path / "m.pt"),
-                 "--config", str(anomaly_config), "score.pixel_metric=l3"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                str(dummy_mvtec),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--config",
+                str(anomaly_config),
+                "score.pixel_metric=l3",
+            ]
+        )
+        == 2
+    )
     assert "'score.pixel_metric' in the command-line overrides: 'l3' is not one of" in capsys.readouterr().err
-    assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--out", str(tmp_path / "m.pt"),
-                 "--config", str(anomaly_config), "decoder.steps=3"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                str(dummy_mvtec),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--config",
+                str(anomaly_config),
+                "decoder.steps=3",
+            ]
+        )
+        == 2
+    )
     assert "config key 'decoder.steps' in the command-line overrides is now 'train.steps'" in capsys.readouterr().err
-    assert main(["anomaly", "score", "--model", str(tiny_model), "--data", str(dummy_mvtec), "--out",
-                 str(tmp_path / "s"), "--batch-size", "0"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "score",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(dummy_mvtec),
+                "--out",
+                str(tmp_path / "s"),
+                "--batch-size",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
 
 
@@ -382,8 +532,8 @@ def test_score_flags_default_to_the_config():
 
 def test_decoder_training_crops_keep_the_image_scale(dummy_mvtec):
     """fit trains on plain random crops (ImageFiles crop='random'), not rescaled ones, repeated per epoch."""
-    from encoders.data.folders import ImageFiles
     from encoders.core.imageio import read_image
+    from encoders.data.folders import ImageFiles
 
     folder = dummy_mvtec / "widget/train/good"
     ds = ImageFiles(folder, "train", 16, crop="random", repeat=3)
@@ -410,8 +560,9 @@ def test_large_images_and_batches_are_mapped_in_bounded_pieces(tiny_model, monke
     monkeypatch.setattr(anomaly, "MAP_PIXELS", 160 * 160)  # tiles of 160 px with 48-px margins
     calls = []
     inner = anomaly.AnomalyDetector._component_maps
-    monkeypatch.setattr(anomaly.AnomalyDetector, "_component_maps",
-                        lambda self, t: calls.append(tuple(t.shape)) or inner(self, t))
+    monkeypatch.setattr(
+        anomaly.AnomalyDetector, "_component_maps", lambda self, t: calls.append(tuple(t.shape)) or inner(self, t)
+    )
     tiled = det.maps(x)
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
     assert max(b * h * w for b, _, h, w in calls) <= 160 * 160 and len(calls) > 2
@@ -453,8 +604,8 @@ def test_normal_crops_are_decoded_once_and_match_image_files(dummy_mvtec, tmp_pa
     are fixed windows of the held-out images at their own scale."""
     import apps.anomaly.decoded as decoded
     from apps.anomaly.decoded import DecodedImages, NormalCrops
-    from encoders.data.folders import ImageFiles
     from encoders.core.imageio import read_image
+    from encoders.data.folders import ImageFiles
 
     paths = sorted((dummy_mvtec / "widget/train/good").glob("*.png"))
     calls: list[Path] = []
@@ -481,8 +632,7 @@ def test_normal_crops_are_decoded_once_and_match_image_files(dummy_mvtec, tmp_pa
     assert (windows == a[0]).flatten(2).all(-1).any()  # a native-scale window, not the image shrunk
 
 
-def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path,
-                                            monkeypatch):
+def test_fit_decodes_each_normal_image_once(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path, monkeypatch):
     import apps.anomaly.decoded as decoded
     import encoders.data.folders
     from apps.anomaly.fitting import fit

@@ -1,4 +1,5 @@
 """Memory-bank (PatchCore-style) anomaly scoring: coreset, distances, fit/score methods, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -95,10 +96,12 @@ def test_exception_bad_memory_settings(encoder):
     assert bank.patches == 3 * n
 
 
-def _memory_fit(tmp_path: Path, dummy_mvtec: Path, tiny_encoder: Path, anomaly_config: Path, method: str,
-                tiny_fit: list[str]) -> Path:
-    cfg = load_anomaly_config(anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}", f"method={method}",
-                                               "memory.coreset=0.5"])
+def _memory_fit(
+    tmp_path: Path, dummy_mvtec: Path, tiny_encoder: Path, anomaly_config: Path, method: str, tiny_fit: list[str]
+) -> Path:
+    cfg = load_anomaly_config(
+        anomaly_config, [*tiny_fit, f"encoder={tiny_encoder}", f"method={method}", "memory.coreset=0.5"]
+    )
     return fit(cfg, str(dummy_mvtec / "widget"), tmp_path / f"{method}.pt")
 
 
@@ -130,10 +133,30 @@ def test_memory_and_combined_fit_save_and_load(dummy_mvtec, tiny_encoder, anomal
 
 def test_cli_fit_method_memory_and_score(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path, capsys):
     model = tmp_path / "mem.pt"
-    assert main(["anomaly", "fit", "--method", "memory", "--data", str(dummy_mvtec), "--category", "widget",
-                 "--out", str(model), "--config", str(anomaly_config), *tiny_fit, f"encoder={tiny_encoder}"]) == 0
-    assert main(["anomaly", "score", "--model", str(model), "--data", str(dummy_mvtec), "--out",
-                 str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--method",
+                "memory",
+                "--data",
+                str(dummy_mvtec),
+                "--category",
+                "widget",
+                "--out",
+                str(model),
+                "--config",
+                str(anomaly_config),
+                *tiny_fit,
+                f"encoder={tiny_encoder}",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["anomaly", "score", "--model", str(model), "--data", str(dummy_mvtec), "--out", str(tmp_path / "s")]) == 0
+    )
     m = json.loads((tmp_path / "s/metrics.json").read_text())
     import csv
 
@@ -146,22 +169,58 @@ def test_cli_fit_method_memory_and_score(dummy_mvtec, tiny_encoder, anomaly_conf
     assert m["pixel_auroc"] is not None and (tmp_path / "s/maps").is_dir()
     capsys.readouterr()
     # unknown method, bad coreset: one line naming the key, before any work
-    assert main(["anomaly", "fit", "--method", "patchcore", "--data", str(dummy_mvtec), "--category", "widget",
-                 "--out", str(tmp_path / "x.pt"), "--config", str(anomaly_config), f"encoder={tiny_encoder}"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--method",
+                "patchcore",
+                "--data",
+                str(dummy_mvtec),
+                "--category",
+                "widget",
+                "--out",
+                str(tmp_path / "x.pt"),
+                "--config",
+                str(anomaly_config),
+                f"encoder={tiny_encoder}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "config key 'method'" in err and "'patchcore' is not one of ['reconstruction', 'memory', 'combined']" in err
     assert "\n" not in err
-    assert main(["anomaly", "fit", "--data", str(dummy_mvtec), "--category", "widget", "--out", str(tmp_path / "x.pt"),
-                 "--config", str(anomaly_config), f"encoder={tiny_encoder}", "method=memory",
-                 "memory.coreset=1.5"]) == 2
+    assert (
+        main(
+            [
+                "anomaly",
+                "fit",
+                "--data",
+                str(dummy_mvtec),
+                "--category",
+                "widget",
+                "--out",
+                str(tmp_path / "x.pt"),
+                "--config",
+                str(anomaly_config),
+                f"encoder={tiny_encoder}",
+                "method=memory",
+                "memory.coreset=1.5",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "config key 'memory.coreset' in the command-line overrides must be in (0, 1], got 1.5" in err
     assert "\n" not in err
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_exception_test_image_smaller_than_the_encoder_allows(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit,
-                                                             tmp_path):
+def test_exception_test_image_smaller_than_the_encoder_allows(
+    dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path
+):
     det = AnomalyDetector.load(_memory_fit(tmp_path, dummy_mvtec, tiny_encoder, anomaly_config, "memory", tiny_fit))
     assert det.min_side() == 4  # layer3 of the small-input ResNet: stride 4
     with pytest.raises(RFIError, match=r"image is 3x8 px, smaller than the encoder allows \(4 px per side"):
@@ -169,8 +228,9 @@ def test_exception_test_image_smaller_than_the_encoder_allows(dummy_mvtec, tiny_
     assert det.maps(torch.rand(1, 3, 4, 8)).shape == (1, 1, 4, 8)
 
 
-def test_a_fit_killed_mid_way_leaves_no_model_file(dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path,
-                                                   monkeypatch):
+def test_a_fit_killed_mid_way_leaves_no_model_file(
+    dummy_mvtec, tiny_encoder, anomaly_config, tiny_fit, tmp_path, monkeypatch
+):
     import encoders.core.serialization as serialization
 
     def save_half_then_die(obj, f, *args, **kwargs):
@@ -200,8 +260,9 @@ def test_memory_bank_batches_hold_a_bounded_number_of_pixels(encoder, monkeypatc
     seen = []
     inner = anomaly_memory.patch_features
     monkeypatch.setattr(anomaly_memory, "patch_features", lambda e, x, *a: seen.append(x.shape[0]) or inner(e, x, *a))
-    parts = MemoryBank.fit(encoder, normal, MemoryConfig(coreset=1.0), batch_size=16, progress_bar=False,
-                           max_pixels=2 * 32 * 32 + 1)
+    parts = MemoryBank.fit(
+        encoder, normal, MemoryConfig(coreset=1.0), batch_size=16, progress_bar=False, max_pixels=2 * 32 * 32 + 1
+    )
     assert seen == [2, 2, 1]
     whole, split = pools
     assert whole.shape == split.shape == parts.bank.shape

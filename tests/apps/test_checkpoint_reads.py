@@ -1,4 +1,5 @@
 """Every command reads each checkpoint file once, and the autoencoder keeps what its files record."""
+
 from collections import Counter
 from pathlib import Path
 
@@ -21,10 +22,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
     enc = tiny_net()
     channels, stride = enc.feature_info()["layer3"]
     torch.save(enc.state_dict(), root / "torchvision.pt")
-    paths = {"encoder": save_encoder(enc, root / "encoder.pt"),
-             "decoder": save_decoder(Decoder(channels, stride, "layer3", channels=16), root / "decoder.pt",
-                                     enc.config(), train_size=32, val_psnr=12.5),
-             "foreign": root / "torchvision.pt", "images": root / "images"}
+    paths = {
+        "encoder": save_encoder(enc, root / "encoder.pt"),
+        "decoder": save_decoder(
+            Decoder(channels, stride, "layer3", channels=16),
+            root / "decoder.pt",
+            enc.config(),
+            train_size=32,
+            val_psnr=12.5,
+        ),
+        "foreign": root / "torchvision.pt",
+        "images": root / "images",
+    }
     for i in range(2):
         write_image(torch.rand(3, 24, 24), paths["images"] / f"{i}.png")
     return paths
@@ -45,22 +54,71 @@ def reads(monkeypatch) -> Counter:
 
 
 def test_eval_encoder_reads_its_checkpoint_once(files, reads, tmp_path, capsys):
-    assert main(["eval-encoder", "--checkpoint", str(files["encoder"]), "--eps", "0.5", "--steps", "1",
-                 "--max-images", "4", "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval-encoder",
+                "--checkpoint",
+                str(files["encoder"]),
+                "--eps",
+                "0.5",
+                "--steps",
+                "1",
+                "--max-images",
+                "4",
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert reads == {"encoder.pt": 1}
 
 
 def test_shift_consistency_reads_encoder_and_decoder_once(files, reads, tmp_path, capsys):
-    assert main(["shift-consistency", "--encoder", str(files["encoder"]), "--decoder", str(files["decoder"]),
-                 "--max-images", "2", "--device", "cpu", "--json", str(tmp_path / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "shift-consistency",
+                "--encoder",
+                str(files["encoder"]),
+                "--decoder",
+                str(files["decoder"]),
+                "--max-images",
+                "2",
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     assert reads == {"encoder.pt": 1, "decoder.pt": 1}
 
 
 @pytest.mark.parametrize("encoder", ["encoder", "foreign"])
 def test_invert_reads_each_file_once(files, reads, tmp_path, capsys, encoder):
     """A torchvision file takes its architecture from the decoder, still with one read."""
-    assert main(["invert", str(files["images"]), "--encoder", str(files[encoder]), "--decoder",
-                 str(files["decoder"]), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                str(files["images"]),
+                "--encoder",
+                str(files[encoder]),
+                "--decoder",
+                str(files["decoder"]),
+                "--out",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert reads == {files[encoder].name: 1, "decoder.pt": 1}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]
 

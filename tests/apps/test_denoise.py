@@ -23,12 +23,25 @@ APPLY = ["denoise", "apply"]
 
 
 def tiny_overrides(encoder_path, steps=40):
-    return [f"train.encoder.checkpoint={encoder_path}", "train.encoder.layer=layer2",
-            "train.decoder.skips=[input,layer1]", "train.decoder.channels=16", "train.decoder.min_channels=16",
-            "train.decoder.blocks=0", "train.data.size=24", "train.data.train_crops=160",
-            "train.data.val_crops=8", f"train.steps={steps}", "train.batch_size=16", "train.optim.lr=0.005",
-            "train.loss.feature=0", "train.loss.pixel_type=l2", "train.sample_every=0", "train.log_every=0",
-            f"noise.sigma={SIGMA}"]
+    return [
+        f"train.encoder.checkpoint={encoder_path}",
+        "train.encoder.layer=layer2",
+        "train.decoder.skips=[input,layer1]",
+        "train.decoder.channels=16",
+        "train.decoder.min_channels=16",
+        "train.decoder.blocks=0",
+        "train.data.size=24",
+        "train.data.train_crops=160",
+        "train.data.val_crops=8",
+        f"train.steps={steps}",
+        "train.batch_size=16",
+        "train.optim.lr=0.005",
+        "train.loss.feature=0",
+        "train.loss.pixel_type=l2",
+        "train.sample_every=0",
+        "train.log_every=0",
+        f"noise.sigma={SIGMA}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +55,17 @@ def encoder_path(tmp_path_factory):
 def model_path(encoder_path, tmp_path_factory):
     """A denoiser trained for a few steps through the CLI (shared by the tests below)."""
     out = tmp_path_factory.mktemp("denoiser")
-    code = main(["denoise", "train", "--config", "configs/apps/denoise.yaml", "--out", str(out / "run"),
-                 *tiny_overrides(encoder_path)])
+    code = main(
+        [
+            "denoise",
+            "train",
+            "--config",
+            "configs/apps/denoise.yaml",
+            "--out",
+            str(out / "run"),
+            *tiny_overrides(encoder_path),
+        ]
+    )
     assert code == 0
     return out / "run" / "denoiser.pt"
 
@@ -105,8 +127,15 @@ def test_train_denoiser_writes_a_model_that_improves_psnr(model_path, encoder_pa
 
 def test_train_denoiser_refuses_to_overwrite_or_resume_with_other_noise(model_path, encoder_path, capsys):
     run = model_path.parent
-    args = ["denoise", "train", "--config", "configs/apps/denoise.yaml", "--out", str(run),
-            *tiny_overrides(encoder_path)]
+    args = [
+        "denoise",
+        "train",
+        "--config",
+        "configs/apps/denoise.yaml",
+        "--out",
+        str(run),
+        *tiny_overrides(encoder_path),
+    ]
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "noise.sigma=[0,55]", "--resume"]) == 2
@@ -134,15 +163,33 @@ def test_denoise_any_size_same_names(model_path, tmp_path):
     for name, (h, w) in sizes.items():
         _write(src / name, h, w, "L" if name == "b.jpg" else "RGB")
     out = tmp_path / "out"
-    assert main([*APPLY, str(src / "a.png"), str(src / "b.jpg"), str(src / "c.png"), "--model", str(model_path),
-                 "--out", str(out), "--sigma", "25", "--save-noisy"]) == 0
+    assert (
+        main(
+            [
+                *APPLY,
+                str(src / "a.png"),
+                str(src / "b.jpg"),
+                str(src / "c.png"),
+                "--model",
+                str(model_path),
+                "--out",
+                str(out),
+                "--sigma",
+                "25",
+                "--save-noisy",
+            ]
+        )
+        == 0
+    )
     for name, (h, w) in sizes.items():
         stem = name.rsplit(".", 1)[0]
         assert read_image(out / f"{stem}.png").shape == (3, h, w)
         assert (out / "noisy" / f"{stem}.png").is_file()
     # tiled: same size out, and close to the whole-image result away from the borders
-    assert main([*APPLY, str(src / "c.png"), "--model", str(model_path), "--out", str(tmp_path / "tiled"),
-                 "--tile", "32"]) == 0
+    assert (
+        main([*APPLY, str(src / "c.png"), "--model", str(model_path), "--out", str(tmp_path / "tiled"), "--tile", "32"])
+        == 0
+    )
     assert main([*APPLY, str(src / "c.png"), "--model", str(model_path), "--out", str(tmp_path / "whole")]) == 0
     tiled, whole = read_image(tmp_path / "tiled" / "c.png"), read_image(tmp_path / "whole" / "c.png")
     assert tiled.shape == whole.shape == (3, 70, 33)
@@ -177,15 +224,25 @@ def test_exception_denoise_bad_inputs(model_path, tmp_path, capsys):
     # missing model file, missing input, two inputs with the same output name
     assert main([*APPLY, str(src), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.pt" in capsys.readouterr().err
-    assert main([*APPLY, str(tmp_path / "missing.png"), "--model", str(model_path), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert main([*APPLY, str(tmp_path / "missing.png"), "--model", str(model_path), "--out", str(tmp_path / "o")]) == 2
     assert "missing.png" in capsys.readouterr().err
     _write(tmp_path / "x.jpg", 16, 16)
-    assert main([*APPLY, str(src / "x.png"), str(tmp_path / "x.jpg"), "--model", str(model_path), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                *APPLY,
+                str(src / "x.png"),
+                str(tmp_path / "x.jpg"),
+                "--model",
+                str(model_path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "both be written" in capsys.readouterr().err
-    assert main([*APPLY, str(src), "--model", str(model_path), "--out", str(tmp_path / "o"),
-                 "--sigma", "-3"]) == 2
+    assert main([*APPLY, str(src), "--model", str(model_path), "--out", str(tmp_path / "o"), "--sigma", "-3"]) == 2
     assert "apply.sigma" in capsys.readouterr().err
 
 
@@ -207,8 +264,10 @@ def test_refine_blocks_add_full_resolution_capacity_and_keep_old_files_loading()
     a = refined(feats)
     feats2 = dict(feats, input=feats["input"].clone())
     feats2["input"][..., 10, 10] = 1 - feats2["input"][..., 10, 10]
-    assert not torch.allclose(refined(feats2)[..., 8:13, 8:13] - feats2["input"][..., 8:13, 8:13],
-                              a[..., 8:13, 8:13] - feats["input"][..., 8:13, 8:13])
+    assert not torch.allclose(
+        refined(feats2)[..., 8:13, 8:13] - feats2["input"][..., 8:13, 8:13],
+        a[..., 8:13, 8:13] - feats["input"][..., 8:13, 8:13],
+    )
     # an old checkpoint (no key) still loads as a plain decoder; a new one round-trips
     assert not hasattr(decoder_from_checkpoint(decoder_checkpoint(plain)), "refine")
     assert decoder_from_checkpoint(decoder_checkpoint(refined)).refine_blocks == 2

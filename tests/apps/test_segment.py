@@ -1,5 +1,6 @@
 """Segmentation: exact shift equivariance of LPS / equivariant-Swin segmenters, the metrics on hand-computed
 cases, ``rfi segment train`` then ``apply``, bit-identical resume, and the one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,15 @@ from PIL import Image
 
 from apps.cli import main
 from apps.segment.config import SegmentConfig
-from apps.segment.metrics import (circular_agreement, class_iou, confusion_matrix, crop_agreement, evaluate_segmenter,
-                                  mean_iou, pixel_accuracy)
+from apps.segment.metrics import (
+    circular_agreement,
+    class_iou,
+    confusion_matrix,
+    crop_agreement,
+    evaluate_segmenter,
+    mean_iou,
+    pixel_accuracy,
+)
 from apps.segment.model import build_segmenter, load_segmenter
 from apps.segment.train import SegmenterTrainer, train_segmenter
 from encoders import RFIError, create_encoder
@@ -26,21 +34,33 @@ from tests.encoders.test_voc import write_dummy_voc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SWIN = dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, patch_size=4, small_input=True,
-            num_classes=5)
+SWIN = dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, patch_size=4, small_input=True, num_classes=5)
 SHIFTS = [(1, 0), (0, 1), (3, 5), (-7, 2), (15, 9)]
 # The shipped config shrunk to seconds: 32-px scenes, a 16-channel decoder, 6 steps.
-TINY = ["train.steps=6", "train.batch_size=4", "train.data.size=32", "train.data.train_items=24",
-        "train.data.val_items=4", "train.eval.images=4", "train.eval.max_crop_shift=8", "train.decoder.channels=16",
-        "train.decoder.min_channels=8", "train.log_every=2", "train.device=cpu", "apply.device=cpu"]
+TINY = [
+    "train.steps=6",
+    "train.batch_size=4",
+    "train.data.size=32",
+    "train.data.train_items=24",
+    "train.data.val_items=4",
+    "train.eval.images=4",
+    "train.eval.max_crop_shift=8",
+    "train.decoder.channels=16",
+    "train.decoder.min_channels=8",
+    "train.log_every=2",
+    "train.device=cpu",
+    "apply.device=cpu",
+]
 
 
 def segmenter(kind: str):
     if kind in ("lps", "stride"):
-        return build_segmenter(tiny_net(downsample=kind), "layer3", SCENE_CLASSES, ["layer1", "layer2"],
-                               channels=16, min_channels=8).eval()
-    arch, equivariant = {"swin": ("swin_t", False), "swin_eq": ("swin_t", True),
-                         "swin_v2_eq": ("swin_v2_t", True)}[kind]
+        return build_segmenter(
+            tiny_net(downsample=kind), "layer3", SCENE_CLASSES, ["layer1", "layer2"], channels=16, min_channels=8
+        ).eval()
+    arch, equivariant = {"swin": ("swin_t", False), "swin_eq": ("swin_t", True), "swin_v2_eq": ("swin_v2_t", True)}[
+        kind
+    ]
     torch.manual_seed(0)
     encoder = create_encoder(arch, equivariant=equivariant, **SWIN)
     return build_segmenter(encoder, "stage2", SCENE_CLASSES, ["stage1"], channels=16, min_channels=8).eval()
@@ -95,8 +115,13 @@ def test_masc_against_hand_computed_values():
 
 def test_evaluation_of_an_equivariant_segmenter_gives_full_circular_consistency():
     seg = segmenter("lps")
-    r = evaluate_segmenter(seg.predict, SceneSegmentation("val", 32, 4), len(SCENE_CLASSES), max_crop_shift=8,
-                           size_multiple=seg.size_multiple)
+    r = evaluate_segmenter(
+        seg.predict,
+        SceneSegmentation("val", 32, 4),
+        len(SCENE_CLASSES),
+        max_crop_shift=8,
+        size_multiple=seg.size_multiple,
+    )
     assert r["masc_circular"] == 1.0 and r["crop_size"] == 24 and 0 <= r["masc_crop"] <= 1 and 0 <= r["miou"] <= 1
 
 
@@ -125,8 +150,24 @@ def test_cli_train_then_apply_writes_label_pngs(trained, tmp_path, capsys):
     for name, size in (("a", (32, 32)), ("odd", (37, 51))):
         Image.fromarray((torch.rand(*size, 3) * 255).byte().numpy()).save(images / f"{name}.png")
     out = tmp_path / "labels"
-    assert main(["--quiet", "segment", "apply", str(images), "--out", str(out), "--model", str(trained),
-                 "--overlay", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "segment",
+                "apply",
+                str(images),
+                "--out",
+                str(out),
+                "--model",
+                str(trained),
+                "--overlay",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "odd.png", "odd_overlay.png"]
     with Image.open(out / "odd.png") as img:
         assert img.mode == "P" and img.size == (51, 37)
@@ -139,8 +180,14 @@ def test_cli_train_then_apply_writes_label_pngs(trained, tmp_path, capsys):
 def test_killed_run_resumes_to_identical_weights(lps_encoder, tmp_path, monkeypatch):
     """Fine-tuned LPS encoder (Gumbel-softmax phase draws), warm-up and mid-epoch checkpoints: a run killed at
     step 5 resumes from its step-4 checkpoint and ends bit-identical to an uninterrupted run."""
-    extra = [*TINY, f"train.encoder.checkpoint={lps_encoder}", "train.finetune=true", "train.checkpoint_every=2",
-             "train.optim.warmup_steps=2", "train.steps=7"]
+    extra = [
+        *TINY,
+        f"train.encoder.checkpoint={lps_encoder}",
+        "train.finetune=true",
+        "train.checkpoint_every=2",
+        "train.optim.warmup_steps=2",
+        "train.steps=7",
+    ]
     full = train_segmenter(load_config(SegmentConfig, None, [*extra, f"train.out={tmp_path / 'full'}"]))
     cfg = load_config(SegmentConfig, None, [*extra, f"train.out={tmp_path / 'killed'}"])
     original = SegmenterTrainer.train_step
@@ -174,19 +221,31 @@ def test_bad_inputs_each_give_one_line(lps_encoder, tmp_path, capsys):
     (voc / "ImageSets" / "Segmentation" / "val.txt").unlink()
 
     def train_error(*overrides: str) -> str:
-        return error("segment", "train", *TINY, f"train.encoder.checkpoint={lps_encoder}", *overrides, "--out",
-                     str(tmp_path / "run"))
+        return error(
+            "segment",
+            "train",
+            *TINY,
+            f"train.encoder.checkpoint={lps_encoder}",
+            *overrides,
+            "--out",
+            str(tmp_path / "run"),
+        )
 
-    assert train_error("train.data.source=voc").startswith("rfi: error: train.data.source=voc needs train.data.root "
-                                                           "(the VOC folder) (in ")
-    msg = train_error("train.data.source=voc", f"train.data.root={voc}", "train.data.num_classes=4",
-                "train.data.size=16")
-    assert msg.startswith("rfi: error: ") and msg.endswith("val.txt is missing: a VOC tree lists its val images "
-                                                           f"there (one id per line; data.root={voc})")
+    assert train_error("train.data.source=voc").startswith(
+        "rfi: error: train.data.source=voc needs train.data.root (the VOC folder) (in "
+    )
+    msg = train_error(
+        "train.data.source=voc", f"train.data.root={voc}", "train.data.num_classes=4", "train.data.size=16"
+    )
+    assert msg.startswith("rfi: error: ") and msg.endswith(
+        f"val.txt is missing: a VOC tree lists its val images there (one id per line; data.root={voc})"
+    )
     assert "train.data.num_classes=4: the scenes have 6 classes" in train_error("train.data.num_classes=4")
     assert "train.decoder.residual must be false" in train_error("train.decoder.residual=true")
     assert "train.optim.lr' in the command-line overrides must be > 0" in train_error("train.optim.lr=0")
-    assert "segmenter model not found" in error("segment", "apply", str(tmp_path), "--out", str(tmp_path / "o"),
-                                                "--model", str(tmp_path / "none.pt"))
-    assert "is not an RFI segmenter file" in error("segment", "apply", str(tmp_path), "--out", str(tmp_path / "o"),
-                                                   "--model", str(lps_encoder))
+    assert "segmenter model not found" in error(
+        "segment", "apply", str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "none.pt")
+    )
+    assert "is not an RFI segmenter file" in error(
+        "segment", "apply", str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(lps_encoder)
+    )

@@ -24,8 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: 1 thread (te
 def tiny_pyramid(layers=LAYERS, seed=0, skips=False) -> RobustAutoencoder:
     enc = tiny_net(seed)
     info = enc.feature_info()
-    decs = {k: Decoder(info[k][0], info[k][1], k, channels=16, min_channels=8,
-                       skips={"layer1": info["layer1"]} if skips and k != "layer1" else None) for k in layers}
+    decs = {
+        k: Decoder(
+            info[k][0],
+            info[k][1],
+            k,
+            channels=16,
+            min_channels=8,
+            skips={"layer1": info["layer1"]} if skips and k != "layer1" else None,
+        )
+        for k in layers
+    }
     for d in decs.values():  # non-trivial BatchNorm statistics, so eval-mode decoding is not the identity
         for m in d.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -100,16 +109,20 @@ def test_two_styles_with_weights_one_and_zero_equal_the_single_style(ae):
     for method in ("wct", "adain"):
         one = stylize(ae, content, [s1], method=method)
         assert torch.allclose(stylize(ae, content, [s1, s2], weights=[1, 0], method=method), one, atol=1e-6)
-        assert torch.allclose(stylize(ae, content, [s1, s2], weights=[0, 3], method=method),
-                              stylize(ae, content, [s2], method=method), atol=1e-6)
+        assert torch.allclose(
+            stylize(ae, content, [s1, s2], weights=[0, 3], method=method),
+            stylize(ae, content, [s2], method=method),
+            atol=1e-6,
+        )
         mixed = stylize(ae, content, [s1, s2], weights=[0.5, 0.5], method=method)
         assert (mixed - one).abs().max() > 1e-4
 
 
 def _chroma_gap(a, b):
     lab_a, lab_b = kornia.color.rgb_to_lab(a)[:, 1:], kornia.color.rgb_to_lab(b)[:, 1:]
-    return float((lab_a.mean((2, 3)) - lab_b.mean((2, 3))).abs().sum()
-                 + (lab_a.std((2, 3)) - lab_b.std((2, 3))).abs().sum())
+    return float(
+        (lab_a.mean((2, 3)) - lab_b.mean((2, 3))).abs().sum() + (lab_a.std((2, 3)) - lab_b.std((2, 3))).abs().sum()
+    )
 
 
 def test_preserve_color_keeps_the_content_colours(ae):
@@ -159,47 +172,147 @@ def files(tmp_path_factory, ae):
     model = root / "pyramid.pt"
     ae.save(model)
     paths = {"model": model}
-    for name, shape, seed in (("cat", (3, 27, 41), 1), ("dog", (3, 40, 33), 2),
-                              ("waves", (3, 30, 30), 3), ("stars", (3, 25, 35), 4)):
+    for name, shape, seed in (
+        ("cat", (3, 27, 41), 1),
+        ("dog", (3, 40, 33), 2),
+        ("waves", (3, 30, 30), 3),
+        ("stars", (3, 25, 35), 4),
+    ):
         paths[name] = write_image(images(*shape, seed=seed), root / "in" / f"{name}.png")
     return paths
 
 
 def test_cli_style_apply_end_to_end(files, tmp_path):
     out = tmp_path / "out"
-    code = main(["style", "apply", str(files["cat"]), str(files["dog"]), "--style", str(files["waves"]),
-                 "--out", str(out), "--model", str(files["model"]), "--alpha", "0.7", "--quiet"])
+    code = main(
+        [
+            "style",
+            "apply",
+            str(files["cat"]),
+            str(files["dog"]),
+            "--style",
+            str(files["waves"]),
+            "--out",
+            str(out),
+            "--model",
+            str(files["model"]),
+            "--alpha",
+            "0.7",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["cat.png", "dog.png"]
     assert read_image(out / "cat.png").shape == (3, 27, 41)
     assert read_image(out / "dog.png").shape == (3, 40, 33)
 
     sized = tmp_path / "sized"
-    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
-                 "--weights", "0.7,0.3", "--method", "adain", "--preserve-color", "--size", "48",
-                 "--out", str(sized), "--model", str(files["model"]), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "style",
+                "apply",
+                str(files["cat"]),
+                "--style",
+                str(files["waves"]),
+                "--style",
+                str(files["stars"]),
+                "--weights",
+                "0.7,0.3",
+                "--method",
+                "adain",
+                "--preserve-color",
+                "--size",
+                "48",
+                "--out",
+                str(sized),
+                "--model",
+                str(files["model"]),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert [p.name for p in sized.iterdir()] == ["cat.png"]
     assert read_image(sized / "cat.png").shape == (3, 32, 48)
 
     each = tmp_path / "each"
-    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
-                 "--out", str(each), "--model", str(files["model"]), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "style",
+                "apply",
+                str(files["cat"]),
+                "--style",
+                str(files["waves"]),
+                "--style",
+                str(files["stars"]),
+                "--out",
+                str(each),
+                "--model",
+                str(files["model"]),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in each.iterdir()) == ["cat_stars.png", "cat_waves.png"]
 
 
 def test_cli_missing_style_names_it_and_writes_nothing(files, tmp_path, capsys):
     out = tmp_path / "out"
     missing = tmp_path / "no_such_style.jpg"
-    code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(missing),
-                 "--weights", "0.5,0.5", "--out", str(out), "--model", str(files["model"])])
+    code = main(
+        [
+            "style",
+            "apply",
+            str(files["cat"]),
+            "--style",
+            str(files["waves"]),
+            "--style",
+            str(missing),
+            "--weights",
+            "0.5,0.5",
+            "--out",
+            str(out),
+            "--model",
+            str(files["model"]),
+        ]
+    )
     assert code == 2
     assert "no_such_style.jpg" in capsys.readouterr().err
     assert not out.exists()
-    code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
-                 "--model", str(tmp_path / "nothing.pt")])
+    code = main(
+        [
+            "style",
+            "apply",
+            str(files["cat"]),
+            "--style",
+            str(files["waves"]),
+            "--out",
+            str(out),
+            "--model",
+            str(tmp_path / "nothing.pt"),
+        ]
+    )
     assert code == 2 and "nothing.pt" in capsys.readouterr().err and not out.exists()
-    code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--style", str(files["stars"]),
-                 "--weights", "1", "--out", str(out), "--model", str(files["model"])])
+    code = main(
+        [
+            "style",
+            "apply",
+            str(files["cat"]),
+            "--style",
+            str(files["waves"]),
+            "--style",
+            str(files["stars"]),
+            "--weights",
+            "1",
+            "--out",
+            str(out),
+            "--model",
+            str(files["model"]),
+        ]
+    )
     assert code == 2 and "weights" in capsys.readouterr().err and not out.exists()
 
 
@@ -208,25 +321,89 @@ def test_cli_style_apply_reads_the_config_and_flags_win(files, tmp_path, capsys,
     seen = []
     monkeypatch.setattr("apps.commands.style.stylize", lambda ae, content, styles, **kw: seen.append(kw) or content)
     config = tmp_path / "mine.yaml"
-    config.write_text(f"out: {files['model']}\napply:\n  method: adain\n  alpha: 0.3\n  size: 20\n"
-                      f"  layers: [layer1, layer2]\n  device: cpu\n")
+    config.write_text(
+        f"out: {files['model']}\napply:\n  method: adain\n  alpha: 0.3\n  size: 20\n"
+        f"  layers: [layer1, layer2]\n  device: cpu\n"
+    )
     out = tmp_path / "out"
-    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
-                 "--config", str(config), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "style",
+                "apply",
+                str(files["cat"]),
+                "--style",
+                str(files["waves"]),
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert read_image(out / "cat.png").shape == (3, 13, 20)  # apply.size: the longer side
-    assert seen[-1] | {"weights": None} == {"method": "adain", "alpha": 0.3, "preserve_color": False,
-                                           "layers": ["layer1", "layer2"], "weights": None}
-    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(tmp_path / "o2"),
-                 "--config", str(config), "--method", "wct", "--alpha", "0.9", "--preserve-color",
-                 "--layers", "layer3", "--size", "30", "--quiet"]) == 0
+    assert seen[-1] | {"weights": None} == {
+        "method": "adain",
+        "alpha": 0.3,
+        "preserve_color": False,
+        "layers": ["layer1", "layer2"],
+        "weights": None,
+    }
+    assert (
+        main(
+            [
+                "style",
+                "apply",
+                str(files["cat"]),
+                "--style",
+                str(files["waves"]),
+                "--out",
+                str(tmp_path / "o2"),
+                "--config",
+                str(config),
+                "--method",
+                "wct",
+                "--alpha",
+                "0.9",
+                "--preserve-color",
+                "--layers",
+                "layer3",
+                "--size",
+                "30",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert read_image(tmp_path / "o2" / "cat.png").shape == (3, 20, 30)
-    assert seen[-1] | {"weights": None} == {"method": "wct", "alpha": 0.9, "preserve_color": True,
-                                           "layers": ["layer3"], "weights": None}
-    for flags, fragment in ((["--alpha", "1.5"], "'apply.alpha' in the command-line overrides must be in [0, 1]"),
-                            (["--method", "gram"], "'apply.method'"),
-                            (["--size", "0"], "'apply.size' in the command-line overrides must be >= 1")):
-        code = main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--config", str(config),
-                     "--out", str(tmp_path / "bad"), *flags])
+    assert seen[-1] | {"weights": None} == {
+        "method": "wct",
+        "alpha": 0.9,
+        "preserve_color": True,
+        "layers": ["layer3"],
+        "weights": None,
+    }
+    for flags, fragment in (
+        (["--alpha", "1.5"], "'apply.alpha' in the command-line overrides must be in [0, 1]"),
+        (["--method", "gram"], "'apply.method'"),
+        (["--size", "0"], "'apply.size' in the command-line overrides must be >= 1"),
+    ):
+        code = main(
+            [
+                "style",
+                "apply",
+                str(files["cat"]),
+                "--style",
+                str(files["waves"]),
+                "--config",
+                str(config),
+                "--out",
+                str(tmp_path / "bad"),
+                *flags,
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and fragment in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad").exists()
@@ -238,8 +415,11 @@ def test_cli_style_without_a_sub_command_prints_help(capsys):
 
 
 def test_per_layer_overrides_and_errors(tmp_path):
-    cfg = load_config(StyleConfig, None, ["train.steps=7", "per_layer.layer1.decoder.channels=8",
-                                                  "per_layer.layer2={steps: 3}", f"out={tmp_path}/p.pt"])
+    cfg = load_config(
+        StyleConfig,
+        None,
+        ["train.steps=7", "per_layer.layer1.decoder.channels=8", "per_layer.layer2={steps: 3}", f"out={tmp_path}/p.pt"],
+    )
     one, two = layer_config(cfg, "layer1"), layer_config(cfg, "layer2")
     assert (one.decoder.channels, one.steps, one.encoder.layer) == (8, 100, "layer1")  # steps: configs/apps/style.yaml
     assert (two.decoder.channels, two.steps, two.encoder.layer) == (cfg.train.decoder.channels, 3, "layer2")
@@ -252,10 +432,26 @@ def test_per_layer_overrides_and_errors(tmp_path):
 def test_cli_style_train_writes_a_pyramid_that_style_apply_uses(files, tmp_path, capsys):
     save_encoder(tiny_net(), tmp_path / "enc.pt")
     model = tmp_path / "pyr.pt"
-    args = ["style", "train", "--config", str(CONFIG), "--out", str(model), "--quiet",
-            f"train.encoder.checkpoint={tmp_path / 'enc.pt'}", "layers=[layer1, layer2]", "per_layer={}",
-            "train.steps=2", "train.batch_size=4", "train.data.train_crops=8", "train.data.val_crops=4",
-            "train.data.size=16", "train.decoder.channels=8", "train.decoder.min_channels=8", "train.log_every=0"]
+    args = [
+        "style",
+        "train",
+        "--config",
+        str(CONFIG),
+        "--out",
+        str(model),
+        "--quiet",
+        f"train.encoder.checkpoint={tmp_path / 'enc.pt'}",
+        "layers=[layer1, layer2]",
+        "per_layer={}",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.data.train_crops=8",
+        "train.data.val_crops=4",
+        "train.data.size=16",
+        "train.decoder.channels=8",
+        "train.decoder.min_channels=8",
+        "train.log_every=0",
+    ]
     assert main(args) == 0
     pyramid = RobustAutoencoder.load(model)
     assert pyramid.layers == ["layer1", "layer2"]
@@ -263,8 +459,23 @@ def test_cli_style_train_writes_a_pyramid_that_style_apply_uses(files, tmp_path,
     assert main(args) == 2 and "exists" in capsys.readouterr().err  # never overwritten without --resume
     assert main(args + ["--resume"]) == 0  # finished runs are reused
     out = tmp_path / "styled"
-    assert main(["style", "apply", str(files["cat"]), "--style", str(files["waves"]), "--out", str(out),
-                 "--model", str(model), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "style",
+                "apply",
+                str(files["cat"]),
+                "--style",
+                str(files["waves"]),
+                "--out",
+                str(out),
+                "--model",
+                str(model),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert read_image(out / "cat.png").shape == (3, 27, 41)
     bad = args[:-1] + ["layers=[layer1, layer9]"]
     assert main(bad) == 2 and "layer9" in capsys.readouterr().err

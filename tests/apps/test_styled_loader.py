@@ -1,4 +1,5 @@
 """``apps.style.loader.StyledLoader``: background stylisation equals the synchronous pipeline; clean shutdown."""
+
 from __future__ import annotations
 
 import threading
@@ -69,8 +70,10 @@ def test_background_yields_exactly_the_synchronous_pipeline(style, batches):
 
 
 def test_stops_cleanly_when_the_training_loop_raises(style, batches):
-    with (pytest.raises(ValueError, match="training step failed"),
-          StyledLoader(batches * 4, style, prefetch=1) as loader):
+    with (
+        pytest.raises(ValueError, match="training step failed"),
+        StyledLoader(batches * 4, style, prefetch=1) as loader,
+    ):
         for i, _ in enumerate(loader):
             if i == 1:
                 raise ValueError("training step failed")

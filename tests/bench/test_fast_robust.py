@@ -1,4 +1,5 @@
 """Smoke test of bench/fast_robust.py at the tiny budget: rows trained, evaluated, tabled, judged and cached."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def bench():
     sys.path.insert(0, str(ROOT))
     from bench import fast_robust
+
     return fast_robust
 
 
@@ -26,8 +28,12 @@ def test_tiny_run_writes_every_row_and_the_goal(tmp_path, bench, one_thread, cap
     summary = result["summary"]
     assert list(summary) == ["pgd3", "free"]  # the reference is always trained
     free = result["results"]["free"]["0"]
-    assert free["timing"]["step_cpu_s"] > 0 and set(free["psnr"]) == {"held-out 1x", "held-out 4x", "unseen 1x",
-                                                                     "unseen 4x"}
+    assert free["timing"]["step_cpu_s"] > 0 and set(free["psnr"]) == {
+        "held-out 1x",
+        "held-out 4x",
+        "unseen 1x",
+        "unseen 4x",
+    }
     assert free["twin"] is not None and summary["pgd3"]["cpu_ratio"]["median"] == 1.0
     assert "| free |" in printed and ("free: meets it" in printed or "free: misses:" in printed)
     again = bench.main(argv)  # finished runs are reused: same figures

@@ -1,4 +1,5 @@
 """Smoke test of bench/gpu_check.py on CPU (--tiny): it runs the project's training and inversion code end to end."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,9 +22,29 @@ def gpu_check():
 def test_tiny_cpu_run_writes_every_row(tmp_path, gpu_check, monkeypatch):
     monkeypatch.setenv("RFI_NO_PROGRESS", "1")
     out = tmp_path / "gpu_check.json"
-    result = gpu_check.main(["--device", "cpu", "--tiny", "--archs", "alexnet", "--precisions", "fp32", "bf16",
-                             "--steps", "1", "--warmup", "0", "--batch-size", "2", "--inversion-size", "40", "56",
-                             "--json", str(out)])
+    result = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--archs",
+            "alexnet",
+            "--precisions",
+            "fp32",
+            "bf16",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-size",
+            "2",
+            "--inversion-size",
+            "40",
+            "56",
+            "--json",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {(r["precision"], r["job"].split()[0]): r for r in result["rows"]}
     for job in ("encoder", "decoder", "inversion"):

@@ -1,4 +1,5 @@
 """Smoke test of bench/segmentation.py --tiny: every row is trained, measured, tabled and written to the JSON."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,25 @@ ROOT = Path(__file__).resolve().parents[2]
 def bench():
     sys.path.insert(0, str(ROOT))
     from bench import segmentation
+
     return segmentation
 
 
 def test_tiny_run_writes_a_row_per_model(tmp_path, bench, one_thread):
     out = tmp_path / "segmentation.json"
-    result = bench.main(["--tiny", "--models", "resnet18,resnet18_lps,swin_t,swin_t_eq", "--out", str(out),
-                         "--work", str(tmp_path / "work"), "--figure", str(tmp_path / "shift.png")])
+    result = bench.main(
+        [
+            "--tiny",
+            "--models",
+            "resnet18,resnet18_lps,swin_t,swin_t_eq",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--figure",
+            str(tmp_path / "shift.png"),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["resnet18", "resnet18_lps", "swin_t", "swin_t_eq"] and result["complete"]

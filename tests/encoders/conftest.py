@@ -1,4 +1,5 @@
 """Shared fixtures for the encoder tests: tiny configs and one tiny trained encoder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,17 @@ ROBUST = CONFIGS / "resnet18_robust.yaml"
 STANDARD = CONFIGS / "resnet18_standard.yaml"
 
 # A few seconds of CPU: ResNet-18 at width 0.125 on 16-px crops.
-TINY = ["data.size=16", "data.train_crops=256", "data.val_crops=64", "model.width=0.125", "epochs=1",
-        "batch_size=64", "eval.max_images=64", "eval.steps=2", "log_every=2"]
+TINY = [
+    "data.size=16",
+    "data.train_crops=256",
+    "data.val_crops=64",
+    "model.width=0.125",
+    "epochs=1",
+    "batch_size=64",
+    "eval.max_images=64",
+    "eval.steps=2",
+    "log_every=2",
+]
 
 
 def tiny_config(out: Path, *overrides: str, config: Path = STANDARD):

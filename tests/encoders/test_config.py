@@ -55,8 +55,16 @@ import importlib  # noqa: E402
 import inspect  # noqa: E402
 
 import encoders.core.config as config_module  # noqa: E402
-from encoders.core.config import (config_path, config_to_dict, merge, parse_overrides, read_yaml,  # noqa: E402
-                             shipped_config, shipped_defaults, yaml_dataclass)
+from encoders.core.config import (  # noqa: E402
+    config_path,
+    config_to_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    shipped_config,
+    shipped_defaults,
+    yaml_dataclass,
+)
 
 NO_DEFAULTS = {"apps.quickstart.RunSection"}  # a run's two config paths: required, no default to write
 
@@ -89,8 +97,10 @@ def test_every_config_default_is_its_shipped_yaml_value():
     checked = 0
     for qualname, cls in _config_classes():
         if qualname in NO_DEFAULTS:
-            assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                       for f in dataclasses.fields(cls)), qualname
+            assert all(
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                for f in dataclasses.fields(cls)
+            ), qualname
             continue
         assert cls in config_module._SHIPPED_DEFAULTS, f"{qualname} is not a yaml_dataclass: its defaults are in code"
         yaml_values = shipped_defaults(cls)
@@ -107,6 +117,7 @@ def test_app_sections_name_only_real_train_decoder_keys():
     from apps.anomaly.config import AnomalyConfig
     from apps.denoise import DenoiseConfig
     from apps.style.config import StyleConfig
+
     assert AnomalyConfig().train.encoder.layer == "layer2" and AnomalyConfig().train.data.repeat == 8
     assert DenoiseConfig().train.decoder.skips == ["input", "layer1", "layer2"]
     assert StyleConfig().train.steps == read_yaml("configs/apps/style.yaml")["train"]["steps"]
@@ -117,14 +128,16 @@ def test_a_user_file_is_filled_from_the_shipped_yaml(tmp_path):
     from apps.style.config import StyleConfig
     from apps.style.pyramid import layer_config
     from inversion.train import TrainDecoderConfig
+
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  steps: 5\nper_layer:\n  layer3: {steps: 7}\n")
     cfg = load_config(StyleConfig, path, ["train.loss.feature=0.5", "per_layer.layer2.decoder.blocks=2"])
     shipped = read_yaml("configs/apps/style.yaml")
     assert cfg.train.steps == 5 and cfg.train.loss.feature == 0.5 and cfg.layers == shipped["layers"]
     # the style file's value, not train-decoder's:
-    assert (cfg.train.decoder.channels == shipped["train"]["decoder"]["channels"]
-            != TrainDecoderConfig().decoder.channels)
+    assert (
+        cfg.train.decoder.channels == shipped["train"]["decoder"]["channels"] != TrainDecoderConfig().decoder.channels
+    )
     assert cfg.per_layer == {"layer3": {"steps": 7}, "layer2": {"decoder": {"blocks": 2}}}
     layer1, layer2, layer3 = (layer_config(cfg, k) for k in ("layer1", "layer2", "layer3"))
     assert (layer1.decoder.channels, layer1.steps, layer1.encoder.layer) == (128, 5, "layer1")
@@ -132,7 +145,9 @@ def test_a_user_file_is_filled_from_the_shipped_yaml(tmp_path):
     assert (layer3.steps, layer3.loss.feature, layer3.out.endswith("layer3")) == (7, 0.5, True)
     assert load_config(StyleConfig, None, ["per_layer={}"]).per_layer == {}
     assert load_config(StyleConfig, None, ["per_layer.layer1.steps=9"]).per_layer["layer1"] == {
-        **shipped["per_layer"]["layer1"], "steps": 9}  # one key set, the shipped ones kept
+        **shipped["per_layer"]["layer1"],
+        "steps": 9,
+    }  # one key set, the shipped ones kept
     with pytest.raises(RFIError, match=r"'train.steps' in the command-line overrides must be int"):
         load_config(StyleConfig, path, ["train.steps=x"])
     with pytest.raises(RFIError, match=r"'train.stepz' in .*mine.yaml"):
@@ -143,8 +158,11 @@ def test_a_user_file_is_filled_from_the_shipped_yaml(tmp_path):
 def test_merge_and_parse_overrides():
     base = {"steps": 1, "optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "per_layer": {"layer1": {"decoder.channels": 8}}}
     merged = merge(base, {"optim.lr": 0.5}, {"optim": {"betas": [0.5]}, "per_layer": {"layer2": {"steps": 3}}})
-    assert merged == {"steps": 1, "optim": {"lr": 0.5, "betas": [0.5]},
-                      "per_layer": {"layer1": {"decoder.channels": 8}, "layer2": {"steps": 3}}}
+    assert merged == {
+        "steps": 1,
+        "optim": {"lr": 0.5, "betas": [0.5]},
+        "per_layer": {"layer1": {"decoder.channels": 8}, "layer2": {"steps": 3}},
+    }
     assert base["optim"] == {"lr": 0.1, "betas": [0.9, 0.99]}  # inputs untouched
     merged["optim"]["betas"].append(1)
     assert merge(base)["optim"]["betas"] == [0.9, 0.99]  # a copy, not a reference
@@ -167,6 +185,7 @@ def test_configs_paths_work_from_any_folder(tmp_path, monkeypatch):
     local.write_text("layers: [layer1]\n")
     assert config_path("configs/apps/style.yaml") == Path("configs/apps/style.yaml")
     from apps.style.pyramid import StyleConfig
+
     assert load_config(StyleConfig, "configs/apps/style.yaml").layers == ["layer1"]
 
 
@@ -189,23 +208,29 @@ def test_yaml_dataclass_refuses_a_missing_key_an_extra_key_and_a_code_default(tm
     with pytest.raises(RFIError, match="must be >= 0"):
         load_config(Job, None, ["adv.eps=-1"])
     with pytest.raises(RFIError, match="job.yaml has no default for config key 'momentum'"):
+
         @yaml_dataclass("job.yaml")
         class Missing:
             epochs: int
             lr: float
             adv: Adv
             momentum: float
+
     with pytest.raises(RFIError, match="unknown config key 'adv' in configs/job.yaml"):
+
         @yaml_dataclass("job.yaml")
         class Extra:
             epochs: int
             lr: float
+
     with pytest.raises(RFIError, match=r"Twice.epochs has a default in code: write it in configs/job.yaml"):
+
         @yaml_dataclass("job.yaml")
         class Twice:
             epochs: int = 3
             lr: float
             adv: Adv
+
     assert config_to_dict(Job())["adv"] == {"eps": 0.25}
 
 
@@ -251,10 +276,15 @@ def test_literal_bounded_and_check_are_checked_when_loaded_and_in_code(tmp_path,
     assert check_config(Rules(steps=3)) == Rules(steps=3)
 
 
-@pytest.mark.parametrize("value, low, high, expected", [
-    (25, 0, None, (25.0, 25.0)), ([5, 50], 0, None, (5.0, 50.0)), ((0.2, 0.8), 0, 1, (0.2, 0.8)),
-    ([0.5], 0, 1, (0.5, 0.5)),
-])
+@pytest.mark.parametrize(
+    "value, low, high, expected",
+    [
+        (25, 0, None, (25.0, 25.0)),
+        ([5, 50], 0, None, (5.0, 50.0)),
+        ((0.2, 0.8), 0, 1, (0.2, 0.8)),
+        ([0.5], 0, 1, (0.5, 0.5)),
+    ],
+)
 def test_value_range_accepts_one_number_or_a_pair(value, low, high, expected):
     from encoders.core.config import value_range
 

@@ -1,4 +1,5 @@
 """CvT encoders, plain and truly shift-equivariant (encoders/nets/cvt.py) and their autoencoders."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,7 @@ SHIFTS = [(1, 0), (0, 3), (5, 7), (-3, 2), (13, 9)]  # not multiples of any stri
 
 def tiny(equivariant: bool, seed: int = 0, **kw) -> Encoder:
     torch.manual_seed(seed)
-    return create_encoder("cvt_13", num_classes=5, equivariant=equivariant, small_input=True,
-                          **{**TINY, **kw}).eval()
+    return create_encoder("cvt_13", num_classes=5, equivariant=equivariant, small_input=True, **{**TINY, **kw}).eval()
 
 
 def test_equivariant_logits_are_invariant_to_any_circular_shift_and_plain_ones_are_not():
@@ -47,8 +47,11 @@ def test_stage_taps_shapes_and_phases():
         for layer in feats:
             assert feature_equivariance_error(feats[layer], shifted[layer]).max() <= 1e-5
     default = create_encoder("cvt_13", num_classes=5).eval()  # CvT-13: 64-192-384 channels at strides 4, 8, 16
-    assert [tuple(v.shape) for v in default(torch.rand(1, 3, 64, 64)).values()] == \
-        [(1, 64, 16, 16), (1, 192, 8, 8), (1, 384, 4, 4)]
+    assert [tuple(v.shape) for v in default(torch.rand(1, 3, 64, 64)).values()] == [
+        (1, 64, 16, 16),
+        (1, 192, 8, 8),
+        (1, 384, 4, 4),
+    ]
 
 
 def test_adaptive_modules_are_equivariant_alone():
@@ -89,9 +92,12 @@ def test_checkpoint_round_trip(tmp_path, selection):
 
 
 def test_bad_sizes_and_options_are_refused_in_one_line():
-    with pytest.raises(RFIError, match=r"^image size 40x32 does not fit the equivariant cvt_13: height and width "
-                                       r"must be multiples of 16 \(last stage stride 8 x key/value stride 2\), "
-                                       r"e\.g\. 48x32$"):
+    with pytest.raises(
+        RFIError,
+        match=r"^image size 40x32 does not fit the equivariant cvt_13: height and width "
+        r"must be multiples of 16 \(last stage stride 8 x key/value stride 2\), "
+        r"e\.g\. 48x32$",
+    ):
         tiny(True).logits(torch.rand(1, 3, 40, 32))
     assert tiny(False).logits(torch.rand(1, 3, 40, 36)).shape == (1, 5)  # plain: any size
     with pytest.raises(RFIError, match=r"stage 2 has 48 channels.*num_heads\[1\]=5"):
@@ -124,11 +130,18 @@ def test_equivariant_autoencoder_reconstruction_shifts_exactly(layer):
 
 
 def test_a_tiny_training_run(tmp_path):
-    from tests.encoders.conftest import CONFIGS, tiny_config
     from encoders.robust.train import train_encoder
     from encoders.weights.checkpoints import load_encoder
+    from tests.encoders.conftest import CONFIGS, tiny_config
 
-    cfg = tiny_config(tmp_path, "model.width=1.0", "data.train_crops=64", "batch_size=32",
-                      "eval.max_images=16", "eval.steps=1", config=CONFIGS / "cvt_13_tiny_standard_equivariant.yaml")
+    cfg = tiny_config(
+        tmp_path,
+        "model.width=1.0",
+        "data.train_crops=64",
+        "batch_size=32",
+        "eval.max_images=16",
+        "eval.steps=1",
+        config=CONFIGS / "cvt_13_tiny_standard_equivariant.yaml",
+    )
     enc = load_encoder(train_encoder(cfg).path)
     assert enc.arch == "cvt_13" and enc.equivariant and enc.options["embed_dim"] == 32

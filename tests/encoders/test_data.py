@@ -1,4 +1,5 @@
 """Datasets: the embedded crops, and image folders streamed through DataLoader workers."""
+
 import os
 import pickle
 from pathlib import Path
@@ -10,10 +11,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from encoders import RFIError
+from encoders.core.imageio import read_image, write_image
 from encoders.data.build import DataConfig, build_dataset
 from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, embedded_image, region
 from encoders.data.folders import ImageFiles, default_num_workers, read_image_uint8, resolve_num_workers, scan_images
-from encoders.core.imageio import read_image, write_image
 
 
 def test_regions_partition_the_photo():
@@ -35,7 +36,7 @@ def test_embedded_crops_deterministic_balanced_and_from_their_region():
         crop, label = val[i]
         src = region(embedded_image(EMBEDDED_PHOTOS[label]), "val")
         top, left = val.positions[i].tolist()
-        assert torch.equal(crop, src[:, top:top + 16, left:left + 16])
+        assert torch.equal(crop, src[:, top : top + 16, left : left + 16])
 
 
 def test_exception_crop_larger_than_region():
@@ -67,15 +68,18 @@ def test_exception_empty_folder_and_bad_source(tmp_path):
         build_dataset(DataConfig(source="cifar10", root=str(tmp_path)))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("size=0", "config key 'size' in the command-line overrides must be >= 1, got 0"),
-    ("repeat=0", "config key 'repeat' in the command-line overrides must be >= 1, got 0"),
-    ("crop=centre", "'centre' is not one of ['resized', 'random']"),
-    ("transforms=tf", "'tf' is not one of ['rfi', 'imagenet']"),
-    ("decode=int8", "'int8' is not one of ['float', 'uint8'] (or null)"),
-    ("synthetic_ratio=2", "must be in [0, 1], got 2.0"),
-    ("source=folder", "data.source=folder needs data.root (the folder)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("size=0", "config key 'size' in the command-line overrides must be >= 1, got 0"),
+        ("repeat=0", "config key 'repeat' in the command-line overrides must be >= 1, got 0"),
+        ("crop=centre", "'centre' is not one of ['resized', 'random']"),
+        ("transforms=tf", "'tf' is not one of ['rfi', 'imagenet']"),
+        ("decode=int8", "'int8' is not one of ['float', 'uint8'] (or null)"),
+        ("synthetic_ratio=2", "must be in [0, 1], got 2.0"),
+        ("source=folder", "data.source=folder needs data.root (the folder)"),
+    ],
+)
 def test_data_config_rules_are_declared_and_named(override, message):
     from encoders.core.config import load_config
 
@@ -98,8 +102,11 @@ def test_scan_matches_sorted_path_order(tmp_path):
     for rel in ("b/1.png", "a/x.png", "a-b.png", "a/sub/2.jpg", "A.PNG", "notes.txt", "a.png/inner.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    expected = [str(p.relative_to(tmp_path)) for p in sorted(tmp_path.rglob("*"))
-                if p.is_file() and p.suffix.lower() in (".png", ".jpg")]
+    expected = [
+        str(p.relative_to(tmp_path))
+        for p in sorted(tmp_path.rglob("*"))
+        if p.is_file() and p.suffix.lower() in (".png", ".jpg")
+    ]
     assert scan_images(tmp_path) == expected
     assert scan_images(tmp_path, recursive=False) == ["A.PNG", "a-b.png"]
 
@@ -145,7 +152,9 @@ def test_imagenet_transforms(tmp_path):
     train = ImageFiles(root, "train", 224, transforms="imagenet")
     val = ImageFiles(root, "val", 224, transforms="imagenet")
     assert train.decode == "uint8" and [type(t) for t in train.transform.transforms] == [
-        v2.RandomResizedCrop, v2.RandomHorizontalFlip]
+        v2.RandomResizedCrop,
+        v2.RandomHorizontalFlip,
+    ]
     assert train.transform.transforms[0].scale == (0.08, 1.0)
     x, _ = train[0]
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

@@ -1,4 +1,5 @@
 """DDP encoder training: 2 CPU processes on the gloo backend (as ``torchrun --nproc_per_node 2``)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,16 @@ from tests.ddp import free_ports, record_writes
 from tests.encoders.conftest import tiny_config
 
 # 256 crops, global batch 64 (32 per process): 4 steps per epoch; 6 steps end mid-epoch 2.
-DDP = ("adv.enabled=true", "adv.steps=1", "steps=6", "checkpoint_every=5", "log_every=2", "device=cpu",
-       "eval.max_images=32", "eval.steps=2")
+DDP = (
+    "adv.enabled=true",
+    "adv.steps=1",
+    "steps=6",
+    "checkpoint_every=5",
+    "log_every=2",
+    "device=cpu",
+    "eval.max_images=32",
+    "eval.steps=2",
+)
 KILL_AT = 6  # the cut run dies after step 6, before saving it: it resumes from the step-5 checkpoint
 
 
@@ -24,8 +33,9 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
     """One process: an uninterrupted run, a run killed after step ``KILL_AT``, and its ``--resume``
     (each on its own port, as three ``torchrun`` launches would be). Records the files it writes and
     its weights after each run."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      RFI_NO_PROGRESS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), RFI_NO_PROGRESS="1"
+    )
     torch.set_num_threads(1)
     import encoders.core.rundir
     import encoders.core.runtime
@@ -63,7 +73,8 @@ def _worker(rank: int, world: int, ports: tuple[int, int, int], tmp: str) -> Non
         pass
     kill["armed"] = False
     Path(tmp, "rec", f"cut_step{rank}.json").write_text(
-        json.dumps(torch.load(Path(tmp, "cut", "checkpoint.pt"), weights_only=True)["train"]["step"]))
+        json.dumps(torch.load(Path(tmp, "cut", "checkpoint.pt"), weights_only=True)["train"]["step"])
+    )
     os.environ["MASTER_PORT"] = str(ports[2])
     train.train_encoder(tiny_config(Path(tmp, "cut"), *DDP), resume=True)
 
@@ -113,7 +124,7 @@ def test_global_batch_is_split_into_equal_rank_slices():
     parts = [shard_positions(300, 64, world=4, rank=r) for r in range(4)]
     assert all(len(p) == 4 * 16 for p in parts)  # 4 whole global batches, the partial one dropped
     for i in range(4):  # global batch i is the same set of positions as for one process
-        batch = sorted(q for p in parts for q in p[i * 16:(i + 1) * 16])
+        batch = sorted(q for p in parts for q in p[i * 16 : (i + 1) * 16])
         assert batch == list(range(i * 64, (i + 1) * 64))
     assert shard_positions(300, 64, world=2, rank=1, skip=3) == list(range(3 * 64 + 32, 4 * 64))
     assert shard_positions(300, 64) == list(range(300))  # one process keeps the partial batch
@@ -123,13 +134,35 @@ def test_global_batch_is_split_into_equal_rank_slices():
 def test_torchrun_command_line(tmp_path):
     """The documented command: ``torchrun --standalone --nproc_per_node 2 -m apps.cli train-encoder ...``."""
     out = tmp_path / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "apps.cli", "train-encoder", "--config", "configs/encoder/resnet18_robust.yaml",
-           "data.size=16", "data.train_crops=256", "data.val_crops=64", "model.width=0.125", "batch_size=64",
-           "steps=4", "adv.steps=1", "eval.max_images=32", "eval.steps=2", "device=cpu", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "apps.cli",
+        "train-encoder",
+        "--config",
+        "configs/encoder/resnet18_robust.yaml",
+        "data.size=16",
+        "data.train_crops=256",
+        "data.val_crops=64",
+        "model.width=0.125",
+        "batch_size=64",
+        "steps=4",
+        "adv.steps=1",
+        "eval.max_images=32",
+        "eval.steps=2",
+        "device=cpu",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "RFI_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(out / "checkpoint.pt")  # printed once, by rank 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["train"]["world_size"] == 2

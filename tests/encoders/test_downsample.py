@@ -1,4 +1,5 @@
 """Blur pooling and learnable polyphase down-sampling (LPS) in the encoders."""
+
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 from encoders import RFIError, create_encoder
-from encoders.nets.downsample import (LPD, SamePhase, annealed_temperature, lpd_modules, polyphase, select_phase,
-                                 set_temperature)
+from encoders.nets.downsample import (
+    LPD,
+    SamePhase,
+    annealed_temperature,
+    lpd_modules,
+    polyphase,
+    select_phase,
+    set_temperature,
+)
 from encoders.nets.models import Encoder
 from encoders.robust.shift import circular_shift, feature_equivariance_error
 
@@ -31,8 +39,15 @@ def shifted_copies(x: torch.Tensor, every: bool) -> torch.Tensor:
     return torch.stack([x.roll(o, (1, 2)) for o in offsets])
 
 
-@pytest.mark.parametrize("arch,kw,size,every", [("resnet18", {}, 16, True), ("resnet18", {"small_input": False}, 32,
-                                                False), ("resnet50", {}, 16, False), ("vgg16", {}, 32, False)])
+@pytest.mark.parametrize(
+    "arch,kw,size,every",
+    [
+        ("resnet18", {}, 16, True),
+        ("resnet18", {"small_input": False}, 32, False),
+        ("resnet50", {}, 16, False),
+        ("vgg16", {}, 32, False),
+    ],
+)
 def test_lps_predictions_identical_under_circular_shifts(arch, kw, size, every):
     enc = tiny(arch, **kw)
     x = torch.rand(2, 3, size, size)
@@ -154,10 +169,9 @@ def test_lpd_alone_is_shift_equivariant():
 
 def test_adversarial_training_of_an_lps_encoder(tmp_path, tiny_cfg):
     from encoders.core.serialization import load_checkpoint
-    from encoders.robust.train import train_encoder
-
     from encoders.data.build import build_dataset
     from encoders.robust.evaluate import evaluate_encoder
+    from encoders.robust.train import train_encoder
 
     robust = Path(__file__).resolve().parents[2] / "configs" / "encoder" / "resnet18_robust.yaml"
     cfg = tiny_cfg(tmp_path, "model.downsample=lps", "epochs=1", config=robust)
@@ -166,8 +180,15 @@ def test_adversarial_training_of_an_lps_encoder(tmp_path, tiny_cfg):
     enc = create_encoder(checkpoint=str(path)).eval()
     assert enc.downsample == "lps"
     # The recorded figures are the saved model's: the seeded evaluation of the reloaded encoder repeats them.
-    again = evaluate_encoder(enc, build_dataset(cfg.data, "val"), eps=recorded["eps"], steps=recorded["steps"],
-                             norm=recorded["norm"], batch_size=2 * cfg.batch_size, max_images=cfg.eval.max_images)
+    again = evaluate_encoder(
+        enc,
+        build_dataset(cfg.data, "val"),
+        eps=recorded["eps"],
+        steps=recorded["steps"],
+        norm=recorded["norm"],
+        batch_size=2 * cfg.batch_size,
+        max_images=cfg.eval.max_images,
+    )
     assert (again["clean_acc"], again["pgd_acc"]) == (recorded["clean_acc"], recorded["pgd_acc"])
     assert recorded["pgd_loss"] > recorded["clean_loss"]  # the attack did raise the loss
     x = torch.rand(4, 3, 16, 16)

@@ -1,16 +1,29 @@
 """Each adaptive module of the truly shift-equivariant ViT, on its own (encoders/nets/equivariant_vit.py)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.models.swin_transformer import (PatchMerging, PatchMergingV2, ShiftedWindowAttention,
-                                                 ShiftedWindowAttentionV2)
+from torchvision.models.swin_transformer import (
+    PatchMerging,
+    PatchMergingV2,
+    ShiftedWindowAttention,
+    ShiftedWindowAttentionV2,
+)
 
 from encoders import RFIError
 from encoders.nets.downsample import polyphase, set_temperature
-from encoders.nets.equivariant_vit import (AdaptivePatchMerging, AdaptivePatchMergingV2, AdaptiveShiftedWindowAttention,
-                                      AdaptiveShiftedWindowAttentionV2, AdaptiveTokenizer, PhaseSelector,
-                                      _binary_levels, roll_tokens, window_anchor)
+from encoders.nets.equivariant_vit import (
+    AdaptivePatchMerging,
+    AdaptivePatchMergingV2,
+    AdaptiveShiftedWindowAttention,
+    AdaptiveShiftedWindowAttentionV2,
+    AdaptiveTokenizer,
+    PhaseSelector,
+    _binary_levels,
+    roll_tokens,
+    window_anchor,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,8 +79,13 @@ def test_tokenizer_grid_zero_is_torchvision_patch_embedding():
         assert torch.allclose(comps[:, 3], at_11, atol=1e-6)  # grid (1, 1): patches starting at pixel (1, 1)
 
 
-@pytest.mark.parametrize("cls,plain_cls", [(AdaptiveShiftedWindowAttention, ShiftedWindowAttention),
-                                           (AdaptiveShiftedWindowAttentionV2, ShiftedWindowAttentionV2)])
+@pytest.mark.parametrize(
+    "cls,plain_cls",
+    [
+        (AdaptiveShiftedWindowAttention, ShiftedWindowAttention),
+        (AdaptiveShiftedWindowAttentionV2, ShiftedWindowAttentionV2),
+    ],
+)
 @pytest.mark.parametrize("shift", [0, 2])
 def test_adaptive_window_attention_is_equivariant(cls, plain_cls, shift):
     torch.manual_seed(0)
@@ -95,8 +113,9 @@ def test_window_anchor_moves_with_the_content_and_size_is_checked():
         AdaptiveShiftedWindowAttention(5, [4, 4], [0, 0], num_heads=1)(torch.randn(1, 6, 8, 5))
 
 
-@pytest.mark.parametrize("cls,plain_cls", [(AdaptivePatchMerging, PatchMerging),
-                                           (AdaptivePatchMergingV2, PatchMergingV2)])
+@pytest.mark.parametrize(
+    "cls,plain_cls", [(AdaptivePatchMerging, PatchMerging), (AdaptivePatchMergingV2, PatchMergingV2)]
+)
 def test_adaptive_patch_merging_is_equivariant(cls, plain_cls):
     torch.manual_seed(0)
     merge = cls(6).eval()

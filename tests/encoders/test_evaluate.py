@@ -29,8 +29,22 @@ def test_evaluate_encoder_reports_clean_and_pgd_accuracy(trained_checkpoint):
 
 def test_eval_encoder_cli_prints_a_table_and_writes_json(trained_checkpoint, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = main(["eval-encoder", "--checkpoint", str(trained_checkpoint), "--eps", "0.25", "1.0",
-                 "--steps", "10", "--max-images", "64", "--json", str(out)])
+    code = main(
+        [
+            "eval-encoder",
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--eps",
+            "0.25",
+            "1.0",
+            "--steps",
+            "10",
+            "--max-images",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "clean acc" in printed and "PGD acc" in printed and "16px" in printed  # the training data's size
@@ -85,8 +99,15 @@ def test_masking_checks_pass_a_plain_model(own_labels):
         masking_checks(net, own_labels, **{**CHECKS, "sweep": (2, 1)})
 
 
-@pytest.mark.parametrize("method", [AdvMethod("fgsm_rs", "linf", 8 / 255), AdvMethod("free", "l2", 0.5, replays=4),
-                                    AdvMethod("n_fgsm", "l2", 0.5), AdvMethod("pgd", "l2", 0.5, steps=2)])
+@pytest.mark.parametrize(
+    "method",
+    [
+        AdvMethod("fgsm_rs", "linf", 8 / 255),
+        AdvMethod("free", "l2", 0.5, replays=4),
+        AdvMethod("n_fgsm", "l2", 0.5),
+        AdvMethod("pgd", "l2", 0.5, steps=2),
+    ],
+)
 def test_overfitting_probe_measures_the_training_attack_and_pgd(own_labels, method):
     net = tiny_net().train()
     x, y = own_labels.tensors

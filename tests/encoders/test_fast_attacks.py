@@ -1,5 +1,6 @@
 """Fast adversarial training (encoders.robust.fast): each method's perturbation bound, free training's replayed δ,
 the settings check and GradAlign's gradient."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,22 +106,27 @@ def test_free_replay_follows_the_batch_size_and_keeps_its_state():
         replay.update(replay.perturb(x))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"method": "fgsm"}, r"unknown adv.method 'fgsm' \(valid: pgd, fgsm_rs, free, n_fgsm\)"),
-    ({"norm": "l1"}, r"unknown adv.norm 'l1' \(valid: l2, linf\)"),
-    ({"method": "free", "replays": 0}, r"adv.replays \(.*\) must be >= 1, got 0"),
-    ({"step_size": 0.0}, r"adv.step_size must be a finite number > 0 .*got 0.0"),
-    ({"step_size": float("nan")}, r"adv.step_size must be a finite number > 0"),
-    ({"eps": -1.0}, r"adv.eps \(attack radius\) must be a finite number >= 0, got -1.0"),
-    ({"method": "pgd", "steps": 0}, r"adv.steps \(PGD steps\) must be >= 1 for adv.method=pgd, got 0"),
-    ({"method": "n_fgsm", "noise": 1.5}, r"adv.noise \(.*\) must be in \[0, 2 \* adv.eps\] = \[0, 1\], got 1.5"),
-    ({"method": "n_fgsm", "noise": -0.1}, r"adv.noise .* must be in \[0, 2 \* adv.eps\]"),
-    ({"method": "fgsm_rs", "grad_align": -0.2}, r"adv.grad_align \(.*\) must be a finite number >= 0"),
-    ({"method": "fgsm_rs", "replays": 8}, r"^adv.replays is for adv.method=free, not adv.method=fgsm_rs$"),
-    ({"method": "pgd", "noise": 0.5}, r"^adv.noise is for adv.method=n_fgsm, not adv.method=pgd$"),
-    ({"method": "free", "grad_align": 0.2},
-     r"^adv.grad_align is for adv.method=fgsm_rs or adv.method=n_fgsm, not adv.method=free$"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"method": "fgsm"}, r"unknown adv.method 'fgsm' \(valid: pgd, fgsm_rs, free, n_fgsm\)"),
+        ({"norm": "l1"}, r"unknown adv.norm 'l1' \(valid: l2, linf\)"),
+        ({"method": "free", "replays": 0}, r"adv.replays \(.*\) must be >= 1, got 0"),
+        ({"step_size": 0.0}, r"adv.step_size must be a finite number > 0 .*got 0.0"),
+        ({"step_size": float("nan")}, r"adv.step_size must be a finite number > 0"),
+        ({"eps": -1.0}, r"adv.eps \(attack radius\) must be a finite number >= 0, got -1.0"),
+        ({"method": "pgd", "steps": 0}, r"adv.steps \(PGD steps\) must be >= 1 for adv.method=pgd, got 0"),
+        ({"method": "n_fgsm", "noise": 1.5}, r"adv.noise \(.*\) must be in \[0, 2 \* adv.eps\] = \[0, 1\], got 1.5"),
+        ({"method": "n_fgsm", "noise": -0.1}, r"adv.noise .* must be in \[0, 2 \* adv.eps\]"),
+        ({"method": "fgsm_rs", "grad_align": -0.2}, r"adv.grad_align \(.*\) must be a finite number >= 0"),
+        ({"method": "fgsm_rs", "replays": 8}, r"^adv.replays is for adv.method=free, not adv.method=fgsm_rs$"),
+        ({"method": "pgd", "noise": 0.5}, r"^adv.noise is for adv.method=n_fgsm, not adv.method=pgd$"),
+        (
+            {"method": "free", "grad_align": 0.2},
+            r"^adv.grad_align is for adv.method=fgsm_rs or adv.method=n_fgsm, not adv.method=free$",
+        ),
+    ],
+)
 def test_bad_settings_are_one_line_naming_the_key(kwargs, message):
     settings = {"method": "fgsm_rs", "norm": "l2", "eps": 0.5, "steps": 3, **kwargs}
     with pytest.raises(RFIError, match=message) as error:
@@ -150,14 +156,22 @@ def test_grad_align_penalty_gradient_is_exact(norm):
     """``torch.autograd.gradcheck`` of the penalty with respect to the parameters (double backprop through both
     input gradients), on a double-precision model."""
     g = torch.Generator().manual_seed(0)
-    params = tuple(torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-                   for shape in [(2, 3, 3, 3), (2,), (3, 2 * 4 * 4), (3,)])
+    params = tuple(
+        torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        for shape in [(2, 3, 3, 3), (2,), (3, 2 * 4 * 4), (3,)]
+    )
     x = torch.rand(3, 3, 4, 4, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
 
     def penalty(*p):
-        return grad_align_penalty(lambda z: _tiny_double_model(p, z), x, y, eps=0.3 if norm == "l2" else 0.1,
-                                  norm=norm, generator=torch.Generator().manual_seed(5))  # the same eta each call
+        return grad_align_penalty(
+            lambda z: _tiny_double_model(p, z),
+            x,
+            y,
+            eps=0.3 if norm == "l2" else 0.1,
+            norm=norm,
+            generator=torch.Generator().manual_seed(5),
+        )  # the same eta each call
 
     value = penalty(*params)
     assert 0 < value.item() <= 2

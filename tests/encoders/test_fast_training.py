@@ -1,5 +1,6 @@
 """Fast adversarial training wired into ``rfi train-encoder`` (issue 23): config rules, each method's
 training steps, free training's resume, the overfitting monitor and ``rfi eval-encoder``'s masking checks."""
+
 from __future__ import annotations
 
 import json
@@ -21,20 +22,29 @@ from tests.encoders.conftest import ROBUST, STANDARD
 QUICK = ("adv.enabled=true", "eval.enabled=false", "log_every=1")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["adv.method=fgsm"], "'fgsm' is not one of ['pgd', 'fgsm_rs', 'free', 'n_fgsm']"),
-    (["adv.replays=4"], "adv.replays is for adv.method=free, not adv.method=pgd"),
-    (["adv.method=fgsm_rs", "adv.noise=0.5"], "adv.noise is for adv.method=n_fgsm, not adv.method=fgsm_rs"),
-    (["adv.method=free", "adv.grad_align=0.2"],
-     "adv.grad_align is for adv.method=fgsm_rs or adv.method=n_fgsm, not adv.method=free"),
-    (["adv.method=free", "adv.replays=0"], "config key 'adv.replays' in the command-line overrides must be >= 1"),
-    (["adv.method=fgsm_rs", "adv.step_size=0"], "adv: step size must be a finite number > 0, got 0"),
-    (["adv.method=n_fgsm", "adv.noise=1.5"], "adv.noise (N-FGSM's noise radius k*eps) must be in [0, 2 * adv.eps] = "
-                                              "[0, 1], got 1.5"),
-    (["adv.method=n_fgsm", "adv.grad_align=-1"],
-     "config key 'adv.grad_align' in the command-line overrides must be >= 0"),
-    (["adv.method=free", "adv.replays=4", "adv.mix=0.5"], "adv.mix=0.5 is not available with adv.method=free"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["adv.method=fgsm"], "'fgsm' is not one of ['pgd', 'fgsm_rs', 'free', 'n_fgsm']"),
+        (["adv.replays=4"], "adv.replays is for adv.method=free, not adv.method=pgd"),
+        (["adv.method=fgsm_rs", "adv.noise=0.5"], "adv.noise is for adv.method=n_fgsm, not adv.method=fgsm_rs"),
+        (
+            ["adv.method=free", "adv.grad_align=0.2"],
+            "adv.grad_align is for adv.method=fgsm_rs or adv.method=n_fgsm, not adv.method=free",
+        ),
+        (["adv.method=free", "adv.replays=0"], "config key 'adv.replays' in the command-line overrides must be >= 1"),
+        (["adv.method=fgsm_rs", "adv.step_size=0"], "adv: step size must be a finite number > 0, got 0"),
+        (
+            ["adv.method=n_fgsm", "adv.noise=1.5"],
+            "adv.noise (N-FGSM's noise radius k*eps) must be in [0, 2 * adv.eps] = [0, 1], got 1.5",
+        ),
+        (
+            ["adv.method=n_fgsm", "adv.grad_align=-1"],
+            "config key 'adv.grad_align' in the command-line overrides must be >= 0",
+        ),
+        (["adv.method=free", "adv.replays=4", "adv.mix=0.5"], "adv.mix=0.5 is not available with adv.method=free"),
+    ],
+)
 def test_bad_method_settings_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(RFIError) as error:
         load_config(TrainEncoderConfig, ROBUST, overrides)
@@ -52,14 +62,18 @@ def test_method_rules_across_sections_and_disabled_runs():
     load_config(TrainEncoderConfig, STANDARD, ["adv.method=n_fgsm", "adv.noise=5"])
 
 
-@pytest.mark.parametrize("overrides", [
-    ("adv.method=pgd", "adv.steps=1"),
-    ("adv.method=fgsm_rs",),
-    ("adv.method=fgsm_rs", "adv.norm=linf", "adv.eps=0.03137", "adv.grad_align=0.2"),
-    ("adv.method=n_fgsm", "adv.norm=linf", "adv.eps=0.03137"),
-    ("adv.method=n_fgsm", "adv.noise=0.5", "adv.grad_align=0.5"),
-    ("adv.method=free", "adv.replays=2"),
-], ids=["pgd", "fgsm_rs", "fgsm_rs-linf-gradalign", "n_fgsm-linf", "n_fgsm-gradalign", "free"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("adv.method=pgd", "adv.steps=1"),
+        ("adv.method=fgsm_rs",),
+        ("adv.method=fgsm_rs", "adv.norm=linf", "adv.eps=0.03137", "adv.grad_align=0.2"),
+        ("adv.method=n_fgsm", "adv.norm=linf", "adv.eps=0.03137"),
+        ("adv.method=n_fgsm", "adv.noise=0.5", "adv.grad_align=0.5"),
+        ("adv.method=free", "adv.replays=2"),
+    ],
+    ids=["pgd", "fgsm_rs", "fgsm_rs-linf-gradalign", "n_fgsm-linf", "n_fgsm-gradalign", "free"],
+)
 def test_each_method_trains_and_the_monitor_is_logged_and_recorded(overrides, tmp_path, tiny_cfg, caplog):
     with caplog.at_level(logging.INFO, logger="rfi"):
         run = train_encoder(tiny_cfg(tmp_path, *QUICK, "steps=4", *overrides))
@@ -113,8 +127,9 @@ def test_free_training_killed_mid_epoch_resumes_bit_identical(tmp_path, monkeypa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     def comparable(path: Path):
-        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
-                for line in path.read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in path.read_text().splitlines()
+        ]
 
     assert comparable(tmp_path / "full" / "metrics.jsonl") == comparable(tmp_path / "cut" / "metrics.jsonl")
 
@@ -134,8 +149,7 @@ def test_diverging_probe_warns_in_one_line_and_is_recorded(tmp_path, monkeypatch
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("catastrophic overfitting: PGD accuracy fell from 50.0%")
     assert "\n" not in warnings[0]
-    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-              if "val_acc" in line]
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_acc" in line]
     assert ["overfitting_warning" in r for r in epochs] == [False, False, True]
 
 
@@ -148,15 +162,37 @@ def _strict_json(path: Path):
 
 def test_eval_encoder_masking_checks_with_a_twin(trained_checkpoint, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = main(["eval-encoder", "--checkpoint", str(trained_checkpoint), "--twin", str(trained_checkpoint),
-                 "--max-images", "16", "--restarts", "1", "--sweep", "1", "8", "--json", str(out)])
+    code = main(
+        [
+            "eval-encoder",
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--twin",
+            str(trained_checkpoint),
+            "--max-images",
+            "16",
+            "--restarts",
+            "1",
+            "--sweep",
+            "1",
+            "8",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "clean acc" in printed and "PGD-50" in printed and "transfer" in printed
     report = _strict_json(out)
     assert [r["eps"] for r in report["results"]] == [0.5]  # today's results, unchanged
-    check, = report["masking"]
-    assert set(check) >= {"pgd10_acc", "pgd50_acc", "sweep", "transfer_acc", "masking_flags",
-                          "possibly_gradient_masked"}
+    (check,) = report["masking"]
+    assert set(check) >= {
+        "pgd10_acc",
+        "pgd50_acc",
+        "sweep",
+        "transfer_acc",
+        "masking_flags",
+        "possibly_gradient_masked",
+    }
     assert [s["eps"] for s in check["sweep"]] == [0.5, 4.0] and report["twin"] == str(trained_checkpoint)
     # the twin is the model itself: its transfer attack is the white-box one
     assert check["transfer_acc"] <= check["pgd50_acc"] + check["tolerance"]
@@ -166,20 +202,51 @@ def test_eval_encoder_masking_checks_with_a_twin(trained_checkpoint, tmp_path, c
 def test_eval_encoder_flags_a_sweep_that_does_not_reach_zero(trained_checkpoint, tmp_path, capsys):
     """A sweep too small to defeat the model: the figures are flagged, the reason printed; no twin, no transfer."""
     out = tmp_path / "eval.json"
-    code = main(["eval-encoder", "--checkpoint", str(trained_checkpoint), "--masking-checks", "--eps", "0.01",
-                 "--max-images", "16", "--restarts", "1", "--sweep", "0.5", "1", "--json", str(out)])
+    code = main(
+        [
+            "eval-encoder",
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--masking-checks",
+            "--eps",
+            "0.01",
+            "--max-images",
+            "16",
+            "--restarts",
+            "1",
+            "--sweep",
+            "0.5",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
-    check, = _strict_json(out)["masking"]
+    (check,) = _strict_json(out)["masking"]
     assert code == 0 and check["transfer_acc"] is None and check["possibly_gradient_masked"]
     assert "possibly gradient-masked at eps=0.01: accuracy at the sweep's largest eps" in printed
 
 
 # 256 crops, global batch 64 (32 per process): 4 minibatches per epoch. Free: 12 optimiser steps = 6 minibatches x 2
 # replays, checkpointed after minibatch 5 (mid-epoch 2); the cut run dies after minibatch 6, before saving it.
-DDP_FREE = ("adv.enabled=true", "adv.method=free", "adv.replays=2", "steps=12", "checkpoint_every=5", "device=cpu",
-            "eval.enabled=false", "log_every=2")
-DDP_GRAD_ALIGN = ("adv.enabled=true", "adv.method=n_fgsm", "adv.grad_align=0.2", "steps=2", "device=cpu",
-                  "eval.enabled=false")
+DDP_FREE = (
+    "adv.enabled=true",
+    "adv.method=free",
+    "adv.replays=2",
+    "steps=12",
+    "checkpoint_every=5",
+    "device=cpu",
+    "eval.enabled=false",
+    "log_every=2",
+)
+DDP_GRAD_ALIGN = (
+    "adv.enabled=true",
+    "adv.method=n_fgsm",
+    "adv.grad_align=0.2",
+    "steps=2",
+    "device=cpu",
+    "eval.enabled=false",
+)
 
 
 def _ddp_worker(rank: int, world: int, ports: tuple[int, ...], tmp: str) -> None:
@@ -189,8 +256,9 @@ def _ddp_worker(rank: int, world: int, ports: tuple[int, ...], tmp: str) -> None
 
     from tests.encoders.conftest import tiny_config
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      RFI_NO_PROGRESS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), RFI_NO_PROGRESS="1"
+    )
     torch.set_num_threads(1)
     import encoders.robust.train as train
 
@@ -204,8 +272,12 @@ def _ddp_worker(rank: int, world: int, ports: tuple[int, ...], tmp: str) -> None
         return sums
 
     train.EncoderTrainer.train_step = dying_step
-    runs = [("full", DDP_FREE, False, False), ("cut", DDP_FREE, True, False), ("cut", DDP_FREE, False, True),
-            ("align", DDP_GRAD_ALIGN, False, False)]
+    runs = [
+        ("full", DDP_FREE, False, False),
+        ("cut", DDP_FREE, True, False),
+        ("cut", DDP_FREE, False, True),
+        ("align", DDP_GRAD_ALIGN, False, False),
+    ]
     for port, (name, overrides, armed, resume) in zip(ports, runs):
         os.environ["MASTER_PORT"] = str(port)
         kill["armed"] = armed
@@ -225,8 +297,10 @@ def test_two_gloo_processes_train_free_and_grad_align_and_resume_free_bit_identi
 
     (tmp_path / "rec").mkdir()
     mp.spawn(_ddp_worker, args=(2, free_ports(4), str(tmp_path)), nprocs=2, join=True)
-    weights = {name: [torch.load(tmp_path / "rec" / f"{name}{r}.pt", weights_only=True) for r in (0, 1)]
-               for name in ("full", "cut", "align")}
+    weights = {
+        name: [torch.load(tmp_path / "rec" / f"{name}{r}.pt", weights_only=True) for r in (0, 1)]
+        for name in ("full", "cut", "align")
+    }
     full = weights["full"][0]
     for name, (w0, w1) in weights.items():  # one model on both ranks
         assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), name

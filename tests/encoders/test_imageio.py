@@ -48,8 +48,11 @@ def test_open_image_is_the_one_place_a_bad_file_becomes_one_line(tmp_path, monke
         assert im.size == (12, 10)
     (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:60])
     (tmp_path / "text.png").write_text("hello")
-    for name, message in [("cut.png", "is not a readable image"), ("text.png", "cannot identify image file"),
-                          ("missing.png", "image not found")]:
+    for name, message in [
+        ("cut.png", "is not a readable image"),
+        ("text.png", "cannot identify image file"),
+        ("missing.png", "image not found"),
+    ]:
         with pytest.raises(RFIError, match=message) as error:
             with open_image(tmp_path / name):
                 pass
@@ -63,13 +66,15 @@ def test_open_image_is_the_one_place_a_bad_file_becomes_one_line(tmp_path, monke
             pass
 
 
-@pytest.mark.parametrize("values, expected, note", [
-    ([0.0, 0.25, 1.0], [0.0, 0.25, 1.0], "float values in [0, 1], kept as they are"),
-    ([0.0, 51.0, 200.0], [0.0, 0.2, 200 / 255], "values up to 200: assumed 0-255"),
-    ([0.0, 13107.0, 40000.0], [0.0, 0.2, 40000 / 65535], "values up to 40000: assumed 0-65535"),
-])
-def test_float_images_are_scaled_by_their_range_and_say_what_was_assumed(values, expected, note, tmp_path,
-                                                                         caplog):
+@pytest.mark.parametrize(
+    "values, expected, note",
+    [
+        ([0.0, 0.25, 1.0], [0.0, 0.25, 1.0], "float values in [0, 1], kept as they are"),
+        ([0.0, 51.0, 200.0], [0.0, 0.2, 200 / 255], "values up to 200: assumed 0-255"),
+        ([0.0, 13107.0, 40000.0], [0.0, 0.2, 40000 / 65535], "values up to 40000: assumed 0-65535"),
+    ],
+)
+def test_float_images_are_scaled_by_their_range_and_say_what_was_assumed(values, expected, note, tmp_path, caplog):
     arr = np.array([values] * 2, dtype=np.float32)
     Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
     with caplog.at_level("INFO", logger="rfi"):

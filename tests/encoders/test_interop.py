@@ -1,4 +1,5 @@
 """Interop with the MadryLab ``robustness`` library, used for real through encoders.weights.robustness_compat."""
+
 import dill
 import pytest
 import torch
@@ -6,11 +7,16 @@ import torch.nn.functional as F
 import torchvision
 
 from encoders import RFIError, create_encoder
-from encoders.robust.attacks import pgd
 from encoders.data.embedded import EmbeddedCrops
+from encoders.robust.attacks import pgd
 from encoders.weights.interop import export_robustness
-from encoders.weights.robustness_compat import (attacker_model, encoder_attacker_model, import_robustness,
-                                        imagenet_dataset, robustness_pgd)
+from encoders.weights.robustness_compat import (
+    attacker_model,
+    encoder_attacker_model,
+    imagenet_dataset,
+    import_robustness,
+    robustness_pgd,
+)
 
 
 def _randomise_batchnorm(model):
@@ -27,9 +33,18 @@ def _save_like_robustness(model, path, epoch=7):
     """What the library's train loop writes: a DataParallel state dict and friends, pickled with dill."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50)
-    torch.save({"model": torch.nn.DataParallel(model).state_dict(), "optimizer": opt.state_dict(),
-                "schedule": sched.state_dict(), "epoch": epoch, "amp": None, "adv_prec1": 0.5},
-               path, pickle_module=dill)
+    torch.save(
+        {
+            "model": torch.nn.DataParallel(model).state_dict(),
+            "optimizer": opt.state_dict(),
+            "schedule": sched.state_dict(),
+            "epoch": epoch,
+            "amp": None,
+            "adv_prec1": 0.5,
+        },
+        path,
+        pickle_module=dill,
+    )
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "alexnet"])
@@ -57,8 +72,9 @@ def test_export_loads_in_robustness_with_matching_logits(tmp_path):
     _randomise_batchnorm(ours)
     path = export_robustness(ours, tmp_path / "exported.pt", epoch=3)
     # The library's own loader (make_and_restore_model: strips 'module.', strict load_state_dict).
-    theirs, ckpt = rb.model_utils.make_and_restore_model(arch="resnet18", dataset=imagenet_dataset(8),
-                                                         resume_path=str(path))
+    theirs, ckpt = rb.model_utils.make_and_restore_model(
+        arch="resnet18", dataset=imagenet_dataset(8), resume_path=str(path)
+    )
     assert ckpt["epoch"] == 3
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -67,8 +83,11 @@ def test_export_loads_in_robustness_with_matching_logits(tmp_path):
 
 def test_small_encoder_round_trips_through_the_robustness_layout(tmp_path):
     torch.manual_seed(0)
-    for arch, kw in [("resnet18", {"small_input": True}), ("vgg16", {"small_input": True, "batch_norm": True}),
-                     ("alexnet", {"small_input": True})]:
+    for arch, kw in [
+        ("resnet18", {"small_input": True}),
+        ("vgg16", {"small_input": True, "batch_norm": True}),
+        ("alexnet", {"small_input": True}),
+    ]:
         ours = create_encoder(arch, num_classes=5, width=0.125, **kw).eval()
         back = create_encoder(arch, checkpoint=str(export_robustness(ours, tmp_path / f"{arch}.pt")))
         assert back.config() == ours.config()

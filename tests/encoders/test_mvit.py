@@ -1,4 +1,5 @@
 """MViTv2 encoders, plain and truly shift-equivariant (encoders/nets/mvit.py) and their autoencoders."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,9 @@ SHIFTS = [(1, 0), (0, 3), (5, 7), (-3, 2), (13, 9)]  # not multiples of the patc
 
 def tiny(equivariant: bool, seed: int = 0, **kw) -> Encoder:
     torch.manual_seed(seed)
-    return create_encoder("mvit_v2_t", num_classes=5, equivariant=equivariant, small_input=True,
-                          **{**TINY, **kw}).eval()
+    return create_encoder(
+        "mvit_v2_t", num_classes=5, equivariant=equivariant, small_input=True, **{**TINY, **kw}
+    ).eval()
 
 
 def test_equivariant_logits_are_invariant_to_any_circular_shift_and_plain_ones_are_not():
@@ -49,8 +51,10 @@ def test_stage_taps_shapes_and_phases():
         for layer in feats:
             assert feature_equivariance_error(feats[layer], shifted[layer]).max() <= 1e-5
     plain = tiny(False)
-    assert {k: tuple(v.shape) for k, v in plain(torch.rand(1, 3, 40, 36)).items()} == \
-        {"stage1": (1, 16, 10, 9), "stage2": (1, 32, 5, 5)}  # plain: any size up to img_size
+    assert {k: tuple(v.shape) for k, v in plain(torch.rand(1, 3, 40, 36)).items()} == {
+        "stage1": (1, 16, 10, 9),
+        "stage2": (1, 32, 5, 5),
+    }  # plain: any size up to img_size
 
 
 def test_adaptive_patch_embed_is_equivariant_alone():
@@ -66,8 +70,18 @@ def test_adaptive_patch_embed_is_equivariant_alone():
 @pytest.mark.parametrize("stride_q", [1, 2])
 def test_adaptive_block_is_equivariant_alone_and_keeps_timm_keys(stride_q):
     torch.manual_seed(0)
-    timm_block = MultiScaleBlock(16, 32, 2, (8, 8), kernel_q=(3, 3), kernel_kv=(3, 3), stride_q=(stride_q,) * 2,
-                                 stride_kv=(4, 4), has_cls_token=False, expand_attn=True)
+    timm_block = MultiScaleBlock(
+        16,
+        32,
+        2,
+        (8, 8),
+        kernel_q=(3, 3),
+        kernel_kv=(3, 3),
+        stride_q=(stride_q,) * 2,
+        stride_kv=(4, 4),
+        has_cls_token=False,
+        expand_attn=True,
+    )
     keys = set(timm_block.state_dict())
     block = AdaptiveMultiScaleBlock(timm_block).eval()
     assert set(block.state_dict()) == keys
@@ -88,8 +102,18 @@ def test_anchor_moves_with_the_content():
 
 def test_gradcheck_of_the_adaptive_pooling_attention():
     torch.manual_seed(0)
-    timm_block = MultiScaleBlock(4, 4, 1, (4, 4), kernel_q=(3, 3), kernel_kv=(3, 3), stride_q=(2, 2),
-                                 stride_kv=(2, 2), has_cls_token=False, expand_attn=True)
+    timm_block = MultiScaleBlock(
+        4,
+        4,
+        1,
+        (4, 4),
+        kernel_q=(3, 3),
+        kernel_kv=(3, 3),
+        stride_q=(2, 2),
+        stride_kv=(2, 2),
+        has_cls_token=False,
+        expand_attn=True,
+    )
     attn = AdaptivePoolingAttention(timm_block.attn).double().eval()
     anchor = torch.tensor([[1, 0]])
     x = torch.randn(1, 16, 4, dtype=torch.float64, requires_grad=True)
@@ -111,17 +135,22 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_plain_weights_say_their_options(tmp_path):
     enc = tiny(False)
-    torch.save({k.removeprefix("model."): v for k, v in enc.state_dict().items() if k.startswith("model.")},
-               tmp_path / "timm.pth")
+    torch.save(
+        {k.removeprefix("model."): v for k, v in enc.state_dict().items() if k.startswith("model.")},
+        tmp_path / "timm.pth",
+    )
     back = create_encoder("mvit_v2_t", checkpoint=str(tmp_path / "timm.pth")).eval()
     assert {k: back.options[k] for k in TINY} == TINY and back.num_classes == 5
 
 
 def test_bad_sizes_and_options_are_refused_in_one_line():
     enc = tiny(True)
-    with pytest.raises(RFIError, match=r"^image size 40x32 does not fit the equivariant mvit_v2_t: height and width "
-                                       r"must be multiples of 16 \(the largest pooling stride it reaches\), e\.g\. "
-                                       r"48x32$"):
+    with pytest.raises(
+        RFIError,
+        match=r"^image size 40x32 does not fit the equivariant mvit_v2_t: height and width "
+        r"must be multiples of 16 \(the largest pooling stride it reaches\), e\.g\. "
+        r"48x32$",
+    ):
         enc.logits(torch.rand(1, 3, 40, 32))
     with pytest.raises(RFIError, match=r"^image size 96x96 is larger than the img_size 64 .* img_size >= 96"):
         tiny(False)(torch.rand(1, 3, 96, 96))
@@ -156,12 +185,20 @@ def test_equivariant_autoencoder_reconstruction_shifts_exactly(layer):
 
 
 def test_a_tiny_training_run(tmp_path):
-    from tests.encoders.conftest import CONFIGS, tiny_config
     from encoders.robust.train import train_encoder
     from encoders.weights.checkpoints import load_encoder
+    from tests.encoders.conftest import CONFIGS, tiny_config
 
-    cfg = tiny_config(tmp_path, "model.width=1.0", "data.train_crops=64", "batch_size=32", "adv.steps=1",
-                      "model.options.img_size=32", "eval.max_images=16", "eval.steps=1",
-                      config=CONFIGS / "mvit_v2_tiny_robust_equivariant.yaml")
+    cfg = tiny_config(
+        tmp_path,
+        "model.width=1.0",
+        "data.train_crops=64",
+        "batch_size=32",
+        "adv.steps=1",
+        "model.options.img_size=32",
+        "eval.max_images=16",
+        "eval.steps=1",
+        config=CONFIGS / "mvit_v2_tiny_robust_equivariant.yaml",
+    )
     enc = load_encoder(train_encoder(cfg).path)
     assert enc.arch == "mvit_v2_t" and enc.equivariant and enc.options["embed_dim"] == 32

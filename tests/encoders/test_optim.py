@@ -1,4 +1,5 @@
 """Optimisers and schedules (encoders.core.optim)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ from encoders.core.optim import OptimConfig, build_optimizer
 @pytest.mark.parametrize("total", [1, 2, 4, 5, 10, 20])
 def test_onecycle_runs_for_any_length(total):
     """5 steps at warmup 0.2 (a one-step warm-up phase) used to divide by zero inside torch."""
-    opt, sched = build_optimizer(OptimConfig(schedule="onecycle", warmup=0.2), [torch.zeros(1, requires_grad=True)],
-                                 total)
+    opt, sched = build_optimizer(
+        OptimConfig(schedule="onecycle", warmup=0.2), [torch.zeros(1, requires_grad=True)], total
+    )
     lrs = []
     for _ in range(total):
         opt.step()

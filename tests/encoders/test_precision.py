@@ -1,4 +1,5 @@
 """Mixed precision (bf16 / fp16 autocast), channels-last and the deterministic switch, on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from encoders import RFIError, create_encoder
-from encoders.robust.attacks import pgd
 from encoders.core.runtime import autocast, check_precision, grad_scaler, seed_everything
 from encoders.core.serialization import load_checkpoint
+from encoders.robust.attacks import pgd
 from encoders.robust.train import train_encoder
 
 
@@ -21,9 +22,21 @@ def _losses(path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_encoder_training_runs_end_to_end_in_mixed_precision(precision, tmp_path, tiny_cfg):
-    path = train_encoder(tiny_cfg(tmp_path, f"precision={precision}", "adv.enabled=true", "adv.steps=1",
-                                  "steps=4", "batch_size=16", "data.train_crops=64", "data.val_crops=16",
-                                  "eval.max_images=16", "log_every=1", "device=cpu"))
+    path = train_encoder(
+        tiny_cfg(
+            tmp_path,
+            f"precision={precision}",
+            "adv.enabled=true",
+            "adv.steps=1",
+            "steps=4",
+            "batch_size=16",
+            "data.train_crops=64",
+            "data.val_crops=16",
+            "eval.max_images=16",
+            "log_every=1",
+            "device=cpu",
+        )
+    )
     losses = _losses(tmp_path / "metrics.jsonl")
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses), losses
     ckpt = load_checkpoint(path)
@@ -41,13 +54,25 @@ def test_channels_last_is_the_memory_format_the_training_step_sees(channels_last
 
     def spy(self, x):  # the batch and the first convolution's weights, as the step's forward pass gets them
         weight = next(m.weight for m in self.encoder.modules() if isinstance(m, torch.nn.Conv2d))
-        seen.append((x.is_contiguous(memory_format=torch.channels_last),
-                     weight.is_contiguous(memory_format=torch.channels_last)))
+        seen.append(
+            (
+                x.is_contiguous(memory_format=torch.channels_last),
+                weight.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
         return forward(self, x)
 
     monkeypatch.setattr(train._Logits, "forward", spy)
-    path = train_encoder(tiny_cfg(tmp_path, f"channels_last={str(channels_last).lower()}", "steps=2", "batch_size=16",
-                                  "eval.enabled=false", "device=cpu"))
+    path = train_encoder(
+        tiny_cfg(
+            tmp_path,
+            f"channels_last={str(channels_last).lower()}",
+            "steps=2",
+            "batch_size=16",
+            "eval.enabled=false",
+            "device=cpu",
+        )
+    )
     assert seen == [(channels_last, channels_last)] * 2
     enc = create_encoder(checkpoint=path)
     assert all(torch.isfinite(p).all() for p in enc.parameters())
@@ -115,19 +140,36 @@ def test_fp16_attack_step_that_overflows_is_recomputed_in_fp32():
 
 
 def test_decoder_training_and_inference_in_bf16(tmp_path):
-    from encoders.weights.checkpoints import save_encoder
     from encoders.core.config import load_config
+    from encoders.weights.checkpoints import save_encoder
     from inversion.autoencoder import RobustAutoencoder
     from inversion.train import TrainDecoderConfig, train_decoder
 
     torch.manual_seed(0)
-    enc_path = save_encoder(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval(),
-                            tmp_path / "encoder.pt")
-    cfg = load_config(TrainDecoderConfig, None, [
-        f"encoder.checkpoint={enc_path}", "encoder.layer=layer3", "data.size=16", "data.train_crops=64",
-        "data.val_crops=8", "batch_size=16", "steps=4", "decoder.channels=16", "decoder.min_channels=8",
-        "sample_every=0", "log_every=2", "device=cpu", "precision=bf16", "channels_last=true",
-        f"out={tmp_path / 'decoder'}"])
+    enc_path = save_encoder(
+        create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval(), tmp_path / "encoder.pt"
+    )
+    cfg = load_config(
+        TrainDecoderConfig,
+        None,
+        [
+            f"encoder.checkpoint={enc_path}",
+            "encoder.layer=layer3",
+            "data.size=16",
+            "data.train_crops=64",
+            "data.val_crops=8",
+            "batch_size=16",
+            "steps=4",
+            "decoder.channels=16",
+            "decoder.min_channels=8",
+            "sample_every=0",
+            "log_every=2",
+            "device=cpu",
+            "precision=bf16",
+            "channels_last=true",
+            f"out={tmp_path / 'decoder'}",
+        ],
+    )
     path = train_decoder(cfg)
     records = [json.loads(line) for line in (tmp_path / "decoder" / "metrics.jsonl").read_text().splitlines()]
     totals = [r["total"] for r in records if "total" in r]

@@ -1,4 +1,5 @@
 """The registry of encoder architectures (encoders/nets/registry.py): listing, a family registered here, filters."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -29,8 +30,14 @@ class ToyFamily(EncoderFamily):
         c = scaled(16, width)
         layers = [nn.Conv2d(3, c, 3, 1 if small_input else 2, 1), nn.ReLU(), nn.MaxPool2d(2)]
         layers += [m for _ in range(toy_blocks) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())]
-        model = nn.Sequential(OrderedDict(features=nn.Sequential(*layers), pool=nn.AdaptiveAvgPool2d(1),
-                                          flat=nn.Flatten(), classifier=nn.Linear(c, num_classes)))
+        model = nn.Sequential(
+            OrderedDict(
+                features=nn.Sequential(*layers),
+                pool=nn.AdaptiveAvgPool2d(1),
+                flat=nn.Flatten(),
+                classifier=nn.Linear(c, num_classes),
+            )
+        )
         taps = OrderedDict([("block1", "features.1"), ("block2", f"features.{len(layers) - 1}")])
         return Built(model, taps, {"toy_blocks": toy_blocks})
 

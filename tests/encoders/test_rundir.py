@@ -1,4 +1,8 @@
-"""The run-folder bookkeeping every trainer shares (encoders/core/rundir.py): guard, resume check, config, metrics, seeds."""
+"""The run-folder bookkeeping every trainer shares (encoders/core/rundir.py).
+
+Guard, resume check, config, metrics, seeds.
+"""
+
 from __future__ import annotations
 
 import json
@@ -39,14 +43,21 @@ def test_run_dir_guard_resume_check_config_and_metrics(tmp_path):
     run = RunDir(tmp_path / "run", "decoder.pt")
     assert not run.has_checkpoint(resume=False) and not run.has_checkpoint(resume=True)
     run.write_config({"seed": 3, "optim": {"lr": 0.1, "betas": [0.9, 0.99]}})
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == {"seed": 3, "optim": {"lr": 0.1,
-                                                                                                  "betas": [0.9, 0.99]}}
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == {
+        "seed": 3,
+        "optim": {"lr": 0.1, "betas": [0.9, 0.99]},
+    }
     run.checkpoint.write_bytes(b"x")
-    with pytest.raises(RFIError, match=r"decoder\.pt exists: pass --resume to continue that run, or choose another --out"):
+    with pytest.raises(
+        RFIError, match=r"decoder\.pt exists: pass --resume to continue that run, or choose another --out"
+    ):
         run.has_checkpoint(resume=False)
     assert run.has_checkpoint(resume=True)
-    with pytest.raises(RFIError, match=r"cannot resume .*decoder\.pt: the config differs in seed \(use the run's "
-                                       r".*config\.yaml or another --out\)"):
+    with pytest.raises(
+        RFIError,
+        match=r"cannot resume .*decoder\.pt: the config differs in seed \(use the run's "
+        r".*config\.yaml or another --out\)",
+    ):
         run.check_resume({"seed": 3, "out": "a"}, {"seed": 4, "out": "b"}, free=["out"])
     run.check_resume({"seed": 3, "out": "a"}, {"seed": 3, "out": "b"}, free=["out"])
 
@@ -69,7 +80,7 @@ def test_only_the_main_process_writes(tmp_path):
 def test_step_seed_is_a_pure_function_of_seed_step_and_rank():
     seeds = {step_seed(s, t, r) for s in range(3) for t in range(50) for r in range(4)}
     assert len(seeds) == 3 * 50 * 4  # no two (seed, step, rank) share a seed
-    assert step_seed(0, 5, 1) == (5 * 4099 + 1) and 0 <= step_seed(2 ** 40, 2 ** 40, 7) < 2 ** 63
+    assert step_seed(0, 5, 1) == (5 * 4099 + 1) and 0 <= step_seed(2**40, 2**40, 7) < 2**63
 
 
 def test_train_result_stands_for_its_path(tmp_path):

@@ -1,4 +1,5 @@
 """The procedurally labelled scenes: deterministic, and each pixel labelled by the layer that covers it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ def test_each_pixel_takes_the_label_and_texture_of_the_last_layer_covering_it():
         top = len(layers) - 1 - np.argmax(masks[::-1], axis=0)  # the last layer covering each pixel
         assert masks[0].all() and layers[0].label == 0  # the background covers everything
         expected_labels = np.array([layer.label for layer in layers])[top]
-        expected_image = np.take_along_axis(np.stack([layer.texture for layer in layers]), top[None, ..., None],
-                                            axis=0)[0]
+        expected_image = np.take_along_axis(
+            np.stack([layer.texture for layer in layers]), top[None, ..., None], axis=0
+        )[0]
         assert np.array_equal(labels.numpy(), expected_labels)
         assert np.array_equal(image.permute(1, 2, 0).numpy(), expected_image)
         # occlusion: an object partly hidden behind a later one keeps only its visible pixels

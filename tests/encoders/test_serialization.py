@@ -69,7 +69,7 @@ def _flip_after(path, marker: bytes, old: bytes, new: bytes) -> None:
     """Replace the first ``old`` after ``marker`` in the file's bytes (a flipped bit on disk)."""
     data = bytearray(path.read_bytes())
     at = data.index(old, data.index(marker))
-    data[at:at + len(old)] = new
+    data[at : at + len(old)] = new
     path.write_bytes(bytes(data))
 
 
@@ -96,12 +96,15 @@ def test_files_of_an_older_rfi_are_checked_by_their_tensor_hash(tmp_path):
     assert CHECKSUM_KEY in torch.load(new, weights_only=True)
 
 
-@pytest.mark.parametrize("ckpt, message", [
-    ({"format": "rfi-decoder", "version": 99}, "version 99, newer than this RFI reads (1): upgrade RFI"),
-    ({"format": "rfi-dekoder", "version": 1}, "unknown checkpoint format 'rfi-dekoder'"),
-    ({"format": 7}, "unknown checkpoint format 7"),
-    ({"format": "rfi-encoder", "version": "2"}, "invalid rfi-encoder version '2'"),
-])
+@pytest.mark.parametrize(
+    "ckpt, message",
+    [
+        ({"format": "rfi-decoder", "version": 99}, "version 99, newer than this RFI reads (1): upgrade RFI"),
+        ({"format": "rfi-dekoder", "version": 1}, "unknown checkpoint format 'rfi-dekoder'"),
+        ({"format": 7}, "unknown checkpoint format 7"),
+        ({"format": "rfi-encoder", "version": "2"}, "invalid rfi-encoder version '2'"),
+    ],
+)
 def test_formats_and_versions_it_does_not_know_are_refused(ckpt, message, tmp_path):
     path = save_checkpoint({**ckpt, "state_dict": {"w": torch.ones(2)}}, tmp_path / "c.pt")
     with pytest.raises(RFIError, match=f"c.pt .*{re.escape(message)}"):
@@ -117,8 +120,12 @@ def test_foreign_files_without_a_format_still_load(tmp_path):
 
 def test_every_checkpoint_format_rfi_writes_is_known():
     root = Path(__file__).resolve().parents[2]
-    written = {m for package in ("encoders", "inversion", "apps") for path in (root / package).rglob("*.py")
-               for m in re.findall(r'_FORMAT = "(rfi-[a-z-]+)"', path.read_text())}
+    written = {
+        m
+        for package in ("encoders", "inversion", "apps")
+        for path in (root / package).rglob("*.py")
+        for m in re.findall(r'_FORMAT = "(rfi-[a-z-]+)"', path.read_text())
+    }
     assert written and written <= set(FORMAT_VERSIONS), written - set(FORMAT_VERSIONS)
 
 
@@ -133,12 +140,15 @@ def test_a_tensor_holding_nan_or_inf_is_refused_by_name(bad, tmp_path):
     assert load_checkpoint(fine)["steps"].tolist() == [1, 2]  # integers, and numbers that are not weights
 
 
-@pytest.mark.parametrize("report, key", [
-    ({"models": {"robust": {"psnr": float("nan")}}}, "models/robust/psnr"),
-    ({"acc": [0.5, float("inf")]}, "acc/1"),
-    ({"acc": np.float32("nan")}, "acc"),
-    ({"acc": torch.tensor(float("nan"))}, "acc"),
-])
+@pytest.mark.parametrize(
+    "report, key",
+    [
+        ({"models": {"robust": {"psnr": float("nan")}}}, "models/robust/psnr"),
+        ({"acc": [0.5, float("inf")]}, "acc/1"),
+        ({"acc": np.float32("nan")}, "acc"),
+        ({"acc": torch.tensor(float("nan"))}, "acc"),
+    ],
+)
 def test_json_reports_never_hold_nan(report, key, tmp_path):
     with pytest.raises(RFIError, match=f"refusing to write .*r.json: '{re.escape(key)}' is NaN or Inf"):
         write_json(report, tmp_path / "r.json")

@@ -1,4 +1,5 @@
 """Shift-consistency metrics and the ``rfi shift-consistency`` command."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,11 @@ import pytest
 import torch
 
 from encoders import create_encoder
-from encoders.weights.checkpoints import save_encoder
 from encoders.data.embedded import EmbeddedCrops
 from encoders.robust.shift import circular_shift, feature_equivariance_error, random_offsets, shift_consistency
+from encoders.weights.checkpoints import save_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def pair(downsample: str):
@@ -57,8 +57,21 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     save_encoder(enc, tmp_path / "enc.pt")
     save_decoder(ae.decoders["layer3"], tmp_path / "dec.pt", enc.config())
     out = tmp_path / "shift.json"
-    code = main(["shift-consistency", "--encoder", str(tmp_path / "enc.pt"), "--decoder", str(tmp_path / "dec.pt"),
-                 "--size", "16", "--max-images", "8", "--json", str(out)])
+    code = main(
+        [
+            "shift-consistency",
+            "--encoder",
+            str(tmp_path / "enc.pt"),
+            "--decoder",
+            str(tmp_path / "dec.pt"),
+            "--size",
+            "16",
+            "--max-images",
+            "8",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "consistency" in printed and "100.0%" in printed

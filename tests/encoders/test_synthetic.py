@@ -1,4 +1,5 @@
 """Synthetic natural-like images and the photos + synthetic mixture (``data.source: mixed``)."""
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_radii_follow_the_power_law():
     r = power_law_radii(np.random.default_rng(0), 40000, 3.0, 1.0, 100.0)
     assert r.min() >= 1.0 and r.max() <= 100.0
     # P(r > 2) = (2^-2 - 100^-2) / (1 - 100^-2) for p(r) ~ r^-3 on [1, 100]
-    expected = (2 ** -2 - 100 ** -2) / (1 - 100 ** -2)
+    expected = (2**-2 - 100**-2) / (1 - 100**-2)
     assert abs((r > 2).mean() - expected) < 0.01
 
 

@@ -1,4 +1,5 @@
 """The training scaffold (encoders/core/trainer.py) on a toy trainer: data order, resume, cadence, config check."""
+
 from __future__ import annotations
 
 import json
@@ -67,13 +68,14 @@ class ToyTrainer(Trainer):
 
 
 def _run(out: Path, resume: bool = False, **cfg) -> ToyTrainer:
-    return run_trainer(lambda ctx, device: ToyTrainer(ToyConfig(**cfg), ctx, device, out), "cpu", resume=resume
-                       ).metrics["trainer"]
+    return run_trainer(
+        lambda ctx, device: ToyTrainer(ToyConfig(**cfg), ctx, device, out), "cpu", resume=resume
+    ).metrics["trainer"]
 
 
 def test_every_epoch_is_one_pass_in_an_order_given_by_seed_and_epoch(tmp_path):
     run = _run(tmp_path / "a")
-    epochs = [sorted(sum(run.batches_seen[e * 4:(e + 1) * 4], [])) for e in range(3)]
+    epochs = [sorted(sum(run.batches_seen[e * 4 : (e + 1) * 4], [])) for e in range(3)]
     assert epochs == [[float(i) for i in range(8)]] * 3
     assert run.batches_seen[:4] != run.batches_seen[4:8]  # reshuffled every epoch
     assert _run(tmp_path / "b").batches_seen == run.batches_seen  # a pure function of seed and epoch
@@ -102,10 +104,16 @@ def test_resume_skips_the_batches_done_and_ends_bit_identical(tmp_path, monkeypa
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["train"]["step"] == 6  # mid-epoch 2
     resumed = _run(tmp_path / "cut", resume=True)
     assert resumed.batches_seen == full.batches_seen[6:]
-    assert all(torch.equal(a, b) for a, b in zip(full.module.state_dict().values(),
-                                                 resumed.module.state_dict().values()))
-    logs = [[{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
-             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("full", "cut")]
+    assert all(
+        torch.equal(a, b) for a, b in zip(full.module.state_dict().values(), resumed.module.state_dict().values())
+    )
+    logs = [
+        [
+            {k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in ("full", "cut")
+    ]
     assert logs[0] == logs[1] and len(logs[0]) == 12 and "loss" in logs[0][-1]
 
 

@@ -1,4 +1,5 @@
 """The PASCAL VOC layout: a dummy tree of palette PNGs loads; each bad input gives its one line."""
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,8 @@ def write_dummy_voc(root: Path, num_classes: int = 4, size: tuple[int, int] = (4
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
             mask = np.zeros((h, w), dtype=np.uint8)
             top, left = rng.integers(2, h // 2), rng.integers(2, w // 2)
-            mask[top - 1:top + 11, left - 1:left + 11] = IGNORE_INDEX
-            mask[top:top + 10, left:left + 10] = rng.integers(1, num_classes)
+            mask[top - 1 : top + 11, left - 1 : left + 11] = IGNORE_INDEX
+            mask[top : top + 10, left : left + 10] = rng.integers(1, num_classes)
             write_label_png(torch.from_numpy(mask.astype(np.int64)), root / "SegmentationClass" / f"{name}.png")
     return root
 

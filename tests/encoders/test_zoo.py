@@ -1,4 +1,5 @@
 """The model zoo: fetch from a local file:// URL (nothing downloads), hash checks, atomicity, offline message."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,9 @@ def _payload(tmp_path, name="weights.pt"):
 
 
 def _entry(src, sha256=None, filename=""):
-    return zoo.ZooEntry("test_weights", src.as_uri(), "resnet50", "imagenet", "test file", "tests",
-                        filename=filename, sha256=sha256)
+    return zoo.ZooEntry(
+        "test_weights", src.as_uri(), "resnet50", "imagenet", "test file", "tests", filename=filename, sha256=sha256
+    )
 
 
 def _leftovers(folder):
@@ -31,8 +33,15 @@ def _leftovers(folder):
 
 def test_catalogue_has_the_expected_checkpoints_and_torchvision_hash_prefixes():
     names = [e.name for e in zoo.entries()]
-    for name in ("imagenet_l2_3_0", "imagenet_linf_4", "imagenet_linf_8", "cifar_l2_0_5", "cifar_linf_8",
-                 "torchvision_alexnet", "torchvision_vgg16"):
+    for name in (
+        "imagenet_l2_3_0",
+        "imagenet_linf_4",
+        "imagenet_linf_8",
+        "cifar_l2_0_5",
+        "cifar_linf_8",
+        "torchvision_alexnet",
+        "torchvision_vgg16",
+    ):
         assert name in names
     alex = zoo.get_entry("zoo:torchvision_alexnet")
     assert alex.filename == "alexnet-owt-7be5be79.pth" and alex.sha256 == "7be5be79"

@@ -1,8 +1,9 @@
 """Fixtures for decoder tests: a tiny random encoder checkpoint and tiny training configs."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -14,9 +15,21 @@ from inversion.train import TrainDecoderConfig, train_decoder
 from tests.conftest import tiny_net
 
 # A tiny run: 16-px crops, 128 training crops, batch 16 -> 8 steps per epoch.
-TINY = ["encoder.layer=layer3", "data.size=16", "data.train_crops=128", "data.val_crops=16",
-        "batch_size=16", "epochs=2", "decoder.channels=16", "decoder.min_channels=8",
-        "loss.disc_channels=8", "optim.lr=0.005", "sample_every=4", "log_every=2", "device=cpu"]
+TINY = [
+    "encoder.layer=layer3",
+    "data.size=16",
+    "data.train_crops=128",
+    "data.val_crops=16",
+    "batch_size=16",
+    "epochs=2",
+    "decoder.channels=16",
+    "decoder.min_channels=8",
+    "loss.disc_channels=8",
+    "optim.lr=0.005",
+    "sample_every=4",
+    "log_every=2",
+    "device=cpu",
+]
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +56,18 @@ def tiny_decoder_path(tiny_encoder_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("decoder")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = load_config(TrainDecoderConfig, None, [f"encoder.checkpoint={tiny_encoder_path}", *TINY, "steps=40",
-                                                 "data.train_crops=640", "sample_every=0", f"out={out}"])
+    cfg = load_config(
+        TrainDecoderConfig,
+        None,
+        [
+            f"encoder.checkpoint={tiny_encoder_path}",
+            *TINY,
+            "steps=40",
+            "data.train_crops=640",
+            "sample_every=0",
+            f"out={out}",
+        ],
+    )
     try:
         return train_decoder(cfg).path
     finally:
@@ -56,8 +79,11 @@ def tiny_config(tiny_encoder_path, tmp_path) -> Callable[..., TrainDecoderConfig
     """``tiny_config("loss.feature=0", out=...)``: the tiny run's config with overrides."""
 
     def make(*overrides: str, out: str | Path | None = None) -> TrainDecoderConfig:
-        return load_config(TrainDecoderConfig, None, [f"encoder.checkpoint={tiny_encoder_path}", *TINY,
-                                                      f"out={out or tmp_path / 'run'}", *overrides])
+        return load_config(
+            TrainDecoderConfig,
+            None,
+            [f"encoder.checkpoint={tiny_encoder_path}", *TINY, f"out={out or tmp_path / 'run'}", *overrides],
+        )
 
     return make
 
@@ -86,5 +112,14 @@ def equivariance_errors(ae, x: torch.Tensor, shifts: torch.Tensor) -> torch.Tens
 
     with torch.no_grad():
         rec = ae.decode(ae.encode(x))
-        return torch.stack([(ae.decode(ae.encode(circular_shift(x, s.expand(len(x), 2))))
-                             - circular_shift(rec, s.expand(len(x), 2))).abs().max() for s in shifts])
+        return torch.stack(
+            [
+                (
+                    ae.decode(ae.encode(circular_shift(x, s.expand(len(x), 2))))
+                    - circular_shift(rec, s.expand(len(x), 2))
+                )
+                .abs()
+                .max()
+                for s in shifts
+            ]
+        )

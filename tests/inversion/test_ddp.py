@@ -1,4 +1,5 @@
 """DDP decoder training: 2 CPU processes on the gloo backend (as ``torchrun --nproc_per_node 2``)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ def _worker(rank: int, world: int, ports: tuple[int, int], cfg, more_steps: int,
 
     The resumed run gets its own port, as a second ``torchrun`` launch would: on one port a fast rank
     could reach rank 0's first store just before rank 0 tears it down."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), RFI_NO_PROGRESS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ports[0]),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        RFI_NO_PROGRESS="1",
+    )
     torch.set_num_threads(1)
     import encoders.core.imageio
     import encoders.core.rundir
@@ -75,13 +82,33 @@ def test_two_gloo_processes_train_identical_weights(tiny_config, tmp_path):
 def test_torchrun_command_line(tiny_encoder_path, tmp_path):
     """The documented command: ``torchrun --standalone --nproc_per_node 2 -m apps.cli train-decoder ...``."""
     out = tmp_path / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "apps.cli", "train-decoder", "--config", "configs/decoder/resnet18_robust_layer3.yaml",
-           f"encoder.checkpoint={tiny_encoder_path}", "data.size=16", "data.train_crops=128", "data.val_crops=16",
-           "batch_size=16", "steps=6", "decoder.channels=16", "device=cpu", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "apps.cli",
+        "train-decoder",
+        "--config",
+        "configs/decoder/resnet18_robust_layer3.yaml",
+        f"encoder.checkpoint={tiny_encoder_path}",
+        "data.size=16",
+        "data.train_crops=128",
+        "data.val_crops=16",
+        "batch_size=16",
+        "steps=6",
+        "decoder.channels=16",
+        "device=cpu",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "RFI_NO_PROGRESS": "1"}
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(out / "decoder.pt")
     assert torch.load(out / "decoder.pt", weights_only=True)["train"]["world_size"] == 2

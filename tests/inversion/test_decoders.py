@@ -1,4 +1,5 @@
 """The fully convolutional ``Decoder`` and the ``RobustAutoencoder`` core (multiscale, tiling, fit checks)."""
+
 from __future__ import annotations
 
 import re
@@ -10,6 +11,7 @@ from encoders import create_encoder
 from encoders.core.errors import RFIError
 from encoders.core.serialization import load_checkpoint, save_checkpoint
 from encoders.data.embedded import embedded_image, region
+from encoders.weights.checkpoints import encoder_fingerprint, save_encoder
 from inversion import (
     Decoder,
     RobustAutoencoder,
@@ -17,7 +19,6 @@ from inversion import (
     load_decoder,
     save_decoder,
 )
-from encoders.weights.checkpoints import encoder_fingerprint, save_encoder
 from inversion.autoencoder import model_kind
 from inversion.decoders import decoder_from_checkpoint
 from tests.conftest import tiny_net
@@ -40,9 +41,15 @@ def test_decoder_output_is_stride_times_features(stride, h, w):
 
 
 def test_decoder_skips_and_their_checks():
-    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8, skips={"layer1": (8, 1), "layer2": (16, 2)})
+    dec = Decoder(
+        32, stride=4, layer="layer3", channels=16, min_channels=8, skips={"layer1": (8, 1), "layer2": (16, 2)}
+    )
     assert dec.input_layers == ["layer3", "layer1", "layer2"]
-    feats = {"layer3": torch.randn(1, 32, 4, 6), "layer2": torch.randn(1, 16, 8, 12), "layer1": torch.randn(1, 8, 16, 24)}
+    feats = {
+        "layer3": torch.randn(1, 32, 4, 6),
+        "layer2": torch.randn(1, 16, 8, 12),
+        "layer1": torch.randn(1, 8, 16, 24),
+    }
     assert dec(feats).shape == (1, 3, 16, 24)
     with pytest.raises(RFIError, match="skip features"):
         dec(feats["layer3"])
@@ -57,8 +64,9 @@ def test_image_level_skip_shares_a_stage_and_carries_the_input(encoder):
     info = encoder.feature_info()
     assert info["input"] == (3, 1) and "input" not in encoder.layer_names
     torch.manual_seed(0)
-    dec = Decoder(*info["layer3"], "layer3", channels=16, min_channels=8,
-                  skips={"input": info["input"], "layer1": info["layer1"]}).eval()
+    dec = Decoder(
+        *info["layer3"], "layer3", channels=16, min_channels=8, skips={"input": info["input"], "layer1": info["layer1"]}
+    ).eval()
     ae = RobustAutoencoder(encoder, dec)
     x = torch.rand(2, 3, 32, 32)
     feats = ae.encode(x)
@@ -78,8 +86,14 @@ def test_residual_decoder_starts_as_identity_and_learns_a_correction(encoder, tm
     with pytest.raises(RFIError, match="needs the 'input' skip"):
         Decoder(*info["layer3"], "layer3", residual=True, skips={"layer1": info["layer1"]})
     torch.manual_seed(0)
-    dec = Decoder(*info["layer3"], "layer3", channels=16, min_channels=8, residual=True,
-                  skips={"input": info["input"], "layer1": info["layer1"]})
+    dec = Decoder(
+        *info["layer3"],
+        "layer3",
+        channels=16,
+        min_channels=8,
+        residual=True,
+        skips={"input": info["input"], "layer1": info["layer1"]},
+    )
     ae = RobustAutoencoder(encoder, dec)
     x = torch.rand(2, 3, 24, 40)
     assert torch.equal(ae.reconstruct(x), x)  # zero correction at initialisation
@@ -96,10 +110,12 @@ def test_residual_decoder_starts_as_identity_and_learns_a_correction(encoder, tm
     assert loaded.config()["residual"] is True
     assert torch.equal(RobustAutoencoder(encoder, loaded).reconstruct(x), ae.reconstruct(x))
 
+
 def test_decoder_checkpoint_round_trip(tmp_path, encoder):
     torch.manual_seed(1)
-    dec = Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8, skips={"layer1": (8, 1)},
-                  padding_mode="replicate").eval()
+    dec = Decoder(
+        32, stride=4, layer="layer3", channels=16, min_channels=8, skips={"layer1": (8, 1)}, padding_mode="replicate"
+    ).eval()
     path = save_decoder(dec, tmp_path / "d.pt", encoder.config(), note="x")
     loaded, ckpt = load_decoder(path)
     assert ckpt["note"] == "x" and ckpt["encoder"]["arch"] == "resnet18"
@@ -188,9 +204,12 @@ def test_a_decoder_records_its_encoder_and_refuses_another(encoder, tmp_path):
     assert load_decoder(path)[1]["encoder_sha256"] == encoder_fingerprint(encoder)
     other = tiny_net(seed=1)  # the same settings, other weights: a "standard" encoder for a "robust" decoder
     save_encoder(other, tmp_path / "standard.pt")
-    with pytest.raises(RFIError, match=r"d.pt was trained on another resnet18 encoder than .*standard.pt \(differs "
-                                       r"in its weights; it was trained on runs/robust/checkpoint.pt\): "
-                                       r".*--allow-mismatch"):
+    with pytest.raises(
+        RFIError,
+        match=r"d.pt was trained on another resnet18 encoder than .*standard.pt \(differs "
+        r"in its weights; it was trained on runs/robust/checkpoint.pt\): "
+        r".*--allow-mismatch",
+    ):
         RobustAutoencoder.from_checkpoints(tmp_path / "standard.pt", path)
     assert RobustAutoencoder.from_checkpoints(tmp_path / "standard.pt", path, allow_mismatch=True).layer == "layer3"
     assert RobustAutoencoder.from_checkpoints(encoder, path).layer == "layer3"
@@ -207,11 +226,14 @@ def test_a_decoder_with_nan_weights_is_refused(tmp_path):
         load_decoder(save_decoder(dec, tmp_path / "d.pt"))
 
 
-@pytest.mark.parametrize("recorded, wanted, message", [
-    ({"app": "style"}, "denoise", "is not a denoiser (rfi denoise train): it is a style pyramid (rfi style train)"),
-    ({"app": "denoise"}, "style", "is not a style pyramid (rfi style train): it is a denoiser (rfi denoise train)"),
-    ({"anomaly": {"threshold": 1.0}}, "denoise", "is not a denoiser (rfi denoise train): it is an anomaly model"),
-])
+@pytest.mark.parametrize(
+    "recorded, wanted, message",
+    [
+        ({"app": "style"}, "denoise", "is not a denoiser (rfi denoise train): it is a style pyramid (rfi style train)"),
+        ({"app": "denoise"}, "style", "is not a style pyramid (rfi style train): it is a denoiser (rfi denoise train)"),
+        ({"anomaly": {"threshold": 1.0}}, "denoise", "is not a denoiser (rfi denoise train): it is an anomaly model"),
+    ],
+)
 def test_a_model_file_of_another_kind_is_refused(recorded, wanted, message, encoder, tmp_path):
     ae = RobustAutoencoder(encoder, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
     path = ae.save(tmp_path / "m.pt", **recorded)
@@ -223,8 +245,10 @@ def test_a_model_file_of_another_kind_is_refused(recorded, wanted, message, enco
 
 def test_an_unknown_layer_names_the_decoders_it_has(encoder):
     ae = RobustAutoencoder(encoder, Decoder(32, stride=4, layer="layer3", channels=16, min_channels=8))
-    for call in (lambda: ae.reconstruct(torch.rand(1, 3, 16, 16), layer="layer1"),
-                 lambda: ae.reconstruct(torch.rand(1, 3, 16, 16), layer="layer1", tile=8),
-                 lambda: ae.pad(torch.rand(1, 3, 16, 16), layer="layer1")):
+    for call in (
+        lambda: ae.reconstruct(torch.rand(1, 3, 16, 16), layer="layer1"),
+        lambda: ae.reconstruct(torch.rand(1, 3, 16, 16), layer="layer1", tile=8),
+        lambda: ae.pad(torch.rand(1, 3, 16, 16), layer="layer1"),
+    ):
         with pytest.raises(RFIError, match=r"no decoder for layer 'layer1' \(have: layer3\)"):
             call()

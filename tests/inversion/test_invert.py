@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 
 from apps.cli import main
-from encoders.weights.checkpoints import load_encoder
 from encoders.core.files import plan_outputs
 from encoders.core.imageio import read_image
+from encoders.weights.checkpoints import load_encoder
 from inversion import Decoder, RobustAutoencoder, save_decoder
 from inversion.invert import invert_files
 
@@ -44,8 +44,20 @@ def mixed_folder(tmp_path):
 
 def test_invert_folder_with_bad_files(tiny_encoder_path, decoder_path, mixed_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["invert", str(mixed_folder), "--encoder", str(tiny_encoder_path), "--decoder", str(decoder_path),
-                 "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "invert",
+            str(mixed_folder),
+            "--encoder",
+            str(tiny_encoder_path),
+            "--decoder",
+            str(decoder_path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 1
     written = sorted(p.name for p in out.iterdir())
     assert written == ["color.png", "deep.png", "gray.png", "palette.png", "rgba.png"]
@@ -68,8 +80,16 @@ def test_invert_matches_autoencoder_and_tiles(tiny_encoder_path, decoder_path, t
     x = read_image(src)[None]
     for tile, expected in ((None, ae.reconstruct(x)), (32, ae.reconstruct(x, tile=32))):
         out = tmp_path / f"out{tile}"
-        args = ["invert", str(src), "--encoder", str(tiny_encoder_path), "--decoder", str(decoder_path),
-                "--out", str(out)] + (["--tile", str(tile)] if tile else [])
+        args = [
+            "invert",
+            str(src),
+            "--encoder",
+            str(tiny_encoder_path),
+            "--decoder",
+            str(decoder_path),
+            "--out",
+            str(out),
+        ] + (["--tile", str(tile)] if tile else [])
         assert main(args) == 0
         got = read_image(out / "a.png")
         assert (got - expected[0]).abs().max() <= 1 / 255 + 1e-6
@@ -105,8 +125,18 @@ def test_outputs_never_overwrite_inputs(tiny_encoder_path, decoder_path, tmp_pat
 def test_mismatched_decoder_is_refused(tiny_encoder_path, tmp_path, capsys):
     bad = save_decoder(Decoder(48, 4, "layer3"), tmp_path / "bad.pt", {"arch": "resnet18"}, train_size=16)
     Image.fromarray(_rgb(20, 20)).save(tmp_path / "a.png")
-    code = main(["invert", str(tmp_path / "a.png"), "--encoder", str(tiny_encoder_path), "--decoder", str(bad),
-                 "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "invert",
+            str(tmp_path / "a.png"),
+            "--encoder",
+            str(tiny_encoder_path),
+            "--decoder",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "do not fit" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -127,5 +157,6 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_output_paths(tmp_path):
-    assert plan_outputs([tmp_path / "x" / "a.jpg"], tmp_path / "o", lambda p: [p.stem + ".png"]) == \
-        [[tmp_path / "o" / "a.png"]]
+    assert plan_outputs([tmp_path / "x" / "a.jpg"], tmp_path / "o", lambda p: [p.stem + ".png"]) == [
+        [tmp_path / "o" / "a.png"]
+    ]

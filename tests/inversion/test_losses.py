@@ -1,4 +1,5 @@
 """Loss terms and discriminators of decoder training."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """LPS encoder + LPU decoder: exact circular-shift equivariance of the reconstruction."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,15 @@ def autoencoder(downsample: str, layer: str = "layer3", skips=(), **kw) -> Robus
     enc = create_encoder("resnet18", width=0.125, num_classes=8, downsample=downsample, **kw)
     info = enc.feature_info()
     channels, stride = info[layer]
-    dec = Decoder(channels, stride, layer, channels=16, min_channels=8, skips={s: info[s] for s in skips},
-                  **polyphase_options(enc, layer, "reflect"))
+    dec = Decoder(
+        channels,
+        stride,
+        layer,
+        channels=16,
+        min_channels=8,
+        skips={s: info[s] for s in skips},
+        **polyphase_options(enc, layer, "reflect"),
+    )
     return RobustAutoencoder(enc, dec)
 
 
@@ -70,7 +78,8 @@ def test_lps_decoder_errors():
         ae.decode(feats["layer3"])  # a bare tensor carries no phases
     assert ae.decode(feats["layer3"], phases=feats.phases).shape == (1, 3, 32, 32)
     with pytest.raises(RFIError, match="downsample='lps'"):
-        RobustAutoencoder(create_encoder("resnet18", width=0.125, num_classes=8, small_input=True),
-                          ae.decoders["layer3"])
+        RobustAutoencoder(
+            create_encoder("resnet18", width=0.125, num_classes=8, small_input=True), ae.decoders["layer3"]
+        )
     with pytest.raises(RFIError, match="padding_mode='circular'"):
         Decoder(32, 4, "layer3", upsample="lps", phase_from=["a", "b"])

@@ -3,8 +3,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from encoders.data.embedded import EmbeddedCrops
 from encoders.core.errors import RFIError
+from encoders.data.embedded import EmbeddedCrops
 from inversion.metrics import MAX_PSNR, lpips_distance, psnr, ssim
 from inversion.perceptual import load_lpips
 
@@ -39,8 +39,18 @@ def test_psnr_identical_images_is_capped():
 def test_ssim_matches_skimage_gaussian_ssim():
     x, y = _pair()
     ours = ssim(x, y)
-    ref = [structural_similarity(_hwc(a), _hwc(b), channel_axis=2, data_range=1.0, gaussian_weights=True,
-                                 sigma=1.5, use_sample_covariance=False) for a, b in zip(x, y)]
+    ref = [
+        structural_similarity(
+            _hwc(a),
+            _hwc(b),
+            channel_axis=2,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        for a, b in zip(x, y)
+    ]
     np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4)
     assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-5)
 

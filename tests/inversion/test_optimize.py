@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from encoders import create_encoder
-from encoders.data.embedded import EmbeddedCrops
 from encoders.core.errors import RFIError
+from encoders.data.embedded import EmbeddedCrops
 from inversion.metrics import psnr
 from inversion.optimize import invert_by_optimization
 
@@ -25,7 +25,7 @@ def images():
 def _feature_error(encoder, rec, images, layer):
     with torch.no_grad():
         a, b = encoder(rec, layers=[layer])[layer], encoder(images, layers=[layer])[layer]
-    return ((a - b).pow(2).flatten(1).sum(1) / b.pow(2).flatten(1).sum(1))
+    return (a - b).pow(2).flatten(1).sum(1) / b.pow(2).flatten(1).sum(1)
 
 
 def test_matches_features_and_improves_pixels(encoder, images):

@@ -3,6 +3,7 @@
 Everything is tiny (encoders at width 0.125 in their full-size layout, so the strides are
 the real ones: AlexNet 4 / 8 / 17, VGG and ResNet powers of two) and runs in seconds.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,13 +36,25 @@ from tests.conftest import tiny_net
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = [(224, 224), (201, 201), (227, 190)]
-LAYERS = {"alexnet": ["conv1", "conv2", "conv3", "conv4", "conv5"],
-          "vgg16": ["relu1_2", "relu2_1", "relu4_1", "relu5_1"],
-          "resnet18": ["layer1", "layer2", "layer3", "layer4"],
-          "resnet50": ["layer1", "layer2", "layer3", "layer4"]}
+LAYERS = {
+    "alexnet": ["conv1", "conv2", "conv3", "conv4", "conv5"],
+    "vgg16": ["relu1_2", "relu2_1", "relu4_1", "relu5_1"],
+    "resnet18": ["layer1", "layer2", "layer3", "layer4"],
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+}
 BASE = "configs/decoder/resnet18_robust_layer3.yaml"
-TINY = ["data.size=16", "data.train_crops=32", "data.val_crops=4", "batch_size=8", "decoder.channels=8",
-        "decoder.min_channels=8", "sample_every=0", "log_every=1", "device=cpu", "encoder.layer=layer3"]
+TINY = [
+    "data.size=16",
+    "data.train_crops=32",
+    "data.val_crops=4",
+    "batch_size=8",
+    "decoder.channels=8",
+    "decoder.min_channels=8",
+    "sample_every=0",
+    "log_every=1",
+    "device=cpu",
+    "encoder.layer=layer3",
+]
 
 
 def _encoder(arch: str):
@@ -79,8 +92,14 @@ def test_stage_sizes_hit_every_anchor():
 def test_alexnet_skips_land_at_their_resolution():
     enc = _encoder("alexnet")
     info = enc.feature_info()
-    dec = Decoder(info["conv5"][0], info["conv5"][1], "conv5", channels=8, min_channels=4,
-                  skips={"conv2": info["conv2"], "conv1": info["conv1"], "input": info["input"]}).eval()
+    dec = Decoder(
+        info["conv5"][0],
+        info["conv5"][1],
+        "conv5",
+        channels=8,
+        min_channels=4,
+        skips={"conv2": info["conv2"], "conv1": info["conv1"], "input": info["input"]},
+    ).eval()
     assert dec.skip_at == {0: ["conv2"], 1: ["conv1"], 3: ["input"]}
     ae = RobustAutoencoder(enc, dec)
     for size in SIZES:
@@ -99,16 +118,50 @@ def test_power_of_two_strides_are_unchanged(tmp_path):
     torch.manual_seed(0)
     dec = Decoder(32, 4, "layer3", channels=16, min_channels=8, skips={"layer1": (8, 1)}).eval()
     assert list(dec.state_dict()) == [
-        "head.0.0.weight", "head.0.1.weight", "head.0.1.bias", "head.0.1.running_mean", "head.0.1.running_var",
-        "head.0.1.num_batches_tracked", "head.1.body.0.0.weight", "head.1.body.0.1.weight", "head.1.body.0.1.bias",
-        "head.1.body.0.1.running_mean", "head.1.body.0.1.running_var", "head.1.body.0.1.num_batches_tracked",
-        "head.1.body.1.weight", "head.1.body.2.weight", "head.1.body.2.bias", "head.1.body.2.running_mean",
-        "head.1.body.2.running_var", "head.1.body.2.num_batches_tracked", "stages.0.0.weight", "stages.0.1.weight",
-        "stages.0.1.bias", "stages.0.1.running_mean", "stages.0.1.running_var", "stages.0.1.num_batches_tracked",
-        "stages.1.0.weight", "stages.1.1.weight", "stages.1.1.bias", "stages.1.1.running_mean",
-        "stages.1.1.running_var", "stages.1.1.num_batches_tracked", "tail.weight", "tail.bias"]
-    assert set(dec.config()) == {"in_channels", "stride", "layer", "channels", "min_channels", "blocks", "skips",
-                                 "padding_mode", "norm"}
+        "head.0.0.weight",
+        "head.0.1.weight",
+        "head.0.1.bias",
+        "head.0.1.running_mean",
+        "head.0.1.running_var",
+        "head.0.1.num_batches_tracked",
+        "head.1.body.0.0.weight",
+        "head.1.body.0.1.weight",
+        "head.1.body.0.1.bias",
+        "head.1.body.0.1.running_mean",
+        "head.1.body.0.1.running_var",
+        "head.1.body.0.1.num_batches_tracked",
+        "head.1.body.1.weight",
+        "head.1.body.2.weight",
+        "head.1.body.2.bias",
+        "head.1.body.2.running_mean",
+        "head.1.body.2.running_var",
+        "head.1.body.2.num_batches_tracked",
+        "stages.0.0.weight",
+        "stages.0.1.weight",
+        "stages.0.1.bias",
+        "stages.0.1.running_mean",
+        "stages.0.1.running_var",
+        "stages.0.1.num_batches_tracked",
+        "stages.1.0.weight",
+        "stages.1.1.weight",
+        "stages.1.1.bias",
+        "stages.1.1.running_mean",
+        "stages.1.1.running_var",
+        "stages.1.1.num_batches_tracked",
+        "tail.weight",
+        "tail.bias",
+    ]
+    assert set(dec.config()) == {
+        "in_channels",
+        "stride",
+        "layer",
+        "channels",
+        "min_channels",
+        "blocks",
+        "skips",
+        "padding_mode",
+        "norm",
+    }
     feats = {"layer3": torch.randn(2, 32, 5, 7), "layer1": torch.randn(2, 8, 20, 28)}
     with torch.no_grad():
         plain = dec(feats)
@@ -134,6 +187,7 @@ def test_presets_and_their_overrides(tmp_path):
     enc = _encoder("alexnet")
     cpu = build_decoder(enc, "conv5", DecoderSection())
     big = build_decoder(enc, "conv5", DecoderSection(preset="paper"))
+
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
@@ -189,14 +243,28 @@ def test_robustness_checkpoint_through_the_commands(foreign, tmp_path, capsys):
     assert set(load_checkpoint(rob_path)) == {"model", "epoch"}
     out = tmp_path / "dec"
     # Without the architecture: one line naming the config key to set.
-    assert main(["train-decoder", "--config", BASE, f"encoder.checkpoint={rob_path}", *TINY, "steps=2",
-                 f"out={out}"]) == 2
+    assert (
+        main(["train-decoder", "--config", BASE, f"encoder.checkpoint={rob_path}", *TINY, "steps=2", f"out={out}"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "encoder.arch=resnet50" in err[0] and str(rob_path) in err[0]
     assert not out.exists()
     # With it: trains, and the decoder records the encoder it was trained for.
-    assert main(["train-decoder", "--config", BASE, f"encoder.checkpoint={rob_path}", "encoder.arch=resnet18",
-                 *TINY, "steps=2", f"out={out}"]) == 0
+    assert (
+        main(
+            [
+                "train-decoder",
+                "--config",
+                BASE,
+                f"encoder.checkpoint={rob_path}",
+                "encoder.arch=resnet18",
+                *TINY,
+                "steps=2",
+                f"out={out}",
+            ]
+        )
+        == 0
+    )
     ckpt = load_checkpoint(out / "decoder.pt")
     assert ckpt["encoder"]["arch"] == "resnet18" and ckpt["config"]["encoder"]["arch"] == "resnet18"
     # rfi invert: the decoder says which architecture the file is; --arch works too.
@@ -204,8 +272,24 @@ def test_robustness_checkpoint_through_the_commands(foreign, tmp_path, capsys):
     img.parent.mkdir()
     Image.fromarray((np.random.default_rng(1).random((37, 53, 3)) * 255).astype(np.uint8)).save(img)
     for extra, name in (([], "a"), (["--arch", "resnet18"], "b")):
-        assert main(["invert", str(img), "--encoder", str(rob_path), "--decoder", str(out / "decoder.pt"),
-                     "--out", str(tmp_path / name), "--device", "cpu", *extra]) == 0
+        assert (
+            main(
+                [
+                    "invert",
+                    str(img),
+                    "--encoder",
+                    str(rob_path),
+                    "--decoder",
+                    str(out / "decoder.pt"),
+                    "--out",
+                    str(tmp_path / name),
+                    "--device",
+                    "cpu",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         assert Image.open(tmp_path / name / "photo.png").size == (53, 37)
     a, b = (np.asarray(Image.open(tmp_path / n / "photo.png")) for n in "ab")
     assert np.array_equal(a, b)
@@ -216,15 +300,73 @@ def test_robustness_checkpoint_through_the_commands(foreign, tmp_path, capsys):
     assert torch.equal(same.reconstruct(x), via.reconstruct(x))
     # --method optimize without a decoder: nothing records the architecture, so --arch is asked for.
     capsys.readouterr()
-    assert main(["invert", str(img), "--encoder", str(rob_path), "--method", "optimize", "--layer", "layer2",
-                 "--steps", "1", "--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "invert",
+                str(img),
+                "--encoder",
+                str(rob_path),
+                "--method",
+                "optimize",
+                "--layer",
+                "layer2",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "c"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--arch resnet50" in err[0]
-    assert main(["invert", str(img), "--encoder", str(rob_path), "--method", "optimize", "--layer", "layer2",
-                 "--steps", "1", "--arch", "resnet18", "--out", str(tmp_path / "c"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                str(img),
+                "--encoder",
+                str(rob_path),
+                "--method",
+                "optimize",
+                "--layer",
+                "layer2",
+                "--steps",
+                "1",
+                "--arch",
+                "resnet18",
+                "--out",
+                str(tmp_path / "c"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     # rfi evaluate
-    assert main(["evaluate", "--encoder", str(rob_path), "--decoder", str(out / "decoder.pt"), "--scales", "1",
-                 "--num", "2", "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--encoder",
+                str(rob_path),
+                "--decoder",
+                str(out / "decoder.pt"),
+                "--scales",
+                "1",
+                "--num",
+                "2",
+                "--out",
+                str(tmp_path / "eval"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
 
 def test_apps_name_their_arch_key(foreign, tmp_path):
@@ -242,14 +384,20 @@ def test_apps_name_their_arch_key(foreign, tmp_path):
     with pytest.raises(RFIError, match=r"with arch \(e\.g\. arch=resnet50\)"):
         fit(load_config(AnomalyConfig, None, [f"encoder={rob_path}"]), str(tmp_path / "nothing"), tmp_path / "m.pt")
     with pytest.raises(RFIError, match=r"train\.encoder\.arch=resnet50"):
-        train_denoiser(load_denoiser_config(None, [f"train.encoder.checkpoint={rob_path}",
-                                                   f"train.out={tmp_path / 'den'}"]))
+        train_denoiser(
+            load_denoiser_config(None, [f"train.encoder.checkpoint={rob_path}", f"train.out={tmp_path / 'den'}"])
+        )
     assert not (tmp_path / "den").exists()  # refused before anything is written
 
 
 # ----------------------------------------------------------------------------- the paper configs
-@pytest.mark.parametrize("config,arch", [("configs/paper/alexnet_conv5_imagenet.yaml", "alexnet"),
-                                         ("configs/paper/resnet50_layer4_robustness.yaml", "resnet50")])
+@pytest.mark.parametrize(
+    "config,arch",
+    [
+        ("configs/paper/alexnet_conv5_imagenet.yaml", "alexnet"),
+        ("configs/paper/resnet50_layer4_robustness.yaml", "resnet50"),
+    ],
+)
 def test_paper_configs_run(config, arch, tmp_path):
     """Each paper config loads and trains a step on a folder of images, with a random encoder of its
     architecture (small width) given as the file type the config expects."""
@@ -265,10 +413,23 @@ def test_paper_configs_run(config, arch, tmp_path):
     else:
         path = save_encoder(enc, tmp_path / "encoder.pt")
     data = _image_folder(tmp_path / "images")
-    cfg = load_config(TrainDecoderConfig, config, [
-        f"encoder.checkpoint={path}", f"data.root={data}", "data.size=67", "steps=1", "batch_size=2",
-        "num_workers=0", "sample_every=1", "log_every=1", "checkpoint_every=0", "device=cpu",
-        f"out={tmp_path / 'run'}"])
+    cfg = load_config(
+        TrainDecoderConfig,
+        config,
+        [
+            f"encoder.checkpoint={path}",
+            f"data.root={data}",
+            "data.size=67",
+            "steps=1",
+            "batch_size=2",
+            "num_workers=0",
+            "sample_every=1",
+            "log_every=1",
+            "checkpoint_every=0",
+            "device=cpu",
+            f"out={tmp_path / 'run'}",
+        ],
+    )
     ckpt = load_checkpoint(train_decoder(cfg))
     assert ckpt["decoder"]["spectral_norm"] and ckpt["decoder"]["stage_blocks"] == 1
     assert ckpt["discriminator"]["config"]["spectral_norm"]

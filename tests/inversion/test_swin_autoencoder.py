@@ -1,4 +1,5 @@
 """Equivariant Swin encoder + LPU decoder: exact circular-shift equivariance of the reconstruction."""
+
 from __future__ import annotations
 
 import pytest

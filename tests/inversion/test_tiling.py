@@ -1,4 +1,5 @@
 """The one tiler (inversion.tiling) and its users: tiled results equal whole passes."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,9 @@ def ae() -> RobustAutoencoder:
     """An untrained ResNet-18 (width 0.125, 3x3 stem) with a layer1 skip decoder for layer3 (stride 4)."""
     enc = tiny_net()
     info = enc.feature_info()
-    dec = Decoder(info["layer3"][0], info["layer3"][1], "layer3", channels=16, min_channels=8,
-                  skips={"layer1": info["layer1"]})
+    dec = Decoder(
+        info["layer3"][0], info["layer3"][1], "layer3", channels=16, min_channels=8, skips={"layer1": info["layer1"]}
+    )
     for m in dec.modules():  # non-trivial BatchNorm statistics, so eval-mode BN is really exercised
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -36,8 +38,9 @@ def _images(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("length,tile,overlap,align", [(100, 40, 8, 1), (97, 30, 10, 1), (96, 40, 8, 8),
-                                                       (512, 128, 64, 16), (33, 40, 8, 1)])
+@pytest.mark.parametrize(
+    "length,tile,overlap,align", [(100, 40, 8, 1), (97, 30, 10, 1), (96, 40, 8, 8), (512, 128, 64, 16), (33, 40, 8, 1)]
+)
 def test_tile_positions_cover_with_the_overlap(length, tile, overlap, align):
     starts = tile_positions(length, tile, overlap, align)
     assert starts[0] == 0 and starts[-1] + min(tile, length) == length
@@ -46,7 +49,7 @@ def test_tile_positions_cover_with_the_overlap(length, tile, overlap, align):
         assert all(s % align == 0 for s in starts)
     covered = torch.zeros(length, dtype=torch.bool)
     for s in starts:
-        covered[s:s + tile] = True
+        covered[s : s + tile] = True
     assert covered.all()
 
 
@@ -64,11 +67,13 @@ def test_pad_to_multiple_shapes_and_values():
 
 
 def test_receptive_radius_is_measured():
-    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2),
-                        nn.Conv2d(4, 1, 5, padding=2))
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 1, 5, padding=2)
+    )
     assert receptive_radius(net, 2) == 1 + 2 + 2 == conv_radius(net) - 1
-    strided = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, stride=2, padding=1),
-                            nn.Conv2d(1, 1, 3, padding=1))  # the last conv counts twice: 1 + 1 + 2
+    strided = nn.Sequential(
+        nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+    )  # the last conv counts twice: 1 + 1 + 2
     assert receptive_radius(strided, 1) == 4
     with pytest.raises(RFIError, match="receptive field wider than 64 px"):
         receptive_radius(lambda t: t.mean((2, 3), keepdim=True), 1, size=32, max_size=64)

@@ -1,4 +1,5 @@
 """Learnable polyphase up-sampling (LPU): gradients of its hand-written phase placement (float64 gradcheck)."""
+
 from __future__ import annotations
 
 import pytest
