@@ -12,7 +12,7 @@ second call reuses finished runs and resumes killed ones; ``--force`` trains afr
 Budgets (``--budget``) are config overrides in ``configs/quickstart.yaml``.
 
 Example:
-    rfi quickstart --out runs/quickstart            # 8-26 minutes on 2 idle CPU cores (machine-dependent)
+    rfi quickstart --out runs/quickstart            # minutes on a CPU (timings: docs/benchmarks.md)
     rfi quickstart --out /tmp/qs --budget tiny      # a smoke test of a few seconds
 """
 

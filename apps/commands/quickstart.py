@@ -1,7 +1,7 @@
 """``rfi quickstart``: the main job end to end (:func:`apps.quickstart.run_quickstart`).
 
 Example:
-    rfi quickstart --out runs/quickstart            # 8-26 minutes on 2 idle CPU cores (machine-dependent)
+    rfi quickstart --out runs/quickstart            # minutes on a CPU (timings: docs/benchmarks.md)
     rfi quickstart --out /tmp/qs --budget tiny      # a smoke test of a few seconds
 """
 
