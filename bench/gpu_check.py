@@ -31,6 +31,7 @@ Usage (a CUDA machine; about 2-4 minutes on one recent GPU, including set-up):
 
 It prints a table and writes JSON (default ``bench/results/gpu_check.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,13 @@ def make_photos(root: Path, n: int, size: int, seed: int = 0, classes: int = 2) 
         side = int(torch.randint(min(h, w) // 2, min(h, w) + 1, (1,), generator=g))
         top = int(torch.randint(0, h - side + 1, (1,), generator=g))
         left = int(torch.randint(0, w - side + 1, (1,), generator=g))
-        crop = F.interpolate(photo[None, :, top:top + side, left:left + side], size=(size, size), mode="bilinear",
-                             antialias=True, align_corners=False)[0]
+        crop = F.interpolate(
+            photo[None, :, top : top + side, left : left + side],
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0]
         arr = np.ascontiguousarray((crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
         path = root / f"class{i % classes}" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +126,8 @@ def random_encoder_checkpoint(arch: str, sizes: dict, path: Path) -> Path:
     """A randomly initialised encoder of ``arch`` at ``sizes`` (speed does not depend on the weights)."""
     import torch
 
-    from encoders.weights.checkpoints import save_encoder
     from encoders.nets.models import Encoder
+    from encoders.weights.checkpoints import save_encoder
 
     torch.manual_seed(0)
     return save_encoder(Encoder(arch, num_classes=1000, width=sizes["width"], small_input=sizes["small_input"]), path)
@@ -148,8 +154,17 @@ def time_steps(step, batch_size: int, warmup: int, steps: int, device: str) -> t
     return steps * batch_size / wall, steps * batch_size / max(cpu, 1e-9)
 
 
-def encoder_config(arch: str, sizes: dict, data: Path, out: Path, batch_size: int, total_steps: int,
-                   num_workers: int, device: str, extra: list[str]):
+def encoder_config(
+    arch: str,
+    sizes: dict,
+    data: Path,
+    out: Path,
+    batch_size: int,
+    total_steps: int,
+    num_workers: int,
+    device: str,
+    extra: list[str],
+):
     """``configs/encoder/imagenet_<arch>_robust.yaml`` at ``sizes`` on the generated folder
     (one epoch of at least ``total_steps`` steps)."""
     from encoders.core.config import load_config
@@ -157,17 +172,45 @@ def encoder_config(arch: str, sizes: dict, data: Path, out: Path, batch_size: in
 
     n_train = len(list((data / "train").rglob("*.jpg")))
     repeat = max(1, -(-total_steps * batch_size // n_train))
-    return load_config(TrainEncoderConfig, ROOT / f"configs/encoder/imagenet_{arch}_robust.yaml", [
-        f"data.root={data}", f"data.size={sizes['size']}", "data.transforms=rfi", "data.crop=random",
-        "data.decode=uint8", f"data.repeat={repeat}", f"model.width={sizes['width']}",
-        f"model.small_input={str(sizes['small_input']).lower()}", "model.num_classes=1000", "flip=true",
-        "eval.enabled=false", "epochs=1", f"batch_size={batch_size}", f"num_workers={num_workers}",
-        f"device={device}", "log_every=0", f"out={out}", *extra])
+    return load_config(
+        TrainEncoderConfig,
+        ROOT / f"configs/encoder/imagenet_{arch}_robust.yaml",
+        [
+            f"data.root={data}",
+            f"data.size={sizes['size']}",
+            "data.transforms=rfi",
+            "data.crop=random",
+            "data.decode=uint8",
+            f"data.repeat={repeat}",
+            f"model.width={sizes['width']}",
+            f"model.small_input={str(sizes['small_input']).lower()}",
+            "model.num_classes=1000",
+            "flip=true",
+            "eval.enabled=false",
+            "epochs=1",
+            f"batch_size={batch_size}",
+            f"num_workers={num_workers}",
+            f"device={device}",
+            "log_every=0",
+            f"out={out}",
+            *extra,
+        ],
+    )
 
 
-def encoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path, out: Path, batch_size: int,
-                steps: int, num_workers: int, warmup: int = 2) -> dict[str, Any]:
-    """Robust (L2 PGD-3) encoder training steps: :meth:`encoders.robust.train.EncoderTrainer.train_step` on one batch."""
+def encoder_job(
+    arch: str,
+    precision: str,
+    device: str,
+    sizes: dict,
+    data: Path,
+    out: Path,
+    batch_size: int,
+    steps: int,
+    num_workers: int,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Robust (L2 PGD-3) encoder training steps (:meth:`encoders.robust.train.EncoderTrainer.train_step`), one batch."""
     import encoders.robust.train as T
     from encoders.core.runtime import setup_distributed
 
@@ -180,29 +223,73 @@ def encoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path,
     trainer.encoder.train()
     x, y = _first_batch(trainer.train_set, batch_size)
     ips, ips_cpu = time_steps(lambda: trainer.train_step(x, y), batch_size, warmup, steps, device)
-    return {"images_per_s": ips, "images_per_cpu_s": ips_cpu, "peak_mib": peak_memory_mib(device),
-            "method": "EncoderTrainer.train_step", "steps_timed": steps, "batch_size": batch_size}
+    return {
+        "images_per_s": ips,
+        "images_per_cpu_s": ips_cpu,
+        "peak_mib": peak_memory_mib(device),
+        "method": "EncoderTrainer.train_step",
+        "steps_timed": steps,
+        "batch_size": batch_size,
+    }
 
 
-def decoder_config(arch: str, sizes: dict, data: Path, encoder_ckpt: Path, out: Path, batch_size: int,
-                   total_steps: int, num_workers: int, device: str, extra: list[str]):
+def decoder_config(
+    arch: str,
+    sizes: dict,
+    data: Path,
+    encoder_ckpt: Path,
+    out: Path,
+    batch_size: int,
+    total_steps: int,
+    num_workers: int,
+    device: str,
+    extra: list[str],
+):
     """The default decoder config for conv5 / layer4 of ``encoder_ckpt``, on the generated folder."""
     from encoders.core.config import load_config
     from inversion.train import TrainDecoderConfig
 
     n_train = len(list((data / "train").rglob("*.jpg")))
     repeat = max(1, -(-total_steps * batch_size // n_train))  # one epoch holds every step
-    return load_config(TrainDecoderConfig, ROOT / "configs/decoder/resnet18_robust_layer3.yaml", [
-        f"encoder.checkpoint={encoder_ckpt}", f"encoder.layer={LAYERS[arch]}", "data.source=folder",
-        f"data.root={data}", f"data.size={sizes['size']}", "data.crop=random", "data.decode=uint8",
-        f"data.repeat={repeat}", f"steps={total_steps}", f"log_every={total_steps}", "sample_every=0",
-        "checkpoint_every=0", f"batch_size={batch_size}", f"num_workers={num_workers}", f"device={device}",
-        f"out={out}", *extra])
+    return load_config(
+        TrainDecoderConfig,
+        ROOT / "configs/decoder/resnet18_robust_layer3.yaml",
+        [
+            f"encoder.checkpoint={encoder_ckpt}",
+            f"encoder.layer={LAYERS[arch]}",
+            "data.source=folder",
+            f"data.root={data}",
+            f"data.size={sizes['size']}",
+            "data.crop=random",
+            "data.decode=uint8",
+            f"data.repeat={repeat}",
+            f"steps={total_steps}",
+            f"log_every={total_steps}",
+            "sample_every=0",
+            "checkpoint_every=0",
+            f"batch_size={batch_size}",
+            f"num_workers={num_workers}",
+            f"device={device}",
+            f"out={out}",
+            *extra,
+        ],
+    )
 
 
-def decoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path, encoder_ckpt: Path, out: Path,
-                batch_size: int, steps: int, num_workers: int, preset: str = "cpu",
-                warmup: int = 2) -> dict[str, Any]:
+def decoder_job(
+    arch: str,
+    precision: str,
+    device: str,
+    sizes: dict,
+    data: Path,
+    encoder_ckpt: Path,
+    out: Path,
+    batch_size: int,
+    steps: int,
+    num_workers: int,
+    preset: str = "cpu",
+    warmup: int = 2,
+) -> dict[str, Any]:
     """Decoder training steps for conv5 / layer4: :meth:`inversion.train.DecoderTrainer.train_step` on one batch.
 
     Writes the decoder to ``out/decoder.pt`` (for :func:`inversion_job`).
@@ -225,15 +312,29 @@ def decoder_job(arch: str, precision: str, device: str, sizes: dict, data: Path,
     batch = _first_batch(trainer.train_set, batch_size)
     x = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, labels) or images
     ips, ips_cpu = time_steps(lambda: trainer.train_step(x), batch_size, warmup, steps, device)
-    result = {"images_per_s": ips, "images_per_cpu_s": ips_cpu, "peak_mib": peak_memory_mib(device),
-              "method": "DecoderTrainer.train_step", "steps_timed": steps, "batch_size": batch_size,
-              "decoder_parameters": sum(p.numel() for p in trainer.decoder.parameters())}
-    path = save_decoder(trainer.decoder.eval(), out / "decoder.pt", trainer.encoder.config())
+    result = {
+        "images_per_s": ips,
+        "images_per_cpu_s": ips_cpu,
+        "peak_mib": peak_memory_mib(device),
+        "method": "DecoderTrainer.train_step",
+        "steps_timed": steps,
+        "batch_size": batch_size,
+        "decoder_parameters": sum(p.numel() for p in trainer.decoder.parameters()),
+    }
+    path = save_decoder(trainer.decoder.eval(), out / "decoder.pt", trainer.encoder)  # records its fingerprint
     return {**result, "checkpoint": str(path)}
 
 
-def inversion_job(precision: str, device: str, encoder_ckpt: Path, decoder_ckpt: Path, height: int, width: int,
-                  batch_size: int = 1, repeats: int = 1) -> dict[str, Any]:
+def inversion_job(
+    precision: str,
+    device: str,
+    encoder_ckpt: Path,
+    decoder_ckpt: Path,
+    height: int,
+    width: int,
+    batch_size: int = 1,
+    repeats: int = 1,
+) -> dict[str, Any]:
     """:meth:`RobustAutoencoder.reconstruct` of ``batch_size`` images of ``height`` x ``width`` (one warm-up pass)."""
     import statistics
 
@@ -257,9 +358,14 @@ def inversion_job(precision: str, device: str, encoder_ckpt: Path, decoder_ckpt:
             cpu_times.append(time.process_time() - cpu)
         assert out.shape == x.shape and bool(torch.isfinite(out.float()).all())
     seconds = statistics.median(times)
-    return {"images_per_s": batch_size / seconds, "seconds_per_image": seconds / batch_size,
-            "images_per_cpu_s": batch_size / max(statistics.median(cpu_times), 1e-9),
-            "peak_mib": peak_memory_mib(device), "size": f"{width}x{height}", "batch_size": batch_size}
+    return {
+        "images_per_s": batch_size / seconds,
+        "seconds_per_image": seconds / batch_size,
+        "images_per_cpu_s": batch_size / max(statistics.median(cpu_times), 1e-9),
+        "peak_mib": peak_memory_mib(device),
+        "size": f"{width}x{height}",
+        "batch_size": batch_size,
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -275,11 +381,20 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     if device == "cpu":
         torch.set_num_threads(args.threads or torch.get_num_threads())
     workers = 0 if args.tiny else (args.num_workers if args.num_workers is not None else default_num_workers())
-    height, width = (args.inversion_size or sizes["inversion"])
-    info = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny, "size": sizes["size"],
-            "width": sizes["width"], "num_workers": workers, "batch_size": args.batch_size, "steps": args.steps,
-            "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()}
+    height, width = args.inversion_size or sizes["inversion"]
+    info = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "tiny": args.tiny,
+        "size": sizes["size"],
+        "width": sizes["width"],
+        "num_workers": workers,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg(),
+    }
     rows = []
     with tempfile.TemporaryDirectory(prefix="rfi-gpu-check-") as tmp:
         tmp = Path(tmp)
@@ -287,20 +402,47 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
         for arch in args.archs:
             for precision in args.precisions:
                 tag = f"{arch}-{precision}"
-                enc = encoder_job(arch, precision, device, sizes, data, tmp / f"enc-{tag}", args.batch_size,
-                                  args.steps, workers, args.warmup)
+                enc = encoder_job(
+                    arch,
+                    precision,
+                    device,
+                    sizes,
+                    data,
+                    tmp / f"enc-{tag}",
+                    args.batch_size,
+                    args.steps,
+                    workers,
+                    args.warmup,
+                )
                 rows.append({"arch": arch, "precision": precision, "job": "encoder (robust, PGD-3)", **enc})
                 _print_row(rows[-1])
                 ckpt = random_encoder_checkpoint(arch, sizes, tmp / f"encoder-{arch}.pt")
-                dec = decoder_job(arch, precision, device, sizes, data, ckpt, tmp / f"dec-{tag}",
-                                  args.decoder_batch_size or args.batch_size, args.steps, workers, args.preset,
-                                  args.warmup)
+                dec = decoder_job(
+                    arch,
+                    precision,
+                    device,
+                    sizes,
+                    data,
+                    ckpt,
+                    tmp / f"dec-{tag}",
+                    args.decoder_batch_size or args.batch_size,
+                    args.steps,
+                    workers,
+                    args.preset,
+                    args.warmup,
+                )
                 rows.append({"arch": arch, "precision": precision, "job": f"decoder ({LAYERS[arch]})", **dec})
                 _print_row(rows[-1])
                 if "checkpoint" in dec:
                     inv = inversion_job(precision, device, ckpt, Path(dec["checkpoint"]), height, width)
-                    rows.append({"arch": arch, "precision": precision,
-                                 "job": f"inversion {width}x{height} ({LAYERS[arch]})", **inv})
+                    rows.append(
+                        {
+                            "arch": arch,
+                            "precision": precision,
+                            "job": f"inversion {width}x{height} ({LAYERS[arch]})",
+                            **inv,
+                        }
+                    )
                     _print_row(rows[-1])
     for r in rows:
         r.pop("checkpoint", None)
@@ -311,8 +453,11 @@ def _print_row(r: dict[str, Any]) -> None:
     if "skipped" in r:
         print(f"{r['arch']:<9} {r['precision']:<5} {r['job']:<34} skipped: {r['skipped']}", flush=True)
     else:
-        print(f"{r['arch']:<9} {r['precision']:<5} {r['job']:<34} {r['images_per_s']:>9.2f} images/s   "
-              f"peak {r['peak_mib']:>8.0f} MiB", flush=True)
+        print(
+            f"{r['arch']:<9} {r['precision']:<5} {r['job']:<34} {r['images_per_s']:>9.2f} images/s   "
+            f"peak {r['peak_mib']:>8.0f} MiB",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -326,11 +471,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--decoder-batch-size", type=int, help="default: --batch-size")
     parser.add_argument("--preset", default="cpu", help="decoder capacity preset (cpu | paper)")
-    parser.add_argument("--num-workers", type=int,
-                        help="DataLoader workers (default: from the CPU count; 0 with --tiny)")
+    parser.add_argument(
+        "--num-workers", type=int, help="DataLoader workers (default: from the CPU count; 0 with --tiny)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (CPU only)")
-    parser.add_argument("--inversion-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="image to invert (default 3000 4000; 300 400 with --tiny)")
+    parser.add_argument(
+        "--inversion-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="image to invert (default 3000 4000; 300 400 with --tiny)",
+    )
     parser.add_argument("--json", default=str(ROOT / "bench/results/gpu_check.json"))
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.tiny:

@@ -16,26 +16,28 @@ Example:
     >>> [row["size"] for row in result["scales"]]
     [32, 64]
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 from torchvision.utils import make_grid
 
-from encoders.data.embedded import EmbeddedCrops
-from encoders.data.folders import ImageFiles
 from encoders.core.errors import RFIError
 from encoders.core.imageio import to_uint8
 from encoders.core.runtime import progress
 from encoders.core.serialization import atomic_write
+from encoders.data.embedded import EmbeddedCrops
+from encoders.data.folders import ImageFiles
 from inversion.autoencoder import RobustAutoencoder
 from inversion.metrics import lpips_distance, psnr, ssim
 from inversion.perceptual import load_lpips, lpips_status
@@ -47,7 +49,13 @@ GRID_ROWS = 6
 EMBEDDED, UNSEEN = "embedded", "unseen"
 
 
-def held_out_images(size: int, num: int = 100, seed: int = 0, folder: str | os.PathLike | None = None) -> Tensor:
+def held_out_images(
+    size: int,
+    num: int = 100,
+    seed: int = 0,
+    folder: str | os.PathLike | None = None,
+    unreadable: list[str] | None = None,
+) -> Tensor:
     """Held-out images of side ``size``: embedded validation crops, unseen images, or a folder's validation split.
 
     Args:
@@ -60,6 +68,9 @@ def held_out_images(size: int, num: int = 100, seed: int = 0, folder: str | os.P
             resized (short side) and centre-cropped to ``size``). A folder's unreadable files
             and images smaller than ``size`` (which would be up-scaled into the metric) are
             named in the log and left out.
+        unreadable: if given, receives ``"<path>: <why>"`` for each file of ``folder`` that could
+            not be read (the files too small for ``size`` are not failures of the input and are
+            only logged).
 
     Returns:
         Tensor (N, 3, size, size) in [0, 1].
@@ -85,16 +96,23 @@ def held_out_images(size: int, num: int = 100, seed: int = 0, folder: str | os.P
         path = ds.path(i)
         try:
             with Image.open(path) as im:
-                if min(im.size) < size:
-                    raise RFIError(f"{im.size[0]}x{im.size[1]} is smaller than the {size}-px evaluation size")
-            images.append(ds[i][0])
+                width, height = im.size
+            if min(width, height) >= size:
+                images.append(ds[i][0])
+            else:
+                left_out.append(f"{path.name}: {width}x{height} is smaller than the {size}-px evaluation size")
         except (RFIError, OSError) as e:
-            left_out.append(f"{path.name}: {str(e).split(': ')[-1] if str(path) in str(e) else e}")
+            why = str(e).split(": ")[-1] if str(path) in str(e) else str(e)
+            left_out.append(f"{path.name}: {why}")
+            if unreadable is not None:
+                unreadable.append(f"{path}: {why}")
     for note in left_out:
         log.warning("left out of the %d-px evaluation: %s", size, note)
     if not images:
-        raise RFIError(f"no usable {size}-px validation image in {folder}"
-                       + (f" ({len(left_out)} left out: {'; '.join(left_out[:3])})" if left_out else ""))
+        raise RFIError(
+            f"no usable {size}-px validation image in {folder}"
+            + (f" ({len(left_out)} left out: {'; '.join(left_out[:3])})" if left_out else "")
+        )
     return torch.stack(images)
 
 
@@ -105,13 +123,20 @@ def _lpips_note(model, status: str | None) -> str:
 
 
 @torch.no_grad()
-def _measure(ae: RobustAutoencoder, images: Tensor, lpips_model, batch_size: int,
-             keep: int) -> tuple[dict[str, Any], Tensor]:
+def _measure(
+    ae: RobustAutoencoder, images: Tensor, lpips_model, batch_size: int, keep: int
+) -> tuple[dict[str, Any], Tensor]:
     device = next(ae.parameters()).device
     recs = torch.cat([ae.reconstruct(b.to(device)).cpu() for b in images.split(batch_size)])
     p, s = psnr(recs, images), ssim(recs, images)
-    row: dict[str, Any] = {"n": len(images), "psnr": p.mean().item(), "psnr_std": p.std().item() if len(p) > 1 else 0.0,
-                           "ssim": s.mean().item(), "ssim_std": s.std().item() if len(s) > 1 else 0.0, "lpips": None}
+    row: dict[str, Any] = {
+        "n": len(images),
+        "psnr": p.mean().item(),
+        "psnr_std": p.std().item() if len(p) > 1 else 0.0,
+        "ssim": s.mean().item(),
+        "ssim_std": s.std().item() if len(s) > 1 else 0.0,
+        "lpips": None,
+    }
     if lpips_model is not None:
         try:
             row["lpips"] = lpips_distance(recs, images, lpips_model, batch_size).mean().item()
@@ -120,11 +145,19 @@ def _measure(ae: RobustAutoencoder, images: Tensor, lpips_model, batch_size: int
     return row, recs[:keep]
 
 
-def compare_autoencoders(models: Mapping[str, RobustAutoencoder], scales: Sequence[int] = (1, 2, 4),
-                         train_size: int = 32, num: int = 100, seed: int = 0,
-                         folder: str | os.PathLike | None = None, lpips_model=None,
-                         lpips_note: str | None = None, batch_size: int = 16,
-                         grid_dir: str | os.PathLike | None = None, grid_rows: int = GRID_ROWS) -> dict[str, Any]:
+def compare_autoencoders(
+    models: Mapping[str, RobustAutoencoder],
+    scales: Sequence[int] = (1, 2, 4),
+    train_size: int = 32,
+    num: int = 100,
+    seed: int = 0,
+    folder: str | os.PathLike | None = None,
+    lpips_model=None,
+    lpips_note: str | None = None,
+    batch_size: int = 16,
+    grid_dir: str | os.PathLike | None = None,
+    grid_rows: int = GRID_ROWS,
+) -> dict[str, Any]:
     """Evaluate several autoencoders on the same held-out images at several scales.
 
     Args:
@@ -144,21 +177,31 @@ def compare_autoencoders(models: Mapping[str, RobustAutoencoder], scales: Sequen
         ``{"train_size", "num", "seed", "data", "lpips", "models": {name: [row per scale]},
         "grids": {scale: path}}``; a row holds ``scale, size, n, psnr, psnr_std, ssim,
         ssim_std, lpips`` (``None`` when not computed). Scales whose images do not fit the
-        data (e.g. larger than the embedded validation regions) are skipped with a note.
+        data (e.g. larger than the embedded validation regions) are skipped with a note
+        (``"skipped": {"<s>x": why}``); the folder's files that could not be read are listed,
+        once each, in ``"left_out"`` (``"<path>: <why>"``).
     """
     if not models:
         raise RFIError("nothing to evaluate: give at least one encoder/decoder pair")
     if any(int(s) < 1 for s in scales):
         raise RFIError(f"scales must be positive integers, got {list(scales)}")
-    result: dict[str, Any] = {"train_size": train_size, "num": num, "seed": seed,
-                              "data": str(folder) if folder else "embedded validation crops",
-                              "lpips": _lpips_note(lpips_model, lpips_note),
-                              "models": {name: [] for name in models}, "grids": {}, "skipped": {}}
+    result: dict[str, Any] = {
+        "train_size": train_size,
+        "num": num,
+        "seed": seed,
+        "data": str(folder) if folder else "embedded validation crops",
+        "lpips": _lpips_note(lpips_model, lpips_note),
+        "models": {name: [] for name in models},
+        "grids": {},
+        "skipped": {},
+        "left_out": [],
+    }
     bar = progress(total=len(models) * len(scales), desc="evaluate")
+    unreadable: list[str] = []
     for scale in scales:
         size = train_size * int(scale)
         try:
-            images = held_out_images(size, num, seed, folder)
+            images = held_out_images(size, num, seed, folder, unreadable)
         except RFIError as e:
             log.warning("scale %dx skipped: %s", scale, e)
             result["skipped"][f"{scale}x"] = str(e)
@@ -174,12 +217,20 @@ def compare_autoencoders(models: Mapping[str, RobustAutoencoder], scales: Sequen
             path = comparison_grid(columns, ["original", *models], Path(grid_dir) / f"grid_{scale}x.png")
             result["grids"][f"{scale}x"] = str(path)
     bar.close()
+    result["left_out"] = sorted(set(unreadable))
     return result
 
 
-def evaluate_autoencoder(ae: RobustAutoencoder, scales: Sequence[int] = (1, 2, 4), train_size: int = 32,
-                         num: int = 100, seed: int = 0, folder: str | os.PathLike | None = None,
-                         lpips_model=None, batch_size: int = 16) -> dict[str, Any]:
+def evaluate_autoencoder(
+    ae: RobustAutoencoder,
+    scales: Sequence[int] = (1, 2, 4),
+    train_size: int = 32,
+    num: int = 100,
+    seed: int = 0,
+    folder: str | os.PathLike | None = None,
+    lpips_model=None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     """PSNR / SSIM / LPIPS of one autoencoder's reconstructions at several scales.
 
     Args:
@@ -192,14 +243,19 @@ def evaluate_autoencoder(ae: RobustAutoencoder, scales: Sequence[int] = (1, 2, 4
         ``{"train_size", "num", "lpips", "scales": [{"scale", "size", "n", "psnr", "psnr_std",
         "ssim", "ssim_std", "lpips"}, ...]}``.
     """
-    res = compare_autoencoders({"model": ae}, scales, train_size, num, seed, folder, lpips_model,
-                               batch_size=batch_size)
-    return {"train_size": train_size, "num": num, "lpips": res["lpips"], "scales": res["models"]["model"],
-            "skipped": res["skipped"]}
+    res = compare_autoencoders({"model": ae}, scales, train_size, num, seed, folder, lpips_model, batch_size=batch_size)
+    return {
+        "train_size": train_size,
+        "num": num,
+        "lpips": res["lpips"],
+        "scales": res["models"]["model"],
+        "skipped": res["skipped"],
+    }
 
 
-def comparison_grid(columns: Sequence[Tensor], names: Sequence[str], path: str | os.PathLike,
-                    min_side: int = 128, pad: int = 2) -> Path:
+def comparison_grid(
+    columns: Sequence[Tensor], names: Sequence[str], path: str | os.PathLike, min_side: int = 128, pad: int = 2
+) -> Path:
     """A PNG grid, one row per image and one labelled column per tensor.
 
     Args:
@@ -237,13 +293,14 @@ def format_table(result: Mapping[str, Any]) -> str:
     for name, rows in result["models"].items():
         for r in rows:
             lp = "n/a" if r["lpips"] is None else f"{r['lpips']:.3f}"
-            lines.append(f"| {name} | {r['scale']}x | {r['size']} | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | "
-                         f"{r['ssim']:.3f} | {lp} |")
+            lines.append(
+                f"| {name} | {r['scale']}x | {r['size']} | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | "
+                f"{r['ssim']:.3f} | {lp} |"
+            )
     return "\n".join(lines)
 
 
-def lpips_for(net: str = "alex", weights: str | os.PathLike | None = None,
-              device: str | torch.device = "cpu"):
+def lpips_for(net: str = "alex", weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """``(lpips model or None, note)``: LPIPS when its backbone is here, else ``None`` and how to provide it."""
     ok, note = lpips_status(net, weights)
     if not ok:

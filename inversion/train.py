@@ -1,4 +1,6 @@
-"""Decoder training, on one process or many (DDP through ``torchrun``); ``rfi train-decoder`` is :mod:`apps.commands.train_decoder`.
+"""Decoder training, on one process or many (DDP through ``torchrun``).
+
+``rfi train-decoder`` is :mod:`apps.commands.train_decoder`.
 
 One config (:class:`TrainDecoderConfig`, YAML in ``configs/decoder/``) describes a run: a
 frozen encoder checkpoint and the layer to invert, the decoder's shape, the data and the
@@ -30,11 +32,13 @@ Example:
     >>> result = train_decoder(cfg)                                     # doctest: +SKIP
     >>> ae = RobustAutoencoder.from_checkpoints(cfg.encoder.checkpoint, result.path)  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +55,7 @@ from encoders.core.trainer import Trainer, run_trainer
 from encoders.data.build import DataConfig, build_dataset
 from encoders.data.folders import resolve_num_workers
 from encoders.nets.models import INPUT_TAP, Encoder
-from encoders.weights.checkpoints import load_encoder, load_state_dict_checked
+from encoders.weights.checkpoints import encoder_fingerprint, load_encoder, load_state_dict_checked
 from inversion.decoders import CPU_PRESET, DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_preset
 from inversion.discriminator import build_discriminator
 from inversion.losses import DecoderLoss, term_weights
@@ -215,8 +219,10 @@ def check_config(cfg: TrainDecoderConfig) -> None:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             problems.append(f"optim.{key} must be two numbers in [0, 1), got {list(betas)}")
     if cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0:
-        problems.append(f"optim.warmup_steps and optim.weight_decay must be >= 0, got {cfg.optim.warmup_steps} "
-                        f"and {cfg.optim.weight_decay}")
+        problems.append(
+            f"optim.warmup_steps and optim.weight_decay must be >= 0, got {cfg.optim.warmup_steps} "
+            f"and {cfg.optim.weight_decay}"
+        )
     if cfg.decoder.preset not in ("cpu", "paper"):
         problems.append(f"decoder.preset must be cpu or paper, got '{cfg.decoder.preset}'")
     if cfg.decoder.refine_blocks < 0:
@@ -236,8 +242,9 @@ def default_out(cfg: TrainDecoderConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, ...] = (),
-                        encoder: Encoder | None = None) -> Encoder:
+def load_frozen_encoder(
+    section: EncoderSection, skips: list[str] | tuple[str, ...] = (), encoder: Encoder | None = None
+) -> Encoder:
     """The encoder of ``section.checkpoint`` in eval mode with frozen weights, checked for its layers.
 
     ``encoder``, when given, is that checkpoint's encoder already in memory (for example the model
@@ -250,19 +257,24 @@ def load_frozen_encoder(section: EncoderSection, skips: list[str] | tuple[str, .
     """
     path = Path(section.checkpoint)
     if not path.is_file():
-        raise RFIError(f"encoder checkpoint not found: {path} (encoder.checkpoint); train one with "
-                       f"`{TRAIN_ENCODER_HINT}` or set encoder.checkpoint=PATH")
+        raise RFIError(
+            f"encoder checkpoint not found: {path} (encoder.checkpoint); train one with "
+            f"`{TRAIN_ENCODER_HINT}` or set encoder.checkpoint=PATH"
+        )
     if encoder is None:
         encoder = load_encoder(path, section.arch, arch_key="encoder.arch")
     names = [INPUT_TAP, *encoder.layer_names]  # skips may take the image itself
-    for key, layer, valid in (("encoder.layer", section.layer, names[1:]),
-                              *(("decoder.skips", s, names) for s in skips)):
+    for key, layer, valid in (
+        ("encoder.layer", section.layer, names[1:]),
+        *(("decoder.skips", s, names) for s in skips),
+    ):
         if layer not in valid:
             raise RFIError(f"{key}: {encoder.arch} in {path} has no layer '{layer}' (valid: {', '.join(valid)})")
     deep = [s for s in skips if names.index(s) >= names.index(section.layer)]
     if deep:
-        raise RFIError(f"decoder.skips {deep} must be shallower than encoder.layer '{section.layer}' "
-                       f"(order: {', '.join(names)})")
+        raise RFIError(
+            f"decoder.skips {deep} must be shallower than encoder.layer '{section.layer}' (order: {', '.join(names)})"
+        )
     return encoder.eval().requires_grad_(False)
 
 
@@ -291,14 +303,24 @@ def build_decoder(encoder: Encoder, layer: str, section: DecoderSection) -> Deco
     capacity = decoder_capacity(section, channels)
 
     def build() -> Decoder:
-        return Decoder(channels, stride, layer, skips={s: info[s] for s in section.skips}, norm=section.norm,
-                       residual=section.residual, refine_blocks=section.refine_blocks, **capacity,
-                       **polyphase_options(encoder, layer, section.padding_mode))  # LPU for LPS encoders
+        return Decoder(
+            channels,
+            stride,
+            layer,
+            skips={s: info[s] for s in section.skips},
+            norm=section.norm,
+            residual=section.residual,
+            refine_blocks=section.refine_blocks,
+            **capacity,
+            **polyphase_options(encoder, layer, section.padding_mode),
+        )  # LPU for LPS encoders
 
     size = meta_parameters(build)
-    check_memory(size * FLOAT_BYTES * TRAINING_COPIES,
-                 f"decoder.channels={capacity['channels']} (a decoder of {size / 1e9:,.1f} G parameters, trained)",
-                 "lower decoder.channels (or decoder.blocks, decoder.preset)")
+    check_memory(
+        size * FLOAT_BYTES * TRAINING_COPIES,
+        f"decoder.channels={capacity['channels']} (a decoder of {size / 1e9:,.1f} G parameters, trained)",
+        "lower decoder.channels (or decoder.blocks, decoder.preset)",
+    )
     return build()
 
 
@@ -324,22 +346,36 @@ class DecoderTrainer(Trainer):
     checkpoint_name = CHECKPOINT_NAME
     resume_free_keys = (*RESUME_FREE_KEYS, "epochs", "steps")  # a run may also be extended
 
-    def __init__(self, cfg: TrainDecoderConfig, input_transform: InputTransform | None,
-                 ctx: DistContext, device: torch.device, encoder: Encoder | None = None,
-                 datasets: tuple[Dataset, Dataset] | None = None):
+    def __init__(
+        self,
+        cfg: TrainDecoderConfig,
+        input_transform: InputTransform | None,
+        ctx: DistContext,
+        device: torch.device,
+        encoder: Encoder | None = None,
+        datasets: tuple[Dataset, Dataset] | None = None,
+    ):
         self.transform, self.layer = input_transform, cfg.encoder.layer
         self.encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips, encoder).to(device)
         self.encoder.check_input_size(cfg.data.size)
+        self.encoder_sha256 = encoder_fingerprint(self.encoder)  # recorded: from_checkpoints refuses another encoder
         train_set, self.val_set = datasets or (build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"))
-        super().__init__(cfg, ctx, device, Path(cfg.out) if cfg.out else default_out(cfg), train_set,
-                         resolve_num_workers(cfg.num_workers, train_set))
+        super().__init__(
+            cfg,
+            ctx,
+            device,
+            Path(cfg.out) if cfg.out else default_out(cfg),
+            train_set,
+            resolve_num_workers(cfg.num_workers, train_set),
+        )
         self.decoder = self.module = build_decoder(self.encoder, self.layer, cfg.decoder).to(device)
         if cfg.channels_last:
             self.encoder.to(memory_format=memory_format(True))
             self.decoder.to(memory_format=memory_format(True))
         o = cfg.optim
-        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                          weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.decoder.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
         self.optimizers = {"optimizer": self.optimizer}
         self.rebuild_scheduler()
         self.disc: nn.Module | None = None
@@ -351,17 +387,31 @@ class DecoderTrainer(Trainer):
             try:  # AlexNet's stride-4 stem and pools need crops of about 32 px or more
                 lpips_model(*torch.zeros(2, 1, 3, cfg.data.size, cfg.data.size, device=device))
             except RuntimeError:
-                raise RFIError(f"loss.lpips: the {cfg.loss.lpips_net} LPIPS network cannot compare "
-                               f"{cfg.data.size}-px crops (data.size); use larger crops or loss.lpips=0") from None
+                raise RFIError(
+                    f"loss.lpips: the {cfg.loss.lpips_net} LPIPS network cannot compare "
+                    f"{cfg.data.size}-px crops (data.size); use larger crops or loss.lpips=0"
+                ) from None
         if cfg.loss.adversarial > 0:
-            self.disc = build_discriminator(cfg.loss.discriminator, self.decoder.in_channels,
-                                            cfg.loss.disc_channels, cfg.loss.disc_spectral_norm).to(device)
-            self.optimizers["disc_optimizer"] = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr,
-                                                                 betas=tuple(o.disc_betas))
+            self.disc = build_discriminator(
+                cfg.loss.discriminator, self.decoder.in_channels, cfg.loss.disc_channels, cfg.loss.disc_spectral_norm
+            ).to(device)
+            self.optimizers["disc_optimizer"] = torch.optim.Adam(
+                self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.disc_betas)
+            )
         w = cfg.loss
-        self.loss = DecoderLoss(self.encoder, self.layer, pixel=w.pixel, feature=w.feature, lpips=w.lpips,
-                                adversarial=w.adversarial, pixel_type=w.pixel_type, lpips_model=lpips_model,
-                                discriminator=self.disc, gan_loss=w.gan_loss, reduction=w.reduction)
+        self.loss = DecoderLoss(
+            self.encoder,
+            self.layer,
+            pixel=w.pixel,
+            feature=w.feature,
+            lpips=w.lpips,
+            adversarial=w.adversarial,
+            pixel_type=w.pixel_type,
+            lpips_model=lpips_model,
+            discriminator=self.disc,
+            gan_loss=w.gan_loss,
+            reduction=w.reduction,
+        )
         self.ddp_decoder: nn.Module = self.decoder
         self.ddp_disc: nn.Module | None = self.disc
         if ctx.world > 1:
@@ -383,25 +433,33 @@ class DecoderTrainer(Trainer):
 
     def rebuild_scheduler(self) -> None:
         o = self.cfg.optim
-        self.scheduler = lr_scheduler(self.optimizer, o.lr, lambda: self.total_steps, o.warmup_steps, o.schedule,
-                                      self.step)
+        self.scheduler = lr_scheduler(
+            self.optimizer, o.lr, lambda: self.total_steps, o.warmup_steps, o.schedule, self.step
+        )
 
     def describe(self) -> str:
         cfg, ctx = self.cfg, self.ctx
         params = sum(p.numel() for p in self.decoder.parameters())
-        return (f"training a decoder for {self.layer} of {cfg.encoder.checkpoint} ({params / 1e6:.2f}M parameters; "
-                f"loss {term_weights(self.loss.weights)}) on {len(self.train_set)} {cfg.data.source} crops of "
-                f"{cfg.data.size} px, {self.total_steps} steps of {cfg.batch_size} images"
-                f"{f' on {ctx.world} processes' if ctx.world > 1 else ''} -> {self.out}")
+        return (
+            f"training a decoder for {self.layer} of {cfg.encoder.checkpoint} ({params / 1e6:.2f}M parameters; "
+            f"loss {term_weights(self.loss.weights)}) on {len(self.train_set)} {cfg.data.source} crops of "
+            f"{cfg.data.size} px, {self.total_steps} steps of {cfg.batch_size} images"
+            f"{f' on {ctx.world} processes' if ctx.world > 1 else ''} -> {self.out}"
+        )
 
     def checkpoint(self, train: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {
-            "encoder_path": str(self.cfg.encoder.checkpoint), "train_size": self.cfg.data.size,
-            "layer": self.layer, "input_transform": self.transform is not None,
-            "val_psnr": self.val_psnr, "config": config_to_dict(self.cfg), "train": train}
+            "encoder_path": str(self.cfg.encoder.checkpoint),
+            "train_size": self.cfg.data.size,
+            "layer": self.layer,
+            "input_transform": self.transform is not None,
+            "val_psnr": self.val_psnr,
+            "config": config_to_dict(self.cfg),
+            "train": train,
+        }
         if self.disc is not None:
             extra["discriminator"] = {"config": self.disc.config(), "state_dict": self.disc.state_dict()}
-        return decoder_checkpoint(self.decoder, self.encoder.config(), **extra)
+        return decoder_checkpoint(self.decoder, self.encoder.config(), encoder_sha256=self.encoder_sha256, **extra)
 
     def training_state(self, ckpt: dict[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
         if ckpt.get("format") != DECODER_FORMAT or "train" not in ckpt:
@@ -460,8 +518,9 @@ class DecoderTrainer(Trainer):
         if self.ctx.main:
             self.val_psnr = self.validate()
             self.metrics.write(step=self.step, epoch=epoch + 1, val_psnr=self.val_psnr)
-            self.info("epoch %d (step %d/%d): validation PSNR %.2f dB", epoch + 1, self.step,
-                      self.total_steps, self.val_psnr)
+            self.info(
+                "epoch %d (step %d/%d): validation PSNR %.2f dB", epoch + 1, self.step, self.total_steps, self.val_psnr
+            )
 
     def finish(self) -> None:
         if self.ctx.main and self.cfg.sample_every and self.step % self.cfg.sample_every:  # the final state, too
@@ -495,13 +554,18 @@ class DecoderTrainer(Trainer):
     def result(self) -> TrainResult:
         """The run's :class:`~encoders.core.rundir.TrainResult`: the checkpoint, the decoder (eval mode) and the
         metrics: ``step``, ``val_psnr`` and the last training-log record (loss terms, ``lr``, ``images_per_s``)."""
-        return TrainResult(self.ckpt_path, self.decoder.eval(),
-                           {**self.last_log, "step": self.step, "val_psnr": self.val_psnr})
+        return TrainResult(
+            self.ckpt_path, self.decoder.eval(), {**self.last_log, "step": self.step, "val_psnr": self.val_psnr}
+        )
 
 
-def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
-                  input_transform: InputTransform | None = None, encoder: Encoder | None = None,
-                  datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
+def train_decoder(
+    cfg: TrainDecoderConfig,
+    resume: bool = False,
+    input_transform: InputTransform | None = None,
+    encoder: Encoder | None = None,
+    datasets: tuple[Dataset, Dataset] | None = None,
+) -> TrainResult:
     """Train a decoder for ``cfg.encoder.layer`` of the frozen encoder ``cfg.encoder.checkpoint``.
 
     Runs on one process, or on each process of a ``torchrun`` job (DDP; the process group
@@ -536,5 +600,9 @@ def train_decoder(cfg: TrainDecoderConfig, resume: bool = False,
         >>> result = train_decoder(load_config(TrainDecoderConfig, None, ["steps=10", "out=/tmp/d"]))  # doctest: +SKIP
     """
     check_config(cfg)
-    return run_trainer(lambda ctx, device: DecoderTrainer(cfg, input_transform, ctx, device, encoder, datasets),
-                       cfg.device, cfg.precision, resume)
+    return run_trainer(
+        lambda ctx, device: DecoderTrainer(cfg, input_transform, ctx, device, encoder, datasets),
+        cfg.device,
+        cfg.precision,
+        resume,
+    )

@@ -23,14 +23,16 @@ Example:
     >>> det.image_scores(maps).shape                              # doctest: +SKIP
     torch.Size([2])
 """
+
 from __future__ import annotations
 
 import math
 import os
 import typing
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ from apps.anomaly.maps import feature_error, image_scores, overlay, pixel_error,
 from apps.anomaly.memory import MemoryBank
 from encoders.core.config import check_config
 from encoders.core.errors import RFIError
-from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.core.serialization import FORMAT_VERSIONS, load_checkpoint, save_checkpoint
 from encoders.nets.models import Encoder
 from encoders.weights.checkpoints import encoder_checkpoint, encoder_from_checkpoint
 from inversion.autoencoder import RobustAutoencoder
@@ -90,10 +92,19 @@ class AnomalyDetector:
         - :meth:`image_scores`: (B, 1, H, W) -> (B,).
     """
 
-    def __init__(self, autoencoder: RobustAutoencoder | None, score: ScoreConfig, image_size: int | None = None,
-                 stats: dict[str, list[float]] | None = None, threshold: float | None = None,
-                 info: dict[str, Any] | None = None, memory: MemoryBank | None = None, method: Method | None = None,
-                 encoder: Encoder | None = None, combined: CombinedConfig | None = None):
+    def __init__(
+        self,
+        autoencoder: RobustAutoencoder | None,
+        score: ScoreConfig,
+        image_size: int | None = None,
+        stats: dict[str, list[float]] | None = None,
+        threshold: float | None = None,
+        info: dict[str, Any] | None = None,
+        memory: MemoryBank | None = None,
+        method: Method | None = None,
+        encoder: Encoder | None = None,
+        combined: CombinedConfig | None = None,
+    ):
         method = method or ("reconstruction" if memory is None else "memory" if autoencoder is None else "combined")
         if method not in typing.get_args(Method):
             raise RFIError(f"unknown method '{method}' (valid: {', '.join(typing.get_args(Method))})")
@@ -132,7 +143,9 @@ class AnomalyDetector:
                 out.update({f"feature:{layer}": s.feature_weight / len(layers) for layer in layers})
         if self.method == "combined":
             total = sum(out.values())
-            out = {k: self.combined.reconstruction * w / total for k, w in out.items() if self.combined.reconstruction > 0}
+            out = {
+                k: self.combined.reconstruction * w / total for k, w in out.items() if self.combined.reconstruction > 0
+            }
             if self.combined.memory > 0:
                 out["memory"] = self.combined.memory
         elif self.method == "memory":
@@ -153,8 +166,10 @@ class AnomalyDetector:
         """Refuse images smaller than :meth:`min_side` with a one-line :class:`RFIError`."""
         h, w = x.shape[-2:]
         if min(h, w) < self.min_side():
-            raise RFIError(f"{name} is {h}x{w} px, smaller than the encoder allows ({self.min_side()} px per side "
-                           f"for its layers at the working resolution): use larger images or a larger image_size")
+            raise RFIError(
+                f"{name} is {h}x{w} px, smaller than the encoder allows ({self.min_side()} px per side "
+                f"for its layers at the working resolution): use larger images or a larger image_size"
+            )
 
     def prepare(self, image: Tensor) -> Tensor:
         """Resize a (3, H, W) image to the working resolution (short side ``image_size``)."""
@@ -180,10 +195,12 @@ class AnomalyDetector:
         if b * h * w <= MAP_PIXELS:
             return self._component_maps(x)
         if b > 1:
-            parts = [self.component_maps(x[i:i + 1]) for i in range(b)]
+            parts = [self.component_maps(x[i : i + 1]) for i in range(b)]
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         multiple = self.encoder.size_multiple() if hasattr(self.encoder, "size_multiple") else 1
-        tile = max((2 * math.ceil(TILE_MARGIN / multiple) + 1) * multiple, math.isqrt(MAP_PIXELS) // multiple * multiple)
+        tile = max(
+            (2 * math.ceil(TILE_MARGIN / multiple) + 1) * multiple, math.isqrt(MAP_PIXELS) // multiple * multiple
+        )
         return tiled_apply(self._component_maps, x, tile, TILE_MARGIN, align=multiple, batch_pixels=MAP_PIXELS)
 
     def _component_maps(self, x: Tensor) -> dict[str, Tensor]:
@@ -257,9 +274,16 @@ class AnomalyDetector:
         self.stats = stats
         scores = torch.cat([self.image_scores(self.maps(x)) for x in self.batches(images, batch_size)])
         self.threshold = float(scores.max())
-        return {"stats": stats, "threshold": self.threshold,
-                "normal_scores": {"mean": float(scores.mean()), "std": float(scores.std()) if len(scores) > 1 else 0.0,
-                                  "max": float(scores.max()), "images": len(scores)}}
+        return {
+            "stats": stats,
+            "threshold": self.threshold,
+            "normal_scores": {
+                "mean": float(scores.mean()),
+                "std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "max": float(scores.max()),
+                "images": len(scores),
+            },
+        }
 
     def overlay(self, image: Tensor, amap: Tensor, alpha: float = 0.5) -> Tensor:
         """Heat-map overlay (:func:`apps.anomaly.maps.overlay`): ``amap`` coloured from 0 to 2 x the threshold.
@@ -279,17 +303,33 @@ class AnomalyDetector:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file (atomic): the autoencoder (or the encoder alone for ``method="memory"``),
         the memory bank, the score settings and statistics."""
-        meta = {"format": MODEL_FORMAT, "version": 1, "score": asdict(self.score), "image_size": self.image_size,
-                "stats": self.stats, "threshold": self.threshold, **self.info,
-                "method": self.method, "combined": asdict(self.combined)}
+        meta = {
+            "format": MODEL_FORMAT,
+            "version": FORMAT_VERSIONS[MODEL_FORMAT],
+            "score": asdict(self.score),
+            "image_size": self.image_size,
+            "stats": self.stats,
+            "threshold": self.threshold,
+            **self.info,
+            "method": self.method,
+            "combined": asdict(self.combined),
+        }
         extra = {"memory": self.memory.state()} if self.memory is not None else {}
         if self.ae is not None:
             return self.ae.save(path, anomaly=meta, **extra)
-        return save_checkpoint({"format": MODEL_FORMAT, "version": 1, "encoder": encoder_checkpoint(self.encoder),
-                                "anomaly": meta, **extra}, path)
+        return save_checkpoint(
+            {
+                "format": MODEL_FORMAT,
+                "version": FORMAT_VERSIONS[MODEL_FORMAT],
+                "encoder": encoder_checkpoint(self.encoder),
+                "anomaly": meta,
+                **extra,
+            },
+            path,
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "AnomalyDetector":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> AnomalyDetector:
         """Load a model file written by ``rfi anomaly fit`` / :meth:`save`."""
         ckpt = load_checkpoint(path)
         meta = ckpt.get("anomaly")
@@ -308,5 +348,15 @@ class AnomalyDetector:
         fixed = {k: meta.pop(k) for k in keys}
         method = meta.pop("method", "reconstruction")
         combined = CombinedConfig(**meta.pop("combined", {}))
-        return cls(ae, score, fixed["image_size"], fixed["stats"], fixed["threshold"], info=meta, memory=memory,
-                   method=method, encoder=encoder, combined=combined)
+        return cls(
+            ae,
+            score,
+            fixed["image_size"],
+            fixed["stats"],
+            fixed["threshold"],
+            info=meta,
+            memory=memory,
+            method=method,
+            encoder=encoder,
+            combined=combined,
+        )

@@ -15,15 +15,18 @@ Example:
     rfi eval-encoder --checkpoint runs/encoders/resnet18_robust/checkpoint.pt --eps 0.25 0.5 1.0
     rfi eval-encoder --checkpoint runs/encoders/fast/checkpoint.pt --twin runs/encoders/resnet18_robust/checkpoint.pt
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from apps.commands.common import add_data_arguments, add_flag, checked_flags, data_config, json_output
 from encoders.core.config import bounded, yaml_dataclass
 from encoders.core.errors import RFIError
+from encoders.core.files import reported_writes
 from encoders.core.runtime import resolve_device
 from encoders.core.serialization import load_checkpoint, write_json
 from encoders.data.build import build_dataset
@@ -50,12 +53,15 @@ class EvalEncoderFlags:
 
 def register_eval_encoder(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi eval-encoder``."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="RFI encoder checkpoint, robustness-library checkpoint or torchvision state dict")
-    parser.add_argument("--arch", help="architecture of a foreign checkpoint "
-                                       "(alexnet, vgg16, vgg19, resnet18, resnet50)")
-    parser.add_argument("--eps", type=float, nargs="+",
-                        help="attack radii (default: the training eps, else 0.5)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="RFI encoder checkpoint, robustness-library checkpoint or torchvision state dict",
+    )
+    parser.add_argument(
+        "--arch", help="architecture of a foreign checkpoint (alexnet, vgg16, vgg19, resnet18, resnet50)"
+    )
+    parser.add_argument("--eps", type=float, nargs="+", help="attack radii (default: the training eps, else 0.5)")
     add_flag(parser, EvalEncoderFlags, "steps", "PGD steps")
     parser.add_argument("--norm", choices=NORMS, help="attack norm (default: the training norm, else l2)")
     parser.add_argument("--step-size", type=float, help="PGD step size (default 2.5*eps/steps)")
@@ -64,15 +70,28 @@ def register_eval_encoder(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, EvalEncoderFlags, "batch_size", "images per batch")
     add_flag(parser, EvalEncoderFlags, "seed", "seed of the attacks' random starts")
     add_flag(parser, EvalEncoderFlags, "device", "auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--masking-checks", action="store_true",
-                        help="also run the gradient-masking checks at every eps (PGD-10/PGD-50 with restarts, "
-                             "an eps sweep, the transfer attack with --twin)")
-    parser.add_argument("--twin", metavar="CKPT", help="a model of the same task trained apart (e.g. the PGD-trained "
-                                                       "twin of a fast-trained model): transfer attack from it; "
-                                                       "implies --masking-checks")
+    parser.add_argument(
+        "--masking-checks",
+        action="store_true",
+        help="also run the gradient-masking checks at every eps (PGD-10/PGD-50 with restarts, "
+        "an eps sweep, the transfer attack with --twin)",
+    )
+    parser.add_argument(
+        "--twin",
+        metavar="CKPT",
+        help="a model of the same task trained apart (e.g. the PGD-trained "
+        "twin of a fast-trained model): transfer attack from it; "
+        "implies --masking-checks",
+    )
     add_flag(parser, EvalEncoderFlags, "restarts", "random restarts of the checks' PGD-10 and PGD-50")
-    add_flag(parser, EvalEncoderFlags, "sweep", "the checks' eps sweep, as multiples of eps (increasing)",
-             nargs="+", type=float)
+    add_flag(
+        parser,
+        EvalEncoderFlags,
+        "sweep",
+        "the checks' eps sweep, as multiples of eps (increasing)",
+        nargs="+",
+        type=float,
+    )
     parser.add_argument("--json", metavar="OUT", help="results file (default: <checkpoint>.eval.json)")
     parser.set_defaults(func=run)
 
@@ -88,16 +107,21 @@ def format_masking_table(checks: Sequence[dict[str, Any]]) -> str:
     """Results of :func:`~encoders.robust.evaluate.masking_checks` as a text table (accuracies in %), one row per
     eps, ending with each row's verdict and, below the table, the reasons for every flag."""
     factors = [f"x{s['eps'] / checks[0]['eps']:g}" for s in checks[0]["sweep"]]
-    head = (f"{'norm':<5} {'eps':>8} {'images':>6} {'clean':>6} {'PGD-10':>7} {'PGD-50':>7} "
-            + " ".join(f"{f:>6}" for f in factors) + f" {'transfer':>8}  verdict")
+    head = (
+        f"{'norm':<5} {'eps':>8} {'images':>6} {'clean':>6} {'PGD-10':>7} {'PGD-50':>7} "
+        + " ".join(f"{f:>6}" for f in factors)
+        + f" {'transfer':>8}  verdict"
+    )
     lines = [head, "-" * len(head)]
     reasons = []
     for c in checks:
         transfer = "-" if c["transfer_acc"] is None else f"{100 * c['transfer_acc']:.1f}%"
-        lines.append(f"{c['norm']:<5} {c['eps']:>8.4g} {c['images']:>6d} {100 * c['clean_acc']:>5.1f}% "
-                     f"{100 * c['pgd10_acc']:>6.1f}% {100 * c['pgd50_acc']:>6.1f}% "
-                     + " ".join(f"{100 * s['acc']:>5.1f}%" for s in c["sweep"])
-                     + f" {transfer:>8}  {MASKED if c['masking_flags'] else 'ok'}")
+        lines.append(
+            f"{c['norm']:<5} {c['eps']:>8.4g} {c['images']:>6d} {100 * c['clean_acc']:>5.1f}% "
+            f"{100 * c['pgd10_acc']:>6.1f}% {100 * c['pgd50_acc']:>6.1f}% "
+            + " ".join(f"{100 * s['acc']:>5.1f}%" for s in c["sweep"])
+            + f" {transfer:>8}  {MASKED if c['masking_flags'] else 'ok'}"
+        )
         reasons += [f"{MASKED} at eps={c['eps']:g}: {flag}" for flag in c["masking_flags"]]
     return "\n".join(lines + reasons)
 
@@ -119,38 +143,78 @@ def run(args: argparse.Namespace) -> int:
     if args.twin is not None:
         twin, _ = _load_encoder(Path(args.twin), args.arch)
         if twin.num_classes != encoder.num_classes:
-            raise RFIError(f"--twin {args.twin} has {twin.num_classes} outputs but {ckpt_path} has "
-                           f"{encoder.num_classes}: the twin must be trained on the same task")
+            raise RFIError(
+                f"--twin {args.twin} has {twin.num_classes} outputs but {ckpt_path} has "
+                f"{encoder.num_classes}: the twin must be trained on the same task"
+            )
     adv = train_cfg.get("adv", {})
     norm = args.norm or adv.get("norm", "l2")
     eps_list = args.eps or [adv.get("eps", 0.5)]
     data_cfg = data_config(args.data, args.size, train_cfg.get("data"), encoder.small_input)
     dataset = build_dataset(data_cfg, "val")
     classes = getattr(dataset, "num_classes", None)
-    if classes is not None and classes > encoder.num_classes:
-        raise RFIError(f"{ckpt_path} has {encoder.num_classes} outputs but the data has {classes} classes")
+    if classes is not None and classes != encoder.num_classes:  # else labels and outputs mean different things
+        raise RFIError(
+            f"{ckpt_path} has {encoder.num_classes} outputs but the {data_cfg.source} data has {classes} "
+            f"classes: give --data with the {encoder.num_classes} classes it was trained on"
+        )
     device = resolve_device(flags.device)
     encoder.to(device)
-    rows = [evaluate_encoder(encoder, dataset, eps, flags.steps, norm, args.step_size, flags.batch_size,
-                             flags.max_images, seed=flags.seed, device=device) for eps in eps_list]
-    print(f"{ckpt_path}: {encoder.arch} (width {encoder.width:g}, {encoder.num_classes} classes) on "
-          f"{data_cfg.source} val, {data_cfg.size}px")
+    rows = [
+        evaluate_encoder(
+            encoder,
+            dataset,
+            eps,
+            flags.steps,
+            norm,
+            args.step_size,
+            flags.batch_size,
+            flags.max_images,
+            seed=flags.seed,
+            device=device,
+        )
+        for eps in eps_list
+    ]
+    print(
+        f"{ckpt_path}: {encoder.arch} (width {encoder.width:g}, {encoder.num_classes} classes) on "
+        f"{data_cfg.source} val, {data_cfg.size}px"
+    )
     print(format_table(rows))
-    report: dict[str, Any] = {"checkpoint": str(ckpt_path), "arch": encoder.arch, "data": vars(data_cfg),
-                              "results": rows}
+    report: dict[str, Any] = {
+        "checkpoint": str(ckpt_path),
+        "arch": encoder.arch,
+        "data": vars(data_cfg),
+        "results": rows,
+    }
     if masking:
         if twin is not None:
             twin.to(device)
-        checks = [masking_checks(encoder, dataset, eps, norm, twin, flags.restarts, flags.sweep,
-                                 batch_size=flags.batch_size, max_images=flags.max_images, seed=flags.seed,
-                                 device=device) for eps in eps_list]
+        checks = [
+            masking_checks(
+                encoder,
+                dataset,
+                eps,
+                norm,
+                twin,
+                flags.restarts,
+                flags.sweep,
+                batch_size=flags.batch_size,
+                max_images=flags.max_images,
+                seed=flags.seed,
+                device=device,
+            )
+            for eps in eps_list
+        ]
         for c in checks:
             c["possibly_gradient_masked"] = bool(c["masking_flags"])
-        print(f"\nmasking checks: PGD with {flags.restarts} restarts, eps sweep (PGD-20), "
-              f"{f'transfer (PGD-50) from {args.twin}' if twin is not None else 'no --twin: no transfer attack'}")
+        print(
+            f"\nmasking checks: PGD with {flags.restarts} restarts, eps sweep (PGD-20), "
+            f"{f'transfer (PGD-50) from {args.twin}' if twin is not None else 'no --twin: no transfer attack'}"
+        )
         print(format_masking_table(checks))
         report["masking"] = checks
         report["twin"] = args.twin
-    write_json(report, out)
+    with reported_writes(out, "--json"):
+        write_json(report, out)
     print(f"wrote {out}")
     return 0

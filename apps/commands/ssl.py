@@ -9,6 +9,7 @@ Example:
     rfi ssl --config configs/apps/ssl.yaml method=mocov2 --resume           # continue an interrupted run
     rfi eval-encoder --checkpoint runs/ssl/mocov2/checkpoint.pt ...         # the backbone is an RFI encoder
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,19 @@ from pathlib import Path
 
 from apps.commands.common import add_job_arguments
 from encoders.core.config import load_config
+from encoders.core.files import check_output_folder, reported_writes
 
 DEFAULT_CONFIG = "configs/apps/ssl.yaml"
 
 
 def register_ssl(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi ssl``: ``--config``, ``key=value`` overrides, ``--out``, ``--resume``."""
-    add_job_arguments(parser, DEFAULT_CONFIG, "method=mocov2 style.enabled=true steps=200",
-                      "output folder (default: runs/ssl/<method>[_style])")
+    add_job_arguments(
+        parser,
+        DEFAULT_CONFIG,
+        "method=mocov2 style.enabled=true steps=200",
+        "output folder (default: runs/ssl/<method>[_style])",
+    )
     parser.set_defaults(func=run)
 
 
@@ -37,10 +43,17 @@ def run(args: argparse.Namespace) -> int:
         cfg.out = args.out
     elif not cfg.out:
         cfg.out = str(default_out(cfg))
-    result = run_ssl(cfg, resume=args.resume)
+    check_output_folder(cfg.out)  # empty, a file, too long a name, read-only: one line before any work
+    with reported_writes(cfg.out):  # a full disk: one line naming the folder
+        result = run_ssl(cfg, resume=args.resume)
     print(Path(cfg.out) / "checkpoint.pt")
     for task, acc in result["probe"].items():
         print(f"linear probe {task}: {100 * acc:.1f}%")
-    print(f"step {result['step_ms']:.0f} ms (StyleAugment {result['style_ms']:.0f} ms"
-          f"{', in the background' if result['background'] else ''}), {result['images_per_s']:.0f} images/s")
+    if result["step_ms"] is None:  # a finished run resumed: no step timed
+        print("no step ran (the run was already finished)")
+    else:
+        print(
+            f"step {result['step_ms']:.0f} ms (StyleAugment {result['style_ms']:.0f} ms"
+            f"{', in the background' if result['background'] else ''}), {result['images_per_s']:.0f} images/s"
+        )
     return 0

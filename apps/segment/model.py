@@ -24,19 +24,21 @@ Example:
     >>> tuple(seg(x).shape), bool((seg(x.roll((3, 5), (2, 3))) - seg(x).roll((3, 5), (2, 3))).abs().max() < 1e-4)
     ((1, 3, 32, 32), True)
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images
-from encoders.core.serialization import load_checkpoint, save_checkpoint
+from encoders.core.serialization import FORMAT_VERSIONS, load_checkpoint, save_checkpoint
 from encoders.nets.models import Encoder
 from encoders.weights.checkpoints import encoder_checkpoint, encoder_from_checkpoint
 from inversion.decoders import Decoder, decoder_checkpoint, decoder_from_checkpoint
@@ -67,18 +69,22 @@ class Segmenter(nn.Module):
     def __init__(self, encoder: Encoder, decoder: Decoder, classes: Sequence[str], finetune: bool = False):
         super().__init__()
         if not decoder.logits or decoder.out_channels != len(classes):
-            raise RFIError(f"a segmenter's decoder outputs logits for each of its {len(classes)} classes "
-                           f"(got out_channels={decoder.out_channels}, logits={decoder.logits})")
+            raise RFIError(
+                f"a segmenter's decoder outputs logits for each of its {len(classes)} classes "
+                f"(got out_channels={decoder.out_channels}, logits={decoder.logits})"
+            )
         if decoder.layer not in encoder.layer_names:
-            raise RFIError(f"the decoder is for layer '{decoder.layer}', which {encoder.arch} does not have "
-                           f"(valid: {', '.join(encoder.layer_names)})")
+            raise RFIError(
+                f"the decoder is for layer '{decoder.layer}', which {encoder.arch} does not have "
+                f"(valid: {', '.join(encoder.layer_names)})"
+            )
         if decoder.upsample == "lps":
             check_phase_source(encoder, decoder.layer, decoder.phase_from)
         self.encoder, self.decoder = encoder, decoder
         self.classes, self.finetune = list(classes), bool(finetune)
         self.encoder.requires_grad_(self.finetune)
 
-    def train(self, mode: bool = True) -> "Segmenter":
+    def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
         if not self.finetune:  # a frozen encoder keeps its eval-mode statistics and phase choices
             self.encoder.eval()
@@ -103,8 +109,15 @@ class Segmenter(nn.Module):
         return self(x).argmax(1)
 
 
-def build_segmenter(encoder: Encoder, layer: str, classes: Sequence[str], skips: Sequence[str] = (),
-                    finetune: bool = False, padding_mode: str = "reflect", **capacity: Any) -> Segmenter:
+def build_segmenter(
+    encoder: Encoder,
+    layer: str,
+    classes: Sequence[str],
+    skips: Sequence[str] = (),
+    finetune: bool = False,
+    padding_mode: str = "reflect",
+    **capacity: Any,
+) -> Segmenter:
     """A segmenter for ``layer`` of ``encoder`` (channels and strides measured on the encoder).
 
     Args:
@@ -120,16 +133,30 @@ def build_segmenter(encoder: Encoder, layer: str, classes: Sequence[str], skips:
     if layer not in info:
         raise RFIError(f"unknown layer '{layer}' for {encoder.arch} (valid: {', '.join(encoder.layer_names)})")
     channels, stride = info[layer]
-    decoder = Decoder(channels, stride, layer, skips={s: info[s] for s in skips}, out_channels=len(classes),
-                      logits=True, **capacity, **polyphase_options(encoder, layer, padding_mode))
+    decoder = Decoder(
+        channels,
+        stride,
+        layer,
+        skips={s: info[s] for s in skips},
+        out_channels=len(classes),
+        logits=True,
+        **capacity,
+        **polyphase_options(encoder, layer, padding_mode),
+    )
     return Segmenter(encoder, decoder, classes, finetune)
 
 
 def segmenter_checkpoint(segmenter: Segmenter, **extra: Any) -> dict[str, Any]:
     """The model-file dict of ``segmenter`` (see the module docstring), with ``extra`` keys."""
-    return {"format": SEGMENTER_FORMAT, "version": 1, "classes": list(segmenter.classes),
-            "finetune": segmenter.finetune, "encoder": encoder_checkpoint(segmenter.encoder),
-            "decoder": decoder_checkpoint(segmenter.decoder, segmenter.encoder.config()), **extra}
+    return {
+        "format": SEGMENTER_FORMAT,
+        "version": FORMAT_VERSIONS[SEGMENTER_FORMAT],
+        "classes": list(segmenter.classes),
+        "finetune": segmenter.finetune,
+        "encoder": encoder_checkpoint(segmenter.encoder),
+        "decoder": decoder_checkpoint(segmenter.decoder, segmenter.encoder.config()),
+        **extra,
+    }
 
 
 def save_segmenter(segmenter: Segmenter, path: str | os.PathLike, **extra: Any) -> Path:
@@ -144,8 +171,9 @@ def segmenter_from_checkpoint(ckpt: Mapping[str, Any], source: str = "checkpoint
         RFIError: not a segmenter file, or a damaged one (naming ``source``).
     """
     if ckpt.get("format") != SEGMENTER_FORMAT:
-        raise RFIError(f"{source} is not an RFI segmenter file (format={ckpt.get('format')!r}): train one with "
-                       f"rfi segment train")
+        raise RFIError(
+            f"{source} is not an RFI segmenter file (format={ckpt.get('format')!r}): train one with rfi segment train"
+        )
     if not all(isinstance(ckpt.get(k), Mapping) for k in ("encoder", "decoder")) or not ckpt.get("classes"):
         raise RFIError(f"{source} is a damaged segmenter file ('encoder', 'decoder' or 'classes' missing)")
     encoder = encoder_from_checkpoint(ckpt["encoder"], f"{source} (encoder)")

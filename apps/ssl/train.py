@@ -17,6 +17,7 @@ Example:
     >>> result = run_ssl(cfg)                                                                # doctest: +SKIP
     >>> result["probe"]["texture"], result["step_ms"]                                        # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,9 @@ import itertools
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,8 +51,16 @@ from encoders.weights.checkpoints import ENCODER_FORMAT, encoder_checkpoint
 log = logging.getLogger("rfi")
 
 # Keys that may differ between a run and its --resume: they change neither the weights nor the views.
-RESUME_FREE_KEYS = ("out", "device", "log_every", "checkpoint_every", "style.background", "style.prefetch",
-                    "style.threads", "probe")
+RESUME_FREE_KEYS = (
+    "out",
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "style.background",
+    "style.prefetch",
+    "style.threads",
+    "probe",
+)
 
 
 @functools.lru_cache(maxsize=4)
@@ -115,8 +125,7 @@ class SSLTrainer(Trainer):
         super().__init__(cfg, ctx, device, Path(cfg.out) if cfg.out else default_out(cfg), images)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = self.module = build_model(cfg).to(device, memory_format=self.memory_format)
-        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters_to_train(),
-                                                         self.total_steps)
+        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters_to_train(), self.total_steps)
         self.optimizers = {"optimizer": self.optimizer}
         self.style = style if style is not None else build_style(cfg.style, device)
         self.background = bool(self.style is not None and cfg.style.background)
@@ -131,8 +140,10 @@ class SSLTrainer(Trainer):
 
     def describe(self) -> str:
         cfg = self.cfg
-        return (f"training {cfg.method}{'+style' if self.style is not None else ''} ({cfg.model.arch} width "
-                f"{cfg.model.width:g}) for {self.total_steps} steps of {cfg.batch_size} images -> {self.out}")
+        return (
+            f"training {cfg.method}{'+style' if self.style is not None else ''} ({cfg.model.arch} width "
+            f"{cfg.model.width:g}) for {self.total_steps} steps of {cfg.batch_size} images -> {self.out}"
+        )
 
     # ------------------------------------------------------------------ data and steps
     def batches(self, epoch: int, skip: int) -> StyledLoader:
@@ -140,9 +151,19 @@ class SSLTrainer(Trainer):
         cfg, s = self.cfg, self.cfg.style
         # Up to the run's last step: a background worker would otherwise stylise batches no step takes.
         batches = itertools.islice(super().batches(epoch, skip), self.total_steps - self.step)
-        loader = StyledLoader(batches, self.style, before=self.before, after=self.after, views=2, seed=cfg.seed,
-                              start=self.step, prefetch=s.prefetch, background=self.background, device=self.device,
-                              threads=s.threads)
+        loader = StyledLoader(
+            batches,
+            self.style,
+            before=self.before,
+            after=self.after,
+            views=2,
+            seed=cfg.seed,
+            start=self.step,
+            prefetch=s.prefetch,
+            background=self.background,
+            device=self.device,
+            threads=s.threads,
+        )
         self.loaders.append(loader)
         self.clock = _clock(self.device)
         return loader
@@ -176,10 +197,11 @@ class SSLTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoint
     def checkpoint(self, train: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
-        return encoder_checkpoint(self.model.backbone,
-                                  ssl_train={**train, "config": config_to_dict(cfg), "method": cfg.method,
-                                             "model": self.model.state_dict()},
-                                  ssl={"method": cfg.method, "layer": self.model.layer, "steps": self.step})
+        return encoder_checkpoint(
+            self.model.backbone,
+            ssl_train={**train, "config": config_to_dict(cfg), "method": cfg.method, "model": self.model.state_dict()},
+            ssl={"method": cfg.method, "layer": self.model.layer, "steps": self.step},
+        )
 
     def training_state(self, ckpt: dict[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
         if ckpt.get("format") != ENCODER_FORMAT or "ssl_train" not in ckpt:
@@ -196,21 +218,27 @@ class SSLTrainer(Trainer):
         ``style_ms`` (median StyleAugment time per step, both views), ``wait_ms`` (median wait for the views),
         ``main_cpu_ms`` (median CPU time of the training thread per step: the work on the critical path,
         whatever else runs on the machine), ``images_per_s``, ``background``, ``steps``, ``loss_first``,
-        ``loss_last`` (the mean of the last tenth of the steps). Timings leave out the first step."""
+        ``loss_last`` (the mean of the last tenth of the steps). Timings leave out the first step; ``step_ms``,
+        ``loss_first`` and ``loss_last`` are ``None`` when no step ran (a finished run resumed)."""
         timed = slice(1, None) if len(self.step_seconds) > 1 else slice(None)  # the first step pays set-up costs
 
         def median_ms(seconds: list[float]) -> float:
             return 1000 * statistics.median(seconds[timed]) if seconds else 0.0
 
-        step_ms = median_ms(self.step_seconds) if self.step_seconds else float("nan")
+        step_ms = median_ms(self.step_seconds) if self.step_seconds else None
         losses = self.losses
-        return {"method": self.cfg.method, "steps": self.step, "step_ms": step_ms,
-                "style_ms": median_ms([t for loader in self.loaders for t in loader.style_seconds]),
-                "wait_ms": median_ms([t for loader in self.loaders for t in loader.wait_seconds]),
-                "main_cpu_ms": median_ms(self.cpu_seconds),
-                "images_per_s": 1000 * self.cfg.batch_size / step_ms if self.step_seconds else 0.0,
-                "background": self.background, "loss_first": losses[0] if losses else float("nan"),
-                "loss_last": statistics.mean(losses[-max(1, len(losses) // 10):]) if losses else float("nan")}
+        return {
+            "method": self.cfg.method,
+            "steps": self.step,
+            "step_ms": step_ms,
+            "style_ms": median_ms([t for loader in self.loaders for t in loader.style_seconds]),
+            "wait_ms": median_ms([t for loader in self.loaders for t in loader.wait_seconds]),
+            "main_cpu_ms": median_ms(self.cpu_seconds),
+            "images_per_s": 1000 * self.cfg.batch_size / step_ms if step_ms else 0.0,
+            "background": self.background,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": statistics.mean(losses[-max(1, len(losses) // 10) :]) if losses else None,
+        }
 
     def result(self) -> TrainResult:
         """The checkpoint, the model (eval mode) and :meth:`stats`."""

@@ -26,6 +26,7 @@ Example:
     >>> tuple(out.shape), bool(((out - x).abs().flatten(1).amax(1) > 0).all())
     ((4, 3, 32, 32), True)
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,19 +44,21 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import is_pure_tensor
 
+from apps.style.pyramid import STYLE_APP
 from apps.style.transforms import adain
 from encoders.core.config import value_range
 from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images, list_images, read_image
-from encoders.core.serialization import load_checkpoint
-from inversion.autoencoder import AUTOENCODER_FORMAT, RobustAutoencoder
+from inversion.autoencoder import RobustAutoencoder
 
 log = logging.getLogger("rfi")
 
 DEFAULT_ENCODER = Path("runs/encoders/resnet18_robust/checkpoint.pt")
 DEFAULT_DECODER = Path("runs/decoders/resnet18_robust_layer3/decoder.pt")
-TRAIN_FIRST = ("rfi train-encoder --config configs/encoder/resnet18_robust.yaml && "
-               "rfi train-decoder --config configs/decoder/resnet18_robust_layer3.yaml")
+TRAIN_FIRST = (
+    "rfi train-encoder --config configs/encoder/resnet18_robust.yaml && "
+    "rfi train-decoder --config configs/decoder/resnet18_robust_layer3.yaml"
+)
 
 StyleModel = RobustAutoencoder | str | os.PathLike | Sequence[str | os.PathLike] | None
 
@@ -70,23 +73,21 @@ def load_style_model(model: StyleModel = None, device: str | torch.device = "cpu
             default robust autoencoder (:data:`DEFAULT_ENCODER` + :data:`DEFAULT_DECODER`).
 
     Raises:
-        RFIError: the files are missing or do not fit (naming what to train first).
+        RFIError: the files are missing or do not fit (naming what to train first), or a model file
+            was written for another use (``rfi denoise train``, ``rfi anomaly fit``).
     """
     if isinstance(model, RobustAutoencoder):
         return model.to(device)
     if model is None:
         missing = [str(p) for p in (DEFAULT_ENCODER, DEFAULT_DECODER) if not p.is_file()]
         if missing:
-            raise RFIError(f"the default style model needs {' and '.join(missing)}: train it first "
-                           f"({TRAIN_FIRST}) or pass a model file / (encoder, decoder) pair")
+            raise RFIError(
+                f"the default style model needs {' and '.join(missing)}: train it first "
+                f"({TRAIN_FIRST}) or pass a model file / (encoder, decoder) pair"
+            )
         model = (DEFAULT_ENCODER, DEFAULT_DECODER)
-    if isinstance(model, (str, os.PathLike)):
-        ckpt = load_checkpoint(model)  # read once
-        fmt = ckpt.get("format")
-        if fmt != AUTOENCODER_FORMAT:
-            raise RFIError(f"{model} is not an RFI autoencoder file (format={fmt!r}): pass a model written by "
-                           f"RobustAutoencoder.save, or an (encoder, decoder) checkpoint pair")
-        return RobustAutoencoder.from_checkpoint(ckpt, str(model), device)
+    if isinstance(model, (str, os.PathLike)):  # a denoiser or an anomaly model is refused, naming what it is
+        return RobustAutoencoder.load(model, device, kind=STYLE_APP)
     parts = list(model)
     if len(parts) < 2:
         raise RFIError(f"a style model pair needs an encoder and a decoder checkpoint, got {model!r}")
@@ -164,10 +165,18 @@ class StyleAugment(v2.Transform):
 
     _transformed_types = (tv_tensors.Image, is_pure_tensor)
 
-    def __init__(self, model: StyleModel = None, p: float = 0.5, alpha: float | Sequence[float] = (0.5, 1.0),
-                 beta: float | Sequence[float] = (0.5, 1.0), styles: str | os.PathLike = "batch",
-                 generator: torch.Generator | int | None = None, layer: str | None = None,
-                 style_size: int = 64, work_size: int | None = None):
+    def __init__(
+        self,
+        model: StyleModel = None,
+        p: float = 0.5,
+        alpha: float | Sequence[float] = (0.5, 1.0),
+        beta: float | Sequence[float] = (0.5, 1.0),
+        styles: str | os.PathLike = "batch",
+        generator: torch.Generator | int | None = None,
+        layer: str | None = None,
+        style_size: int = 64,
+        work_size: int | None = None,
+    ):
         super().__init__()
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise RFIError(f"p (probability of restyling an image) must be in [0, 1], got {p!r}")
@@ -177,8 +186,7 @@ class StyleAugment(v2.Transform):
         if style_size < 1:
             raise RFIError(f"style_size must be a positive number of pixels, got {style_size}")
         self.generator = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
-        if work_size is not None and (isinstance(work_size, bool) or not isinstance(work_size, int)
-                                      or work_size < 1):
+        if work_size is not None and (isinstance(work_size, bool) or not isinstance(work_size, int) or work_size < 1):
             raise RFIError(f"work_size must be a positive number of pixels or null, got {work_size!r}")
         self.style_size, self.work_size = style_size, work_size
         self.styles = "batch" if str(styles) == "batch" else str(styles)
@@ -187,8 +195,9 @@ class StyleAugment(v2.Transform):
         autoencoder = load_style_model(model).to(memory_format=torch.channels_last)
         self.layer = layer or autoencoder.layer
         if self.layer not in autoencoder.layers:
-            raise RFIError(f"the style model has no decoder for layer '{self.layer}' "
-                           f"(have: {', '.join(autoencoder.layers)})")
+            raise RFIError(
+                f"the style model has no decoder for layer '{self.layer}' (have: {', '.join(autoencoder.layers)})"
+            )
         self.autoencoder = autoencoder
         self.stride = autoencoder.strides[self.layer]
         mean, std = self._encode_styles(style_files) if style_files else (torch.empty(0), torch.empty(0))
@@ -217,8 +226,7 @@ class StyleAugment(v2.Transform):
                 continue
             scale = self.style_size / min(img.shape[1:])
             size = [max(self.stride, round(s * scale)) for s in img.shape[1:]]
-            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True,
-                                align_corners=False).clamp(0, 1)
+            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
             feats = self._encode(img.to(self._model_device()))[self.layer]
             mean, std = _stats(feats)
             means.append(mean[0].cpu())
@@ -244,15 +252,20 @@ class StyleAugment(v2.Transform):
             given = type(flat_inputs[0]).__name__ if flat_inputs else "nothing"
             hint = ""
             if any(isinstance(x, np.ndarray) for x in flat_inputs):
-                hint = (": convert it with torch.from_numpy(a) (an (H, W, 3) uint8 image: "
-                        "torch.from_numpy(a).permute(2, 0, 1)[None] / 255)")
+                hint = (
+                    ": convert it with torch.from_numpy(a) (an (H, W, 3) uint8 image: "
+                    "torch.from_numpy(a).permute(2, 0, 1)[None] / 255)"
+                )
             raise RFIError(f"StyleAugment takes a torch.Tensor batch (B, 3, H, W) in [0, 1], got {given}{hint}")
         if images and (images[0].dim() != 4 or images[0].shape[0] == 0):
-            raise RFIError(f"StyleAugment takes a non-empty batch (B, 3, H, W) in [0, 1], got shape "
-                           f"{tuple(images[0].shape)}")
+            raise RFIError(
+                f"StyleAugment takes a non-empty batch (B, 3, H, W) in [0, 1], got shape {tuple(images[0].shape)}"
+            )
         if images and self.styles == "batch" and images[0].dim() == 4 and images[0].shape[0] < 2:
-            raise RFIError("styles='batch' needs batches of at least 2 images (an image is never its own "
-                           "style); got a batch of 1: use a style folder or a larger batch")
+            raise RFIError(
+                "styles='batch' needs batches of at least 2 images (an image is never its own "
+                "style); got a batch of 1: use a style folder or a larger batch"
+            )
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         """Per-image random draws: ``chosen`` (B,) bool, ``alpha``, ``beta`` (B,), ``style`` (B,) indices.
@@ -279,8 +292,12 @@ class StyleAugment(v2.Transform):
         else:
             style = (u[3] * self.num_styles).long().clamp_max(self.num_styles - 1)
         (lo_a, hi_a), (lo_b, hi_b) = self.alpha, self.beta
-        return {"chosen": chosen, "alpha": lo_a + (hi_a - lo_a) * u[1], "beta": lo_b + (hi_b - lo_b) * u[2],
-                "style": style}
+        return {
+            "chosen": chosen,
+            "alpha": lo_a + (hi_a - lo_a) * u[1],
+            "beta": lo_b + (hi_b - lo_b) * u[2],
+            "style": style,
+        }
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Image):
@@ -302,8 +319,13 @@ class StyleAugment(v2.Transform):
         if self.work_size is not None and min(h, w) > self.work_size:
             scale = self.work_size / min(h, w)
             # resized in float32: antialiased resizing does not take every dtype on every device
-            small = F.interpolate(x.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                                  mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+            small = F.interpolate(
+                x.float(),
+                size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            ).clamp(0, 1)
             change = self._stylize_chosen(small, chosen, params) - small[chosen]
             change = F.interpolate(change, size=(h, w), mode="bilinear", align_corners=False)
             out = x.clone()
@@ -323,8 +345,8 @@ class StyleAugment(v2.Transform):
             # Encode each needed image once: the chosen ones and the ones lending their style.
             needed, where = torch.unique(torch.cat([chosen, style]), return_inverse=True)
             feats = self._encode(x[needed].to(dtype))
-            rows = where[:len(chosen)]
-            mean, std = _stats(feats[self.layer][where[len(chosen):]])
+            rows = where[: len(chosen)]
+            mean, std = _stats(feats[self.layer][where[len(chosen) :]])
         else:
             feats = self._encode(x[chosen].to(dtype))
             rows = None
@@ -339,6 +361,8 @@ class StyleAugment(v2.Transform):
         return (beta * styled + (1 - beta) * x[chosen]).clamp(0, 1)
 
     def extra_repr(self) -> str:
-        return (f"p={self.p}, alpha={self.alpha}, beta={self.beta}, styles={self.styles!r}, "
-                f"layer={self.layer!r}, work_size={self.work_size}"
-                + (f", num_styles={self.num_styles}" if self.num_styles else ""))
+        return (
+            f"p={self.p}, alpha={self.alpha}, beta={self.beta}, styles={self.styles!r}, "
+            f"layer={self.layer!r}, work_size={self.work_size}"
+            + (f", num_styles={self.num_styles}" if self.num_styles else "")
+        )

@@ -12,7 +12,7 @@ The policy, the same for every command:
   planned: two inputs that would write the same file, or an output that would replace an
   input, are refused with one line naming both. Nothing is read or written until then.
 - **Per input**: a file that cannot be read, holds NaN/Inf, or whose result is not finite
-  (e.g. a model file with NaN weights) is named and skipped; the others are processed.
+  (e.g. an fp16 overflow) is named and skipped; the others are processed.
 - **Writes** are atomic (temp file + rename, see :func:`encoders.core.serialization.atomic_write`);
   a write that fails (disk full, read-only) stops the batch with one line naming the path,
   since every later write would fail too. Every other writing command (trainings, reports,
@@ -33,6 +33,7 @@ Example:
     >>> sorted(p.name for p in (d / "out").iterdir())
     ['a_x.png']
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -58,8 +59,12 @@ EXIT_PARTIAL = 1
 """Exit code when some inputs failed (each named on stderr) and the others were written."""
 
 
-WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
-                errno.EROFS: "read-only file system"}
+WRITE_ERRORS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+    errno.EROFS: "read-only file system",
+}
 """The ``errno`` values of a failed write that :func:`write_failure` reports, and how."""
 TEMPORARY_NAME_ROOM = 32
 """Characters an output file's name must leave free for its temporary name (``.<name>.<pid>.<random>.tmp``)."""
@@ -119,6 +124,7 @@ def reported_writes(target: str | os.PathLike, flag: str = "--out") -> Iterator[
 
 def _nearest_existing(path: Path) -> Path:
     """``path`` or the nearest folder above it that exists (a name too long to look up counts as missing)."""
+
     def exists(p: Path) -> bool:
         try:
             return p.exists()
@@ -137,13 +143,15 @@ def _check_names(path: Path, existing: Path, flag: str, room: int = 0) -> None:
         name_max = os.pathconf(existing, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer: the common limit
         name_max = 255
-    parts = path.parts[len(existing.parts):] if existing != path else ()
+    parts = path.parts[len(existing.parts) :] if existing != path else ()
     for i, part in enumerate(parts):
         limit = name_max - (room if i == len(parts) - 1 else 0)
         if len(os.fsencode(part)) > limit:
             shown = part if len(part) <= 40 else part[:20] + "..." + part[-12:]
-            raise RFIError(f"{flag} {shown}: the name is {len(os.fsencode(part))} bytes long, more than the "
-                           f"{limit} this file system allows: choose a shorter name")
+            raise RFIError(
+                f"{flag} {shown}: the name is {len(os.fsencode(part))} bytes long, more than the "
+                f"{limit} this file system allows: choose a shorter name"
+            )
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out", need_bytes: int = 0) -> Path:
@@ -204,8 +212,9 @@ def check_output_folder(out: str | os.PathLike, need_bytes: int = 0, flag: str =
     return out
 
 
-def plan_outputs(inputs: Sequence[Path], out: Path, names: Callable[[Path], Sequence[str]],
-                 protect: Iterable[Path] = ()) -> list[list[Path]]:
+def plan_outputs(
+    inputs: Sequence[Path], out: Path, names: Callable[[Path], Sequence[str]], protect: Iterable[Path] = ()
+) -> list[list[Path]]:
     """The output paths of each input, refusing collisions and overwriting any input.
 
     Args:
@@ -223,8 +232,10 @@ def plan_outputs(inputs: Sequence[Path], out: Path, names: Callable[[Path], Sequ
         for dst in dsts:
             key = dst.resolve()
             if key in seen:
-                raise RFIError(f"{seen[key]} and {src} would both be written to {dst}: rename one of them "
-                               f"or use separate --out folders")
+                raise RFIError(
+                    f"{seen[key]} and {src} would both be written to {dst}: rename one of them "
+                    f"or use separate --out folders"
+                )
             seen[key] = src
     sources = {p.resolve() for p in [*inputs, *protect]}
     clash = [dst for dsts in planned for dst in dsts if dst.resolve() in sources]
@@ -271,9 +282,14 @@ class FileBatch:
             problem (see :func:`check_output_folder`, :func:`plan_outputs`).
     """
 
-    def __init__(self, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 names: Callable[[Path], Sequence[str]] = lambda p: [p.stem + ".png"],
-                 protect: Iterable[Path] = (), desc: str = "images"):
+    def __init__(
+        self,
+        inputs: Sequence[str | os.PathLike],
+        out: str | os.PathLike,
+        names: Callable[[Path], Sequence[str]] = lambda p: [p.stem + ".png"],
+        protect: Iterable[Path] = (),
+        desc: str = "images",
+    ):
         self.failures: list[str] = []
         self.files: list[Path] = []
         for item in inputs:
@@ -305,8 +321,9 @@ class FileBatch:
             raise RFIError(f"cannot write {dst}: {why} ({len(self.written)} file(s) written before)") from None
         self.written.append(dst)
 
-    def run(self, process: Callable[[Path, Tensor], Sequence[Tensor]],
-            read: Callable[[Path], Tensor] = read_image) -> int:
+    def run(
+        self, process: Callable[[Path, Tensor], Sequence[Tensor]], read: Callable[[Path], Tensor] = read_image
+    ) -> int:
         """Process every input: ``process(path, image (3, H, W))`` returns one result per output name.
 
         Returns:
@@ -318,8 +335,10 @@ class FileBatch:
         for src, dsts in progress(list(zip(self.files, self.targets)), desc=self.desc, unit="img"):
             try:
                 image = check_finite(read(src), str(src))
-                results = [check_finite(r.detach().cpu(), f"the result for {src} (is the model file corrupt?)")
-                           for r in process(src, image)]
+                results = [
+                    check_finite(r.detach().cpu(), f"the result for {src} (is the model file corrupt?)")
+                    for r in process(src, image)
+                ]
             except RFIError as e:
                 self.fail(src, e)
                 continue
@@ -330,7 +349,6 @@ class FileBatch:
     def finish(self) -> int:
         """Say what was written and return the exit code (see the module docstring)."""
         if not self.written:
-            raise RFIError(f"no output written: all {len(self.failures)} input(s) failed: "
-                           + "; ".join(self.failures))
+            raise RFIError(f"no output written: all {len(self.failures)} input(s) failed: " + "; ".join(self.failures))
         log.info("wrote %d file(s) to %s", len(self.written), self.out)
         return partial_exit(self.failures)

@@ -14,16 +14,19 @@ Scale (used by ``rfi train-encoder`` and ``rfi train-decoder``, see ``docs/train
 - :func:`memory_format`: ``channels_last`` for convolutions on GPU.
 - :func:`seed_everything` with ``deterministic``: deterministic kernels on or off.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,8 +111,35 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     return tqdm(iterable, dynamic_ncols=True, disable=disable, **kwargs)
 
 
+def json_line(record: Any) -> str:
+    """``record`` as one line of strict JSON: numbers of any kind (0-d tensors, numpy scalars) as floats, and
+    those that are not finite (NaN, Inf) as ``null``.
+
+    Example:
+        >>> json_line({"step": 3, "loss": torch.tensor(float("nan")), "lr": [0.1, float("inf")]})
+        '{"step": 3, "loss": null, "lr": [0.1, null]}'
+    """
+    return json.dumps(_finite_or_null(record), allow_nan=False, default=float)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if value is None or isinstance(value, (str, int)):  # bools are ints
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return number if math.isfinite(number) else None
+
+
 class MetricsLog:
     """Append-only JSON-lines metrics log (one object per line, each with a ``step``).
+
+    Every line is valid JSON: a number that is not finite (a NaN loss) is written as ``null``.
 
     Args:
         path: the ``.jsonl`` file.
@@ -126,14 +156,14 @@ class MetricsLog:
         if resume_step is None:
             atomic_write(self.path, lambda tmp: open(tmp, "w").close())
         elif self.path.exists():
-            keep = [json.dumps(r, default=float) for r in self.read() if r.get("step", 0) <= resume_step]
+            keep = [json_line(r) for r in self.read() if r.get("step", 0) <= resume_step]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json_line(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         """The records; a torn line (a write cut by a power loss or a full disk) is skipped with a warning."""
@@ -161,9 +191,12 @@ def save_grid(columns: Sequence[Tensor], path: str | os.PathLike, max_rows: int 
         max_rows: at most this many rows.
     """
     ref = columns[0][:max_rows]
-    cols = [torch.nn.functional.interpolate(c[:max_rows].float(), size=ref.shape[-2:], mode="bilinear",
-                                            align_corners=False) if c.shape[-2:] != ref.shape[-2:] else c[:max_rows]
-            for c in columns]
+    cols = [
+        torch.nn.functional.interpolate(c[:max_rows].float(), size=ref.shape[-2:], mode="bilinear", align_corners=False)
+        if c.shape[-2:] != ref.shape[-2:]
+        else c[:max_rows]
+        for c in columns
+    ]
     tiles = torch.stack([c.detach().float().cpu().clamp(0, 1) for c in cols], dim=1).flatten(0, 1)
     return write_image(make_grid(tiles, nrow=len(columns), padding=pad, pad_value=1.0), path)
 
@@ -186,12 +219,11 @@ def check_precision(precision: str, device: torch.device | str | None = None, ke
     if precision not in PRECISIONS:
         raise RFIError(f"unknown {key} '{precision}' (valid: {', '.join(PRECISIONS)})")
     device = torch.device(device) if device is not None else None
-    if (device is not None and device.type == "cuda" and precision == "bf16"
-            and not torch.cuda.is_bf16_supported()):
+    if device is not None and device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise RFIError(f"{key}=bf16: this GPU does not support bfloat16; use {key}=fp16 or fp32")
 
 
-def autocast(device: torch.device | str, precision: str = "fp32") -> ContextManager:
+def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``precision`` on ``device``'s type; ``fp32`` is a plain no-op context.
 
     (A no-op rather than ``autocast(enabled=False)``, which would switch off an autocast
@@ -333,7 +365,7 @@ def peak_memory_mib(device: str | torch.device = "cpu") -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -35,12 +35,14 @@ Example:
     >>> result = train_encoder(cfg)                                # doctest: +SKIP
     >>> encoder = create_encoder(checkpoint=result.path)           # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from encoders.core.budget import FLOAT_BYTES, TRAINING_COPIES, check_memory, meta_parameters
 from encoders.core.config import bounded, config_to_dict, yaml_dataclass
 from encoders.core.config import check_config as check_declared_rules
 from encoders.core.errors import RFIError
@@ -86,7 +89,7 @@ class ModelConfig:
     arch: str
     width: float
     small_input: bool
-    num_classes: int | None
+    num_classes: int | None = bounded(low=1)
     batch_norm: bool
     downsample: str
     options: dict[str, Any]
@@ -125,8 +128,17 @@ class AdvConfig:
         Raises:
             RFIError: settings no run could use (:func:`encoders.robust.fast.check_method`).
         """
-        return AdvMethod(self.method, self.norm, self.eps, self.steps, self.step_size, self.random_start, self.noise,
-                         self.replays, self.grad_align)
+        return AdvMethod(
+            self.method,
+            self.norm,
+            self.eps,
+            self.steps,
+            self.step_size,
+            self.random_start,
+            self.noise,
+            self.replays,
+            self.grad_align,
+        )
 
     def check(self) -> None:
         """The rules across keys: the attack's numbers, and the method's own settings when ``enabled``.
@@ -141,8 +153,10 @@ class AdvConfig:
         if self.enabled:
             self.training_method()
         if self.method == "free" and self.mix > 0:
-            raise RFIError(f"adv.mix={self.mix} is not available with adv.method=free (every replay of a minibatch "
-                           "carries the perturbation): set adv.mix=0")
+            raise RFIError(
+                f"adv.mix={self.mix} is not available with adv.method=free (every replay of a minibatch "
+                "carries the perturbation): set adv.mix=0"
+            )
 
 
 @yaml_dataclass("encoder/defaults.yaml", "eval")
@@ -227,11 +241,15 @@ def check_config(cfg: TrainEncoderConfig) -> None:
     except RFIError as e:
         problems.append(f"eval: {e}")
     if cfg.adv.enabled and cfg.adv.method == "free" and cfg.steps % cfg.adv.replays:
-        problems.append(f"steps={cfg.steps} (optimiser steps) must be a multiple of adv.replays={cfg.adv.replays} "
-                        "for adv.method=free: each minibatch is replayed that many times")
+        problems.append(
+            f"steps={cfg.steps} (optimiser steps) must be a multiple of adv.replays={cfg.adv.replays} "
+            "for adv.method=free: each minibatch is replayed that many times"
+        )
     if not cfg.optim.lr > 0 or not 0 <= cfg.optim.momentum < 1 or not cfg.optim.weight_decay >= 0:
-        problems.append(f"optim.lr must be > 0, optim.momentum in [0, 1) and optim.weight_decay >= 0, got "
-                        f"{cfg.optim.lr}, {cfg.optim.momentum}, {cfg.optim.weight_decay}")
+        problems.append(
+            f"optim.lr must be > 0, optim.momentum in [0, 1) and optim.weight_decay >= 0, got "
+            f"{cfg.optim.lr}, {cfg.optim.momentum}, {cfg.optim.weight_decay}"
+        )
     if not 0 <= cfg.adv.mix < 1:
         problems.append(f"adv.mix (fraction of clean examples) must be in [0, 1), got {cfg.adv.mix}")
     if problems:
@@ -242,8 +260,9 @@ def default_out(cfg: TrainEncoderConfig) -> Path:
     return Path("runs/encoders") / f"{cfg.model.arch}_{'robust' if cfg.adv.enabled else 'standard'}"
 
 
-def adversarial_batch(encoder: Encoder, x: Tensor, y: Tensor, method: AdvMethod | None, mix: float = 0.0,
-                      precision: str = "fp32") -> Tensor:
+def adversarial_batch(
+    encoder: Encoder, x: Tensor, y: Tensor, method: AdvMethod | None, mix: float = 0.0, precision: str = "fp32"
+) -> Tensor:
     """The batch the encoder trains on: the method's examples (computed in eval mode), the first ``mix`` kept clean.
 
     Args:
@@ -306,9 +325,11 @@ class _Logits(nn.Module):
 
 # DDP without its buffer broadcast at every forward (train_step broadcasts earlier, before the attack);
 # the keyword is ``forward_sync_buffers`` in newer torch, ``broadcast_buffers`` before.
-_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                           else {"broadcast_buffers": False})
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 # The metrics train_step sums: loss x images, correct predictions, images.
 _SUMS = ("loss", "correct", "seen")
@@ -342,20 +363,40 @@ class EncoderTrainer(Trainer):
 
     def __init__(self, cfg: TrainEncoderConfig, ctx: DistContext, device: torch.device):
         train_set, self.val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
-        super().__init__(cfg, ctx, device, Path(cfg.out) if cfg.out else default_out(cfg), train_set,
-                         resolve_num_workers(cfg.num_workers, train_set))  # None: 0 in memory, CPUs for files
-        num_classes = cfg.model.num_classes or train_set.num_classes
+        super().__init__(
+            cfg,
+            ctx,
+            device,
+            Path(cfg.out) if cfg.out else default_out(cfg),
+            train_set,
+            resolve_num_workers(cfg.num_workers, train_set),
+        )  # None: 0 in memory, CPUs for files
+        m = cfg.model
+        num_classes = train_set.num_classes if m.num_classes is None else m.num_classes
         if num_classes < train_set.num_classes:
             raise RFIError(f"model.num_classes={num_classes} but the data has {train_set.num_classes} classes")
-        m = cfg.model
-        encoder = Encoder(m.arch, num_classes=num_classes, width=m.width, small_input=m.small_input,
-                          batch_norm=m.batch_norm, downsample=m.downsample,
-                          **encoder_options(m.options, "model.options")).to(device)
+        options = dict(
+            num_classes=num_classes,
+            width=m.width,
+            small_input=m.small_input,
+            batch_norm=m.batch_norm,
+            downsample=m.downsample,
+            **encoder_options(m.options, "model.options"),
+        )
+        size = meta_parameters(lambda: Encoder(m.arch, **options))
+        check_memory(
+            size * FLOAT_BYTES * TRAINING_COPIES,
+            f"model.arch={m.arch} with model.width={m.width:g} (an encoder of {size / 1e9:,.1f} G parameters, trained)",
+            "lower model.width (or model.options)",
+        )
+        encoder = Encoder(m.arch, **options).to(device)
         encoder.check_input_size(cfg.data.size)
         if cfg.sync_batch_norm and ctx.world > 1:
             if device.type != "cuda":
-                raise RFIError("sync_batch_norm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); "
-                               "on CPU each process keeps its own batch statistics (sync_batch_norm=false)")
+                raise RFIError(
+                    "sync_batch_norm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); "
+                    "on CPU each process keeps its own batch statistics (sync_batch_norm=false)"
+                )
             encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
             encoder.reset_extractors()
         if cfg.channels_last:
@@ -369,15 +410,17 @@ class EncoderTrainer(Trainer):
             self.replay, self.replays = self.method.replay(), self.method.replays
             self.total_steps = -(-self.total_steps // self.replays)
         self.replay_states: list[dict[str, Any]] = []  # every rank's replay state, gathered by save()
-        self.optimizer, self.scheduler = build_optimizer(cfg.optim, encoder.parameters(),
-                                                         self.total_steps * self.replays)
+        self.optimizer, self.scheduler = build_optimizer(
+            cfg.optim, encoder.parameters(), self.total_steps * self.replays
+        )
         self.optimizers = {"optimizer": self.optimizer}
         self.model: nn.Module = _Logits(encoder)
         if ctx.world > 1:
             # Buffers (batch-norm statistics) are broadcast from rank 0 by train_step itself, before
             # the attack, so every rank attacks with the same statistics (DDP would only do it later).
-            self.model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
-                                                 else None, **_NO_FORWARD_BUFFER_SYNC)
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_FORWARD_BUFFER_SYNC
+            )
         self.record: dict[str, Any] | None = None  # the last epoch's metrics
         self.evaluation: dict[str, Any] | None = None  # the final evaluation
         # The overfitting probe's fixed validation batch (rank 0) and its records, one per epoch.
@@ -391,17 +434,25 @@ class EncoderTrainer(Trainer):
         elif m.method == "pgd":
             kind = f"adversarial ({a.norm} eps={a.eps}, {a.steps} steps)"
         else:
-            settings = {"fgsm_rs": f"FGSM-RS, step {m.step:g}", "free": f"free, {m.replays} replays of step {m.step:g}",
-                        "n_fgsm": f"N-FGSM, noise {2 * m.eps if m.noise is None else m.noise:g}, step {m.step:g}"}
+            settings = {
+                "fgsm_rs": f"FGSM-RS, step {m.step:g}",
+                "free": f"free, {m.replays} replays of step {m.step:g}",
+                "n_fgsm": f"N-FGSM, noise {2 * m.eps if m.noise is None else m.noise:g}, step {m.step:g}",
+            }
             align = f", GradAlign {m.grad_align:g}" if m.grad_align > 0 else ""
             kind = f"adversarial ({a.norm} eps={a.eps}, {settings[m.method]}{align})"
-        steps = (f"{self.total_steps} minibatches x {self.replays} replays ({self.total_steps * self.replays} "
-                 f"optimiser steps, {self.epochs} epochs)" if self.replay is not None
-                 else f"{self.total_steps} steps ({self.epochs} epochs)")
-        return (f"training {kind} {cfg.model.arch} encoder on {len(self.train_set)} {cfg.data.source} images for "
-                f"{steps} of {cfg.batch_size} images"
-                f"{f' on {self.ctx.world} processes' if self.ctx.world > 1 else ''}"
-                f"{f', {cfg.precision}' if cfg.precision != 'fp32' else ''} -> {self.out}")
+        steps = (
+            f"{self.total_steps} minibatches x {self.replays} replays ({self.total_steps * self.replays} "
+            f"optimiser steps, {self.epochs} epochs)"
+            if self.replay is not None
+            else f"{self.total_steps} steps ({self.epochs} epochs)"
+        )
+        return (
+            f"training {kind} {cfg.model.arch} encoder on {len(self.train_set)} {cfg.data.source} images for "
+            f"{steps} of {cfg.batch_size} images"
+            f"{f' on {self.ctx.world} processes' if self.ctx.world > 1 else ''}"
+            f"{f', {cfg.precision}' if cfg.precision != 'fp32' else ''} -> {self.out}"
+        )
 
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
@@ -411,11 +462,16 @@ class EncoderTrainer(Trainer):
         super().save()
 
     def checkpoint(self, train: dict[str, Any]) -> dict[str, Any]:
-        extra = {**({"probes": self.probes} if self.method is not None else {}),
-                 **({"free_replay": self.replay_states} if self.replay is not None else {})}
-        return encoder_checkpoint(self.encoder, train={**train, "config": config_to_dict(self.cfg), **extra},
-                                  **({"metrics": self.record} if self.record is not None else {}),
-                                  **({"eval": self.evaluation} if self.evaluation is not None else {}))
+        extra = {
+            **({"probes": self.probes} if self.method is not None else {}),
+            **({"free_replay": self.replay_states} if self.replay is not None else {}),
+        }
+        return encoder_checkpoint(
+            self.encoder,
+            train={**train, "config": config_to_dict(self.cfg), **extra},
+            **({"metrics": self.record} if self.record is not None else {}),
+            **({"eval": self.evaluation} if self.evaluation is not None else {}),
+        )
 
     def training_state(self, ckpt: dict[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
         if ckpt.get("format") != ENCODER_FORMAT or "train" not in ckpt:
@@ -478,8 +534,9 @@ class EncoderTrainer(Trainer):
         loss = F.cross_entropy(logits.float(), y)
         total = loss
         if self.method is not None and self.method.grad_align > 0:  # train mode, before the one backward
-            total = loss + self.method.grad_align * grad_align_penalty(self.encoder.logits, x, y, self.method.eps,
-                                                                       self.method.norm, precision=cfg.precision)
+            total = loss + self.method.grad_align * grad_align_penalty(
+                self.encoder.logits, x, y, self.method.eps, self.method.norm, precision=cfg.precision
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
@@ -495,26 +552,40 @@ class EncoderTrainer(Trainer):
         if self.ctx.main:
             seen = max(sums.get("seen", 0), 1)
             val_acc = clean_accuracy(self.encoder, self.val_set, 2 * self.cfg.batch_size, self.device)
-            self.record = {"step": self.step, "epoch": epoch + 1, "train_loss": sums.get("loss", 0) / seen,
-                           "train_acc": sums.get("correct", 0) / seen, "val_acc": val_acc,
-                           "images_per_s": images_per_s}
+            self.record = {
+                "step": self.step,
+                "epoch": epoch + 1,
+                "train_loss": sums.get("loss", 0) / seen,
+                "train_acc": sums.get("correct", 0) / seen,
+                "val_acc": val_acc,
+                "images_per_s": images_per_s,
+            }
             if self.replay is not None:
                 self.record["optimizer_steps"] = self.step * self.replays
             warning = None
             if self.method is not None:
-                probe = overfitting_probe(self.encoder, *self.probe, self.method, seed=self.cfg.seed,
-                                          precision=self.cfg.precision)
+                probe = overfitting_probe(
+                    self.encoder, *self.probe, self.method, seed=self.cfg.seed, precision=self.cfg.precision
+                )
                 self.probes.append(probe)
                 self.record["probe"] = probe
                 warning = overfitting_warning(self.probes)
                 if warning is not None:
                     self.record["overfitting_warning"] = warning
             self.metrics.write(**self.record)
-            log.info("epoch %d/%d: train loss %.3f, train acc %.3f, val acc %.3f (%.0f images/s)%s", epoch + 1,
-                     self.epochs, self.record["train_loss"], self.record["train_acc"], val_acc, images_per_s,
-                     "" if self.method is None else
-                     f"; probe on {len(self.probe[1])} val images: training attack acc "
-                     f"{self.probes[-1]['train_attack_acc']:.3f}, PGD-10 acc {self.probes[-1]['pgd_acc']:.3f}")
+            log.info(
+                "epoch %d/%d: train loss %.3f, train acc %.3f, val acc %.3f (%.0f images/s)%s",
+                epoch + 1,
+                self.epochs,
+                self.record["train_loss"],
+                self.record["train_acc"],
+                val_acc,
+                images_per_s,
+                ""
+                if self.method is None
+                else f"; probe on {len(self.probe[1])} val images: training attack acc "
+                f"{self.probes[-1]['train_attack_acc']:.3f}, PGD-10 acc {self.probes[-1]['pgd_acc']:.3f}",
+            )
             if warning is not None:
                 log.warning("%s", warning)
         self.encoder.train()
@@ -525,16 +596,29 @@ class EncoderTrainer(Trainer):
         if not (cfg.eval.enabled and self.ctx.main):
             return
         eps = cfg.adv.eps if cfg.eval.eps is None else cfg.eval.eps
-        self.evaluation = evaluate_encoder(self.encoder, self.val_set, eps=eps, steps=cfg.eval.steps,
-                                           norm=cfg.eval.norm or cfg.adv.norm, batch_size=2 * cfg.batch_size,
-                                           max_images=cfg.eval.max_images, device=self.device)
+        self.evaluation = evaluate_encoder(
+            self.encoder,
+            self.val_set,
+            eps=eps,
+            steps=cfg.eval.steps,
+            norm=cfg.eval.norm or cfg.adv.norm,
+            batch_size=2 * cfg.batch_size,
+            max_images=cfg.eval.max_images,
+            device=self.device,
+        )
         self.metrics.write(step=self.step, epoch=self.epochs, eval=self.evaluation)
         write_json(self.evaluation, self.out / "eval.json")
         self.saved["eval"] = self.evaluation
         save_checkpoint(self.saved, self.ckpt_path)
         r = self.evaluation
-        log.info("validation: clean acc %.3f, PGD-%d (%s, eps=%g) acc %.3f", r["clean_acc"], r["steps"], r["norm"],
-                 r["eps"], r["pgd_acc"])
+        log.info(
+            "validation: clean acc %.3f, PGD-%d (%s, eps=%g) acc %.3f",
+            r["clean_acc"],
+            r["steps"],
+            r["norm"],
+            r["eps"],
+            r["pgd_acc"],
+        )
 
     def result(self) -> TrainResult:
         """The run's :class:`~encoders.core.rundir.TrainResult`: the checkpoint, the encoder (eval mode) and the

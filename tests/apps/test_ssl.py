@@ -1,4 +1,5 @@
 """``rfi ssl`` (apps/ssl/): SimCLR and MoCo v2, style augmentation in the views, resume, probes, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONFIG = "configs/apps/ssl.yaml"
-TINY = ["data.crops=32", "data.crop_size=20", "data.view_size=16", "model.width=0.125", "batch_size=16",
-        "steps=2", "probe.train_crops=48", "probe.val_crops=32", "moco.queue=32", "device=cpu", "log_every=1"]
+TINY = [
+    "data.crops=32",
+    "data.crop_size=20",
+    "data.view_size=16",
+    "model.width=0.125",
+    "batch_size=16",
+    "steps=2",
+    "probe.train_crops=48",
+    "probe.val_crops=32",
+    "moco.queue=32",
+    "device=cpu",
+    "log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +138,21 @@ def test_grey_tasks_defeat_colour_statistics():
 
 
 # ----------------------------------------------------------------------------- training runs
-@pytest.mark.parametrize("method,position", [("simclr", "after_crop"), ("mocov2", "before_crop"),
-                                             ("mocov2", "after_jitter")])
+@pytest.mark.parametrize(
+    "method,position", [("simclr", "after_crop"), ("mocov2", "before_crop"), ("mocov2", "after_jitter")]
+)
 def test_tiny_runs_with_style(ae_file, method, position, tmp_path):
     """``style.position`` decides what StyleAugment restyles: the source crops (``before_crop``: crop_size
     20), the cropped views (16) before colour jitter and grayscale, or after them (``after_jitter``)."""
-    cfg = tiny(f"method={method}", "style.enabled=true", f"style.model={ae_file}", "style.p=1",
-               f"style.position={position}", "views.gray_p=1",  # every view ends grey: visible before the style
-               f"out={tmp_path}")
+    cfg = tiny(
+        f"method={method}",
+        "style.enabled=true",
+        f"style.model={ae_file}",
+        "style.p=1",
+        f"style.position={position}",
+        "views.gray_p=1",  # every view ends grey: visible before the style
+        f"out={tmp_path}",
+    )
     style = build_style(cfg.style, torch.device("cpu"))
     seen = []
     style.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
@@ -200,8 +219,9 @@ def test_resume_is_bit_identical_and_the_backbone_is_an_encoder_checkpoint(tmp_p
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 4] and lines[-1]["summary"]
     assert [r["loss"] for r in lines[:4]] == [r["loss"] for r in straight_lines[:4]]
     with pytest.raises(RFIError, match="batch_size"):
-        train_ssl(tiny("method=mocov2", "steps=4", "batch_size=8", "moco.queue=32", f"out={tmp_path / 'cut'}"),
-                  resume=True)
+        train_ssl(
+            tiny("method=mocov2", "steps=4", "batch_size=8", "moco.queue=32", f"out={tmp_path / 'cut'}"), resume=True
+        )
 
 
 def test_rfi_ssl_command(tmp_path, capsys):
@@ -212,24 +232,32 @@ def test_rfi_ssl_command(tmp_path, capsys):
     for name in ("checkpoint.pt", "metrics.jsonl", "config.yaml", "result.json"):
         assert (out / name).is_file(), name
     assert not (out / ".lock").exists()
+    # resuming the finished run: no step runs, no timing is invented, and result.json stays valid JSON
+    assert main(["ssl", "--config", CONFIG, *TINY, "method=simclr", "--out", str(out), "--resume"]) == 0
+    assert "no step ran (the run was already finished)" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["step_ms"] is None and result["loss_first"] is None and result["loss_last"] is None
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("override,key", [
-    ("method=byol", "method"),
-    ("moco.queue=40", "moco.queue"),  # not a multiple of batch_size=16
-    ("style.p=1.5", "style.p"),
-    ("style.alpha=[0.2,1.3]", "style.alpha"),
-    ("style.beta=[0.5,0.1]", "style.beta"),
-    ("style.position=middle", "style.position"),
-    ("probe.tasks=[photo,cifar]", "probe.tasks"),
-    ("moco.momentum=1.5", "moco.momentum"),
-    ("moco.bn_splits=3", "moco.bn_splits"),  # does not divide batch_size=16
-    ("views.hue=0.7", "views.hue"),
-    ("views.crop_scale=[0.8,0.2]", "views.crop_scale"),
-    ("temperature=0", "temperature"),
-    ("data.view_size=24", "data.view_size"),  # larger than data.crop_size=20
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("method=byol", "method"),
+        ("moco.queue=40", "moco.queue"),  # not a multiple of batch_size=16
+        ("style.p=1.5", "style.p"),
+        ("style.alpha=[0.2,1.3]", "style.alpha"),
+        ("style.beta=[0.5,0.1]", "style.beta"),
+        ("style.position=middle", "style.position"),
+        ("probe.tasks=[photo,cifar]", "probe.tasks"),
+        ("moco.momentum=1.5", "moco.momentum"),
+        ("moco.bn_splits=3", "moco.bn_splits"),  # does not divide batch_size=16
+        ("views.hue=0.7", "views.hue"),
+        ("views.crop_scale=[0.8,0.2]", "views.crop_scale"),
+        ("temperature=0", "temperature"),
+        ("data.view_size=24", "data.view_size"),  # larger than data.crop_size=20
+    ],
+)
 def test_bad_input_names_the_key(override, key, capsys):
     code = main(["ssl", "--config", CONFIG, *TINY, "method=mocov2", override, "--out", "/nonexistent/never"])
     err = capsys.readouterr().err.strip()

@@ -1,4 +1,5 @@
 """Decoder training: ``train_decoder`` and ``rfi train-decoder``."""
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,9 @@ def test_killed_run_resumes_to_identical_weights(tiny_config, tmp_path, monkeypa
     if not scheduler_state:  # as written before the scheduler's state was saved (its lr: the last step's)
         del killed["train"]["scheduler"]
         killed["train"]["optimizer"]["param_groups"][0].pop("initial_lr")
-        killed["train"]["optimizer"]["param_groups"][0]["lr"] = cfg.optim.lr * _old_lr_factor(8, killed["train"]["total_steps"], cfg.optim)
+        killed["train"]["optimizer"]["param_groups"][0]["lr"] = cfg.optim.lr * _old_lr_factor(
+            8, killed["train"]["total_steps"], cfg.optim
+        )
         torch.save(killed, path)
     assert not [p for p in Path(cfg.out).iterdir() if p.name.endswith(".tmp")]
 
@@ -102,8 +105,10 @@ def test_killed_run_resumes_to_identical_weights(tiny_config, tmp_path, monkeypa
     assert a["val_psnr"] == b["val_psnr"]
 
     def without_speed(out):
-        return [{k: v for k, v in r.items() if k != "images_per_s"}
-                for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        return [
+            {k: v for k, v in r.items() if k != "images_per_s"}
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        ]
 
     assert without_speed(tmp_path / "full") == without_speed(Path(cfg.out))
     assert {"adversarial", "disc"} <= set(_records(Path(cfg.out), "total")[-1])
@@ -130,8 +135,14 @@ def test_the_lr_scheduler_gives_the_former_learning_rates_exactly(schedule, warm
         sched.step()
     assert lrs == [cfg.lr * _old_lr_factor(s, total, cfg) for s in range(total + 2)]  # bit-identical
     # Rebuilt at a step (an old checkpoint without scheduler state): the same learning rates from there on.
-    rebuilt = lr_scheduler(torch.optim.Adam([torch.zeros(1, requires_grad=True)]), cfg.lr, lambda: total,
-                           cfg.warmup_steps, cfg.schedule, step=13)
+    rebuilt = lr_scheduler(
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)]),
+        cfg.lr,
+        lambda: total,
+        cfg.warmup_steps,
+        cfg.schedule,
+        step=13,
+    )
     assert rebuilt.get_last_lr() == [lrs[13]] and rebuilt.last_epoch == 13
 
 
@@ -173,16 +184,25 @@ def test_input_transform_corrupts_inputs_but_targets_stay_clean(tiny_config, mon
     # Same step and seed -> same corruption (so --resume reproduces it).
     g1, g2 = trainer._generator(5, 0), trainer._generator(5, 0)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
-    assert not torch.equal(torch.rand(3, generator=trainer._generator(5, 0)),
-                           torch.rand(3, generator=trainer._generator(6, 0)))
+    assert not torch.equal(
+        torch.rand(3, generator=trainer._generator(5, 0)), torch.rand(3, generator=trainer._generator(6, 0))
+    )
 
 
 def test_patch_adversarial_and_lpips_terms_train(tiny_config, fake_lpips_weights):
     with pytest.raises(RFIError, match="16-px crops"):  # AlexNet cannot see 16-px crops
         train_decoder(tiny_config("steps=1", "loss.lpips=0.5", f"loss.lpips_weights={fake_lpips_weights}"))
-    cfg = tiny_config("steps=3", "log_every=1", "data.size=32", "batch_size=8", "loss.adversarial=0.05",
-                      "loss.discriminator=patch", "loss.lpips=0.5", f"loss.lpips_weights={fake_lpips_weights}",
-                      "loss.gan_loss=nonsaturating")
+    cfg = tiny_config(
+        "steps=3",
+        "log_every=1",
+        "data.size=32",
+        "batch_size=8",
+        "loss.adversarial=0.05",
+        "loss.discriminator=patch",
+        "loss.lpips=0.5",
+        f"loss.lpips_weights={fake_lpips_weights}",
+        "loss.gan_loss=nonsaturating",
+    )
     path = train_decoder(cfg)
     record = _records(Path(cfg.out), "total")[-1]
     assert {"pixel", "feature", "lpips", "adversarial", "disc"} <= set(record)
@@ -196,7 +216,9 @@ def test_lpips_without_local_weights_is_a_clear_error(tiny_config, tmp_path):
 
 
 def test_bad_input_is_named(tiny_config, tmp_path):
-    with pytest.raises(RFIError, match=r"not-there\.pt.*rfi train-encoder --config configs/encoder/resnet18_robust\.yaml"):
+    with pytest.raises(
+        RFIError, match=r"not-there\.pt.*rfi train-encoder --config configs/encoder/resnet18_robust\.yaml"
+    ):
         train_decoder(tiny_config(f"encoder.checkpoint={tmp_path / 'not-there.pt'}"))
     with pytest.raises(RFIError, match="layer9.*valid: layer1, layer2, layer3, layer4"):
         train_decoder(tiny_config("encoder.layer=layer9"))
@@ -211,10 +233,23 @@ def test_bad_input_is_named(tiny_config, tmp_path):
 def test_cli_default_config_with_skips(tiny_encoder_path, tmp_path, capsys):
     """The shipped YAML (shrunk by overrides) runs through ``rfi train-decoder``; U-Net skips work."""
     out = tmp_path / "cli"
-    args = ["train-decoder", "--config", str(REPO / "configs/decoder/resnet18_robust_layer3.yaml"),
-            f"encoder.checkpoint={tiny_encoder_path}", "data.size=16", "data.train_crops=64", "data.val_crops=8",
-            "batch_size=16", "steps=2", "decoder.channels=8", "decoder.min_channels=8",
-            "decoder.skips=[layer1]", "device=cpu", "--out", str(out)]
+    args = [
+        "train-decoder",
+        "--config",
+        str(REPO / "configs/decoder/resnet18_robust_layer3.yaml"),
+        f"encoder.checkpoint={tiny_encoder_path}",
+        "data.size=16",
+        "data.train_crops=64",
+        "data.val_crops=8",
+        "batch_size=16",
+        "steps=2",
+        "decoder.channels=8",
+        "decoder.min_channels=8",
+        "decoder.skips=[layer1]",
+        "device=cpu",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     path = Path(capsys.readouterr().out.strip())
     assert path == out / "decoder.pt"
@@ -229,3 +264,19 @@ def test_cli_errors_name_the_key(tmp_path, capsys):
     assert main(["train-decoder", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "loss.pixle" in err and err.startswith("rfi: error:")
+
+
+def test_the_decoder_records_its_encoder_so_another_of_the_same_settings_is_refused(
+    tiny_config, tiny_encoder_path, tmp_path
+):
+    from encoders.weights.checkpoints import save_encoder
+    from tests.conftest import tiny_net
+
+    cfg = tiny_config("epochs=1", "steps=2")
+    decoder = train_decoder(cfg).path
+    other = save_encoder(tiny_net(seed=1), tmp_path / "other.pt")  # same settings, other weights
+    with pytest.raises(RFIError, match=f"{decoder} was trained on another resnet18 encoder than {other}") as refused:
+        RobustAutoencoder.from_checkpoints(other, decoder)
+    assert f"it was trained on {tiny_encoder_path}" in str(refused.value)
+    assert RobustAutoencoder.from_checkpoints(other, decoder, allow_mismatch=True).layer == "layer3"
+    assert RobustAutoencoder.from_checkpoints(tiny_encoder_path, decoder).layer == "layer3"
