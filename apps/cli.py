@@ -45,7 +45,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "apps.commands.shift_consistency",
         "shift consistency / equivariance of encoders and autoencoders",
     ),
-    ("weights", "apps.commands.weights", "model zoo: list / fetch public robust and torchvision checkpoints"),
+    ("weights", "apps.commands.weights", "RFI's shipped models and the zoo: list / show / fetch / retrain"),
 )
 
 RENAMED: dict[str, str] = {

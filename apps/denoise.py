@@ -40,6 +40,7 @@ from encoders.core.files import FileBatch, check_output_file, check_output_folde
 from encoders.core.rundir import RunDir, TrainResult
 from encoders.core.serialization import atomic_write
 from encoders.weights.checkpoints import load_encoder
+from encoders.weights.shipped import resolve_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.metrics import psnr
 from inversion.train import CHECKPOINT_NAME, TrainDecoderConfig, train_decoder
@@ -119,14 +120,17 @@ class NoiseSection:
 class DenoiseApplyConfig:
     """How ``rfi denoise apply`` runs (the ``apply:`` section; flags of the same names win).
 
-    ``sigma``: a demonstration on clean pictures: first add Gaussian noise of this level (0-255
-    units), then denoise (``null``: denoise the inputs as they are). ``seed``: seed of that noise
-    (image ``i`` uses ``seed + i``). ``save_noisy``: with ``sigma``, also write the noisy input as
+    ``model``: the denoiser it applies: ``shipped:rfi_denoiser`` (RFI's shipped blind denoiser,
+    the default), a file, or ``null`` for the one training writes (:func:`model_file`). ``sigma``: a
+    demonstration on clean pictures: first add Gaussian noise of this level (0-255 units), then
+    denoise (``null``: denoise the inputs as they are). ``seed``: seed of that noise (image ``i``
+    uses ``seed + i``). ``save_noisy``: with ``sigma``, also write the noisy input as
     ``<out>/noisy/<name>.png``. ``tile``: tile side in px for large images (``null``: the whole
     image up to the model's ``max_pixels``, else tiles of its square root). ``device``: ``auto``,
     ``cpu``, ``cuda``, ...
     """
 
+    model: str | None
     sigma: float | None = bounded(low=0)
     seed: int
     save_noisy: bool
@@ -244,7 +248,7 @@ def train_denoiser(cfg: DenoiseConfig, resume: bool = False) -> TrainResult:
 def load_denoiser(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[RobustAutoencoder, dict[str, Any]]:
-    """Load a model file written by ``rfi denoise train``.
+    """Load a model file written by ``rfi denoise train``, or RFI's shipped denoiser (``shipped:rfi_denoiser``).
 
     Returns:
         ``(autoencoder, info)``: the :class:`~inversion.autoencoder.RobustAutoencoder`, and
@@ -253,9 +257,10 @@ def load_denoiser(
 
     Raises:
         RFIError: missing or unreadable file, not an autoencoder file, or one written for another
-            app (a style pyramid, an anomaly model), naming both kinds.
+            app (a style pyramid, an anomaly model), naming both kinds; a shipped denoiser not in this
+            build or damaged (naming ``--model``).
     """
-    path = Path(path)
+    path = Path(resolve_checkpoint(path, flag="--model", kind=DENOISER_APP))
     if not path.is_file():
         raise RFIError(f"denoiser model not found: {path} (train one with rfi denoise train)")
     model = RobustAutoencoder.load(path, device, kind=DENOISER_APP)  # read once: the noise levels are in metadata

@@ -15,6 +15,11 @@ and each precision, it times the project's own training steps, not a re-implemen
    backward, Adam and scheduler step.
 3. ``inversion``: :meth:`inversion.RobustAutoencoder.reconstruct` (encoder + that decoder,
    loaded from their checkpoint files) of one 4000x3000 image, timed on its second pass.
+4. ``ssl``: SASSL's GPU recipe (``configs/apps/sassl_imagenet.yaml``: MoCo v2, ResNet-50, 224-px
+   views, StyleAugment in a worker thread on a side CUDA stream) trained by
+   :func:`apps.ssl.train.train_ssl` on a generated 224-px folder (data loading included), with and
+   without StyleAugment: median step time and the time per epoch it implies for ImageNet-100 and
+   ImageNet (one GPU; ``torchrun`` divides it by about the number of GPUs). GPU only: skipped on CPU.
 
 On CPU each row also gives images per second of the process's CPU time
 (``images_per_cpu_s``), which a shared machine's load does not depress.
@@ -444,9 +449,83 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
                         }
                     )
                     _print_row(rows[-1])
+        if args.ssl:
+            for precision in args.precisions:
+                for style in (False, True):
+                    job = ssl_job(precision, style, device, tmp, args.batch_size, args.steps, args.warmup, workers)
+                    name = f"ssl mocov2{' + StyleAugment' if style else ''} (sassl_imagenet)"
+                    rows.append({"arch": "resnet50", "precision": precision, "job": name, **job})
+                    _print_row(rows[-1])
+                    if "epoch_minutes" in job:
+                        minutes = job["epoch_minutes"]
+                        print(
+                            f"{'':<16}step {job['step_ms']:.0f} ms (StyleAugment {job['style_ms']:.0f} ms beside it, "
+                            f"waited {job['wait_ms']:.1f} ms); one GPU: {minutes['imagenet100']:.1f} min per "
+                            f"ImageNet-100 epoch, {minutes['imagenet']:.0f} min per ImageNet epoch",
+                            flush=True,
+                        )
     for r in rows:
         r.pop("checkpoint", None)
     return {**info, "rows": rows}
+
+
+IMAGENET_TRAIN_IMAGES = {"imagenet100": 126_689, "imagenet": 1_281_167}
+
+
+def ssl_job(
+    precision: str, style: bool, device: str, tmp: Path, batch_size: int, steps: int, warmup: int, workers: int
+) -> dict[str, Any]:
+    """Median step time of the SASSL recipe (``configs/apps/sassl_imagenet.yaml``) on ``device`` (GPU only),
+    with a random default-architecture style autoencoder (speed does not depend on the weights)."""
+    if not device.startswith("cuda"):
+        return {"skipped": "the SASSL recipe is measured on a GPU only"}
+    import torch
+
+    from apps.ssl import SSLConfig
+    from apps.ssl.train import train_ssl
+    from encoders import create_encoder
+    from encoders.core.config import load_config
+    from inversion.autoencoder import RobustAutoencoder
+    from inversion.decoders import Decoder
+
+    data = tmp / "ssl_data"
+    if not data.is_dir():
+        make_dataset(data, 224, n_train=batch_size * (steps + warmup + 2))
+    model = tmp / "style_ae.pt"
+    if not model.is_file():
+        torch.manual_seed(0)
+        enc = create_encoder("resnet18", width=0.25, small_input=True, num_classes=8)
+        RobustAutoencoder(enc, Decoder(64, 4, "layer3", channels=64, min_channels=32)).save(model)
+    queue = 65536 if 65536 % batch_size == 0 else 256 * batch_size
+    cfg = load_config(
+        SSLConfig,
+        ROOT / "configs" / "apps" / "sassl_imagenet.yaml",
+        [
+            f"data.root={data}",
+            f"data.num_workers={workers}",
+            f"batch_size={batch_size}",
+            f"moco.queue={queue}",
+            f"steps={steps + warmup + 1}",
+            f"device={device}",
+            f"precision={precision}",
+            f"style.enabled={str(style).lower()}",
+            f"style.model={model}",
+            "probe.enabled=false",
+            "log_every=0",
+            f"out={tmp / f'ssl-{precision}-{style}'}",
+        ],
+    )
+    reset_peak_memory(device)
+    stats = train_ssl(cfg).metrics
+    step_s = stats["step_ms"] / 1000
+    return {
+        "images_per_s": batch_size / step_s,
+        "step_ms": stats["step_ms"],
+        "style_ms": stats["style_ms"],
+        "wait_ms": stats["wait_ms"],
+        "epoch_minutes": {k: n / batch_size * step_s / 60 for k, n in IMAGENET_TRAIN_IMAGES.items()},
+        "peak_mib": peak_memory_mib(device),
+    }
 
 
 def _print_row(r: dict[str, Any]) -> None:
@@ -481,6 +560,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nargs=2,
         metavar=("H", "W"),
         help="image to invert (default 3000 4000; 300 400 with --tiny)",
+    )
+    parser.add_argument(
+        "--no-ssl", dest="ssl", action="store_false", help="leave out the SASSL recipe (MoCo v2 + StyleAugment)"
     )
     parser.add_argument("--json", default=str(ROOT / "bench/results/gpu_check.json"))
     args = parser.parse_args(argv)

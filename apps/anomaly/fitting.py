@@ -29,6 +29,7 @@ from encoders.core.errors import RFIError
 from encoders.core.runtime import resolve_device
 from encoders.nets.models import Encoder
 from encoders.weights.checkpoints import load_encoder
+from encoders.weights.shipped import resolve_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.train import train_decoder
 
@@ -70,6 +71,7 @@ def fit(cfg: AnomalyConfig, data: str, out: str | os.PathLike, resume: bool = Fa
         RFIError: bad config (the key named), no (readable) normal images, a missing encoder checkpoint.
     """
     cfg = check_config(cfg)
+    cfg.encoder = str(resolve_checkpoint(cfg.encoder, flag="encoder=PATH", kind="encoder"))
     if not Path(cfg.encoder).is_file():
         raise RFIError(
             f"encoder checkpoint not found: {cfg.encoder} (train it with: rfi train-encoder --config "

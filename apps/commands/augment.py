@@ -4,6 +4,7 @@ The settings are :class:`AugmentConfig` (``configs/apps/augment.yaml``); a flag 
 command line sets the key of the same name.
 
 Example:
+    rfi augment photos/ --out views/                       # RFI's shipped style pyramid
     rfi augment photos/ --out views/ --views 4 --model runs/style/pyramid.pt
     rfi augment photos/ --out views/ --styles styles/ --p 1 --alpha 0.5,1
 """
@@ -35,9 +36,10 @@ DEFAULT_CONFIG = "configs/apps/augment.yaml"
 class AugmentConfig:
     """``rfi augment`` settings (YAML: ``configs/apps/augment.yaml``; command-line flags win).
 
-    ``model``: an autoencoder file; else ``encoder`` + ``decoder`` checkpoints; else the default
-    robust autoencoder. ``styles``: ``batch`` or a style folder. ``p``, ``alpha``, ``beta``,
-    ``style_size``, ``work_size``: as :class:`~apps.style.augment.StyleAugment` takes them
+    ``model``: an autoencoder file or ``shipped:NAME`` (default: RFI's shipped style pyramid);
+    ``encoder`` + ``decoder`` checkpoints, when given, win over it. ``styles``: ``batch`` or a
+    style folder. ``p``, ``alpha``, ``beta``, ``style_size``, ``work_size``: as
+    :class:`~apps.style.augment.StyleAugment` takes them
     (``alpha``, ``beta``: one number or a range ``[lo, hi]``). ``views``: augmented views per
     image. ``size``: images are resized (short side) and centre-cropped to ``size`` x ``size``.
     ``batch_size``: images restyled together (with ``styles: batch`` they lend each other their
@@ -96,7 +98,9 @@ def register_augment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for <stem>_view<k>.png and contact_sheet.png")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     parser.add_argument("--views", type=int, help="augmented views per image (config: views)")
-    parser.add_argument("--model", help="autoencoder file (RobustAutoencoder.save) (config: model)")
+    parser.add_argument(
+        "--model", help="autoencoder file (RobustAutoencoder.save) or shipped:NAME (config: model, the shipped pyramid)"
+    )
     parser.add_argument("--encoder", help="encoder checkpoint (with --decoder), instead of --model")
     parser.add_argument("--decoder", help="decoder checkpoint (with --encoder)")
     parser.add_argument(
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             f"{len(files)} readable: pass --styles DIR"
         )
     images = torch.stack(loaded)
-    model = cfg.model or ((cfg.encoder, cfg.decoder) if cfg.encoder else None)
+    model = (cfg.encoder, cfg.decoder) if cfg.encoder else cfg.model
     aug = StyleAugment(
         load_style_model(model, device),
         p=cfg.p,

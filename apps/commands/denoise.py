@@ -1,14 +1,14 @@
 """``rfi denoise train | apply``: train a denoiser on robust features, then denoise image files (:mod:`apps.denoise`).
 
 ``train`` writes one model file (:func:`apps.denoise.train_denoiser`) to the config's ``model``
-(default ``<train.out>/denoiser.pt``); ``apply`` denoises images with it
-(:func:`apps.denoise.denoise_files`), with the settings of the config's ``apply:`` section unless
-a flag says otherwise. Both read ``configs/apps/denoise.yaml`` by default, so the same
-``--config`` trains and applies one denoiser.
+(default ``<train.out>/denoiser.pt``); ``apply`` denoises images (:func:`apps.denoise.denoise_files`)
+with the config's ``apply.model`` (default: RFI's shipped blind denoiser, ``shipped:rfi_denoiser``;
+``null``: the one ``train`` writes) and the other settings of its ``apply:`` section, unless a flag
+says otherwise. Both read ``configs/apps/denoise.yaml`` by default.
 
 Example:
     rfi denoise train --config configs/apps/denoise.yaml 'noise.sigma=[5,50]' --out runs/denoise
-    rfi denoise apply noisy/ --out clean/
+    rfi denoise apply noisy/ --out clean/                     # the shipped denoiser
     rfi denoise apply photos/ --model runs/denoise/denoiser.pt --out demo/ --sigma 25 --save-noisy
 """
 
@@ -25,7 +25,7 @@ from encoders.core.runtime import resolve_device
 
 log = logging.getLogger("rfi")
 
-APPLY_FLAGS = ("sigma", "seed", "save_noisy", "tile", "device")
+APPLY_FLAGS = ("model", "sigma", "seed", "save_noisy", "tile", "device")
 """The ``rfi denoise apply`` flags that set a key of the config's ``apply:`` section (same names)."""
 
 
@@ -61,7 +61,11 @@ def register_denoise(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="output folder (PNG files, same names as the inputs)")
-    p.add_argument("--model", help="denoiser file (default: model of the config, where rfi denoise train writes it)")
+    p.add_argument(
+        "--model",
+        help="denoiser file, or shipped:NAME (config: apply.model, RFI's shipped denoiser; "
+        "rfi denoise train writes runs/denoise/denoiser.pt)",
+    )
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     p.add_argument(
         "--sigma",
@@ -100,7 +104,7 @@ def run_apply(args: argparse.Namespace) -> int:
     cfg = load_denoiser_config(args.config, flag_overrides(args, "apply", APPLY_FLAGS))
     settings = cfg.apply
     check_output_folder(args.out)  # before the model is loaded
-    model, info = load_denoiser(args.model or model_file(cfg), resolve_device(settings.device))
+    model, info = load_denoiser(settings.model or model_file(cfg), resolve_device(settings.device))
     if settings.sigma is not None and "sigma" in info:
         lo, hi = info["sigma"]
         if not lo <= settings.sigma <= hi:

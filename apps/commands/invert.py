@@ -2,9 +2,12 @@
 
 ``--method decoder`` (default) runs :meth:`RobustAutoencoder.reconstruct`; ``--method optimize``
 runs the optimisation baseline (:func:`inversion.optimize.invert_by_optimization`). Each
-checkpoint is read once.
+checkpoint is read once. Without ``--encoder`` it inverts with RFI's shipped robust encoder and
+its layer3 decoder (``configs/commands.yaml``, ``invert:``); the default decoder goes with the
+default encoder only, so an ``--encoder`` of one's own needs its ``--decoder`` (or ``--layer``).
 
 Example:
+    rfi invert photo.jpg --out out/
     rfi invert photos/ --encoder runs/encoders/resnet18_robust/checkpoint.pt \\
         --decoder runs/decoders/resnet18_robust_layer3/decoder.pt --out inverted/
     rfi invert photos/ --encoder imagenet_l2_3_0.pt --arch resnet50 \\
@@ -26,6 +29,7 @@ from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder
 from encoders.core.runtime import resolve_device
 from encoders.weights.checkpoints import load_encoder
+from encoders.weights.shipped import resolve_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.invert import invert_files
 
@@ -34,6 +38,8 @@ from inversion.invert import invert_files
 class InvertFlags:
     """The defaults and rules of ``rfi invert``'s flags (the ``invert:`` section of ``configs/commands.yaml``)."""
 
+    encoder: str
+    decoder: str | None
     method: Literal["decoder", "optimize"]
     steps: int = bounded(low=1)
     lr: float = bounded(low=0, low_open=True)
@@ -46,17 +52,18 @@ class InvertFlags:
 def register_invert(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rfi invert``."""
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
-    parser.add_argument(
-        "--encoder", required=True, help="encoder checkpoint: RFI, robustness-library or torchvision file"
-    )
+    add_flag(parser, InvertFlags, "encoder", "encoder: RFI, robustness-library or torchvision file, or shipped:NAME")
     parser.add_argument(
         "--arch",
         help="the encoder's architecture (e.g. resnet50) when --encoder is a "
         "robustness-library or torchvision file (default: as the decoder records)",
     )
-    parser.add_argument(
-        "--decoder",
-        help="decoder checkpoint (required for --method decoder; with --method optimize it names the layer)",
+    add_flag(
+        parser,
+        InvertFlags,
+        "decoder",
+        "decoder checkpoint or shipped:NAME (the default goes with the default --encoder only; "
+        "with --method optimize it names the layer)",
     )
     parser.add_argument("--out", required=True, help="output folder (one PNG per input, same names)")
     parser.add_argument(
@@ -80,24 +87,44 @@ def register_invert(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def chosen_decoder(flags: InvertFlags, layer: str | None) -> str | None:
+    """The decoder to use: ``--decoder``, whose default goes with the default encoder only (so it is never
+    paired with an encoder of one's own), and is not used by ``--method optimize --layer NAME``."""
+    defaults = InvertFlags()
+    own_encoder = flags.encoder != defaults.encoder
+    if flags.decoder == defaults.decoder and (own_encoder or (flags.method == "optimize" and layer)):
+        return None
+    return flags.decoder
+
+
 def inverter(args: argparse.Namespace, flags: InvertFlags, device: torch.device) -> Callable[[Tensor], Tensor]:
     """The function ``images (1, 3, H, W) -> reconstructions`` that ``--method`` asks for."""
+    decoder = chosen_decoder(flags, args.layer)
+    encoder_file = resolve_checkpoint(flags.encoder, flag="--encoder", kind="encoder")
     if flags.method == "decoder":
-        if not args.decoder:
-            raise RFIError("--method decoder needs --decoder D (a decoder checkpoint)")
+        if not decoder:
+            raise RFIError("--method decoder needs --decoder D (a decoder checkpoint) with an --encoder of your own")
         ae = RobustAutoencoder.from_checkpoints(
-            args.encoder, args.decoder, device=device, arch=args.arch, allow_mismatch=args.allow_mismatch
+            encoder_file,
+            resolve_checkpoint(decoder, flag="--decoder", kind="decoder"),
+            device=device,
+            arch=args.arch,
+            allow_mismatch=args.allow_mismatch,
         )
         return lambda x: ae.reconstruct(x, tile=flags.tile)
     from inversion.optimize import invert_by_optimization
 
-    if args.decoder:
+    if decoder:
         ae = RobustAutoencoder.from_checkpoints(
-            args.encoder, args.decoder, device=device, arch=args.arch, allow_mismatch=args.allow_mismatch
+            encoder_file,
+            resolve_checkpoint(decoder, flag="--decoder", kind="decoder"),
+            device=device,
+            arch=args.arch,
+            allow_mismatch=args.allow_mismatch,
         )
         encoder, layer = ae.encoder, args.layer or ae.layer
     elif args.layer:
-        encoder, layer = load_encoder(args.encoder, args.arch).to(device), args.layer
+        encoder, layer = load_encoder(encoder_file, args.arch).to(device), args.layer
     else:
         raise RFIError("--method optimize needs --layer NAME (or a --decoder, whose layer is used)")
     encoder.check_layers([layer])

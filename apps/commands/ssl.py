@@ -7,6 +7,7 @@ Example:
     rfi ssl --config configs/apps/ssl.yaml method=mocov2                     # -> runs/ssl/mocov2
     rfi ssl --config configs/apps/ssl.yaml method=simclr style.enabled=true --out runs/ssl/simclr_style
     rfi ssl --config configs/apps/ssl.yaml method=mocov2 --resume           # continue an interrupted run
+    torchrun --nproc_per_node 8 -m apps.cli ssl --config configs/apps/sassl_imagenet.yaml data.root=DIR  # DDP
     rfi eval-encoder --checkpoint runs/ssl/mocov2/checkpoint.pt ...         # the backbone is an RFI encoder
 """
 
@@ -34,7 +35,7 @@ def register_ssl(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, checkpoint, probe; prints the checkpoint path and one line per probe task."""
+    """Train, checkpoint, probe; prints the checkpoint path and one line per probe task (rank 0 of a DDP job)."""
     from apps.ssl import SSLConfig, run_ssl
     from apps.ssl.train import default_out
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(cfg.out)  # empty, a file, too long a name, read-only: one line before any work
     with reported_writes(cfg.out):  # a full disk: one line naming the folder
         result = run_ssl(cfg, resume=args.resume)
+    if result["rank"] != 0:
+        return 0
     print(Path(cfg.out) / "checkpoint.pt")
     for task, acc in result["probe"].items():
         print(f"linear probe {task}: {100 * acc:.1f}%")

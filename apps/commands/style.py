@@ -1,13 +1,16 @@
 """``rfi style train | apply``: style transfer (WCT / AdaIN) through a decoder pyramid (:mod:`apps.style`).
 
 ``train`` writes the pyramid (:func:`apps.style.pyramid.train_pyramid`) to the config's ``out``;
-``apply`` stylises images through it (:func:`apps.style.transfer.stylize`), with the settings of
-the config's ``apply:`` section unless a flag says otherwise. Both read
-``configs/apps/style.yaml`` by default, so the same ``--config`` trains and applies one pyramid.
+``apply`` stylises images (:func:`apps.style.transfer.stylize`) through ``--model`` (default: RFI's
+shipped pyramid, ``shipped:rfi_style_pyramid``: the config's ``apply.model``; ``apply.model:
+null``: the config's ``out``, where ``train`` writes), with the
+settings of the config's ``apply:`` section unless a flag says otherwise. Both read
+``configs/apps/style.yaml`` by default.
 
 Example:
     rfi style train --config configs/apps/style.yaml train.steps=100 --out runs/style/pyramid.pt
-    rfi style apply photo.jpg --style starry.jpg --out styled/ --alpha 0.8
+    rfi style apply photo.jpg --style starry.jpg --out styled/ --alpha 0.8      # the shipped pyramid
+    rfi style apply photo.jpg --style starry.jpg --out styled/ --model runs/style/pyramid.pt
     rfi style apply photos/ --style a.jpg --style b.jpg --weights 0.7,0.3 --out mixed/ --preserve-color
 """
 
@@ -28,8 +31,9 @@ from encoders.core.errors import RFIError
 from encoders.core.files import FileBatch, check_output_file, reported_writes
 from encoders.core.imageio import check_image_side, read_image
 from encoders.core.runtime import resolve_device
+from encoders.weights.shipped import resolve_checkpoint
 
-APPLY_FLAGS = ("method", "alpha", "preserve_color", "size", "style_size", "layers", "device")
+APPLY_FLAGS = ("model", "method", "alpha", "preserve_color", "size", "style_size", "layers", "device")
 """The ``rfi style apply`` flags that set a key of the config's ``apply:`` section (same names)."""
 
 
@@ -104,7 +108,11 @@ def register_style(parser: argparse.ArgumentParser) -> None:
         "--weights", help="comma-separated weights of the styles, e.g. 0.7,0.3: blend them into one output per content"
     )
     p.add_argument("--out", required=True, help="output folder (PNG files)")
-    p.add_argument("--model", help="decoder pyramid file (default: out of the config, where rfi style train writes it)")
+    p.add_argument(
+        "--model",
+        help="decoder pyramid: a file (e.g. what rfi style train wrote) or shipped:NAME (config: apply.model, "
+        "default RFI's shipped pyramid; null there: the config's out)",
+    )
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     p.add_argument("--method", help=f"feature transform: {' or '.join(METHODS)} (config: apply.method)")
     p.add_argument("--alpha", type=float, help="content-style trade-off in [0, 1] (config: apply.alpha)")
@@ -155,7 +163,7 @@ def run_apply(args: argparse.Namespace) -> int:
     )
     styles = [read_image(p) for p in style_paths]
     device = resolve_device(settings.device)
-    ae = load_pyramid(args.model or cfg.out, device)
+    ae = load_pyramid(resolve_checkpoint(settings.model or cfg.out, flag="--model", kind="style"), device)
     groups = [[i] for i in range(len(styles))] if separate else [list(range(len(styles)))]
 
     def process(path: Path, image: Tensor) -> list[Tensor]:

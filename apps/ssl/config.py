@@ -25,17 +25,26 @@ from encoders.core.optim import OptimConfig
 
 Method = Literal["simclr", "mocov2"]
 StylePosition = Literal["before_crop", "after_crop", "after_jitter"]
-ProbeTask = Literal["photo", "photo_grey", "texture"]  # described in apps.ssl.probes.PROBE_TASKS
+ProbeTask = Literal["photo", "photo_grey", "texture", "unseen", "folder"]  # described in apps.ssl.probes.PROBE_TASKS
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @yaml_dataclass("apps/ssl.yaml", "data")
 class SSLDataConfig:
-    """``crops`` unlabelled ``crop_size`` crops of the training regions of the embedded photos, cut into
-    ``view_size`` views."""
+    """The unlabelled training images, cut into ``view_size`` views.
 
+    ``root`` null: ``crops`` ``crop_size`` crops of the training regions of the embedded photos. ``root`` a
+    folder (ImageNet style: ``train/<class>/*`` and ``val/<class>/*``, or class folders with every fifth file
+    held out): its training images, short side resized to ``crop_size`` and randomly cropped square (with a
+    flip), streamed by ``num_workers`` DataLoader workers (null: a default for the machine); ``crops`` is
+    then unused.
+    """
+
+    root: str | None
     crops: int = bounded(low=1)
     crop_size: int = bounded(low=1)
     view_size: int = bounded(low=1)
+    num_workers: int | None = bounded(low=0)
     seed: int
 
 
@@ -86,7 +95,8 @@ class ViewConfig:
 class StyleConfig:
     """StyleAugment in the views (SASSL); off unless ``enabled``.
 
-    ``model``: autoencoder file; else ``encoder`` + ``decoder``; else the default robust one.
+    ``model``: autoencoder file (or ``shipped:NAME``); else ``encoder`` + ``decoder``; else StyleAugment's
+    default (:func:`apps.style.augment.load_style_model`).
     ``p``, ``alpha``, ``beta``: see :class:`apps.style.augment.StyleAugment` (SASSL: alpha, beta in
     [0.1, 0.3]). ``styles``: ``batch`` or a style folder. ``position``: where StyleAugment sits
     in the views (:meth:`apps.ssl.views.Views.stages`). ``background``: stylise the next batches in
@@ -113,7 +123,8 @@ class StyleConfig:
 @yaml_dataclass("apps/ssl.yaml", "probe")
 class ProbeConfig:
     """Linear probes after training: logistic regression (inverse regularisation ``C``) on frozen pooled
-    features, trained on ``train_crops`` and scored on ``val_crops`` crops per task."""
+    features, trained on ``train_crops`` and scored on ``val_crops`` crops (or images, for ``folder``: the
+    labelled ``data.root``, train split -> val split) per task."""
 
     enabled: bool
     tasks: list[ProbeTask]
@@ -128,7 +139,10 @@ class SSLConfig:
 
     ``steps``: stop after this many steps (0: ``epochs`` full passes over ``data.crops``).
     ``checkpoint_every``: also checkpoint every N steps (0: at each epoch's end and the run's end only).
-    ``out``: the run folder (default: :func:`apps.ssl.train.default_out`).
+    ``snapshot_steps``: also keep the backbone at these steps as ``checkpoint_step<N>.pt`` (an encoder
+    checkpoint, for a learning curve from one run). ``precision``: autocast of the training step (``fp32``
+    on CPU). ``out``: the run folder (default: :func:`apps.ssl.train.default_out`). Under ``torchrun``
+    ``batch_size`` is the global batch, split over the processes.
     """
 
     method: Method
@@ -142,10 +156,12 @@ class SSLConfig:
     temperature: float = bounded(low=0, low_open=True)
     seed: int
     device: str
+    precision: Precision
     channels_last: bool
     out: str | None
     log_every: int = bounded(low=0)
     checkpoint_every: int = bounded(low=0)
+    snapshot_steps: list[int] = bounded(low=1)
     views: ViewConfig
     style: StyleConfig
     probe: ProbeConfig
@@ -160,7 +176,11 @@ class SSLConfig:
                 ``[lo, hi]`` with lo > hi; a missing or empty ``style.styles`` folder; ``style.encoder``
                 without ``style.decoder`` (or the reverse).
         """
-        if self.batch_size > self.data.crops:
+        if self.data.root is not None and not Path(self.data.root).is_dir():
+            raise RFIError(f"data.root: image folder not found: {self.data.root} (an ImageNet-style folder, or null)")
+        if "folder" in self.probe.tasks and self.probe.enabled and self.data.root is None:
+            raise RFIError("probe.tasks: the 'folder' task probes data.root's labels: set data.root or drop it")
+        if self.data.root is None and self.batch_size > self.data.crops:
             raise RFIError(f"batch_size must be <= data.crops={self.data.crops}, got {self.batch_size}")
         if self.epochs < 1 and self.steps < 1:
             raise RFIError(f"epochs or steps must be >= 1, got epochs={self.epochs}, steps={self.steps}")

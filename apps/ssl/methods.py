@@ -19,6 +19,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -49,6 +50,29 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
     b = z1.shape[0]
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
     return F.cross_entropy(sim, target)
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of the process group, ``(0, 1)`` outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def concat_all_gather(t: Tensor) -> Tensor:
+    """Every process's ``t`` (same shape on each), concatenated in rank order along dim 0; no gradient.
+
+    ``t`` itself outside a process group (MoCo v2's ``concat_all_gather``).
+
+    Shape: (N, ...) -> (world * N, ...).
+    """
+    _, world = distributed()
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def projection_head(dim: int, hidden: int, out: int) -> nn.Sequential:
@@ -92,7 +116,7 @@ class SSLModel(nn.Module):
 
 
 class SimCLR(SSLModel):
-    """SimCLR: NT-Xent over the two views of a batch.
+    """SimCLR: NT-Xent over the two views of a batch (under DDP: of each process's share of the batch).
 
     Example:
         >>> model = SimCLR(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8), proj_dim=8)
@@ -199,11 +223,24 @@ class MoCo(SSLModel):
 
     @torch.no_grad()
     def keys(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Unit keys of the key encoder; with ``bn_splits`` > 1 the batch is shuffled first (shuffle BN)."""
+        """Unit keys of the key encoder; with ``bn_splits`` > 1 the batch is shuffled first (shuffle BN).
+
+        Under DDP the global batch is shuffled across the processes (``generator`` must draw the same on
+        every process), each computes the keys of its share of the shuffled batch and gets back those of
+        its own images, as in MoCo's reference code.
+        """
 
         def key_fn(c: Tensor) -> Tensor:
             return self.key_head(self.key_backbone(c)[self.layer].mean(dim=(2, 3)))
 
+        rank, world = distributed()
+        if world > 1:
+            everything = concat_all_gather(x)
+            b = x.shape[0]
+            perm = torch.randperm(everything.shape[0], generator=generator).to(x.device)
+            mine = everything[perm[rank * b : (rank + 1) * b]]
+            k = concat_all_gather(self._chunked(key_fn, mine))[torch.argsort(perm)]
+            return F.normalize(k[rank * b : (rank + 1) * b], dim=1)
         if self.bn_splits <= 1:
             return F.normalize(key_fn(x), dim=1)
         perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
@@ -218,7 +255,8 @@ class MoCo(SSLModel):
         return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
     def loss(self, x1: Tensor, x2: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One step's loss: momentum update, keys, InfoNCE against the queue, then the keys are enqueued."""
+        """One step's loss: momentum update, keys, InfoNCE against the queue, then the keys are enqueued
+        (under DDP: the keys of every process, in rank order)."""
         self.momentum_update()
         self.key_backbone.train(self.training)
         k2 = self.keys(x2, generator)
@@ -226,9 +264,9 @@ class MoCo(SSLModel):
         if self.symmetric:
             k1 = self.keys(x1, generator)
             loss = (loss + self.contrast(self.queries(x2), k1)) / 2
-            self.enqueue(torch.cat([k1, k2]))
+            self.enqueue(concat_all_gather(torch.cat([k1, k2])))
         else:
-            self.enqueue(k2)
+            self.enqueue(concat_all_gather(k2))
         return loss
 
 

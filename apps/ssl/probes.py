@@ -4,8 +4,10 @@ A probe is logistic regression on the frozen, globally pooled features of a back
 (:meth:`apps.ssl.methods.SSLModel.embed`), trained on crops of the first two thirds of each
 image (:func:`encoders.data.embedded.region`) and scored on crops of the last third, so no
 validation pixel was seen by the probe. :data:`PROBE_TASKS` lists the tasks: one is partly
-solved by colour statistics, two are not (histogram-equalised grey crops, :func:`grey_equalised`);
-:func:`colour_statistics` gives the features of that floor.
+solved by colour statistics, two are not (histogram-equalised grey crops, :func:`grey_equalised`),
+one transfers to images the SSL run never saw (``unseen``), and ``folder`` is the linear evaluation
+of a labelled image folder (``data.root``); :func:`colour_statistics` gives the features of the
+colour floor.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from apps.ssl.config import ProbeTask, SSLConfig
 from apps.ssl.methods import SSLModel
 from encoders.core.errors import RFIError
 from encoders.data.embedded import EmbeddedCrops, Split, embedded_image, region
-from encoders.data.unseen import unseen_image
+from encoders.data.folders import ImageFiles
+from encoders.data.unseen import UNSEEN_IMAGES, unseen_image
 
 PROBE_TASKS: dict[ProbeTask, str] = {
     "photo": "8-way 'which photo': colour crops of the embedded photos (encoders.data.embedded.EMBEDDED_PHOTOS: "
@@ -32,6 +35,11 @@ PROBE_TASKS: dict[ProbeTask, str] = {
     "texture": "8-way grey texture/scene task never seen in SSL training: scikit-image's textures brick, grass, "
     "gravel and the unseen grey images camera, coins, moon, page, text (encoders.data.unseen; used for "
     "evaluation only), crops histogram-equalised as photo_grey",
+    "unseen": "10-way transfer task 'which unseen image does this crop come from': colour crops of the images of "
+    "encoders.data.unseen.UNSEEN_IMAGES (china, flower, grace_hopper, camera, coins, moon, page, text, cell, "
+    "clock_motion), never seen in SSL training",
+    "folder": "linear evaluation on data.root's labels: images of its train split -> its val split (ImageNet "
+    "transforms at data.view_size; train_crops / val_crops images, spread evenly over each split)",
 }
 """Linear-probe tasks: name -> what it is. Every task trains its probe on crops of the first 2/3
 of each image (:func:`encoders.data.embedded.region`) and scores it on crops of the last third."""
@@ -59,34 +67,9 @@ def grey_equalised(x: Tensor) -> Tensor:
     return out.expand(-1, 3, -1, -1).contiguous()
 
 
-@functools.lru_cache(maxsize=16)
-def probe_data(task: str, split: Split, size: int, num: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """The crops and labels of one probe task's split (deterministic, cached).
-
-    Args:
-        task: a name of :data:`PROBE_TASKS`.
-        split: ``train`` (the first 2/3 of each image) or ``val`` (the last third).
-        size: side of the square crops.
-        num: number of crops.
-        seed: which crops (``data.seed``).
-
-    Returns:
-        ``(crops, labels)``: (num, 3, size, size) in [0, 1] and (num,) class indices.
-
-    Raises:
-        RFIError: unknown task.
-    """
-    if task not in PROBE_TASKS:
-        raise RFIError(f"unknown probe task '{task}' (valid: {', '.join(PROBE_TASKS)})")
-    if task in ("photo", "photo_grey"):
-        data = EmbeddedCrops(split, size, num, seed * 2 + (split == "train"))
-        x = torch.stack([data[i][0] for i in range(len(data))])
-        y = data.labels.clone()
-        return (grey_equalised(x) if task == "photo_grey" else x), y
-    regions = [
-        region(embedded_image(n) if n in ("brick", "grass", "gravel") else unseen_image(n), split)
-        for n in TEXTURE_IMAGES
-    ]
+def _region_crops(images: list[Tensor], split: Split, size: int, num: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``num`` crops of the ``split`` regions of ``images``, the labels cycling over the images (seeded)."""
+    regions = [region(img, split) for img in images]
     g = torch.Generator().manual_seed(seed * 2 + (split == "val"))
     y = torch.arange(num) % len(regions)
     u = torch.rand(num, 2, generator=g)
@@ -95,7 +78,56 @@ def probe_data(task: str, split: Split, size: int, num: int, seed: int = 0) -> t
         r = regions[label]
         top, left = int(a * (r.shape[1] - size + 1)), int(b * (r.shape[2] - size + 1))
         crops.append(r[:, top : top + size, left : left + size])
-    return grey_equalised(torch.stack(crops)), y
+    return torch.stack(crops), y
+
+
+def _folder_images(root: str, split: Split, size: int, num: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``num`` images of a labelled folder's ``split``, spread evenly over it (ImageNet transforms, seeded)."""
+    data = ImageFiles(root, split, size, transforms="imagenet")
+    picks = torch.linspace(0, len(data) - 1, min(num, len(data))).round().long().unique().tolist()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        items = [data[i] for i in picks]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@functools.lru_cache(maxsize=16)
+def probe_data(
+    task: str, split: Split, size: int, num: int, seed: int = 0, root: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """The crops and labels of one probe task's split (deterministic, cached).
+
+    Args:
+        task: a name of :data:`PROBE_TASKS`.
+        split: ``train`` (the first 2/3 of each image; ``folder``: the train split) or ``val`` (the last
+            third; ``folder``: the val split).
+        size: side of the square crops.
+        num: number of crops (``folder``: at most this many images).
+        seed: which crops (``data.seed``).
+        root: the labelled folder of the ``folder`` task (``data.root``).
+
+    Returns:
+        ``(crops, labels)``: (num, 3, size, size) in [0, 1] and (num,) class indices.
+
+    Raises:
+        RFIError: unknown task; ``folder`` without ``root`` or with a folder that holds no images.
+    """
+    if task not in PROBE_TASKS:
+        raise RFIError(f"unknown probe task '{task}' (valid: {', '.join(PROBE_TASKS)})")
+    if task in ("photo", "photo_grey"):
+        data = EmbeddedCrops(split, size, num, seed * 2 + (split == "train"))
+        x = torch.stack([data[i][0] for i in range(len(data))])
+        y = data.labels.clone()
+        return (grey_equalised(x) if task == "photo_grey" else x), y
+    if task == "unseen":
+        return _region_crops([unseen_image(n) for n in UNSEEN_IMAGES], split, size, num, seed)
+    if task == "folder":
+        if root is None:
+            raise RFIError("the 'folder' probe task needs data.root (a labelled image folder)")
+        return _folder_images(root, split, size, num, seed)
+    images = [embedded_image(n) if n in ("brick", "grass", "gravel") else unseen_image(n) for n in TEXTURE_IMAGES]
+    x, y = _region_crops(images, split, size, num, seed)
+    return grey_equalised(x), y
 
 
 def colour_statistics(x: Tensor, bins: int = 8) -> Tensor:
@@ -143,7 +175,8 @@ def linear_probe(model: SSLModel | None, cfg: SSLConfig) -> dict[str, float]:
 
     Args:
         model: the backbone to probe (frozen), or ``None`` for the colour-statistics floor.
-        cfg: the run's config (``probe`` section; crops of ``data.view_size`` from ``data.seed``).
+        cfg: the run's config (``probe`` section; crops of ``data.view_size`` from ``data.seed``; ``data.root``
+            for the ``folder`` task).
 
     Returns:
         ``{task: validation accuracy in [0, 1]}``.
@@ -151,8 +184,8 @@ def linear_probe(model: SSLModel | None, cfg: SSLConfig) -> dict[str, float]:
     p, size = cfg.probe, cfg.data.view_size
     out = {}
     for task in p.tasks:
-        train = probe_data(task, "train", size, p.train_crops, cfg.data.seed)
-        val = probe_data(task, "val", size, p.val_crops, cfg.data.seed)
+        train = probe_data(task, "train", size, p.train_crops, cfg.data.seed, cfg.data.root)
+        val = probe_data(task, "val", size, p.val_crops, cfg.data.seed, cfg.data.root)
         feats = colour_statistics if model is None else (lambda x: embed(model, x))
         out[task] = fit_probe((feats(train[0]), train[1]), (feats(val[0]), val[1]), p.C)
     return out

@@ -2,14 +2,16 @@
 scaffold) and :func:`run_ssl` (train, then probe), the entry point of :mod:`apps.commands.ssl`.
 
 The backbone comes from :func:`encoders.create_encoder` (any architecture, ``width``,
-``small_input``) and trains on unlabelled crops of the embedded photos with SimCLR or MoCo v2
-(:mod:`apps.ssl.methods`) on the views of :mod:`apps.ssl.views`, with StyleAugment where the
-config says. The scaffold (:class:`encoders.core.trainer.Trainer`) runs the loop, the run folder,
-``--resume``, metrics and checkpoint cadence; the data order is a pure function of (seed, epoch)
-and every view of a step of (seed, step), so a resumed run is bit-identical to an uninterrupted
-one on CPU. The trained backbone is written as an RFI encoder checkpoint (``<out>/checkpoint.pt``,
-with the training state for ``--resume``), so ``rfi eval-encoder``, the decoders and the apps take
-it; the linear probes of :mod:`apps.ssl.probes` score it.
+``small_input``) and trains on unlabelled crops of the embedded photos (or the images of an
+ImageNet-style folder, ``data.root``) with SimCLR or MoCo v2 (:mod:`apps.ssl.methods`) on the views
+of :mod:`apps.ssl.views`, with StyleAugment where the config says. The scaffold
+(:class:`encoders.core.trainer.Trainer`) runs the loop, the run folder, ``--resume``, metrics,
+checkpoint cadence and DDP (``torchrun``: the global batch split over the processes, gradients
+averaged over them, rank 0 writes); the data order is a pure function of (seed, epoch) and every
+view of a step of (seed, step, rank), so a resumed run is bit-identical to an uninterrupted one on
+CPU. The trained backbone is written as an RFI encoder checkpoint (``<out>/checkpoint.pt``, with the
+training state for ``--resume``), so ``rfi eval-encoder``, the decoders and the apps take it; the
+linear probes of :mod:`apps.ssl.probes` score it.
 
 Example:
     >>> from encoders.core.config import load_config
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -30,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from apps.ssl.config import SSLConfig
 from apps.ssl.methods import MoCo, SimCLR, build_model
@@ -42,10 +47,11 @@ from encoders.core.config import check_config, config_to_dict
 from encoders.core.errors import RFIError
 from encoders.core.optim import build_optimizer
 from encoders.core.rundir import TrainResult
-from encoders.core.runtime import DistContext
-from encoders.core.serialization import write_json
+from encoders.core.runtime import DistContext, autocast
+from encoders.core.serialization import save_checkpoint, write_json
 from encoders.core.trainer import Trainer, run_trainer
 from encoders.data.embedded import EmbeddedCrops
+from encoders.data.folders import ImageFiles, resolve_num_workers
 from encoders.weights.checkpoints import ENCODER_FORMAT, encoder_checkpoint
 
 log = logging.getLogger("rfi")
@@ -56,6 +62,8 @@ RESUME_FREE_KEYS = (
     "device",
     "log_every",
     "checkpoint_every",
+    "snapshot_steps",
+    "data.num_workers",
     "style.background",
     "style.prefetch",
     "style.threads",
@@ -71,6 +79,30 @@ def training_images(crop_size: int, crops: int, seed: int) -> Tensor:
     """
     data = EmbeddedCrops("train", crop_size, crops, seed)
     return torch.stack([data[i][0] for i in range(len(data))])
+
+
+RANK_SEED_STRIDE = 1_000_003
+"""Rank ``r`` of a DDP run draws its views from ``seed + r * RANK_SEED_STRIDE`` (rank 0: the seed itself)."""
+
+
+def training_set(cfg: SSLConfig) -> Dataset | Tensor:
+    """The run's unlabelled training images: the embedded crops (:func:`training_images`), or the training
+    images of ``data.root`` (short side resized to ``crop_size``, random square crop and flip; items
+    ``(image, label)``, the label unused).
+
+    Raises:
+        RFIError: ``data.root`` holds no image files.
+    """
+    d = cfg.data
+    if d.root is None:
+        return training_images(d.crop_size, d.crops, d.seed)
+    return ImageFiles(d.root, "train", d.crop_size, resize=d.crop_size, crop="random")
+
+
+def _images(batches: Any) -> Any:
+    """The image tensors of a loader's batches (a folder's batches also carry labels)."""
+    for batch in batches:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def default_out(cfg: SSLConfig) -> Path:
@@ -97,32 +129,38 @@ def _clock(device: torch.device) -> tuple[float, float]:
 
 
 class SSLTrainer(Trainer):
-    """One ``rfi ssl`` run on the training scaffold (one process: SSL has no DDP).
+    """One ``rfi ssl`` run on the training scaffold, on one process or each process of a ``torchrun`` job.
 
-    Batches of :func:`training_images` in the scaffold's order become two views each in a
-    :class:`~apps.style.loader.StyledLoader` (in a background thread when ``style.background``):
-    batch ``i`` of the run draws its crops, colours and StyleAugment from generators seeded with
-    (seed, ``i``). The checkpoint is an encoder checkpoint of the backbone whose ``ssl_train`` entry
-    holds the whole model (head, key encoder, queue) and the scaffold's training state.
+    Batches of :func:`training_set` in the scaffold's order become two views each in a
+    :class:`~apps.style.loader.StyledLoader` (in a background thread when ``style.background``; on
+    CUDA its kernels run on a side stream): batch ``i`` of the run draws its crops, colours and
+    StyleAugment from generators seeded with (seed, ``i``) (rank ``r``: seed + ``r`` *
+    :data:`RANK_SEED_STRIDE`). The checkpoint is an encoder checkpoint of the backbone whose
+    ``ssl_train`` entry holds the whole model (head, key encoder, queue) and the scaffold's training state.
+
+    DDP: each process trains on its share of the global ``batch_size``; the gradients are averaged over
+    the processes (one all-reduce after the backward pass) before every optimiser step, so the weights
+    stay equal; MoCo shuffles its keys across processes and enqueues all of them
+    (:meth:`apps.ssl.methods.MoCo.keys`); batch-norm statistics are each process's own and rank 0's at
+    the end; only rank 0 writes files.
 
     Args:
         cfg: the run's config (checked).
-        ctx: the process group (one process).
-        device: the device.
+        ctx: the process group.
+        device: this process's device.
         style: a ready StyleAugment to use instead of building one from ``cfg.style``.
 
     Raises:
-        RFIError: several processes (``torchrun``), a style model that cannot be loaded.
+        RFIError: a style model that cannot be loaded; a ``batch_size`` the processes cannot share.
     """
 
     name = "ssl"
     resume_free_keys = RESUME_FREE_KEYS
 
     def __init__(self, cfg: SSLConfig, ctx: DistContext, device: torch.device, style: StyleAugment | None = None):
-        if ctx.world > 1:
-            raise RFIError(f"rfi ssl trains on one process, got {ctx.world} (run it without torchrun)")
-        images = training_images(cfg.data.crop_size, cfg.data.crops, cfg.data.seed)
-        super().__init__(cfg, ctx, device, Path(cfg.out) if cfg.out else default_out(cfg), images)
+        images = training_set(cfg)
+        workers = 0 if isinstance(images, Tensor) else resolve_num_workers(cfg.data.num_workers, images)
+        super().__init__(cfg, ctx, device, Path(cfg.out) if cfg.out else default_out(cfg), images, workers)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = self.module = build_model(cfg).to(device, memory_format=self.memory_format)
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters_to_train(), self.total_steps)
@@ -150,14 +188,14 @@ class SSLTrainer(Trainer):
         """The epoch's batches as two views each, batch ``i`` of the run drawing from (seed, ``i``)."""
         cfg, s = self.cfg, self.cfg.style
         # Up to the run's last step: a background worker would otherwise stylise batches no step takes.
-        batches = itertools.islice(super().batches(epoch, skip), self.total_steps - self.step)
+        batches = itertools.islice(_images(super().batches(epoch, skip)), self.total_steps - self.step)
         loader = StyledLoader(
             batches,
             self.style,
             before=self.before,
             after=self.after,
             views=2,
-            seed=cfg.seed,
+            seed=cfg.seed + RANK_SEED_STRIDE * self.ctx.rank,
             start=self.step,
             prefetch=s.prefetch,
             background=self.background,
@@ -169,26 +207,51 @@ class SSLTrainer(Trainer):
         return loader
 
     def train_step(self, v1: Tensor, v2: Tensor) -> dict[str, Tensor]:
-        """One step on the two views of a batch; shuffle BN draws from a generator seeded with (seed, step).
+        """One step on the two views of this process's share of a batch; shuffle BN draws from a generator
+        seeded with (seed, step), the same on every process.
 
-        Shape: ``v1``, ``v2``: (B, 3, view_size, view_size).
+        Shape: ``v1``, ``v2``: (B / processes, 3, view_size, view_size).
         """
         v1, v2 = v1.contiguous(memory_format=self.memory_format), v2.contiguous(memory_format=self.memory_format)
-        loss = self.model.loss(v1, v2, torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step))
+        with autocast(self.device, self.cfg.precision):
+            loss = self.model.loss(v1, v2, torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self._average_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.step += 1
         self.losses.append(loss.item())
         return {"loss": loss.detach()}
 
+    def _average_gradients(self) -> None:
+        """The mean of every gradient over the processes (one all-reduce of all of them); nothing on one."""
+        if self.ctx.world == 1:
+            return
+        grads = [p.grad for p in self.model.parameters_to_train() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.ctx.world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
     def after_step(self) -> None:
-        """Time the step (views included unless they are made in the background)."""
+        """Time the step (views included unless they are made in the background); keep the backbone at the
+        ``snapshot_steps`` (rank 0)."""
         now = _clock(self.device)
         self.step_seconds.append(now[0] - self.clock[0])
         self.cpu_seconds.append(now[1] - self.clock[1])
         self.clock = now
+        if self.step in self.cfg.snapshot_steps and self.ctx.main:
+            save_checkpoint(self.snapshot(), snapshot_path(self.out, self.step))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The backbone now, as an encoder checkpoint (no training state: for probing, not for ``--resume``)."""
+        cfg = self.cfg
+        return encoder_checkpoint(
+            self.model.backbone, ssl={"method": cfg.method, "layer": self.model.layer, "steps": self.step}
+        )
 
     def finish(self) -> None:
         """The run's summary line in ``metrics.jsonl``."""
@@ -217,7 +280,8 @@ class SSLTrainer(Trainer):
         """The run's statistics: ``step_ms`` (median step, views included unless made in the background),
         ``style_ms`` (median StyleAugment time per step, both views), ``wait_ms`` (median wait for the views),
         ``main_cpu_ms`` (median CPU time of the training thread per step: the work on the critical path,
-        whatever else runs on the machine), ``images_per_s``, ``background``, ``steps``, ``loss_first``,
+        whatever else runs on the machine), ``images_per_s`` (all processes), ``background``, ``steps``,
+        ``rank`` (this process's: 0 writes the files), ``loss_first``,
         ``loss_last`` (the mean of the last tenth of the steps). Timings leave out the first step; ``step_ms``,
         ``loss_first`` and ``loss_last`` are ``None`` when no step ran (a finished run resumed)."""
         timed = slice(1, None) if len(self.step_seconds) > 1 else slice(None)  # the first step pays set-up costs
@@ -230,6 +294,7 @@ class SSLTrainer(Trainer):
         return {
             "method": self.cfg.method,
             "steps": self.step,
+            "rank": self.ctx.rank,
             "step_ms": step_ms,
             "style_ms": median_ms([t for loader in self.loaders for t in loader.style_seconds]),
             "wait_ms": median_ms([t for loader in self.loaders for t in loader.wait_seconds]),
@@ -245,13 +310,19 @@ class SSLTrainer(Trainer):
         return TrainResult(self.ckpt_path, self.model.eval(), self.stats())
 
 
+def snapshot_path(out: str | os.PathLike, step: int) -> Path:
+    """Where a run keeps its backbone at ``step`` (``snapshot_steps``): ``<out>/checkpoint_step<step>.pt``."""
+    return Path(out) / f"checkpoint_step{step}.pt"
+
+
 def train_ssl(cfg: SSLConfig, resume: bool = False, style: StyleAugment | None = None) -> TrainResult:
-    """Train as ``cfg`` says, in the run folder ``out`` (default :func:`default_out`).
+    """Train as ``cfg`` says, in the run folder ``out`` (default :func:`default_out`), on this process or on
+    each process of a ``torchrun`` job.
 
     The run locks the folder and writes ``config.yaml``, ``metrics.jsonl`` (loss and learning
     rate every ``log_every`` steps, a final ``summary`` line) and ``checkpoint.pt`` (an RFI encoder
     checkpoint of the backbone plus the training state) at each epoch's end, every
-    ``checkpoint_every`` steps and at the end.
+    ``checkpoint_every`` steps and at the end, and :func:`snapshot_path` at each of ``snapshot_steps``.
 
     Args:
         cfg: the run's config.
@@ -267,7 +338,7 @@ def train_ssl(cfg: SSLConfig, resume: bool = False, style: StyleAugment | None =
         RFIError: bad config values, an existing checkpoint without ``resume``, a locked folder.
     """
     cfg = check_config(cfg)
-    return run_trainer(lambda ctx, device: SSLTrainer(cfg, ctx, device, style), cfg.device, resume=resume)
+    return run_trainer(lambda ctx, device: SSLTrainer(cfg, ctx, device, style), cfg.device, cfg.precision, resume)
 
 
 def run_ssl(cfg: SSLConfig, resume: bool = False, style: StyleAugment | None = None) -> dict[str, Any]:
@@ -280,12 +351,15 @@ def run_ssl(cfg: SSLConfig, resume: bool = False, style: StyleAugment | None = N
 
     Returns:
         The statistics of :func:`train_ssl` plus ``probe`` ({task: accuracy}, empty unless
-        ``probe.enabled``); also written to ``<out>/result.json``.
+        ``probe.enabled``); also written to ``<out>/result.json``. Under DDP only rank 0 probes and writes
+        (the other ranks return an empty ``probe``).
 
     Raises:
         RFIError: as :func:`train_ssl`.
     """
     trained = train_ssl(cfg, resume, style=style)
-    result = {**trained.metrics, "probe": linear_probe(trained.model, cfg) if cfg.probe.enabled else {}}
-    write_json({"config": config_to_dict(cfg), **result}, trained.path.parent / "result.json")
+    main = trained.metrics["rank"] == 0
+    result = {**trained.metrics, "probe": linear_probe(trained.model, cfg) if cfg.probe.enabled and main else {}}
+    if main:
+        write_json({"config": config_to_dict(cfg), **result}, trained.path.parent / "result.json")
     return result

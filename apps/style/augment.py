@@ -46,19 +46,16 @@ from torchvision.transforms.v2.functional import is_pure_tensor
 
 from apps.style.pyramid import STYLE_APP
 from apps.style.transforms import adain
-from encoders.core.config import value_range
+from encoders.core.config import read_yaml, shipped_config, value_range
 from encoders.core.errors import RFIError
 from encoders.core.imageio import check_images, list_images, read_image
+from encoders.weights.shipped import resolve_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 
 log = logging.getLogger("rfi")
 
 DEFAULT_ENCODER = Path("runs/encoders/resnet18_robust/checkpoint.pt")
 DEFAULT_DECODER = Path("runs/decoders/resnet18_robust_layer3/decoder.pt")
-TRAIN_FIRST = (
-    "rfi train-encoder --config configs/encoder/resnet18_robust.yaml && "
-    "rfi train-decoder --config configs/decoder/resnet18_robust_layer3.yaml"
-)
 
 StyleModel = RobustAutoencoder | str | os.PathLike | Sequence[str | os.PathLike] | None
 
@@ -68,27 +65,24 @@ def load_style_model(model: StyleModel = None, device: str | torch.device = "cpu
     """The autoencoder a :class:`StyleAugment` restyles with.
 
     Args:
-        model: a :class:`RobustAutoencoder`; a model file written by ``RobustAutoencoder.save``;
-            an ``(encoder checkpoint, decoder checkpoint[s])`` pair; or ``None`` for the
-            default robust autoencoder (:data:`DEFAULT_ENCODER` + :data:`DEFAULT_DECODER`).
+        model: a :class:`RobustAutoencoder`; a model file written by ``RobustAutoencoder.save``
+            or ``shipped:NAME`` (``rfi weights list``); an ``(encoder checkpoint, decoder
+            checkpoint[s])`` pair; or ``None`` for the default: the ``model`` of
+            ``configs/apps/augment.yaml``, RFI's shipped style pyramid (``shipped:rfi_style_pyramid``).
 
     Raises:
-        RFIError: the files are missing or do not fit (naming what to train first), or a model file
-            was written for another use (``rfi denoise train``, ``rfi anomaly fit``).
+        RFIError: the files are missing or do not fit, a shipped model not in this build (naming the
+            ``model`` argument to pass instead), or a model file written for another use (``rfi
+            denoise train``, ``rfi anomaly fit``).
     """
     if isinstance(model, RobustAutoencoder):
         return model.to(device)
     if model is None:
-        missing = [str(p) for p in (DEFAULT_ENCODER, DEFAULT_DECODER) if not p.is_file()]
-        if missing:
-            raise RFIError(
-                f"the default style model needs {' and '.join(missing)}: train it first "
-                f"({TRAIN_FIRST}) or pass a model file / (encoder, decoder) pair"
-            )
-        model = (DEFAULT_ENCODER, DEFAULT_DECODER)
+        model = read_yaml(shipped_config("apps/augment.yaml"))["model"]
+    flag = "--model (Python: model=)"
     if isinstance(model, (str, os.PathLike)):  # a denoiser or an anomaly model is refused, naming what it is
-        return RobustAutoencoder.load(model, device, kind=STYLE_APP)
-    parts = list(model)
+        return RobustAutoencoder.load(resolve_checkpoint(model, flag=flag), device, kind=STYLE_APP)
+    parts = [resolve_checkpoint(p, flag=flag) for p in model]
     if len(parts) < 2:
         raise RFIError(f"a style model pair needs an encoder and a decoder checkpoint, got {model!r}")
     return RobustAutoencoder.from_checkpoints(parts[0], parts[1:], device)
@@ -123,7 +117,8 @@ class StyleAugment(v2.Transform):
 
     Args:
         model: the autoencoder (see :func:`load_style_model`): a ``RobustAutoencoder``, a model
-            file, an ``(encoder, decoder)`` checkpoint pair, or ``None`` for the default.
+            file or ``shipped:NAME``, an ``(encoder, decoder)`` checkpoint pair, or ``None`` for the
+            default, RFI's shipped style pyramid.
         p: probability that an image is restyled, in [0, 1].
         alpha: feature-space blend range ``(lo, hi)`` in [0, 1]: 0 keeps the content's
             statistics (a plain reconstruction), 1 takes the style's. A number means ``(v, v)``.
@@ -134,7 +129,7 @@ class StyleAugment(v2.Transform):
             statistics are cached).
         generator: a ``torch.Generator`` or an int seed for every random draw; ``None`` uses
             torch's global generator.
-        layer: which decoder of the autoencoder (default: its first).
+        layer: which decoder of the autoencoder (default: its deepest, e.g. layer3 of a pyramid).
         style_size: short side, in pixels, that folder styles are resized to before encoding.
         work_size: short side, in pixels, at which images are stylised (``None``: at their own
             size). A batch whose short side is larger is resized down to it (antialiased),
@@ -193,7 +188,7 @@ class StyleAugment(v2.Transform):
         style_files = [] if self.styles == "batch" else self._list_styles(Path(styles))
         # NHWC convolutions run about 1.6x faster than NCHW on CPU (oneDNN); results are the same.
         autoencoder = load_style_model(model).to(memory_format=torch.channels_last)
-        self.layer = layer or autoencoder.layer
+        self.layer = layer or autoencoder.layers[-1]
         if self.layer not in autoencoder.layers:
             raise RFIError(
                 f"the style model has no decoder for layer '{self.layer}' (have: {', '.join(autoencoder.layers)})"

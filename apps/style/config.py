@@ -36,8 +36,11 @@ class StyleApplyConfig:
     luminance. ``size``: resize contents so the longer side is this many px (``null``: as
     they are). ``style_size``: longer side of the styles (``null``: the content's). ``layers``:
     pyramid layers to use (``null``: all). ``device``: ``auto``, ``cpu``, ``cuda``, ...
+    ``model``: the pyramid applied: ``shipped:NAME`` (default: RFI's shipped pyramid), a file,
+    or ``null``: the config's ``out`` (where ``rfi style train`` writes).
     """
 
+    model: str | None
     method: Method
     alpha: float = bounded(low=0, high=1)
     preserve_color: bool

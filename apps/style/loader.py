@@ -227,6 +227,8 @@ class StyledLoader:
         if self.threads:
             torch.set_num_threads(self.threads)  # this thread's intra-op threads only
         cuda = self.device is not None and self.device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(self.device)  # a new thread starts on GPU 0: this process's GPU (DDP rank)
         stream = torch.cuda.Stream(self.device) if cuda else None
         try:
             for i, batch in enumerate(self.loader):

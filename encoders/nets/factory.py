@@ -2,7 +2,9 @@
 
 Names are those of the registry (:func:`encoders.nets.registry.list_encoders`); files are
 RFI encoder checkpoints, ``robustness``-library checkpoints or torchvision state dicts
-(:mod:`encoders.weights.checkpoints`).
+(:mod:`encoders.weights.checkpoints`); ``shipped:NAME`` loads one of RFI's shipped encoders
+(:mod:`encoders.weights.shipped`, ``rfi weights list``), e.g.
+``create_encoder(checkpoint="shipped:rfi_resnet18_robust")``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def create_encoder(
         name: a registered architecture (``alexnet, vgg16, vgg19, resnet18, resnet50, swin_t,
             swin_v2_t``, see :func:`~encoders.nets.registry.list_encoders`); may be ``None`` when
             ``checkpoint`` is an RFI checkpoint, which records its architecture.
-        checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, or a
-            plain torchvision state dict (loaded with ``weights_only=True``).
+        checkpoint: an RFI encoder checkpoint, a ``robustness`` library checkpoint, a
+            plain torchvision state dict (loaded with ``weights_only=True``), or ``shipped:NAME``,
+            one of RFI's shipped encoders (hash-checked; ``rfi weights list``).
         layers: feature taps returned by the encoder's forward (default: all).
         **options: ``num_classes``, ``width``, ``small_input``, ``downsample`` and the family's
             options (VGG: ``batch_norm``; Swin: ``equivariant``, ``selection``, ``embed_dim``,
@@ -41,7 +44,7 @@ def create_encoder(
     Raises:
         RFIError: neither a name nor a checkpoint, an unknown name (listing the valid ones), an
             option the architecture does not take, a model larger than memory (:func:`check_encoder_size`),
-            or a file that does not fit.
+            a file that does not fit, or a shipped encoder not in this build or damaged.
 
     Example:
         >>> import torch

@@ -5,6 +5,10 @@ An RFI encoder checkpoint is a plain dict (loadable with ``weights_only=True``):
     {"format": "rfi-encoder", "version": 1,
      "encoder": {"arch": ..., "num_classes": ..., "width": ..., "small_input": ..., <family options>},
      "state_dict": {...}, ...extra metadata (training state, metrics)}
+
+Where an encoder file is taken, ``shipped:NAME`` names one of RFI's shipped encoders
+(:mod:`encoders.weights.shipped`); inside a shipped decoder or app file, the encoder is a reference
+``{"shipped": NAME, "sha256": ...}`` to that file, followed by :func:`encoder_from_checkpoint`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from encoders.core.errors import RFIError
 from encoders.core.serialization import FORMAT_VERSIONS, check_format, content_hash, load_checkpoint, save_checkpoint
 from encoders.nets.models import Encoder
 from encoders.weights.interop import checkpoint_filter_fn, infer_encoder_kwargs
+from encoders.weights.shipped import referenced_encoder, resolve_checkpoint
 
 ENCODER_FORMAT = "rfi-encoder"
 
@@ -134,7 +139,9 @@ def encoder_from_checkpoint(
     """Build the encoder of a checkpoint dict: the one place encoders are built from checkpoints.
 
     The dict is an RFI encoder checkpoint (see :func:`encoder_checkpoint`), a ``robustness``-library
-    checkpoint or a torchvision state dict (the last two adapted by :mod:`encoders.weights.interop`).
+    checkpoint or a torchvision state dict (the last two adapted by :mod:`encoders.weights.interop`),
+    or the reference to a shipped encoder that shipped decoder and app files hold
+    (:func:`encoders.weights.shipped.encoder_reference`), whose file is read.
     Callers that need more of the file (training config, metrics) read it once with
     :func:`encoders.core.serialization.load_checkpoint` and pass the dict here.
 
@@ -159,6 +166,8 @@ def encoder_from_checkpoint(
         >>> encoder_from_checkpoint(encoder_checkpoint(enc), "memory").arch
         'resnet18'
     """
+    if "shipped" in ckpt and "format" not in ckpt:  # a shipped file's reference to its shipped encoder
+        ckpt = load_checkpoint(referenced_encoder(ckpt, source))
     check_format(ckpt, source)
     fmt = ckpt.get("format")
     if fmt is not None and fmt != ENCODER_FORMAT:  # another RFI file: a foreign file has no format
@@ -204,12 +213,16 @@ def load_encoder(
     arch_key: str = "--arch",
     **kwargs: Any,
 ) -> Encoder:
-    """Load an encoder from an RFI, ``robustness``-library or torchvision checkpoint file.
+    """Load an encoder from an RFI, ``robustness``-library or torchvision checkpoint file, or a
+    shipped encoder (``shipped:NAME``, see :mod:`encoders.weights.shipped`).
 
     Reads the file once (:func:`encoders.core.serialization.load_checkpoint`) and builds the encoder
     with :func:`encoder_from_checkpoint` (see there for the arguments).
 
     Raises:
-        RFIError: unreadable file, or weights that do not fit the architecture.
+        RFIError: unreadable file, or weights that do not fit the architecture; a shipped encoder that is
+            not in this build or damaged (:func:`~encoders.weights.shipped.shipped_path`), or a shipped
+            model of another kind.
     """
+    path = resolve_checkpoint(path, kind="encoder")
     return encoder_from_checkpoint(load_checkpoint(path), str(path), name, layers, arch_key, **kwargs)

@@ -932,7 +932,7 @@ def test_every_device_default_is_auto():
 @pytest.mark.parametrize(
     "command",
     [
-        ["invert", "a.png", "--encoder", "e", "--out", "o"],
+        ["invert", "a.png", "--out", "o"],
         ["evaluate", "--encoder", "e", "--decoder", "d"],
         ["eval-encoder", "--checkpoint", "c"],
         ["shift-consistency", "--encoder", "e"],

@@ -163,7 +163,7 @@ def test_tiny_runs_with_style(ae_file, method, position, tmp_path):
     grey = [torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]) for x in seen]
     assert grey == [position == "after_jitter"] * len(seen)
     assert result["steps"] == 2 and result["step_ms"] > 0 and result["style_ms"] > 0
-    assert set(result["probe"]) == {"photo", "photo_grey", "texture"}
+    assert set(result["probe"]) == {"photo", "photo_grey", "texture", "unseen"}
     val_crops = 32  # probe.val_crops in TINY: each accuracy counts correct crops out of these
     assert all(a * val_crops == round(a * val_crops) for a in result["probe"].values()), result["probe"]
 
@@ -272,3 +272,71 @@ def test_empty_style_folder_names_the_key(tmp_path):
 
 def test_probe_tasks_are_the_config_choices():
     assert list(PROBE_TASKS) == list(typing.get_args(ProbeTask))
+
+
+# ----------------------------------------------------------------------------- the GPU recipe, at tiny sizes
+def image_folder(root, classes=("a", "b"), per_class=(8, 4)):
+    """An ImageNet-style folder of random images: train/<class>/*.png and val/<class>/*.png."""
+    from encoders.core.imageio import write_image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c, name in enumerate(classes):
+            for i in range(n):
+                img = torch.rand(3, 36 + 4 * i, 44, generator=g) * 0.5 + 0.5 * c  # class b is brighter
+                write_image(img.clamp(0, 1), root / split / name / f"{i}.png")
+    return root
+
+
+def test_sassl_imagenet_recipe_runs_two_steps_on_cpu(ae_file, tmp_path):
+    root = image_folder(tmp_path / "imagenet")
+    cfg = load_config(
+        SSLConfig,
+        "configs/apps/sassl_imagenet.yaml",
+        [
+            f"data.root={root}",
+            "data.crop_size=40",
+            "data.view_size=32",
+            "data.num_workers=0",
+            "model.width=0.125",
+            "model.hidden_dim=32",
+            "model.proj_dim=16",
+            "batch_size=8",
+            "moco.queue=16",
+            "steps=2",
+            "device=cpu",
+            "precision=fp32",
+            f"style.model={ae_file}",
+            "probe.train_crops=16",
+            "probe.val_crops=8",
+            f"out={tmp_path / 'run'}",
+        ],
+    )
+    assert (cfg.method, cfg.model.arch, cfg.moco.queue, cfg.style.enabled) == ("mocov2", "resnet50", 16, True)
+    assert cfg.style.alpha == cfg.style.beta == [0.1, 0.3] and cfg.style.background
+    result = run_ssl(cfg)
+    assert result["steps"] == 2 and result["loss_last"] > 0 and result["style_ms"] > 0
+    assert set(result["probe"]) == {"folder"} and 0 <= result["probe"]["folder"] <= 1
+
+
+def test_snapshots_keep_the_backbone_at_given_steps(tmp_path):
+    from apps.ssl.train import snapshot_path
+    from encoders.weights.checkpoints import load_encoder
+
+    cfg = tiny("method=simclr", "steps=3", "snapshot_steps=[1,3]", "probe.enabled=false", f"out={tmp_path}")
+    trained = train_ssl(cfg)
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint_step*.pt"))] == [
+        "checkpoint_step1.pt",
+        "checkpoint_step3.pt",
+    ]
+    last = load_encoder(snapshot_path(tmp_path, 3))
+    assert all(
+        torch.equal(a, b) for a, b in zip(last.state_dict().values(), trained.model.backbone.state_dict().values())
+    )
+
+
+def test_a_missing_data_root_and_a_folder_probe_without_one_name_the_key(tmp_path):
+    with pytest.raises(RFIError, match="data.root"):
+        tiny(f"data.root={tmp_path / 'nothing'}")
+    with pytest.raises(RFIError, match="probe.tasks.*folder"):
+        tiny("probe.tasks=[folder]")
