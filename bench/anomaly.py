@@ -1,7 +1,8 @@
-"""Anomaly detection on the embedded benchmark: reconstruction vs memory bank, robust vs standard encoder.
+"""Anomaly detection benchmarks: the embedded textures (methods and encoders), and sets cut from unseen photos.
 
-For every benchmark draw (``benchmark.seed``), texture (brick, grass, gravel) and seed, side by
-side in one run and with the same config (``configs/apps/anomaly.yaml``):
+**Embedded mode** (default). For every benchmark draw (``benchmark.seed``), texture (brick,
+grass, gravel) and seed, side by side in one run and with the same config
+(``configs/apps/anomaly.yaml``):
 
 - ``reconstruction``: ``rfi anomaly fit --method reconstruction`` on the robust encoder (the
   decoder is trained: one model per seed, ``train.seed``);
@@ -17,16 +18,28 @@ per image, and the peak resident-memory growth (MiB, sampled every 10 ms) of fit
 scoring. Medians over the seeds; the JSON (``--out``) is rewritten after every model, so a
 killed run keeps what it measured.
 
-    python bench/anomaly.py                                   # draws 0 and 1, 3 seeds
-    python bench/anomaly.py --draws 0 --seeds 1 --figure docs/img/anomaly_memory_vs_reconstruction.png
+**Unseen mode** (``--unseen``). Sets built by ``rfi anomaly make-benchmark --from`` (:mod:`apps.anomaly.benchmark`)
+from the unseen photos (:mod:`encoders.data.unseen`, one category per photo; defects
+``pasted_patch``, ``blurred_disk``, ``tinted_disk``). Seed ``s`` draws set ``benchmark.seed=s`` and
+seeds the models (``train.seed``, ``memory.seed``), and every method is measured on that same set:
+``reconstruction``, ``memory`` and ``combined`` on the robust encoder (``--robust``), next to
+``raw pixels``, the raw-pixel patch nearest-neighbour baseline (:mod:`apps.anomaly.baseline`,
+``--pixel-patch``, ``--pixel-patches-per-image``). Means over seeds, and each method's paired
+difference to the baseline (per seed, the mean over photos). Goal: image AUROC >= 90 %.
 
-Needs the two encoder checkpoints (``rfi train-encoder --config configs/encoder/resnet18_robust.yaml``
-and ``..._standard.yaml``), or ``--robust`` / ``--standard`` paths.
+    python bench/anomaly.py                                   # embedded: draws 0 and 1, 3 seeds
+    python bench/anomaly.py --draws 0 --seeds 1 --figure docs/img/anomaly_memory_vs_reconstruction.png
+    python bench/anomaly.py --unseen                          # unseen photos, 3 seeds
+    OMP_NUM_THREADS=1 python bench/anomaly.py --unseen --tiny # smoke run: seconds, an untrained tiny encoder
+
+Needs the encoder checkpoints (``rfi train-encoder --config configs/encoder/resnet18_robust.yaml``
+and, for the embedded mode, ``..._standard.yaml``), or ``--robust`` / ``--standard`` paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -43,14 +56,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apps.anomaly.baseline import raw_pixel_maps  # noqa: E402
+from apps.anomaly.benchmark import make_benchmark  # noqa: E402
 from apps.anomaly.config import DEFAULT_CONFIG, AnomalyConfig, load_anomaly_config  # noqa: E402
-from apps.anomaly.data import ground_truth_mask, read_mask, readable_images, resolve_data  # noqa: E402
+from apps.anomaly.data import (  # noqa: E402
+    AnomalyData,
+    TestImage,
+    ground_truth_mask,
+    load_anomaly_data,
+    mvtec_categories,
+    read_mask,
+    readable_images,
+    resolve_data,
+)
 from apps.anomaly.detector import AnomalyDetector  # noqa: E402
 from apps.anomaly.fitting import fit, split_normal  # noqa: E402
+from apps.anomaly.maps import image_scores  # noqa: E402
 from apps.anomaly.metrics import image_metrics, pixel_metrics  # noqa: E402
 from encoders.core.errors import RFIError  # noqa: E402
 from encoders.core.imageio import read_image  # noqa: E402
 from encoders.core.serialization import write_json  # noqa: E402
+from encoders.data.unseen import unseen_folder  # noqa: E402
 
 ENCODERS = {
     "robust": "runs/encoders/resnet18_robust/checkpoint.pt",
@@ -58,6 +84,28 @@ ENCODERS = {
 }
 METHODS = ("reconstruction", "memory (robust)", "memory (standard)", "combined")
 GOAL = 0.95
+UNSEEN_METHODS = ("reconstruction", "memory", "combined", "raw pixels")
+BASELINE = "raw pixels"
+UNSEEN_GOAL = 0.90
+TINY = [  # --tiny: the shipped config shrunk to fits of a few seconds (as the test suite's anomaly fits)
+    "train.steps=6",
+    "train.batch_size=8",
+    "train.data.size=16",
+    "train.data.repeat=2",
+    "train.decoder.channels=16",
+    "train.decoder.min_channels=8",
+    "train.sample_every=0",
+    "train.log_every=2",
+    "train.device=cpu",
+    "device=cpu",
+    "batch_size=4",
+    "benchmark.size=32",
+    "benchmark.train=6",
+    "benchmark.test_good=3",
+    "benchmark.test_defect=2",
+]
+TINY_PHOTOS = ["camera", "coins"]
+"""--tiny: the unseen photos made into categories (the set is built from all of them)."""
 
 
 class PeakRSS:
@@ -84,15 +132,8 @@ class PeakRSS:
         self.mib = (self.peak - self.start) / 2**20
 
 
-def evaluate(det: AnomalyDetector, data) -> dict[str, Any]:
-    """Maps of every test image (batched), then image/pixel AUROC overall and per defect; ms per image."""
-    items = data.test
-    images = [det.prepare(read_image(t.path)) for t in items]
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        maps = torch.cat([det.maps(x).cpu() for x in det.batches(images, 16)])
-        ms = 1000 * (time.perf_counter() - start) / len(items)
-    scores = det.image_scores(maps).tolist()
+def map_metrics(items: list[TestImage], maps: torch.Tensor, scores: list[float]) -> dict[str, Any]:
+    """Image and pixel AUROC of (N, 1, H, W) ``maps`` and their image ``scores``, overall and per defect type."""
     masks = [ground_truth_mask(t, tuple(m.shape[-2:])) for t, m in zip(items, maps)]
 
     def metrics(keep: list[int]) -> dict[str, float | None]:
@@ -107,14 +148,71 @@ def evaluate(det: AnomalyDetector, data) -> dict[str, Any]:
         d: metrics(good + [i for i, t in enumerate(items) if t.defect == d])
         for d in sorted({t.defect for t in items if t.label == 1})
     }
+    return out
+
+
+def evaluate(det: AnomalyDetector, data: AnomalyData) -> dict[str, Any]:
+    """Maps of every test image (batched), then image/pixel AUROC overall and per defect; ms per image."""
+    items = data.test
+    images = [det.prepare(read_image(t.path)) for t in items]
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        maps = torch.cat([det.maps(x).cpu() for x in det.batches(images, 16)])
+        ms = 1000 * (time.perf_counter() - start) / len(items)
+    out = map_metrics(items, maps, det.image_scores(maps).tolist())
     out.update(score_ms_per_image=ms, score_peak_mib=mem.mib, maps=maps)
     return out
 
 
-def held_out(cfg: AnomalyConfig, category: str) -> list[torch.Tensor]:
+def evaluate_raw_pixels(cfg: AnomalyConfig, data: AnomalyData, patch: int, patches_per_image: int) -> dict[str, Any]:
+    """The raw-pixel baseline (:func:`apps.anomaly.baseline.raw_pixel_maps`) on the normal images a fit trains on
+    (the same split), scored as a detector's maps; its "fit" is building the bank and scoring together."""
+    normal = [read_image(p) for p in split_normal(readable_images(data.train), cfg.holdout)[0]]
+    memory = dataclasses.replace(cfg.memory, patches_per_image=patches_per_image)
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        maps = raw_pixel_maps(normal, [read_image(t.path) for t in data.test], patch, memory)
+        seconds = time.perf_counter() - start
+    out = map_metrics(data.test, maps, image_scores(maps, cfg.score.image_score, cfg.score.topk).tolist())
+    out.update(fit_s=seconds, fit_peak_mib=mem.mib)
+    return out
+
+
+def held_out(cfg: AnomalyConfig, data: str, category: str) -> list[torch.Tensor]:
     """The held-out normal images of a fit (the same split as ``fit``)."""
-    found = resolve_data("embedded", category, cfg.benchmark, "train")
+    found = resolve_data(data, category, cfg.benchmark, "train")
     return [read_image(p) for p in split_normal(readable_images(found.train), cfg.holdout)[1]]
+
+
+def fit_timed(cfg: AnomalyConfig, data: str, path: Path) -> tuple[AnomalyDetector, float, float]:
+    """``fit`` (resumed where a model or its decoder run exists), loaded: (detector, seconds, peak MiB)."""
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        fit(cfg, data, path, resume=True)
+        seconds = time.perf_counter() - start
+    return AnomalyDetector.load(path), seconds, mem.mib
+
+
+def combine(
+    rec: AnomalyDetector, memory: AnomalyDetector, cfg: AnomalyConfig, data: str, category: str
+) -> tuple[AnomalyDetector, float, float]:
+    """``method: combined`` from a reconstruction model's decoder and a memory model's bank, calibrated on the
+    same held-out normal images (what ``--method combined`` fits, without training the decoder twice):
+    (detector, calibration seconds, peak MiB)."""
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        det = AnomalyDetector(
+            rec.ae,
+            cfg.score,
+            cfg.image_size,
+            info=dict(memory.info),
+            memory=memory.memory,
+            method="combined",
+            combined=cfg.combined,
+        )
+        det.calibrate(held_out(cfg, data, category), cfg.batch_size)
+        seconds = time.perf_counter() - start
+    return det, seconds, mem.mib
 
 
 def median(values: list[float | None]) -> float | None:
@@ -227,12 +325,200 @@ def format_table(table: dict[str, Any], categories: list[str]) -> str:
     return "\n".join(lines)
 
 
+def mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarise_unseen(runs: list[dict], categories: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Means over seeds per photo and overall, and each method's paired difference to the raw-pixel baseline.
+
+    A seed's overall figure is the mean over the photos where every method was measured; the paired
+    difference compares a method and the baseline seed by seed on those figures (mean, sd, seeds won).
+    """
+    keys = ("image_auroc", "pixel_auroc")
+    methods = [m for m in UNSEEN_METHODS if any(r["method"] == m for r in runs)]
+    by = {(r["seed"], r["category"], r["method"]): r for r in runs}
+    table: dict[str, Any] = {"categories": {}, "mean": {}, "paired_vs_raw_pixels": {}}
+    for cat in categories:
+        for m in methods:
+            rs = [by[s, cat, m] for s in seeds if (s, cat, m) in by]
+            if rs:
+                table["categories"].setdefault(cat, {})[m] = {
+                    **{k: mean([r[k] for r in rs]) for k in keys},
+                    "per_defect": {
+                        d: {k: mean([r["per_defect"][d][k] for r in rs]) for k in keys} for d in rs[0]["per_defect"]
+                    },
+                    "fit_s": mean([r["fit_s"] for r in rs]),
+                    "seeds": len(rs),
+                }
+    per_seed: dict[str, dict[str, list[float]]] = {m: {k: [] for k in keys} for m in methods}
+    for s in seeds:
+        complete = [c for c in categories if all((s, c, m) in by for m in methods)]
+        if not complete:
+            continue
+        for m in methods:
+            for k in keys:
+                per_seed[m][k].append(statistics.fmean(by[s, c, m][k] for c in complete))
+    for m in methods:
+        table["mean"][m] = {k: mean(per_seed[m][k]) for k in keys} | {"seeds": len(per_seed[m]["image_auroc"])}
+        if m == BASELINE or BASELINE not in methods:
+            continue
+        paired = {}
+        for k in keys:
+            diffs = [a - b for a, b in zip(per_seed[m][k], per_seed[BASELINE][k])]
+            paired[k] = {
+                "mean": mean(diffs),
+                "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                "wins": sum(d > 0 for d in diffs),
+                "seeds": len(diffs),
+            }
+        table["paired_vs_raw_pixels"][m] = paired
+    return table
+
+
+def format_unseen(table: dict[str, Any]) -> str:
+    """The unseen-photos table: image / pixel AUROC (%) per photo and method, the mean, the paired difference."""
+    methods = list(table["mean"])
+    head = f"{'photo':<14}" + "".join(f" | {m:>18}" for m in methods)
+    lines = ["image AUROC / pixel AUROC (%), mean over seeds", head, "-" * len(head)]
+    for cat, row in table["categories"].items():
+        cells = [f"{pct(row[m]['image_auroc'])} / {pct(row[m]['pixel_auroc'])}" if m in row else "-" for m in methods]
+        lines.append(f"{cat:<14}" + "".join(f" | {c:>18}" for c in cells))
+    cells = [f"{pct(table['mean'][m]['image_auroc'])} / {pct(table['mean'][m]['pixel_auroc'])}" for m in methods]
+    lines += ["-" * len(head), f"{'mean':<14}" + "".join(f" | {c:>18}" for c in cells)]
+
+    def diff(d: dict[str, Any]) -> str:
+        if d["mean"] is None:
+            return "n/a"
+        sd = "" if d["sd"] is None else f" ± {100 * d['sd']:.1f}"
+        return f"{100 * d['mean']:+.1f}{sd} ({d['wins']}/{d['seeds']})"
+
+    for k, label in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
+        cells = [
+            diff(table["paired_vs_raw_pixels"][m][k]) if m in table["paired_vs_raw_pixels"] else "-" for m in methods
+        ]
+        lines.append(f"{'vs raw ' + label:<14}" + "".join(f" | {c:>18}" for c in cells))
+    lines.append("vs raw: paired difference of the photo means, per seed (points; mean ± sd over seeds, seeds won)")
+    return "\n".join(lines)
+
+
+def tiny_encoder(path: Path) -> Path:
+    """--tiny: an untrained ResNet-18 at width 0.125 with a 3x3 stem (the test suite's tiny encoder), saved."""
+    from encoders import create_encoder
+    from encoders.weights.checkpoints import save_encoder
+
+    torch.manual_seed(0)
+    return save_encoder(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval(), path)
+
+
+def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The unseen-photos mode (module docstring): every seed, photo and method; the JSON after every measurement."""
+    load_before = os.getloadavg()
+    tiny = TINY if args.tiny else []
+    work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-unseen-"))
+    encoder = args.robust or (str(tiny_encoder(work / "tiny_encoder.pt")) if args.tiny else ENCODERS["robust"])
+    if not Path(encoder).is_file():
+        raise RFIError(
+            f"robust encoder checkpoint not found: {encoder} (train it with: rfi train-encoder "
+            f"--config configs/encoder/resnet18_robust.yaml, or pass --robust PATH)"
+        )
+    photos = unseen_folder(work / "photos")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    base = load_anomaly_config(args.config, [*tiny, *args.overrides])
+    categories = args.categories or (TINY_PHOTOS if args.tiny else None)
+    runs: list[dict[str, Any]] = []
+
+    def write(partial: bool) -> dict[str, Any]:
+        cats = categories or sorted({r["category"] for r in runs})
+        result = {
+            "command": command,
+            "mode": "unseen",
+            "config": args.config,
+            "overrides": [*tiny, *args.overrides],
+            "seeds": seeds,
+            "categories": cats,
+            "encoder": encoder + (" (untrained tiny ResNet-18: a smoke run)" if args.tiny and not args.robust else ""),
+            "benchmark": vars(base.benchmark),
+            "baseline": {"patch": args.pixel_patch, "patches_per_image": args.pixel_patches_per_image},
+            "partial": partial,
+            "table": summarise_unseen(runs, cats, seeds),
+            "runs": runs,
+            "machine": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor(),
+                "cpu_count": os.cpu_count(),
+                "load_avg_before": load_before,
+                "load_avg_now": os.getloadavg(),
+            },
+        }
+        write_json(json.loads(json.dumps(result, default=str)), args.out)
+        return result
+
+    def record(seed: int, cat: str, method: str, res: dict[str, Any]) -> None:
+        res.pop("maps", None)
+        runs.append({"seed": seed, "category": cat, "method": method, **res})
+        print(
+            f"seed {seed} {cat:<13} {method:<15} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
+            f"{pct(res['pixel_auroc'])}  (fit {res['fit_s']:.1f} s)",
+            flush=True,
+        )
+        write(partial=True)
+
+    for seed in seeds:
+        common = [*tiny, *args.overrides, f"benchmark.seed={seed}", f"train.seed={seed}", f"memory.seed={seed}"]
+        cfg = load_anomaly_config(args.config, [*common, f"encoder={encoder}"])
+        root = make_benchmark(work / "sets" / f"seed{seed}", cfg.benchmark, photos=photos)
+        for cat in categories or mvtec_categories(root):
+            data = load_anomaly_data(root, category=cat)
+            folder = work / "models" / f"seed{seed}"
+            models: dict[str, tuple[AnomalyDetector, float, float]] = {}
+            for method in ("reconstruction", "memory"):
+                c = load_anomaly_config(
+                    args.config, [*common, f"encoder={encoder}", f"method={method}", f"category={cat}"]
+                )
+                models[method] = fit_timed(c, str(root), folder / f"{cat}_{method}.pt")
+                det, fit_s, fit_mib = models[method]
+                record(seed, cat, method, {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
+            det, cal_s, cal_mib = combine(models["reconstruction"][0], models["memory"][0], cfg, str(root), cat)
+            fit_s = models["reconstruction"][1] + models["memory"][1] + cal_s
+            fit_mib = max(models["reconstruction"][2], models["memory"][2], cal_mib)
+            record(seed, cat, "combined", {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
+            record(seed, cat, BASELINE, evaluate_raw_pixels(cfg, data, args.pixel_patch, args.pixel_patches_per_image))
+    return write(partial=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--robust", default=ENCODERS["robust"], help="robust encoder checkpoint")
+    parser.add_argument("--unseen", action="store_true", help="the unseen-photos mode (see above)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="with --unseen: a smoke run (tiny sizes and budgets, photos camera and coins, an untrained tiny "
+        "encoder unless --robust is given)",
+    )
+    parser.add_argument(
+        "--robust", help=f"robust encoder checkpoint (default {ENCODERS['robust']}; --tiny: an untrained tiny one)"
+    )
     parser.add_argument("--standard", default=ENCODERS["standard"], help="standard encoder checkpoint")
-    parser.add_argument("--categories", nargs="+", help="textures (default: the config's benchmark.textures)")
+    parser.add_argument(
+        "--categories",
+        nargs="+",
+        help="textures (default: the config's benchmark.textures); with --unseen: photos (default: all)",
+    )
+    parser.add_argument(
+        "--pixel-patch", type=int, default=5, help="--unseen: patch side of the raw-pixel baseline (default 5)"
+    )
+    parser.add_argument(
+        "--pixel-patches-per-image",
+        type=int,
+        default=1024,
+        help="--unseen: random patches per normal image kept by the raw-pixel baseline before its coreset "
+        "(default 1024: the memory method's layer2 locations on a 64-px crop of the quickstart encoder)",
+    )
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="benchmark.seed values (default 0 1)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model (train.seed, memory.seed)")
     parser.add_argument(
@@ -250,13 +536,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--work", help="folder for models (default: a temporary folder)")
-    parser.add_argument("--out", default="bench/results/anomaly.json")
+    parser.add_argument("--out", help="JSON (default bench/results/anomaly.json; --unseen: anomaly_unseen.json)")
     parser.add_argument("--figure", help="also write maps of reconstruction vs memory on cut-and-paste defects (PNG)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, for every method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("RFI_NO_PROGRESS", "1")
     command = " ".join(["python", "bench/anomaly.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.tiny and not args.unseen:
+        parser.error("--tiny is a smoke run of --unseen: add --unseen")
+    args.out = args.out or f"bench/results/anomaly{'_unseen' if args.unseen else ''}.json"
+    if args.unseen:
+        try:
+            result = run_unseen(args, command)
+        except RFIError as e:
+            print(f"bench/anomaly.py: error: {e}", file=sys.stderr)
+            return 2
+        print()
+        print(format_unseen(result["table"]))
+        for m, row in result["table"]["mean"].items():
+            v = row["image_auroc"]
+            met = v is not None and v >= UNSEEN_GOAL
+            print(
+                f"{m}: mean image AUROC >= {100 * UNSEEN_GOAL:.0f}%: {'met' if met else 'NOT met'} ({pct(v).strip()})"
+            )
+        print(f"wrote {args.out}")
+        return 0
+    args.robust = args.robust or ENCODERS["robust"]
     load_before = os.getloadavg()
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
@@ -372,31 +678,16 @@ def main(argv: list[str] | None = None) -> int:
                         ):
                             continue
                         c = load_anomaly_config(args.config, [*common, f"encoder={encoders[enc]}", f"method={method}"])
-                        with PeakRSS() as mem:
-                            start = time.perf_counter()
-                            path = fit(c, "embedded", folder / f"{cat}_{method}_{enc}.pt", resume=True)
-                            fit_s = time.perf_counter() - start
-                        models[name] = AnomalyDetector.load(path)
-                        fit_info[name] = (fit_s, mem.mib)
+                        models[name], fit_s, fit_mib = fit_timed(c, "embedded", folder / f"{cat}_{method}_{enc}.pt")
+                        fit_info[name] = (fit_s, fit_mib)
                         if name in args.methods:
-                            record(draw, cat, seed, name, models[name], fit_s, mem.mib, data)
+                            record(draw, cat, seed, name, models[name], fit_s, fit_mib, data)
                     if "combined" in args.methods:
-                        rec, memr = models["reconstruction"], models["memory (robust)"]
-                        with PeakRSS() as mem:
-                            start = time.perf_counter()
-                            det = AnomalyDetector(
-                                rec.ae,
-                                cfg.score,
-                                cfg.image_size,
-                                info=dict(memr.info),
-                                memory=memr.memory,
-                                method="combined",
-                                combined=cfg.combined,
-                            )
-                            det.calibrate(held_out(cfg, cat), cfg.batch_size)
-                            cal_s = time.perf_counter() - start
+                        det, cal_s, cal_mib = combine(
+                            models["reconstruction"], models["memory (robust)"], cfg, "embedded", cat
+                        )
                         fit_s = fit_info["reconstruction"][0] + fit_info["memory (robust)"][0] + cal_s
-                        fit_mib = max(fit_info["reconstruction"][1], fit_info["memory (robust)"][1], mem.mib)
+                        fit_mib = max(fit_info["reconstruction"][1], fit_info["memory (robust)"][1], cal_mib)
                         record(draw, cat, seed, "combined", det, fit_s, fit_mib, data)
     except RFIError as e:
         print(f"bench/anomaly.py: error: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Anomaly detection with robust autoencoders and memory banks (``rfi anomaly fit|score|make-benchmark``).
 
 One job per module: :mod:`~apps.anomaly.config` (the settings), :mod:`~apps.anomaly.data`
-(finding images, labels and masks), :mod:`~apps.anomaly.benchmark` (the embedded benchmark),
+(finding images, labels and masks), :mod:`~apps.anomaly.benchmark` (benchmarks with synthetic
+defects: the embedded textures or a folder of photos), :mod:`~apps.anomaly.baseline` (the
+raw-pixel patch baseline),
 :mod:`~apps.anomaly.decoded` (normal images decoded once), :mod:`~apps.anomaly.maps` (error
 maps, smoothing, image scores, heat maps), :mod:`~apps.anomaly.memory` (the PatchCore-style
 memory bank), :mod:`~apps.anomaly.detector` (:class:`AnomalyDetector`),

@@ -1,12 +1,19 @@
-"""The embedded anomaly benchmark: textures with synthetic defects, written in the MVTec AD layout.
+"""Anomaly benchmarks with synthetic defects, written in the MVTec AD layout: embedded textures or any photos.
 
-Generated deterministically from scikit-image's shipped textures (``brick``, ``grass``,
-``gravel``; :class:`~apps.anomaly.config.BenchmarkConfig`): normal training images are crops
-of the first two thirds of each texture, test images crops of the last third (so no test
-pixel was seen in training), and two thirds of the test images carry one synthetic defect, a
-``scratch``, a ``color_blob`` or a ``cut_paste`` patch, with its mask. ``rfi anomaly
-make-benchmark`` writes it (:func:`make_benchmark`); ``--data embedded`` generates it into the
-cache on first use (:func:`embedded_benchmark`).
+Two sources, one layout (:func:`make_benchmark`, ``rfi anomaly make-benchmark``), generated
+deterministically from :class:`~apps.anomaly.config.BenchmarkConfig`:
+
+- **Embedded** (default): scikit-image's shipped textures (``brick``, ``grass``, ``gravel``), one
+  category each, with the defects :data:`DEFECTS` (a ``scratch``, a ``color_blob``, a ``cut_paste``
+  patch of the same texture). ``--data embedded`` generates it into the cache on first use
+  (:func:`embedded_benchmark`).
+- **A folder of photos** (``--from FOLDER``): one category per photo (named after its file), with
+  the defects :data:`PHOTO_DEFECTS` (a ``pasted_patch`` of another photo of the folder, a
+  ``blurred_disk``, a ``tinted_disk``).
+
+Normal training images are crops of the first two thirds of each image along its longer axis,
+test images crops of the last third (:func:`encoders.data.embedded.region`: no test pixel was
+seen in training), and ``test_defect`` test images per defect type carry one defect, with its mask.
 
 Example:
     >>> from apps.anomaly.data import load_anomaly_data
@@ -35,28 +42,53 @@ from apps.anomaly.config import BenchmarkConfig
 from encoders.core.config import check_config
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder, reported_writes
-from encoders.core.imageio import write_image
+from encoders.core.imageio import IMAGE_EXTENSIONS, read_image, write_image
 from encoders.data.embedded import EMBEDDED_TEXTURES, embedded_image, region
 
 log = logging.getLogger("rfi")
 
 DEFECTS = ("scratch", "color_blob", "cut_paste")
+"""The defect types of the embedded benchmark (test folders ``test/<defect>``)."""
+PHOTO_DEFECTS = ("pasted_patch", "blurred_disk", "tinted_disk")
+"""The defect types of a benchmark made from a folder of photos."""
+PLACEMENTS = 8
+"""A photo defect is drawn this many times on its (random) crop and the most visible draw kept (largest mean
+change inside its mask): a blurred disk lands on detail rather than on flat sky where it can be seen at all."""
 BENCHMARK_VERSION = 1
 MANIFEST = "benchmark.json"
 
 
-def _manifest(cfg: BenchmarkConfig) -> dict:
-    return {"format": "rfi-anomaly-benchmark", "version": BENCHMARK_VERSION, **asdict(cfg)}
+def _manifest(cfg: BenchmarkConfig, photos: dict[str, str] | None = None, source: Path | None = None) -> dict:
+    """What identifies a benchmark: its settings, and for a folder of photos the folder and each photo's SHA-256."""
+    settings = asdict(cfg)
+    if photos is None:
+        settings.pop("photo_side")  # embedded: the textures' scale is fixed
+        return {"format": "rfi-anomaly-benchmark", "version": BENCHMARK_VERSION, **settings}
+    settings.pop("textures")
+    return {
+        "format": "rfi-anomaly-benchmark",
+        "version": BENCHMARK_VERSION,
+        **settings,
+        "source": str(source),
+        "photos": photos,
+    }
 
 
 def _rng(cfg: BenchmarkConfig, texture: str, *key: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, EMBEDDED_TEXTURES.index(texture), *key])
 
 
-def _crop(area: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _photo_rng(cfg: BenchmarkConfig, category: str, *key: int) -> np.random.Generator:
+    """Seeded by the category's name, so adding a photo to the folder leaves the others' images as they were."""
+    return np.random.default_rng([cfg.seed, int(hashlib.sha1(category.encode()).hexdigest()[:8], 16), *key])
+
+
+def _crop(area: np.ndarray, size: int, rng: np.random.Generator, width: int | None = None) -> np.ndarray:
+    """A random ``size`` x ``width`` (default: square) crop of an (H, W, 3) array."""
+    width = width or size
     top = int(rng.integers(0, area.shape[0] - size + 1))
-    left = int(rng.integers(0, area.shape[1] - size + 1))
-    return area[top : top + size, left : left + size].copy()
+    left = int(rng.integers(0, area.shape[1] - width + 1))
+    return area[top : top + size, left : left + width].copy()
 
 
 def _scratch(img: np.ndarray, rng: np.random.Generator, area: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +161,60 @@ def _cut_paste(img: np.ndarray, rng: np.random.Generator, area: np.ndarray) -> t
 _DEFECT_FNS = {"scratch": _scratch, "color_blob": _color_blob, "cut_paste": _cut_paste}
 
 
+def _disk(s: int, rng: np.random.Generator) -> np.ndarray:
+    """A boolean (s, s) disk of radius 10-20 % of ``s``, wholly inside."""
+    from skimage.draw import disk
+
+    radius = rng.uniform(0.1, 0.2) * s
+    centre = rng.uniform(radius, s - radius, 2)
+    m = np.zeros((s, s), bool)
+    m[disk(tuple(centre), radius, shape=(s, s))] = True
+    return m
+
+
+def _pasted_patch(img: np.ndarray, rng: np.random.Generator, donors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A rectangle of another photo pasted in (one photo only: of another place of it, turned by 90 degrees)."""
+    s = img.shape[0]
+    ph, pw = (rng.uniform(0.2, 0.35, 2) * s).astype(int).clip(4)
+    if len(donors) > 1:
+        patch = _crop(donors[int(rng.integers(1, len(donors)))], ph, rng, pw)  # donors[0] is the photo itself
+    else:
+        patch = np.rot90(_crop(donors[0], pw, rng, ph))
+    top, left = int(rng.integers(0, s - ph + 1)), int(rng.integers(0, s - pw + 1))
+    out = img.copy()
+    out[top : top + ph, left : left + pw] = patch
+    m = np.zeros((s, s), bool)
+    m[top : top + ph, left : left + pw] = True
+    return out, m
+
+
+def _blurred_disk(img: np.ndarray, rng: np.random.Generator, donors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A disk of the crop blurred (Gaussian, sigma 25-40 % of the disk's radius, at least 1.5 px): lost detail."""
+    from scipy.ndimage import gaussian_filter
+
+    m = _disk(img.shape[0], rng)
+    radius = np.sqrt(m.sum() / np.pi)
+    sigma = max(1.5, rng.uniform(0.25, 0.4) * radius)
+    out = img.copy()
+    out[m] = gaussian_filter(img, sigma=(sigma, sigma, 0), mode="reflect")[m]
+    return out, m
+
+
+def _tinted_disk(img: np.ndarray, rng: np.random.Generator, donors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A disk of the crop tinted with a random saturated colour; the detail shows through, dark areas are tinted too."""
+    import colorsys
+
+    m = _disk(img.shape[0], rng)
+    color = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), 1.0))
+    alpha = rng.uniform(0.4, 0.6)
+    out = img.copy()
+    out[m] = (1 - alpha) * out[m] + alpha * color * (0.35 + 0.65 * out[m].mean(-1, keepdims=True))
+    return out.clip(0, 1), m
+
+
+_PHOTO_DEFECT_FNS = {"pasted_patch": _pasted_patch, "blurred_disk": _blurred_disk, "tinted_disk": _tinted_disk}
+
+
 def _texture_areas(texture: str, size: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) regions of a texture as (H, W, 3) float32, upsampled by an integer factor when
     ``size`` is larger than the test region."""
@@ -156,32 +242,140 @@ def _write_texture(root: Path, texture: str, cfg: BenchmarkConfig) -> None:
             write_image(mask.astype(np.uint8) * 255, cat / "ground_truth" / defect / f"{i:03d}_mask.png")
 
 
+def _photo_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted (hidden files left out)."""
+    if not folder.is_dir():
+        raise RFIError(f"--from {folder}: not a folder: give a folder of photos")
+    try:
+        files = sorted(
+            f
+            for f in folder.iterdir()
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+        )
+    except OSError as e:
+        raise RFIError(f"--from {folder}: cannot be read ({e.strerror}): check its permissions") from None
+    if not files:
+        raise RFIError(f"--from {folder}: holds no images ({', '.join(IMAGE_EXTENSIONS)}): put photos in it")
+    return files
+
+
+def _category_names(files: list[Path]) -> list[str]:
+    """One category per photo: its file name without the extension (with it, ``a_jpg``, where two names clash)."""
+    stems = [f.stem for f in files]
+    return [f.stem if stems.count(f.stem) == 1 else f.name.replace(".", "_") for f in files]
+
+
+def _read_photos(folder: Path, cfg: BenchmarkConfig) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Category -> (file, (3, H, W) image) of every usable photo; unreadable and too small ones named and skipped.
+
+    Raises:
+        RFIError: ``folder`` is missing, unreadable or holds no images; or no photo in it can be used
+            (each named with the reason).
+    """
+    files = _photo_files(folder)
+    photos: dict[str, tuple[Path, torch.Tensor]] = {}
+    skipped: list[str] = []
+    for name, path in zip(_category_names(files), files):
+        try:
+            img = read_image(path)
+        except RFIError as e:
+            skipped.append(f"{e}")
+            continue
+        if cfg.photo_side is not None:
+            h, w = img.shape[-2:]
+            scale = cfg.photo_side / min(h, w)
+            img = torch.nn.functional.interpolate(
+                img[None], size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True
+            )[0].clamp(0, 1)
+        sides = [side for split in ("train", "val") for side in region(img, split).shape[-2:]]
+        if min(sides) < cfg.size:
+            skipped.append(
+                f"{path} is {img.shape[-1]}x{img.shape[-2]} px"
+                + (f" (at benchmark.photo_side={cfg.photo_side})" if cfg.photo_side is not None else "")
+                + f": too small for benchmark.size={cfg.size} (its short side and the last third of its long side "
+                f"must be at least that)"
+            )
+            continue
+        photos[name] = (path, img)
+    if not photos:
+        raise RFIError(
+            f"--from {folder}: no photo can be used ({'; '.join(skipped[:3])}"
+            + (f"; +{len(skipped) - 3} more" if len(skipped) > 3 else "")
+            + "): use larger photos or a smaller benchmark.size"
+        )
+    for reason in skipped:
+        log.warning("skipped %s", reason)
+    return photos
+
+
+def _write_photo(root: Path, name: str, images: dict[str, np.ndarray], cfg: BenchmarkConfig) -> None:
+    """One category: crops of photo ``name`` (``images``: every photo as (H, W, 3), the donors of pasted patches)."""
+    image = images[name]
+    as_tensor = torch.from_numpy(image).permute(2, 0, 1)
+    train_area, test_area = (region(as_tensor, split).permute(1, 2, 0).numpy() for split in ("train", "val"))
+    donors = [image, *(other for key, other in images.items() if key != name)]
+    cat = root / name
+    for i in range(cfg.train):
+        _save(_crop(train_area, cfg.size, _photo_rng(cfg, name, 0, i)), cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(cfg.test_good):
+        _save(_crop(test_area, cfg.size, _photo_rng(cfg, name, 1, i)), cat / "test" / "good" / f"{i:03d}.png")
+    for k, defect in enumerate(PHOTO_DEFECTS):
+        for i in range(cfg.test_defect):
+            rng = _photo_rng(cfg, name, 2 + k, i)
+            crop = _crop(test_area, cfg.size, rng)
+            candidates = (_PHOTO_DEFECT_FNS[defect](crop, rng, donors) for _ in range(PLACEMENTS))
+            img, mask = max(candidates, key=lambda c: float(np.abs(c[0] - crop)[c[1]].mean()))
+            _save(img, cat / "test" / defect / f"{i:03d}.png")
+            write_image(mask.astype(np.uint8) * 255, cat / "ground_truth" / defect / f"{i:03d}_mask.png")
+
+
 def _save(img: np.ndarray, path: Path) -> None:
     write_image((img * 255).round().clip(0, 255).astype(np.uint8), path)
 
 
-def make_benchmark(out: str | os.PathLike, cfg: BenchmarkConfig | None = None) -> Path:
-    """Write the embedded benchmark in the MVTec AD layout (deterministic: same config, same files).
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    The tree is built in a temporary folder and renamed into place, so a killed run leaves
-    nothing half-written. A folder already holding the same benchmark is reused as is.
+
+def make_benchmark(
+    out: str | os.PathLike, cfg: BenchmarkConfig | None = None, photos: str | os.PathLike | None = None
+) -> Path:
+    """Write an anomaly benchmark in the MVTec AD layout (deterministic: same config and photos, same files).
+
+    Each category gets ``train/good`` (``cfg.train`` crops of the first two thirds of its image),
+    ``test/good`` (``cfg.test_good`` crops of the last third), ``test/<defect>`` (``cfg.test_defect``
+    crops of the last third per defect type, one defect each) and ``ground_truth/<defect>/<name>_mask.png``.
+    The tree is built in a temporary folder and renamed into place, so a killed run leaves nothing
+    half-written. A folder already holding the same benchmark is reused as is.
 
     Args:
-        out: destination folder; gets one category folder per texture and ``benchmark.json``.
+        out: destination folder; gets one category folder per texture or photo and ``benchmark.json``.
         cfg: sizes, counts and seed (default :class:`BenchmarkConfig`).
+        photos: a folder of photos (``--from``): one category per photo, named after its file,
+            with the defects :data:`PHOTO_DEFECTS`; photos unreadable or too small for ``cfg.size``
+            are named in a warning and skipped. ``None``: the embedded textures ``cfg.textures``
+            with the defects :data:`DEFECTS`.
 
     Returns:
-        ``out``, an MVTec AD root (categories ``brick``, ``grass``, ``gravel``).
+        ``out``, an MVTec AD root (for ``rfi anomaly fit/score --data out --category NAME``).
 
     Raises:
-        RFIError: bad settings, ``out`` holds something else (never overwritten), or cannot be
-            written (checked first; a full disk midway is one line too, nothing left behind).
+        RFIError: bad settings; ``photos`` missing, unreadable, without images or without a usable
+            photo; ``out`` holds something else (never overwritten), or cannot be written (checked
+            first; a full disk midway is one line too, nothing left behind).
     """
     cfg = check_config(cfg or BenchmarkConfig(), "the benchmark settings")
-    if not cfg.textures:
-        raise RFIError(f"benchmark.textures is empty: name one or more of {', '.join(EMBEDDED_TEXTURES)}")
     out = Path(out)
-    manifest = _manifest(cfg)
+    if photos is None:
+        if not cfg.textures:
+            raise RFIError(f"benchmark.textures is empty: name one or more of {', '.join(EMBEDDED_TEXTURES)}")
+        kind, manifest = "an embedded", _manifest(cfg)
+        categories = list(cfg.textures)
+    else:
+        found = _read_photos(Path(photos), cfg)
+        kind = "a photo"
+        manifest = _manifest(cfg, {name: _sha256(path) for name, (path, _) in found.items()}, Path(photos).resolve())
+        categories = list(found)
     if (out / MANIFEST).is_file():
         try:
             old = json.loads((out / MANIFEST).read_text())
@@ -191,18 +385,22 @@ def make_benchmark(out: str | os.PathLike, cfg: BenchmarkConfig | None = None) -
             return out
         diff = sorted(k for k in manifest if not isinstance(old, dict) or old.get(k) != manifest[k])
         raise RFIError(
-            f"{out} holds an embedded benchmark made with other settings ({', '.join(diff)}): "
-            f"choose another folder or delete it"
+            f"{out} holds a benchmark made with other settings ({', '.join(diff)}): choose another folder or delete it"
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RFIError(f"{out} exists and is not an embedded benchmark folder: choose another folder")
+        raise RFIError(f"{out} exists and is not {kind} benchmark folder: choose another folder")
     check_output_folder(out, flag="benchmark folder")  # read-only, too long a name...: one line, before any work
     with reported_writes(out, "benchmark folder"):  # a full disk: one line, the temporary tree removed
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            for texture in cfg.textures:
-                _write_texture(tmp, texture, cfg)
+            if photos is None:
+                for texture in categories:
+                    _write_texture(tmp, texture, cfg)
+            else:
+                images = {name: img.permute(1, 2, 0).numpy().astype(np.float32) for name, (_, img) in found.items()}
+                for name in categories:
+                    _write_photo(tmp, name, images, cfg)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             if out.is_dir():
                 out.rmdir()  # empty (checked above)
@@ -213,7 +411,7 @@ def make_benchmark(out: str | os.PathLike, cfg: BenchmarkConfig | None = None) -
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote the embedded anomaly benchmark (%s) to %s", ", ".join(cfg.textures), out)
+    log.info("wrote the anomaly benchmark (%s) to %s", ", ".join(categories), out)
     return out
 
 

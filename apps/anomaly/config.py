@@ -115,16 +115,19 @@ class MemoryConfig:
 
 @yaml_dataclass("apps/anomaly.yaml", "benchmark")
 class BenchmarkConfig:
-    """The embedded benchmark (the ``benchmark:`` section; :mod:`apps.anomaly.benchmark`).
+    """A generated benchmark (the ``benchmark:`` section; :mod:`apps.anomaly.benchmark`).
 
-    ``size``: image side in pixels, 16 to 1024. Up to 128 (the width of a texture's test
-    region) images are crops at the textures' own scale; above, the textures are first
-    upsampled by the smallest integer factor that fits (bilinear: blurrier textures, for
+    ``size``: image side in pixels, 16 to 1024. For the embedded textures, up to 128 (the width
+    of a texture's test region) images are crops at the textures' own scale; above, the textures
+    are first upsampled by the smallest integer factor that fits (bilinear: blurrier textures, for
     measuring time and memory at MVTec AD's 1024 px, e.g. ``benchmark.size=1024``).
-    ``train``: normal training images per texture; ``test_good``: normal test images;
-    ``test_defect``: test images per defect type (``scratch``, ``color_blob``, ``cut_paste``).
+    ``train``: normal training images per category; ``test_good``: normal test images;
+    ``test_defect``: test images per defect type (embedded: ``scratch``, ``color_blob``,
+    ``cut_paste``; from photos: ``pasted_patch``, ``blurred_disk``, ``tinted_disk``).
     ``seed``: every position, shape and colour is a pure function of it. ``textures``: which of
-    scikit-image's textures (``brick``, ``grass``, ``gravel``) become categories.
+    scikit-image's textures (``brick``, ``grass``, ``gravel``) become categories (embedded only).
+    ``photo_side``: ``make-benchmark --from FOLDER`` only: each photo is first resized to this
+    short side in pixels (``null``: as stored).
     """
 
     size: int = bounded(low=16, high=1024)
@@ -133,6 +136,15 @@ class BenchmarkConfig:
     test_defect: int = bounded(low=1)
     seed: int
     textures: list[Texture]
+    photo_side: int | None = bounded(low=16)
+
+    def check(self) -> None:
+        """The rule across keys: resized photos are at least one crop high."""
+        if self.photo_side is not None and self.photo_side < self.size:
+            raise RFIError(
+                f"benchmark.photo_side={self.photo_side} is smaller than benchmark.size={self.size}: "
+                f"raise photo_side or lower size"
+            )
 
 
 @yaml_dataclass("apps/anomaly.yaml")
@@ -147,7 +159,8 @@ class AnomalyConfig:
     ``memory`` (a patch-feature memory bank, ``memory``) or ``combined`` (both, weighted by
     ``combined``). ``train``: the decoder training run (:class:`inversion.train.TrainDecoderConfig`;
     ``train.data.size`` is the crop side; fit sets the data folder, encoder and output folder).
-    ``score``: :class:`ScoreConfig`. ``benchmark``: the embedded benchmark (``--data embedded``).
+    ``score``: :class:`ScoreConfig`. ``benchmark``: the generated benchmarks (``--data embedded``,
+    ``make-benchmark [--from FOLDER]``).
     ``batch_size`` / ``device``: for computing maps (also the defaults of ``rfi anomaly score``).
     """
 

@@ -1,8 +1,9 @@
 """``rfi anomaly fit | score | make-benchmark``: anomaly detection (:mod:`apps.anomaly`).
 
 Example:
-    rfi anomaly fit --data embedded --category brick --out runs/anomaly/brick.pt
+    rfi anomaly fit --data embedded --category brick --out runs/anomaly/brick.pt   # RFI's shipped robust encoder
     rfi anomaly score --model runs/anomaly/brick.pt --data embedded --out runs/anomaly/brick_scores
+    rfi anomaly make-benchmark --from my_photos --out data/my_bench    # then fit/score --data data/my_bench
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from apps.commands.common import common_flags
 from encoders.core.config import FLAGS, check_config, parse_overrides
 from encoders.core.files import check_output_file, check_output_folder, partial_exit, reported_writes
 from encoders.core.runtime import resolve_device
+from encoders.weights.shipped import resolve_checkpoint
 
 log = logging.getLogger("rfi")
 
@@ -86,9 +88,16 @@ def register_anomaly(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "make-benchmark",
         parents=common,
-        help="write the embedded benchmark (textures with synthetic defects) in MVTec AD layout",
+        help="write a benchmark with synthetic defects in MVTec AD layout: the embedded textures, or --from photos",
     )
     p.add_argument("--out", required=True, help="destination folder, e.g. data/embedded_mvtec")
+    p.add_argument(
+        "--from",
+        dest="photos",
+        metavar="FOLDER",
+        help="a folder of photos: one category per photo (named after its file), defects pasted_patch, "
+        "blurred_disk, tinted_disk (default: the embedded textures)",
+    )
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config whose benchmark: section is used")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. benchmark.size=96 benchmark.seed=1")
     p.set_defaults(func=run_make_benchmark)
@@ -102,6 +111,7 @@ def run_fit(args: argparse.Namespace) -> int:
     cfg = load_anomaly_config(args.config, {**parse_overrides(args.overrides), **flags})
     if args.category:
         cfg.category = args.category
+    cfg.encoder = str(resolve_checkpoint(cfg.encoder, flag="encoder=PATH", kind="encoder"))  # shipped:NAME: its file
     with reported_writes(Path(args.out).parent):  # a full disk: one line naming the folder
         print(fit(cfg, args.data, args.out, resume=args.resume))
     return 0
@@ -136,8 +146,8 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_make_benchmark(args: argparse.Namespace) -> int:
-    """``rfi anomaly make-benchmark``: prints the benchmark folder."""
+    """``rfi anomaly make-benchmark [--from FOLDER]``: prints the benchmark folder."""
     check_output_folder(args.out)  # before the config is read: an empty --out is not the working directory
     cfg = load_anomaly_config(args.config, args.overrides)
-    print(make_benchmark(args.out, cfg.benchmark))
+    print(make_benchmark(args.out, cfg.benchmark, photos=args.photos))
     return 0

@@ -1,0 +1,202 @@
+"""Anomaly benchmarks from a folder of photos (``make-benchmark --from``) and the raw-pixel baseline."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apps.anomaly.baseline import PixelPatches, raw_pixel_maps
+from apps.anomaly.benchmark import PHOTO_DEFECTS, _crop, _photo_rng, make_benchmark
+from apps.anomaly.config import BenchmarkConfig, MemoryConfig, load_anomaly_config
+from apps.anomaly.data import load_anomaly_data, read_mask
+from apps.anomaly.maps import image_scores
+from apps.anomaly.metrics import image_metrics, pixel_metrics
+from apps.cli import main
+from encoders.core.errors import RFIError
+from encoders.core.imageio import read_image
+from encoders.data.embedded import region
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BENCH = BenchmarkConfig(size=32, train=3, test_good=2, test_defect=2)
+
+
+def _photo(path: Path, h: int, w: int, tint: tuple[float, float, float], seed: int) -> Path:
+    """A noisy textured photo (detail everywhere, so every defect changes its pixels) in one tint."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    grey = 0.5 + 0.2 * np.sin(x / 3.0 + seed) * np.cos(y / 4.0) + 0.15 * rng.standard_normal((h, w))
+    arr = (grey[..., None] * np.array(tint)).clip(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((arr * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """Two usable photos (red, green), one too small, one unreadable."""
+    folder = tmp_path / "photos"
+    _photo(folder / "red.png", 48, 120, (1.0, 0.2, 0.2), 0)
+    _photo(folder / "green.jpg", 150, 40 * 3, (0.2, 1.0, 0.2), 1)
+    _photo(folder / "tiny.png", 20, 60, (0.5, 0.5, 0.5), 2)
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not a photo")
+    return folder
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_folder_benchmark_layout_determinism_and_skipped_photos(photos, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="rfi"):
+        a = make_benchmark(tmp_path / "a", BENCH, photos=photos)
+    skipped = "\n".join(r.getMessage() for r in caplog.records)
+    assert "tiny.png is 60x20 px: too small for benchmark.size=32" in skipped and "broken.png" in skipped
+    assert sorted(p.name for p in a.iterdir()) == ["benchmark.json", "green", "red"]
+    for name in ("red", "green"):
+        data = load_anomaly_data(a, category=name)
+        assert data.layout == "mvtec" and data.has_masks and len(data.train) == 3
+        assert sorted({t.defect for t in data.test}) == sorted(["good", *PHOTO_DEFECTS])
+        assert len(data.test) == 2 + 2 * len(PHOTO_DEFECTS)
+        assert all(read_image(t.path).shape == (3, 32, 32) for t in data.test)
+    assert _files(a) == _files(make_benchmark(tmp_path / "b", BENCH, photos=photos))
+    other = _files(
+        make_benchmark(
+            tmp_path / "c", BenchmarkConfig(size=32, train=3, test_good=2, test_defect=2, seed=1), photos=photos
+        )
+    )
+    assert other.keys() == _files(a).keys() and other != _files(a)
+    assert make_benchmark(tmp_path / "a", BENCH, photos=photos) == a  # same photos and settings: reused
+    _photo(photos / "blue.png", 64, 120, (0.2, 0.2, 1.0), 3)
+    with pytest.raises(RFIError, match="other settings \\(photos\\)"):
+        make_benchmark(tmp_path / "a", BENCH, photos=photos)
+    with pytest.raises(RFIError, match="not a photo benchmark folder"):
+        make_benchmark(photos, BENCH, photos=photos)
+
+
+def test_folder_benchmark_masks_cover_exactly_the_defects(photos, tmp_path):
+    root = make_benchmark(tmp_path / "bench", BENCH, photos=photos)
+    for name, file in (("red", "red.png"), ("green", "green.jpg")):
+        test_area = region(read_image(photos / file), "val").permute(1, 2, 0).numpy().astype(np.float32)
+        for k, defect in enumerate(PHOTO_DEFECTS):
+            for i in range(BENCH.test_defect):
+                clean = _crop(test_area, BENCH.size, _photo_rng(BENCH, name, 2 + k, i))
+                img = np.asarray(Image.open(root / name / "test" / defect / f"{i:03d}.png"), np.float32) / 255
+                mask = read_mask(root / name / "ground_truth" / defect / f"{i:03d}_mask.png").numpy()
+                diff = np.abs(img - clean).max(-1)
+                assert mask.sum() >= 16, (name, defect, i)
+                assert diff[~mask].max() <= 1 / 255 + 1e-6, (name, defect, i)  # untouched outside (8-bit rounding)
+                assert diff[mask].mean() > 0.04, (name, defect, i)  # changed inside
+                if defect == "pasted_patch":  # from the other photo: the other colour dominates inside
+                    inside = img[mask].mean(0)
+                    assert (inside[1] > inside[0]) == (name == "red"), (name, i, inside)
+
+
+def test_one_photo_pastes_from_itself_and_photo_side_resizes(tmp_path):
+    folder = tmp_path / "one"
+    _photo(folder / "small.png", 24, 72, (0.6, 0.6, 0.6), 0)
+    with pytest.raises(RFIError, match="no photo can be used.*small.png is 72x24 px"):
+        make_benchmark(tmp_path / "x", BENCH, photos=folder)
+    assert not (tmp_path / "x").exists()
+    cfg = BenchmarkConfig(size=32, train=2, test_good=1, test_defect=1, photo_side=40)  # 24x72 -> 40x120
+    root = make_benchmark(tmp_path / "bench", cfg, photos=folder)
+    data = load_anomaly_data(root, category="small")
+    assert {t.defect for t in data.test} == {"good", *PHOTO_DEFECTS}
+    with pytest.raises(RFIError, match="benchmark.photo_side=24 is smaller than benchmark.size=32"):
+        make_benchmark(tmp_path / "y", BenchmarkConfig(size=32, photo_side=24), photos=folder)
+
+
+def test_bad_photo_folders_are_named(tmp_path):
+    with pytest.raises(RFIError, match=f"--from {tmp_path / 'missing'}: not a folder"):
+        make_benchmark(tmp_path / "out", BENCH, photos=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no photos here")
+    with pytest.raises(RFIError, match=f"--from {tmp_path / 'empty'}: holds no images"):
+        make_benchmark(tmp_path / "out", BENCH, photos=tmp_path / "empty")
+    (tmp_path / "locked").mkdir()
+    os.chmod(tmp_path / "locked", 0)
+    try:
+        if os.access(tmp_path / "locked", os.R_OK):
+            pytest.skip("running as a user who reads any folder")
+        with pytest.raises(RFIError, match=f"--from {tmp_path / 'locked'}: cannot be read"):
+            make_benchmark(tmp_path / "out", BENCH, photos=tmp_path / "locked")
+    finally:
+        os.chmod(tmp_path / "locked", 0o755)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_make_benchmark_from_a_folder(photos, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert (
+        main(
+            [
+                "anomaly",
+                "make-benchmark",
+                "--from",
+                str(photos),
+                "--out",
+                str(out),
+                "benchmark.size=32",
+                "benchmark.train=2",
+                "benchmark.test_good=1",
+                "benchmark.test_defect=1",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "green", "red"]
+    assert main(["anomaly", "make-benchmark", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "b2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rfi: error:") and err.count("\n") == 1 and str(tmp_path / "nope") in err
+
+
+# ----------------------------------------------------------------------------- the raw-pixel baseline
+def _flat(rng: np.random.Generator, n: int, size: int = 24) -> torch.Tensor:
+    """Flat grey images with a little noise."""
+    return torch.from_numpy(0.5 + 0.03 * rng.standard_normal((n, 3, size, size))).float().clamp(0, 1)
+
+
+def _scored(normal: torch.Tensor, test: torch.Tensor, masks: torch.Tensor, labels: list[int]) -> tuple[float, float]:
+    cfg = load_anomaly_config()
+    maps = raw_pixel_maps(list(normal), test, 3, MemoryConfig(coreset=0.25, sigma=1.0))
+    assert maps.shape == (len(test), 1, *test.shape[-2:])
+    scores = image_scores(maps, cfg.score.image_score, cfg.score.topk).tolist()
+    return image_metrics(labels, scores)["auroc"], pixel_metrics(list(masks), list(maps[:, 0]))["auroc"]
+
+
+def test_raw_pixel_baseline_finds_a_bright_disk_and_is_at_chance_without_defects():
+    rng = np.random.default_rng(0)
+    normal, test = _flat(rng, 6), _flat(rng, 40)
+    yy, xx = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
+    masks = torch.zeros(40, 24, 24, dtype=torch.bool)
+    for i in range(20, 40):  # a bright disk of radius 3 on half the test images
+        cy, cx = rng.integers(5, 19, 2)
+        masks[i] = (yy - cy) ** 2 + (xx - cx) ** 2 <= 9
+    with_disks = test.clone()
+    with_disks[masks[:, None].expand(-1, 3, -1, -1)] = 0.95
+    labels = [0] * 20 + [1] * 20
+    image_auroc, pixel_auroc = _scored(normal, with_disks, masks, labels)
+    assert image_auroc >= 0.99 and pixel_auroc >= 0.95
+    # the same test images without their disks: labels carry no signal, the baseline is at chance
+    image_auroc, _ = _scored(normal, test, masks, labels)
+    assert 0.3 <= image_auroc <= 0.7
+
+
+def test_pixel_patches_are_the_raw_neighbourhoods():
+    x = torch.rand(1, 3, 8, 9)
+    feats = PixelPatches(3)(x)["pixels"]
+    assert feats.shape == (1, 27, 8, 9)
+    assert torch.equal(feats[0, :, 4, 5].reshape(3, 3, 3), x[0, :, 3:6, 4:7])  # an inner pixel's 3x3 patch
+    assert torch.equal(PixelPatches(1)(x)["pixels"], x)
+    with pytest.raises(RFIError, match="odd number"):
+        PixelPatches(4)
+    with pytest.raises(RFIError, match="one size"):
+        raw_pixel_maps([x[0]], [torch.rand(3, 8, 8), torch.rand(3, 9, 9)], 3, MemoryConfig())
