@@ -24,7 +24,6 @@ from apps.commands.common import common_flags
 from encoders.core.config import FLAGS, check_config, parse_overrides
 from encoders.core.files import check_output_file, check_output_folder, partial_exit, reported_writes
 from encoders.core.runtime import resolve_device
-from encoders.weights.shipped import resolve_checkpoint
 
 log = logging.getLogger("rfi")
 
@@ -111,7 +110,6 @@ def run_fit(args: argparse.Namespace) -> int:
     cfg = load_anomaly_config(args.config, {**parse_overrides(args.overrides), **flags})
     if args.category:
         cfg.category = args.category
-    cfg.encoder = str(resolve_checkpoint(cfg.encoder, flag="encoder=PATH", kind="encoder"))  # shipped:NAME: its file
     with reported_writes(Path(args.out).parent):  # a full disk: one line naming the folder
         print(fit(cfg, args.data, args.out, resume=args.resume))
     return 0
