@@ -7,8 +7,8 @@ import yaml
 
 from encoders import RFIError, create_encoder
 from encoders.core.config import config_to_dict, load_config
-from encoders.nets.models import Encoder
 from encoders.core.serialization import load_checkpoint
+from encoders.nets.models import Encoder
 from encoders.robust.train import AdvConfig, TrainEncoderConfig, adversarial_batch, check_config, train_encoder
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "encoder"
@@ -20,8 +20,9 @@ def test_every_encoder_config_is_valid_and_builds_its_model(path):
     cfg = load_config(TrainEncoderConfig, path)
     check_config(cfg)
     m = cfg.model
-    enc = Encoder(m.arch, num_classes=m.num_classes or 8, width=m.width, small_input=m.small_input,
-                  batch_norm=m.batch_norm).eval()
+    enc = Encoder(
+        m.arch, num_classes=m.num_classes or 8, width=m.width, small_input=m.small_input, batch_norm=m.batch_norm
+    ).eval()
     size = min(cfg.data.size, 64) if m.small_input else 64
     with torch.no_grad():
         assert enc.logits(torch.rand(1, 3, size, size)).shape == (1, m.num_classes or 8)
@@ -55,8 +56,9 @@ def test_training_writes_checkpoint_metrics_config_and_eval(tmp_path, tiny_cfg):
     assert set(result) >= {"clean_acc", "pgd_acc"} and result["eps"] == 0.5
     assert load_checkpoint(path)["eval"] == result
     # the result also holds the trained encoder (the checkpoint's weights) and the final metrics
-    assert not run.model.training and all(torch.equal(v, load_checkpoint(path)["state_dict"][k])
-                                          for k, v in run.model.state_dict().items())
+    assert not run.model.training and all(
+        torch.equal(v, load_checkpoint(path)["state_dict"][k]) for k, v in run.model.state_dict().items()
+    )
     assert run.metrics["eval"] == result and run.metrics["val_acc"] == epoch["val_acc"]
 
 
@@ -110,8 +112,7 @@ def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_
 
     def comparable(path):  # the metrics log matches too, except wall-clock figures
         drop = {"images_per_s", "epoch_seconds"}
-        return [{k: v for k, v in json.loads(line).items() if k not in drop}
-                for line in path.read_text().splitlines()]
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
     assert comparable(full.path.parent / "metrics.jsonl") == comparable(resumed.path.parent / "metrics.jsonl")
     again = train_encoder(cfg, resume=True)  # a finished run resumes to a no-op, with its metrics
@@ -149,8 +150,9 @@ def test_epoch_order_is_the_former_loaders_order():
 
     for seed, epoch in ((0, 0), (0, 3), (7, 1)):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        former = torch.cat(list(progress(DataLoader(torch.arange(300), batch_size=64, shuffle=True, generator=g),
-                                         total=5)))
+        former = torch.cat(
+            list(progress(DataLoader(torch.arange(300), batch_size=64, shuffle=True, generator=g), total=5))
+        )
         assert torch.equal(former, epoch_order(300, seed, epoch))
 
 
@@ -160,8 +162,15 @@ def test_killed_mid_epoch_resume_gives_bit_identical_weights(tmp_path, monkeypat
     import encoders.robust.train as train
 
     # 256 crops / 64 = 4 steps per epoch; checkpoints at steps 3 (mid-epoch 1), 4 (epoch), 6 (mid-epoch 2)
-    overrides = ("steps=7", "checkpoint_every=3", "adv.enabled=true", "adv.steps=1", "model.arch=alexnet",
-                 "log_every=1", "eval.enabled=false")
+    overrides = (
+        "steps=7",
+        "checkpoint_every=3",
+        "adv.enabled=true",
+        "adv.steps=1",
+        "model.arch=alexnet",
+        "log_every=1",
+        "eval.enabled=false",
+    )
     full = train_encoder(tiny_cfg(tmp_path / "full", *overrides))
     assert load_checkpoint(full)["train"]["step"] == 7
 
@@ -230,8 +239,19 @@ def test_folder_data_with_workers_does_not_depend_on_their_number(tmp_path, tiny
     for c in ("a", "b"):
         for i in range(5):
             write_image(torch.rand(3, 40, 48, generator=g), tmp_path / "images" / c / f"{i}.png")
-    runs = [train_encoder(tiny_cfg(tmp_path / f"w{w}", "data.source=folder", f"data.root={tmp_path / 'images'}",
-                                   "batch_size=4", "steps=3", "eval.enabled=false", f"num_workers={w}"))
-            for w in (1, 2)]
+    runs = [
+        train_encoder(
+            tiny_cfg(
+                tmp_path / f"w{w}",
+                "data.source=folder",
+                f"data.root={tmp_path / 'images'}",
+                "batch_size=4",
+                "steps=3",
+                "eval.enabled=false",
+                f"num_workers={w}",
+            )
+        )
+        for w in (1, 2)
+    ]
     a, b = (_state(p) for p in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)

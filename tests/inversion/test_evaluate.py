@@ -6,9 +6,9 @@ from PIL import Image
 
 from apps.cli import main
 from apps.commands.evaluate import parse_scales
-from encoders.weights.checkpoints import load_encoder
-from encoders.data.embedded import EmbeddedCrops
 from encoders.core.errors import RFIError
+from encoders.data.embedded import EmbeddedCrops
+from encoders.weights.checkpoints import load_encoder
 from inversion import Decoder, RobustAutoencoder, save_decoder
 from inversion.evaluate import (
     compare_autoencoders,
@@ -59,8 +59,25 @@ def test_too_large_scale_is_skipped_not_fatal(tiny_encoder_path, decoders):
 def test_cli_table_json_grids_and_lpips_note(tiny_encoder_path, decoders, tmp_path, empty_hub, capsys):
     out = tmp_path / "ev"
     e = str(tiny_encoder_path)
-    code = main(["evaluate", "--encoder", e, "--decoder", str(decoders[0]), "--encoder", e,
-                 "--decoder", str(decoders[1]), "--scales", "1,2", "--num", "4", "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--encoder",
+            e,
+            "--decoder",
+            str(decoders[0]),
+            "--encoder",
+            e,
+            "--decoder",
+            str(decoders[1]),
+            "--scales",
+            "1,2",
+            "--num",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     lines = stdout.splitlines()
@@ -77,8 +94,25 @@ def test_cli_table_json_grids_and_lpips_note(tiny_encoder_path, decoders, tmp_pa
 
 def test_cli_lpips_with_local_backbone(tiny_encoder_path, decoders, tmp_path, fake_lpips_weights, capsys):
     out = tmp_path / "ev"
-    code = main(["evaluate", "--encoder", str(tiny_encoder_path), "--decoder", str(decoders[1]), "--scales", "1,2",
-                 "--num", "2", "--out", str(out), "--lpips-weights", str(fake_lpips_weights), "--names", "mine"])
+    code = main(
+        [
+            "evaluate",
+            "--encoder",
+            str(tiny_encoder_path),
+            "--decoder",
+            str(decoders[1]),
+            "--scales",
+            "1,2",
+            "--num",
+            "2",
+            "--out",
+            str(out),
+            "--lpips-weights",
+            str(fake_lpips_weights),
+            "--names",
+            "mine",
+        ]
+    )
     assert code == 0
     res = json.loads((out / "evaluate.json").read_text())
     assert res["models"]["mine"][1]["lpips"] > 0 and res["lpips"] == "LPIPS computed"
