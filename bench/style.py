@@ -10,7 +10,14 @@ reports:
 - ``content``: relative feature error ``||f(out) - f(content)||^2 / ||f(content)||^2`` at
   ``--content-layer``;
 - ``style``: relative Gram-matrix error ``||G(out) - G(style)||^2 / ||G(style)||^2``,
-  averaged over ``--style-layers`` (``G = F F^T / (H W)``).
+  averaged over ``--style-layers`` (``G = F F^T / (H W)``);
+- ``band_L``, ``band_T``, ``band_R``, ``band_B``: the border band (issue 26) on stylised *unseen* photos
+  (``--band-images``, :mod:`encoders.data.unseen`, longer side ``size``, styled with the pairs' styles):
+  per side (left, top, right, bottom), the mean grey level (0-255) of the outer 8 px against that of
+  the next 32 px, |outer - next| averaged over the photos (:func:`band_columns`; the JSON keeps both
+  means per side and photo). The ``content image`` row gives the photos' own figures for reference.
+
+``ms`` at size 512 is the time per 512-px image.
 
 Losses are measured in the feature space of *both* encoders (``_R``: robust judge, ``_S``:
 standard judge), so neither pyramid is graded only by its own encoder. Two reference rows
@@ -54,6 +61,7 @@ from encoders.core.config import load_config  # noqa: E402
 from encoders.core.runtime import save_grid  # noqa: E402
 from encoders.core.serialization import atomic_write, load_checkpoint  # noqa: E402
 from encoders.data.embedded import embedded_image  # noqa: E402
+from encoders.data.unseen import UNSEEN_IMAGES, unseen_image  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 
 PAIRS = (
@@ -68,6 +76,8 @@ ENCODERS = {
     "robust": "runs/encoders/resnet18_robust/checkpoint.pt",
     "standard": "runs/encoders/resnet18_standard/checkpoint.pt",
 }
+BAND_IMAGES = ("china", "flower", "grace_hopper", "camera", "coins", "cell")
+SIDES = ("left", "top", "right", "bottom")
 BUDGET_FREE = ("out", "runs", "apply")  # config keys that may differ between the two pyramids (not training)
 
 
@@ -122,6 +132,39 @@ def losses(
     return float(c_loss), float(torch.stack(s_loss).mean())
 
 
+def border_band(image: torch.Tensor, outer: int = 8, inner: int = 32) -> dict[str, dict[str, float]]:
+    """Mean grey level (0-255, mean of R, G, B) of the outer ``outer`` px along each side of ``image``
+    ((1, 3, H, W) or (3, H, W) in [0, 1]) and of the ``inner`` px next to them.
+
+    Returns:
+        ``{side: {"outer": ..., "next": ...}}`` for left, top, right, bottom.
+
+    Example:
+        >>> x = torch.full((3, 60, 80), 0.5)
+        >>> x[:, :, :8] = 1.0  # a bright band along the left edge
+        >>> band = border_band(x)
+        >>> band["left"], band["right"]
+        ({'outer': 255.0, 'next': 127.5}, {'outer': 127.5, 'next': 127.5})
+    """
+    grey = image.reshape(-1, *image.shape[-2:]).mean(0) * 255  # (H, W)
+    lines = {"left": grey.T, "top": grey, "right": grey.T.flip(0), "bottom": grey.flip(0)}  # the side first
+    return {
+        side: {"outer": float(g[:outer].mean()), "next": float(g[outer : outer + inner].mean())}
+        for side, g in lines.items()
+    }
+
+
+def band_columns(images: list[torch.Tensor]) -> dict[str, Any]:
+    """The table's ``band_L`` .. ``band_B``: per side, the mean over ``images`` of |outer - next| in grey
+    levels (a band of either sign counts), and the JSON's ``band``: :func:`border_band` of each image."""
+    bands = [border_band(x) for x in images]
+    columns = {
+        f"band_{side[0].upper()}": statistics.mean(abs(b[side]["outer"] - b[side]["next"]) for b in bands)
+        for side in SIDES
+    }
+    return columns | {"band": bands}
+
+
 def time_ms(fn, repeats: int) -> float:
     fn()  # warm-up (feature extractors are built on first use)
     times = []
@@ -148,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["wct", "adain"], choices=["wct", "adain"])
     p.add_argument("--images", type=int, default=3, help=f"content/style pairs (at most {len(PAIRS)})")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per image (median)")
+    p.add_argument(
+        "--band-images",
+        nargs="+",
+        default=list(BAND_IMAGES),
+        choices=list(UNSEEN_IMAGES),
+        help="unseen photos for the border band",
+    )
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--content-layer", default="layer3")
     p.add_argument("--style-layers", nargs="+", default=["layer1", "layer2", "layer3", "layer4"])
@@ -176,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             (resize_longer(embedded_image(c), size)[None], resize_longer(embedded_image(s), size)[None])
             for c, s in pairs
         ]
+        band_contents = [resize_longer(unseen_image(n), size)[None] for n in args.band_images]
+        band_pairs = [(c, images[i % len(images)][1]) for i, c in enumerate(band_contents)]  # the pairs' styles
 
         def judged(outs: list[torch.Tensor], images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
             rec: dict[str, float] = {}
@@ -195,11 +247,21 @@ def main(argv: list[str] | None = None) -> int:
                 "method": "content image",
                 "ms": None,
                 **judged([c for c, _ in images], images),
+                **band_columns(band_contents),
             }
         )
         for name, ae in models.items():
             outs = [stylize(ae, c, s, alpha=0.0) for c, s in images]
-            rows.append({"size": size, "pyramid": name, "method": "reconstruction", "ms": None, **judged(outs, images)})
+            rows.append(
+                {
+                    "size": size,
+                    "pyramid": name,
+                    "method": "reconstruction",
+                    "ms": None,
+                    **judged(outs, images),
+                    **band_columns([stylize(ae, c, s, alpha=0.0) for c, s in band_pairs]),
+                }
+            )
             for method in args.methods:
                 ms, outs = [], []
                 for c, s in images:
@@ -214,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                         "method": method,
                         "ms": statistics.median(ms),
                         **judged(outs, images),
+                        **band_columns([stylize(ae, c, s, method=method, alpha=args.alpha) for c, s in band_pairs]),
                     }
                 )
                 print(f"[bench] {size}px {name} {method}: {statistics.median(ms):.0f} ms/image", flush=True)
@@ -223,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             grid_cols["content"] = [c for c, _ in images]
             grid_cols["style"] = [s for _, s in images]
 
-    cols = ("size", "pyramid", "method", "ms", "content_R", "style_R", "content_S", "style_S")
+    cols = (
+        *("size", "pyramid", "method", "ms", "content_R", "style_R", "content_S", "style_S"),
+        *("band_L", "band_T", "band_R", "band_B"),
+    )
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         cells = [
@@ -231,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             if r[c] is None
             else f"{r[c]:.0f}"
             if c == "ms"
+            else f"{r[c]:.1f}"
+            if c.startswith("band_")
             else f"{r[c]:.3f}"
             if isinstance(r[c], float)
             else str(r[c])
@@ -246,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "alpha": args.alpha,
         "content_layer": args.content_layer,
+        "band_images": args.band_images,
+        "band_px": {"outer": 8, "next": 32},
         "style_layers": args.style_layers,
         "threads": torch.get_num_threads(),
         "models": {k: str(v) for k, v in paths.items()},

@@ -6,6 +6,9 @@ at the deepest layer, the current image is encoded, its features are given the s
 statistics (WCT: mean and covariance; AdaIN: channel means and standard deviations, see
 :mod:`apps.style.transforms`), blended with the unmodified features by ``alpha``, and
 decoded; the decoded image is re-encoded at the next shallower layer, and so on.
+At every layer the image is first framed by a mirrored margin (:func:`border_margin`), so
+that no feature it keeps sees the encoder's zero padding, and the statistics are measured
+on the features inside the image only; the frame is cropped after decoding.
 ``preserve_color`` keeps the content's colours (only the luminance is transferred); several
 styles mix with weights in feature space.
 
@@ -34,7 +37,9 @@ from torch import Tensor
 from apps.style.transforms import METHODS, Method, blend_styles
 from encoders.core.errors import RFIError
 from inversion.autoencoder import RobustAutoencoder
-from inversion.tiling import pad_to_multiple
+
+GLOBAL_FRAME_STRIDES = 4
+"""Width of the mirrored frame, in strides, for encoders with a global receptive field (see :func:`border_margin`)."""
 
 
 def resize_longer(image: Tensor, size: int | None) -> Tensor:
@@ -81,6 +86,73 @@ def preserve_colors(stylized: Tensor, content: Tensor) -> Tensor:
     return kornia.color.ycbcr_to_rgb(torch.cat([luma, chroma], dim=1)).clamp(0, 1)
 
 
+def border_margin(ae: RobustAutoencoder, layer: str) -> int:
+    """Width in pixels of the mirrored frame :func:`stylize` puts around an image before encoding it at ``layer``.
+
+    An encoder zero-pads its convolutions at the image border (a stride-2 convolution only on
+    the left and top), so its features near the border differ from any feature inside; WCT and
+    AdaIN map them far from what the decoder has seen, and it draws a band along the edges.
+    Inside a mirrored frame as wide as the encoder's receptive-field radius at ``layer``
+    (:meth:`~inversion.autoencoder.RobustAutoencoder.margins`, measured once), rounded up to a
+    whole stride, the features of the image see image content and no zeros. Encoders whose
+    features depend on the whole image (the transformers) get :data:`GLOBAL_FRAME_STRIDES` strides.
+
+    Example:
+        >>> from encoders import create_encoder
+        >>> from inversion.decoders import Decoder
+        >>> enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+        >>> ae = RobustAutoencoder(enc, Decoder(32, stride=4, layer="layer3"))
+        >>> border_margin(ae, "layer3")  # receptive-field radius 26 px, stride 4
+        28
+    """
+    stride = ae.strides[layer]
+    if not ae.encoder.family.convolutional:
+        return GLOBAL_FRAME_STRIDES * stride
+    return max(1, math.ceil(ae.margins(layer)[0] / stride)) * stride
+
+
+def mirror_pad(x: Tensor, left: int, right: int, top: int, bottom: int) -> Tensor:
+    """Pad by mirroring the image at its border (``reflect``: the edge pixel is not repeated), any width.
+
+    Unlike ``F.pad(mode="reflect")`` the pad may exceed the image (the mirror repeats); a 1-px
+    side is repeated.
+
+    Shape:
+        (..., H, W) -> (..., top + H + bottom, left + W + right).
+
+    Example:
+        >>> mirror_pad(torch.arange(3.).view(1, 3), 4, 2, 0, 0)
+        tensor([[0., 1., 2., 1., 0., 1., 2., 1., 0.]])
+    """
+    h, w = x.shape[-2:]
+    return x[..., _mirror_index(h, top, bottom, x.device), :][..., _mirror_index(w, left, right, x.device)]
+
+
+def _mirror_index(n: int, before: int, after: int, device: torch.device) -> Tensor:
+    i = torch.arange(-before, n + after, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i > n - 1, period - i, i)
+
+
+def _framed(x: Tensor, margin: int, stride: int) -> Tensor:
+    """``x`` in a mirrored frame of ``margin`` px, widened at the bottom/right to a multiple of ``stride``."""
+    h, w = x.shape[-2:]
+    height, width = (math.ceil((n + 2 * margin) / stride) * stride for n in (h, w))
+    return mirror_pad(x, margin, width - w - margin, margin, height - h - margin)
+
+
+def _inside(features: Tensor, margin: int, size: tuple[int, int], framed: tuple[int, int]) -> Tensor:
+    """The features of a framed image whose cells lie inside the image (at least 2x2: AdaIN needs two values)."""
+    spans = []
+    for n, total, cells in zip(size, framed, features.shape[-2:]):
+        start = math.ceil(margin * cells / total)
+        spans.append(slice(start, min(cells, max(start + 2, (margin + n) * cells // total))))
+    return features[..., spans[0], spans[1]]
+
+
 def _as_batch(image: Tensor, name: str) -> Tensor:
     if not isinstance(image, Tensor):
         raise RFIError(f"{name} must be a tensor, got {type(image).__name__}")
@@ -119,8 +191,10 @@ def stylize(
 
     For each layer, deepest first: encode the current image, transform its features towards
     the style's (:func:`apps.style.transforms.blend_styles`), decode; the result is the
-    input of the next shallower layer. Images are reflect-padded to a multiple of each
-    layer's stride and cropped back, so any size works; images larger than the
+    input of the next shallower layer. Each image (content and style) is framed by a mirrored
+    margin (:func:`border_margin`) widened to a multiple of the layer's stride; statistics
+    are measured on the features inside the image and the frame is cropped after decoding,
+    so any size works and no band appears along the edges; images larger than the
     autoencoder's ``max_pixels`` are encoded and decoded in tiles with receptive-field
     margins (:meth:`~inversion.autoencoder.RobustAutoencoder.encode_tiled` and
     ``decode_tiled``; equal to a whole pass), so memory stays bounded.
@@ -169,24 +243,31 @@ def stylize(
             raise RFIError(
                 f"no decoder for layer(s) {', '.join(missing)} in this pyramid (have: {', '.join(ae.layers)})"
             )
-    deepest = max(ae.strides[k] for k in layers)  # tiny styles are padded so every map has >= 2x2 values
-    style_feats = [
-        ae.features(
-            s if min(s.shape[-2:]) >= 2 * deepest else pad_to_multiple(s, deepest, min_size=2 * deepest), layers
-        )
-        for s in styles
-    ]
+    deepest = max(layers, key=ae.strides.get)
+    style_margin = border_margin(ae, deepest)  # the widest frame: every layer's fits inside
+    style_feats = []
+    for s in styles:
+        framed = _framed(s, style_margin, ae.strides[deepest])
+        feats = ae.features(framed, layers)
+        style_feats.append({k: _inside(f, style_margin, s.shape[-2:], framed.shape[-2:]) for k, f in feats.items()})
     h, w = x.shape[-2:]
     out = x
     for layer in reversed(layers):  # deepest first
-        stride = ae.strides[layer]  # >= 2x2 features: AdaIN's standard deviation needs two values
-        padded = pad_to_multiple(out, stride, min_size=2 * stride)
-        feats = ae.encode_tiled(padded, layer, tile)
-        feats[layer] = blend_styles(feats[layer], [f[layer] for f in style_feats], weights, method, float(alpha))
+        margin = border_margin(ae, layer)
+        framed = _framed(out, margin, ae.strides[layer])
+        feats = ae.encode_tiled(framed, layer, tile)
+        feats[layer] = blend_styles(
+            feats[layer],
+            [f[layer] for f in style_feats],
+            weights,
+            method,
+            float(alpha),
+            stats_from=_inside(feats[layer], margin, (h, w), framed.shape[-2:]),
+        )
         dec = ae.decode_tiled(feats, layer, tile)
-        if dec.shape[-2:] != padded.shape[-2:]:  # a decoder whose up-sampling differs from the stride
-            dec = F.interpolate(dec, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        out = dec[..., :h, :w].clamp(0, 1)
+        if dec.shape[-2:] != framed.shape[-2:]:  # a decoder whose up-sampling differs from the stride
+            dec = F.interpolate(dec, size=framed.shape[-2:], mode="bilinear", align_corners=False)
+        out = dec[..., margin : margin + h, margin : margin + w].clamp(0, 1)
     if preserve_color:
         out = preserve_colors(out, x)
     return out[0] if single else out

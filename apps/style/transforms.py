@@ -24,13 +24,19 @@ def _alpha(alpha: float | Tensor, like: Tensor) -> Tensor | float:
     return alpha
 
 
-def adain(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float = 1e-5) -> Tensor:
+def adain(
+    content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float = 1e-5, stats_from: Tensor | None = None
+) -> Tensor:
     """Adaptive instance normalisation: give ``content`` the channel means and stds of ``style``.
 
     Args:
         content: (B, C, H, W) features.
         style: (B, C, H', W') features (any spatial size).
         alpha: blend in [0, 1], a float or a (B,) tensor: 0 = content, 1 = fully restyled.
+        eps: added to the content's standard deviation.
+        stats_from: the features the content's statistics are measured on (B, C, h, w), e.g. the
+            part of a padded map that lies inside the image (default: ``content``); the same
+            affine map is applied to all of ``content``.
 
     Returns:
         (B, C, H, W) features ``alpha * adain + (1 - alpha) * content``.
@@ -40,7 +46,8 @@ def adain(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: floa
         >>> torch.allclose(adain(c, s).std(dim=(2, 3)), s.std(dim=(2, 3)), atol=1e-3)
         True
     """
-    c_mean, c_std = content.mean(dim=(2, 3), keepdim=True), content.std(dim=(2, 3), keepdim=True)
+    measured = content if stats_from is None else stats_from
+    c_mean, c_std = measured.mean(dim=(2, 3), keepdim=True), measured.std(dim=(2, 3), keepdim=True)
     s_mean, s_std = style.mean(dim=(2, 3), keepdim=True), style.std(dim=(2, 3), keepdim=True)
     out = (content - c_mean) / (c_std + eps) * s_std + s_mean
     a = _alpha(alpha, content)
@@ -54,13 +61,18 @@ def _sqrtm(cov: Tensor, eps: float, inverse: bool) -> Tensor:
     return vecs @ torch.diag_embed(power) @ vecs.transpose(-1, -2)
 
 
-def wct(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float = 1e-5) -> Tensor:
+def wct(
+    content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float = 1e-5, stats_from: Tensor | None = None
+) -> Tensor:
     """Whitening and colouring transform: match the full channel covariance of ``style``.
 
     Args:
         content: (B, C, H, W) features.
         style: (B, C, H', W') features.
         alpha: blend in [0, 1] (float or (B,) tensor).
+        eps: added to the eigenvalues of both covariances.
+        stats_from: the features the content's mean and covariance are measured on (B, C, h, w)
+            (default: ``content``); the same affine map is applied to all of ``content``.
 
     Returns:
         (B, C, H, W) features whose channel mean and covariance are the style's (at alpha=1).
@@ -73,13 +85,14 @@ def wct(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float 
     """
     b, c, h, w = content.shape
     dtype = content.dtype
-    fc = content.flatten(2).double()
+    fm = (content if stats_from is None else stats_from).flatten(2).double()
     fs = style.flatten(2).double()
-    mc, ms = fc.mean(-1, keepdim=True), fs.mean(-1, keepdim=True)
-    fc, fs = fc - mc, fs - ms
-    eye = torch.eye(c, dtype=fc.dtype, device=fc.device)
-    cov_c = fc @ fc.transpose(1, 2) / max(1, fc.shape[-1] - 1) + eps * eye
+    mc, ms = fm.mean(-1, keepdim=True), fs.mean(-1, keepdim=True)
+    fm, fs = fm - mc, fs - ms
+    eye = torch.eye(c, dtype=fm.dtype, device=fm.device)
+    cov_c = fm @ fm.transpose(1, 2) / max(1, fm.shape[-1] - 1) + eps * eye
     cov_s = fs @ fs.transpose(1, 2) / max(1, fs.shape[-1] - 1) + eps * eye
+    fc = content.flatten(2).double() - mc
     out = _sqrtm(cov_s, eps, inverse=False) @ _sqrtm(cov_c, eps, inverse=True) @ fc + ms
     out = out.view(b, c, h, w).to(dtype)
     a = _alpha(alpha, content)
@@ -87,7 +100,12 @@ def wct(content: Tensor, style: Tensor, alpha: float | Tensor = 1.0, eps: float 
 
 
 def blend_styles(
-    content: Tensor, styles: list[Tensor], weights: list[float], method: Method = "adain", alpha: float | Tensor = 1.0
+    content: Tensor,
+    styles: list[Tensor],
+    weights: list[float],
+    method: Method = "adain",
+    alpha: float | Tensor = 1.0,
+    stats_from: Tensor | None = None,
 ) -> Tensor:
     """Restyle ``content`` towards several styles: the weighted mix of each single-style result.
 
@@ -97,6 +115,8 @@ def blend_styles(
         weights: non-negative, one per style, not all zero (normalised to sum 1).
         method: ``adain`` or ``wct``.
         alpha: content-style blend in [0, 1] (float or (B,) tensor).
+        stats_from: the features the content's statistics are measured on (default: ``content``;
+            see :func:`adain`).
 
     Returns:
         (B, C, H, W) features ``alpha * sum_i w_i * transform(content, style_i) + (1 - alpha) * content``.
@@ -114,6 +134,8 @@ def blend_styles(
     total = float(sum(weights))
     out = torch.zeros_like(content)
     for feat, weight in zip(styles, weights):
-        out = out + (weight / total) * fn(content, feat.expand(content.shape[0], -1, -1, -1), 1.0)
+        out = out + (weight / total) * fn(
+            content, feat.expand(content.shape[0], -1, -1, -1), 1.0, stats_from=stats_from
+        )
     a = _alpha(alpha, content)
     return a * out + (1 - a) * content
