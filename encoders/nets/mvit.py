@@ -37,20 +37,23 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock, MultiScaleVit, MultiScaleVitCfg
 from torch import Tensor, nn
 
 from encoders.core.errors import RFIError
 from encoders.nets import equivariant_vit as ev
 from encoders.nets.downsample import CircularConv2d
 from encoders.nets.registry import Built, EncoderFamily, register_encoder, scaled
+
+if TYPE_CHECKING:
+    from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock
 
 # timm's mvitv2_tiny (depths 1-2-5-2, embed 96, heads doubling from 1, kv pooled at stride 4 in
 # stage 1, 224-px relative-position tables); stochastic depth 0.1 as the MViTv2 paper trains it.
@@ -149,16 +152,23 @@ def to_map(tokens: Tensor, size: Sequence[int]) -> Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *size)
 
 
-class MViT(MultiScaleVit):
-    """timm's ``MultiScaleVit``, refusing (one line) images larger than its relative-position tables' ``img_size``."""
+@functools.cache
+def mvit_class() -> type[nn.Module]:
+    """``MViT``: timm's ``MultiScaleVit``, refusing (one line) images larger than its relative-position
+    tables' ``img_size``. timm is imported here, on the first MViTv2 built, not with ``encoders``
+    (importing it costs about a second, which every ``rfi`` command would pay)."""
+    from timm.models.mvitv2 import MultiScaleVit
 
-    def __init__(self, cfg: MultiScaleVitCfg, img_size: int, **kwargs: Any):
-        super().__init__(cfg, img_size=img_size, **kwargs)
-        self.img_size = img_size
+    class MViT(MultiScaleVit):
+        def __init__(self, cfg: Any, img_size: int, **kwargs: Any):
+            super().__init__(cfg, img_size=img_size, **kwargs)
+            self.img_size = img_size
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        check_table_size(x.shape[-2], x.shape[-1], "mvit_v2_t", self.img_size)
-        return super().forward_features(x)
+        def forward_features(self, x: Tensor) -> Tensor:
+            check_table_size(x.shape[-2], x.shape[-1], "mvit_v2_t", self.img_size)
+            return super().forward_features(x)
+
+    return MViT
 
 
 class AdaptivePatchEmbed(ev.AdaptiveTokenizer):
@@ -356,7 +366,7 @@ def mvit_features(
     """Run the patch embedding and the stages up to the deepest requested one; the stages as (B, C, H, W) maps.
 
     Args:
-        model: an :class:`MViT`.
+        model: an ``MViT`` (:func:`mvit_class`).
         x: normalised images (B, 3, H, W).
         taps: ``{name: "stages.<n>"}``.
         names: which taps (default: all), returned in the order given.
@@ -449,6 +459,8 @@ class MViTFamily(EncoderFamily):
         opts = resolve_options(options, width)
         if selection != "norm" and not equivariant:
             raise RFIError(f"selection='{selection}' needs equivariant=True")
+        from timm.models.mvitv2 import MultiScaleVitCfg
+
         dim, p, n = scaled(opts["embed_dim"], width), opts["patch_size"], len(opts["depths"])
         cfg = MultiScaleVitCfg(
             depths=tuple(opts["depths"]),
@@ -461,7 +473,9 @@ class MViTFamily(EncoderFamily):
             patch_stride=(p, p),
             patch_padding=(p - 1,) * 2,
         )
-        model = MViT(cfg, img_size=opts["img_size"], num_classes=num_classes, drop_path_rate=opts["stochastic_depth"])
+        model = mvit_class()(
+            cfg, img_size=opts["img_size"], num_classes=num_classes, drop_path_rate=opts["stochastic_depth"]
+        )
         if equivariant:
             tok = AdaptivePatchEmbed(3, dim, p, selection, kernel_size=2 * p - 1, padding=p - 1)
             with torch.no_grad():  # timm's initialisation of the patch convolution
