@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +119,19 @@ def test_bad_photo_folders_are_named(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("no photos here")
     with pytest.raises(RFIError, match=f"--from {tmp_path / 'empty'}: holds no images"):
         make_benchmark(tmp_path / "out", BENCH, photos=tmp_path / "empty")
-    (tmp_path / "locked").mkdir()
-    os.chmod(tmp_path / "locked", 0)
-    try:
-        if os.access(tmp_path / "locked", os.R_OK):
-            pytest.skip("running as a user who reads any folder")
-        with pytest.raises(RFIError, match=f"--from {tmp_path / 'locked'}: cannot be read"):
-            make_benchmark(tmp_path / "out", BENCH, photos=tmp_path / "locked")
-    finally:
-        os.chmod(tmp_path / "locked", 0o755)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    listing = Path.iterdir
+
+    def refused(path: Path):  # root reads any folder, so chmod 0 proves nothing here: refuse the listing
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "iterdir", refused)
+        with pytest.raises(RFIError, match=f"--from {locked}: cannot be read"):
+            make_benchmark(tmp_path / "out", BENCH, photos=locked)
     assert not (tmp_path / "out").exists()
 
 
