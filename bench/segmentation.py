@@ -33,6 +33,7 @@ Prints a markdown table and writes ``bench/results/segmentation.json`` (``--out`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -202,15 +203,29 @@ def step_function(cfg: SegmentConfig):
     return lambda: trainer.train_step(x, labels)
 
 
+BUDGET_KEYS = (
+    "size", "train_items", "val_items", "steps", "batch_size", "frozen",
+    "encoder_epochs", "train_crops", "encoder_batch", "cnn_width",
+)  # fmt: skip
+
+
 def train(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str, Any]:
-    """Train the row's encoder, then its segmenter; the files and the times."""
-    run = work / f"{row}_seed{seed}"
+    """Train the row's encoder, then its segmenter; the files and the times.
+
+    Runs live in ``work/<row>_seed<k>_<hash of the budget>``: a finished one (its ``trained.json``
+    written) of an earlier, interrupted bench with the same ``--work`` and budget is reused as it is.
+    """
+    budget = {k: getattr(args, k) for k in BUDGET_KEYS}
+    run = work / f"{row}_seed{seed}_{hashlib.sha1(json.dumps(budget).encode()).hexdigest()[:8]}"
+    record = run / "trained.json"
+    if record.is_file():
+        return json.loads(record.read_text())
     t0 = time.perf_counter()
     encoder = train_encoder(encoder_config(args, row, seed, run / "encoder"))
     t1 = time.perf_counter()
     cfg = segment_config(args, row, Path(encoder.path), seed, run / "segment")
     result = train_segmenter(cfg)
-    return {
+    trained = {
         "seed": seed,
         "layer": cfg.train.encoder.layer,
         "encoder": str(encoder.path),
@@ -218,7 +233,10 @@ def train(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str
         "equivariant_decoder": result.model.decoder.upsample == "lps",
         "encoder_train_s": t1 - t0,
         "segmenter_train_s": time.perf_counter() - t1,
+        "budget": budget,
     }
+    atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(trained, indent=2) + "\n"))
+    return trained
 
 
 def evaluate(args: argparse.Namespace, trained: dict[str, dict[str, Any]], seed: int) -> None:

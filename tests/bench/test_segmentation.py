@@ -42,3 +42,17 @@ def test_tiny_run_writes_a_row_per_model(tmp_path, bench, one_thread):
     assert all(0 <= r["miou"] <= 1 and 0 <= r["masc_crop"] <= 1 and r["ms_per_step"] > 0 for r in rows.values())
     assert (tmp_path / "shift.png").stat().st_size > 0
     assert "| resnet18_lps | layer3 | 1 |" in bench.table(result["rows"])
+
+
+def test_a_second_run_reuses_the_finished_rows_of_the_same_budget(tmp_path, bench, one_thread, monkeypatch):
+    args = ["--tiny", "--models", "resnet18", "--work", str(tmp_path / "work")]
+    first = bench.main([*args, "--out", str(tmp_path / "first.json")])
+    calls = []
+    monkeypatch.setattr(bench, "train_encoder", lambda cfg: calls.append(cfg) or pytest.fail("retrained"))
+    again = bench.main([*args, "--out", str(tmp_path / "again.json")])
+    assert again["rows"][0]["per_seed"][0]["model"] == first["rows"][0]["per_seed"][0]["model"]
+    assert again["rows"][0]["miou"] == first["rows"][0]["miou"]
+    monkeypatch.undo()  # another budget is trained again, not taken from the folder
+    other = bench.main([*args, "--frozen", "--out", str(tmp_path / "other.json")])
+    budgets = [result["rows"][0]["per_seed"][0]["budget"] for result in (first, other)]
+    assert [b["frozen"] for b in budgets] == [False, True]
