@@ -36,7 +36,7 @@ from apps.segment.metrics import confusion_matrix, evaluate_segmenter, mean_iou
 from apps.segment.model import SEGMENTER_FORMAT, build_segmenter, save_segmenter, segmenter_checkpoint
 from encoders.core.config import check_config, config_to_dict
 from encoders.core.errors import RFIError
-from encoders.core.optim import lr_factor
+from encoders.core.optim import lr_scheduler
 from encoders.core.rundir import TrainResult
 from encoders.core.runtime import DistContext, autocast
 from encoders.core.serialization import load_checkpoint, save_checkpoint
@@ -135,12 +135,8 @@ class SegmenterTrainer(Trainer):
     def rebuild_scheduler(self) -> None:
         """Warm-up then cosine (or constant), each parameter group from its own learning rate."""
         o = self.cfg.optim
-        for group in self.optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, self.total_steps, o.warmup_steps, o.schedule),
-            last_epoch=self.step - 1,
+        self.scheduler = lr_scheduler(
+            self.optimizer, None, lambda: self.total_steps, o.warmup_steps, o.schedule, step=self.step
         )
 
     def describe(self) -> str:

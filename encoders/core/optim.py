@@ -83,7 +83,7 @@ def lr_factor(
 
 def lr_scheduler(
     optimizer: torch.optim.Optimizer,
-    lr: float,
+    lr: float | None,
     total: Callable[[], int],
     warmup_steps: int = 0,
     schedule: Literal["cosine", "constant"] = "cosine",
@@ -93,7 +93,8 @@ def lr_scheduler(
 
     Args:
         optimizer: the optimizer whose learning rates it sets.
-        lr: the peak learning rate.
+        lr: the peak learning rate of every parameter group; ``None``: each group's own ``lr`` is its
+            peak (kept from a loaded optimizer state on resume).
         total: the run's number of steps (read at every step: a resumed run may be extended).
         warmup_steps, schedule: see :func:`lr_factor`.
         step: the step the run is at (a resumed run's); the learning rates are set for it.
@@ -105,7 +106,10 @@ def lr_scheduler(
         ([0.5], 4)
     """
     for group in optimizer.param_groups:
-        group["initial_lr"] = lr
+        if lr is None:
+            group.setdefault("initial_lr", group["lr"])
+        else:
+            group["initial_lr"] = lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total(), warmup_steps, schedule), last_epoch=step - 1
     )
