@@ -29,7 +29,7 @@ from encoders.core.errors import RFIError
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
-    """SimCLR's normalised-temperature cross entropy.
+    """SimCLR's normalised-temperature cross entropy, over the global batch under DDP.
 
     Args:
         z1, z2: (B, D) projections of the two views; row i of each comes from the same image.
@@ -37,18 +37,29 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
 
     Returns:
         The mean loss over the 2B anchors: the other view of an anchor's image is its positive,
-        the remaining 2B - 2 projections its negatives.
+        the remaining projections its negatives: 2B - 2 of them, or under DDP the 2 W B - 2 of
+        all W processes' batches (gathered with gradients, as SimCLR's large-batch training does),
+        so W processes of B images compute the loss and gradients of one process of W B images.
 
     Example:
         >>> z = torch.randn(4, 8)
         >>> bool(nt_xent(z, z) < nt_xent(z, z.roll(1, 0)))
         True
     """
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))
+    rank, world = distributed()
     b = z1.shape[0]
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    anchors = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D): this process's anchors
+    if world == 1:
+        candidates, offset = anchors, 0
+    else:  # every process's projections, differentiable: the gradient reaches the process they came from
+        from torch.distributed.nn.functional import all_gather  # the collective with a backward
+
+        gathered = [F.normalize(z, dim=1) for z in all_gather(torch.cat([z1, z2]))]
+        candidates, offset = torch.cat(gathered), 2 * b * rank  # (2WB, D); this process's anchors start at offset
+    sim = anchors @ candidates.t() / temperature
+    own = torch.arange(2 * b, device=sim.device)
+    sim[own, own + offset] = float("-inf")  # an anchor is not its own negative
+    target = torch.cat([own[b:], own[:b]]) + offset
     return F.cross_entropy(sim, target)
 
 
@@ -116,7 +127,7 @@ class SSLModel(nn.Module):
 
 
 class SimCLR(SSLModel):
-    """SimCLR: NT-Xent over the two views of a batch (under DDP: of each process's share of the batch).
+    """SimCLR: NT-Xent over the two views of a batch (under DDP: negatives from every process's share).
 
     Example:
         >>> model = SimCLR(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8), proj_dim=8)

@@ -124,3 +124,38 @@ def test_two_gloo_processes_train_mocov2_with_one_queue(tmp_path, one_thread):
     assert set(r0["probe"]) == {"photo_grey"}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+
+
+def _simclr_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    """One process's NT-Xent on its share of a fixed batch, and the gradient of its share."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from apps.ssl.methods import nt_xent
+
+    z1, z2 = torch.load(Path(tmp, "z.pt"), weights_only=True)
+    share = slice(rank * len(z1) // world, (rank + 1) * len(z1) // world)
+    mine1, mine2 = z1[share].clone().requires_grad_(), z2[share].clone().requires_grad_()
+    loss = nt_xent(mine1, mine2, 0.5)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": (mine1.grad, mine2.grad)}, Path(tmp, f"simclr{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_simclr_under_ddp_contrasts_against_every_process_batch(tmp_path, one_thread):
+    from apps.ssl.methods import nt_xent
+
+    z1, z2 = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0))
+    torch.save((z1, z2), tmp_path / "z.pt")
+    mp.spawn(_simclr_worker, args=(2, free_ports(1)[0], str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"simclr{r}.pt", weights_only=True) for r in (0, 1)]
+    whole1, whole2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    whole = nt_xent(whole1, whole2, 0.5)  # one process with the global batch of 6 images
+    whole.backward()
+    # The mean of the processes' losses is the global batch's (each anchor sees all 10 negatives, not 4)...
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole.detach())
+    # ... and DDP's average of their gradients is its gradient: each share's sums both losses' terms.
+    for r, rec in enumerate(ranks):
+        share = slice(3 * r, 3 * r + 3)
+        torch.testing.assert_close(rec["grads"][0] / 2, whole1.grad[share])
+        torch.testing.assert_close(rec["grads"][1] / 2, whole2.grad[share])
+    assert not torch.allclose(ranks[0]["loss"], nt_xent(z1[:3], z2[:3], 0.5))  # per-process negatives differ
