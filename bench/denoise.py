@@ -1,9 +1,22 @@
 """Denoising benchmark: the robust-feature denoiser vs BM3D, a same-budget DnCNN and scikit-image.
 
-Evaluation images: the validation region (the last third along the longer side, never
-seen in training) of each of the 8 embedded photos, whole (384 x 128-193 px). For each
-noise level sigma (0-255 units, default 15, 25, 50) every method gets the very same noisy
-images (Gaussian noise clipped to [0, 1], seeded per image and sigma):
+Evaluation images (``--data``):
+
+- ``embedded`` (the default): the validation region (the last third along the longer side,
+  never seen in training) of each of the 8 embedded photos, whole (384 x 128-193 px, 0.50 Mpx
+  in all);
+- ``unseen``: the 10 unseen images of :mod:`encoders.data.unseen` (new scenes no model trained
+  on), whole, at full size (172 x 448 to 660 x 550 px, 2.13 Mpx in all: 4.3x the pixels of
+  ``embedded``), loaded by :func:`inversion.evaluate.whole_images` like ``rfi evaluate --scales full``.
+  The images stay whole even for the slow methods. Measured on the largest, ``cell``
+  (660 x 550, sigma 25, one thread, CPU seconds on a busy 2-core machine): BM3D 48 s, DnCNN
+  5.3 s (width 64; 2.0 s at width 32), ours 1.2 s, bilateral 0.8 s, NLM 0.35 s, TV 0.13 s,
+  wavelet 0.06 s. All 10 images hold 5.9x its pixels, so BM3D (one timed pass) takes about
+  5 minutes per sigma, 15 for the default three; every other method, seconds per pass.
+
+``--max-images N`` keeps the first N images (for smoke runs). For each noise level sigma
+(0-255 units, default 15, 25, 50) every method gets the very same noisy images (Gaussian noise
+clipped to [0, 1], seeded per image and sigma):
 
 - ``ours (robust)``: ``rfi denoise train`` on the default robust encoder (one blind
   model for all sigmas unless ``--fixed``: one model per sigma), one per seed (``--seeds``);
@@ -16,15 +29,19 @@ images (Gaussian noise clipped to [0, 1], seeded per image and sigma):
   given), ``denoise_tv_chambolle``, ``denoise_wavelet`` (BayesShrink, YCbCr) and
   ``denoise_bilateral``. Their parameters (NLM's ``h`` factor, TV weight, wavelet, bilateral
   colour/spatial sigmas) are tuned per sigma by PSNR on noisy crops of the *training*
-  regions, never on the evaluation images.
+  regions of the embedded photos, never on the evaluation images (with ``--data unseen`` too).
 
 Reported: PSNR and SSIM (``inversion.metrics``: SSIM = scikit-image's Gaussian-window
 SSIM) averaged over images, and ms per image (median of ``--repeats`` timed passes; ours
 on ``--threads`` torch threads, default 1, like scikit-image's single-threaded denoisers).
 Trained methods are reported as the median over ``--seeds`` training seeds (each seed's
 figures are in the JSON). Models are trained in ``--workdir`` (finished runs are reused,
-killed ones resumed) unless ``--robust-model`` / ``--standard-model`` name existing files.
-The JSON (``--out``) is rewritten after each sigma, so a killed run keeps what it measured.
+killed ones resumed) unless ``--robust-model`` / ``--standard-model`` name existing files
+or shipped models (``shipped:rfi_denoiser``, resolved by
+:func:`encoders.weights.shipped.resolve_checkpoint`; one line of error when not in this build).
+The JSON (``--out``, default ``bench/results/denoise.json``, ``denoise_unseen.json`` with
+``--data unseen``) records the data and is rewritten after each sigma, so a killed run keeps
+what it measured.
 
 Usage:
     python bench/denoise.py                          # 3 seeds x 3 trained methods: long on a CPU
@@ -32,6 +49,7 @@ Usage:
     python bench/denoise.py --steps 1500             # bigger training budget
     python bench/denoise.py --fixed                  # one model per sigma (3x the budget)
     python bench/denoise.py --set train.decoder.skips=[layer1]   # any denoise train override
+    python bench/denoise.py --data unseen            # the unseen images, whole -> denoise_unseen.json
 """
 
 from __future__ import annotations
@@ -64,10 +82,13 @@ from skimage.restoration import (  # noqa: E402
 )
 from torch import nn  # noqa: E402
 
-from apps.denoise import add_noise, load_denoiser, load_denoiser_config, train_denoiser  # noqa: E402
+from apps.denoise import DENOISER_APP, add_noise, load_denoiser, load_denoiser_config, train_denoiser  # noqa: E402
+from encoders.core.errors import RFIError  # noqa: E402
 from encoders.core.runtime import save_grid  # noqa: E402
 from encoders.core.serialization import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
-from encoders.data.embedded import EMBEDDED_PHOTOS, EmbeddedCrops, embedded_image, region  # noqa: E402
+from encoders.data.embedded import EmbeddedCrops  # noqa: E402
+from encoders.weights.shipped import resolve_checkpoint  # noqa: E402
+from inversion.evaluate import whole_images  # noqa: E402
 from inversion.metrics import psnr, ssim  # noqa: E402
 
 log = logging.getLogger("rfi")
@@ -105,6 +126,33 @@ CLASSICAL: dict[str, tuple[Classical, list[Any]]] = {
         [(c, sp) for sp in (1.5, 3.0, 5.0) for c in (0.02, 0.05, 0.1, 0.2)],
     ),
 }
+
+
+# ----------------------------------------------------------------------------- data
+DATA = ("embedded", "unseen")
+"""What ``--data`` takes: the evaluation images (module docstring)."""
+OUTPUTS = {"embedded": ("denoise.json", "denoise_comparison.png"), "unseen": ("denoise_unseen.json", None)}
+"""Per ``--data``: the default JSON (in ``bench/results/``) and figure (in ``docs/img/``; None: none)."""
+EXAMPLE_IMAGES = {"embedded": ("astronaut", "chelsea", "coffee"), "unseen": ("china", "grace_hopper", "camera")}
+"""Per ``--data``: the images shown in the example figure (those evaluated; else the first three)."""
+
+
+def eval_images(data: str, count: int | None = None) -> tuple[list[str], list[torch.Tensor]]:
+    """The evaluation images, whole: names and (3, H, W) tensors in [0, 1].
+
+    Args:
+        data: ``embedded`` (the validation region of each embedded photo) or ``unseen`` (the
+            unseen images at full size): :func:`inversion.evaluate.whole_images`, what
+            ``rfi evaluate --scales full`` measures.
+        count: keep the first ``count`` images (``None``: all).
+
+    Raises:
+        RFIError: an unknown ``data``.
+    """
+    if data not in DATA:
+        raise RFIError(f"unknown data '{data}' (valid: {', '.join(DATA)})")
+    images = whole_images(count, data)
+    return [n for n, _ in images], [x.contiguous() for _, x in images]
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:
@@ -258,8 +306,8 @@ def train_dncnn(args: argparse.Namespace, seed: int) -> tuple[DnCNN, dict[str, A
 def get_model(args: argparse.Namespace, kind: str, sigma: float | None, seed: int = 0) -> tuple[Path, dict[str, Any]]:
     """The robust or standard denoiser: a given file, or trained (or reused) in the workdir."""
     given = args.robust_model if kind == "robust" else args.standard_model
-    if given:
-        return Path(given), {}
+    if given:  # a file, or shipped:NAME (the library's resolver: checked path, or one line of error)
+        return Path(resolve_checkpoint(given, flag=f"--{kind}-model", kind=DENOISER_APP)), {}
     encoder = args.robust_encoder if kind == "robust" else args.standard_encoder
     lo, hi = args.train_sigma
     noise = f"noise.sigma={sigma:g}" if sigma is not None else f"noise.sigma=[{lo:g},{hi:g}]"
@@ -290,6 +338,16 @@ def get_model(args: argparse.Namespace, kind: str, sigma: float | None, seed: in
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--data",
+        default="embedded",
+        choices=DATA,
+        help="evaluation images: embedded (validation regions of the 8 photos, default) or unseen "
+        "(the unseen images of encoders.data.unseen, whole); classical tuning stays on embedded training crops",
+    )
+    p.add_argument(
+        "--max-images", type=int, default=None, metavar="N", help="evaluate the first N images only (smoke runs)"
+    )
     p.add_argument("--sigmas", type=float, nargs="+", default=[15, 25, 50])
     p.add_argument("--config", default=str(ROOT / "configs/apps/denoise.yaml"))
     p.add_argument(
@@ -308,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more denoise train overrides")
     p.add_argument("--robust-encoder", default="runs/encoders/resnet18_robust/checkpoint.pt")
     p.add_argument("--standard-encoder", default="runs/encoders/resnet18_standard/checkpoint.pt")
-    p.add_argument("--robust-model", help="use this denoiser file instead of training one")
+    p.add_argument("--robust-model", help="use this denoiser file (or shipped:rfi_denoiser) instead of training one")
     p.add_argument("--standard-model", help="use this denoiser file instead of training one")
     p.add_argument("--no-standard", action="store_true", help="skip the standard-encoder denoiser")
     p.add_argument("--no-dncnn", action="store_true", help="skip the DnCNN baseline")
@@ -335,14 +393,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads for the whole run (default 1: same as scikit-image's single-threaded "
         "denoisers, and robust to a shared machine; 0 = torch's default)",
     )
-    p.add_argument("--out", default=str(ROOT / "bench/results/denoise.json"))
+    p.add_argument(
+        "--out", help="the JSON (default: bench/results/denoise.json; denoise_unseen.json with --data unseen)"
+    )
     p.add_argument(
         "--example",
-        default=str(ROOT / "docs/img/denoise_comparison.png"),
-        help="figure noisy | ours | BM3D | DnCNN | clean ('' to skip)",
+        help="figure noisy | ours | BM3D | DnCNN | clean ('' to skip; default: docs/img/denoise_comparison.png "
+        "with --data embedded, none with --data unseen)",
     )
     p.add_argument("--example-sigma", type=float, default=None, help="noise level of the figure (default: middle)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_images is not None and args.max_images < 1:
+        p.error(f"--max-images must be at least 1, got {args.max_images}")
+    json_name, figure = OUTPUTS[args.data]
+    if args.out is None:
+        args.out = str(ROOT / "bench/results" / json_name)
+    if args.example is None:
+        args.example = str(ROOT / "docs/img" / figure) if figure else ""
+    return args
 
 
 def _classical(fn: Callable, sigma: float, param: Any, x: torch.Tensor) -> torch.Tensor:
@@ -351,15 +419,27 @@ def _classical(fn: Callable, sigma: float, param: Any, x: torch.Tensor) -> torch
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the bench (module docstring); a library error (e.g. a shipped model not in this build) is one line."""
     args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except RFIError as e:
+        raise SystemExit(f"bench/denoise.py: error: {e}") from None
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    """The bench on parsed arguments: train or load the models, tune, measure, write the JSON (and figure)."""
+    for kind in ("robust", "standard"):  # a given model that cannot be used fails before any training
+        if getattr(args, f"{kind}_model"):
+            get_model(args, kind, None)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     os.environ.setdefault("RFI_NO_PROGRESS", "1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     sigmas = [float(s) for s in args.sigmas]
-    names = list(EMBEDDED_PHOTOS)
-    clean = [region(embedded_image(n), "val").contiguous() for n in names]
+    names, clean = eval_images(args.data, args.max_images)
+    log.info("%s data: %d images, %.2f Mpx", args.data, len(names), sum(x[0].numel() for x in clean) / 1e6)
     t0 = time.perf_counter()
     seeds = list(range(args.seeds))
     have_bm3d = not args.no_bm3d and bm3d_fn(25) is not None
@@ -402,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def report(partial: bool) -> dict[str, Any]:
         rep = {
             "command": "python bench/denoise.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "data": args.data,
             "images": {n: list(c.shape[1:]) for n, c in zip(names, clean)},
             "sigmas": sigmas,
             "seed": args.seed,
@@ -499,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             *(["bm3d"] if "bm3d" in example else []),
             *(["dncnn"] if "dncnn" in example else []),
         ]
-        write_example(example, clean, names, cols, args.example)
+        write_example(example, clean, names, cols, args.example, EXAMPLE_IMAGES[args.data])
         print(f"wrote {args.example} (sigma {mid:g}: {' | '.join(cols)} | clean)")
     return rep
 
@@ -529,7 +610,7 @@ def write_example(
         top, left = (h - size[0]) // 2, (w - size[1]) // 2
         return x[:, top : top + size[0], left : left + size[1]]
 
-    idx = [names.index(n) for n in show]
+    idx = [names.index(n) for n in show if n in names] or list(range(min(3, len(names))))
     columns = [torch.stack([crop(outs[k][i]) for i in idx]) for k in cols]
     save_grid([*columns, torch.stack([crop(clean[i]) for i in idx])], path)
 

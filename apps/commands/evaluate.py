@@ -8,6 +8,10 @@ Example:
         --decoder runs/decoders/resnet18_standard_layer3/decoder.pt \\
         --encoder runs/encoders/resnet18_robust/checkpoint.pt \\
         --decoder runs/decoders/resnet18_robust_layer3/decoder.pt --names standard,robust
+
+    # also the unseen photos whole, at their own sizes (``--scales ...,full``)
+    rfi evaluate --encoder shipped:rfi_resnet18_robust --decoder shipped:rfi_resnet18_robust_layer3 \\
+        --encoder E2 --decoder D2 --names robust,standard --data unseen --scales 1,4,full
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder, partial_exit, reported_writes
 from encoders.core.runtime import resolve_device
 from encoders.core.serialization import write_json
+from encoders.weights.shipped import SHIPPED_PREFIX, resolve_checkpoint
 from inversion.autoencoder import RobustAutoencoder
-from inversion.evaluate import EMBEDDED, UNSEEN, compare_autoencoders, format_table, lpips_for
+from inversion.evaluate import EMBEDDED, FULL, UNSEEN, compare_autoencoders, format_table, lpips_for
 
 
 @yaml_dataclass("commands.yaml", "evaluate")
@@ -41,30 +46,56 @@ class EvaluateFlags:
     device: str
 
 
-def parse_scales(text: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]`` (RFIError on anything else).
+def parse_scales(text: str) -> list[int | str]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; ``full`` (the held-out images whole, at their own sizes) is kept as ``"full"``.
+
+    Raises:
+        RFIError: anything but positive integers and ``full`` separated by commas (one line).
 
     Example:
         >>> parse_scales("1, 2,4")
         [1, 2, 4]
+        >>> parse_scales("1,4,full")
+        [1, 4, 'full']
+        >>> parse_scales("1,huge")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        encoders.core.errors.RFIError: --scales must be positive integers or full, ... got '1,huge'
     """
-    try:
-        scales = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        scales = []
-    if not scales or any(s < 1 for s in scales):
-        raise RFIError(f"--scales must be positive integers separated by commas (e.g. 1,2,4), got {text!r}")
+    scales: list[int | str] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part.lower() == FULL:
+            scales.append(FULL)
+        elif part:
+            try:
+                scales.append(int(part))
+            except ValueError:
+                scales = []
+                break
+    if not scales or any(s != FULL and s < 1 for s in scales):
+        raise RFIError(
+            f"--scales must be positive integers or {FULL}, separated by commas (e.g. 1,2,4 or 1,4,{FULL}), "
+            f"got {text!r}"
+        )
     return scales
 
 
 def run_names(decoders: Sequence[str], names: str | None) -> list[str]:
-    """``--names`` split and checked, else the decoders' folder names (``run1``... when they repeat)."""
+    """``--names`` split and checked, else the decoders' folder names or shipped names (``run1``... when they repeat).
+
+    Example:
+        >>> run_names(["runs/a/decoder.pt", "shipped:rfi_resnet18_robust_layer3"], None)
+        ['a', 'rfi_resnet18_robust_layer3']
+    """
     if names:
         out = [n.strip() for n in names.split(",")]
         if len(out) != len(decoders) or len(set(out)) != len(out) or not all(out):
             raise RFIError(f"--names needs {len(decoders)} distinct names separated by commas, got {names!r}")
         return out
-    parents = [Path(d).resolve().parent.name for d in decoders]
+    parents = [
+        str(d).removeprefix(SHIPPED_PREFIX) if str(d).startswith(SHIPPED_PREFIX) else Path(d).resolve().parent.name
+        for d in decoders
+    ]
     return parents if len(set(parents)) == len(parents) else [f"run{i + 1}" for i in range(len(decoders))]
 
 
@@ -98,9 +129,15 @@ def register_evaluate(parser: argparse.ArgumentParser) -> None:
         "--names",
         help="run names for the table and grid columns, e.g. standard,robust (default: the decoders' folder names)",
     )
-    add_flag(parser, EvaluateFlags, "scales", "multiples of the training size, separated by commas")
+    add_flag(
+        parser,
+        EvaluateFlags,
+        "scales",
+        f"multiples of the training size, separated by commas; '{FULL}': the held-out images whole, "
+        "at their own sizes (e.g. 1,4,full)",
+    )
     add_flag(parser, EvaluateFlags, "size", "training size in px (none: from the decoder checkpoint)")
-    add_flag(parser, EvaluateFlags, "num", "held-out images per scale")
+    add_flag(parser, EvaluateFlags, "num", f"held-out images per scale ({FULL}: at most this many whole images)")
     parser.add_argument(
         "--data",
         metavar="DATA",
@@ -153,21 +190,29 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(flags.device)
     names = run_names(args.decoder, args.names)
     models = {
-        n: RobustAutoencoder.from_checkpoints(e, d, device=device, arch=args.arch, allow_mismatch=args.allow_mismatch)
+        n: RobustAutoencoder.from_checkpoints(
+            resolve_checkpoint(e, "--encoder", "encoder"),
+            resolve_checkpoint(d, "--decoder", "decoder"),
+            device=device,
+            arch=args.arch,
+            allow_mismatch=args.allow_mismatch,
+        )
         for n, e, d in zip(names, args.encoder, args.decoder)
     }
     sizes = {
         d: flags.size or ae.metadata["decoders"][ae.layer].get("train_size")
         for d, ae in zip(args.decoder, models.values())
     }
-    if None in sizes.values():
-        missing = [d for d, s in sizes.items() if s is None]
-        raise RFIError(f"{missing[0]} does not record its training size: pass --size PX")
-    if len(set(sizes.values())) > 1:
-        raise RFIError(
-            f"the decoders were trained at different sizes {sorted(set(sizes.values()))}: "
-            f"pass --size PX to evaluate them at the same scales"
-        )
+    if any(s != FULL for s in scales):  # whole images (full) need no training size
+        if None in sizes.values():
+            missing = [d for d, s in sizes.items() if s is None]
+            raise RFIError(f"{missing[0]} does not record its training size: pass --size PX")
+        if len(set(sizes.values())) > 1:
+            raise RFIError(
+                f"the decoders were trained at different sizes {sorted(set(sizes.values()))}: "
+                f"pass --size PX to evaluate them at the same scales"
+            )
+    train_size = sizes[args.decoder[0]]
     lpips_model, note = lpips_for(flags.lpips_net, args.lpips_weights, device)
     if lpips_model is None:
         print(f"note: {note}")
@@ -177,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             data: compare_autoencoders(
                 models,
                 scales,
-                int(sizes[args.decoder[0]]),
+                int(train_size) if train_size is not None else None,
                 flags.num,
                 flags.seed,
                 data,

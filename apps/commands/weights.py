@@ -257,13 +257,6 @@ def machine() -> str:
 
 
 # ----------------------------------------------------------------------------- retrain: evaluate
-def unseen(count: int | None) -> list[tuple[str, torch.Tensor]]:
-    """The unseen images at full size (:mod:`encoders.data.unseen`), the first ``count`` of them (``None``: all)."""
-    from encoders.data.unseen import UNSEEN_IMAGES, unseen_image
-
-    return [(name, unseen_image(name)) for name in list(UNSEEN_IMAGES)[:count]]
-
-
 def evaluate_model(
     model: shipped.ShippedModel, files: Mapping[str, Path], images: list[tuple[str, torch.Tensor]]
 ) -> dict[str, Any]:
@@ -393,7 +386,9 @@ def retrain(names: Sequence[str], out: Path, resume: bool, ship_to: Path, tiny: 
             + (" (--tiny budget)" if tiny else ""),
             "seed": recorded.get("seed", recorded.get("train", {}).get("seed")),
         }
-    images = unseen(count)
+    from inversion.evaluate import UNSEEN, whole_images
+
+    images = whole_images(count, UNSEEN)
     for model in models:
         cards[model.name]["figures"] = evaluate_model(model, trained, images)
         log.info("%s: %s", model.name, figures_text(cards[model.name]["figures"]))

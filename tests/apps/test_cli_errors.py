@@ -1501,6 +1501,7 @@ def test_evaluate_with_a_scale_no_image_fits_exits_1_and_writes_what_it_measured
     "flags, message",
     [
         (["--size", "0"], "--size must be >= 1, got 0"),
+        (["--scales", "1,huge"], "--scales must be positive integers or full, separated by commas"),
         (["--lpips-weights", "nowhere/alexnet.pth"], "--lpips-weights nowhere/alexnet.pth: no such file"),
     ],
 )
