@@ -239,9 +239,17 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def feature_info(self, size: int | None = None) -> OrderedDict[str, tuple[int, int]]:
-        """``{layer: (channels, stride)}`` measured with one probe forward pass at ``size`` px."""
-        size = size or (64 if self.small_input else 224)
-        size = -(-size // self.size_multiple()) * self.size_multiple()
+        """``{layer: (channels, stride)}`` measured with one probe forward pass at ``size`` px.
+
+        ``size`` is rounded up to :meth:`size_multiple`. The default probe is 64 px
+        (``small_input``) or 224 px, at most the largest image the network takes
+        (:meth:`~encoders.nets.registry.EncoderFamily.max_image_size`; MViTv2's ``img_size``).
+        """
+        m, largest = self.size_multiple(), self.family.max_image_size(self.options)
+        default = size is None
+        size = -(-(size or min(64 if self.small_input else 224, largest or 224)) // m) * m
+        if default and largest is not None and size > largest >= m:
+            size = largest // m * m
         was_training = self.training
         self.eval()
         p = next(self.parameters())

@@ -491,6 +491,10 @@ class MViTFamily(EncoderFamily):
         stored = {**opts, "equivariant": bool(equivariant), **({"selection": selection} if equivariant else {})}
         return Built(model, taps, stored)
 
+    def max_image_size(self, options: Mapping[str, Any]) -> int:
+        """Its relative-position tables are built for images up to ``img_size``."""
+        return options["img_size"]
+
     infer_kwargs = staticmethod(infer_mvit_options)
     features = staticmethod(mvit_features)
     size_multiple = staticmethod(size_multiple)

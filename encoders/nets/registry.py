@@ -66,7 +66,7 @@ class EncoderFamily:
     - ``convolutional``: features are local (convolutions and pooling only), so a tile of the
       image gives a tile of the features away from its border; ``False`` for attention.
     - ``robustness_names``: module prefixes the ``robustness`` library names otherwise, ``{ours: theirs}``.
-    - :meth:`build` (required), :meth:`infer_kwargs`, :meth:`checkpoint_filter_fn`.
+    - :meth:`build` (required), :meth:`infer_kwargs`, :meth:`checkpoint_filter_fn`, :meth:`max_image_size`.
     - ``downsample_layers(down, model, small_input)``: rewrite the strided layers with the
       :class:`~encoders.nets.downsample.Downsampler` ``down`` (families that take
       ``downsample='blurpool'|'lps'``).
@@ -110,6 +110,10 @@ class EncoderFamily:
     def size_multiple(self, options: Mapping[str, Any]) -> int:
         """Equivariant networks: image height and width must be multiples of this."""
         return 1
+
+    def max_image_size(self, options: Mapping[str, Any]) -> int | None:
+        """The largest image side the network takes (``None``: no limit; MViTv2: its ``img_size``)."""
+        return None
 
     def check_image_size(self, h: int, w: int, arch: str, options: Mapping[str, Any]) -> None:
         """Equivariant networks: refuse (one line) an image size they cannot take."""

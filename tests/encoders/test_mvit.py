@@ -202,3 +202,14 @@ def test_a_tiny_training_run(tmp_path):
     )
     enc = load_encoder(train_encoder(cfg).path)
     assert enc.arch == "mvit_v2_t" and enc.equivariant and enc.options["embed_dim"] == 32
+
+
+@pytest.mark.parametrize("equivariant", [False, True])
+def test_feature_info_probes_within_img_size(equivariant):
+    # A large-input MViTv2 (small_input=False) built for 64-px images: the default 224-px probe would be refused.
+    enc = create_encoder("mvit_v2_t", num_classes=3, equivariant=equivariant, **TINY)  # img_size 64
+    assert not enc.small_input
+    info = enc.feature_info()
+    assert [stride for _, stride in info.values()] == [1, 4, 8]
+    with pytest.raises(RFIError, match="img_size 64"):
+        enc.feature_info(224)  # an explicit size above img_size is still refused
