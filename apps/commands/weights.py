@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from apps.commands.common import common_flags
 from encoders.core.config import load_config, read_yaml, shipped_config
 from encoders.core.errors import RFIError
 from encoders.core.files import check_output_folder
-from encoders.core.serialization import load_checkpoint, save_checkpoint, write_json
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 from encoders.weights import shipped, zoo
 from encoders.weights.checkpoints import encoder_checkpoint, encoder_fingerprint, encoder_from_checkpoint
 
@@ -234,19 +233,29 @@ def train_model(model: shipped.ShippedModel, out: Path, resume: bool, budget: Ma
     return Path(train_denoiser(load_denoiser_config(model.config, {**budget, **fixed}), resume).path)
 
 
-def training_seconds(run_dir: Path, spent: float) -> float:
-    """The run's training time so far: what earlier ``retrain`` calls recorded in ``retrain_time.json`` (for a
-    run started by hand, the ``epoch_seconds`` of its ``metrics.jsonl``), plus ``spent`` now; recorded again."""
-    record = run_dir / "retrain_time.json"
-    if record.is_file():
-        before = float(json.loads(record.read_text())["seconds"])
-    else:
-        metrics = run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        rows = [json.loads(line) for line in lines if line.strip()]
-        before = sum(float(r.get("epoch_seconds", 0)) for r in rows)
-    write_json({"seconds": before + spent}, record)
-    return before + spent
+def training_seconds(run_dir: Path) -> tuple[float, str]:
+    """The wall seconds a run trained, over every session it took, and a note on what was not timed.
+
+    Read from the last ``train_seconds`` of each ``metrics.jsonl`` under ``run_dir`` (one per
+    training run: a pyramid has one per layer), which the training scaffold carries across
+    ``--resume`` (:meth:`encoders.core.trainer.Trainer.elapsed`). A run resumed from a checkpoint
+    written before runs were timed is timed from that step on; its time is extrapolated to all its
+    steps and the note says so.
+    """
+    total, notes = 0.0, []
+    for metrics in sorted(run_dir.rglob("metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        timed = [r for r in rows if "train_seconds" in r]
+        if not timed:
+            notes.append(f"{metrics.parent.relative_to(run_dir.parent)} not timed")
+            continue
+        last = timed[-1]
+        seconds, start, steps = float(last["train_seconds"]), int(last.get("timed_from_step", 0)), int(last["step"])
+        if start:
+            seconds *= steps / max(1, steps - start)
+            notes.append(f"steps 1-{start} of {steps} not timed: extrapolated from the rest")
+        total += seconds
+    return total, "; ".join(notes)
 
 
 def machine() -> str:
@@ -376,14 +385,14 @@ def retrain(names: Sequence[str], out: Path, resume: bool, ship_to: Path, tiny: 
     cards: dict[str, dict[str, Any]] = {}
     for i, model in enumerate(models):
         log.info("shipped model %d/%d: %s (%s) in %s", i + 1, len(models), model.name, model.config, out / model.run)
-        start = time.perf_counter()
         trained[model.name] = train_model(model, out, resume, tiny_budgets.get(model.run, {}))
-        seconds = training_seconds(out / model.run, time.perf_counter() - start)
+        seconds, untimed = training_seconds(out / model.run)
         recorded = read_yaml(shipped_config(f"shipped/{model.run}.yaml"))
         cards[model.name] = {
             "trained": (f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s")
             + f" on {machine()}"
-            + (" (--tiny budget)" if tiny else ""),
+            + (" (--tiny budget)" if tiny else "")
+            + (f" ({untimed})" if untimed else ""),
             "seed": recorded.get("seed", recorded.get("train", {}).get("seed")),
         }
     from inversion.evaluate import UNSEEN, whole_images

@@ -219,8 +219,16 @@ class Trainer:
         self.epoch_sums: dict[str, Tensor] = {}
         self.last_log: dict[str, float] = {}  # the last metrics line's values
         self.saved: dict[str, Any] | None = None  # rank 0: the last checkpoint written
+        # Wall seconds of training over every session of the run (checkpointed), counted from step
+        # ``timed_from_step`` (0, or where a checkpoint written before runs were timed was resumed).
+        self.train_seconds, self.timed_from_step = 0.0, 0
+        self._clock = time.perf_counter()
         self.metrics: MetricsLog
         self.bar: Any = None  # rank 0's progress bar, during run()
+
+    def elapsed(self) -> float:
+        """Wall seconds of training so far, over every session of the run (see ``timed_from_step``)."""
+        return self.train_seconds + time.perf_counter() - self._clock
 
     @property
     def epochs(self) -> int:
@@ -355,6 +363,8 @@ class Trainer:
                 "rng": rngs[0],
                 "log_window": {"steps": self.window_steps, "sums": window},
                 "epoch_sums": epoch_sums,
+                "seconds": self.elapsed(),
+                "timed_from_step": self.timed_from_step,
             }
             if self.ctx.world > 1:
                 train["rng_ranks"] = rngs
@@ -396,6 +406,8 @@ class Trainer:
         window = train.get("log_window", {"steps": 0, "sums": {}})
         self.window, self.window_steps = self._restart(window["sums"]), window["steps"]
         self.epoch_sums = self._restart(train.get("epoch_sums", {}))
+        self.train_seconds = float(train.get("seconds", 0.0))
+        self.timed_from_step = int(train.get("timed_from_step", 0 if "seconds" in train else self.step))
         return ckpt
 
     # ------------------------------------------------------------------ loop
@@ -403,7 +415,10 @@ class Trainer:
         """Write the metrics line of the window that ends at this step (collective)."""
         values = self.log_values(self._totals(self.window), self.window_steps)
         self.last_log = {"lr": lr, "images_per_s": images / max(seconds, 1e-9), **values}
-        self.metrics.write(step=self.step, epoch=epoch + 1, **self.last_log)
+        timed = {"train_seconds": round(self.elapsed(), 1)}
+        if self.timed_from_step:
+            timed["timed_from_step"] = self.timed_from_step
+        self.metrics.write(step=self.step, epoch=epoch + 1, **self.last_log, **timed)
         if self.bar is not None:
             self.bar.set_postfix(
                 {**{k: f"{v:.4f}" for k, v in values.items()}, "img/s": f"{self.last_log['images_per_s']:.0f}"},
@@ -435,6 +450,7 @@ class Trainer:
         self.metrics = self.run_dir.metrics(resume_step=self.step if resumed else None)
         self.info("%s", self.describe())
 
+        self._clock = time.perf_counter()  # this session's training starts now (restored seconds before it)
         self.bar = progress(total=self.total_steps, initial=self.step, desc=self.name) if ctx.main else None
         window_start, window_images = time.perf_counter(), 0
         while self.step < self.total_steps:

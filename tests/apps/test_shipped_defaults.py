@@ -202,7 +202,27 @@ def test_retrain_tiny_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "encoder_robust" / "checkpoint.pt").is_file()
     for model in shipped.shipped_models():
         assert shipped.status(model) == shipped.SHIPPED and model.card["figures"], model.name
+        assert "not timed" not in model.card["trained"], model.card  # every run of the model was timed
     assert set(shipped.get_shipped("rfi_denoiser").card["figures"]) >= {"psnr_sigma15", "psnr_sigma50"}
     assert main(["weights", "retrain", "rfi_denoiser", "--tiny", "--out", str(tmp_path / "runs")]) == 2  # no --resume
     assert main([*argv, "rfi_resnet18_standard_layer3", "--resume"]) == 0
     assert shipped.status(shipped.get_shipped("rfi_denoiser")) == shipped.SHIPPED  # its encoder was not retrained
+
+
+def test_training_time_sums_every_run_and_extrapolates_an_untimed_start(tmp_path):
+    from apps.commands.weights import training_seconds
+
+    def metrics(folder, *rows):
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    pyramid = tmp_path / "style_pyramid" / "decoders"
+    metrics(pyramid / "layer1", {"step": 5, "train_seconds": 10.0}, {"step": 10, "train_seconds": 20.0})
+    metrics(pyramid / "layer2", {"step": 10, "train_seconds": 30.0}, {"step": 10, "val_psnr": 20.0})
+    assert training_seconds(tmp_path / "style_pyramid") == (50.0, "")  # the last time of each layer's run
+    resumed = {"step": 400, "train_seconds": 600.0, "timed_from_step": 100}  # resumed at 100 from an untimed run
+    metrics(tmp_path / "encoder", {"step": 100, "loss": 1.0}, resumed)
+    seconds, note = training_seconds(tmp_path / "encoder")
+    assert seconds == 800.0 and note == "steps 1-100 of 400 not timed: extrapolated from the rest"
+    metrics(tmp_path / "old", {"step": 100, "loss": 1.0})
+    assert training_seconds(tmp_path / "old") == (0.0, "old not timed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 from encoders.core.errors import RFIError
 from encoders.core.rundir import TrainResult
 from encoders.core.runtime import DistContext
-from encoders.core.serialization import load_checkpoint
+from encoders.core.serialization import load_checkpoint, save_checkpoint
 from encoders.core.trainer import Trainer, run_trainer
 
 
@@ -109,7 +110,7 @@ def test_resume_skips_the_batches_done_and_ends_bit_identical(tmp_path, monkeypa
     )
     logs = [
         [
-            {k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+            {k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "train_seconds")}
             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
         ]
         for run in ("full", "cut")
@@ -124,3 +125,35 @@ def test_a_checkpoint_is_never_overwritten_and_resumes_only_with_its_config(tmp_
     with pytest.raises(RFIError, match="config differs in seed"):
         _run(tmp_path, steps=2, seed=1, resume=True)
     assert _run(tmp_path, steps=2, resume=True).batches_seen == []  # complete: nothing left to do
+
+
+def test_training_seconds_add_up_over_sessions_and_untimed_checkpoints_say_so(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 10))  # every reading of the clock is 10 s after the last one
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    step = ToyTrainer.train_step
+
+    def dies_at_step_8(self, x):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return step(self, x)
+
+    monkeypatch.setattr(ToyTrainer, "train_step", dies_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut")
+    first = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["train"]
+    assert first["step"] == 6 and first["seconds"] > 0 and first["timed_from_step"] == 0
+    monkeypatch.setattr(ToyTrainer, "train_step", step)
+    _run(tmp_path / "cut", resume=True)
+    final = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["train"]
+    assert final["seconds"] > first["seconds"]  # the second session's time added to the first's
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert first["seconds"] < records[-1]["train_seconds"] <= final["seconds"]  # the last line: (nearly) the total
+
+    untimed = {**final, "step": 6, "complete": False}  # a checkpoint of a run from before runs were timed
+    del untimed["seconds"], untimed["timed_from_step"]
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    save_checkpoint({**ckpt, "train": untimed}, tmp_path / "old" / "checkpoint.pt")
+    (tmp_path / "old" / "config.yaml").write_text((tmp_path / "cut" / "config.yaml").read_text())
+    _run(tmp_path / "old", resume=True)
+    resumed = load_checkpoint(tmp_path / "old" / "checkpoint.pt")["train"]
+    assert resumed["timed_from_step"] == 6 and 0 < resumed["seconds"] < final["seconds"]
