@@ -55,13 +55,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apps.style.config import StyleConfig  # noqa: E402
-from apps.style.pyramid import load_pyramid, train_pyramid  # noqa: E402
+from apps.style.pyramid import STYLE_APP, load_pyramid, train_pyramid  # noqa: E402
 from apps.style.transfer import resize_longer, stylize  # noqa: E402
 from encoders.core.config import load_config  # noqa: E402
+from encoders.core.errors import RFIError  # noqa: E402
 from encoders.core.runtime import save_grid  # noqa: E402
 from encoders.core.serialization import atomic_write, load_checkpoint  # noqa: E402
 from encoders.data.embedded import embedded_image  # noqa: E402
 from encoders.data.unseen import UNSEEN_IMAGES, unseen_image  # noqa: E402
+from encoders.weights.shipped import resolve_checkpoint  # noqa: E402
 from inversion.autoencoder import RobustAutoencoder  # noqa: E402
 
 PAIRS = (
@@ -177,7 +179,9 @@ def time_ms(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--robust", default="runs/style/pyramid.pt", help="robust pyramid (trained if missing)")
+    p.add_argument(
+        "--robust", default="runs/style/pyramid.pt", help="robust pyramid (trained if missing), or shipped:NAME"
+    )
     p.add_argument("--standard", default="runs/style/pyramid_standard.pt", help="standard pyramid (trained if missing)")
     p.add_argument("--config", default="configs/apps/style.yaml", help="config for pyramids that must be trained")
     p.add_argument(
@@ -210,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]  # the cores are shared: record how busy they were
     pairs = PAIRS[: max(1, min(args.images, len(PAIRS)))]
 
-    paths = {"robust": Path(args.robust), "standard": Path(args.standard)}
+    try:  # a shipped pyramid (shipped:rfi_style_pyramid) is the checked file of this build, never trained here
+        paths = {k: Path(resolve_checkpoint(getattr(args, k), f"--{k}", STYLE_APP)) for k in ("robust", "standard")}
+    except RFIError as e:
+        raise SystemExit(f"bench/style.py: error: {e}") from None
     trained = {k: ensure_pyramid(k, paths[k], args.config, args.train_overrides) for k in paths}
     same_budget = budget(paths["robust"]) == budget(paths["standard"])
     if not same_budget:
