@@ -77,6 +77,7 @@ from encoders.core.errors import RFIError  # noqa: E402
 from encoders.core.imageio import read_image  # noqa: E402
 from encoders.core.serialization import write_json  # noqa: E402
 from encoders.data.unseen import unseen_folder  # noqa: E402
+from encoders.weights.shipped import resolve_checkpoint  # noqa: E402
 
 ENCODERS = {
     "robust": "runs/encoders/resnet18_robust/checkpoint.pt",
@@ -412,17 +413,24 @@ def tiny_encoder(path: Path) -> Path:
     return save_encoder(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval(), path)
 
 
+def encoder_file(name: str, spec: str) -> str:
+    """The checkpoint of the ``--robust`` / ``--standard`` encoder: a file, or ``shipped:NAME`` (checked)."""
+    path = str(resolve_checkpoint(spec, f"--{name}", "encoder"))
+    if not Path(path).is_file():
+        raise RFIError(
+            f"{name} encoder checkpoint not found: {path} (train it with: rfi train-encoder "
+            f"--config configs/encoder/resnet18_{name}.yaml, or pass --{name} PATH or shipped:rfi_resnet18_{name})"
+        )
+    return path
+
+
 def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """The unseen-photos mode (module docstring): every seed, photo and method; the JSON after every measurement."""
     load_before = os.getloadavg()
     tiny = TINY if args.tiny else []
     work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-unseen-"))
     encoder = args.robust or (str(tiny_encoder(work / "tiny_encoder.pt")) if args.tiny else ENCODERS["robust"])
-    if not Path(encoder).is_file():
-        raise RFIError(
-            f"robust encoder checkpoint not found: {encoder} (train it with: rfi train-encoder "
-            f"--config configs/encoder/resnet18_robust.yaml, or pass --robust PATH)"
-        )
+    encoder = encoder_file("robust", encoder)
     photos = unseen_folder(work / "photos")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     base = load_anomaly_config(args.config, [*tiny, *args.overrides])
@@ -586,13 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         base = load_anomaly_config(args.config, args.overrides)
-        encoders = {"robust": args.robust, "standard": args.standard}
-        for name, path in encoders.items():
-            if not Path(path).is_file():
-                raise RFIError(
-                    f"{name} encoder checkpoint not found: {path} (train it with: rfi train-encoder "
-                    f"--config configs/encoder/resnet18_{name}.yaml, or pass --{name} PATH)"
-                )
+        encoders = {name: encoder_file(name, getattr(args, name)) for name in ("robust", "standard")}
         categories = args.categories or list(base.benchmark.textures)
         work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-"))
         runs: list[dict[str, Any]] = []
