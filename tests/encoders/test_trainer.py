@@ -74,6 +74,21 @@ def _run(out: Path, resume: bool = False, **cfg) -> ToyTrainer:
     ).metrics["trainer"]
 
 
+def _killed_at_step_8(out: Path, monkeypatch) -> None:
+    """A run in ``out`` interrupted during its 8th step (its last checkpoint: step 6, mid-epoch 2)."""
+    step = ToyTrainer.train_step
+
+    def dies_at_step_8(self, x):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return step(self, x)
+
+    with monkeypatch.context() as m:
+        m.setattr(ToyTrainer, "train_step", dies_at_step_8)
+        with pytest.raises(KeyboardInterrupt):
+            _run(out)
+
+
 def test_every_epoch_is_one_pass_in_an_order_given_by_seed_and_epoch(tmp_path):
     run = _run(tmp_path / "a")
     epochs = [sorted(sum(run.batches_seen[e * 4 : (e + 1) * 4], [])) for e in range(3)]
@@ -91,17 +106,7 @@ def test_checkpoints_every_n_steps_and_at_every_epoch_end(tmp_path):
 
 def test_resume_skips_the_batches_done_and_ends_bit_identical(tmp_path, monkeypatch):
     full = _run(tmp_path / "full")
-    step = ToyTrainer.train_step
-
-    def dies_at_step_8(self, x):
-        if self.step == 7:
-            raise KeyboardInterrupt
-        return step(self, x)
-
-    monkeypatch.setattr(ToyTrainer, "train_step", dies_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "cut")
-    monkeypatch.setattr(ToyTrainer, "train_step", step)
+    _killed_at_step_8(tmp_path / "cut", monkeypatch)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["train"]["step"] == 6  # mid-epoch 2
     resumed = _run(tmp_path / "cut", resume=True)
     assert resumed.batches_seen == full.batches_seen[6:]
@@ -130,19 +135,9 @@ def test_a_checkpoint_is_never_overwritten_and_resumes_only_with_its_config(tmp_
 def test_training_seconds_add_up_over_sessions_and_untimed_checkpoints_say_so(tmp_path, monkeypatch):
     clock = iter(range(0, 10_000, 10))  # every reading of the clock is 10 s after the last one
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
-    step = ToyTrainer.train_step
-
-    def dies_at_step_8(self, x):
-        if self.step == 7:
-            raise KeyboardInterrupt
-        return step(self, x)
-
-    monkeypatch.setattr(ToyTrainer, "train_step", dies_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "cut")
+    _killed_at_step_8(tmp_path / "cut", monkeypatch)
     first = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["train"]
     assert first["step"] == 6 and first["seconds"] > 0 and first["timed_from_step"] == 0
-    monkeypatch.setattr(ToyTrainer, "train_step", step)
     _run(tmp_path / "cut", resume=True)
     final = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["train"]
     assert final["seconds"] > first["seconds"]  # the second session's time added to the first's
