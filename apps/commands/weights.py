@@ -334,7 +334,8 @@ def ship(
     trained: Mapping[str, Path], cards: Mapping[str, dict[str, Any]], ship_to: Path
 ) -> tuple[list[shipped.ShippedModel], float]:
     """Write the shipped files of the models in ``trained`` into ``ship_to`` and update their manifest entries
-    (size, sha256, card); entries whose encoder was re-shipped without them are reset ("not in this build").
+    (size, sha256, card); entries whose encoder was re-shipped with other weights, without them, are reset
+    ("not in this build"); an encoder re-shipped unchanged (a finished run reused) keeps its app files.
 
     Returns:
         The manifest's models and its size limit in MB.
@@ -342,14 +343,17 @@ def ship(
     manifest = shipped.read_manifest(ship_to if (ship_to / shipped.MANIFEST).is_file() else None)
     models = [shipped.ShippedModel(**entry) for entry in manifest["models"]]
     by_name = {m.name: m for m in models}
+    changed = set()  # models whose weights differ from the ones this manifest listed
     for name, path in trained.items():  # in manifest order: encoders first, so app files can reference them
         model = by_name[name]
         save_checkpoint(shipped_file(model, path, by_name, ship_to), ship_to / model.file)
-        model.sha256 = zoo.sha256_file(ship_to / model.file)
+        before, model.sha256 = model.sha256, zoo.sha256_file(ship_to / model.file)
+        if model.sha256 != before:
+            changed.add(name)
         model.size = (ship_to / model.file).stat().st_size
         model.card = {**model.card, **cards[name]}
     for model in models:
-        if model.name not in trained and model.encoder in trained and model.sha256 is not None:
+        if model.name not in trained and model.encoder in changed and model.sha256 is not None:
             log.warning(
                 "%s was trained on the former %s: dropped from this build (retrain it too)", model.name, model.encoder
             )

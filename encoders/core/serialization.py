@@ -253,10 +253,19 @@ def non_finite_tensor(obj: Any) -> str | None:
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` atomically (temp file + rename), with its :func:`content_hash`."""
+    """Write ``obj`` with ``torch.save`` atomically (temp file + rename), with its :func:`content_hash`.
+
+    The same ``obj`` gives the same bytes wherever it is written: ``torch.save`` is handed an open
+    file, so its zip archive is named ``archive`` rather than after the temporary file's name.
+    """
     obj = {k: v for k, v in obj.items() if k not in (CHECKSUM_KEY, TENSOR_HASH_KEY)}
     obj[CHECKSUM_KEY] = content_hash(obj)
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+    def write(tmp: str | os.PathLike) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -207,6 +207,8 @@ def test_retrain_tiny_end_to_end(tmp_path, monkeypatch):
     assert main(["weights", "retrain", "rfi_denoiser", "--tiny", "--out", str(tmp_path / "runs")]) == 2  # no --resume
     assert main([*argv, "rfi_resnet18_standard_layer3", "--resume"]) == 0
     assert shipped.status(shipped.get_shipped("rfi_denoiser")) == shipped.SHIPPED  # its encoder was not retrained
+    assert main([*argv, "rfi_style_pyramid", "--resume"]) == 0  # ships its encoder again, with the same weights
+    assert all(shipped.status(m) == shipped.SHIPPED for m in shipped.shipped_models())
 
 
 def test_training_time_sums_every_run_and_extrapolates_an_untimed_start(tmp_path):
