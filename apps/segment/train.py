@@ -43,6 +43,7 @@ from encoders.core.serialization import load_checkpoint, save_checkpoint
 from encoders.core.trainer import Trainer, run_trainer
 from encoders.data.folders import resolve_num_workers
 from encoders.data.voc import IGNORE_INDEX
+from encoders.nets.downsample import TAU_END, set_temperature
 from encoders.weights.checkpoints import load_state_dict_checked
 from inversion.train import decoder_capacity, load_frozen_encoder
 
@@ -91,6 +92,8 @@ class SegmenterTrainer(Trainer):
     ):
         encoder = load_frozen_encoder(cfg.encoder, cfg.decoder.skips)
         encoder.check_input_size(cfg.data.size, "train.data.size")
+        if cfg.finetune:  # LPS selects phases by Gumbel-softmax in train mode: go on at the temperature its
+            set_temperature(encoder, TAU_END)  # training ended at, not the 1.0 a freshly built LPD starts from
         train_set, self.val_set = datasets or (
             segmentation_dataset(cfg.data, "train"),
             segmentation_dataset(cfg.data, "val"),

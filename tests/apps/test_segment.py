@@ -249,3 +249,18 @@ def test_bad_inputs_each_give_one_line(lps_encoder, tmp_path, capsys):
     assert "is not an RFI segmenter file" in error(
         "segment", "apply", str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(lps_encoder)
     )
+
+
+def test_a_fine_tuned_lps_encoder_keeps_its_final_gumbel_temperature(lps_encoder, tmp_path):
+    """A trained LPS encoder ends at TAU_END; fine-tuning it at the fresh LPD's 1.0 would draw far softer phase
+    mixtures than the argmax phases the segmenter is evaluated with."""
+    from encoders.core.runtime import setup_distributed
+    from encoders.nets.downsample import LPD, TAU_END
+
+    def trainer(finetune: bool) -> SegmenterTrainer:
+        given = [*TINY, f"train.encoder.checkpoint={lps_encoder}", f"train.finetune={str(finetune).lower()}"]
+        return SegmenterTrainer(load_config(SegmentConfig, None, given).train, *setup_distributed("cpu"))
+
+    taus = {m.tau for m in trainer(True).segmenter.encoder.modules() if isinstance(m, LPD)}
+    assert taus == {TAU_END}
+    assert not trainer(False).segmenter.encoder.training  # a frozen encoder stays in eval mode: argmax phases
