@@ -234,7 +234,7 @@ def test_a_fit_killed_mid_way_leaves_no_model_file(
     import encoders.core.serialization as serialization
 
     def save_half_then_die(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a model")
+        f.write(b"half a model")  # torch.save writes into the open temporary file
         raise KeyboardInterrupt
 
     monkeypatch.setattr(serialization.torch, "save", save_half_then_die)

@@ -88,7 +88,7 @@ def test_killed_run_keeps_its_checkpoint_and_resume_gives_identical_weights(tmp_
     def dying_save(obj, f, *args, **kwargs):  # killed half-way through writing epoch 2's checkpoint
         calls.append(f)
         if len(calls) == 2:
-            Path(f).write_bytes(b"half a checkpoint")
+            f.write(b"half a checkpoint")  # into the open temporary file
             raise KeyboardInterrupt
         return real_save(obj, f, *args, **kwargs)
 
