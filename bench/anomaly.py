@@ -413,6 +413,19 @@ def tiny_encoder(path: Path) -> Path:
     return save_encoder(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval(), path)
 
 
+def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """What the JSON records of the machine: versions, threads, CPU and its load before and now."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_before": load_before,
+        "load_avg_now": os.getloadavg(),
+    }
+
+
 def encoder_file(name: str, spec: str) -> str:
     """The checkpoint of the ``--robust`` / ``--standard`` encoder: a file, or ``shipped:NAME`` (checked)."""
     path = str(resolve_checkpoint(spec, f"--{name}", "encoder"))
@@ -452,15 +465,7 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "partial": partial,
             "table": summarise_unseen(runs, cats, seeds),
             "runs": runs,
-            "machine": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor(),
-                "cpu_count": os.cpu_count(),
-                "load_avg_before": load_before,
-                "load_avg_now": os.getloadavg(),
-            },
+            "machine": machine(load_before),
         }
         write_json(json.loads(json.dumps(result, default=str)), args.out)
         return result
@@ -641,15 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                 "partial": partial,
                 "table": table,
                 "runs": runs,
-                "machine": {
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "cpu": platform.processor(),
-                    "cpu_count": os.cpu_count(),
-                    "load_avg_before": load_before,
-                    "load_avg_now": os.getloadavg(),
-                },
+                "machine": machine(load_before),
             }
             write_json(json.loads(json.dumps(result, default=str)), args.out)
             return result

@@ -11,8 +11,8 @@ import torch
 
 from encoders.data.embedded import EMBEDDED_PHOTOS, embedded_image, region
 from encoders.data.unseen import UNSEEN_IMAGES, unseen_image
+from encoders.weights import shipped
 from encoders.weights.checkpoints import save_encoder
-from encoders.weights.shipped import get_shipped
 from tests.conftest import tiny_net
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,9 +80,14 @@ def test_exception_bad_arguments_are_one_line(bench, capsys, argv, message):
     assert message in err.splitlines()[-1] and "Traceback" not in err
 
 
-def test_exception_shipped_denoiser_not_in_this_build_is_one_line(bench, tmp_path):
-    if get_shipped("rfi_denoiser").sha256 is not None:
-        pytest.skip("this build ships rfi_denoiser")
+def test_exception_shipped_denoiser_not_in_this_build_is_one_line(bench, tmp_path, monkeypatch):
+    # A build without any shipped file (the package's manifest, every model reset), whatever this one ships.
+    folder = tmp_path / "shipped"
+    models = shipped.shipped_models()
+    for model in models:
+        model.sha256, model.size = None, None
+    shipped.write_manifest(models, folder, shipped.read_manifest()["limit_mb"])
+    monkeypatch.setattr(shipped, "FOLDER", folder)
     out = tmp_path / "denoise.json"
     with pytest.raises(SystemExit) as e:
         bench.main(["--robust-model", "shipped:rfi_denoiser", "--data", "unseen", "--out", str(out)])
