@@ -1,7 +1,8 @@
 """Benchmark: shift-equivariant semantic segmentation, plain vs equivariant encoders, same budget per row.
 
 Rows: ResNet-18 with strided vs LPS down-sampling (``configs/encoder/resnet18_standard.yaml`` at
-``--cnn-width``; decoder on ``layer3`` with ``layer1``, ``layer2`` skips), plain vs equivariant
+``--cnn-width``; decoder on ``layer3`` with ``layer1``, ``layer2`` skips) and, as an ablation, strided
+with every convolution padded circularly as LPS's are (``model.options.padding=circular``), plain vs equivariant
 Swin-T and SwinV2-T (``configs/encoder/swin_t_tiny_standard.yaml``; decoder on ``stage2`` with a
 ``stage1`` skip), and the same pair for every other registered transformer with an
 ``equivariant`` option that ships a ``configs/encoder/<arch>_tiny_standard.yaml`` (e.g. MViTv2,
@@ -87,6 +88,8 @@ def rows() -> dict[str, tuple[str, list[str]]]:
     out: dict[str, tuple[str, list[str]]] = {
         "resnet18": ("resnet18_standard.yaml", ["model.downsample=stride"]),
         "resnet18_lps": ("resnet18_standard.yaml", ["model.downsample=lps"]),
+        # the stride network with LPS's circular padding: separates the padding from the down-sampling
+        "resnet18_circ": ("resnet18_standard.yaml", ["model.downsample=stride", "model.options.padding=circular"]),
     }
     for arch in list_encoders():
         if "equivariant" not in encoder_family(arch).options:

@@ -2,7 +2,9 @@
 
 Taps ``layer1`` ... ``layer4``; ``width`` scales the stage widths (64, 128, 256, 512);
 ``small_input`` is the CIFAR-style stem (3x3 stride-1 convolution, no max-pool). Takes
-``downsample='blurpool'|'lps'`` (the shortcut keeps the residual branch's phase).
+``downsample='blurpool'|'lps'`` (the shortcut keeps the residual branch's phase) and the option
+``padding='zeros'|'circular'``: every padded convolution pads circularly (as LPS does), e.g. to
+separate the padding from the down-sampling in a shift ablation.
 
 Example:
     >>> import torch
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 from torchvision.models import ResNet
 from torchvision.models import resnet as tv_resnet
 
-from encoders.nets.downsample import Downsampler, SamePhase
+from encoders.core.errors import RFIError
+from encoders.nets.downsample import Downsampler, SamePhase, circular_convs
 from encoders.nets.registry import Built, EncoderFamily, register_encoder, scaled
 
 RESNETS = {"resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]), "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3])}
@@ -35,8 +38,11 @@ class ResNetFamily(EncoderFamily):
 
     architectures = tuple(RESNETS)
     classifier = "fc"
+    options = {"padding": "zeros"}
 
     def build(self, arch: str, num_classes: int, width: float, small_input: bool, **options: Any) -> Built:
+        if options["padding"] not in ("zeros", "circular"):
+            raise RFIError(f"model.options.padding: '{options['padding']}' is not one of zeros, circular")
         block, depths = RESNETS[arch]
         model = ResNet(block, depths, num_classes=num_classes)
         if width != 1.0 or small_input:
@@ -56,7 +62,11 @@ class ResNetFamily(EncoderFamily):
             for m in model.modules():  # torchvision's own initialisation, re-applied to the rebuilt layers
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        return Built(model, OrderedDict((f"layer{i}", f"layer{i}") for i in range(1, 5)))
+        stored = {}  # the default stays out of the config, so configs and checkpoints of zero padding are unchanged
+        if options["padding"] == "circular":
+            circular_convs(model, all_padded=True)
+            stored["padding"] = "circular"
+        return Built(model, OrderedDict((f"layer{i}", f"layer{i}") for i in range(1, 5)), stored)
 
     def infer_kwargs(self, state: Mapping[str, Tensor]) -> dict[str, Any]:
         stem = state.get("model.conv1.weight")

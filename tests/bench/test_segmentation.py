@@ -56,3 +56,13 @@ def test_a_second_run_reuses_the_finished_rows_of_the_same_budget(tmp_path, benc
     other = bench.main([*args, "--frozen", "--out", str(tmp_path / "other.json")])
     budgets = [result["rows"][0]["per_seed"][0]["budget"] for result in (first, other)]
     assert [b["frozen"] for b in budgets] == [False, True]
+
+
+def test_the_padding_ablation_row_is_the_stride_network_padded_circularly(tmp_path, bench):
+    args = bench.parse_args(["--tiny"])
+    circ, plain = (bench.encoder_config(args, row, 0, tmp_path / row) for row in ("resnet18_circ", "resnet18"))
+    assert circ.model.options == {"padding": "circular"} and circ.model.downsample == "stride"
+    assert plain.model.options.get("padding", "zeros") == "zeros"
+    assert {k: v for k, v in vars(circ.model).items() if k != "options"} == {
+        k: v for k, v in vars(plain.model).items() if k != "options"
+    }

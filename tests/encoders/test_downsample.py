@@ -11,6 +11,7 @@ import torch
 from encoders import RFIError, create_encoder
 from encoders.nets.downsample import (
     LPD,
+    CircularConv2d,
     SamePhase,
     annealed_temperature,
     lpd_modules,
@@ -236,3 +237,25 @@ def test_gradcheck_lpd_scorer_parameters():
         return torch.func.functional_call(lpd, dict(zip(names, values)), (x,))
 
     assert torch.autograd.gradcheck(forward, params)
+
+
+def test_resnet_circular_padding_option_round_trips_and_bad_values_are_named(tmp_path):
+    from encoders.weights.checkpoints import load_encoder, save_encoder
+
+    enc = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8, padding="circular").eval()
+    padded = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d) and any(p > 0 for p in m.padding)]
+    assert padded and all(isinstance(m, CircularConv2d) for m in padded)
+    assert enc.config()["padding"] == "circular" and "padding" not in tiny(downsample="stride").config()
+    save_encoder(enc, tmp_path / "circ.pt")
+    back = load_encoder(tmp_path / "circ.pt")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back.logits(x), enc.logits(x))
+        # five 3x3 convolutions up to layer1: the same inside a 5-px margin, not at the edges
+        zeros = create_encoder("resnet18", width=0.125, small_input=True, num_classes=8)
+        zeros.load_state_dict(enc.state_dict())
+        a, b = enc.eval()(x)["layer1"], zeros.eval()(x)["layer1"]
+        assert torch.allclose(a[..., 5:-5, 5:-5], b[..., 5:-5, 5:-5], atol=1e-5)
+        assert not torch.allclose(a[..., :, :1], b[..., :, :1], atol=1e-3)
+    with pytest.raises(RFIError, match=r"^model\.options\.padding: 'reflect' is not one of zeros, circular$"):
+        create_encoder("resnet18", width=0.125, num_classes=8, padding="reflect")
