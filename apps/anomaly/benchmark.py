@@ -11,9 +11,13 @@ deterministically from :class:`~apps.anomaly.config.BenchmarkConfig`:
   the defects :data:`PHOTO_DEFECTS` (a ``pasted_patch`` of another photo of the folder, a
   ``blurred_disk``, a ``tinted_disk``).
 
-Normal training images are crops of the first two thirds of each image along its longer axis,
-test images crops of the last third (:func:`encoders.data.embedded.region`: no test pixel was
-seen in training), and ``test_defect`` test images per defect type carry one defect, with its mask.
+No test pixel was seen in training: for a texture, normal training images are crops of the first two
+thirds of the image along its longer axis and test images crops of the last third
+(:func:`encoders.data.embedded.region`); a photo is a scene whose parts differ (sky, a face, a coat),
+so its split is a grid of tiles, every third one a test tile along the diagonals (:func:`photo_tiles`),
+and test crops show the same kinds of content as training crops. ``test_defect`` test images per
+defect type carry one defect, with its mask; a photo's defect is drawn until a person can see it
+(:data:`VISIBLE`).
 
 Example:
     >>> from apps.anomaly.data import load_anomaly_data
@@ -51,10 +55,14 @@ DEFECTS = ("scratch", "color_blob", "cut_paste")
 """The defect types of the embedded benchmark (test folders ``test/<defect>``)."""
 PHOTO_DEFECTS = ("pasted_patch", "blurred_disk", "tinted_disk")
 """The defect types of a benchmark made from a folder of photos."""
-PLACEMENTS = 8
-"""A photo defect is drawn this many times on its (random) crop and the most visible draw kept (largest mean
-change inside its mask): a blurred disk lands on detail rather than on flat sky where it can be seen at all."""
-BENCHMARK_VERSION = 1
+VISIBLE = 8 / 255
+"""A photo defect must change the pixels inside its mask by this much on average (8 grey levels): a blurred disk
+on flat sky or a smooth microscopy background changes them by about 1 and cannot be seen."""
+DRAWS = 32
+"""A photo defect is drawn (crop and placement) up to this many times; the first visible draw is kept, else the
+most visible one, with a warning naming the photo."""
+BENCHMARK_VERSION = {"embedded": 1, "photos": 2}
+"""Per source; photos 2: split into tiles, visible defects (1: a 2/3 | 1/3 split, defects on any crop)."""
 MANIFEST = "benchmark.json"
 
 
@@ -63,11 +71,11 @@ def _manifest(cfg: BenchmarkConfig, photos: dict[str, str] | None = None, source
     settings = asdict(cfg)
     if photos is None:
         settings.pop("photo_side")  # embedded: the textures' scale is fixed
-        return {"format": "rfi-anomaly-benchmark", "version": BENCHMARK_VERSION, **settings}
+        return {"format": "rfi-anomaly-benchmark", "version": BENCHMARK_VERSION["embedded"], **settings}
     settings.pop("textures")
     return {
         "format": "rfi-anomaly-benchmark",
-        "version": BENCHMARK_VERSION,
+        "version": BENCHMARK_VERSION["photos"],
         **settings,
         "source": str(source),
         "photos": photos,
@@ -287,13 +295,14 @@ def _read_photos(folder: Path, cfg: BenchmarkConfig) -> dict[str, tuple[Path, to
             img = torch.nn.functional.interpolate(
                 img[None], size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True
             )[0].clamp(0, 1)
-        sides = [side for split in ("train", "val") for side in region(img, split).shape[-2:]]
-        if min(sides) < cfg.size:
+        try:
+            photo_tiles(*img.shape[-2:], cfg.size)
+        except RFIError:
             skipped.append(
                 f"{path} is {img.shape[-1]}x{img.shape[-2]} px"
                 + (f" (at benchmark.photo_side={cfg.photo_side})" if cfg.photo_side is not None else "")
-                + f": too small for benchmark.size={cfg.size} (its short side and the last third of its long side "
-                f"must be at least that)"
+                + f": too small for benchmark.size={cfg.size} (it must hold three tiles of that side: a train "
+                f"and a test part)"
             )
             continue
         photos[name] = (path, img)
@@ -308,25 +317,88 @@ def _read_photos(folder: Path, cfg: BenchmarkConfig) -> dict[str, tuple[Path, to
     return photos
 
 
+def photo_tiles(height: int, width: int, size: int) -> dict[str, list[tuple[int, int, int, int]]]:
+    """The train / test split of a photo: a grid of tiles (``top, left, bottom, right``), tile (r, c) a test tile
+    when ``(r + c) % 3 == 2``, so both splits spread over the whole scene and a third of it is test.
+
+    Tiles are twice the crop side (``size``) where the grid then has a train and a test tile, else the crop side;
+    crops are drawn inside one tile, so no test pixel is seen in training.
+
+    Raises:
+        RFIError: the photo has room for fewer than three crop-sized tiles.
+
+    Example:
+        >>> split = photo_tiles(128, 384, 64)  # a 1 x 3 grid of 128-px tiles
+        >>> split["train"], split["test"]
+        ([(0, 0, 128, 128), (0, 128, 128, 256)], [(0, 256, 128, 384)])
+    """
+    for side in (2 * size, size):
+        rows, cols = height // side, width // side
+        if rows * cols < 3:
+            continue
+        ys, xs = np.linspace(0, height, rows + 1).astype(int), np.linspace(0, width, cols + 1).astype(int)
+        split: dict[str, list[tuple[int, int, int, int]]] = {"train": [], "test": []}
+        for r in range(rows):
+            for c in range(cols):
+                box = (int(ys[r]), int(xs[c]), int(ys[r + 1]), int(xs[c + 1]))
+                split["test" if (r + c) % 3 == 2 else "train"].append(box)
+        return split
+    raise RFIError(f"{width}x{height} px has room for fewer than three {size}-px tiles")
+
+
+def _tile_crop(image: np.ndarray, tiles: list[tuple[int, int, int, int]], size: int, rng: np.random.Generator):
+    """A random ``size`` crop inside a random tile of ``tiles`` of the (H, W, 3) ``image``."""
+    top, left, bottom, right = tiles[int(rng.integers(len(tiles)))]
+    return _crop(image[top:bottom, left:right], size, rng)
+
+
+def photo_defect(
+    image: np.ndarray, tiles: list[tuple[int, int, int, int]], defect: str, donors: list[np.ndarray], size: int, rng
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(clean crop, defective crop, mask, visibility) of one test image: drawn (crop and placement) until the mean
+    change inside the mask reaches :data:`VISIBLE`, at most :data:`DRAWS` times (then the most visible draw)."""
+    best = None
+    for _ in range(DRAWS):
+        clean = _tile_crop(image, tiles, size, rng)
+        img, mask = _PHOTO_DEFECT_FNS[defect](clean, rng, donors)
+        visibility = float(np.abs(img - clean).mean(-1)[mask].mean())
+        if best is None or visibility > best[3]:
+            best = (clean, img, mask, visibility)
+        if visibility >= VISIBLE:
+            break
+    return best
+
+
 def _write_photo(root: Path, name: str, images: dict[str, np.ndarray], cfg: BenchmarkConfig) -> None:
     """One category: crops of photo ``name`` (``images``: every photo as (H, W, 3), the donors of pasted patches)."""
     image = images[name]
-    as_tensor = torch.from_numpy(image).permute(2, 0, 1)
-    train_area, test_area = (region(as_tensor, split).permute(1, 2, 0).numpy() for split in ("train", "val"))
+    tiles = photo_tiles(*image.shape[:2], cfg.size)
     donors = [image, *(other for key, other in images.items() if key != name)]
     cat = root / name
     for i in range(cfg.train):
-        _save(_crop(train_area, cfg.size, _photo_rng(cfg, name, 0, i)), cat / "train" / "good" / f"{i:03d}.png")
+        crop = _tile_crop(image, tiles["train"], cfg.size, _photo_rng(cfg, name, 0, i))
+        _save(crop, cat / "train" / "good" / f"{i:03d}.png")
     for i in range(cfg.test_good):
-        _save(_crop(test_area, cfg.size, _photo_rng(cfg, name, 1, i)), cat / "test" / "good" / f"{i:03d}.png")
+        _save(
+            _tile_crop(image, tiles["test"], cfg.size, _photo_rng(cfg, name, 1, i)),
+            cat / "test" / "good" / f"{i:03d}.png",
+        )
     for k, defect in enumerate(PHOTO_DEFECTS):
+        faint = []
         for i in range(cfg.test_defect):
-            rng = _photo_rng(cfg, name, 2 + k, i)
-            crop = _crop(test_area, cfg.size, rng)
-            candidates = (_PHOTO_DEFECT_FNS[defect](crop, rng, donors) for _ in range(PLACEMENTS))
-            img, mask = max(candidates, key=lambda c: float(np.abs(c[0] - crop)[c[1]].mean()))
+            _, img, mask, visibility = photo_defect(
+                image, tiles["test"], defect, donors, cfg.size, _photo_rng(cfg, name, 2 + k, i)
+            )
+            if visibility < VISIBLE:
+                faint.append(visibility)
             _save(img, cat / "test" / defect / f"{i:03d}.png")
             write_image(mask.astype(np.uint8) * 255, cat / "ground_truth" / defect / f"{i:03d}_mask.png")
+        if faint:
+            log.warning(
+                "%s: %d of %d %s images change their mask by less than %d grey levels (at most %.1f): the photo's "
+                "test tiles have too little detail for this defect to be seen",
+                name, len(faint), cfg.test_defect, defect, round(VISIBLE * 255), max(faint) * 255,
+            )  # fmt: skip
 
 
 def _save(img: np.ndarray, path: Path) -> None:
@@ -342,9 +414,10 @@ def make_benchmark(
 ) -> Path:
     """Write an anomaly benchmark in the MVTec AD layout (deterministic: same config and photos, same files).
 
-    Each category gets ``train/good`` (``cfg.train`` crops of the first two thirds of its image),
-    ``test/good`` (``cfg.test_good`` crops of the last third), ``test/<defect>`` (``cfg.test_defect``
-    crops of the last third per defect type, one defect each) and ``ground_truth/<defect>/<name>_mask.png``.
+    Each category gets ``train/good`` (``cfg.train`` crops of its training part: a texture's first two thirds,
+    a photo's training tiles), ``test/good`` (``cfg.test_good`` crops of its test part: the last third, the
+    test tiles), ``test/<defect>`` (``cfg.test_defect`` crops of the test part per defect type, one defect
+    each) and ``ground_truth/<defect>/<name>_mask.png``.
     The tree is built in a temporary folder and renamed into place, so a killed run leaves nothing
     half-written. A folder already holding the same benchmark is reused as is.
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from apps.anomaly.baseline import PixelPatches, raw_pixel_maps
-from apps.anomaly.benchmark import PHOTO_DEFECTS, _crop, _photo_rng, make_benchmark
+from apps.anomaly.benchmark import PHOTO_DEFECTS, VISIBLE, _photo_rng, make_benchmark, photo_defect, photo_tiles
 from apps.anomaly.config import BenchmarkConfig, MemoryConfig, load_anomaly_config
 from apps.anomaly.data import load_anomaly_data, read_mask
 from apps.anomaly.maps import image_scores
@@ -19,7 +19,6 @@ from apps.anomaly.metrics import image_metrics, pixel_metrics
 from apps.cli import main
 from encoders.core.errors import RFIError
 from encoders.core.imageio import read_image
-from encoders.data.embedded import region
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,22 +79,94 @@ def test_folder_benchmark_layout_determinism_and_skipped_photos(photos, tmp_path
         make_benchmark(photos, BENCH, photos=photos)
 
 
-def test_folder_benchmark_masks_cover_exactly_the_defects(photos, tmp_path):
+def _photo_arrays(photos: Path) -> dict[str, np.ndarray]:
+    """The fixture's usable photos as make_benchmark reads them, in its (file name) order."""
+    return {
+        name: read_image(photos / file).permute(1, 2, 0).numpy().astype(np.float32)
+        for name, file in (("green", "green.jpg"), ("red", "red.png"))
+    }
+
+
+def _boxes_holding(crop: np.ndarray, image: np.ndarray) -> list[tuple[int, int]]:
+    """Every (top, left) where ``crop`` (8-bit values) is an exact window of ``image``."""
+    windows = np.lib.stride_tricks.sliding_window_view(np.round(image * 255), crop.shape, axis=(0, 1, 2))[:, :, 0]
+    hits = np.argwhere((windows == np.round(crop * 255)).all(axis=(-3, -2, -1)))
+    return [tuple(int(v) for v in hit) for hit in hits]
+
+
+def test_photo_tiles_split_the_scene_into_disjoint_interleaved_parts():
+    split = photo_tiles(512, 768, 64)
+    tiles = split["train"] + split["test"]
+    covered = np.zeros((512, 768), int)
+    for top, left, bottom, right in tiles:
+        assert bottom - top >= 128 and right - left >= 128  # twice the crop side
+        covered[top:bottom, left:right] += 1
+    assert (covered == 1).all()  # a partition of the photo
+    assert len(split["test"]) == len(tiles) // 3
+    for third in range(3):  # both parts reach every third of the photo, along both axes
+        for axis in (0, 1):
+            lo, hi = third * (512, 768)[axis] // 3, (third + 1) * (512, 768)[axis] // 3
+            for part in ("train", "test"):
+                assert any(box[axis] < hi and box[axis + 2] > lo for box in split[part]), (part, axis, third)
+    assert photo_tiles(48, 120, 32) == {"train": [(0, 0, 48, 40), (0, 40, 48, 80)], "test": [(0, 80, 48, 120)]}
+    with pytest.raises(RFIError, match="fewer than three 32-px tiles"):
+        photo_tiles(48, 90, 32)
+
+
+def test_folder_benchmark_crops_come_from_their_own_tiles(photos, tmp_path):
     root = make_benchmark(tmp_path / "bench", BENCH, photos=photos)
-    for name, file in (("red", "red.png"), ("green", "green.jpg")):
-        test_area = region(read_image(photos / file), "val").permute(1, 2, 0).numpy().astype(np.float32)
+    for name, image in _photo_arrays(photos).items():
+        split = photo_tiles(*image.shape[:2], BENCH.size)
+        for part, folder in (("train", "train/good"), ("test", "test/good")):
+            for file in sorted((root / name / folder).glob("*.png")):
+                crop = np.asarray(Image.open(file), np.float32) / 255
+                boxes = _boxes_holding(crop, image)
+                assert boxes, (name, file)
+                size = BENCH.size
+                within = [any(t <= y and y + size <= b and lf <= x and x + size <= r for t, lf, b, r in split[part])
+                          for y, x in boxes]  # fmt: skip
+                assert any(within), (name, file, boxes)  # the crop lies within one tile of its own part
+
+
+def test_folder_benchmark_masks_cover_exactly_the_visible_defects(photos, tmp_path):
+    root = make_benchmark(tmp_path / "bench", BENCH, photos=photos)
+    images = _photo_arrays(photos)
+    for name, image in images.items():
+        tiles = photo_tiles(*image.shape[:2], BENCH.size)["test"]
+        donors = [image, *(other for key, other in images.items() if key != name)]
         for k, defect in enumerate(PHOTO_DEFECTS):
             for i in range(BENCH.test_defect):
-                clean = _crop(test_area, BENCH.size, _photo_rng(BENCH, name, 2 + k, i))
+                clean, _, drawn, visibility = photo_defect(
+                    image, tiles, defect, donors, BENCH.size, _photo_rng(BENCH, name, 2 + k, i)
+                )
                 img = np.asarray(Image.open(root / name / "test" / defect / f"{i:03d}.png"), np.float32) / 255
                 mask = read_mask(root / name / "ground_truth" / defect / f"{i:03d}_mask.png").numpy()
+                assert np.array_equal(mask, drawn) and mask.sum() >= 16, (name, defect, i)
                 diff = np.abs(img - clean).max(-1)
-                assert mask.sum() >= 16, (name, defect, i)
                 assert diff[~mask].max() <= 1 / 255 + 1e-6, (name, defect, i)  # untouched outside (8-bit rounding)
-                assert diff[mask].mean() > 0.04, (name, defect, i)  # changed inside
+                assert visibility >= VISIBLE and np.abs(img - clean).mean(-1)[mask].mean() >= VISIBLE - 1 / 255
                 if defect == "pasted_patch":  # from the other photo: the other colour dominates inside
                     inside = img[mask].mean(0)
                     assert (inside[1] > inside[0]) == (name == "red"), (name, i, inside)
+
+
+def test_a_defect_is_redrawn_until_it_can_be_seen_and_a_flat_photo_is_named(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    image = np.full((64, 192, 3), 0.5, np.float32)  # flat on the left two thirds...
+    image[:, 128:] += 0.25 * rng.standard_normal((64, 64, 3)).astype(np.float32)  # ...detail on the right
+    image = image.clip(0, 1)
+    tiles = [(0, 0, 64, 32), (0, 32, 64, 64), (0, 64, 64, 96), (0, 96, 64, 128), (0, 128, 64, 192)]
+    for seed in range(5):  # a blur is only visible on the detailed tile: it is drawn there
+        clean, img, mask, visibility = photo_defect(
+            image, tiles, "blurred_disk", [image], 32, np.random.default_rng(seed)
+        )
+        assert visibility >= VISIBLE and clean.std() > 0.1
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    Image.fromarray(np.full((48, 120, 3), 128, np.uint8)).save(folder / "sky.png")
+    with caplog.at_level(logging.WARNING, logger="rfi"):
+        make_benchmark(tmp_path / "bench", BenchmarkConfig(size=32, train=2, test_good=1, test_defect=2), photos=folder)
+    assert "sky: 2 of 2 blurred_disk images change their mask by less than 8 grey levels" in caplog.text
 
 
 def test_one_photo_pastes_from_itself_and_photo_side_resizes(tmp_path):
