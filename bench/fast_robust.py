@@ -37,6 +37,8 @@ Usage:
     python bench/fast_robust.py                          # 3 seeds, default budget (hours on 2 CPU cores)
     python bench/fast_robust.py --budget small --seeds 5
     python bench/fast_robust.py --rows pgd3 fgsm_rs free # a subset (pgd3 is always trained: the reference)
+    python bench/fast_robust.py --train-only 0 1 & python bench/fast_robust.py --train-only 2; wait
+    python bench/fast_robust.py                          # then: evaluate and report, every run reused
     python bench/fast_robust.py --tiny                   # smoke test: tiny models, a few steps
 
 Prints a markdown table and writes ``bench/results/fast_robust.json`` (``--tiny``: in the workdir).
@@ -388,6 +390,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/bench/fast_robust")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="JSON (default bench/results/fast_robust.json; --tiny: in the workdir)")
+    p.add_argument(
+        "--train-only",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="only train every row of these seeds (no evaluation, no report): to split the training over "
+        "processes (e.g. --train-only 0 1 and --train-only 2 side by side), then run without it",
+    )
     return p.parse_args(argv)
 
 
@@ -404,6 +414,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = json.dumps([budget, args.set, args.set_decoder])
     workdir = Path(args.workdir) / f"{name}_{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
     t0, load_before = time.perf_counter(), os.getloadavg()
+    if args.train_only:
+        for seed in args.train_only:
+            for row in rows:
+                train_row(row, seed, workdir, budget, args)
+                log.info("%s seed %d trained (%.0f s so far)", row, seed, time.perf_counter() - t0)
+        return {}
     runs: dict[str, dict[str, Any]] = {row: {} for row in rows}
     for seed in seeds:  # seed by seed, every row: the pairs are complete as early as possible
         for row in rows:

@@ -38,3 +38,18 @@ def test_tiny_run_writes_every_row_and_the_goal(tmp_path, bench, one_thread, cap
     assert "| free |" in printed and ("free: meets it" in printed or "free: misses:" in printed)
     again = bench.main(argv)  # finished runs are reused: same figures
     assert again["results"] == result["results"]
+
+
+def test_train_only_splits_the_training_and_the_full_run_reuses_it(tmp_path, bench, one_thread, monkeypatch):
+    common = ["--tiny", "--seeds", "2", "--rows", "fgsm_rs", "--workdir", str(tmp_path / "work")]
+    out = tmp_path / "fast_robust.json"
+    for seed in ("0", "1"):  # as two processes would, one seed each
+        assert bench.main([*common, "--train-only", seed, "--out", str(out)]) == {}
+    assert not out.exists()  # training only: no evaluation, no report
+    timings = sorted((tmp_path / "work").glob("tiny_*/*/seed*/timing.json"))
+    assert [(t.parents[1].name, t.parent.name) for t in timings] == [
+        ("fgsm_rs", "seed0"), ("fgsm_rs", "seed1"), ("pgd3", "seed0"), ("pgd3", "seed1"),
+    ]  # fmt: skip
+    monkeypatch.setattr(bench, "train_encoder", lambda cfg: pytest.fail(f"retrained {cfg.out}"))
+    result = bench.main([*common, "--out", str(out)])
+    assert set(result["results"]["fgsm_rs"]) == {"0", "1"} and json.loads(out.read_text())["seeds"] == [0, 1]
