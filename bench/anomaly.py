@@ -24,7 +24,8 @@ from the unseen photos (:mod:`encoders.data.unseen`, one category per photo; def
 seeds the models (``train.seed``, ``memory.seed``), and every method is measured on that same set:
 ``reconstruction``, ``memory`` and ``combined`` on the robust encoder (``--robust``), next to
 ``raw pixels``, the raw-pixel patch nearest-neighbour baseline (:mod:`apps.anomaly.baseline`,
-``--pixel-patch``, ``--pixel-patches-per-image``). Means over seeds, and each method's paired
+``--pixel-patch``, ``--pixel-patches-per-image``); with ``--standard``, also ``memory (standard)``, the
+memory bank on the standard encoder (the robust encoder's baseline). Means over seeds, and each method's paired
 difference to the baseline (per seed, the mean over photos). Goal: image AUROC >= 90 %.
 
     python bench/anomaly.py                                   # embedded: draws 0 and 1, 3 seeds
@@ -85,7 +86,7 @@ ENCODERS = {
 }
 METHODS = ("reconstruction", "memory (robust)", "memory (standard)", "combined")
 GOAL = 0.95
-UNSEEN_METHODS = ("reconstruction", "memory", "combined", "raw pixels")
+UNSEEN_METHODS = ("reconstruction", "memory", "memory (standard)", "combined", "raw pixels")
 BASELINE = "raw pixels"
 UNSEEN_GOAL = 0.90
 TINY = [  # --tiny: the shipped config shrunk to fits of a few seconds (as the test suite's anomaly fits)
@@ -444,6 +445,7 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
     work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-unseen-"))
     encoder = args.robust or (str(tiny_encoder(work / "tiny_encoder.pt")) if args.tiny else ENCODERS["robust"])
     encoder = encoder_file("robust", encoder)
+    standard = encoder_file("standard", args.standard) if args.standard else None
     photos = unseen_folder(work / "photos")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     base = load_anomaly_config(args.config, [*tiny, *args.overrides])
@@ -460,6 +462,7 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "seeds": seeds,
             "categories": cats,
             "encoder": encoder + (" (untrained tiny ResNet-18: a smoke run)" if args.tiny and not args.robust else ""),
+            "standard_encoder": standard,
             "benchmark": vars(base.benchmark),
             "baseline": {"patch": args.pixel_patch, "patches_per_image": args.pixel_patches_per_image},
             "partial": partial,
@@ -495,6 +498,12 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 models[method] = fit_timed(c, str(root), folder / f"{cat}_{method}.pt")
                 det, fit_s, fit_mib = models[method]
                 record(seed, cat, method, {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
+            if standard is not None:  # the same memory bank on the baseline encoder
+                c = load_anomaly_config(
+                    args.config, [*common, f"encoder={standard}", "method=memory", f"category={cat}"]
+                )
+                det, fit_s, fit_mib = fit_timed(c, str(root), folder / f"{cat}_memory_standard.pt")
+                record(seed, cat, "memory (standard)", {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
             det, cal_s, cal_mib = combine(models["reconstruction"][0], models["memory"][0], cfg, str(root), cat)
             fit_s = models["reconstruction"][1] + models["memory"][1] + cal_s
             fit_mib = max(models["reconstruction"][2], models["memory"][2], cal_mib)
@@ -516,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--robust", help=f"robust encoder checkpoint (default {ENCODERS['robust']}; --tiny: an untrained tiny one)"
     )
-    parser.add_argument("--standard", default=ENCODERS["standard"], help="standard encoder checkpoint")
+    parser.add_argument(
+        "--standard",
+        help=f"standard encoder checkpoint (default {ENCODERS['standard']}); with --unseen: also a memory row on it",
+    )
     parser.add_argument(
         "--categories",
         nargs="+",
@@ -576,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
         return 0
     args.robust = args.robust or ENCODERS["robust"]
+    args.standard = args.standard or ENCODERS["standard"]
     load_before = os.getloadavg()
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]

@@ -21,10 +21,12 @@ def bench():
 
 def test_tiny_unseen_run_measures_every_method_next_to_the_baseline(tmp_path, bench, one_thread, capsys):
     out = tmp_path / "anomaly_unseen.json"
+    standard = bench.tiny_encoder(tmp_path / "standard.pt")  # --standard: the memory bank on it too
     argv = ["--unseen", "--tiny", "--seeds", "2", "--categories", "camera", "--out", str(out), "--work", str(tmp_path)]
-    assert bench.main(argv) == 0
+    assert bench.main([*argv, "--standard", str(standard)]) == 0
     result = json.loads(out.read_text())
     assert not result["partial"] and result["seeds"] == [0, 1] and "untrained tiny" in result["encoder"]
+    assert result["standard_encoder"] == str(standard)
     runs = {(r["seed"], r["category"], r["method"]) for r in result["runs"]}
     assert runs == {(s, "camera", m) for s in (0, 1) for m in bench.UNSEEN_METHODS}
     for r in result["runs"]:
