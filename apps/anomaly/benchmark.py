@@ -346,14 +346,21 @@ def photo_tiles(height: int, width: int, size: int) -> dict[str, list[tuple[int,
     raise RFIError(f"{width}x{height} px has room for fewer than three {size}-px tiles")
 
 
-def _tile_crop(image: np.ndarray, tiles: list[tuple[int, int, int, int]], size: int, rng: np.random.Generator):
+def _tile_crop(
+    image: np.ndarray, tiles: list[tuple[int, int, int, int]], size: int, rng: np.random.Generator
+) -> np.ndarray:
     """A random ``size`` crop inside a random tile of ``tiles`` of the (H, W, 3) ``image``."""
     top, left, bottom, right = tiles[int(rng.integers(len(tiles)))]
     return _crop(image[top:bottom, left:right], size, rng)
 
 
 def photo_defect(
-    image: np.ndarray, tiles: list[tuple[int, int, int, int]], defect: str, donors: list[np.ndarray], size: int, rng
+    image: np.ndarray,
+    tiles: list[tuple[int, int, int, int]],
+    defect: str,
+    donors: list[np.ndarray],
+    size: int,
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(clean crop, defective crop, mask, visibility) of one test image: drawn (crop and placement) until the mean
     change inside the mask reaches :data:`VISIBLE`, at most :data:`DRAWS` times (then the most visible draw)."""
