@@ -491,19 +491,15 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
             data = load_anomaly_data(root, category=cat)
             folder = work / "models" / f"seed{seed}"
             models: dict[str, tuple[AnomalyDetector, float, float]] = {}
-            for method in ("reconstruction", "memory"):
-                c = load_anomaly_config(
-                    args.config, [*common, f"encoder={encoder}", f"method={method}", f"category={cat}"]
-                )
-                models[method] = fit_timed(c, str(root), folder / f"{cat}_{method}.pt")
-                det, fit_s, fit_mib = models[method]
-                record(seed, cat, method, {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
+            fits = [("reconstruction", encoder, "reconstruction"), ("memory", encoder, "memory")]
             if standard is not None:  # the same memory bank on the baseline encoder
-                c = load_anomaly_config(
-                    args.config, [*common, f"encoder={standard}", "method=memory", f"category={cat}"]
-                )
-                det, fit_s, fit_mib = fit_timed(c, str(root), folder / f"{cat}_memory_standard.pt")
-                record(seed, cat, "memory (standard)", {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
+                fits.append(("memory (standard)", standard, "memory_standard"))
+            for name, enc, stem in fits:
+                method = name.split(" ")[0]
+                c = load_anomaly_config(args.config, [*common, f"encoder={enc}", f"method={method}", f"category={cat}"])
+                models[name] = fit_timed(c, str(root), folder / f"{cat}_{stem}.pt")
+                det, fit_s, fit_mib = models[name]
+                record(seed, cat, name, {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
             det, cal_s, cal_mib = combine(models["reconstruction"][0], models["memory"][0], cfg, str(root), cat)
             fit_s = models["reconstruction"][1] + models["memory"][1] + cal_s
             fit_mib = max(models["reconstruction"][2], models["memory"][2], cal_mib)
