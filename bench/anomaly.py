@@ -16,7 +16,9 @@ Each model scores every test image once; image AUROC and pixel AUROC are compute
 test images and per defect type (normal images + that defect). Also: fit seconds, scoring ms
 per image, and the peak resident-memory growth (MiB, sampled every 10 ms) of fitting and of
 scoring. Medians over the seeds; the JSON (``--out``) is rewritten after every model, so a
-killed run keeps what it measured.
+killed run keeps what it measured, and every measurement is kept next to its model in ``--work``
+(``<model>.json``), so a run restarted on the same ``--work`` measures only what is missing (a model
+fitted by a killed run and not yet measured is reused, its fit time recorded as not timed).
 
 **Unseen mode** (``--unseen``). Sets built by ``rfi anomaly make-benchmark --from`` (:mod:`apps.anomaly.benchmark`)
 from the unseen photos (:mod:`encoders.data.unseen`, one category per photo; defects
@@ -50,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,13 +189,53 @@ def held_out(cfg: AnomalyConfig, data: str, category: str) -> list[torch.Tensor]
     return [read_image(p) for p in split_normal(readable_images(found.train), cfg.holdout)[1]]
 
 
-def fit_timed(cfg: AnomalyConfig, data: str, path: Path) -> tuple[AnomalyDetector, float, float]:
-    """``fit`` (resumed where a model or its decoder run exists), loaded: (detector, seconds, peak MiB)."""
+def fit_timed(cfg: AnomalyConfig, data: str, path: Path) -> tuple[AnomalyDetector, float | None, float]:
+    """``fit`` (resumed where a model or its decoder run exists), loaded: (detector, seconds, peak MiB).
+
+    The seconds are ``None`` for a model an earlier run finished: its fit was not timed here."""
+    reused = path.is_file()
     with PeakRSS() as mem:
         start = time.perf_counter()
         fit(cfg, data, path, resume=True)
         seconds = time.perf_counter() - start
-    return AnomalyDetector.load(path), seconds, mem.mib
+    return AnomalyDetector.load(path), None if reused else seconds, mem.mib
+
+
+def measured(path: Path, measure: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``measure(*args)``, one measurement of the bench, kept in ``path`` (JSON, written whole): a bench restarted
+    on the same ``--work`` reuses it rather than scoring again, so its figures, fit seconds included, are the
+    first run's."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = json.loads(json.dumps(measure(*args), default=str))
+    write_json(result, path)
+    return result
+
+
+def measure_fit(cfg: AnomalyConfig, data: str, path: Path, test: AnomalyData) -> dict[str, Any]:
+    """Fit (or reuse) the model at ``path`` and score ``test``: AUROCs, fit seconds and peak MiB, bank size."""
+    det, fit_s, fit_mib = fit_timed(cfg, data, path)
+    res = evaluate(det, test)
+    res.pop("maps")
+    return {**res, "fit_s": fit_s, "fit_peak_mib": fit_mib, "bank": det.info.get("memory_bank")}
+
+
+def measure_combined(
+    models: tuple[Path, Path],
+    parts: tuple[dict[str, Any], dict[str, Any]],
+    cfg: AnomalyConfig,
+    data: str,
+    cat: str,
+    test: AnomalyData,
+) -> dict[str, Any]:
+    """``combined`` from the reconstruction and memory models at ``models`` (their records: ``parts``), scored on
+    ``test``; its fit seconds are the two fits' and the calibration's (``None`` when a fit was not timed)."""
+    det, cal_s, cal_mib = combine(AnomalyDetector.load(models[0]), AnomalyDetector.load(models[1]), cfg, data, cat)
+    res = evaluate(det, test)
+    res.pop("maps")
+    fits = [p["fit_s"] for p in parts]
+    fit_s = None if None in fits else sum(fits) + cal_s
+    return {**res, "fit_s": fit_s, "fit_peak_mib": max(cal_mib, *(p["fit_peak_mib"] for p in parts)), "bank": None}
 
 
 def combine(
@@ -224,6 +267,10 @@ def median(values: list[float | None]) -> float | None:
 
 def pct(v: float | None) -> str:
     return "  n/a" if v is None else f"{100 * v:5.1f}"
+
+
+def seconds(v: float | None) -> str:
+    return "not timed: an earlier run's model" if v is None else f"{v:.0f} s"
 
 
 def example_figure(
@@ -474,11 +521,10 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
         return result
 
     def record(seed: int, cat: str, method: str, res: dict[str, Any]) -> None:
-        res.pop("maps", None)
         runs.append({"seed": seed, "category": cat, "method": method, **res})
         print(
             f"seed {seed} {cat:<13} {method:<15} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
-            f"{pct(res['pixel_auroc'])}  (fit {res['fit_s']:.1f} s)",
+            f"{pct(res['pixel_auroc'])}  (fit {seconds(res['fit_s'])})",
             flush=True,
         )
         write(partial=True)
@@ -490,21 +536,26 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
         for cat in categories or mvtec_categories(root):
             data = load_anomaly_data(root, category=cat)
             folder = work / "models" / f"seed{seed}"
-            models: dict[str, tuple[AnomalyDetector, float, float]] = {}
+            records: dict[str, dict[str, Any]] = {}
             fits = [("reconstruction", encoder, "reconstruction"), ("memory", encoder, "memory")]
             if standard is not None:  # the same memory bank on the baseline encoder
                 fits.append(("memory (standard)", standard, "memory_standard"))
             for name, enc, stem in fits:
                 method = name.split(" ")[0]
                 c = load_anomaly_config(args.config, [*common, f"encoder={enc}", f"method={method}", f"category={cat}"])
-                models[name] = fit_timed(c, str(root), folder / f"{cat}_{stem}.pt")
-                det, fit_s, fit_mib = models[name]
-                record(seed, cat, name, {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
-            det, cal_s, cal_mib = combine(models["reconstruction"][0], models["memory"][0], cfg, str(root), cat)
-            fit_s = models["reconstruction"][1] + models["memory"][1] + cal_s
-            fit_mib = max(models["reconstruction"][2], models["memory"][2], cal_mib)
-            record(seed, cat, "combined", {**evaluate(det, data), "fit_s": fit_s, "fit_peak_mib": fit_mib})
-            record(seed, cat, BASELINE, evaluate_raw_pixels(cfg, data, args.pixel_patch, args.pixel_patches_per_image))
+                model = folder / f"{cat}_{stem}.pt"
+                records[name] = measured(model.with_suffix(".json"), measure_fit, c, str(root), model, data)
+                record(seed, cat, name, records[name])
+            models = (folder / f"{cat}_reconstruction.pt", folder / f"{cat}_memory.pt")
+            parts = (records["reconstruction"], records["memory"])
+            combined = measured(
+                folder / f"{cat}_combined.json", measure_combined, models, parts, cfg, str(root), cat, data
+            )
+            record(seed, cat, "combined", combined)
+            pixel = (args.pixel_patch, args.pixel_patches_per_image)
+            record(
+                seed, cat, BASELINE, measured(folder / f"{cat}_raw_pixels.json", evaluate_raw_pixels, cfg, data, *pixel)
+            )
     return write(partial=False)
 
 
@@ -612,33 +663,18 @@ def main(argv: list[str] | None = None) -> int:
         categories = args.categories or list(base.benchmark.textures)
         work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-"))
         runs: list[dict[str, Any]] = []
-        figure_dets: dict[str, dict[str, AnomalyDetector]] = {}
+        figure_models: dict[str, dict[str, Path]] = {}
 
-        def record(
-            draw: int, cat: str, seed: int, method: str, det: AnomalyDetector, fit_s: float, fit_mib: float, data
-        ) -> None:
-            res = evaluate(det, data)
-            res.pop("maps")
-            runs.append(
-                {
-                    "draw": draw,
-                    "category": cat,
-                    "seed": seed,
-                    "method": method,
-                    "fit_s": fit_s,
-                    "fit_peak_mib": fit_mib,
-                    **res,
-                    "bank": det.info.get("memory_bank"),
-                }
-            )
+        def record(draw: int, cat: str, seed: int, method: str, res: dict[str, Any], model: Path | None) -> None:
+            runs.append({"draw": draw, "category": cat, "seed": seed, "method": method, **res})
             print(
                 f"draw {draw} {cat:<7} seed {seed} {method:<18} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
-                f"{pct(res['pixel_auroc'])}  (fit {fit_s:.0f} s, {fit_mib:.0f} MiB; score "
+                f"{pct(res['pixel_auroc'])}  (fit {seconds(res['fit_s'])}, {res['fit_peak_mib']:.0f} MiB; score "
                 f"{res['score_ms_per_image']:.1f} ms/img; load {os.getloadavg()[0]:.1f})",
                 flush=True,
             )
-            if draw == args.draws[0] and seed == args.first_seed:
-                figure_dets.setdefault(cat, {})[method] = det
+            if draw == args.draws[0] and seed == args.first_seed and model is not None:
+                figure_models.setdefault(cat, {})[method] = model
             write(partial=True)
 
         def write(partial: bool) -> dict[str, Any]:
@@ -673,8 +709,8 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = load_anomaly_config(args.config, [*common, f"encoder={encoders['robust']}"])
                     data = resolve_data("embedded", cat, cfg.benchmark, "test")
                     folder = work / f"draw{draw}" / f"seed{seed}"
-                    models: dict[str, AnomalyDetector] = {}
-                    fit_info: dict[str, tuple[float, float]] = {}
+                    records: dict[str, dict[str, Any]] = {}
+                    models: dict[str, Path] = {}
                     jobs = [
                         ("reconstruction", "robust", "reconstruction"),
                         ("memory (robust)", "robust", "memory"),
@@ -686,17 +722,23 @@ def main(argv: list[str] | None = None) -> int:
                         ):
                             continue
                         c = load_anomaly_config(args.config, [*common, f"encoder={encoders[enc]}", f"method={method}"])
-                        models[name], fit_s, fit_mib = fit_timed(c, "embedded", folder / f"{cat}_{method}_{enc}.pt")
-                        fit_info[name] = (fit_s, fit_mib)
+                        model = models[name] = folder / f"{cat}_{method}_{enc}.pt"
+                        records[name] = measured(model.with_suffix(".json"), measure_fit, c, "embedded", model, data)
                         if name in args.methods:
-                            record(draw, cat, seed, name, models[name], fit_s, fit_mib, data)
+                            record(draw, cat, seed, name, records[name], model)
                     if "combined" in args.methods:
-                        det, cal_s, cal_mib = combine(
-                            models["reconstruction"], models["memory (robust)"], cfg, "embedded", cat
+                        pair = ("reconstruction", "memory (robust)")
+                        res = measured(
+                            folder / f"{cat}_combined.json",
+                            measure_combined,
+                            (models[pair[0]], models[pair[1]]),
+                            (records[pair[0]], records[pair[1]]),
+                            cfg,
+                            "embedded",
+                            cat,
+                            data,
                         )
-                        fit_s = fit_info["reconstruction"][0] + fit_info["memory (robust)"][0] + cal_s
-                        fit_mib = max(fit_info["reconstruction"][1], fit_info["memory (robust)"][1], cal_mib)
-                        record(draw, cat, seed, "combined", det, fit_s, fit_mib, data)
+                        record(draw, cat, seed, "combined", res, None)
     except RFIError as e:
         print(f"bench/anomaly.py: error: {e}", file=sys.stderr)
         return 2
@@ -728,11 +770,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(verdict))
     if (
         args.figure
-        and figure_dets
-        and all({"reconstruction", "memory (robust)"} <= set(d) for d in figure_dets.values())
+        and figure_models
+        and all({"reconstruction", "memory (robust)"} <= set(m) for m in figure_models.values())
     ):
         figure_cfg = load_anomaly_config(args.config, [*args.overrides, f"benchmark.seed={args.draws[0]}"])
-        print(f"wrote {example_figure(figure_dets, figure_cfg, args.figure)}")
+        dets = {cat: {m: AnomalyDetector.load(p) for m, p in by.items()} for cat, by in figure_models.items()}
+        print(f"wrote {example_figure(dets, figure_cfg, args.figure)}")
     print(f"wrote {args.out}")
     return 0
 

@@ -46,3 +46,25 @@ def test_tiny_unseen_run_measures_every_method_next_to_the_baseline(tmp_path, be
 def test_tiny_needs_the_unseen_mode(bench):
     with pytest.raises(SystemExit):
         bench.main(["--tiny"])
+
+
+def test_a_restarted_run_reuses_every_measurement_and_never_times_a_reused_fit(tmp_path, bench, one_thread):
+    argv = ["--unseen", "--tiny", "--seeds", "1", "--categories", "camera", "--work", str(tmp_path)]
+    first = bench.main([*argv, "--out", str(tmp_path / "first.json")])
+    records = sorted((tmp_path / "models" / "seed0").glob("camera_*.json"))
+    assert first == 0 and [r.stem for r in records] == [
+        "camera_combined",
+        "camera_memory",
+        "camera_raw_pixels",
+        "camera_reconstruction",
+    ]
+    (tmp_path / "models" / "seed0" / "camera_memory.json").unlink()  # killed after the fit, before its record
+    assert bench.main([*argv, "--out", str(tmp_path / "second.json")]) == 0
+    runs = [
+        {r["method"]: r for r in json.loads((tmp_path / f"{n}.json").read_text())["runs"]} for n in ("first", "second")
+    ]
+    assert runs[1]["reconstruction"] == runs[0]["reconstruction"] and runs[1]["combined"] == runs[0]["combined"]
+    assert runs[1]["raw pixels"] == runs[0]["raw pixels"]
+    memory = runs[1]["memory"]  # measured again on the reused model: the same scores, the fit not timed
+    assert memory["fit_s"] is None and runs[0]["memory"]["fit_s"] > 0
+    assert memory["image_auroc"] == pytest.approx(runs[0]["memory"]["image_auroc"])
