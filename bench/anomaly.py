@@ -559,6 +559,140 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return write(partial=False)
 
 
+def merge(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """``--merge``: the runs of several result files (e.g. seeds spread over processes) in one result at ``--out``."""
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    runs = [r for part in parts for r in part["runs"]]
+    draws = sorted({r["draw"] for r in runs})
+    categories = [c for c in parts[0]["categories"] if any(r["category"] == c for r in runs)]
+    table = summarise(runs, draws, categories)
+    merged = {
+        **parts[0],
+        "command": command,
+        "merged_from": [p["command"] for p in parts],
+        "draws": draws,
+        "partial": any(p["partial"] for p in parts),
+        "table": table,
+        "runs": runs,
+        "seeds": sorted({r["seed"] for r in runs}),
+    }
+    write_json(merged, args.out)
+    return merged
+
+
+def run_embedded(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], dict[str, dict[str, Path]]]:
+    """The embedded mode (module docstring): every draw, texture, seed and method; the JSON after every measurement.
+
+    Returns the result and the model files of the figure's detectors (first draw and seed), texture -> method -> file.
+    """
+    load_before = os.getloadavg()
+    base = load_anomaly_config(args.config, args.overrides)
+    encoders = {name: encoder_file(name, getattr(args, name)) for name in ("robust", "standard")}
+    categories = args.categories or list(base.benchmark.textures)
+    work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-"))
+    runs: list[dict[str, Any]] = []
+    figure_models: dict[str, dict[str, Path]] = {}
+
+    def record(draw: int, cat: str, seed: int, method: str, res: dict[str, Any], model: Path | None) -> None:
+        runs.append({"draw": draw, "category": cat, "seed": seed, "method": method, **res})
+        print(
+            f"draw {draw} {cat:<7} seed {seed} {method:<18} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
+            f"{pct(res['pixel_auroc'])}  (fit {seconds(res['fit_s'])}, {res['fit_peak_mib']:.0f} MiB; score "
+            f"{res['score_ms_per_image']:.1f} ms/img; load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+        if draw == args.draws[0] and seed == args.first_seed and model is not None:
+            figure_models.setdefault(cat, {})[method] = model
+        write(partial=True)
+
+    def write(partial: bool) -> dict[str, Any]:
+        table = summarise(runs, args.draws, categories)
+        result = {
+            "command": command,
+            "config": args.config,
+            "overrides": args.overrides,
+            "seeds": args.seeds,
+            "draws": args.draws,
+            "categories": categories,
+            "encoders": encoders,
+            "benchmark": vars(base.benchmark),
+            "partial": partial,
+            "table": table,
+            "runs": runs,
+            "machine": machine(load_before),
+        }
+        write_json(json.loads(json.dumps(result, default=str)), args.out)
+        return result
+
+    for draw in args.draws:
+        for cat in categories:
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                common = [
+                    *args.overrides,
+                    f"benchmark.seed={draw}",
+                    f"category={cat}",
+                    f"train.seed={seed}",
+                    f"memory.seed={seed}",
+                ]
+                cfg = load_anomaly_config(args.config, [*common, f"encoder={encoders['robust']}"])
+                data = resolve_data("embedded", cat, cfg.benchmark, "test")
+                folder = work / f"draw{draw}" / f"seed{seed}"
+                records: dict[str, dict[str, Any]] = {}
+                models: dict[str, Path] = {}
+                jobs = [
+                    ("reconstruction", "robust", "reconstruction"),
+                    ("memory (robust)", "robust", "memory"),
+                    ("memory (standard)", "standard", "memory"),
+                ]
+                for name, enc, method in jobs:
+                    if name not in args.methods and not (name != "memory (standard)" and "combined" in args.methods):
+                        continue
+                    c = load_anomaly_config(args.config, [*common, f"encoder={encoders[enc]}", f"method={method}"])
+                    model = models[name] = folder / f"{cat}_{method}_{enc}.pt"
+                    records[name] = measured(model.with_suffix(".json"), measure_fit, c, "embedded", model, data)
+                    if name in args.methods:
+                        record(draw, cat, seed, name, records[name], model)
+                if "combined" in args.methods:
+                    pair = ("reconstruction", "memory (robust)")
+                    res = measured(
+                        folder / f"{cat}_combined.json",
+                        measure_combined,
+                        (models[pair[0]], models[pair[1]]),
+                        (records[pair[0]], records[pair[1]]),
+                        cfg,
+                        "embedded",
+                        cat,
+                        data,
+                    )
+                    record(draw, cat, seed, "combined", res, None)
+    return write(partial=False), figure_models
+
+
+def embedded_verdict(table: dict[str, Any], categories: list[str]) -> list[str]:
+    """The goal lines of the embedded mode: every method's AUROC against :data:`GOAL`, robust vs standard memory."""
+    verdict = []
+    for draw, cats in table.items():
+        for m in METHODS:
+            vals = [cats[c][m]["image_auroc"] for c in categories if c in cats and m in cats[c]]
+            if vals:
+                ok = all(v is not None and v >= GOAL for v in vals)
+                verdict.append(
+                    f"{draw} {m}: image AUROC >= {100 * GOAL:.0f}% on every texture: {'met' if ok else 'NOT met'}"
+                )
+        rs = [
+            (cats[c]["memory (robust)"]["image_auroc"], cats[c]["memory (standard)"]["image_auroc"])
+            for c in categories
+            if c in cats and "memory (robust)" in cats[c] and "memory (standard)" in cats[c]
+        ]
+        if rs:
+            verdict.append(
+                f"{draw} memory: robust >= standard on every texture: "
+                f"{'yes' if all(r >= s for r, s in rs) else 'NO'} "
+                f"({', '.join(f'{pct(r).strip()} vs {pct(s).strip()}' for r, s in rs)})"
+            )
+    return verdict
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
@@ -618,13 +752,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny and not args.unseen:
         parser.error("--tiny is a smoke run of --unseen: add --unseen")
     args.out = args.out or f"bench/results/anomaly{'_unseen' if args.unseen else ''}.json"
-    if args.unseen:
-        try:
+    args.robust = args.robust or (None if args.unseen else ENCODERS["robust"])
+    args.standard = args.standard or (None if args.unseen else ENCODERS["standard"])
+    figure_models: dict[str, dict[str, Path]] = {}  # the embedded mode's figure: texture -> method -> model file
+    try:
+        if args.unseen:
             result = run_unseen(args, command)
-        except RFIError as e:
-            print(f"bench/anomaly.py: error: {e}", file=sys.stderr)
-            return 2
-        print()
+        elif args.merge:
+            result = merge(args, command)
+        else:
+            result, figure_models = run_embedded(args, command)
+    except RFIError as e:
+        print(f"bench/anomaly.py: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    if args.unseen:
         print(format_unseen(result["table"]))
         for m, row in result["table"]["mean"].items():
             v = row["image_auroc"]
@@ -632,142 +774,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{m}: mean image AUROC >= {100 * UNSEEN_GOAL:.0f}%: {'met' if met else 'NOT met'} ({pct(v).strip()})"
             )
-        print(f"wrote {args.out}")
-        return 0
-    args.robust = args.robust or ENCODERS["robust"]
-    args.standard = args.standard or ENCODERS["standard"]
-    load_before = os.getloadavg()
-    if args.merge:
-        parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        runs = [r for part in parts for r in part["runs"]]
-        draws = sorted({r["draw"] for r in runs})
-        categories = [c for c in parts[0]["categories"] if any(r["category"] == c for r in runs)]
-        table = summarise(runs, draws, categories)
-        merged = {
-            **parts[0],
-            "command": command,
-            "merged_from": [p["command"] for p in parts],
-            "draws": draws,
-            "partial": any(p["partial"] for p in parts),
-            "table": table,
-            "runs": runs,
-            "seeds": sorted({r["seed"] for r in runs}),
-        }
-        write_json(merged, args.out)
-        print(format_table(table, categories))
-        print(f"wrote {args.out}")
-        return 0
-    try:
-        base = load_anomaly_config(args.config, args.overrides)
-        encoders = {name: encoder_file(name, getattr(args, name)) for name in ("robust", "standard")}
-        categories = args.categories or list(base.benchmark.textures)
-        work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-"))
-        runs: list[dict[str, Any]] = []
-        figure_models: dict[str, dict[str, Path]] = {}
-
-        def record(draw: int, cat: str, seed: int, method: str, res: dict[str, Any], model: Path | None) -> None:
-            runs.append({"draw": draw, "category": cat, "seed": seed, "method": method, **res})
-            print(
-                f"draw {draw} {cat:<7} seed {seed} {method:<18} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
-                f"{pct(res['pixel_auroc'])}  (fit {seconds(res['fit_s'])}, {res['fit_peak_mib']:.0f} MiB; score "
-                f"{res['score_ms_per_image']:.1f} ms/img; load {os.getloadavg()[0]:.1f})",
-                flush=True,
-            )
-            if draw == args.draws[0] and seed == args.first_seed and model is not None:
-                figure_models.setdefault(cat, {})[method] = model
-            write(partial=True)
-
-        def write(partial: bool) -> dict[str, Any]:
-            table = summarise(runs, args.draws, categories)
-            result = {
-                "command": command,
-                "config": args.config,
-                "overrides": args.overrides,
-                "seeds": args.seeds,
-                "draws": args.draws,
-                "categories": categories,
-                "encoders": encoders,
-                "benchmark": vars(base.benchmark),
-                "partial": partial,
-                "table": table,
-                "runs": runs,
-                "machine": machine(load_before),
-            }
-            write_json(json.loads(json.dumps(result, default=str)), args.out)
-            return result
-
-        for draw in args.draws:
-            for cat in categories:
-                for seed in range(args.first_seed, args.first_seed + args.seeds):
-                    common = [
-                        *args.overrides,
-                        f"benchmark.seed={draw}",
-                        f"category={cat}",
-                        f"train.seed={seed}",
-                        f"memory.seed={seed}",
-                    ]
-                    cfg = load_anomaly_config(args.config, [*common, f"encoder={encoders['robust']}"])
-                    data = resolve_data("embedded", cat, cfg.benchmark, "test")
-                    folder = work / f"draw{draw}" / f"seed{seed}"
-                    records: dict[str, dict[str, Any]] = {}
-                    models: dict[str, Path] = {}
-                    jobs = [
-                        ("reconstruction", "robust", "reconstruction"),
-                        ("memory (robust)", "robust", "memory"),
-                        ("memory (standard)", "standard", "memory"),
-                    ]
-                    for name, enc, method in jobs:
-                        if name not in args.methods and not (
-                            name != "memory (standard)" and "combined" in args.methods
-                        ):
-                            continue
-                        c = load_anomaly_config(args.config, [*common, f"encoder={encoders[enc]}", f"method={method}"])
-                        model = models[name] = folder / f"{cat}_{method}_{enc}.pt"
-                        records[name] = measured(model.with_suffix(".json"), measure_fit, c, "embedded", model, data)
-                        if name in args.methods:
-                            record(draw, cat, seed, name, records[name], model)
-                    if "combined" in args.methods:
-                        pair = ("reconstruction", "memory (robust)")
-                        res = measured(
-                            folder / f"{cat}_combined.json",
-                            measure_combined,
-                            (models[pair[0]], models[pair[1]]),
-                            (records[pair[0]], records[pair[1]]),
-                            cfg,
-                            "embedded",
-                            cat,
-                            data,
-                        )
-                        record(draw, cat, seed, "combined", res, None)
-    except RFIError as e:
-        print(f"bench/anomaly.py: error: {e}", file=sys.stderr)
-        return 2
-
-    result = write(partial=False)
-    table = result["table"]
-    print()
-    print(format_table(table, categories))
-    verdict = []
-    for draw, cats in table.items():
-        for m in METHODS:
-            vals = [cats[c][m]["image_auroc"] for c in categories if c in cats and m in cats[c]]
-            if vals:
-                ok = all(v is not None and v >= GOAL for v in vals)
-                verdict.append(
-                    f"{draw} {m}: image AUROC >= {100 * GOAL:.0f}% on every texture: {'met' if ok else 'NOT met'}"
-                )
-        rs = [
-            (cats[c]["memory (robust)"]["image_auroc"], cats[c]["memory (standard)"]["image_auroc"])
-            for c in categories
-            if c in cats and "memory (robust)" in cats[c] and "memory (standard)" in cats[c]
-        ]
-        if rs:
-            verdict.append(
-                f"{draw} memory: robust >= standard on every texture: "
-                f"{'yes' if all(r >= s for r, s in rs) else 'NO'} "
-                f"({', '.join(f'{pct(r).strip()} vs {pct(s).strip()}' for r, s in rs)})"
-            )
-    print("\n".join(verdict))
+    else:
+        print(format_table(result["table"], result["categories"]))
+        print("\n".join(embedded_verdict(result["table"], result["categories"])))
     if (
         args.figure
         and figure_models

@@ -1,4 +1,4 @@
-"""Smoke test of bench/anomaly.py --unseen --tiny: every method and the raw-pixel baseline measured, paired, tabled."""
+"""Smoke tests of bench/anomaly.py at tiny sizes: both modes measure every method, resume from --work, merge."""
 
 from __future__ import annotations
 
@@ -68,3 +68,19 @@ def test_a_restarted_run_reuses_every_measurement_and_never_times_a_reused_fit(t
     memory = runs[1]["memory"]  # measured again on the reused model: the same scores, the fit not timed
     assert memory["fit_s"] is None and runs[0]["memory"]["fit_s"] > 0
     assert memory["image_auroc"] == pytest.approx(runs[0]["memory"]["image_auroc"])
+
+
+def test_tiny_embedded_run_draws_its_figure_resumes_and_merges(tmp_path, bench, one_thread):
+    enc = str(bench.tiny_encoder(tmp_path / "enc.pt"))
+    argv = ["--robust", enc, "--standard", enc, "--draws", "0", "--seeds", "1", "--categories", "brick"]
+    argv += ["--work", str(tmp_path / "work"), *bench.TINY]
+    out = {name: tmp_path / f"{name}.json" for name in ("first", "again", "seed1", "merged")}
+    assert bench.main([*argv, "--out", str(out["first"]), "--figure", str(tmp_path / "maps.png")]) == 0
+    first = json.loads(out["first"].read_text())
+    assert {r["method"] for r in first["runs"]} == set(bench.METHODS) and (tmp_path / "maps.png").is_file()
+    assert bench.main([*argv, "--out", str(out["again"])]) == 0  # restarted: every measurement reused
+    assert json.loads(out["again"].read_text())["runs"] == first["runs"]
+    assert bench.main([*argv, "--first-seed", "1", "--out", str(out["seed1"])]) == 0
+    assert bench.main(["--merge", str(out["first"]), str(out["seed1"]), "--out", str(out["merged"])]) == 0
+    merged = json.loads(out["merged"].read_text())
+    assert merged["seeds"] == [0, 1] and merged["table"]["draw 0"]["brick"]["memory (robust)"]["seeds"] == 2
