@@ -18,7 +18,7 @@ per image, and the peak resident-memory growth (MiB, sampled every 10 ms) of fit
 scoring. Medians over the seeds; the JSON (``--out``) is rewritten after every model, so a
 killed run keeps what it measured, and every measurement is kept next to its model in ``--work``
 (``<model>.json``), so a run restarted on the same ``--work`` measures only what is missing (a model
-fitted by a killed run and not yet measured is reused, its fit time recorded as not timed).
+fitted by a killed run and not yet measured is loaded, its fit time and memory recorded as not measured).
 
 **Unseen mode** (``--unseen``). Sets built by ``rfi anomaly make-benchmark --from`` (:mod:`apps.anomaly.benchmark`)
 from the unseen photos (:mod:`encoders.data.unseen`, one category per photo; defects
@@ -189,16 +189,18 @@ def held_out(cfg: AnomalyConfig, data: str, category: str) -> list[torch.Tensor]
     return [read_image(p) for p in split_normal(readable_images(found.train), cfg.holdout)[1]]
 
 
-def fit_timed(cfg: AnomalyConfig, data: str, path: Path) -> tuple[AnomalyDetector, float | None, float]:
-    """``fit`` (resumed where a model or its decoder run exists), loaded: (detector, seconds, peak MiB).
+def fit_timed(cfg: AnomalyConfig, data: str, path: Path) -> tuple[AnomalyDetector, float | None, float | None]:
+    """``fit`` (resumed where a decoder run exists), loaded: (detector, seconds, peak MiB).
 
-    The seconds are ``None`` for a model an earlier run finished: its fit was not timed here."""
-    reused = path.is_file()
+    A model an earlier run finished is loaded, not fitted again (``fit`` would build a memory bank anew):
+    its seconds and MiB are ``None``, as they were not measured here."""
+    if path.is_file():
+        return AnomalyDetector.load(path), None, None
     with PeakRSS() as mem:
         start = time.perf_counter()
         fit(cfg, data, path, resume=True)
         seconds = time.perf_counter() - start
-    return AnomalyDetector.load(path), None if reused else seconds, mem.mib
+    return AnomalyDetector.load(path), seconds, mem.mib
 
 
 def measured(path: Path, measure: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -229,13 +231,16 @@ def measure_combined(
     test: AnomalyData,
 ) -> dict[str, Any]:
     """``combined`` from the reconstruction and memory models at ``models`` (their records: ``parts``), scored on
-    ``test``; its fit seconds are the two fits' and the calibration's (``None`` when a fit was not timed)."""
+    ``test``; its fit seconds are the two fits' and the calibration's, its peak MiB the largest of the three (both
+    ``None`` when a fit was not measured)."""
     det, cal_s, cal_mib = combine(AnomalyDetector.load(models[0]), AnomalyDetector.load(models[1]), cfg, data, cat)
     res = evaluate(det, test)
     res.pop("maps")
     fits = [p["fit_s"] for p in parts]
     fit_s = None if None in fits else sum(fits) + cal_s
-    return {**res, "fit_s": fit_s, "fit_peak_mib": max(cal_mib, *(p["fit_peak_mib"] for p in parts)), "bank": None}
+    peaks = [p["fit_peak_mib"] for p in parts]
+    fit_mib = None if None in peaks else max(cal_mib, *peaks)
+    return {**res, "fit_s": fit_s, "fit_peak_mib": fit_mib, "bank": None}
 
 
 def combine(
@@ -269,8 +274,11 @@ def pct(v: float | None) -> str:
     return "  n/a" if v is None else f"{100 * v:5.1f}"
 
 
-def seconds(v: float | None) -> str:
-    return "not timed: an earlier run's model" if v is None else f"{v:.0f} s"
+def fit_cost(res: dict[str, Any]) -> str:
+    """A record's fit seconds and peak MiB, or that an earlier run fitted the model (not measured here)."""
+    if res["fit_s"] is None:
+        return "not measured: an earlier run's model"
+    return f"{res['fit_s']:.0f} s" + ("" if res["fit_peak_mib"] is None else f", {res['fit_peak_mib']:.0f} MiB")
 
 
 def example_figure(
@@ -524,7 +532,7 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
         runs.append({"seed": seed, "category": cat, "method": method, **res})
         print(
             f"seed {seed} {cat:<13} {method:<15} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
-            f"{pct(res['pixel_auroc'])}  (fit {seconds(res['fit_s'])})",
+            f"{pct(res['pixel_auroc'])}  (fit {fit_cost(res)})",
             flush=True,
         )
         write(partial=True)
@@ -597,7 +605,7 @@ def run_embedded(args: argparse.Namespace, command: str) -> tuple[dict[str, Any]
         runs.append({"draw": draw, "category": cat, "seed": seed, "method": method, **res})
         print(
             f"draw {draw} {cat:<7} seed {seed} {method:<18} image AUROC {pct(res['image_auroc'])}  pixel AUROC "
-            f"{pct(res['pixel_auroc'])}  (fit {seconds(res['fit_s'])}, {res['fit_peak_mib']:.0f} MiB; score "
+            f"{pct(res['pixel_auroc'])}  (fit {fit_cost(res)}; score "
             f"{res['score_ms_per_image']:.1f} ms/img; load {os.getloadavg()[0]:.1f})",
             flush=True,
         )

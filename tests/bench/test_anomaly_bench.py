@@ -48,7 +48,7 @@ def test_tiny_needs_the_unseen_mode(bench):
         bench.main(["--tiny"])
 
 
-def test_a_restarted_run_reuses_every_measurement_and_never_times_a_reused_fit(tmp_path, bench, one_thread):
+def test_a_restarted_run_reuses_every_measurement_and_never_refits_a_finished_model(tmp_path, bench, one_thread):
     argv = ["--unseen", "--tiny", "--seeds", "1", "--categories", "camera", "--work", str(tmp_path)]
     first = bench.main([*argv, "--out", str(tmp_path / "first.json")])
     records = sorted((tmp_path / "models" / "seed0").glob("camera_*.json"))
@@ -59,14 +59,17 @@ def test_a_restarted_run_reuses_every_measurement_and_never_times_a_reused_fit(t
         "camera_reconstruction",
     ]
     (tmp_path / "models" / "seed0" / "camera_memory.json").unlink()  # killed after the fit, before its record
+    model = tmp_path / "models" / "seed0" / "camera_memory.pt"
+    written = model.stat().st_mtime_ns
     assert bench.main([*argv, "--out", str(tmp_path / "second.json")]) == 0
+    assert model.stat().st_mtime_ns == written  # loaded, not fitted again
     runs = [
         {r["method"]: r for r in json.loads((tmp_path / f"{n}.json").read_text())["runs"]} for n in ("first", "second")
     ]
     assert runs[1]["reconstruction"] == runs[0]["reconstruction"] and runs[1]["combined"] == runs[0]["combined"]
     assert runs[1]["raw pixels"] == runs[0]["raw pixels"]
-    memory = runs[1]["memory"]  # measured again on the reused model: the same scores, the fit not timed
-    assert memory["fit_s"] is None and runs[0]["memory"]["fit_s"] > 0
+    memory = runs[1]["memory"]  # measured again on the reused model: the same scores, the fit not measured
+    assert memory["fit_s"] is None and memory["fit_peak_mib"] is None and runs[0]["memory"]["fit_s"] > 0
     assert memory["image_auroc"] == pytest.approx(runs[0]["memory"]["image_auroc"])
 
 
