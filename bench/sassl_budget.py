@@ -265,6 +265,56 @@ def print_report(summary: dict[str, Any], floors: dict[str, float], tasks: list[
                     print(f"{method:<10}{variant:<9}{step:>6}{cells}")
 
 
+METHOD_NAMES = {"untrained": "–", "simclr": "SimCLR", "mocov2": "MoCo v2"}
+VARIANT_NAMES = {
+    "-": "untrained backbone",
+    "plain": "plain",
+    "sassl": "+ StyleAugment (SASSL)",
+    "full": "full stylisation (α = β = 1)",
+    "p0.8": "p = 0.8",
+    "p1": "p = 1",
+}
+
+
+def markdown_report(summary: dict[str, Any], floors: dict[str, float], tasks: list[str], final: int) -> str:
+    """The tables of docs/ssl.md: accuracy and paired gain at step ``final``; the gain of SASSL's setting per step
+    (mean ± the interval's half-width; ``*``: the 95 % interval excludes zero)."""
+
+    def gain(g: dict[str, Any], interval: bool) -> str:
+        star = "*" if g["excludes_zero"] else ""
+        if interval:
+            return f"{100 * g['mean']:+.1f} [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]{star}"
+        return f"{100 * g['mean']:+.1f} ± {100 * g['detectable']:.1f}{star}"
+
+    lines = [
+        f"| method | variant | {' | '.join(tasks)} |",
+        "|---|---|" + "---|" * len(tasks),
+        "| – | colour statistics | " + " | ".join(f"{100 * floors[t]:.1f}" for t in tasks) + " |",
+    ]
+    for method, variants in summary.items():
+        for variant, rows in variants.items():
+            row = rows.get(str(final)) or rows.get("0")
+            if row is None:
+                continue
+            cells = " | ".join(f"{100 * row[t]['mean']:.1f} ± {100 * row[t]['sd']:.1f}" for t in tasks)
+            lines.append(f"| {METHOD_NAMES[method]} | {VARIANT_NAMES[variant]} | {cells} |")
+            if "gain" in row:
+                lines.append("| | gain [95 % CI] | " + " | ".join(gain(row["gain"][t], True) for t in tasks) + " |")
+    steps = sorted({int(s) for v in summary.values() for rows in v.values() for s in rows if s != "0"})
+    lines += [
+        "",
+        f"| method, variant | task | {' | '.join(f'{s:,}' for s in steps)} |",
+        "|---|---|" + "---|" * len(steps),
+    ]
+    for method, variants in summary.items():
+        rows = variants.get("sassl", {})
+        for t in tasks:
+            cells = [gain(rows[str(s)]["gain"][t], False) if "gain" in rows.get(str(s), {}) else "" for s in steps]
+            if any(cells):
+                lines.append(f"| {METHOD_NAMES[method]} + SASSL | {t} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def report(workdir: Path, out: Path, plot: Path, tasks: list[str], final: int, meta: dict[str, Any]) -> dict:
     """Merge every cached result of ``workdir`` into the summary, the JSON ``out`` and the plot ``plot``."""
     records = [json.loads(p.read_text()) for p in sorted((workdir / "results").glob("*_s*.json"))]
@@ -283,6 +333,7 @@ def report(workdir: Path, out: Path, plot: Path, tasks: list[str], final: int, m
     write_json(result, out)
     plot_curve(summary, tasks, plot)
     print_report(summary, floors, tasks, final)
+    print("\nthe tables of docs/ssl.md:\n\n" + markdown_report(summary, floors, tasks, final))
     print(f"\n{len(trained)} runs, {result['cpu_hours']:.2f} CPU-hours; wrote {out} and {plot}")
     return result
 

@@ -40,3 +40,17 @@ def test_tiny_bench_in_two_shards_merges_into_one_report(tmp_path, bench, one_th
     assert gain["n"] == 2 and gain["detectable"] == pytest.approx((gain["ci95"][1] - gain["ci95"][0]) / 2)
     assert set(result["summary"]["mocov2"]) == {"plain", "sassl", "full", "p0.8", "p1"}
     assert set(result["summary"]["simclr"]) == {"plain", "sassl"}
+
+
+def test_markdown_report_has_a_row_per_variant_and_a_gain_per_styled_one(bench):
+    tasks = ["photo", "unseen"]
+    acc = {t: {"mean": 0.5, "sd": 0.01} for t in tasks}
+    gain = {"mean": 0.021, "ci95": [0.004, 0.038], "excludes_zero": True, "detectable": 0.017}
+    rows = {"6": {**acc, "gain": {t: gain for t in tasks}}}
+    summary = {"untrained": {"-": {"0": acc}}, "mocov2": {"plain": {"6": acc}, "sassl": rows, "full": rows}}
+    text = bench.markdown_report(summary, {"photo": 0.25, "unseen": 0.3}, tasks, final=6)
+    lines = text.splitlines()
+    assert lines[0] == "| method | variant | photo | unseen |" and "| – | colour statistics | 25.0 | 30.0 |" in lines
+    assert "| – | untrained backbone | 50.0 ± 1.0 | 50.0 ± 1.0 |" in lines
+    assert lines.count("| | gain [95 % CI] | +2.1 [+0.4, +3.8]* | +2.1 [+0.4, +3.8]* |") == 2  # sassl and full
+    assert "| MoCo v2 + SASSL | unseen | +2.1 ± 1.7* |" in lines and not any("full" in x for x in lines[-3:])
