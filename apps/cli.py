@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, inside the handlers below
         return int(code or 0)
     except RFIError as e:
         if debug:
@@ -161,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("rfi: terminated", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # the reader went away (`rfi weights list | head`): stop quietly, as `cat` does
+        # Python's documented recipe: stdout to devnull, so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)

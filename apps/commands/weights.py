@@ -132,7 +132,8 @@ def list_models(dest: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(own + rows, indent=1))
         return 0
-    print(f"{'shipped with RFI':<30} {'kind':<8} {'MB':>6} {'sha256':<14} {'status':<18} figures (unseen images)")
+    head = f"{'shipped with RFI':<30} {'kind':<8} {'MB':>6} {'sha256':<14} {'status':<18}"
+    print(f"{head} figures (encoders: validation crops; the others: unseen images)")
     for r in own:
         size = f"{r['size'] / 1e6:.1f}" if r["size"] else "-"
         digest = r["sha256"][:12] if r["sha256"] else "-"

@@ -1629,3 +1629,17 @@ def test_a_nan_loss_is_logged_as_null_so_every_metrics_line_is_json(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line) == {"step": 1, "loss": None, "lr": None, "images_per_s": 2.5}
     assert "NaN" not in line and "Infinity" not in line
+
+
+def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "apps.cli", "weights", "list"]  # as in `rfi weights list | head -1`
+    root = Path(__file__).resolve().parents[2]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root) as proc:
+        proc.stdout.close()  # the reader is gone before the first line is written
+        err = proc.stderr.read().decode()
+        code = proc.wait()
+    assert code == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
