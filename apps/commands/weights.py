@@ -133,7 +133,7 @@ def list_models(dest: str | None, as_json: bool) -> int:
         print(json.dumps(own + rows, indent=1))
         return 0
     head = f"{'shipped with RFI':<30} {'kind':<8} {'MB':>6} {'sha256':<14} {'status':<18}"
-    print(f"{head} figures (encoders: validation crops; the others: unseen images)")
+    print(f"{head} figures (docs/shipped_models.md: what each measures)")
     for r in own:
         size = f"{r['size'] / 1e6:.1f}" if r["size"] else "-"
         digest = r["sha256"][:12] if r["sha256"] else "-"

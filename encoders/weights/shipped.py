@@ -203,12 +203,22 @@ def encoder_reference(name: str, sha256: str) -> dict[str, str]:
 def referenced_encoder(reference: dict[str, Any], source: str) -> Path:
     """The file of the shipped encoder an :func:`encoder_reference` names, checked against the recorded hash.
 
+    The encoder file beside ``source`` (``<name>.pt`` with the recorded hash: a folder that ``rfi weights
+    retrain --ship-to`` wrote) is taken first, so such a folder's files load by path; otherwise the
+    installed one.
+
     Raises:
-        RFIError: the encoder is not shipped, damaged, or another one than the reference's (the
-            files of one install belong together: reinstall or retrain).
+        RFIError: neither is there with the recorded hash: not shipped, damaged, or another encoder than
+            the reference's (the files of one install belong together: reinstall or retrain).
     """
     name = str(reference.get("shipped"))
-    path = shipped_path(name)
+    beside = Path(source).with_name(f"{name}.pt")
+    if beside.is_file() and sha256_file(beside) == reference.get("sha256"):
+        return beside
+    try:
+        path = shipped_path(name)
+    except RFIError as e:
+        raise RFIError(f"{source} needs its encoder {name}, and {e}") from None
     if get_shipped(name).sha256 != reference.get("sha256"):
         raise RFIError(
             f"{source} was made for another {name} than the one installed: reinstall ({REINSTALL}) "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,26 @@ def test_every_shipped_model_loads_matches_its_hash_and_runs(shipped_folder):
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in pyramid.encoder.state_dict().items())
     denoiser, info = load_denoiser("shipped:rfi_denoiser")
     assert info["sigma"] == [0, 55] and denoiser.reconstruct(x).shape == x.shape
+
+
+def test_the_models_this_package_ships_load_in_under_a_second_and_run():
+    """The package's own files (not the tiny ones): whatever this build ships loads fast and runs."""
+    x = torch.rand(1, 3, 24, 36)
+    loaders = {
+        "encoder": lambda m: create_encoder(checkpoint=f"shipped:{m.name}", layers=["layer3"]),
+        "decoder": lambda m: RobustAutoencoder.from_checkpoints(
+            shipped.shipped_path(m.encoder), shipped.shipped_path(m.name)
+        ),
+        "style": lambda m: load_pyramid(shipped.shipped_path(m.name)),
+        "denoise": lambda m: load_denoiser(f"shipped:{m.name}")[0],
+    }
+    for model in [m for m in shipped.shipped_models() if shipped.status(m) == shipped.SHIPPED]:
+        start = time.perf_counter()
+        loaded = loaders[model.kind](model)
+        assert time.perf_counter() - start < 1.0, model.name
+        with torch.no_grad():
+            out = loaded(x)["layer3"] if model.kind == "encoder" else loaded.reconstruct(x)
+        assert torch.isfinite(out).all() and (model.kind == "encoder" or out.shape == x.shape), model.name
 
 
 def test_app_files_reference_the_encoder_stored_once(shipped_folder):

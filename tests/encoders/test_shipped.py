@@ -97,3 +97,29 @@ def test_another_kind_names_both_and_unknown_names_list_the_shipped_ones(shipped
         load_encoder("shipped:rfi_denoiser")
     with pytest.raises(RFIError, match="no shipped model 'nope' .*rfi_resnet18_robust"):
         shipped.shipped_path("nope")
+
+
+def test_a_file_referencing_its_encoder_finds_it_beside_itself_then_installed(tmp_path, monkeypatch):
+    from encoders.weights.checkpoints import encoder_from_checkpoint
+
+    package = tmp_path / "package"  # an install where no model is in the build
+    package.mkdir()
+    models = shipped.shipped_models()
+    for m in models:
+        m.sha256 = m.size = None
+    shipped.write_manifest(models, package, 60)
+    monkeypatch.setattr(shipped, "FOLDER", package)
+    encoder = write_shipped_encoder(tmp_path / "dist")  # what `rfi weights retrain --ship-to dist` writes
+    reference = shipped.encoder_reference("rfi_resnet18_robust", sha256_file(encoder))
+    x = torch.rand(1, 3, 32, 32)
+    loaded = encoder_from_checkpoint(reference, str(tmp_path / "dist" / "rfi_style_pyramid.pt"), layers=["layer3"])
+    assert torch.equal(loaded(x)["layer3"], tiny_net()(x, layers=["layer3"])["layer3"])
+    elsewhere = str(tmp_path / "copied" / "rfi_style_pyramid.pt")  # the file alone: its encoder is nowhere
+    with pytest.raises(RFIError) as info:
+        encoder_from_checkpoint(reference, elsewhere)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{elsewhere} needs its encoder rfi_resnet18_robust, and ")
+    assert "not in this build" in msg
+    other = shipped.encoder_reference("rfi_resnet18_robust", "0" * 64)  # beside it, but another encoder
+    with pytest.raises(RFIError, match="needs its encoder rfi_resnet18_robust"):
+        encoder_from_checkpoint(other, str(tmp_path / "dist" / "rfi_style_pyramid.pt"))
