@@ -451,6 +451,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     model_info: dict[str, Any] = {}
     for seed in seeds:  # seeds one after the other, so a killed run has whole seeds
         for kind in kinds:
+            if seed > seeds[0] and (args.robust_model if kind == "robust" else args.standard_model):
+                continue  # a given model file is not trained per seed: it is evaluated once
             for sigma in sigmas if args.fixed else [None]:
                 path, info = get_model(args, kind, sigma, seed)
                 model, meta = load_denoiser(path, args.device)
@@ -619,7 +621,10 @@ def print_table(report: dict[str, Any]) -> None:
     sigmas = [f"{s:g}" for s in report["sigmas"]]
     methods = list(report["results"][sigmas[0]]["methods"])
     head = f"{'method':<20}" + "".join(f" | sigma={s:<3} PSNR   SSIM   ms/img" for s in sigmas)
-    print(f"\nmedian over {len(report['seeds'])} training seed(s) for trained methods; {report['steps']} steps each")
+    print(
+        f"\ntrained methods: median over {len(report['seeds'])} training seed(s), {report['steps']} steps each; "
+        "a given model file (--robust-model, --standard-model): evaluated once"
+    )
     print(head)
     print("-" * len(head))
     for m in methods:

@@ -132,7 +132,7 @@ def tiny_denoiser(tmp_path_factory):
 def test_tiny_run_records_the_data_and_evaluates_its_images_whole(bench, tiny_denoiser, tmp_path, data):
     out = tmp_path / "denoise.json"
     argv = [
-        *("--data", data, "--max-images", "2", "--sigmas", "25", "--seeds", "1", "--robust-model", str(tiny_denoiser)),
+        *("--data", data, "--max-images", "2", "--sigmas", "25", "--seeds", "2", "--robust-model", str(tiny_denoiser)),
         *("--no-standard", "--no-dncnn", "--no-bm3d", "--classical", "wavelet bayes", "--tune-crops", "2"),
         *("--repeats", "1", "--out", str(out), "--example", ""),
     ]
@@ -143,4 +143,5 @@ def test_tiny_run_records_the_data_and_evaluates_its_images_whole(bench, tiny_de
     assert rep["images"] == {n: list(x.shape[1:]) for n, x in zip(names, clean)}
     methods = rep["results"]["25"]["methods"]
     assert set(methods) == {"noisy input", "ours (robust)", "wavelet bayes"}
+    assert list(methods["ours (robust)"]["per_seed"]) == ["0"]  # a given file is evaluated once, not per seed
     assert list(methods["ours (robust)"]["per_seed"]["0"]["psnr_per_image"]) == names
