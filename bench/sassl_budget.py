@@ -41,6 +41,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,26 +234,31 @@ def plot_curve(summary: dict[str, Any], tasks: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def final_rows(summary: dict[str, Any], final: int) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(method, variant, row at step ``final``; the untrained backbone's at step 0) of the report's tables."""
+    for method, variants in summary.items():
+        for variant, rows in variants.items():
+            row = rows.get(str(final)) or rows.get("0")
+            if row is not None:
+                yield method, variant, row
+
+
 def print_report(summary: dict[str, Any], floors: dict[str, float], tasks: list[str], final: int) -> None:
     """The table at the final step and the curve of the gains."""
     print(f"\nlinear-probe accuracy at step {final} (mean ± sd over seeds); gain: paired, points [95 % CI]")
     print(f"{'method':<10}{'variant':<9}" + "".join(f"{t:>26}" for t in tasks))
     print(f"{'-':<10}{'colour':<9}" + "".join(f"{100 * floors[t]:>25.1f}%" for t in tasks))
-    for method, variants in summary.items():
-        for variant, rows in variants.items():
-            row = rows.get(str(final)) or rows.get("0")
-            if row is None:
-                continue
-            cells = "".join(f"{100 * row[t]['mean']:>17.1f} ± {100 * row[t]['sd']:4.1f}%" for t in tasks)
-            print(f"{method:<10}{variant:<9}{cells}")
-            if "gain" in row:
-                gains = [row["gain"][t] for t in tasks]
-                cells = "".join(
-                    f"{100 * g['mean']:+9.1f} [{100 * g['ci95'][0]:+.1f},{100 * g['ci95'][1]:+.1f}]"
-                    f"{'*' if g['excludes_zero'] else ' '}".rjust(26)
-                    for g in gains
-                )
-                print(f"{'':<10}{'gain':<9}{cells}")
+    for method, variant, row in final_rows(summary, final):
+        cells = "".join(f"{100 * row[t]['mean']:>17.1f} ± {100 * row[t]['sd']:4.1f}%" for t in tasks)
+        print(f"{method:<10}{variant:<9}{cells}")
+        if "gain" in row:
+            gains = [row["gain"][t] for t in tasks]
+            cells = "".join(
+                f"{100 * g['mean']:+9.1f} [{100 * g['ci95'][0]:+.1f},{100 * g['ci95'][1]:+.1f}]"
+                f"{'*' if g['excludes_zero'] else ' '}".rjust(26)
+                for g in gains
+            )
+            print(f"{'':<10}{'gain':<9}{cells}")
     print("\ngain over plain against steps (points; ±: the interval's half-width, the smallest gain detectable)")
     for method, variants in summary.items():
         for variant, rows in variants.items():
@@ -291,15 +297,11 @@ def markdown_report(summary: dict[str, Any], floors: dict[str, float], tasks: li
         "|---|---|" + "---|" * len(tasks),
         "| – | colour statistics | " + " | ".join(f"{100 * floors[t]:.1f}" for t in tasks) + " |",
     ]
-    for method, variants in summary.items():
-        for variant, rows in variants.items():
-            row = rows.get(str(final)) or rows.get("0")
-            if row is None:
-                continue
-            cells = " | ".join(f"{100 * row[t]['mean']:.1f} ± {100 * row[t]['sd']:.1f}" for t in tasks)
-            lines.append(f"| {METHOD_NAMES[method]} | {VARIANT_NAMES[variant]} | {cells} |")
-            if "gain" in row:
-                lines.append("| | gain [95 % CI] | " + " | ".join(gain(row["gain"][t], True) for t in tasks) + " |")
+    for method, variant, row in final_rows(summary, final):
+        cells = " | ".join(f"{100 * row[t]['mean']:.1f} ± {100 * row[t]['sd']:.1f}" for t in tasks)
+        lines.append(f"| {METHOD_NAMES[method]} | {VARIANT_NAMES[variant]} | {cells} |")
+        if "gain" in row:
+            lines.append("| | gain [95 % CI] | " + " | ".join(gain(row["gain"][t], True) for t in tasks) + " |")
     steps = sorted({int(s) for v in summary.values() for rows in v.values() for s in rows if s != "0"})
     lines += [
         "",
