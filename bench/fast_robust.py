@@ -28,17 +28,20 @@ seed; the script prints which rows meet it and by how much each misses.
 
 Budgets: ``default`` (the quickstart's: the configs as they are, 6 encoder epochs and 4 decoder
 epochs), ``small`` (half of each) and ``--tiny`` (a smoke run of seconds). Finished runs are
-cached under ``--workdir/<budget>_<hash of the settings>/<row>/seed<k>/`` (encoder, decoder and
-``timing.json``), so a killed run resumes at the first unfinished one; an encoder whose
-``timing.json`` is missing was cut short and is trained again from scratch (its CPU time must
-cover the whole run).
+cached under ``--workdir/<budget>_<hash of the settings>/<row>/seed<k>/`` (encoder, decoder,
+``timing.json`` and ``evaluation.json``), so a killed run resumes at the first unfinished one; an
+encoder whose ``timing.json`` is missing was cut short and is trained again from scratch (its CPU
+time must cover the whole run). One process at a time holds a row and seed (a lock in its
+folder), so processes started with the same ``--train-only`` or ``--evaluate-only`` seeds share
+the work: each skips the runs another one holds (one process per core; 1 thread each).
 
 Usage:
     python bench/fast_robust.py                          # 3 seeds, default budget (hours on 2 CPU cores)
     python bench/fast_robust.py --budget small --seeds 5
     python bench/fast_robust.py --rows pgd3 fgsm_rs free # a subset (pgd3 is always trained: the reference)
-    python bench/fast_robust.py --train-only 0 1 & python bench/fast_robust.py --train-only 2; wait
-    python bench/fast_robust.py                          # then: evaluate and report, every run reused
+    python bench/fast_robust.py --train-only 0 1 2 & python bench/fast_robust.py --train-only 0 1 2; wait
+    python bench/fast_robust.py --evaluate-only 0 1 2 & python bench/fast_robust.py --evaluate-only 0 1 2; wait
+    python bench/fast_robust.py                          # then: the report, every run and evaluation reused
     python bench/fast_robust.py --tiny                   # smoke test: tiny models, a few steps
 
 Prints a markdown table and writes ``bench/results/fast_robust.json`` (``--tiny``: in the workdir).
@@ -66,12 +69,14 @@ import torch
 
 import encoders.robust.train as encoder_training
 from encoders.core.config import load_config
+from encoders.core.rundir import RunInUseError, RunLock
 from encoders.core.serialization import write_json
 from encoders.data.build import build_dataset
 from encoders.robust.evaluate import masking_checks
 from encoders.robust.train import TrainEncoderConfig, train_encoder
 from inversion import RobustAutoencoder
 from inversion.evaluate import compare_autoencoders
+from inversion.train import CHECKPOINT_NAME as DECODER_FILE
 from inversion.train import TrainDecoderConfig, train_decoder
 
 log = logging.getLogger("rfi")
@@ -125,6 +130,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "eval": {"images": 8, "restarts": 1, "sweep_steps": 3, "scales": [1, 4], "num": 4},
     },
 }
+TRAINED = "trained"  # marker in a row's folder: encoder and decoder finished
 ENCODER_FIXED = ["eval.enabled=false", "log_every=0", "device=cpu"]  # evaluated below, on every row alike
 
 
@@ -176,10 +182,14 @@ def train_timed(cfg: TrainEncoderConfig, folder: Path) -> dict[str, Any]:
     return timing
 
 
-def train_row(row: str, seed: int, root: Path, budget: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    folder = root / row / f"seed{seed}"
+def row_folder(root: Path, row: str, seed: int) -> Path:
+    return root / row / f"seed{seed}"
+
+
+def run_of(row: str, seed: int, root: Path, budget: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The configs and files of one row and seed (trained or not) and, once trained, its timing."""
+    folder = row_folder(root, row, seed)
     cfg = encoder_config(row, seed, folder / "encoder", budget, args.set)
-    timing = train_timed(cfg, folder)
     decoder_cfg = load_config(
         TrainDecoderConfig,
         DECODER,
@@ -192,11 +202,14 @@ def train_row(row: str, seed: int, root: Path, budget: dict[str, Any], args: arg
             *args.set_decoder,
         ],
     )
-    decoder = train_decoder(decoder_cfg, resume=True)
+    timing = folder / "timing.json"
     return {
+        "folder": folder,
+        "encoder_config": cfg,
+        "decoder_config": decoder_cfg,
         "encoder": Path(cfg.out) / "checkpoint.pt",
-        "decoder": decoder.path,
-        "timing": timing,
+        "decoder": Path(decoder_cfg.out) / DECODER_FILE,
+        "timing": json.loads(timing.read_text()) if timing.is_file() else None,
         "train_size": decoder_cfg.data.size,
         "eps": cfg.adv.eps,
         "norm": cfg.adv.norm,
@@ -204,13 +217,45 @@ def train_row(row: str, seed: int, root: Path, budget: dict[str, Any], args: arg
     }
 
 
+def train_row(row: str, seed: int, root: Path, budget: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or reuse) one row and seed: its encoder, then its decoder, holding the row's folder.
+
+    Raises:
+        RunInUseError: another process is training or evaluating this row and seed.
+    """
+    run = run_of(row, seed, root, budget, args)
+    if (run["folder"] / TRAINED).is_file():
+        return run
+    with RunLock(run["folder"]):  # one process per row: the next line deletes a cut-short encoder
+        run["timing"] = train_timed(run["encoder_config"], run["folder"])
+        train_decoder(run["decoder_config"], resume=True)
+        (run["folder"] / TRAINED).touch()
+    return run
+
+
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_row(run: dict[str, Any], twin: Path | None, ev: dict[str, Any]) -> dict[str, Any]:
-    """Accuracy, masking checks (cached next to the run) and decoder PSNR of one trained row and seed."""
-    cache = Path(run["encoder"]).parents[1] / "evaluation.json"
+    """Accuracy, masking checks (cached next to the run) and decoder PSNR of one trained row and seed.
+
+    Raises:
+        RunInUseError: another process holds the row (training or evaluating it).
+    """
+    cache = run["folder"] / "evaluation.json"
     key = {"twin": str(twin), **ev}
-    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())["result"]
+
+    def cached() -> dict[str, Any] | None:
+        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+            return json.loads(cache.read_text())["result"]
+        return None
+
+    if (result := cached()) is not None:
+        return result
+    with RunLock(run["folder"]):
+        return cached() or measure_row(run, twin, ev, cache, key)
+
+
+def measure_row(run: dict[str, Any], twin: Path | None, ev: dict[str, Any], cache: Path, key: dict) -> dict[str, Any]:
+    """Measure one row and seed (the bench's costly part) and cache the result with its key."""
     from encoders import create_encoder
 
     encoder = create_encoder(checkpoint=run["encoder"]).eval()
@@ -242,6 +287,24 @@ def evaluate_row(run: dict[str, Any], twin: Path | None, ev: dict[str, Any]) -> 
     }
     write_json({"key": key, "result": result}, cache)
     return result
+
+
+def evaluate(
+    row: str, seed: int, seeds: list[int], root: Path, budget: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Train (or reuse) one row and seed and its twin, then evaluate it (or reuse its evaluation).
+
+    The twin, whose attack transfers, is PGD-3 of the same seed, or for PGD-3 itself the next seed's.
+    """
+    run = train_row(row, seed, root, budget, args)
+    i = seeds.index(seed)
+    twin_seed = seed if row != REFERENCE else seeds[(i + 1) % len(seeds)] if len(seeds) > 1 else None
+    twin = None if twin_seed is None else train_row(REFERENCE, twin_seed, root, budget, args)["encoder"]
+    return {
+        **evaluate_row(run, twin, budget["eval"]),
+        "timing": run["timing"],
+        "twin": str(twin) if twin is not None else None,
+    }
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -390,13 +453,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/bench/fast_robust")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="JSON (default bench/results/fast_robust.json; --tiny: in the workdir)")
-    p.add_argument(
+    share = p.add_mutually_exclusive_group()
+    share.add_argument(
         "--train-only",
         type=int,
         nargs="+",
         metavar="SEED",
-        help="only train every row of these seeds (no evaluation, no report): to split the training over "
-        "processes (e.g. --train-only 0 1 and --train-only 2 side by side), then run without it",
+        help="only train every row of these seeds, skipping the runs another process holds (no evaluation, "
+        "no report): to share the training among processes, run the same command in each",
+    )
+    share.add_argument(
+        "--evaluate-only",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="only evaluate every row of these seeds (training what is missing), skipping the runs another "
+        "process holds; no report: run the plain command last",
     )
     return p.parse_args(argv)
 
@@ -411,36 +483,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = BUDGETS[name]
     seeds = list(range(args.seeds or (2 if args.tiny else 3)))
     rows = [REFERENCE] + [r for r in args.rows if r != REFERENCE]
+    if bad := sorted(set(args.train_only or args.evaluate_only or []) - set(seeds)):
+        raise SystemExit(f"fast_robust.py: seed(s) {bad} not among --seeds' {seeds}")
     settings = json.dumps([budget, args.set, args.set_decoder])
     workdir = Path(args.workdir) / f"{name}_{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
     t0, load_before = time.perf_counter(), os.getloadavg()
-    if args.train_only:
-        for seed in args.train_only:
+    if args.train_only or args.evaluate_only:  # a share of the work: skip what another process holds
+        verb = "trained" if args.train_only else "evaluated"
+        for seed in args.train_only or args.evaluate_only:
             for row in rows:
-                train_row(row, seed, workdir, budget, args)
-                log.info("%s seed %d trained (%.0f s so far)", row, seed, time.perf_counter() - t0)
+                try:
+                    if args.train_only:
+                        train_row(row, seed, workdir, budget, args)
+                    else:
+                        evaluate(row, seed, seeds, workdir, budget, args)
+                except RunInUseError as e:
+                    log.info("%s seed %d skipped (another process has it): %s", row, seed, e)
+                    continue
+                log.info("%s seed %d %s (%.0f s so far)", row, seed, verb, time.perf_counter() - t0)
         return {}
-    runs: dict[str, dict[str, Any]] = {row: {} for row in rows}
     for seed in seeds:  # seed by seed, every row: the pairs are complete as early as possible
         for row in rows:
-            runs[row][str(seed)] = train_row(row, seed, workdir, budget, args)
+            train_row(row, seed, workdir, budget, args)
             log.info("%s seed %d trained (%.0f s so far)", row, seed, time.perf_counter() - t0)
-    results: dict[str, dict[str, Any]] = {row: {} for row in rows}
-    for i, seed in enumerate(seeds):
-        for row in rows:
-            twin = (
-                runs[REFERENCE][str(seed)]["encoder"]
-                if row != REFERENCE
-                else runs[REFERENCE][str(seeds[(i + 1) % len(seeds)])]["encoder"]
-                if len(seeds) > 1
-                else None
-            )
-            run = runs[row][str(seed)]
-            results[row][str(seed)] = {
-                **evaluate_row(run, twin, budget["eval"]),
-                "timing": run["timing"],
-                "twin": str(twin) if twin is not None else None,
-            }
+    results = {row: {str(seed): evaluate(row, seed, seeds, workdir, budget, args) for seed in seeds} for row in rows}
     rep = {
         "command": "python bench/fast_robust.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "budget": name,

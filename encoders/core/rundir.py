@@ -22,7 +22,7 @@ Example:
     >>> with RunLock(folder):
     ...     RunLock(folder).acquire()  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    encoders.core.errors.RFIError: /tmp/... is in use by another run (pid ...
+    encoders.core.rundir.RunInUseError: /tmp/... is in use by another run (pid ...
     >>> RunLock(folder).acquire().held
     True
 """
@@ -48,6 +48,12 @@ from encoders.core.serialization import atomic_write, pid_alive
 
 log = logging.getLogger("rfi")
 LOCK_NAME = ".lock"
+
+
+class RunInUseError(RFIError):
+    """Another live process holds the run folder's lock (so a caller sharing work may skip the run)."""
+
+
 LOCK_WRITE_SECONDS = 10.0
 """An empty or unreadable lock younger than this may be one being written; older, it is stale."""
 
@@ -82,7 +88,7 @@ class RunLock:
             except FileNotFoundError:  # released meanwhile
                 return
             if age < LOCK_WRITE_SECONDS:
-                raise RFIError(
+                raise RunInUseError(
                     f"{self.folder} is being locked by another run (its {self.path} is being written): "
                     f"try again in a moment, or choose another --out"
                 )
@@ -92,7 +98,7 @@ class RunLock:
         if host == socket.gethostname() and pid > 0 and not pid_alive(pid):
             log.info("removing the stale lock of run %d (no longer running) in %s", pid, self.folder)
             return
-        raise RFIError(
+        raise RunInUseError(
             f"{self.folder} is in use by another run (pid {pid} on {host}): wait for it to "
             f"finish or choose another --out; if no such run exists, delete {self.path}"
         )

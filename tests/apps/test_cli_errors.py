@@ -30,7 +30,7 @@ from encoders.core.config import bounded, config_path
 from encoders.core.errors import RFIError
 from encoders.core.files import EXIT_PARTIAL, FileBatch, check_output_folder
 from encoders.core.imageio import read_image
-from encoders.core.rundir import RunLock
+from encoders.core.rundir import RunInUseError, RunLock
 from encoders.core.serialization import load_checkpoint, save_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder
@@ -240,7 +240,7 @@ def test_stale_temporary_files_of_dead_runs_are_removed(tmp_path):
 # ----------------------------------------------------------------------------- concurrent runs
 def test_a_run_folder_has_one_owner(tmp_path):
     with RunLock(tmp_path / "run"):
-        with pytest.raises(RFIError, match=rf"in use by another run \(pid {os.getpid()}"):
+        with pytest.raises(RunInUseError, match=rf"in use by another run \(pid {os.getpid()}"):
             RunLock(tmp_path / "run").acquire()
     assert not (tmp_path / "run" / ".lock").exists()
 

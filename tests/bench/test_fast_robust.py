@@ -40,16 +40,35 @@ def test_tiny_run_writes_every_row_and_the_goal(tmp_path, bench, one_thread, cap
     assert again["results"] == result["results"]
 
 
-def test_train_only_splits_the_training_and_the_full_run_reuses_it(tmp_path, bench, one_thread, monkeypatch):
+def test_processes_share_the_training_and_the_evaluation(tmp_path, bench, one_thread, monkeypatch, capsys):
+    from encoders.core.rundir import RunLock
+
     common = ["--tiny", "--seeds", "2", "--rows", "fgsm_rs", "--workdir", str(tmp_path / "work")]
     out = tmp_path / "fast_robust.json"
-    for seed in ("0", "1"):  # as two processes would, one seed each
-        assert bench.main([*common, "--train-only", seed, "--out", str(out)]) == {}
+    assert bench.main([*common, "--train-only", "0", "--out", str(out)]) == {}
+    (root,) = (tmp_path / "work").glob("tiny_*")
+    capsys.readouterr()
+    with RunLock(root / "fgsm_rs" / "seed1"):  # another process has it
+        assert bench.main([*common, "--train-only", "0", "1"]) == {}
+    assert "fgsm_rs seed 1 skipped (another process has it)" in capsys.readouterr().err
     assert not out.exists()  # training only: no evaluation, no report
-    timings = sorted((tmp_path / "work").glob("tiny_*/*/seed*/timing.json"))
+    timings = sorted(root.glob("*/seed*/timing.json"))
     assert [(t.parents[1].name, t.parent.name) for t in timings] == [
-        ("fgsm_rs", "seed0"), ("fgsm_rs", "seed1"), ("pgd3", "seed0"), ("pgd3", "seed1"),
+        ("fgsm_rs", "seed0"), ("pgd3", "seed0"), ("pgd3", "seed1"),
     ]  # fmt: skip
+    bench.main([*common, "--train-only", "1"])  # released: now it is trained
+    assert (root / "fgsm_rs" / "seed1" / "timing.json").is_file()
+
     monkeypatch.setattr(bench, "train_encoder", lambda cfg: pytest.fail(f"retrained {cfg.out}"))
-    result = bench.main([*common, "--out", str(out)])
+    with RunLock(root / "pgd3" / "seed0"):  # another process is evaluating it
+        assert bench.main([*common, "--evaluate-only", "0", "1"]) == {}
+    evaluated = sorted((p.parent.name, p.parents[1].name) for p in root.glob("*/seed*/evaluation.json"))
+    assert evaluated == [("seed0", "fgsm_rs"), ("seed1", "fgsm_rs"), ("seed1", "pgd3")]
+    measured = []
+    real = bench.measure_row
+    monkeypatch.setattr(bench, "measure_row", lambda run, *a: measured.append(run["folder"]) or real(run, *a))
+    result = bench.main([*common, "--out", str(out)])  # the report: only the skipped evaluation is measured
+    assert measured == [root / "pgd3" / "seed0"]
     assert set(result["results"]["fgsm_rs"]) == {"0", "1"} and json.loads(out.read_text())["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[5\] not among"):
+        bench.main([*common, "--evaluate-only", "5"])

@@ -92,11 +92,11 @@ def test_train_result_stands_for_its_path(tmp_path):
 
 
 def test_an_empty_lock_older_than_a_write_is_stale_and_replaced(tmp_path, caplog):
-    from encoders.core.rundir import LOCK_WRITE_SECONDS, RunLock
+    from encoders.core.rundir import LOCK_WRITE_SECONDS, RunInUseError, RunLock
 
     lock = tmp_path / ".lock"
     lock.write_bytes(b"")  # a run that ran out of disk space as it wrote its lock (an older RFI left these)
-    with pytest.raises(RFIError, match="is being locked by another run"):  # young: perhaps being written now
+    with pytest.raises(RunInUseError, match="is being locked by another run"):  # young: perhaps being written now
         RunLock(tmp_path).acquire()
     old = lock.stat().st_mtime - LOCK_WRITE_SECONDS - 1
     os.utime(lock, (old, old))
