@@ -182,13 +182,9 @@ def train_timed(cfg: TrainEncoderConfig, folder: Path) -> dict[str, Any]:
     return timing
 
 
-def row_folder(root: Path, row: str, seed: int) -> Path:
-    return root / row / f"seed{seed}"
-
-
 def run_of(row: str, seed: int, root: Path, budget: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The configs and files of one row and seed (trained or not) and, once trained, its timing."""
-    folder = row_folder(root, row, seed)
+    folder = root / row / f"seed{seed}"
     cfg = encoder_config(row, seed, folder / "encoder", budget, args.set)
     decoder_cfg = load_config(
         TrainDecoderConfig,
@@ -244,9 +240,8 @@ def evaluate_row(run: dict[str, Any], twin: Path | None, ev: dict[str, Any]) -> 
     key = {"twin": str(twin), **ev}
 
     def cached() -> dict[str, Any] | None:
-        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-            return json.loads(cache.read_text())["result"]
-        return None
+        entry = json.loads(cache.read_text()) if cache.is_file() else {}
+        return entry["result"] if entry.get("key") == key else None
 
     if (result := cached()) is not None:
         return result
@@ -297,8 +292,12 @@ def evaluate(
     The twin, whose attack transfers, is PGD-3 of the same seed, or for PGD-3 itself the next seed's.
     """
     run = train_row(row, seed, root, budget, args)
-    i = seeds.index(seed)
-    twin_seed = seed if row != REFERENCE else seeds[(i + 1) % len(seeds)] if len(seeds) > 1 else None
+    if row != REFERENCE:
+        twin_seed: int | None = seed
+    elif len(seeds) > 1:
+        twin_seed = seeds[(seeds.index(seed) + 1) % len(seeds)]
+    else:
+        twin_seed = None
     twin = None if twin_seed is None else train_row(REFERENCE, twin_seed, root, budget, args)["encoder"]
     return {
         **evaluate_row(run, twin, budget["eval"]),

@@ -48,14 +48,12 @@ from encoders.core.serialization import atomic_write, pid_alive
 
 log = logging.getLogger("rfi")
 LOCK_NAME = ".lock"
+LOCK_WRITE_SECONDS = 10.0
+"""An empty or unreadable lock younger than this may be one being written; older, it is stale."""
 
 
 class RunInUseError(RFIError):
     """Another live process holds the run folder's lock (so a caller sharing work may skip the run)."""
-
-
-LOCK_WRITE_SECONDS = 10.0
-"""An empty or unreadable lock younger than this may be one being written; older, it is stale."""
 
 
 class RunLock:
