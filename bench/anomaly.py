@@ -28,7 +28,10 @@ seeds the models (``train.seed``, ``memory.seed``), and every method is measured
 ``raw pixels``, the raw-pixel patch nearest-neighbour baseline (:mod:`apps.anomaly.baseline`,
 ``--pixel-patch``, ``--pixel-patches-per-image``); with ``--standard``, also ``memory (standard)``, the
 memory bank on the standard encoder (the robust encoder's baseline). Means over seeds, and each method's paired
-difference to the baseline (per seed, the mean over photos). Goal: image AUROC >= 90 %.
+difference to the baseline (per seed, the mean over photos). Goal: image AUROC >= 90 %. Two controls per model
+(:func:`measure_controls`) say why a method misses: ``normal shift``, how much more anomalous the normal test
+crops look than normal crops held out of the photo's training part (a photo's test tiles show other parts of
+the scene), and ``defect>clean``, how often a defect raises the score of its own crop at all.
 
     python bench/anomaly.py                                   # embedded: draws 0 and 1, 3 seeds
     python bench/anomaly.py --draws 0 --seeds 1 --figure docs/img/anomaly_memory_vs_reconstruction.png
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -61,7 +65,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.anomaly.baseline import raw_pixel_maps  # noqa: E402
-from apps.anomaly.benchmark import make_benchmark  # noqa: E402
+from apps.anomaly.benchmark import PHOTO_DEFECTS, make_benchmark, photo_controls  # noqa: E402
 from apps.anomaly.config import DEFAULT_CONFIG, AnomalyConfig, load_anomaly_config  # noqa: E402
 from apps.anomaly.data import (  # noqa: E402
     AnomalyData,
@@ -92,6 +96,8 @@ GOAL = 0.95
 UNSEEN_METHODS = ("reconstruction", "memory", "memory (standard)", "combined", "raw pixels")
 BASELINE = "raw pixels"
 UNSEEN_GOAL = 0.90
+CONTROLS = ("region_shift", "defect_above_clean")
+"""The unseen mode's controls of each model (:func:`measure_controls`)."""
 TINY = [  # --tiny: the shipped config shrunk to fits of a few seconds (as the test suite's anomaly fits)
     "train.steps=6",
     "train.batch_size=8",
@@ -181,6 +187,65 @@ def evaluate_raw_pixels(cfg: AnomalyConfig, data: AnomalyData, patch: int, patch
     out = map_metrics(data.test, maps, image_scores(maps, cfg.score.image_score, cfg.score.topk).tolist())
     out.update(fit_s=seconds, fit_peak_mib=mem.mib)
     return out
+
+
+Scores = Callable[[list[torch.Tensor]], list[float]]
+"""A detector as a function: (3, H, W) images in [0, 1] -> their image scores."""
+
+
+def detector_scores(det: AnomalyDetector, images: list[torch.Tensor]) -> list[float]:
+    """Image scores of ``images`` (batched as :func:`evaluate` does)."""
+    prepared = [det.prepare(x) for x in images]
+    maps = torch.cat([det.maps(x).cpu() for x in det.batches(prepared, 16)])
+    return det.image_scores(maps).tolist()
+
+
+def fitted_scores(model: Path) -> Scores:
+    """The detector fitted into ``model`` as a scoring function."""
+    return functools.partial(detector_scores, AnomalyDetector.load(model))
+
+
+def combined_scores(models: tuple[Path, Path], cfg: AnomalyConfig, data: str, category: str) -> Scores:
+    """``combined`` built from the reconstruction and memory models at ``models`` (:func:`combine`)."""
+    det, _, _ = combine(AnomalyDetector.load(models[0]), AnomalyDetector.load(models[1]), cfg, data, category)
+    return functools.partial(detector_scores, det)
+
+
+def raw_pixel_scores(cfg: AnomalyConfig, data: AnomalyData, patch: int, patches_per_image: int) -> Scores:
+    """The raw-pixel baseline (:func:`evaluate_raw_pixels`'s bank) as a scoring function."""
+    normal = [read_image(p) for p in split_normal(readable_images(data.train), cfg.holdout)[0]]
+    memory = dataclasses.replace(cfg.memory, patches_per_image=patches_per_image)
+
+    def scores(images: list[torch.Tensor]) -> list[float]:
+        maps = raw_pixel_maps(normal, images, patch, memory)
+        return image_scores(maps, cfg.score.image_score, cfg.score.topk).tolist()
+
+    return scores
+
+
+def measure_controls(
+    data: AnomalyData, controls: tuple[list, list], make_scores: Callable[..., Scores], *args: Any
+) -> dict[str, Any]:
+    """The two controls of a photo set (:func:`apps.anomaly.benchmark.photo_controls`), scored by
+    ``make_scores(*args)`` in one call (the raw-pixel bank is built once):
+
+    - ``region_shift``: AUROC of the set's normal test images against normal crops held out of the training
+      part of the photo (0.5: the test part looks as normal as the training part; 1: every normal test
+      image scores above every held-out one);
+    - ``defect_above_clean``: the fraction of defect images scored above the same crop without its defect.
+    """
+    held_out, clean = ([torch.from_numpy(a).permute(2, 0, 1) for a in part] for part in controls)
+    good = [t for t in data.test if t.label == 0]
+    defects = [t for t in data.test if t.label == 1]
+    per_defect = len(clean) // len(PHOTO_DEFECTS)
+    twins = [clean[PHOTO_DEFECTS.index(t.defect) * per_defect + int(t.path.stem)] for t in defects]
+    groups = [[read_image(t.path) for t in good], [read_image(t.path) for t in defects], held_out, twins]
+    flat = iter(make_scores(*args)([x for group in groups for x in group]))
+    s_good, s_defects, s_held, s_twins = ([next(flat) for _ in group] for group in groups)
+    return {
+        "region_shift": image_metrics([1] * len(s_good) + [0] * len(s_held), s_good + s_held)["auroc"],
+        "defect_above_clean": statistics.fmean(d > c for d, c in zip(s_defects, s_twins)),
+    }
 
 
 def held_out(cfg: AnomalyConfig, data: str, category: str) -> list[torch.Tensor]:
@@ -407,18 +472,25 @@ def summarise_unseen(runs: list[dict], categories: list[str], seeds: list[int]) 
                         d: {k: mean([r["per_defect"][d][k] for r in rs]) for k in keys} for d in rs[0]["per_defect"]
                     },
                     "fit_s": mean([r["fit_s"] for r in rs]),
+                    "controls": {k: mean([r["controls"][k] for r in rs]) for k in CONTROLS},
                     "seeds": len(rs),
                 }
     per_seed: dict[str, dict[str, list[float]]] = {m: {k: [] for k in keys} for m in methods}
+    measured_photos: set[str] = set()
     for s in seeds:
         complete = [c for c in categories if all((s, c, m) in by for m in methods)]
         if not complete:
             continue
+        measured_photos.update(complete)
         for m in methods:
             for k in keys:
                 per_seed[m][k].append(statistics.fmean(by[s, c, m][k] for c in complete))
     for m in methods:
         table["mean"][m] = {k: mean(per_seed[m][k]) for k in keys} | {"seeds": len(per_seed[m]["image_auroc"])}
+        table["mean"][m]["controls"] = {
+            k: mean([r["controls"][k] for r in runs if r["method"] == m and r["category"] in measured_photos])
+            for k in CONTROLS
+        }
         if m == BASELINE or BASELINE not in methods:
             continue
         paired = {}
@@ -456,7 +528,13 @@ def format_unseen(table: dict[str, Any]) -> str:
             diff(table["paired_vs_raw_pixels"][m][k]) if m in table["paired_vs_raw_pixels"] else "-" for m in methods
         ]
         lines.append(f"{'vs raw ' + label:<14}" + "".join(f" | {c:>18}" for c in cells))
+    for k, label in (("region_shift", "normal shift"), ("defect_above_clean", "defect>clean")):
+        lines.append(f"{label:<14}" + "".join(f" | {pct(table['mean'][m]['controls'][k]):>18}" for m in methods))
     lines.append("vs raw: paired difference of the photo means, per seed (points; mean ± sd over seeds, seeds won)")
+    lines.append(
+        "normal shift: AUROC of the normal test crops against normal crops held out of the photo's training part "
+        "(50: none); defect>clean: % of defect images scored above the same crop without the defect"
+    )
     return "\n".join(lines)
 
 
@@ -548,22 +626,33 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
             fits = [("reconstruction", encoder, "reconstruction"), ("memory", encoder, "memory")]
             if standard is not None:  # the same memory bank on the baseline encoder
                 fits.append(("memory (standard)", standard, "memory_standard"))
+            ctl = photo_controls(photos, cat, cfg.benchmark)
             for name, enc, stem in fits:
                 method = name.split(" ")[0]
                 c = load_anomaly_config(args.config, [*common, f"encoder={enc}", f"method={method}", f"category={cat}"])
                 model = folder / f"{cat}_{stem}.pt"
                 records[name] = measured(model.with_suffix(".json"), measure_fit, c, str(root), model, data)
-                record(seed, cat, name, records[name])
+                checks = measured(
+                    folder / f"{cat}_{stem}_controls.json", measure_controls, data, ctl, fitted_scores, model
+                )
+                record(seed, cat, name, {**records[name], "controls": checks})
             models = (folder / f"{cat}_reconstruction.pt", folder / f"{cat}_memory.pt")
             parts = (records["reconstruction"], records["memory"])
             combined = measured(
                 folder / f"{cat}_combined.json", measure_combined, models, parts, cfg, str(root), cat, data
             )
-            record(seed, cat, "combined", combined)
+            checks = measured(
+                folder / f"{cat}_combined_controls.json", measure_controls, data, ctl, combined_scores, models, cfg,
+                str(root), cat,
+            )  # fmt: skip
+            record(seed, cat, "combined", {**combined, "controls": checks})
             pixel = (args.pixel_patch, args.pixel_patches_per_image)
-            record(
-                seed, cat, BASELINE, measured(folder / f"{cat}_raw_pixels.json", evaluate_raw_pixels, cfg, data, *pixel)
-            )
+            raw = measured(folder / f"{cat}_raw_pixels.json", evaluate_raw_pixels, cfg, data, *pixel)
+            checks = measured(
+                folder / f"{cat}_raw_pixels_controls.json", measure_controls, data, ctl, raw_pixel_scores, cfg, data,
+                *pixel,
+            )  # fmt: skip
+            record(seed, cat, BASELINE, {**raw, "controls": checks})
     return write(partial=False)
 
 

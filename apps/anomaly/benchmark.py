@@ -408,6 +408,64 @@ def _write_photo(root: Path, name: str, images: dict[str, np.ndarray], cfg: Benc
             )  # fmt: skip
 
 
+def photo_controls(
+    photos: str | os.PathLike, category: str, cfg: BenchmarkConfig
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Two controls of a photo category that :func:`make_benchmark` builds from ``photos`` with ``cfg``.
+
+    They tell apart the two reasons a detector can miss on such a set: normal test crops that already look
+    anomalous (the test tiles show parts of the scene the training crops do not), and defects that do not
+    change the score. They are generated again from the same seeds, not written into the set (which keeps
+    the MVTec layout).
+
+    Args:
+        photos: the folder the benchmark was made from.
+        category: one of its categories (a photo's name).
+        cfg: the benchmark's settings.
+
+    Returns:
+        ``(held_out, clean)``: ``cfg.test_good`` crops of the *training* tiles, drawn with their own seeds
+        (not the training images, but from the same part of the scene), and the crop under each defect
+        image before its defect was added, in the order of the set's files (``test/<defect>/NNN.png``, the
+        defects in :data:`PHOTO_DEFECTS` order). (size, size, 3) float32 arrays in [0, 1], on the 8-bit
+        levels of the set's files.
+
+    Raises:
+        RFIError: ``category`` is not a usable photo of ``photos``.
+
+    Example:
+        >>> import numpy as np; from encoders.data.unseen import unseen_folder
+        >>> held_out, clean = photo_controls(unseen_folder("/tmp/rfi-doc-unseen"), "coins", BenchmarkConfig(
+        ...     size=32, test_good=2, test_defect=1))
+        >>> len(held_out), len(clean), clean[0].shape
+        (2, 3, (32, 32, 3))
+    """
+    cfg = check_config(cfg, "the benchmark settings")
+    found = _read_photos(Path(photos), cfg)
+    if category not in found:
+        raise RFIError(f"no usable photo '{category}' in {photos} (photos: {', '.join(found)})")
+    images = {name: img.permute(1, 2, 0).numpy().astype(np.float32) for name, (_, img) in found.items()}
+    image = images[category]
+    tiles = photo_tiles(*image.shape[:2], cfg.size)
+    held_out_key = 2 + len(PHOTO_DEFECTS)  # after the keys of train (0), test/good (1) and each defect
+    held_out = [
+        _tile_crop(image, tiles["train"], cfg.size, _photo_rng(cfg, category, held_out_key, i))
+        for i in range(cfg.test_good)
+    ]
+    donors = [image, *(other for key, other in images.items() if key != category)]
+    clean = [
+        photo_defect(image, tiles["test"], defect, donors, cfg.size, _photo_rng(cfg, category, 2 + k, i))[0]
+        for k, defect in enumerate(PHOTO_DEFECTS)
+        for i in range(cfg.test_defect)
+    ]
+    return [_8bit(x) for x in held_out], [_8bit(x) for x in clean]
+
+
+def _8bit(img: np.ndarray) -> np.ndarray:
+    """``img`` as :func:`_save` writes it and the set's reader reads it back."""
+    return ((img * 255).round().clip(0, 255) / 255).astype(np.float32)
+
+
 def _save(img: np.ndarray, path: Path) -> None:
     write_image((img * 255).round().clip(0, 255).astype(np.uint8), path)
 

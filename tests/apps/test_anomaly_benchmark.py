@@ -11,7 +11,15 @@ import torch
 from PIL import Image
 
 from apps.anomaly.baseline import PixelPatches, raw_pixel_maps
-from apps.anomaly.benchmark import PHOTO_DEFECTS, VISIBLE, _photo_rng, make_benchmark, photo_defect, photo_tiles
+from apps.anomaly.benchmark import (
+    PHOTO_DEFECTS,
+    VISIBLE,
+    _photo_rng,
+    make_benchmark,
+    photo_controls,
+    photo_defect,
+    photo_tiles,
+)
 from apps.anomaly.config import BenchmarkConfig, MemoryConfig, load_anomaly_config
 from apps.anomaly.data import load_anomaly_data, read_mask
 from apps.anomaly.maps import image_scores
@@ -148,6 +156,32 @@ def test_folder_benchmark_masks_cover_exactly_the_visible_defects(photos, tmp_pa
                 if defect == "pasted_patch":  # from the other photo: the other colour dominates inside
                     inside = img[mask].mean(0)
                     assert (inside[1] > inside[0]) == (name == "red"), (name, i, inside)
+
+
+def test_photo_controls_are_the_clean_twins_and_new_crops_of_the_training_tiles(photos, tmp_path):
+    root = make_benchmark(tmp_path / "bench", BENCH, photos=photos)
+    for name, image in _photo_arrays(photos).items():
+        held_out, clean = photo_controls(photos, name, BENCH)
+        assert len(held_out) == BENCH.test_good and len(clean) == len(PHOTO_DEFECTS) * BENCH.test_defect
+        split = photo_tiles(*image.shape[:2], BENCH.size)
+        train = [np.asarray(Image.open(f), np.float32) / 255 for f in sorted((root / name / "train/good").glob("*"))]
+        for crop in held_out:  # a new crop of the training part, on the files' 8-bit levels
+            assert crop.dtype == np.float32 and np.array_equal(np.round(crop * 255), crop * 255)
+            assert not any(np.array_equal(crop, t) for t in train)
+            boxes = _boxes_holding(crop, image)
+            assert any(
+                t <= y and y + 32 <= b and lf <= x and x + 32 <= r for y, x in boxes for t, lf, b, r in split["train"]
+            )
+        twins = iter(clean)
+        for defect in PHOTO_DEFECTS:
+            for i in range(BENCH.test_defect):  # the defect image is its twin plus the defect inside the mask only
+                img = np.asarray(Image.open(root / name / "test" / defect / f"{i:03d}.png"), np.float32) / 255
+                mask = read_mask(root / name / "ground_truth" / defect / f"{i:03d}_mask.png").numpy()
+                twin = next(twins)
+                assert np.abs(img - twin).max(-1)[~mask].max() <= 1e-6, (name, defect, i)
+                assert np.abs(img - twin).mean(-1)[mask].mean() >= VISIBLE - 1 / 255, (name, defect, i)
+    with pytest.raises(RFIError, match="no usable photo 'tiny'"):
+        photo_controls(photos, "tiny", BENCH)
 
 
 def test_a_defect_is_redrawn_until_it_can_be_seen_and_a_flat_photo_is_named(tmp_path, caplog):

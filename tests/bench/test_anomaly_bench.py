@@ -32,6 +32,7 @@ def test_tiny_unseen_run_measures_every_method_next_to_the_baseline(tmp_path, be
     for r in result["runs"]:
         assert 0 <= r["image_auroc"] <= 1 and 0 <= r["pixel_auroc"] <= 1 and r["fit_s"] > 0
         assert set(r["per_defect"]) == {"pasted_patch", "blurred_disk", "tinted_disk"}
+        assert set(r["controls"]) == set(bench.CONTROLS) and all(0 <= v <= 1 for v in r["controls"].values())
     table = result["table"]
     assert set(table["mean"]) == set(bench.UNSEEN_METHODS) and table["mean"]["memory"]["seeds"] == 2
     baseline = [r["image_auroc"] for r in result["runs"] if r["method"] == "raw pixels"]
@@ -39,8 +40,10 @@ def test_tiny_unseen_run_measures_every_method_next_to_the_baseline(tmp_path, be
     paired = table["paired_vs_raw_pixels"]["memory"]["image_auroc"]
     assert paired["seeds"] == 2 and paired["mean"] == pytest.approx(sum(memory) / 2 - sum(baseline) / 2)
     assert "raw pixels" not in table["paired_vs_raw_pixels"]
+    shifts = [r["controls"]["region_shift"] for r in result["runs"] if r["method"] == "memory"]
+    assert table["mean"]["memory"]["controls"]["region_shift"] == pytest.approx(sum(shifts) / 2)
     printed = capsys.readouterr().out
-    assert "vs raw image" in printed and "raw pixels: mean image AUROC >= 90%" in printed
+    assert "vs raw image" in printed and "raw pixels: mean image AUROC >= 90%" in printed and "normal shift" in printed
 
 
 def test_tiny_needs_the_unseen_mode(bench):
@@ -52,12 +55,8 @@ def test_a_restarted_run_reuses_every_measurement_and_never_refits_a_finished_mo
     argv = ["--unseen", "--tiny", "--seeds", "1", "--categories", "camera", "--work", str(tmp_path)]
     first = bench.main([*argv, "--out", str(tmp_path / "first.json")])
     records = sorted((tmp_path / "models" / "seed0").glob("camera_*.json"))
-    assert first == 0 and [r.stem for r in records] == [
-        "camera_combined",
-        "camera_memory",
-        "camera_raw_pixels",
-        "camera_reconstruction",
-    ]
+    stems = ["camera_combined", "camera_memory", "camera_raw_pixels", "camera_reconstruction"]
+    assert first == 0 and [r.stem for r in records] == sorted(stems + [f"{stem}_controls" for stem in stems])
     (tmp_path / "models" / "seed0" / "camera_memory.json").unlink()  # killed after the fit, before its record
     model = tmp_path / "models" / "seed0" / "camera_memory.pt"
     written = model.stat().st_mtime_ns
@@ -71,6 +70,7 @@ def test_a_restarted_run_reuses_every_measurement_and_never_refits_a_finished_mo
     memory = runs[1]["memory"]  # measured again on the reused model: the same scores, the fit not measured
     assert memory["fit_s"] is None and memory["fit_peak_mib"] is None and runs[0]["memory"]["fit_s"] > 0
     assert memory["image_auroc"] == pytest.approx(runs[0]["memory"]["image_auroc"])
+    assert memory["controls"] == runs[0]["memory"]["controls"]  # kept, not measured again
 
 
 def test_tiny_embedded_run_draws_its_figure_resumes_and_merges(tmp_path, bench, one_thread):
