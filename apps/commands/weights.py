@@ -169,7 +169,10 @@ def card_text(name: str) -> str:
             f"  use       shipped:{model.name}",
         ]
         for key, value in model.card.items():
-            shown = json.dumps(value) if isinstance(value, (dict, list)) else ("-" if value is None else value)
+            if key == "figures":
+                shown = figures_text(value)
+            else:
+                shown = json.dumps(value) if isinstance(value, (dict, list)) else ("-" if value is None else value)
             lines.append(f"  {key:<9} {shown}")
         return "\n".join(lines)
     if name.removeprefix(zoo.ZOO_PREFIX) in zoo.ENTRIES:

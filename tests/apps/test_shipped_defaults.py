@@ -205,6 +205,7 @@ def test_weights_list_and_show_print_the_shipped_models(shipped_folder, capsys):
     card = capsys.readouterr().out
     for field in ("data", "budget", "command", "config", "figures", "limits", "configs/shipped/denoiser.yaml"):
         assert field in card
+    assert "  figures   unseen_psnr 20.00\n" in card  # as in the list, not raw JSON
     assert main(["weights", "show", "torchvision_alexnet"]) == 0
     assert "alexnet-owt-7be5be79.pth" in capsys.readouterr().out
     assert main(["weights", "show", "nope"]) == 2
