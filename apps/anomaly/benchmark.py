@@ -434,7 +434,7 @@ def photo_controls(
         RFIError: ``category`` is not a usable photo of ``photos``.
 
     Example:
-        >>> import numpy as np; from encoders.data.unseen import unseen_folder
+        >>> from encoders.data.unseen import unseen_folder
         >>> held_out, clean = photo_controls(unseen_folder("/tmp/rfi-doc-unseen"), "coins", BenchmarkConfig(
         ...     size=32, test_good=2, test_defect=1))
         >>> len(held_out), len(clean), clean[0].shape
@@ -458,16 +458,16 @@ def photo_controls(
         for k, defect in enumerate(PHOTO_DEFECTS)
         for i in range(cfg.test_defect)
     ]
-    return [_8bit(x) for x in held_out], [_8bit(x) for x in clean]
+    return [_uint8(x).astype(np.float32) / 255 for x in held_out], [_uint8(x).astype(np.float32) / 255 for x in clean]
 
 
-def _8bit(img: np.ndarray) -> np.ndarray:
-    """``img`` as :func:`_save` writes it and the set's reader reads it back."""
-    return ((img * 255).round().clip(0, 255) / 255).astype(np.float32)
+def _uint8(img: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] on 8-bit levels, as the set's files store it."""
+    return (img * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def _save(img: np.ndarray, path: Path) -> None:
-    write_image((img * 255).round().clip(0, 255).astype(np.uint8), path)
+    write_image(_uint8(img), path)
 
 
 def _sha256(path: Path) -> str:
