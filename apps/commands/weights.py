@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -339,7 +340,9 @@ def ship(
 ) -> tuple[list[shipped.ShippedModel], float]:
     """Write the shipped files of the models in ``trained`` into ``ship_to`` and update their manifest entries
     (size, sha256, card); entries whose encoder was re-shipped with other weights, without them, are reset
-    ("not in this build"); an encoder re-shipped unchanged (a finished run reused) keeps its app files.
+    ("not in this build"); an encoder re-shipped unchanged (a finished run reused) keeps its app files, and a
+    ``ship_to`` outside the package gets copies of the package's files of the models kept, so it holds every file its
+    manifest lists.
 
     Returns:
         The manifest's models and its size limit in MB.
@@ -357,14 +360,33 @@ def ship(
         model.size = (ship_to / model.file).stat().st_size
         model.card = {**model.card, **cards[name]}
     for model in models:
-        if model.name not in trained and model.encoder in changed and model.sha256 is not None:
+        if model.name in trained or model.sha256 is None:
+            continue
+        if model.encoder in changed:
             log.warning(
                 "%s was trained on the former %s: dropped from this build (retrain it too)", model.name, model.encoder
             )
-            (ship_to / model.file).unlink(missing_ok=True)
-            model.sha256, model.size = None, None
-            model.card = {**model.card, "trained": None, "figures": None}
+            drop(model, ship_to)
+        elif not complete(model, ship_to):
+            log.warning("%s: its file is in neither %s nor the package: dropped from this build", model.name, ship_to)
+            drop(model, ship_to)
     return models, float(manifest["limit_mb"])
+
+
+def complete(model: shipped.ShippedModel, ship_to: Path) -> bool:
+    """Whether ``ship_to`` holds ``model``'s file with its recorded hash, copying the package's file there first when
+    ``ship_to`` is another folder (so a ``--ship-to`` folder is a whole shipped set, ready to replace the package's)."""
+    target, source = ship_to / model.file, shipped.FOLDER / model.file
+    if not target.is_file() and source.is_file() and zoo.sha256_file(source) == model.sha256:
+        shutil.copyfile(source, target)
+    return target.is_file() and zoo.sha256_file(target) == model.sha256
+
+
+def drop(model: shipped.ShippedModel, ship_to: Path) -> None:
+    """Reset ``model``'s manifest entry to "not in this build" and remove its file from ``ship_to``."""
+    (ship_to / model.file).unlink(missing_ok=True)
+    model.sha256, model.size = None, None
+    model.card = {**model.card, "trained": None, "figures": None}
 
 
 def retrain(names: Sequence[str], out: Path, resume: bool, ship_to: Path, tiny: bool = False) -> list[Path]:

@@ -22,7 +22,7 @@ from apps.style.pyramid import load_pyramid
 from encoders import create_encoder
 from encoders.core.imageio import read_image, write_image
 from encoders.core.serialization import save_checkpoint
-from encoders.weights import shipped
+from encoders.weights import shipped, zoo
 from encoders.weights.checkpoints import encoder_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.decoders import Decoder, decoder_checkpoint
@@ -210,6 +210,29 @@ def test_weights_list_and_show_print_the_shipped_models(shipped_folder, capsys):
     assert "alexnet-owt-7be5be79.pth" in capsys.readouterr().out
     assert main(["weights", "show", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_ship_to_another_folder_holds_every_file_its_manifest_lists(shipped_folder, tmp_path, caplog):
+    """One model shipped into an empty ``--ship-to`` folder: the package's files of the others are copied beside it
+    (hash-checked), so the folder can replace the package's; one whose package file is damaged is dropped, not listed."""
+    standard = tiny_net(1)
+    torch.manual_seed(2)
+    retrained = decoder_checkpoint(Decoder(32, 4, "layer3", channels=16, min_channels=8).eval(), standard)
+    trained = {"rfi_resnet18_standard_layer3": save_checkpoint(retrained, tmp_path / "sd.pt")}
+    (shipped_folder / "rfi_denoiser.pt").write_bytes(b"damaged")
+    out = tmp_path / "dist"
+    out.mkdir()
+    models, limit = ship(trained, {"rfi_resnet18_standard_layer3": {"figures": {"unseen_psnr": 21.0}}}, out)
+    shipped.write_manifest(models, out, limit)
+    listed = {m.name: m for m in shipped.shipped_models(out)}
+    assert listed["rfi_denoiser"].sha256 is None and not (out / "rfi_denoiser.pt").exists()
+    assert "rfi_denoiser: its file is in neither" in caplog.text
+    kept = [m for m in listed.values() if m.sha256 is not None]
+    assert len(kept) == 5 and listed["rfi_resnet18_standard_layer3"].card["figures"] == {"unseen_psnr": 21.0}
+    for model in kept:
+        assert zoo.sha256_file(out / model.file) == model.sha256, model.name
+    assert listed["rfi_resnet18_robust"].sha256 == shipped.get_shipped("rfi_resnet18_robust").sha256
+    assert listed["rfi_resnet18_standard_layer3"].sha256 != shipped.get_shipped("rfi_resnet18_standard_layer3").sha256
 
 
 @pytest.mark.slow
