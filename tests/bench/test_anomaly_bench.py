@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,22 +20,29 @@ def bench():
     return anomaly
 
 
-def test_tiny_unseen_run_measures_every_method_next_to_the_baseline(tmp_path, bench, one_thread, capsys):
+@pytest.fixture(scope="module")
+def unseen(bench):
+    from bench import anomaly_unseen
+
+    return anomaly_unseen
+
+
+def test_tiny_unseen_run_measures_every_method_next_to_the_baseline(tmp_path, bench, unseen, one_thread, capsys):
     out = tmp_path / "anomaly_unseen.json"
-    standard = bench.tiny_encoder(tmp_path / "standard.pt")  # --standard: the memory bank on it too
+    standard = unseen.tiny_encoder(tmp_path / "standard.pt")  # --standard: the memory bank on it too
     argv = ["--unseen", "--tiny", "--seeds", "2", "--categories", "camera", "--out", str(out), "--work", str(tmp_path)]
     assert bench.main([*argv, "--standard", str(standard)]) == 0
     result = json.loads(out.read_text())
     assert not result["partial"] and result["seeds"] == [0, 1] and "untrained tiny" in result["encoder"]
     assert result["standard_encoder"] == str(standard)
     runs = {(r["seed"], r["category"], r["method"]) for r in result["runs"]}
-    assert runs == {(s, "camera", m) for s in (0, 1) for m in bench.UNSEEN_METHODS}
+    assert runs == {(s, "camera", m) for s in (0, 1) for m in unseen.UNSEEN_METHODS}
     for r in result["runs"]:
         assert 0 <= r["image_auroc"] <= 1 and 0 <= r["pixel_auroc"] <= 1 and r["fit_s"] > 0
         assert set(r["per_defect"]) == {"pasted_patch", "blurred_disk", "tinted_disk"}
-        assert set(r["controls"]) == set(bench.CONTROLS) and all(0 <= v <= 1 for v in r["controls"].values())
+        assert set(r["controls"]) == set(unseen.CONTROLS) and all(0 <= v <= 1 for v in r["controls"].values())
     table = result["table"]
-    assert set(table["mean"]) == set(bench.UNSEEN_METHODS) and table["mean"]["memory"]["seeds"] == 2
+    assert set(table["mean"]) == set(unseen.UNSEEN_METHODS) and table["mean"]["memory"]["seeds"] == 2
     baseline = [r["image_auroc"] for r in result["runs"] if r["method"] == "raw pixels"]
     memory = [r["image_auroc"] for r in result["runs"] if r["method"] == "memory"]
     paired = table["paired_vs_raw_pixels"]["memory"]["image_auroc"]
@@ -46,9 +54,11 @@ def test_tiny_unseen_run_measures_every_method_next_to_the_baseline(tmp_path, be
     assert "vs raw image" in printed and "raw pixels: mean image AUROC >= 90%" in printed and "normal shift" in printed
 
 
-def test_tiny_needs_the_unseen_mode(bench):
-    with pytest.raises(SystemExit):
-        bench.main(["--tiny"])
+def test_tiny_needs_the_unseen_mode_run_as_a_script():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "anomaly.py"), "--tiny"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 2 and "--tiny is a smoke run of --unseen: add --unseen" in done.stderr
 
 
 def test_a_restarted_run_reuses_every_measurement_and_never_refits_a_finished_model(tmp_path, bench, one_thread):
@@ -73,10 +83,10 @@ def test_a_restarted_run_reuses_every_measurement_and_never_refits_a_finished_mo
     assert memory["controls"] == runs[0]["memory"]["controls"]  # kept, not measured again
 
 
-def test_tiny_embedded_run_draws_its_figure_resumes_and_merges(tmp_path, bench, one_thread):
-    enc = str(bench.tiny_encoder(tmp_path / "enc.pt"))
+def test_tiny_embedded_run_draws_its_figure_resumes_and_merges(tmp_path, bench, unseen, one_thread):
+    enc = str(unseen.tiny_encoder(tmp_path / "enc.pt"))
     argv = ["--robust", enc, "--standard", enc, "--draws", "0", "--seeds", "1", "--categories", "brick"]
-    argv += ["--work", str(tmp_path / "work"), *bench.TINY]
+    argv += ["--work", str(tmp_path / "work"), *unseen.TINY]
     out = {name: tmp_path / f"{name}.json" for name in ("first", "again", "seed1", "merged")}
     assert bench.main([*argv, "--out", str(out["first"]), "--figure", str(tmp_path / "maps.png")]) == 0
     first = json.loads(out["first"].read_text())
