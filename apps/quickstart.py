@@ -45,6 +45,7 @@ from encoders.core.files import check_output_folder, reported_writes
 from encoders.core.rundir import TrainResult
 from encoders.core.runtime import resolve_device
 from encoders.core.serialization import atomic_write, write_json
+from encoders.weights import shipped
 from inversion import RobustAutoencoder
 from inversion.evaluate import UNSEEN, compare_autoencoders, format_table, lpips_for
 
@@ -80,6 +81,7 @@ class EvalSection:
     grid_rows: int = bounded(low=1)
     lpips_net: Literal["alex", "vgg"]
     lpips_weights: str | None
+    shipped: bool
 
     def check(self) -> None:
         if not self.scales:
@@ -147,6 +149,37 @@ def _train(
     return result, {"path": str(result.path), "cached": cached, "seconds": time.perf_counter() - start}
 
 
+SHIPPED_PAIRS = {
+    "shipped robust": ("rfi_resnet18_robust", "rfi_resnet18_robust_layer3"),
+    "shipped standard": ("rfi_resnet18_standard", "rfi_resnet18_standard_layer3"),
+}
+"""``eval.shipped``: the report's rows for RFI's shipped pairs -> (encoder, layer3 decoder), trained for hours."""
+
+
+def shipped_pairs(device: torch.device) -> tuple[dict[str, RobustAutoencoder], dict[str, dict[str, Any]]]:
+    """The shipped pairs of :data:`SHIPPED_PAIRS` this build has, loaded (hash-checked), and what the report says of
+    them (names, training times, the encoder's accuracies); a pair not in this build is left out with a log line.
+
+    Raises:
+        RFIError: a shipped file that is missing or damaged (one line naming it).
+    """
+    models: dict[str, RobustAutoencoder] = {}
+    cards: dict[str, dict[str, Any]] = {}
+    for name, pair in SHIPPED_PAIRS.items():
+        entries = [shipped.get_shipped(n) for n in pair]
+        if any(e.sha256 is None for e in entries):
+            log.info("%s: not in this build (rfi weights list), left out of the report", name)
+            continue
+        models[name] = RobustAutoencoder.from_checkpoints(*(shipped.shipped_path(n) for n in pair), device=device)
+        cards[name] = {
+            "encoder": pair[0],
+            "decoder": pair[1],
+            "trained": [e.card.get("trained") for e in entries],
+            "eval": entries[0].card.get("figures"),
+        }
+    return models, cards
+
+
 def run_quickstart(
     out: str | os.PathLike | None = None,
     config: str | os.PathLike = DEFAULT_CONFIG,
@@ -183,6 +216,7 @@ def run_quickstart(
         runs = {name: getattr(cfg.runs, name) for name in RUN_NAMES}
         report: dict[str, Any] = {"budget": budget, "config": str(config), "out": str(out), "runs": {}}
         device = {"device": cfg.device}
+        reference, report["shipped"] = shipped_pairs(resolve_device(cfg.device)) if cfg.eval.shipped else ({}, {})
         models: dict[str, RobustAutoencoder] = {}
         train_sizes = set()
         steps, total = 0, 2 * len(runs)
@@ -225,6 +259,7 @@ def run_quickstart(
         )
         lpips_model, note = lpips_for(cfg.eval.lpips_net, cfg.eval.lpips_weights, resolve_device(cfg.device))
         t_eval = time.perf_counter()
+        models.update(reference)  # after the runs: the report's columns are robust, standard, then the shipped pairs
         result = compare_autoencoders(
             models,
             cfg.eval.scales,
@@ -296,12 +331,25 @@ def render_report(report: dict[str, Any]) -> str:
             f"| {name} | {kind} | {_fmt_acc(r['encoder']['eval'])} | {r['layer']} | "
             f"{'n/a' if vp is None else f'{vp:.2f}'} | {secs / 60:.1f} min{cached} |"
         )
+    for name, card in report.get("shipped", {}).items():
+        took = " + ".join(str(t).split(" on ")[0] for t in card["trained"])
+        lines.append(
+            f"| {name} | shipped: `{card['encoder']}` + `{card['decoder']}` | {_fmt_acc(card['eval'])} | layer3 | "
+            f"n/a | {took} (shipped) |"
+        )
     pgd = next((r["encoder"]["eval"] for r in report["runs"].values() if r["encoder"]["eval"]), None)
     if pgd:
         lines += [
             "",
             f"PGD accuracy: {pgd['steps']}-step {pgd['norm']} attack, eps={pgd['eps']:g}, on "
             f"{pgd['images']} validation crops.",
+        ]
+    if report.get("shipped"):
+        lines += [
+            "",
+            "The shipped rows are RFI's own pairs (`rfi weights show NAME`), trained for hours on one core and not by "
+            "this run: their accuracies are from their cards (their own 48-px validation crops), and they are "
+            "evaluated below on the same crops as this run's pairs.",
         ]
     lines += _evaluation_section(
         f"held-out crops of the embedded photos ({ev['num']} per scale, training size {ev['train_size']} px)",
