@@ -107,7 +107,8 @@ def train_pyramid(cfg: StyleConfig, resume: bool = False) -> TrainResult:
     """
     layers = check_pyramid_config(cfg)
     out = Path(cfg.out)
-    RunDir(out.parent, out.name).has_checkpoint(resume)  # an existing model needs --resume (its runs are reused)
+    if out.exists() or not resume:  # an existing model needs --resume (its runs are reused); each layer says
+        RunDir(out.parent, out.name).has_checkpoint(resume)  # whether it resumes (not "nothing to resume" here)
     configs = {layer: layer_config(cfg, layer) for layer in layers}  # every layer checked before training
     runs = {}
     for i, (layer, layer_cfg) in enumerate(configs.items()):

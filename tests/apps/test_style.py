@@ -530,6 +530,11 @@ def test_cli_style_train_writes_a_pyramid_that_style_apply_uses(files, tmp_path,
     assert (tmp_path / "pyr_decoders" / "layer2" / "decoder.pt").is_file()
     assert main(args) == 2 and "exists" in capsys.readouterr().err  # never overwritten without --resume
     assert main(args + ["--resume"]) == 0  # finished runs are reused
+    model.unlink()  # a pyramid interrupted after its layers: --resume builds it from their runs, and says so
+    capsys.readouterr()
+    assert main([a for a in args if a != "--quiet"] + ["--resume"]) == 0
+    logged = capsys.readouterr().err
+    assert model.is_file() and "nothing to resume" not in logged and "pyramid decoder 2/2" in logged
     out = tmp_path / "styled"
     assert (
         main(
