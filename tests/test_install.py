@@ -108,6 +108,7 @@ def test_wheel_in_a_fresh_venv_finds_its_configs_from_another_folder(tmp_path):
     shipped = Path(report["config"]).resolve()  # the installed copy, inside the venv
     assert shipped.name == "quickstart.yaml" and shipped.is_relative_to(site), shipped
     assert report["budget"] == "tiny" and set(report["runs"]) == {"standard", "robust"}
+    assert set(report["shipped"]) == {"shipped robust", "shipped standard"}  # the wheel holds RFI's shipped models
 
     # an app YAML by its documented path (configs/apps/augment.yaml), with the robust run just trained
     images = work / "images"
@@ -137,6 +138,9 @@ def test_wheel_in_a_fresh_venv_finds_its_configs_from_another_folder(tmp_path):
         env,
     )
     assert sorted(p.name for p in (work / "views").glob("*_view1.png")) == ["img0_view1.png", "img1_view1.png"]
+    # the first command of the README's shipped tools: no model given, the wheel's shipped pair inverts
+    _run([str(rfi), "invert", "images/img0.png", "--out", "inverted"], work, env)
+    assert (work / "inverted" / "img0.png").is_file()
     missing = subprocess.run(
         [str(rfi), "augment", "images", "--out", "v2", "--config", "configs/apps/nope.yaml"],
         cwd=work,
