@@ -259,7 +259,7 @@ def run_quickstart(
         )
         lpips_model, note = lpips_for(cfg.eval.lpips_net, cfg.eval.lpips_weights, resolve_device(cfg.device))
         t_eval = time.perf_counter()
-        models.update(reference)  # after the runs: the report's columns are robust, standard, then the shipped pairs
+        models.update(reference)  # the report lists this run's pairs first, then the shipped ones
         result = compare_autoencoders(
             models,
             cfg.eval.scales,
