@@ -214,7 +214,7 @@ def test_weights_list_and_show_print_the_shipped_models(shipped_folder, capsys):
 
 def test_ship_to_another_folder_holds_every_file_its_manifest_lists(shipped_folder, tmp_path, caplog):
     """One model shipped into an empty ``--ship-to`` folder: the package's files of the others are copied beside it
-    (hash-checked), so the folder can replace the package's; one whose package file is damaged is dropped, not listed."""
+    (hash-checked), so the folder can replace the package's; one whose package file is damaged is dropped."""
     standard = tiny_net(1)
     torch.manual_seed(2)
     retrained = decoder_checkpoint(Decoder(32, 4, "layer3", channels=16, min_channels=8).eval(), standard)
