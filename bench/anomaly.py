@@ -39,6 +39,8 @@ at all. The unseen mode's code is :mod:`bench.anomaly_unseen`; what both modes m
     python bench/anomaly.py --draws 0 --seeds 1 --figure docs/img/anomaly_memory_vs_reconstruction.png
     python bench/anomaly.py --unseen                          # unseen photos, 3 seeds
     OMP_NUM_THREADS=1 python bench/anomaly.py --unseen --tiny # smoke run: seconds, an untrained tiny encoder
+    python bench/anomaly.py --unseen --first-seed 1 --seeds 1 --out s1.json --resume  # one seed; keeps what s1.json has
+    python bench/anomaly.py --unseen --merge s0.json s1.json s2.json --out anomaly_unseen.json  # seeds run apart
 
 Needs the encoder checkpoints (``rfi train-encoder --config configs/encoder/resnet18_robust.yaml``
 and, for the embedded mode, ``..._standard.yaml``), or ``--robust`` / ``--standard`` paths.
@@ -74,7 +76,7 @@ from bench.anomaly_measure import (  # noqa: E402
     median,
     pct,
 )
-from bench.anomaly_unseen import format_unseen, run_unseen, unseen_verdict  # noqa: E402
+from bench.anomaly_unseen import format_unseen, merge_unseen, run_unseen, unseen_verdict  # noqa: E402
 from encoders.core.errors import RFIError  # noqa: E402
 from encoders.core.imageio import read_image  # noqa: E402
 from encoders.core.serialization import write_json  # noqa: E402
@@ -365,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="only merge the runs of these result files into --out and print the table",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="--unseen: keep the photos that --out (an earlier run's JSON, measured the same way) measured with every "
+        "method; measure the rest (for runs longer than a session: commit --out, rerun with --resume)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--work", help="folder for models (default: a temporary folder)")
     parser.add_argument("--out", help="JSON (default bench/results/anomaly.json; --unseen: anomaly_unseen.json)")
@@ -381,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     args.standard = args.standard or (None if args.unseen else ENCODERS["standard"])
     figure_models: dict[str, dict[str, Path]] = {}  # the embedded mode's figure: texture -> method -> model file
     try:
-        if args.unseen:
+        if args.unseen and args.merge:
+            result = merge_unseen(args.merge, args.out, command)
+        elif args.unseen:
             result = run_unseen(args, command)
         elif args.merge:
             result = merge(args, command)

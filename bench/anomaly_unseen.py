@@ -41,9 +41,11 @@ from bench.anomaly_measure import (
     measured,
     pct,
 )
+from encoders.core.errors import RFIError
 from encoders.core.imageio import read_image
 from encoders.core.serialization import write_json
 from encoders.data.unseen import unseen_folder
+from encoders.weights.zoo import sha256_file
 
 UNSEEN_METHODS = ("reconstruction", "memory", "memory (standard)", "combined", "raw pixels")
 BASELINE = "raw pixels"
@@ -239,8 +241,34 @@ def tiny_encoder(path: Path) -> Path:
     return save_encoder(create_encoder("resnet18", width=0.125, small_input=True, num_classes=8).eval(), path)
 
 
+SETUP_KEYS = ("config", "overrides", "benchmark", "baseline", "encoder_sha256", "standard_encoder_sha256")
+"""What a result file records of how it was measured (the encoders by content, wherever their files are): a
+``--resume`` run reuses only runs measured the same way, and ``--merge`` joins only those."""
+
+
+def restored_photos(path: Path, setup: dict[str, Any]) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """``--resume``: the runs of every (seed, photo) that ``path`` (an earlier run's ``--out``) measured with every
+    method; a photo measured in part is measured again (its models may be gone with an earlier ``--work``).
+
+    Raises:
+        RFIError: ``path`` was measured another way (names the keys that differ).
+    """
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    differ = [k for k in SETUP_KEYS if old.get(k) != setup[k]]
+    if differ:
+        raise RFIError(f"--resume: {path} was measured with another {', '.join(differ)}; pass another --out")
+    photos: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in old["runs"]:
+        photos.setdefault((r["seed"], r["category"]), []).append(r)
+    methods = [m for m in UNSEEN_METHODS if setup["standard_encoder"] is not None or m != "memory (standard)"]
+    return {k: rs for k, rs in photos.items() if sorted(r["method"] for r in rs) == sorted(methods)}
+
+
 def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """The unseen-photos mode (module docstring): every seed, photo and method; the JSON after every measurement."""
+    """The unseen-photos mode (module docstring): every seed, photo and method; the JSON after every measurement.
+    With ``args.resume``, the photos the JSON at ``args.out`` measured in full are kept, not measured again."""
     load_before = os.getloadavg()
     tiny = TINY if args.tiny else []
     work = Path(args.work or tempfile.mkdtemp(prefix="rfi-bench-anomaly-unseen-"))
@@ -252,20 +280,32 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
     base = load_anomaly_config(args.config, [*tiny, *args.overrides])
     categories = args.categories or (TINY_PHOTOS if args.tiny else None)
     runs: list[dict[str, Any]] = []
+    setup = json.loads(
+        json.dumps(
+            {
+                "config": args.config,
+                "overrides": [*tiny, *args.overrides],
+                "benchmark": vars(base.benchmark),
+                "baseline": {"patch": args.pixel_patch, "patches_per_image": args.pixel_patches_per_image},
+                "encoder": encoder
+                + (" (untrained tiny ResNet-18: a smoke run)" if args.tiny and not args.robust else ""),
+                "standard_encoder": standard,
+                "encoder_sha256": sha256_file(encoder),
+                "standard_encoder_sha256": None if standard is None else sha256_file(standard),
+            },
+            default=str,
+        )
+    )
+    restored = restored_photos(Path(args.out), setup) if args.resume else {}
 
     def write(partial: bool) -> dict[str, Any]:
         cats = categories or sorted({r["category"] for r in runs})
         result = {
             "command": command,
             "mode": "unseen",
-            "config": args.config,
-            "overrides": [*tiny, *args.overrides],
+            **setup,
             "seeds": seeds,
             "categories": cats,
-            "encoder": encoder + (" (untrained tiny ResNet-18: a smoke run)" if args.tiny and not args.robust else ""),
-            "standard_encoder": standard,
-            "benchmark": vars(base.benchmark),
-            "baseline": {"patch": args.pixel_patch, "patches_per_image": args.pixel_patches_per_image},
             "partial": partial,
             "table": summarise_unseen(runs, cats, seeds),
             "runs": runs,
@@ -288,6 +328,10 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
         cfg = load_anomaly_config(args.config, [*common, f"encoder={encoder}"])
         root = make_benchmark(work / "sets" / f"seed{seed}", cfg.benchmark, photos=photos)
         for cat in categories or mvtec_categories(root):
+            if (seed, cat) in restored:
+                runs.extend(restored[seed, cat])
+                print(f"seed {seed} {cat:<13} kept from {args.out} (--resume)", flush=True)
+                continue
             data = load_anomaly_data(root, category=cat)
             folder = work / "models" / f"seed{seed}"
             records: dict[str, dict[str, Any]] = {}
@@ -322,6 +366,39 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
             )  # fmt: skip
             record(seed, cat, BASELINE, {**raw, "controls": checks})
     return write(partial=False)
+
+
+def merge_unseen(paths: list[str], out: str, command: str) -> dict[str, Any]:
+    """``--unseen --merge``: the runs of several unseen result files (seeds spread over processes or sessions),
+    measured the same way, in one result at ``out``.
+
+    Raises:
+        RFIError: the files were measured in different ways (names the keys), or two hold the same seed and photo.
+    """
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    for path, part in zip(paths[1:], parts[1:]):
+        differ = [k for k in SETUP_KEYS if part.get(k) != parts[0].get(k)]
+        if differ:
+            raise RFIError(f"--merge: {path} was measured with another {', '.join(differ)} than {paths[0]}")
+    runs = [r for part in parts for r in part["runs"]]
+    keys = [(r["seed"], r["category"], r["method"]) for r in runs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise RFIError(f"--merge: seed {twice[0][0]}, photo {twice[0][1]} is in more than one file")
+    seeds = sorted({r["seed"] for r in runs})
+    categories = list(dict.fromkeys(c for part in parts for c in part["categories"]))
+    merged = {
+        **parts[0],
+        "command": command,
+        "merged_from": [p["command"] for p in parts],
+        "seeds": seeds,
+        "categories": categories,
+        "partial": any(p["partial"] for p in parts),
+        "table": summarise_unseen(runs, categories, seeds),
+        "runs": runs,
+    }
+    write_json(merged, out)
+    return merged
 
 
 def unseen_verdict(table: dict[str, Any]) -> list[str]:

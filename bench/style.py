@@ -16,6 +16,13 @@ reports:
   per side (left, top, right, bottom), the mean grey level (0-255) of the outer 8 px against that of
   the next 32 px, |outer - next| averaged over the photos (:func:`band_columns`; the JSON keeps both
   means per side and photo). The ``content image`` row gives the photos' own figures for reference.
+- ``edge_L`` .. ``edge_B``: the band's paired control, what the border itself adds. Each photo is also
+  stylised with ``EDGE_CUT`` px cut off its top and left, and off its bottom and right; per side, the
+  outer-minus-next difference of the cut image is compared with that of the same pixels inside the
+  whole stylised photo, |edge - inside| in grey levels averaged over the photos
+  (:func:`edge_effect`). A style moves light and dark around the image, so ``band_*`` can differ from
+  the photo's own level with no border effect at all; ``edge_*`` is 0 when the same rows come out
+  the same at the border as inside the image.
 
 ``ms`` at size 512 is the time per 512-px image.
 
@@ -45,6 +52,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +88,10 @@ ENCODERS = {
 }
 BAND_IMAGES = ("china", "flower", "grace_hopper", "camera", "coins", "cell")
 SIDES = ("left", "top", "right", "bottom")
+BAND_COLUMNS = tuple(f"band_{side[0].upper()}" for side in SIDES)
+EDGE_COLUMNS = tuple(f"edge_{side[0].upper()}" for side in SIDES)
+EDGE_CUT = 64
+"""px cut off two sides of a photo for :func:`edge_effect` (wider than the widest mirrored frame, 28 px)."""
 BUDGET_FREE = ("out", "runs", "apply")  # config keys that may differ between the two pyramids (not training)
 
 
@@ -167,6 +179,48 @@ def band_columns(images: list[torch.Tensor]) -> dict[str, Any]:
     return columns | {"band": bands}
 
 
+def edge_effect(
+    run: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, whole: torch.Tensor
+) -> dict[str, float]:
+    """What the border adds to the band of ``run`` (a stylisation) on ``image`` ((1, 3, H, W) in [0, 1]).
+
+    ``image`` is also run with :data:`EDGE_CUT` px cut off its top and left, and off its bottom and right; per
+    side, the band (outer 8 px minus the next 32, :func:`border_band`) of the cut image minus the band of the
+    same pixels inside ``whole`` (``run(image)``), where they are not at the border. Signed, in grey levels.
+
+    Example:
+        >>> x = torch.rand(1, 3, 160, 200)
+        >>> edge_effect(lambda y: y.clamp(0.2, 0.8), x, x.clamp(0.2, 0.8))  # a pointwise op has no border
+        {'left': 0.0, 'top': 0.0, 'right': 0.0, 'bottom': 0.0}
+    """
+    k = EDGE_CUT
+    crops = {"left": (..., slice(k, None), slice(k, None)), "bottom": (..., slice(None, -k), slice(None, -k))}
+    crops |= {"top": crops["left"], "right": crops["bottom"]}
+
+    def diff(b: dict[str, dict[str, float]], side: str) -> float:
+        return b[side]["outer"] - b[side]["next"]
+
+    at_edge = {c: border_band(run(image[crops[c]])) for c in ("left", "bottom")}
+    inside = {c: border_band(whole[crops[c]]) for c in ("left", "bottom")}
+    first = {"left": "left", "top": "left", "right": "bottom", "bottom": "bottom"}  # the cut each side comes from
+    return {side: diff(at_edge[first[side]], side) - diff(inside[first[side]], side) for side in SIDES}
+
+
+def edge_columns(runs: list[Callable[[torch.Tensor], torch.Tensor]], images: list[torch.Tensor]) -> dict[str, Any]:
+    """Run each of ``images`` through its stylisation in ``runs``: :func:`band_columns` of the results and the
+    table's ``edge_L`` .. ``edge_B``, per side the mean over ``images`` of |:func:`edge_effect`| (the JSON's
+    ``edge``: each image's)."""
+    wholes = [run(x) for run, x in zip(runs, images)]
+    edges = [edge_effect(run, x, w) for run, x, w in zip(runs, images, wholes)]
+    columns = {f"edge_{side[0].upper()}": statistics.mean(abs(e[side]) for e in edges) for side in SIDES}
+    return band_columns(wholes) | columns | {"edge": edges}
+
+
+def stylisations(ae: RobustAutoencoder, styles: list[torch.Tensor], **kw: Any) -> list[Callable[..., torch.Tensor]]:
+    """One stylisation per style, as a function of the content (``stylize(ae, content, style, **kw)``)."""
+    return [functools.partial(stylize, ae, styles=s, **kw) for s in styles]
+
+
 def time_ms(fn, repeats: int) -> float:
     fn()  # warm-up (feature extractors are built on first use)
     times = []
@@ -234,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             for c, s in pairs
         ]
         band_contents = [resize_longer(unseen_image(n), size)[None] for n in args.band_images]
-        band_pairs = [(c, images[i % len(images)][1]) for i, c in enumerate(band_contents)]  # the pairs' styles
+        band_styles = [images[i % len(images)][1] for i in range(len(band_contents))]  # the pairs' styles
 
         def judged(outs: list[torch.Tensor], images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
             rec: dict[str, float] = {}
@@ -255,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ms": None,
                 **judged([c for c, _ in images], images),
                 **band_columns(band_contents),
+                **dict.fromkeys(EDGE_COLUMNS),
             }
         )
         for name, ae in models.items():
@@ -266,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     "method": "reconstruction",
                     "ms": None,
                     **judged(outs, images),
-                    **band_columns([stylize(ae, c, s, alpha=0.0) for c, s in band_pairs]),
+                    **edge_columns(stylisations(ae, band_styles, alpha=0.0), band_contents),
                 }
             )
             for method in args.methods:
@@ -283,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                         "method": method,
                         "ms": statistics.median(ms),
                         **judged(outs, images),
-                        **band_columns([stylize(ae, c, s, method=method, alpha=args.alpha) for c, s in band_pairs]),
+                        **edge_columns(stylisations(ae, band_styles, method=method, alpha=args.alpha), band_contents),
                     }
                 )
                 print(f"[bench] {size}px {name} {method}: {statistics.median(ms):.0f} ms/image", flush=True)
@@ -295,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cols = (
         *("size", "pyramid", "method", "ms", "content_R", "style_R", "content_S", "style_S"),
-        *("band_L", "band_T", "band_R", "band_B"),
+        *BAND_COLUMNS,
+        *EDGE_COLUMNS,
     )
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
@@ -305,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             else f"{r[c]:.0f}"
             if c == "ms"
             else f"{r[c]:.1f}"
-            if c.startswith("band_")
+            if c.startswith(("band_", "edge_"))
             else f"{r[c]:.3f}"
             if isinstance(r[c], float)
             else str(r[c])
@@ -323,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "content_layer": args.content_layer,
         "band_images": args.band_images,
         "band_px": {"outer": 8, "next": 32},
+        "edge_cut_px": EDGE_CUT,
         "style_layers": args.style_layers,
         "threads": torch.get_num_threads(),
         "models": {k: str(v) for k, v in paths.items()},

@@ -30,6 +30,7 @@ from encoders.weights.checkpoints import (
     encoder_fingerprint,
     encoder_from_checkpoint,
 )
+from encoders.weights.shipped import resolve_checkpoint
 from inversion.decoders import DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_from_checkpoint
 from inversion.tiling import conv_radius, pad_to_multiple, receptive_radius, tiled_apply
 from inversion.upsample import check_phase_source
@@ -595,9 +596,10 @@ class RobustAutoencoder(nn.Module):
     ) -> RobustAutoencoder:
         """Build from an encoder checkpoint (or encoder) and one or more decoder checkpoints.
 
-        The encoder file may be an RFI, ``robustness``-library or torchvision checkpoint: the
-        latter two are rebuilt as the architecture ``arch``, by default the one the decoder
-        checkpoints record (``rfi train-decoder`` stores its encoder's configuration).
+        Either may be a shipped model (``shipped:NAME``, :mod:`encoders.weights.shipped`). The encoder
+        file may be an RFI, ``robustness``-library or torchvision checkpoint: the latter two are
+        rebuilt as the architecture ``arch``, by default the one the decoder checkpoints record
+        (``rfi train-decoder`` stores its encoder's configuration).
         Each file is read once; what they record besides the weights is in :attr:`metadata`.
         Each decoder must have been trained on this encoder (:func:`check_pair`), unless
         ``allow_mismatch``.
@@ -606,6 +608,7 @@ class RobustAutoencoder(nn.Module):
             RFIError: unreadable files, a decoder trained on another encoder, or one that does not fit it.
         """
         paths = [decoders] if isinstance(decoders, (str, os.PathLike)) else list(decoders)
+        paths = [resolve_checkpoint(p, kind="decoder") for p in paths]
         ckpts = []
         for p in paths:
             ckpt = load_checkpoint(p)
@@ -617,6 +620,7 @@ class RobustAutoencoder(nn.Module):
         encoder_meta: dict[str, Any] = {}
         encoder_source = f"the {encoder.arch} encoder given" if isinstance(encoder, Encoder) else str(encoder)
         if not isinstance(encoder, Encoder):
+            encoder = resolve_checkpoint(encoder, kind="encoder")
             enc_ckpt = load_checkpoint(encoder)
             if arch is None and enc_ckpt.get("format") != ENCODER_FORMAT:  # a foreign file: as the decoders record
                 arch = next(

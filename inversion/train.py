@@ -56,6 +56,7 @@ from encoders.data.build import DataConfig, build_dataset
 from encoders.data.folders import resolve_num_workers
 from encoders.nets.models import INPUT_TAP, Encoder
 from encoders.weights.checkpoints import encoder_fingerprint, load_encoder, load_state_dict_checked
+from encoders.weights.shipped import resolve_checkpoint
 from inversion.decoders import CPU_PRESET, DECODER_FORMAT, Decoder, decoder_checkpoint, decoder_preset
 from inversion.discriminator import build_discriminator
 from inversion.losses import DecoderLoss, term_weights
@@ -255,7 +256,7 @@ def load_frozen_encoder(
             lacks ``section.layer`` or a skip layer (lists the valid ones), or a skip layer
             is not shallower than the inverted layer.
     """
-    path = Path(section.checkpoint)
+    path = Path(resolve_checkpoint(section.checkpoint, flag="encoder.checkpoint", kind="encoder"))
     if not path.is_file():
         raise RFIError(
             f"encoder checkpoint not found: {path} (encoder.checkpoint); train one with "

@@ -23,6 +23,7 @@ from encoders.core.config import config_to_dict, load_config, merge
 from encoders.core.errors import RFIError
 from encoders.core.rundir import RunDir, TrainResult
 from encoders.weights.checkpoints import load_encoder
+from encoders.weights.shipped import resolve_checkpoint
 from inversion.autoencoder import RobustAutoencoder
 from inversion.train import TRAIN_ENCODER_HINT, TrainDecoderConfig, train_decoder
 
@@ -68,7 +69,7 @@ def check_pyramid_config(cfg: StyleConfig) -> list[str]:
     dup = sorted({k for k in cfg.layers if cfg.layers.count(k) > 1})
     if dup:
         raise RFIError(f"layers: {', '.join(dup)} listed twice")
-    path = Path(cfg.train.encoder.checkpoint)
+    path = Path(resolve_checkpoint(cfg.train.encoder.checkpoint, flag="train.encoder.checkpoint", kind="encoder"))
     if not path.is_file():
         raise RFIError(
             f"encoder checkpoint not found: {path} (train.encoder.checkpoint); train one with "

@@ -165,6 +165,32 @@ def test_anomaly_fit_defaults_to_the_shipped_encoder(shipped_folder, dummy_mvtec
     assert str(shipped_folder / "rfi_resnet18_robust.pt") in json.dumps(recorded.get("info", recorded), default=str)
 
 
+def test_decoders_train_for_a_shipped_encoder_given_by_name(shipped_folder, tmp_path, capsys):
+    """``encoder.checkpoint=shipped:NAME`` (train-decoder) and ``train.encoder.checkpoint`` (style train) train
+    for the shipped encoder's file; a damaged one stops with one line naming it."""
+    tiny = ["data.size=16", "data.train_crops=32", "data.val_crops=8", "batch_size=8", "steps=2", "device=cpu"]
+    dec = ["train-decoder", "--config", "configs/decoder/resnet18_robust_layer3.yaml", "decoder.channels=8"]
+    out = tmp_path / "dec"
+    assert main([*dec, "encoder.checkpoint=shipped:rfi_resnet18_standard", *tiny, "--out", str(out)]) == 0
+    ae = RobustAutoencoder.from_checkpoints("shipped:rfi_resnet18_standard", out / "decoder.pt")
+    assert ae.reconstruct(torch.rand(1, 3, 24, 36)).shape == (1, 3, 24, 36)
+    style = [
+        "style",
+        "train",
+        "--config",
+        "configs/apps/style.yaml",
+        "train.encoder.checkpoint=shipped:rfi_resnet18_robust",
+    ]
+    pyramid = tmp_path / "pyramid.pt"
+    layers = ["layers=[layer1]", f"out={pyramid}", f"runs={tmp_path / 'runs'}", *(f"train.{t}" for t in tiny)]
+    assert main([*style, *layers, "--quiet"]) == 0
+    assert load_pyramid(pyramid).layers == ["layer1"]
+    (shipped_folder / "rfi_resnet18_robust.pt").write_bytes(b"damaged")
+    assert main([*dec, "encoder.checkpoint=shipped:rfi_resnet18_robust", *tiny, "--out", str(tmp_path / "d2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "rfi_resnet18_robust.pt does not match the SHA-256" in err and "rfi weights retrain" in err, err
+
+
 def test_a_default_not_in_this_build_names_the_flag(shipped_folder, photos, tmp_path, capsys):
     models = shipped.shipped_models()
     for model in models:

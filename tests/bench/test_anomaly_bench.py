@@ -83,6 +83,39 @@ def test_a_restarted_run_reuses_every_measurement_and_never_refits_a_finished_mo
     assert memory["controls"] == runs[0]["memory"]["controls"]  # kept, not measured again
 
 
+def test_resume_keeps_the_photos_out_measured_in_full_and_merge_joins_seeds(tmp_path, bench, one_thread, capsys):
+    """A run longer than a session: commit --out, resume from it on a new --work; seeds run apart are merged."""
+    argv = ["--unseen", "--tiny", "--seeds", "1", "--categories", "camera", "coins"]
+    out = tmp_path / "seed0.json"
+    assert bench.main([*argv, "--out", str(out), "--work", str(tmp_path / "w1")]) == 0
+    first = json.loads(out.read_text())
+    kept = [r for r in first["runs"] if not (r["category"] == "coins" and r["method"] == "combined")]
+    out.write_text(json.dumps({**first, "runs": kept, "partial": True}))  # the session ended inside coins
+    capsys.readouterr()
+    assert bench.main([*argv, "--out", str(out), "--work", str(tmp_path / "w2"), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 0 camera        kept from" in printed and "seed 0 coins" in printed and "coins kept" not in printed
+    models = sorted(p.name for p in (tmp_path / "w2" / "models" / "seed0").glob("*.pt"))
+    assert models == ["coins_memory.pt", "coins_reconstruction.pt"]  # camera was not fitted again, coins was
+    second = json.loads(out.read_text())
+    assert not second["partial"] and len(second["runs"]) == len(first["runs"])
+    again = {(r["category"], r["method"]): r["image_auroc"] for r in second["runs"]}
+    assert again == {(r["category"], r["method"]): r["image_auroc"] for r in first["runs"]}  # seeded: the same
+    other = ["--pixel-patch", "3", "--out", str(out), "--resume"]
+    assert bench.main([*argv, *other, "--work", str(tmp_path / "w3")]) == 2
+    assert "was measured with another baseline; pass another --out" in capsys.readouterr().err
+
+    seed1 = tmp_path / "seed1.json"
+    assert bench.main([*argv, "--first-seed", "1", "--out", str(seed1), "--work", str(tmp_path / "w1")]) == 0
+    merged = tmp_path / "merged.json"
+    assert bench.main(["--unseen", "--merge", str(out), str(seed1), "--out", str(merged)]) == 0
+    result = json.loads(merged.read_text())
+    assert result["seeds"] == [0, 1] and result["table"]["mean"]["memory"]["seeds"] == 2
+    assert len(result["runs"]) == 2 * len(first["runs"])
+    assert bench.main(["--unseen", "--merge", str(out), str(out), "--out", str(merged)]) == 2
+    assert "seed 0, photo camera is in more than one file" in capsys.readouterr().err
+
+
 def test_tiny_embedded_run_draws_its_figure_resumes_and_merges(tmp_path, bench, unseen, one_thread):
     enc = str(unseen.tiny_encoder(tmp_path / "enc.pt"))
     argv = ["--robust", enc, "--standard", enc, "--draws", "0", "--seeds", "1", "--categories", "brick"]
