@@ -22,7 +22,7 @@ import torch
 from apps.anomaly.baseline import raw_pixel_maps
 from apps.anomaly.benchmark import PHOTO_DEFECTS, make_benchmark, photo_controls
 from apps.anomaly.config import AnomalyConfig, load_anomaly_config
-from apps.anomaly.data import AnomalyData, load_anomaly_data, mvtec_categories, readable_images
+from apps.anomaly.data import AnomalyData, TestImage, load_anomaly_data, mvtec_categories, readable_images
 from apps.anomaly.detector import AnomalyDetector
 from apps.anomaly.fitting import split_normal
 from apps.anomaly.maps import image_scores
@@ -121,6 +121,15 @@ def raw_pixel_scores(cfg: AnomalyConfig, data: AnomalyData, patch: int, patches_
     return scores
 
 
+def defect_twins(data: AnomalyData, clean: list) -> tuple[list[TestImage], list[torch.Tensor]]:
+    """The defect images of a photo set and, for each, the same crop without its defect ((3, H, W) in [0, 1]):
+    ``clean`` is :func:`apps.anomaly.benchmark.photo_controls`' second list, in the order of the set's files."""
+    defects = [t for t in data.test if t.label == 1]
+    per_defect = len(clean) // len(PHOTO_DEFECTS)
+    twins = [clean[PHOTO_DEFECTS.index(t.defect) * per_defect + int(t.path.stem)] for t in defects]
+    return defects, [torch.from_numpy(a).permute(2, 0, 1) for a in twins]
+
+
 def measure_controls(
     data: AnomalyData, controls: tuple[list, list], make_scores: Callable[..., Scores], *args: Any
 ) -> dict[str, Any]:
@@ -132,11 +141,9 @@ def measure_controls(
       image scores above every held-out one);
     - ``defect_above_clean``: the fraction of defect images scored above the same crop without its defect.
     """
-    held_out, clean = ([torch.from_numpy(a).permute(2, 0, 1) for a in part] for part in controls)
+    held_out = [torch.from_numpy(a).permute(2, 0, 1) for a in controls[0]]
     good = [t for t in data.test if t.label == 0]
-    defects = [t for t in data.test if t.label == 1]
-    per_defect = len(clean) // len(PHOTO_DEFECTS)
-    twins = [clean[PHOTO_DEFECTS.index(t.defect) * per_defect + int(t.path.stem)] for t in defects]
+    defects, twins = defect_twins(data, controls[1])
     groups = [[read_image(t.path) for t in good], [read_image(t.path) for t in defects], held_out, twins]
     flat = iter(make_scores(*args)([x for group in groups for x in group]))
     s_good, s_defects, s_held, s_twins = ([next(flat) for _ in group] for group in groups)
