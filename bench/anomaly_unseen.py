@@ -304,6 +304,12 @@ def run_unseen(args: argparse.Namespace, command: str) -> dict[str, Any]:
         )
     )
     restored = restored_photos(Path(args.out), setup) if args.resume else {}
+    outside = sorted(k for k in restored if k[0] not in seeds or (categories is not None and k[1] not in categories))
+    if outside:  # rewriting --out without them would lose them
+        raise RFIError(
+            f"--resume: {args.out} also holds seed {outside[0][0]}, photo {outside[0][1]}, which this run does not "
+            "measure; give the same --first-seed, --seeds and --categories, or another --out"
+        )
 
     def write(partial: bool) -> dict[str, Any]:
         cats = categories or sorted({r["category"] for r in runs})

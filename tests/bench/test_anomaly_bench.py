@@ -101,6 +101,10 @@ def test_resume_keeps_the_photos_out_measured_in_full_and_merge_joins_seeds(tmp_
     assert not second["partial"] and len(second["runs"]) == len(first["runs"])
     again = {(r["category"], r["method"]): r["image_auroc"] for r in second["runs"]}
     assert again == {(r["category"], r["method"]): r["image_auroc"] for r in first["runs"]}  # seeded: the same
+    fewer = ["--unseen", "--tiny", "--seeds", "1", "--categories", "camera", "--out", str(out), "--resume"]
+    assert bench.main([*fewer, "--work", str(tmp_path / "w3")]) == 2
+    assert "also holds seed 0, photo coins, which this run does not measure" in capsys.readouterr().err
+    assert len(json.loads(out.read_text())["runs"]) == len(first["runs"])  # --out untouched
     other = ["--pixel-patch", "3", "--out", str(out), "--resume"]
     assert bench.main([*argv, *other, "--work", str(tmp_path / "w3")]) == 2
     assert "was measured with another baseline; pass another --out" in capsys.readouterr().err
