@@ -72,14 +72,15 @@ def photo_sensitivity(
     normal = normal[torch.randperm(len(normal), generator=g)[:bank]]
     pairs = torch.randint(len(normal), (2, 4096), generator=g)
     spread = (normal[pairs[0]] - normal[pairs[1]]).norm(dim=1).median()
-    bad = patch_features(encoder, torch.stack([read_image(t.path) for t in defects]), layers, pool)
+    images = torch.stack([read_image(t.path) for t in defects])
+    bad = patch_features(encoder, images, layers, pool)
     clean = patch_features(encoder, torch.stack(twins), layers, pool)
     hw = bad.shape[-2:]
     d_bad, d_clean = (torch.cdist(locations(f), normal).min(1).values.view(len(f), -1) for f in (bad, clean))
     floor = d_clean.median()
     out: dict[str, dict[str, list[float]]] = {d: {m: [] for m in MEASURES} for d in PHOTO_DEFECTS}
     for i, t in enumerate(defects):
-        full = ground_truth_mask(t, tuple(read_image(t.path).shape[-2:])).float()[None, None]
+        full = ground_truth_mask(t, tuple(images.shape[-2:])).float()[None, None]
         mask = F.adaptive_max_pool2d(full, tuple(hw)).flatten() > 0  # the locations the defect touches
         b, c = locations(bad[i : i + 1])[mask], locations(clean[i : i + 1])[mask]
         out[t.defect]["shift"].append(float((b - c).norm(dim=1).mean() / spread))

@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     pairs = {name: (enc, dec) for name, enc, dec in args.pair} if args.pair else PAIRS
     tiles = colour_tiles(args.tiles, args.seed)
-    names = args.photos or [n for n in UNSEEN_IMAGES if not torch.equal(*unseen_image(n)[:2])]  # R != G: colour
-    photos = [unseen_image(n) for n in names]
+    loaded = {n: unseen_image(n) for n in args.photos or UNSEEN_IMAGES}
+    names = args.photos or [n for n, x in loaded.items() if not torch.equal(x[0], x[1])]  # R != G: a colour photo
+    photos = [loaded[n] for n in names]
     rows = {}
     for name, (enc, dec) in pairs.items():
         ae = RobustAutoencoder.from_checkpoints(enc, dec).eval()

@@ -194,16 +194,15 @@ def edge_effect(
         {'left': 0.0, 'top': 0.0, 'right': 0.0, 'bottom': 0.0}
     """
     k = EDGE_CUT
-    crops = {"left": (..., slice(k, None), slice(k, None)), "bottom": (..., slice(None, -k), slice(None, -k))}
-    crops |= {"top": crops["left"], "right": crops["bottom"]}
+    cuts = {"top_left": (..., slice(k, None), slice(k, None)), "bottom_right": (..., slice(None, -k), slice(None, -k))}
+    cut_of = {"left": "top_left", "top": "top_left", "right": "bottom_right", "bottom": "bottom_right"}
+    at_edge = {name: border_band(run(image[cut])) for name, cut in cuts.items()}
+    inside = {name: border_band(whole[cut]) for name, cut in cuts.items()}
 
-    def diff(b: dict[str, dict[str, float]], side: str) -> float:
+    def band(b: dict[str, dict[str, float]], side: str) -> float:
         return b[side]["outer"] - b[side]["next"]
 
-    at_edge = {c: border_band(run(image[crops[c]])) for c in ("left", "bottom")}
-    inside = {c: border_band(whole[crops[c]]) for c in ("left", "bottom")}
-    first = {"left": "left", "top": "left", "right": "bottom", "bottom": "bottom"}  # the cut each side comes from
-    return {side: diff(at_edge[first[side]], side) - diff(inside[first[side]], side) for side in SIDES}
+    return {side: band(at_edge[cut_of[side]], side) - band(inside[cut_of[side]], side) for side in SIDES}
 
 
 def edge_columns(runs: list[Callable[[torch.Tensor], torch.Tensor]], images: list[torch.Tensor]) -> dict[str, Any]:
