@@ -215,8 +215,8 @@ def train_denoiser(cfg: DenoiseConfig, resume: bool = False) -> TrainResult:
                 f"cannot resume {out}: it was trained with noise {old}, not {noise} "
                 f"(use the same noise.sigma or another --out)"
             )
-    elif not resume:  # before noise.yaml is written: a run in the way is an error (with --resume the trainer
-        RunDir(out, CHECKPOINT_NAME).has_checkpoint(resume)  # says whether it resumes: logged once)
+    elif not resume:  # before noise.yaml is written: a run in the way is an error (with --resume, the trainer
+        RunDir(out, CHECKPOINT_NAME).has_checkpoint(resume=False)  # alone says whether it resumes)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 writes files
     if main_process:
         atomic_write(noise_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(noise)))
